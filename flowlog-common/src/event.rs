@@ -1,0 +1,168 @@
+//! The ring-buffer record: one per TCP connection, written when it closes.
+
+/// Version of [`FlowEvent`]'s layout; bump when the layout changes and never
+/// reuse a retired value.
+pub const FLOW_EVENT_KIND_V1: u16 = 1;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Who opened the connection, seen from this socket.
+pub mod direction {
+    /// The open was not seen (the socket predates the sidecar, or the
+    /// per-socket map was full when it opened).
+    pub const UNKNOWN: u8 = 0;
+    /// Active open: this side called connect().
+    pub const CLIENT: u8 = 1;
+    /// Passive open: this side accepted from a listener.
+    pub const SERVER: u8 = 2;
+}
+
+/// Kernel TCP states (include/net/tcp_states.h); values are kernel ABI.
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+/// Bits of [`FlowEvent::flags`].
+pub mod flags {
+    /// The open transition (connect or accept) was seen: start time and
+    /// direction are real.
+    pub const OPEN_SEEN: u16 = 1 << 0;
+    /// pid/comm/cgroup were taken in process context at connect() or from the
+    /// listener's listen() call.
+    pub const OWNER_AT_OPEN: u16 = 1 << 1;
+    /// pid/comm/cgroup were taken when the owner called close()/shutdown()
+    /// (the open was not attributable).
+    pub const OWNER_AT_CLOSE: u16 = 1 << 2;
+    /// The socket processed the peer's FIN (SOCK_DONE): `bytes_received`
+    /// includes one sequence unit for it.
+    pub const FIN_RECEIVED: u16 = 1 << 3;
+    /// Everything written was acknowledged (snd_una == write_seq) when the
+    /// socket closed.
+    pub const SND_ALL_ACKED: u16 = 1 << 4;
+    /// The per-socket map was full at open; the record still carries exact
+    /// counters but no start time or owner.
+    pub const MAP_FULL: u16 = 1 << 5;
+    /// More than [`super::STATE_PATH_MAX`] transitions; the oldest were shifted out.
+    pub const PATH_TRUNCATED: u16 = 1 << 6;
+    /// The socket went SYN_SENT -> ESTABLISHED: the active opener counts the
+    /// acknowledgement of its own SYN in `bytes_acked`.
+    pub const SYN_ACKED: u16 = 1 << 7;
+}
+
+/// How many transitions [`FlowEvent::state_path`] keeps (4 bits each).
+pub const STATE_PATH_MAX: u32 = 16;
+
+pub const COMM_LEN: usize = 16;
+
+/// One closed TCP connection as the kernel saw it. Counters are the socket's
+/// own (`struct tcp_sock`), read once at the transition to CLOSE, so they are
+/// exact and cost nothing per packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// [`FLOW_EVENT_KIND_V1`].
+    pub kind: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// [`direction`].
+    pub direction: u8,
+    /// The state the socket left when it moved to CLOSE ([`tcp_state`]).
+    pub old_state: u8,
+    /// [`flags`].
+    pub flags: u16,
+    /// Local port, host byte order.
+    pub local_port: u16,
+    /// Remote port, host byte order.
+    pub remote_port: u16,
+    /// The socket's error (errno) at close: ECONNREFUSED, ECONNRESET, ETIMEDOUT, ...
+    pub sk_err: u32,
+    /// Local address; IPv4 uses the first 4 bytes.
+    pub local_addr: [u8; 16],
+    /// Remote address; IPv4 uses the first 4 bytes.
+    pub remote_addr: [u8; 16],
+    /// CLOCK_MONOTONIC ns of the open transition (0 when not seen).
+    pub start_ns: u64,
+    /// CLOCK_MONOTONIC ns of the transition to CLOSE.
+    pub end_ns: u64,
+    /// tcp_sock.bytes_acked: sequence space acknowledged by the peer (payload,
+    /// plus one for our SYN on active opens and one for our FIN when they were
+    /// acknowledged).
+    pub bytes_acked: u64,
+    /// tcp_sock.bytes_received: sequence space received in order (payload,
+    /// plus one for the peer's FIN when processed).
+    pub bytes_received: u64,
+    /// Cgroup (v2) id of the owner.
+    pub cgroup_id: u64,
+    /// The transitions seen, oldest first, 4 bits each, newest in the low nibble.
+    pub state_path: u64,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    pub total_retrans: u32,
+    /// Smoothed RTT in microseconds.
+    pub srtt_us: u32,
+    /// Minimum RTT seen, microseconds.
+    pub rtt_min_us: u32,
+    /// Owner process (thread group id), 0 when unknown.
+    pub tgid: u32,
+    /// Owner thread id, 0 when unknown.
+    pub tid: u32,
+    /// Inode of the socket's network namespace.
+    pub netns_ino: u32,
+    /// Owner thread's comm, NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
+
+pub const FLOW_EVENT_SIZE: usize = core::mem::size_of::<FlowEvent>();
+const _: () = assert!(FLOW_EVENT_SIZE == 144);
+
+/// What the kernel keeps per live socket (key: the socket's address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SockState {
+    pub start_ns: u64,
+    pub cgroup_id: u64,
+    pub state_path: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: [u8; COMM_LEN],
+    pub direction: u8,
+    pub transitions: u8,
+    pub flags: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockState>() == 56);
+
+/// Key of the listener map: a listening port in a network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenKey {
+    pub netns_ino: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The process that called listen(), captured in process context so that
+/// passive opens (which happen in softirq) can be attributed to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Owner {
+    /// The listening socket, so that only its own close removes the entry.
+    pub sk: u64,
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: [u8; COMM_LEN],
+}
+const _: () = assert!(core::mem::size_of::<Owner>() == 40);

@@ -1,0 +1,17 @@
+//! Types shared by the eBPF program and the sidecar.
+//!
+//! Everything here is `#[repr(C)]` and crosses the kernel/user boundary as raw
+//! bytes, so layouts are pinned by compile-time size checks. User-space
+//! helpers (Pod impls, decoding) live behind the `user` feature.
+#![no_std]
+
+pub mod event;
+pub mod offsets;
+pub mod stats;
+
+pub use event::*;
+pub use offsets::*;
+pub use stats::*;
+
+#[cfg(feature = "user")]
+pub mod user;

@@ -1,0 +1,72 @@
+//! Kernel layout facts the eBPF program needs, resolved by the sidecar from
+//! the running kernel's BTF and the tracepoint's format file at load time
+//! (there are no per-kernel constants in the program).
+
+/// Byte offsets into kernel structures and the classic tracepoint record.
+/// Written into the program's `FLOWLOG_OFFSETS` global before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    // struct sock (struct sock_common is its first member)
+    pub skc_family: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_net: u32,
+    pub sk_protocol: u32,
+    pub sk_err: u32,
+    pub sk_flags: u32,
+    // struct inet_sock
+    pub inet_sport: u32,
+    // struct tcp_sock
+    pub bytes_acked: u32,
+    pub bytes_received: u32,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    pub total_retrans: u32,
+    pub srtt_us: u32,
+    /// tcp_sock.rtt_min.s[0].v
+    pub rtt_min: u32,
+    pub snd_una: u32,
+    pub write_seq: u32,
+    // struct net
+    /// net.ns.inum
+    pub net_ns_inum: u32,
+    /// Bit number of SOCK_DONE in sk_flags (enum sock_flags).
+    pub sock_done_bit: u32,
+    /// 1 when sk_protocol is 16 bits wide, 0 when 8 bits.
+    pub sk_protocol_u16: u32,
+    // Classic tracepoint record (events/sock/inet_sock_set_state/format)
+    pub tp_skaddr: u32,
+    pub tp_oldstate: u32,
+    pub tp_newstate: u32,
+    pub tp_protocol: u32,
+    pub _pad: u32,
+}
+
+/// Settings the program reads, written into `FLOWLOG_SETTINGS` before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelSettings {
+    /// Wake user space only when this many bytes are waiting in the ring
+    /// buffer; below it user space drains on its own timer. Batching the
+    /// wake-ups is most of the per-event cost saved in the kernel.
+    pub wakeup_bytes: u64,
+}
+
+impl Default for KernelSettings {
+    fn default() -> Self {
+        KernelSettings { wakeup_bytes: 256 * 1024 }
+    }
+}
+
+pub const OFFSETS_GLOBAL: &str = "FLOWLOG_OFFSETS";
+pub const SETTINGS_GLOBAL: &str = "FLOWLOG_SETTINGS";
+pub const EVENTS_MAP: &str = "FLOWLOG_EVENTS";
+pub const SOCKS_MAP: &str = "FLOWLOG_SOCKS";
+pub const LISTENERS_MAP: &str = "FLOWLOG_LISTENERS";
+pub const STATS_MAP: &str = "FLOWLOG_STATS";
+pub const PROG_TP_BTF: &str = "flowlog_tp_btf";
+pub const PROG_TRACEPOINT: &str = "flowlog_tracepoint";

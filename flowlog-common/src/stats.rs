@@ -1,0 +1,28 @@
+//! Counters the eBPF program keeps in a per-CPU array (index = counter).
+
+pub mod stat {
+    /// Flow events submitted to the ring buffer.
+    pub const EVENTS: u32 = 0;
+    /// Flow events lost because the ring buffer had no room.
+    pub const RINGBUF_FULL: u32 = 1;
+    /// Opens not tracked because the per-socket map was full (the flow is
+    /// still reported at close, without start time and owner).
+    pub const SOCK_MAP_FULL: u32 = 2;
+    /// listen() calls not recorded because the listener map was full.
+    pub const LISTEN_MAP_FULL: u32 = 3;
+    /// Kernel memory reads that failed (the event is still sent with zeros).
+    pub const READ_ERRORS: u32 = 4;
+    /// Transitions handled (all sockets, TCP only).
+    pub const TRANSITIONS: u32 = 5;
+    pub const COUNT: u32 = 8;
+
+    /// Names for user space, index = counter.
+    pub const NAMES: [&str; 6] = [
+        "events",
+        "ringbuf_full",
+        "sock_map_full",
+        "listen_map_full",
+        "read_errors",
+        "transitions",
+    ];
+}

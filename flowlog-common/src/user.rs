@@ -1,0 +1,111 @@
+//! User-space side: Pod impls and checked decoding of ring-buffer records.
+
+use crate::{FlowEvent, KernelOffsets, KernelSettings, FLOW_EVENT_KIND_V1, FLOW_EVENT_SIZE};
+
+// SAFETY: plain #[repr(C)] integers and byte arrays, no padding-dependent invariants.
+unsafe impl aya::Pod for KernelOffsets {}
+unsafe impl aya::Pod for KernelSettings {}
+unsafe impl aya::Pod for FlowEvent {}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The record is not the size of a [`FlowEvent`].
+    Length { got: usize },
+    /// Unknown record kind (a newer or corrupt program).
+    Kind(u16),
+    /// Address family is neither AF_INET nor AF_INET6.
+    Family(u16),
+}
+
+impl core::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            DecodeError::Length { got } => {
+                write!(f, "ring buffer record of {got} bytes, expected {FLOW_EVENT_SIZE}")
+            }
+            DecodeError::Kind(k) => write!(f, "unknown flow event kind {k}"),
+            DecodeError::Family(a) => write!(f, "unknown address family {a}"),
+        }
+    }
+}
+
+impl FlowEvent {
+    /// Decodes one ring-buffer record, checking its length, kind and family.
+    pub fn decode(bytes: &[u8]) -> Result<FlowEvent, DecodeError> {
+        if bytes.len() != FLOW_EVENT_SIZE {
+            return Err(DecodeError::Length { got: bytes.len() });
+        }
+        // SAFETY: length checked; FlowEvent is Pod so any bit pattern is valid;
+        // read_unaligned because ring-buffer records are only 8-byte aligned.
+        let ev: FlowEvent = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        if ev.kind != FLOW_EVENT_KIND_V1 {
+            return Err(DecodeError::Kind(ev.kind));
+        }
+        if ev.family != crate::AF_INET && ev.family != crate::AF_INET6 {
+            return Err(DecodeError::Family(ev.family));
+        }
+        Ok(ev)
+    }
+
+    /// The record as bytes (for tests and tools).
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: Pod, size known.
+        unsafe { core::slice::from_raw_parts((self as *const FlowEvent).cast(), FLOW_EVENT_SIZE) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> FlowEvent {
+        FlowEvent {
+            kind: FLOW_EVENT_KIND_V1,
+            family: crate::AF_INET6,
+            direction: crate::direction::CLIENT,
+            old_state: crate::tcp_state::FIN_WAIT2,
+            flags: crate::flags::OPEN_SEEN,
+            local_port: 40000,
+            remote_port: 443,
+            sk_err: 0,
+            local_addr: [1; 16],
+            remote_addr: [2; 16],
+            start_ns: 1,
+            end_ns: 2,
+            bytes_acked: 12346,
+            bytes_received: 1000004,
+            cgroup_id: 7,
+            state_path: 0x2145,
+            segs_in: 3,
+            segs_out: 4,
+            total_retrans: 0,
+            srtt_us: 10,
+            rtt_min_us: 5,
+            tgid: 100,
+            tid: 101,
+            netns_ino: 4026531840,
+            comm: *b"client\0\0\0\0\0\0\0\0\0\0",
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let ev = sample();
+        assert_eq!(FlowEvent::decode(ev.as_bytes()), Ok(ev));
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        let ev = sample();
+        assert_eq!(
+            FlowEvent::decode(&ev.as_bytes()[..100]),
+            Err(DecodeError::Length { got: 100 })
+        );
+        let mut bad = ev;
+        bad.kind = 9;
+        assert_eq!(FlowEvent::decode(bad.as_bytes()), Err(DecodeError::Kind(9)));
+        let mut bad = ev;
+        bad.family = 1;
+        assert_eq!(FlowEvent::decode(bad.as_bytes()), Err(DecodeError::Family(1)));
+    }
+}

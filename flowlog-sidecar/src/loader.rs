@@ -1,0 +1,153 @@
+//! Loads the embedded eBPF object with this kernel's offsets and attaches it
+//! to sock:inet_sock_set_state: BTF tracepoint first, classic tracepoint as a
+//! fallback. Errors name the missing privilege or kernel feature.
+
+use std::path::Path;
+
+use aya::{
+    programs::{BtfTracePoint, TracePoint},
+    Btf, Ebpf, EbpfLoader,
+};
+use flowlog_common::{
+    KernelSettings, EVENTS_MAP, LISTENERS_MAP, OFFSETS_GLOBAL, PROG_TP_BTF, PROG_TRACEPOINT,
+    SETTINGS_GLOBAL, SOCKS_MAP,
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Attach, Config},
+    offsets::{self, Layout, OffsetError},
+};
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowlog"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "not permitted to load eBPF programs: run as root or grant CAP_BPF, CAP_PERFMON and \
+         CAP_SYS_RESOURCE (kernel.unprivileged_bpf_disabled does not matter with these) [{0}]"
+    )]
+    Privileges(String),
+    #[error(transparent)]
+    Offsets(#[from] OffsetError),
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("attaching to sock:inet_sock_set_state failed: {0}")]
+    Attach(String),
+}
+
+/// Which program ended up attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    TpBtf,
+    Tracepoint,
+}
+
+impl Attached {
+    pub fn program_name(self) -> &'static str {
+        match self {
+            Attached::TpBtf => PROG_TP_BTF,
+            Attached::Tracepoint => PROG_TRACEPOINT,
+        }
+    }
+}
+
+fn is_permission(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if text.contains("Operation not permitted") || text.contains("EPERM") || text.contains("Permission denied") {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        s.push_str(": ");
+        s.push_str(&err.to_string());
+        cur = err.source();
+    }
+    s
+}
+
+pub fn load(config: &Config) -> Result<(Ebpf, Attached), LoadError> {
+    let btf_path = Path::new(offsets::VMLINUX_BTF);
+    let layout = Layout::from_file(btf_path)?;
+    // The format file is only needed for the classic tracepoint, but also
+    // tells early whether the tracepoint exists at all.
+    let tp_format = match offsets::read_tracepoint_format() {
+        Ok(f) => Some(f),
+        Err(e) if config.attach == Attach::Tracepoint => return Err(e.into()),
+        Err(e) => {
+            warn!("{e}; only the BTF tracepoint can be used");
+            None
+        }
+    };
+    let kernel_offsets = offsets::resolve(&layout, tp_format.as_deref())?;
+    tracing::debug!(?kernel_offsets, "resolved from BTF");
+    let settings = KernelSettings { wakeup_bytes: config.wakeup_bytes };
+
+    let mut ebpf = EbpfLoader::new()
+        .override_global(OFFSETS_GLOBAL, &kernel_offsets, true)
+        .override_global(SETTINGS_GLOBAL, &settings, true)
+        .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
+        .map_max_entries(SOCKS_MAP, config.max_sockets)
+        .map_max_entries(LISTENERS_MAP, config.max_listeners)
+        .load(EBPF_OBJECT)
+        .map_err(|e| if is_permission(&e) { LoadError::Privileges(chain(&e)) } else { LoadError::Load(e) })?;
+
+    let mut tp_btf_error = None;
+    if config.attach != Attach::Tracepoint {
+        match attach_tp_btf(&mut ebpf) {
+            Ok(()) => {
+                info!("attached {PROG_TP_BTF} (tp_btf/inet_sock_set_state)");
+                return Ok((ebpf, Attached::TpBtf));
+            }
+            Err(e) if config.attach == Attach::TpBtf => return Err(e),
+            Err(e) => {
+                warn!("BTF tracepoint unavailable, falling back to the classic tracepoint: {e}");
+                tp_btf_error = Some(e);
+            }
+        }
+    }
+    if tp_format.is_none() {
+        return Err(tp_btf_error.unwrap_or_else(|| LoadError::Attach("tracepoint format missing".into())));
+    }
+    let prog: &mut TracePoint = ebpf
+        .program_mut(PROG_TRACEPOINT)
+        .ok_or_else(|| LoadError::Attach(format!("program {PROG_TRACEPOINT} missing from the object")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| LoadError::Attach(chain(&e)))?;
+    let fail = |e: aya::programs::ProgramError| {
+        if is_permission(&e) { LoadError::Privileges(chain(&e)) } else { LoadError::Attach(chain(&e)) }
+    };
+    prog.load().map_err(fail)?;
+    prog.attach("sock", "inet_sock_set_state").map_err(fail)?;
+    info!("attached {PROG_TRACEPOINT} (tracepoint/sock/inet_sock_set_state)");
+    Ok((ebpf, Attached::Tracepoint))
+}
+
+fn attach_tp_btf(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let btf = Btf::from_sys_fs().map_err(|e| LoadError::Attach(format!("kernel BTF: {e}")))?;
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(PROG_TP_BTF)
+        .ok_or_else(|| LoadError::Attach(format!("program {PROG_TP_BTF} missing from the object")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| LoadError::Attach(chain(&e)))?;
+    let fail = |e: aya::programs::ProgramError| {
+        if is_permission(&e) { LoadError::Privileges(chain(&e)) } else { LoadError::Attach(chain(&e)) }
+    };
+    prog.load("inet_sock_set_state", &btf).map_err(fail)?;
+    prog.attach().map_err(fail)?;
+    Ok(())
+}

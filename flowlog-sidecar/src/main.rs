@@ -1,0 +1,92 @@
+//! flowlog sidecar: attaches eBPF to sock:inet_sock_set_state and emits one
+//! flow record per TCP connection.
+
+mod capture;
+mod config;
+mod flow;
+mod loader;
+mod offsets;
+mod output;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::info;
+
+use crate::{
+    capture::Capture,
+    config::{Cli, Config},
+    output::Printer,
+};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = Config::load(&cli).map_err(anyhow::Error::from).and_then(|config| {
+        // One thread: the work is reading a ring buffer and writing records.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?
+            .block_on(run(config))
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flowlog-sidecar: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    bump_memlock_rlimit();
+    let (mut ebpf, attached) = loader::load(&config)?;
+    let printer = Printer::new(config.output, std::io::stdout());
+    let mut capture = Capture::new(&mut ebpf, printer)?;
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigint.recv() => info!("SIGINT: draining and exiting"),
+            _ = sigterm.recv() => info!("SIGTERM: draining and exiting"),
+        }
+    };
+    info!(output = ?config.output, "capturing TCP flows");
+    capture
+        .run(
+            Duration::from_millis(config.drain_interval_ms),
+            Duration::from_secs(config.stats_interval_secs.max(1)),
+            shutdown,
+        )
+        .await;
+
+    let stats = capture.final_stats(&ebpf, attached);
+    info!(
+        events = stats.user.events_read,
+        ringbuf_full = stats.kernel.ringbuf_full,
+        sock_map_full = stats.kernel.sock_map_full,
+        "stopped"
+    );
+    if let Some(path) = &config.stats_file {
+        std::fs::write(path, serde_json::to_vec_pretty(&stats)?)
+            .with_context(|| format!("writing stats to {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; raise it so the
+/// ring buffer fits. Newer kernels use memcg accounting and ignore this.
+fn bump_memlock_rlimit() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)");
+    }
+}

@@ -1,0 +1,310 @@
+//! Resolves the kernel layout facts the eBPF program needs ([`KernelOffsets`])
+//! from the running kernel's BTF and from the classic tracepoint's format
+//! file. Rust eBPF has no CO-RE relocations, so this is how one binary runs on
+//! every kernel: nothing here is a per-kernel constant.
+
+use std::path::Path;
+
+use btf_rs::{Btf, Type};
+use flowlog_common::KernelOffsets;
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub const TRACEPOINT_FORMAT: &str = "/sys/kernel/tracing/events/sock/inet_sock_set_state/format";
+const TRACEPOINT_FORMAT_DEBUGFS: &str =
+    "/sys/kernel/debug/tracing/events/sock/inet_sock_set_state/format";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OffsetError {
+    #[error("kernel BTF not readable at {path}: {source} (the kernel needs CONFIG_DEBUG_INFO_BTF=y)")]
+    NoBtf { path: String, source: btf_rs::Error },
+    #[error("kernel BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("struct {strukt} has no member {member} in this kernel's BTF")]
+    NoMember { strukt: String, member: String },
+    #[error("{0} is a bitfield; this kernel layout is not supported")]
+    Bitfield(String),
+    #[error("kernel BTF has no enumerator {0}")]
+    NoEnum(String),
+    #[error("BTF: {0}")]
+    Btf(#[from] btf_rs::Error),
+    #[error("tracepoint sock:inet_sock_set_state not found ({path}): {source}; is tracefs mounted and the kernel >= 4.16?")]
+    NoTracepoint { path: String, source: std::io::Error },
+    #[error("tracepoint format has no field {0}")]
+    NoTpField(String),
+}
+
+/// A member found by [`Layout::member`]: byte offset from the outer struct
+/// and the member's size in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Field {
+    pub offset: u32,
+    pub size: u32,
+}
+
+/// Struct layouts from one BTF blob.
+pub struct Layout {
+    btf: Btf,
+}
+
+impl Layout {
+    pub fn from_file(path: &Path) -> Result<Layout, OffsetError> {
+        let btf = Btf::from_file(path).map_err(|source| OffsetError::NoBtf {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Layout { btf })
+    }
+
+    fn strukt(&self, name: &str) -> Result<btf_rs::Struct, OffsetError> {
+        for t in self.btf.resolve_types_by_name(name).unwrap_or_default() {
+            if let Type::Struct(s) = t {
+                if !s.members.is_empty() {
+                    return Ok(s);
+                }
+            }
+        }
+        Err(OffsetError::NoStruct(name.to_string()))
+    }
+
+    /// Follows typedefs and qualifiers to the underlying type.
+    fn resolve(&self, mut t: Type) -> Result<Type, OffsetError> {
+        loop {
+            t = match &t {
+                Type::Typedef(x) => self.btf.resolve_chained_type(x)?,
+                Type::Volatile(x) | Type::Const(x) | Type::Restrict(x) => {
+                    self.btf.resolve_chained_type(x)?
+                }
+                Type::TypeTag(x) => self.btf.resolve_chained_type(x)?,
+                _ => return Ok(t),
+            };
+        }
+    }
+
+    fn size_of(&self, t: &Type) -> Result<u32, OffsetError> {
+        Ok(match self.resolve(t.clone())? {
+            Type::Int(i) => i.size() as u32,
+            Type::Ptr(_) => 8,
+            Type::Struct(s) | Type::Union(s) => s.size() as u32,
+            Type::Enum(e) => e.size() as u32,
+            Type::Enum64(e) => e.size() as u32,
+            Type::Array(a) => {
+                let elem = self.btf.resolve_chained_type(&a)?;
+                self.size_of(&elem)? * a.len() as u32
+            }
+            _ => 0,
+        })
+    }
+
+    /// Finds `member` (one name) in `s`, looking through anonymous struct and
+    /// union members the way C does. Returns its bit offset and type.
+    fn find(&self, s: &btf_rs::Struct, member: &str) -> Result<Option<(u32, Type, bool)>, OffsetError> {
+        for m in &s.members {
+            let name = self.btf.resolve_name(m).unwrap_or_default();
+            let ty = self.btf.resolve_chained_type(m)?;
+            if name == member {
+                return Ok(Some((m.bit_offset(), ty, m.bitfield_size().unwrap_or(0) != 0)));
+            }
+            if name.is_empty() {
+                if let Type::Struct(inner) | Type::Union(inner) = self.resolve(ty)? {
+                    if let Some((off, t, bf)) = self.find(&inner, member)? {
+                        return Ok(Some((m.bit_offset() + off, t, bf)));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Byte offset and size of a dotted member path, e.g. `member("net", "ns.inum")`.
+    /// Array elements are written `s[0]`.
+    pub fn member(&self, strukt: &str, path: &str) -> Result<Field, OffsetError> {
+        let missing = || OffsetError::NoMember { strukt: strukt.into(), member: path.into() };
+        let mut current = Type::Struct(self.strukt(strukt)?);
+        let mut bits = 0u32;
+        for part in path.split('.') {
+            let (name, index) = match part.split_once('[') {
+                Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<u32>().ok()),
+                None => (part, None),
+            };
+            let s = match self.resolve(current)? {
+                Type::Struct(s) | Type::Union(s) => s,
+                _ => return Err(missing()),
+            };
+            let (off, mut ty, bitfield) = self.find(&s, name)?.ok_or_else(missing)?;
+            if bitfield {
+                return Err(OffsetError::Bitfield(format!("{strukt}.{path}")));
+            }
+            bits += off;
+            if let Some(i) = index {
+                let Type::Array(a) = self.resolve(ty)? else { return Err(missing()) };
+                let elem = self.btf.resolve_chained_type(&a)?;
+                bits += self.size_of(&elem)? * 8 * i;
+                ty = elem;
+            }
+            current = ty;
+        }
+        Ok(Field { offset: bits / 8, size: self.size_of(&current)? })
+    }
+
+    /// Value of a C enumerator of a named enum, e.g. `("sock_flags", "SOCK_DONE")`.
+    pub fn enumerator(&self, enum_name: &str, name: &str) -> Result<u32, OffsetError> {
+        for t in self.btf.resolve_types_by_name(enum_name).unwrap_or_default() {
+            if let Type::Enum(e) = t {
+                for m in &e.members {
+                    if self.btf.resolve_name(m).ok().as_deref() == Some(name) {
+                        return Ok(m.val());
+                    }
+                }
+            }
+        }
+        Err(OffsetError::NoEnum(name.to_string()))
+    }
+}
+
+/// Offsets of the classic tracepoint's fields, from its format file.
+fn tracepoint_fields(format: &str) -> Result<[(String, u32); 4], OffsetError> {
+    let find = |field: &str| -> Result<(String, u32), OffsetError> {
+        for line in format.lines() {
+            let line = line.trim();
+            let Some(decl) = line.strip_prefix("field:") else { continue };
+            let decl = decl.split(';').next().unwrap_or("");
+            let name = decl.split_whitespace().last().unwrap_or("");
+            if name != field {
+                continue;
+            }
+            let offset = line
+                .split(';')
+                .find_map(|p| p.trim().strip_prefix("offset:"))
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| OffsetError::NoTpField(field.into()))?;
+            return Ok((field.to_string(), offset));
+        }
+        Err(OffsetError::NoTpField(field.into()))
+    };
+    Ok([find("skaddr")?, find("oldstate")?, find("newstate")?, find("protocol")?])
+}
+
+/// Reads the tracepoint format file from tracefs (or the debugfs mirror),
+/// mounting tracefs first if it is not mounted (needs CAP_SYS_ADMIN; without
+/// it the BTF tracepoint still works).
+pub fn read_tracepoint_format() -> Result<String, OffsetError> {
+    if !Path::new(TRACEPOINT_FORMAT).exists() && Path::new("/sys/kernel/tracing").is_dir() {
+        // SAFETY: constant NUL-terminated strings.
+        let rc = unsafe {
+            libc::mount(
+                c"nodev".as_ptr(),
+                c"/sys/kernel/tracing".as_ptr(),
+                c"tracefs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc == 0 {
+            tracing::info!("mounted tracefs at /sys/kernel/tracing");
+        }
+    }
+    match std::fs::read_to_string(TRACEPOINT_FORMAT) {
+        Ok(s) => Ok(s),
+        Err(first) => std::fs::read_to_string(TRACEPOINT_FORMAT_DEBUGFS)
+            .map_err(|_| OffsetError::NoTracepoint { path: TRACEPOINT_FORMAT.into(), source: first }),
+    }
+}
+
+/// Everything the program needs. `tp_format` is the classic tracepoint's
+/// format file, or None when only the BTF tracepoint will be used.
+pub fn resolve(layout: &Layout, tp_format: Option<&str>) -> Result<KernelOffsets, OffsetError> {
+    let sock = |p: &str| layout.member("sock", p).map(|f| f.offset);
+    let tcp = |p: &str| layout.member("tcp_sock", p).map(|f| f.offset);
+    let protocol = layout.member("sock", "sk_protocol")?;
+    let mut o = KernelOffsets {
+        skc_family: sock("__sk_common.skc_family")?,
+        skc_daddr: sock("__sk_common.skc_daddr")?,
+        skc_rcv_saddr: sock("__sk_common.skc_rcv_saddr")?,
+        skc_dport: sock("__sk_common.skc_dport")?,
+        skc_v6_daddr: sock("__sk_common.skc_v6_daddr")?,
+        skc_v6_rcv_saddr: sock("__sk_common.skc_v6_rcv_saddr")?,
+        skc_net: sock("__sk_common.skc_net")?,
+        sk_protocol: protocol.offset,
+        sk_protocol_u16: u32::from(protocol.size == 2),
+        sk_err: sock("sk_err")?,
+        // Newer kernels keep the flags in sock_common (skc_flags).
+        sk_flags: sock("sk_flags").or_else(|_| sock("__sk_common.skc_flags"))?,
+        inet_sport: layout.member("inet_sock", "inet_sport")?.offset,
+        bytes_acked: tcp("bytes_acked")?,
+        bytes_received: tcp("bytes_received")?,
+        segs_in: tcp("segs_in")?,
+        segs_out: tcp("segs_out")?,
+        total_retrans: tcp("total_retrans")?,
+        srtt_us: tcp("srtt_us")?,
+        rtt_min: tcp("rtt_min.s[0].v")?,
+        snd_una: tcp("snd_una")?,
+        write_seq: tcp("write_seq")?,
+        net_ns_inum: layout.member("net", "ns.inum")?.offset,
+        sock_done_bit: layout.enumerator("sock_flags", "SOCK_DONE")?,
+        ..Default::default()
+    };
+    if let Some(format) = tp_format {
+        let [skaddr, old, new, proto] = tracepoint_fields(format)?;
+        o.tp_skaddr = skaddr.1;
+        o.tp_oldstate = old.1;
+        o.tp_newstate = new.1;
+        o.tp_protocol = proto.1;
+    }
+    Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORMAT: &str = "name: inet_sock_set_state
+ID: 1400
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+\tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;
+\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;
+\tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;
+";
+
+    #[test]
+    fn parses_tracepoint_format() {
+        let f = tracepoint_fields(FORMAT).unwrap();
+        let offs: Vec<u32> = f.iter().map(|(_, o)| *o).collect();
+        assert_eq!(offs, vec![8, 16, 20, 30]);
+        assert!(matches!(
+            tracepoint_fields("field:int x;\toffset:1;"),
+            Err(OffsetError::NoTpField(f)) if f == "skaddr"
+        ));
+    }
+
+    /// Reads the running kernel's BTF when there is one (no privileges needed).
+    #[test]
+    fn resolves_running_kernel() {
+        let path = Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("skipping: no {VMLINUX_BTF}");
+            return;
+        }
+        let layout = Layout::from_file(path).unwrap();
+        let o = resolve(&layout, None).unwrap();
+        // struct sock starts with struct sock_common; skc_daddr is its first word.
+        assert_eq!(o.skc_daddr, 0);
+        assert_eq!(o.skc_rcv_saddr, 4);
+        assert!(o.bytes_acked > o.inet_sport && o.bytes_received > o.inet_sport);
+        assert_eq!(layout.member("sock", "__sk_common.skc_dport").unwrap().size, 2);
+        assert_eq!(layout.member("tcp_sock", "bytes_acked").unwrap().size, 8);
+        assert_eq!(o.sock_done_bit, 1);
+        assert!(matches!(
+            layout.member("tcp_sock", "no_such_member"),
+            Err(OffsetError::NoMember { .. })
+        ));
+    }
+}
