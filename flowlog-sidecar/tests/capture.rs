@@ -1,0 +1,402 @@
+//! The sidecar on the real kernel: exact records for real connections.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use common::*;
+use serde_json::Value;
+
+const CLIENT_BYTES: usize = 12_345;
+const SERVER_BYTES: usize = 1_000_003;
+const WAIT: Duration = Duration::from_secs(15);
+
+fn read_to_end(s: &mut TcpStream) -> usize {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut n = 0;
+    loop {
+        match s.read(&mut buf).expect("read") {
+            0 => return n,
+            k => n += k,
+        }
+    }
+}
+
+fn read_exact_n(s: &mut TcpStream, want: usize) {
+    let mut buf = vec![0u8; want];
+    s.read_exact(&mut buf).expect("read_exact");
+}
+
+/// What one exchange looked like from the test's side.
+struct Exchange {
+    server_addr: SocketAddr,
+    client_addr: SocketAddr,
+    server_tid: u32,
+    client_tid: u32,
+}
+
+/// Client sends CLIENT_BYTES, server replies SERVER_BYTES. With
+/// `client_closes_first` the client half-closes first (client ends in
+/// FIN_WAIT2, server in LAST_ACK); otherwise the server closes first.
+fn exchange(bind: &str, client_closes_first: bool, name: &str) -> Exchange {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let srv_name = format!("fl-srv-{name}");
+    let bind = bind.to_string();
+    let server = thread::Builder::new()
+        .name(srv_name)
+        .spawn(move || {
+            let l = TcpListener::bind(bind).expect("bind");
+            tx.send(l.local_addr().unwrap()).unwrap();
+            let (mut c, _) = l.accept().expect("accept");
+            if client_closes_first {
+                assert_eq!(read_to_end(&mut c), CLIENT_BYTES);
+            } else {
+                read_exact_n(&mut c, CLIENT_BYTES);
+            }
+            c.write_all(&vec![b's'; SERVER_BYTES]).unwrap();
+            drop(c);
+            gettid()
+        })
+        .unwrap();
+    let server_addr = rx.recv().unwrap();
+    let client = thread::Builder::new()
+        .name(format!("fl-cli-{name}"))
+        .spawn(move || {
+            let mut c = TcpStream::connect(server_addr).expect("connect");
+            let me = c.local_addr().unwrap();
+            c.write_all(&vec![b'c'; CLIENT_BYTES]).unwrap();
+            if client_closes_first {
+                c.shutdown(Shutdown::Write).unwrap();
+            }
+            assert_eq!(read_to_end(&mut c), SERVER_BYTES);
+            drop(c);
+            (me, gettid())
+        })
+        .unwrap();
+    let (client_addr, client_tid) = client.join().unwrap();
+    let server_tid = server.join().unwrap();
+    Exchange { server_addr, client_addr, server_tid, client_tid }
+}
+
+fn wait_pair(sc: &Sidecar, ex: &Exchange) {
+    let (sp, cp) = (ex.server_addr.port(), ex.client_addr.port());
+    sc.wait_for("client and server records", WAIT, |r| {
+        !by_ports(r, cp, sp).is_empty() && !by_ports(r, sp, cp).is_empty()
+    });
+}
+
+/// Checks both records of one exchange field by field.
+fn check_pair(records: &[Value], ex: &Exchange, name: &str, netns: u64) {
+    let (sp, cp) = (ex.server_addr.port(), ex.client_addr.port());
+    let client = by_ports(records, cp, sp);
+    let server = by_ports(records, sp, cp);
+    assert_eq!(client.len(), 1, "client records: {client:#?}");
+    assert_eq!(server.len(), 1, "server records: {server:#?}");
+    let (c, s) = (&client[0], &server[0]);
+    let pid = std::process::id();
+    let family = if ex.server_addr.is_ipv6() { "ipv6" } else { "ipv4" };
+    let cgroup = own_cgroup_id();
+
+    assert_eq!(c["direction"], "client");
+    assert_eq!(c["bytes_sent"], CLIENT_BYTES as u64);
+    assert_eq!(c["bytes_received"], SERVER_BYTES as u64);
+    assert_eq!(c["local_addr"], ex.client_addr.ip().to_string());
+    assert_eq!(c["remote_addr"], ex.server_addr.ip().to_string());
+    assert_eq!(c["pid"], pid);
+    assert_eq!(c["tid"], ex.client_tid);
+    assert_eq!(c["comm"], format!("fl-cli-{name}"));
+
+    assert_eq!(s["direction"], "server");
+    assert_eq!(s["bytes_sent"], SERVER_BYTES as u64);
+    assert_eq!(s["bytes_received"], CLIENT_BYTES as u64);
+    assert_eq!(s["local_addr"], ex.server_addr.ip().to_string());
+    assert_eq!(s["remote_addr"], ex.client_addr.ip().to_string());
+    // The server side names the process that listened, not the client that
+    // happened to run the softirq on loopback.
+    assert_eq!(s["pid"], pid);
+    assert_eq!(s["tid"], ex.server_tid);
+    assert_eq!(s["comm"], format!("fl-srv-{name}"));
+
+    for r in [c, s] {
+        assert_eq!(r["family"], family);
+        assert_eq!(r["end_reason"], "normal", "{r:#}");
+        assert_eq!(r["error"], Value::Null);
+        assert_eq!(r["owner_source"], "open");
+        assert_eq!(r["netns_ino"], netns);
+        assert_eq!(r["cgroup_id"], cgroup);
+        let start = r["start_time_ns"].as_u64().expect("start time");
+        let end = r["end_time_ns"].as_u64().unwrap();
+        assert!(end >= start);
+        assert_eq!(r["duration_ns"].as_u64().unwrap(), end - start);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        assert!(now >= end && now - end < 120_000_000_000, "wall clock end {end} vs now {now}");
+        assert!(r["segs_in"].as_u64().unwrap() > 0 && r["segs_out"].as_u64().unwrap() > 0);
+        assert!(r["srtt_us"].as_u64().unwrap() > 0);
+        assert_eq!(r["retransmits"], 0);
+    }
+    let path = |r: &Value| -> Vec<String> {
+        r["state_path"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(path(c)[..3], ["CLOSE", "SYN_SENT", "ESTABLISHED"]);
+    assert_eq!(path(s)[..3], ["LISTEN", "SYN_RECV", "ESTABLISHED"]);
+}
+
+fn netns_self() -> u64 {
+    inode("/proc/self/ns/net")
+}
+
+fn exact_counts(attach: &str, bind: &str, client_closes_first: bool, name: &str) {
+    if !have_root() {
+        return;
+    }
+    let sc = Sidecar::start(&["--attach", attach]);
+    let ex = exchange(bind, client_closes_first, name);
+    wait_pair(&sc, &ex);
+    let (records, stats) = sc.stop();
+    check_pair(&records, &ex, name, netns_self());
+    assert_eq!(stats["attach"], if attach == "tracepoint" { "tracepoint" } else { "tp_btf" });
+    assert_eq!(stats["kernel"]["ringbuf_full"], 0);
+}
+
+#[test]
+fn ipv4_exact_counts_tp_btf() {
+    exact_counts("tp-btf", "127.0.0.1:0", true, "v4btf");
+}
+
+#[test]
+fn ipv4_exact_counts_classic_tracepoint() {
+    exact_counts("tracepoint", "127.0.0.1:0", false, "v4tp");
+}
+
+#[test]
+fn ipv6_exact_counts() {
+    exact_counts("auto", "[::1]:0", false, "v6");
+}
+
+#[test]
+fn ipv6_client_closes_first() {
+    exact_counts("auto", "[::1]:0", true, "v6cf");
+}
+
+/// A network namespace made by the test: the records carry its inode.
+#[test]
+fn network_namespace_inode() {
+    if !have_root() {
+        return;
+    }
+    let ns = format!("flowlog-t{}", std::process::id());
+    let ip = |args: &[&str]| {
+        let st = std::process::Command::new("ip").args(args).status().expect("run ip");
+        assert!(st.success(), "ip {args:?} failed");
+    };
+    let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).status();
+    ip(&["netns", "add", &ns]);
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _del = Del(ns.clone());
+    ip(&["-n", &ns, "link", "set", "lo", "up"]);
+    let ns_path = format!("/var/run/netns/{ns}");
+    let want = inode(&ns_path);
+    assert_ne!(want, netns_self());
+
+    let sc = Sidecar::start(&[]);
+    // setns() changes only the calling thread: run the whole exchange from a
+    // thread inside the namespace, whose own client/server threads inherit it.
+    let ex = thread::spawn(move || {
+        let f = std::fs::File::open(&ns_path).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: valid fd of a netns file.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        assert_eq!(inode("/proc/thread-self/ns/net"), want);
+        exchange_in_ns()
+    })
+    .join()
+    .unwrap();
+    wait_pair(&sc, &ex);
+    let (records, _) = sc.stop();
+    // Same loopback ports may exist in the root namespace; select ours by inode.
+    let mine: Vec<Value> = records.into_iter().filter(|r| r["netns_ino"] == want).collect();
+    check_pair(&mine, &ex, "netns", want);
+}
+
+/// exchange() spawns threads, which would start in the process's namespace;
+/// here both ends must stay in the caller's namespace, so spawn them from a
+/// thread that already switched (threads inherit the creator's namespace).
+fn exchange_in_ns() -> Exchange {
+    exchange("127.0.0.1:0", true, "netns")
+}
+
+#[test]
+fn failed_connect_is_recorded() {
+    if !have_root() {
+        return;
+    }
+    let sc = Sidecar::start(&[]);
+    // A port nobody listens on: bind, learn it, close.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::Builder::new()
+        .name("fl-refused".into())
+        .spawn(move || {
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            let err = sock.connect(&SocketAddr::from(([127, 0, 0, 1], port)).into()).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+            tx.send(sock.local_addr().unwrap().as_socket().unwrap().port()).unwrap();
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    let _ = rx.recv();
+    sc.wait_for("refused connect", WAIT, |r| r.iter().any(|x| x["remote_port"] == port && x["comm"] == "fl-refused"));
+    let (records, _) = sc.stop();
+    let mine: Vec<&Value> = records.iter().filter(|x| x["remote_port"] == port && x["comm"] == "fl-refused").collect();
+    assert_eq!(mine.len(), 1, "{mine:#?}");
+    let r = mine[0];
+    assert_eq!(r["direction"], "client");
+    assert_eq!(r["end_reason"], "failed_connect");
+    assert_eq!(r["error"], "ECONNREFUSED");
+    assert_eq!(r["bytes_sent"], 0);
+    assert_eq!(r["bytes_received"], 0);
+    assert_eq!(r["pid"], std::process::id());
+    assert_eq!(r["state_path"], serde_json::json!(["CLOSE", "SYN_SENT", "CLOSE"]));
+}
+
+#[test]
+fn reset_is_recorded() {
+    if !have_root() {
+        return;
+    }
+    let sc = Sidecar::start(&[]);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let sp = l.local_addr().unwrap().port();
+    let client = thread::spawn(move || {
+        let mut c = TcpStream::connect(("127.0.0.1", sp)).unwrap();
+        c.write_all(&[7u8; 777]).unwrap();
+        let mut ack = [0u8; 1];
+        c.read_exact(&mut ack).unwrap();
+        let cp = c.local_addr().unwrap().port();
+        // SO_LINGER 0: close() sends a reset instead of a FIN.
+        socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(c);
+        cp
+    });
+    let (mut s, _) = l.accept().unwrap();
+    read_exact_n(&mut s, 777);
+    s.write_all(&[1]).unwrap();
+    let cp = client.join().unwrap();
+    // The server learns of the reset on its next read.
+    let mut buf = [0u8; 16];
+    let err = loop {
+        match s.read(&mut buf) {
+            Err(e) => break e,
+            Ok(0) => panic!("expected a reset, got EOF"),
+            Ok(_) => {}
+        }
+    };
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    drop(s);
+    sc.wait_for("reset records", WAIT, |r| !by_ports(r, cp, sp).is_empty() && !by_ports(r, sp, cp).is_empty());
+    let (records, _) = sc.stop();
+    let c = by_ports(&records, cp, sp);
+    let s = by_ports(&records, sp, cp);
+    assert_eq!((c.len(), s.len()), (1, 1));
+    assert_eq!(c[0]["end_reason"], "reset_sent");
+    assert_eq!(c[0]["bytes_sent"], 777);
+    assert_eq!(c[0]["bytes_received"], 1);
+    assert_eq!(s[0]["end_reason"], "reset_received");
+    assert_eq!(s[0]["error"], "ECONNRESET");
+    assert_eq!(s[0]["bytes_received"], 777);
+    assert_eq!(s[0]["bytes_sent"], 1);
+}
+
+/// 2 000 connections open at the same time: each one is reported exactly
+/// once per side with its own exact byte counts.
+#[test]
+fn two_thousand_parallel_connections() {
+    if !have_root() {
+        return;
+    }
+    raise_nofile();
+    const N: usize = 2000;
+    let sc = Sidecar::start(&[]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (server_port, clients) = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_reuse_address(true).unwrap();
+        sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        sock.listen(4096).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(sock.into()).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Server: read to EOF, answer with twice as many bytes, close.
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    s.read_to_end(&mut buf).await.unwrap();
+                    s.write_all(&vec![0u8; buf.len() * 2]).await.unwrap();
+                });
+            }
+        });
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(N));
+        let mut tasks = Vec::new();
+        for i in 0..N {
+            let barrier = barrier.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+                let cp = c.local_addr().unwrap().port();
+                // Every connection is open before any of them sends.
+                barrier.wait().await;
+                let n = 100 + i;
+                c.write_all(&vec![1u8; n]).await.unwrap();
+                c.shutdown().await.unwrap();
+                let mut back = Vec::new();
+                c.read_to_end(&mut back).await.unwrap();
+                assert_eq!(back.len(), 2 * n);
+                (cp, n)
+            }));
+        }
+        let mut clients = Vec::new();
+        for t in tasks {
+            clients.push(t.await.unwrap());
+        }
+        (port, clients)
+    });
+    let ports: std::collections::HashSet<u16> = clients.iter().map(|c| c.0).collect();
+    assert_eq!(ports.len(), N);
+    let count_mine = |r: &[Value]| {
+        r.iter()
+            .filter(|x| {
+                (x["remote_port"] == server_port && ports.contains(&(x["local_port"].as_u64().unwrap() as u16)))
+                    || (x["local_port"] == server_port && ports.contains(&(x["remote_port"].as_u64().unwrap() as u16)))
+            })
+            .count()
+    };
+    sc.wait_for("4 000 records", Duration::from_secs(30), |r| count_mine(r) >= 2 * N);
+    let (records, stats) = sc.stop();
+    assert_eq!(count_mine(&records), 2 * N, "duplicates");
+    for (cp, n) in clients {
+        let c = by_ports(&records, cp, server_port);
+        let s = by_ports(&records, server_port, cp);
+        assert_eq!((c.len(), s.len()), (1, 1), "port {cp}");
+        assert_eq!((c[0]["bytes_sent"].as_u64(), c[0]["bytes_received"].as_u64()), (Some(n as u64), Some(2 * n as u64)));
+        assert_eq!((s[0]["bytes_sent"].as_u64(), s[0]["bytes_received"].as_u64()), (Some(2 * n as u64), Some(n as u64)));
+        assert_eq!(c[0]["direction"], "client");
+        assert_eq!(s[0]["direction"], "server");
+    }
+    for k in ["ringbuf_full", "sock_map_full", "read_errors"] {
+        assert_eq!(stats["kernel"][k], 0, "{k}");
+    }
+    assert_eq!(stats["user"]["decode_errors"], 0);
+}

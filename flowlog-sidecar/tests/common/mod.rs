@@ -1,0 +1,153 @@
+//! Runs the real sidecar binary against the real kernel and collects the JSON
+//! flow records it prints. Needs root (CAP_BPF + CAP_PERFMON); without it the
+//! tests skip, unless FLOWLOG_REQUIRE_ROOT_TESTS=1 (set by `make test`), in
+//! which case they fail.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::{mpsc, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub fn have_root() -> bool {
+    // SAFETY: plain syscall.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        if std::env::var("FLOWLOG_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
+            panic!("FLOWLOG_REQUIRE_ROOT_TESTS=1 but the tests are not running as root");
+        }
+        eprintln!("skipping: needs root to load eBPF (run `make test`)");
+    }
+    root
+}
+
+pub struct Sidecar {
+    child: Child,
+    records: Arc<Mutex<Vec<Value>>>,
+    stdout: Option<std::thread::JoinHandle<()>>,
+    pub stats_file: std::path::PathBuf,
+}
+
+impl Sidecar {
+    /// Starts the sidecar with JSON output and waits until it is attached.
+    pub fn start(extra: &[&str]) -> Sidecar {
+        let stats_file = std::env::temp_dir().join(format!(
+            "flowlog-test-stats-{}-{}.json",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flowlog-sidecar"))
+            .args(["--output", "json", "--drain-interval-ms", "20", "--stats-file"])
+            .arg(&stats_file)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sidecar");
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let sink = records.clone();
+        let stdout = std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let line = line.expect("read sidecar stdout");
+                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"));
+                sink.lock().unwrap().push(v);
+            }
+        });
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("[sidecar] {line}");
+                if line.contains("capturing TCP flows") {
+                    let _ = ready_tx.send(());
+                }
+            }
+        });
+        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            panic!("sidecar did not attach within 30 s");
+        }
+        Sidecar { child, records, stdout: Some(stdout), stats_file }
+    }
+
+    /// Waits until `pred` holds over the records seen so far.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&[Value]) -> bool) {
+        let t0 = Instant::now();
+        loop {
+            if pred(&self.records.lock().unwrap()) {
+                return;
+            }
+            if t0.elapsed() > timeout {
+                panic!("timed out after {timeout:?} waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, wait for a clean exit, return every record and the final stats.
+    pub fn stop(mut self) -> (Vec<Value>, Value) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait sidecar");
+        assert!(status.success(), "sidecar exited with {status}");
+        self.stdout.take().unwrap().join().unwrap();
+        let stats: Value = serde_json::from_slice(&std::fs::read(&self.stats_file).expect("stats file")).unwrap();
+        let _ = std::fs::remove_file(&self.stats_file);
+        let records = std::mem::take(&mut *self.records.lock().unwrap());
+        (records, stats)
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+}
+
+/// Records whose local/remote ports are exactly these.
+pub fn by_ports(records: &[Value], local: u16, remote: u16) -> Vec<Value> {
+    records
+        .iter()
+        .filter(|r| r["local_port"] == local && r["remote_port"] == remote)
+        .cloned()
+        .collect()
+}
+
+pub fn gettid() -> u32 {
+    // SAFETY: plain syscall.
+    unsafe { libc::syscall(libc::SYS_gettid) as u32 }
+}
+
+/// Inode of a namespace or file.
+pub fn inode(path: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {path}: {e}")).ino()
+}
+
+/// cgroup v2 id of this process: the inode of its cgroup directory.
+pub fn own_cgroup_id() -> u64 {
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let path = text.lines().find_map(|l| l.strip_prefix("0::")).expect("cgroup v2 entry");
+    inode(&format!("/sys/fs/cgroup{path}"))
+}
+
+/// Raises RLIMIT_NOFILE to its hard limit (the 2 000-connection test needs
+/// ~4 000 descriptors).
+pub fn raise_nofile() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid struct pointers.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+}
