@@ -144,13 +144,14 @@ pub struct SockState {
 }
 const _: () = assert!(core::mem::size_of::<SockState>() == 56);
 
-/// Key of the listener map: a listening port in a network namespace.
+/// Key of the listener map: a listening port in a network namespace,
+/// named by its `struct net` address (one kernel read cheaper than the inode).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenKey {
-    pub netns_ino: u32,
+    pub net: u64,
     pub port: u16,
-    pub _pad: u16,
+    pub _pad: [u16; 3],
 }
 
 /// The process that called listen(), captured in process context so that
@@ -166,3 +167,14 @@ pub struct Owner {
     pub comm: [u8; COMM_LEN],
 }
 const _: () = assert!(core::mem::size_of::<Owner>() == 40);
+
+/// Size of the per-CPU scratch buffer the close path copies the socket into
+/// with one kernel read (instead of one read per field).
+pub const SCRATCH_BYTES: usize = 4096;
+
+#[repr(C)]
+pub struct Scratch {
+    /// `SCRATCH_BYTES` of socket plus slack so that any masked offset can be
+    /// read as a u64 without running off the end.
+    pub buf: [u8; SCRATCH_BYTES + 16],
+}

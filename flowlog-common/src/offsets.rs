@@ -43,7 +43,9 @@ pub struct KernelOffsets {
     pub tp_oldstate: u32,
     pub tp_newstate: u32,
     pub tp_protocol: u32,
-    pub _pad: u32,
+    /// Bytes of the socket the close path copies at once: covers every
+    /// socket field above, at most SCRATCH_BYTES.
+    pub sock_read_len: u32,
 }
 
 /// Settings the program reads, written into `FLOWLOG_SETTINGS` before load.

@@ -12,17 +12,14 @@ pub mod stat {
     pub const LISTEN_MAP_FULL: u32 = 3;
     /// Kernel memory reads that failed (the event is still sent with zeros).
     pub const READ_ERRORS: u32 = 4;
-    /// Transitions handled (all sockets, TCP only).
-    pub const TRANSITIONS: u32 = 5;
     pub const COUNT: u32 = 8;
 
     /// Names for user space, index = counter.
-    pub const NAMES: [&str; 6] = [
+    pub const NAMES: [&str; 5] = [
         "events",
         "ringbuf_full",
         "sock_map_full",
         "listen_map_full",
         "read_errors",
-        "transitions",
     ];
 }

@@ -29,7 +29,6 @@ pub struct KernelCounters {
     pub sock_map_full: u64,
     pub listen_map_full: u64,
     pub read_errors: u64,
-    pub transitions: u64,
 }
 
 /// Counters kept by the reader.
@@ -115,7 +114,6 @@ impl<W: Write> Capture<W> {
             sock_map_full: get(stat::SOCK_MAP_FULL),
             listen_map_full: get(stat::LISTEN_MAP_FULL),
             read_errors: get(stat::READ_ERRORS),
-            transitions: get(stat::TRANSITIONS),
         }
     }
 

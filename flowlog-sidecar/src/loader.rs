@@ -2,8 +2,6 @@
 //! to sock:inet_sock_set_state: BTF tracepoint first, classic tracepoint as a
 //! fallback. Errors name the missing privilege or kernel feature.
 
-use std::path::Path;
-
 use aya::{
     programs::{BtfTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
@@ -14,9 +12,10 @@ use flowlog_common::{
 };
 use tracing::{info, warn};
 
+
 use crate::{
     config::{Attach, Config},
-    offsets::{self, Layout, OffsetError},
+    offsets::Resolved,
 };
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowlog"));
@@ -28,8 +27,6 @@ pub enum LoadError {
          CAP_SYS_RESOURCE (kernel.unprivileged_bpf_disabled does not matter with these) [{0}]"
     )]
     Privileges(String),
-    #[error(transparent)]
-    Offsets(#[from] OffsetError),
     #[error("loading the eBPF object failed: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("attaching to sock:inet_sock_set_state failed: {0}")]
@@ -80,24 +77,14 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-pub fn load(config: &Config) -> Result<(Ebpf, Attached), LoadError> {
-    let btf_path = Path::new(offsets::VMLINUX_BTF);
-    let layout = Layout::from_file(btf_path)?;
-    // The format file is only needed for the classic tracepoint, but also
-    // tells early whether the tracepoint exists at all.
-    let tp_format = match offsets::read_tracepoint_format() {
-        Ok(f) => Some(f),
-        Err(e) if config.attach == Attach::Tracepoint => return Err(e.into()),
-        Err(e) => {
-            warn!("{e}; only the BTF tracepoint can be used");
-            None
-        }
-    };
-    let kernel_offsets = offsets::resolve(&layout, tp_format.as_deref())?;
+pub fn load(config: &Config, resolved: Resolved) -> Result<(Ebpf, Attached), LoadError> {
+    let kernel_offsets = resolved.offsets;
     tracing::debug!(?kernel_offsets, "resolved from BTF");
     let settings = KernelSettings { wakeup_bytes: config.wakeup_bytes };
-
+    // No CO-RE relocations to apply, so the loader needs no kernel BTF (which
+    // would cost ~20 MB of peak memory); only the tp_btf attach needs it.
     let mut ebpf = EbpfLoader::new()
+        .btf(None)
         .override_global(OFFSETS_GLOBAL, &kernel_offsets, true)
         .override_global(SETTINGS_GLOBAL, &settings, true)
         .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
@@ -120,7 +107,7 @@ pub fn load(config: &Config) -> Result<(Ebpf, Attached), LoadError> {
             }
         }
     }
-    if tp_format.is_none() {
+    if !resolved.have_tracepoint {
         return Err(tp_btf_error.unwrap_or_else(|| LoadError::Attach("tracepoint format missing".into())));
     }
     let prog: &mut TracePoint = ebpf

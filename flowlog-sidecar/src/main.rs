@@ -28,12 +28,15 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = Config::load(&cli).map_err(anyhow::Error::from).and_then(|config| {
+        // Before any thread exists: this forks.
+        let resolved = offsets::resolve_running_kernel(config.attach == config::Attach::Tracepoint)
+            .map_err(|e| anyhow::anyhow!("reading the kernel's layout: {e}"))?;
         // One thread: the work is reading a ring buffer and writing records.
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the runtime")?
-            .block_on(run(config))
+            .block_on(run(config, resolved))
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -44,9 +47,13 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> {
     bump_memlock_rlimit();
-    let (mut ebpf, attached) = loader::load(&config)?;
+    let (mut ebpf, attached) = loader::load(&config, resolved)?;
+    // Give back the memory the one-off BTF parse used.
+    // SAFETY: plain glibc call.
+    unsafe { libc::malloc_trim(0) };
+    rss_debug("attached");
     let printer = Printer::new(config.output, std::io::stdout());
     let mut capture = Capture::new(&mut ebpf, printer)?;
 
@@ -89,4 +96,14 @@ fn bump_memlock_rlimit() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)");
     }
+}
+
+/// Logs resident and peak memory at debug level (startup is where peaks happen).
+pub fn rss_debug(stage: &str) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let get = |k: &str| s.lines().find(|l| l.starts_with(k)).unwrap_or("").to_string();
+    tracing::debug!("{stage}: {} {}", get("VmRSS"), get("VmHWM"));
 }

@@ -243,6 +243,20 @@ pub fn resolve(layout: &Layout, tp_format: Option<&str>) -> Result<KernelOffsets
         sock_done_bit: layout.enumerator("sock_flags", "SOCK_DONE")?,
         ..Default::default()
     };
+    let socket_fields = [
+        o.skc_family + 2, o.skc_daddr + 4, o.skc_rcv_saddr + 4, o.skc_dport + 2, o.skc_v6_daddr + 16,
+        o.skc_v6_rcv_saddr + 16, o.skc_net + 8, o.sk_protocol + 2, o.sk_err + 4, o.sk_flags + 8,
+        o.inet_sport + 2, o.bytes_acked + 8, o.bytes_received + 8, o.segs_in + 4, o.segs_out + 4,
+        o.total_retrans + 4, o.srtt_us + 4, o.rtt_min + 4, o.snd_una + 4, o.write_seq + 4,
+    ];
+    let end = socket_fields.into_iter().max().unwrap_or(0).next_multiple_of(8);
+    if end as usize > flowlog_common::SCRATCH_BYTES {
+        return Err(OffsetError::NoMember {
+            strukt: "tcp_sock".into(),
+            member: format!("fields within the first {} bytes (need {end})", flowlog_common::SCRATCH_BYTES),
+        });
+    }
+    o.sock_read_len = end;
     if let Some(format) = tp_format {
         let [skaddr, old, new, proto] = tracepoint_fields(format)?;
         o.tp_skaddr = skaddr.1;
@@ -251,6 +265,92 @@ pub fn resolve(layout: &Layout, tp_format: Option<&str>) -> Result<KernelOffsets
         o.tp_protocol = proto.1;
     }
     Ok(o)
+}
+
+/// What the loader needs from BTF and tracefs.
+#[derive(Debug, Clone, Copy)]
+pub struct Resolved {
+    pub offsets: KernelOffsets,
+    /// The classic tracepoint's format was readable (its fields are filled in).
+    pub have_tracepoint: bool,
+}
+
+/// Resolves everything from the running kernel. Parsing vmlinux BTF takes
+/// ~30 MB for a moment, so it runs in a forked child: the sidecar's own peak
+/// memory never includes it.
+pub fn resolve_running_kernel(require_tracepoint: bool) -> Result<Resolved, String> {
+    let work = || -> Result<Resolved, String> {
+        let layout = Layout::from_file(Path::new(VMLINUX_BTF)).map_err(|e| e.to_string())?;
+        let format = match read_tracepoint_format() {
+            Ok(f) => Some(f),
+            Err(e) if require_tracepoint => return Err(e.to_string()),
+            Err(e) => {
+                tracing::warn!("{e}; only the BTF tracepoint can be used");
+                None
+            }
+        };
+        let offsets = resolve(&layout, format.as_deref()).map_err(|e| e.to_string())?;
+        Ok(Resolved { offsets, have_tracepoint: format.is_some() })
+    };
+    in_child(work)
+}
+
+/// Runs `f` in a forked child and returns its result through a pipe. Must be
+/// called while the process is single-threaded (before the runtime starts).
+fn in_child(f: impl FnOnce() -> Result<Resolved, String>) -> Result<Resolved, String> {
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: valid array for pipe2.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return f();
+    }
+    // SAFETY: the caller guarantees a single-threaded process.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        // SAFETY: closing our own fds.
+        unsafe { libc::close(fds[0]); libc::close(fds[1]) };
+        return f();
+    }
+    if pid == 0 {
+        // SAFETY: the child owns the write end.
+        let mut w = unsafe { std::fs::File::from_raw_fd(fds[1]) };
+        let msg = match f() {
+            Ok(r) => {
+                let mut out = vec![0u8, r.have_tracepoint as u8];
+                // SAFETY: KernelOffsets is Pod.
+                out.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts((&r.offsets as *const KernelOffsets).cast::<u8>(), std::mem::size_of::<KernelOffsets>())
+                });
+                out
+            }
+            Err(e) => {
+                let mut out = vec![1u8];
+                out.extend_from_slice(e.as_bytes());
+                out
+            }
+        };
+        let _ = w.write_all(&msg);
+        // SAFETY: leave the child without running the parent's destructors.
+        unsafe { libc::_exit(0) };
+    }
+    // SAFETY: the parent owns the read end; close the write end.
+    unsafe { libc::close(fds[1]) };
+    let mut r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+    let mut buf = Vec::new();
+    let _ = r.read_to_end(&mut buf);
+    let mut status = 0;
+    // SAFETY: our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    match buf.split_first() {
+        Some((0, rest)) if rest.len() == 1 + std::mem::size_of::<KernelOffsets>() => {
+            // SAFETY: length checked, Pod.
+            let offsets: KernelOffsets = unsafe { std::ptr::read_unaligned(rest[1..].as_ptr().cast()) };
+            Ok(Resolved { offsets, have_tracepoint: rest[0] == 1 })
+        }
+        Some((1, msg)) => Err(String::from_utf8_lossy(msg).into_owned()),
+        _ => Err(format!("resolving kernel offsets failed (child status {status})")),
+    }
 }
 
 #[cfg(test)]
