@@ -1,0 +1,33 @@
+# flowlog — see README.md. Every target works on a fresh machine after `make setup`.
+SHELL := /bin/bash
+TOOLS ?= $(HOME)/.cache/flowlog/tools
+export FLOWLOG_TOOLS := $(TOOLS)
+export PATH := $(TOOLS)/bpf-linker-0.13.0-llvm22/bin:$(TOOLS)/tansu-0.6.0/bin:$(PATH)
+# The eBPF crate is not a default member: it only builds for the BPF target.
+# Root-only tests must run, not skip, under `make test`.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo "sudo -E")
+
+.PHONY: setup build test demo bench clean
+
+## Install toolchains, bpf-linker, the local broker and the Python test tools.
+setup:
+	bash scripts/setup.sh all
+
+build:
+	cargo build --release
+
+## Everything CI checks: unit tests and the tests on the real kernel (root)
+## and the real local broker. Plain `cargo test` skips the root-only ones.
+test:
+	FLOWLOG_REQUIRE_ROOT_TESTS=1 $(SUDO) env "PATH=$(PATH)" cargo test
+
+## The main job: capture this machine's TCP flows while generating traffic.
+demo: setup build
+	bash scripts/demo.sh
+
+## All benchmarks; figures printed and written to bench/results/*.json.
+bench: build
+	$(SUDO) ./target/release/bench-capture
+
+clean:
+	cargo clean
