@@ -59,6 +59,8 @@ pub mod flags {
     /// The socket went SYN_SENT -> ESTABLISHED: the active opener counts the
     /// acknowledgement of its own SYN in `bytes_acked`.
     pub const SYN_ACKED: u16 = 1 << 7;
+    /// A snapshot of a connection that is still open (interim record), not its close.
+    pub const INTERIM: u16 = 1 << 8;
 }
 
 /// How many transitions [`FlowEvent::state_path`] keeps (4 bits each).
@@ -122,10 +124,13 @@ pub struct FlowEvent {
     pub netns_ino: u32,
     /// Owner thread's comm, NUL padded.
     pub comm: [u8; COMM_LEN],
+    /// The socket's kernel address: with `start_ns` it names the connection.
+    /// User space only ever exports a salted hash of it.
+    pub sk: u64,
 }
 
 pub const FLOW_EVENT_SIZE: usize = core::mem::size_of::<FlowEvent>();
-const _: () = assert!(FLOW_EVENT_SIZE == 144);
+const _: () = assert!(FLOW_EVENT_SIZE == 152);
 
 /// What the kernel keeps per live socket (key: the socket's address).
 #[repr(C)]

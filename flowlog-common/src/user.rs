@@ -85,6 +85,7 @@ mod tests {
             tid: 101,
             netns_ino: 4026531840,
             comm: *b"client\0\0\0\0\0\0\0\0\0\0",
+            sk: 0xffff_8880_0000_1000,
         }
     }
 

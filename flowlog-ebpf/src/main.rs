@@ -304,6 +304,7 @@ fn on_close(sk: u64, old: u8, is_tcp: impl Fn() -> bool) {
     };
     let e = unsafe { &mut *ev.as_mut_ptr() };
     e.kind = FLOW_EVENT_KIND_V1;
+    e.sk = sk;
     e.old_state = old;
     e.end_ns = now;
     match tracked {

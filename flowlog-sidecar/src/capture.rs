@@ -4,7 +4,7 @@
 //! wake-ups); otherwise the reader drains on a short timer. Both paths call
 //! the same `drain`.
 
-use std::{io::Write, time::Duration};
+use std::{collections::HashMap, hash::BuildHasher, time::Duration};
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
@@ -13,13 +13,32 @@ use aya::{
 use flowlog_common::{stat, FlowEvent, EVENTS_MAP, STATS_MAP};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
+    avro::{Counters, IdentityReason, RecordType},
+    identity::IdentityConfig,
     flow::{Clock, FlowRecord},
     loader::Attached,
+    metrics as m,
     output::Printer,
+    transport::KafkaSink,
 };
+
+/// Periods of the main loop.
+pub struct Timers {
+    pub drain: Duration,
+    pub stats: Duration,
+    pub heartbeat: Duration,
+    /// None: no interim records.
+    pub interim: Option<Duration>,
+}
+
+/// Where records go.
+pub enum Sink {
+    Print(Printer<std::io::Stdout>),
+    Kafka(Box<KafkaSink>),
+}
 
 /// Counters kept by the eBPF program (summed over CPUs).
 #[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -49,17 +68,22 @@ pub struct FinalStats {
     pub program_run_count: u64,
 }
 
-pub struct Capture<W: Write> {
+pub struct Capture {
     ring: AsyncFd<RingBuf<MapData>>,
     stats: PerCpuArray<MapData, u64>,
-    printer: Printer<W>,
+    pub sink: Sink,
     clock: Clock,
+    salt: u64,
     pub user: UserCounters,
     last_reported: KernelCounters,
+    /// Counters already reported in interim records, by connection id, so
+    /// the next record carries only the delta.
+    reported: HashMap<u64, Counters>,
+    identity: IdentityConfig,
 }
 
-impl<W: Write> Capture<W> {
-    pub fn new(ebpf: &mut Ebpf, printer: Printer<W>) -> anyhow::Result<Self> {
+impl Capture {
+    pub fn new(ebpf: &mut Ebpf, sink: Sink, identity: IdentityConfig) -> anyhow::Result<Self> {
         let ring = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).ok_or_else(|| anyhow::anyhow!("map {EVENTS_MAP} missing"))?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map(STATS_MAP).ok_or_else(|| anyhow::anyhow!("map {STATS_MAP} missing"))?)?;
         Ok(Capture {
@@ -67,39 +91,84 @@ impl<W: Write> Capture<W> {
             ring: unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
                 .map_err(|e| anyhow::anyhow!("registering the ring buffer with the runtime: {e}"))?,
             stats,
-            printer,
+            sink,
             clock: Clock::now(),
+            salt: std::collections::hash_map::RandomState::new().hash_one(std::process::id()),
             user: UserCounters::default(),
             last_reported: KernelCounters::default(),
+            reported: HashMap::new(),
+            identity,
         })
+    }
+
+    /// Hands one record to the sink. `kind` is FINAL at close, INTERIM for a
+    /// snapshot of a live connection; counters become deltas against what was
+    /// already reported for the connection.
+    fn emit(&mut self, record: &FlowRecord, kind: RecordType) {
+        let total = Counters::of(record);
+        let delta = match kind {
+            RecordType::Final => match self.reported.remove(&record.connection_id) {
+                Some(prev) => total.minus(&prev),
+                None => total,
+            },
+            RecordType::Interim => {
+                let prev = self.reported.insert(record.connection_id, total).unwrap_or_default();
+                total.minus(&prev)
+            }
+        };
+        match &mut self.sink {
+            Sink::Print(p) => {
+                let mut shown = record.clone();
+                shown.bytes_sent = delta.bytes_sent;
+                shown.bytes_received = delta.bytes_received;
+                shown.segs_in = delta.segs_in as u32;
+                shown.segs_out = delta.segs_out as u32;
+                shown.retransmits = delta.retransmits as u32;
+                if let Err(e) = p.write(&shown, kind == RecordType::Interim) {
+                    self.user.output_errors += 1;
+                    error!("writing flow record failed: {e}");
+                }
+            }
+            Sink::Kafka(k) => k.send_flow(record, kind, &delta),
+        }
     }
 
     /// Reads everything waiting in the ring buffer.
     pub fn drain(&mut self) {
         let ring = self.ring.get_mut();
         let mut n = 0u64;
+        let mut pending = Vec::new();
         while let Some(item) = ring.next() {
             n += 1;
             match FlowEvent::decode(&item) {
                 Ok(ev) => {
                     tracing::trace!(?ev, "raw event");
-                    let record = FlowRecord::from_event(&ev, &self.clock);
-                    if let Err(e) = self.printer.write(&record) {
-                        self.user.output_errors += 1;
-                        error!("writing flow record failed: {e}");
-                    }
+                    let record = FlowRecord::from_event(&ev, &self.clock, self.salt);
+                    let kind = if ev.flags & flowlog_common::flags::INTERIM != 0 {
+                        RecordType::Interim
+                    } else {
+                        RecordType::Final
+                    };
+                    pending.push((record, kind));
                 }
                 Err(e) => {
                     self.user.decode_errors += 1;
+                    m::dropped("decode_error", 1);
                     warn!("dropping malformed ring-buffer record: {e}");
                 }
             }
         }
+        for (record, kind) in pending {
+            self.emit(&record, kind);
+        }
         self.user.events_read += n;
+        metrics::counter!(m::EVENTS_READ).increment(n);
         if n > 0 {
-            if let Err(e) = self.printer.flush() {
-                self.user.output_errors += 1;
-                error!("flushing output failed: {e}");
+            if let Sink::Print(p) = &mut self.sink {
+                if let Err(e) = p.flush() {
+                    self.user.output_errors += 1;
+                    error!("flushing output failed: {e}");
+                }
             }
         }
     }
@@ -132,14 +201,29 @@ impl<W: Write> Capture<W> {
             }
         }
         debug!(?now, user = ?self.user, "counters");
+        m::dropped("ringbuf_full", now.ringbuf_full - prev.ringbuf_full);
+        m::dropped("sock_map_full", now.sock_map_full - prev.sock_map_full);
+        metrics::counter!(m::LISTEN_MAP_FULL).absolute(now.listen_map_full);
+        metrics::counter!(m::KERNEL_READ_ERRORS).absolute(now.read_errors);
+        m::record_process();
+        if let Sink::Kafka(k) = &self.sink {
+            k.update_gauges();
+        }
         self.last_reported = now;
     }
 
     /// Runs until `shutdown` resolves, then drains what is left.
-    pub async fn run(&mut self, drain_every: Duration, stats_every: Duration, shutdown: impl std::future::Future<Output = ()>) {
-        let mut tick = tokio::time::interval(drain_every);
+    /// Runs until `shutdown` resolves, then drains what is left.
+    pub async fn run(&mut self, t: Timers, mut snapshot: impl FnMut() -> u64, shutdown: impl std::future::Future<Output = ()>) {
+        let mut tick = tokio::time::interval(t.drain);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut stats_tick = tokio::time::interval(stats_every);
+        let mut stats_tick = tokio::time::interval(t.stats);
+        let mut heartbeat = tokio::time::interval(t.heartbeat);
+        heartbeat.tick().await;
+        // IP changes (a new ENI, a moved address) are announced at once.
+        let mut ip_check = tokio::time::interval(Duration::from_secs(5));
+        let mut interim = tokio::time::interval(t.interim.unwrap_or(Duration::from_secs(3600)));
+        interim.tick().await;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -152,11 +236,35 @@ impl<W: Write> Capture<W> {
                 }
                 _ = tick.tick() => self.drain(),
                 _ = stats_tick.tick() => self.report_drops(),
+                _ = heartbeat.tick() => {
+                    if let Sink::Kafka(k) = &mut self.sink {
+                        k.send_identity(IdentityReason::Heartbeat);
+                    }
+                }
+                _ = ip_check.tick() => self.check_identity(),
+                _ = interim.tick(), if t.interim.is_some() => {
+                    let n = snapshot();
+                    metrics::counter!(m::INTERIM_RECORDS).increment(n);
+                    debug!(n, "interim snapshots requested");
+                    self.drain();
+                }
                 _ = &mut shutdown => break,
             }
         }
         self.drain();
         self.report_drops();
+    }
+
+    /// Re-reads this host's identity and announces a change at once.
+    fn check_identity(&mut self) {
+        if let Sink::Kafka(k) = &mut self.sink {
+            let now = self.identity.current();
+            if &now != k.host() {
+                info!(ips = ?now.ips, "host identity changed");
+                k.set_host(now);
+                k.send_identity(IdentityReason::IpChange);
+            }
+        }
     }
 
     pub fn final_stats(&self, ebpf: &Ebpf, attached: Attached) -> FinalStats {

@@ -6,6 +6,11 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
+use crate::{
+    identity::IdentityConfig,
+    transport::{KafkaConfig, SpoolConfig},
+};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Output {
@@ -13,6 +18,8 @@ pub enum Output {
     Json,
     /// A readable table on stdout (like tcplife).
     Table,
+    /// Avro records to Kafka (see `[kafka]`, `[spool]`, `[identity]`).
+    Kafka,
     /// Discard records (benchmarks); counters are still kept.
     Null,
 }
@@ -51,6 +58,17 @@ pub struct Config {
     pub stats_interval_secs: u64,
     /// Write the final counters as JSON to this file at exit.
     pub stats_file: Option<PathBuf>,
+    /// Prometheus endpoint; empty string disables it.
+    pub metrics_listen: String,
+    /// Connections open longer than this get interim records, seconds (0: off).
+    pub interim_interval_secs: u64,
+    /// Identity heartbeat period, seconds.
+    pub heartbeat_secs: u64,
+    /// How long SIGTERM waits for the broker before spooling the rest, seconds.
+    pub shutdown_timeout_secs: u64,
+    pub kafka: KafkaConfig,
+    pub spool: SpoolConfig,
+    pub identity: IdentityConfig,
 }
 
 impl Default for Config {
@@ -65,6 +83,13 @@ impl Default for Config {
             drain_interval_ms: 50,
             stats_interval_secs: 10,
             stats_file: None,
+            metrics_listen: "127.0.0.1:9464".into(),
+            interim_interval_secs: 60,
+            heartbeat_secs: 30,
+            shutdown_timeout_secs: 5,
+            kafka: KafkaConfig::default(),
+            spool: SpoolConfig::default(),
+            identity: IdentityConfig::default(),
         }
     }
 }
@@ -100,6 +125,38 @@ pub struct Cli {
     pub stats_interval_secs: Option<u64>,
     #[arg(long, env = "FLOWLOG_STATS_FILE")]
     pub stats_file: Option<PathBuf>,
+    #[arg(long, env = "FLOWLOG_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    #[arg(long, env = "FLOWLOG_INTERIM_INTERVAL_SECS")]
+    pub interim_interval_secs: Option<u64>,
+    #[arg(long, env = "FLOWLOG_HEARTBEAT_SECS")]
+    pub heartbeat_secs: Option<u64>,
+    #[arg(long, env = "FLOWLOG_SHUTDOWN_TIMEOUT_SECS")]
+    pub shutdown_timeout_secs: Option<u64>,
+    /// kafka.brokers
+    #[arg(long, env = "FLOWLOG_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// kafka.flow_topic
+    #[arg(long, env = "FLOWLOG_KAFKA_FLOW_TOPIC")]
+    pub kafka_flow_topic: Option<String>,
+    /// kafka.identity_topic
+    #[arg(long, env = "FLOWLOG_KAFKA_IDENTITY_TOPIC")]
+    pub kafka_identity_topic: Option<String>,
+    /// spool.dir
+    #[arg(long, env = "FLOWLOG_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// spool.max_bytes
+    #[arg(long, env = "FLOWLOG_SPOOL_MAX_BYTES")]
+    pub spool_max_bytes: Option<u64>,
+    /// identity.host_id
+    #[arg(long, env = "FLOWLOG_HOST_ID")]
+    pub host_id: Option<String>,
+    /// identity.instance_id
+    #[arg(long, env = "FLOWLOG_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// identity.workload
+    #[arg(long, env = "FLOWLOG_WORKLOAD")]
+    pub workload: Option<String>,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `flowlog_sidecar=debug`.
     #[arg(long, env = "FLOWLOG_LOG", default_value = "info")]
     pub log: String,
@@ -133,10 +190,22 @@ impl Config {
         macro_rules! over {
             ($($f:ident),*) => { $( if let Some(v) = cli.$f.clone() { c.$f = v; } )* };
         }
-        over!(output, attach, ring_buffer_bytes, max_sockets, max_listeners, wakeup_bytes, drain_interval_ms, stats_interval_secs);
+        over!(
+            output, attach, ring_buffer_bytes, max_sockets, max_listeners, wakeup_bytes, drain_interval_ms,
+            stats_interval_secs, metrics_listen, interim_interval_secs, heartbeat_secs, shutdown_timeout_secs
+        );
         if cli.stats_file.is_some() {
             c.stats_file = cli.stats_file.clone();
         }
+        macro_rules! nested {
+            ($($flag:ident => $($path:ident).+),*) => { $( if let Some(v) = cli.$flag.clone() { c.$($path).+ = v; } )* };
+        }
+        nested!(kafka_brokers => kafka.brokers, kafka_flow_topic => kafka.flow_topic,
+            kafka_identity_topic => kafka.identity_topic, spool_dir => spool.dir, spool_max_bytes => spool.max_bytes);
+        macro_rules! nested_opt {
+            ($($flag:ident => $($path:ident).+),*) => { $( if let Some(v) = cli.$flag.clone() { c.$($path).+ = Some(v); } )* };
+        }
+        nested_opt!(host_id => identity.host_id, instance_id => identity.instance_id, workload => identity.workload);
         c.validate()?;
         Ok(c)
     }
@@ -154,6 +223,24 @@ impl Config {
         }
         if self.drain_interval_ms == 0 || self.drain_interval_ms > 10_000 {
             return Err(ConfigError::Invalid { name: "drain_interval_ms", reason: "must be 1..=10000".into() });
+        }
+        if !self.metrics_listen.is_empty() && self.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                name: "metrics_listen",
+                reason: format!("{:?} is not an address:port", self.metrics_listen),
+            });
+        }
+        if self.heartbeat_secs == 0 {
+            return Err(ConfigError::Invalid { name: "heartbeat_secs", reason: "must be > 0".into() });
+        }
+        if self.spool.segment_bytes == 0 || self.spool.max_bytes < self.spool.segment_bytes {
+            return Err(ConfigError::Invalid {
+                name: "spool.max_bytes",
+                reason: "must be at least spool.segment_bytes (> 0)".into(),
+            });
+        }
+        if self.output == Output::Kafka {
+            self.kafka.client_config()?;
         }
         if self.wakeup_bytes >= self.ring_buffer_bytes as u64 {
             return Err(ConfigError::Invalid {
@@ -191,6 +278,25 @@ mod tests {
         assert!(matches!(parse("output = \"xml\""), Err(ConfigError::Parse { .. })));
         assert!(matches!(parse("ring_buffer_bytes = 5000"), Err(ConfigError::Invalid { name: "ring_buffer_bytes", .. })));
         assert!(matches!(parse("wakeup_bytes = 8388608"), Err(ConfigError::Invalid { name: "wakeup_bytes", .. })));
+    }
+
+    #[test]
+    fn nested_sections() {
+        let c = parse(
+            "output = \"kafka\"\n[kafka]\nbrokers = \"b1:9092\"\n[kafka.properties]\n\"security.protocol\" = \"SSL\"\n\
+             [spool]\ndir = \"/tmp/s\"\nfsync = \"always\"\n[identity]\nworkload = \"web\"\nlabels = { team = \"net\" }\n",
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "b1:9092");
+        assert_eq!(c.kafka.properties["security.protocol"], "SSL");
+        assert_eq!(c.spool.fsync, crate::transport::spool::Fsync::Always);
+        assert_eq!(c.identity.labels["team"], "net");
+        assert!(matches!(parse("[kafka]\nbrokerz = \"x\""), Err(ConfigError::Parse { .. })));
+        assert!(matches!(parse("metrics_listen = \"nope\""), Err(ConfigError::Invalid { name: "metrics_listen", .. })));
+        assert!(matches!(
+            parse("output = \"kafka\"\n[kafka.properties]\n\"acks\" = \"1\""),
+            Err(ConfigError::Invalid { name: "kafka.properties", .. })
+        ));
     }
 
     #[test]

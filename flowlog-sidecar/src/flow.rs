@@ -46,6 +46,9 @@ pub enum OwnerSource {
 /// One TCP connection, seen from one side.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FlowRecord {
+    /// Names the connection on this host (salted hash of the socket and its
+    /// start), shared by its interim and final records.
+    pub connection_id: u64,
     pub family: &'static str,
     pub direction: Direction,
     pub local_addr: IpAddr,
@@ -155,6 +158,15 @@ fn unpack_path(path: u64) -> Vec<&'static str> {
     states.into_iter().map(state_name).collect()
 }
 
+/// A 64-bit mix (splitmix64 finaliser) of the socket address, its start time
+/// and a per-run salt.
+pub fn connection_id(salt: u64, sk: u64, start_ns: u64) -> u64 {
+    let mut z = salt ^ sk.rotate_left(17) ^ start_ns.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// Classifies the end of a connection from the state it left and the socket
 /// error the kernel recorded.
 pub fn end_reason(old_state: u8, sk_err: u32) -> EndReason {
@@ -177,7 +189,8 @@ pub fn end_reason(old_state: u8, sk_err: u32) -> EndReason {
 }
 
 impl FlowRecord {
-    pub fn from_event(ev: &FlowEvent, clock: &Clock) -> FlowRecord {
+    /// `salt` is random per sidecar run so kernel addresses never leave the host.
+    pub fn from_event(ev: &FlowEvent, clock: &Clock, salt: u64) -> FlowRecord {
         let v6 = ev.family == AF_INET6;
         let addr = |b: &[u8; 16]| -> IpAddr {
             if v6 {
@@ -201,6 +214,7 @@ impl FlowRecord {
         };
         let comm_len = ev.comm.iter().position(|&c| c == 0).unwrap_or(ev.comm.len());
         FlowRecord {
+            connection_id: connection_id(salt, ev.sk, ev.start_ns),
             family: if v6 { "ipv6" } else { "ipv4" },
             direction: match ev.direction {
                 direction::CLIENT => Direction::Client,
@@ -267,12 +281,13 @@ mod tests {
             tid: 78,
             netns_ino: 4026531840,
             comm: *b"fl-client\0\0\0\0\0\0\0",
+            sk: 0xffff_8880_0000_2000,
         }
     }
 
     #[test]
     fn active_close_subtracts_acked_fin_only() {
-        let r = FlowRecord::from_event(&event(), &Clock::fixed(1_000_000));
+        let r = FlowRecord::from_event(&event(), &Clock::fixed(1_000_000), 1);
         assert_eq!(r.bytes_sent, 12_345);
         // The full socket left FIN_WAIT2 before the peer's FIN (time-wait took over).
         assert_eq!(r.bytes_received, 1_000_003);
@@ -293,7 +308,7 @@ mod tests {
         ev.direction = direction::SERVER;
         ev.flags = flags::OPEN_SEEN | flags::SND_ALL_ACKED | flags::FIN_RECEIVED;
         ev.bytes_acked = 12_346;
-        let r = FlowRecord::from_event(&ev, &Clock::fixed(0));
+        let r = FlowRecord::from_event(&ev, &Clock::fixed(0), 1);
         assert_eq!((r.bytes_sent, r.bytes_received), (12_345, 1_000_002));
     }
 
@@ -303,7 +318,7 @@ mod tests {
         ev.old_state = tcp_state::FIN_WAIT1;
         ev.flags &= !flags::SND_ALL_ACKED;
         ev.sk_err = libc::ECONNRESET as u32;
-        let r = FlowRecord::from_event(&ev, &Clock::fixed(0));
+        let r = FlowRecord::from_event(&ev, &Clock::fixed(0), 1);
         assert_eq!(r.bytes_sent, 12_346);
         assert_eq!(r.end_reason, EndReason::ResetReceived);
         assert_eq!(r.error.as_deref(), Some("ECONNRESET"));
@@ -327,7 +342,7 @@ mod tests {
         ev.start_ns = 0;
         ev.tgid = 0;
         ev.direction = direction::UNKNOWN;
-        let r = FlowRecord::from_event(&ev, &Clock::fixed(0));
+        let r = FlowRecord::from_event(&ev, &Clock::fixed(0), 1);
         assert_eq!((r.start_time_ns, r.duration_ns, r.direction), (None, None, Direction::Unknown));
         assert_eq!(r.owner_source, OwnerSource::Unknown);
     }

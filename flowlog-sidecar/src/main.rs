@@ -1,12 +1,16 @@
 //! flowlog sidecar: attaches eBPF to sock:inet_sock_set_state and emits one
 //! flow record per TCP connection.
 
+mod avro;
 mod capture;
 mod config;
 mod flow;
+mod identity;
 mod loader;
+mod metrics;
 mod offsets;
 mod output;
+mod transport;
 
 use std::time::Duration;
 
@@ -16,9 +20,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 use crate::{
-    capture::Capture,
-    config::{Cli, Config},
+    avro::IdentityReason,
+    capture::{Capture, Sink, Timers},
+    config::{Cli, Config, Output},
     output::Printer,
+    transport::KafkaSink,
 };
 
 fn main() -> std::process::ExitCode {
@@ -54,8 +60,21 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
     // SAFETY: plain glibc call.
     unsafe { libc::malloc_trim(0) };
     rss_debug("attached");
-    let printer = Printer::new(config.output, std::io::stdout());
-    let mut capture = Capture::new(&mut ebpf, printer)?;
+    if !config.metrics_listen.is_empty() {
+        metrics::serve(config.metrics_listen.parse()?)?;
+        info!(listen = %config.metrics_listen, "serving Prometheus metrics on /metrics");
+    }
+    let sink = match config.output {
+        Output::Kafka => {
+            let host = config.identity.current();
+            info!(host_id = %host.host_id, ips = ?host.ips, brokers = %config.kafka.brokers, "producing to Kafka");
+            let mut k = KafkaSink::new(config.kafka.clone(), config.spool.clone(), host)?;
+            k.send_identity(IdentityReason::Start);
+            Sink::Kafka(Box::new(k))
+        }
+        mode => Sink::Print(Printer::new(mode, std::io::stdout())),
+    };
+    let mut capture = Capture::new(&mut ebpf, sink, config.identity.clone())?;
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -66,15 +85,19 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
         }
     };
     info!(output = ?config.output, "capturing TCP flows");
-    capture
-        .run(
-            Duration::from_millis(config.drain_interval_ms),
-            Duration::from_secs(config.stats_interval_secs.max(1)),
-            shutdown,
-        )
-        .await;
+    let timers = Timers {
+        drain: Duration::from_millis(config.drain_interval_ms),
+        stats: Duration::from_secs(config.stats_interval_secs.max(1)),
+        heartbeat: Duration::from_secs(config.heartbeat_secs),
+        interim: (config.interim_interval_secs > 0).then(|| Duration::from_secs(config.interim_interval_secs)),
+    };
+    capture.run(timers, || 0, shutdown).await;
 
     let stats = capture.final_stats(&ebpf, attached);
+    if let Sink::Kafka(mut k) = std::mem::replace(&mut capture.sink, Sink::Print(Printer::new(Output::Null, std::io::stdout()))) {
+        k.send_identity(IdentityReason::Stop);
+        k.shutdown(Duration::from_secs(config.shutdown_timeout_secs));
+    }
     info!(
         events = stats.user.events_read,
         ringbuf_full = stats.kernel.ringbuf_full,

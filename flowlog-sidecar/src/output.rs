@@ -15,11 +15,19 @@ impl<W: Write> Printer<W> {
         Printer { mode, out: io::BufWriter::with_capacity(64 * 1024, out), header_done: false }
     }
 
-    pub fn write(&mut self, r: &FlowRecord) -> io::Result<()> {
+    /// `interim`: a snapshot of a live connection (counters since the last record).
+    pub fn write(&mut self, r: &FlowRecord, interim: bool) -> io::Result<()> {
         match self.mode {
-            Output::Null => Ok(()),
+            Output::Null | Output::Kafka => Ok(()),
             Output::Json => {
-                serde_json::to_writer(&mut self.out, r)?;
+                #[derive(serde::Serialize)]
+                struct Out<'a> {
+                    record_type: &'static str,
+                    #[serde(flatten)]
+                    r: &'a FlowRecord,
+                }
+                let record_type = if interim { "interim" } else { "final" };
+                serde_json::to_writer(&mut self.out, &Out { record_type, r })?;
                 self.out.write_all(b"\n")
             }
             Output::Table => {
@@ -49,7 +57,11 @@ impl<W: Write> Printer<W> {
                     r.bytes_received,
                     ms,
                     r.srtt_us,
-                    serde_json::to_value(r.end_reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+                    if interim {
+                        "open".to_string()
+                    } else {
+                        serde_json::to_value(r.end_reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+                    }
                 )
             }
         }

@@ -1,0 +1,90 @@
+//! Every Prometheus metric the sidecar exports, in one place.
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+
+pub const EVENTS_READ: &str = "flowlog_sidecar_events_read_total";
+pub const FLOWS_PRODUCED: &str = "flowlog_sidecar_flows_produced_total";
+pub const FLOWS_DELIVERED: &str = "flowlog_sidecar_flows_delivered_total";
+pub const FLOWS_FAILED: &str = "flowlog_sidecar_flows_failed_total";
+/// Label `reason`: ringbuf_full, sock_map_full, queue_full, spool_full, spool_corrupt, decode_error.
+pub const FLOWS_DROPPED: &str = "flowlog_sidecar_flows_dropped_total";
+/// Label `reason`: broker_down, backlog, queue_full, delivery_failed, shutdown.
+pub const FLOWS_SPOOLED: &str = "flowlog_sidecar_flows_spooled_total";
+pub const FLOWS_REPLAYED: &str = "flowlog_sidecar_flows_replayed_total";
+pub const INTERIM_RECORDS: &str = "flowlog_sidecar_interim_records_total";
+pub const SPOOL_BYTES: &str = "flowlog_sidecar_spool_bytes";
+pub const SPOOL_RECORDS: &str = "flowlog_sidecar_spool_records";
+pub const KAFKA_QUEUE: &str = "flowlog_sidecar_kafka_queue_messages";
+pub const DELIVERY_LATENCY: &str = "flowlog_sidecar_delivery_latency_seconds";
+pub const BROKER_UP: &str = "flowlog_sidecar_broker_up";
+pub const IDENTITY_SENT: &str = "flowlog_sidecar_identity_records_total";
+pub const LISTEN_MAP_FULL: &str = "flowlog_sidecar_listen_map_full_total";
+pub const KERNEL_READ_ERRORS: &str = "flowlog_sidecar_kernel_read_errors_total";
+pub const BPF_RUN_TIME: &str = "flowlog_sidecar_bpf_run_time_seconds_total";
+pub const BPF_RUN_COUNT: &str = "flowlog_sidecar_bpf_runs_total";
+pub const CPU_SECONDS: &str = "flowlog_sidecar_process_cpu_seconds_total";
+pub const RSS_BYTES: &str = "flowlog_sidecar_process_resident_memory_bytes";
+
+/// Registers descriptions (shown as HELP) for every metric.
+pub fn describe() {
+    describe_counter!(EVENTS_READ, "Flow events read from the kernel ring buffer.");
+    describe_counter!(FLOWS_PRODUCED, "Flow records handed to the Kafka producer (live and replayed).");
+    describe_counter!(FLOWS_DELIVERED, "Flow records acknowledged by the broker.");
+    describe_counter!(FLOWS_FAILED, "Flow record deliveries that failed (each is spooled for replay).");
+    describe_counter!(FLOWS_DROPPED, "Flow records lost, by reason.");
+    describe_counter!(FLOWS_SPOOLED, "Flow records written to the on-disk spool, by reason.");
+    describe_counter!(FLOWS_REPLAYED, "Flow records read back from the spool and produced.");
+    describe_counter!(INTERIM_RECORDS, "Interim records for long-lived connections.");
+    describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes in the on-disk spool.");
+    describe_gauge!(SPOOL_RECORDS, "Records in the on-disk spool.");
+    describe_gauge!(KAFKA_QUEUE, "Messages in the producer's queue or in flight.");
+    describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "From handing a record to the producer to the broker's ack.");
+    describe_gauge!(BROKER_UP, "1 when the last delivery or metadata probe succeeded.");
+    describe_counter!(IDENTITY_SENT, "Identity heartbeat records produced, by reason.");
+    describe_counter!(LISTEN_MAP_FULL, "listen() calls not recorded because the listener map was full.");
+    describe_counter!(KERNEL_READ_ERRORS, "Kernel memory reads that failed in the eBPF program.");
+    describe_gauge!(BPF_RUN_TIME, Unit::Seconds, "Time spent in the eBPF program (kernel.bpf_stats_enabled=1 only).");
+    describe_counter!(BPF_RUN_COUNT, "eBPF program runs (kernel.bpf_stats_enabled=1 only).");
+    describe_gauge!(CPU_SECONDS, Unit::Seconds, "Sidecar user+system CPU time.");
+    describe_gauge!(RSS_BYTES, Unit::Bytes, "Sidecar resident memory.");
+}
+
+pub fn dropped(reason: &'static str, n: u64) {
+    counter!(FLOWS_DROPPED, "reason" => reason).increment(n);
+}
+
+pub fn spooled(reason: &'static str, n: u64) {
+    counter!(FLOWS_SPOOLED, "reason" => reason).increment(n);
+}
+
+/// Updates process CPU and RSS from /proc/self.
+pub fn record_process() {
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // SAFETY: plain sysconf.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // A monotonic value in fractional seconds: exported as a gauge because
+        // `metrics` counters are integers.
+        gauge!(CPU_SECONDS).set((t(11) + t(12)) / hz);
+        // RSS pages are field 24 (index 21 after the comm).
+        // SAFETY: plain sysconf.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+        gauge!(RSS_BYTES).set(t(21) * page);
+    }
+}
+
+/// Starts the Prometheus endpoint.
+pub fn serve(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(DELIVERY_LATENCY.into()),
+            &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+        )?
+        .install()
+        .map_err(|e| anyhow::anyhow!("starting the metrics endpoint on {listen}: {e}"))?;
+    describe();
+    Ok(())
+}

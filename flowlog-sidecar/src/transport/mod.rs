@@ -1,0 +1,350 @@
+//! Flow records to Kafka with no silent loss.
+//!
+//! Records are Avro single-object encoded, keyed by host id (so one host's
+//! records stay in one partition, in order) and handed to an idempotent
+//! librdkafka producer, whose bounded queue is the in-memory buffer. When the
+//! broker is down, the queue is full, or a delivery fails, records go to the
+//! bounded on-disk [`spool::Spool`]; a replay thread sends them back in order
+//! once the broker answers. While anything is spooled, new records queue
+//! behind it. Only what the spool cannot hold is dropped, and counted.
+
+pub mod kafka;
+pub mod spool;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use metrics::{counter, gauge, histogram};
+use rdkafka::{
+    error::{KafkaError, RDKafkaErrorCode},
+    message::{Header, OwnedHeaders},
+    producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer},
+    ClientContext, Message,
+};
+use tracing::{info, warn};
+
+use crate::{
+    avro::{self, Counters, IdentityReason, Position, RecordType},
+    flow::FlowRecord,
+    identity::HostIdentity,
+    metrics as m,
+};
+
+pub use kafka::KafkaConfig;
+pub use spool::{Spool, SpoolConfig};
+
+pub const FINGERPRINT_HEADER: &str = "flowlog.schema.fingerprint";
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Flow,
+    Identity,
+}
+
+/// Rides with each message to its delivery report.
+pub struct Sent {
+    at: Instant,
+    kind: Kind,
+}
+
+struct Shared {
+    spool: Mutex<Spool>,
+    /// Cleared by a failed delivery, set by a successful one or a metadata probe.
+    healthy: AtomicBool,
+    /// True while the replay thread holds records taken off the spool.
+    replaying: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn spool(&self, payload: &[u8], reason: &'static str) {
+        let mut sp = self.spool.lock().unwrap();
+        match sp.append(payload) {
+            Ok(dropped) => {
+                m::spooled(reason, 1);
+                if dropped > 0 {
+                    m::dropped("spool_full", dropped);
+                    warn!(dropped, "spool full: dropped its oldest records");
+                }
+            }
+            Err(e) => {
+                m::dropped("spool_error", 1);
+                warn!("spool write failed, record lost: {e}");
+            }
+        }
+        gauge!(m::SPOOL_BYTES).set(sp.bytes() as f64);
+        gauge!(m::SPOOL_RECORDS).set(sp.records() as f64);
+    }
+}
+
+pub struct Ctx {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ProducerContext for Ctx {
+    type DeliveryOpaque = Box<Sent>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: Box<Sent>) {
+        match (result, sent.kind) {
+            (Ok(_), Kind::Flow) => {
+                counter!(m::FLOWS_DELIVERED).increment(1);
+                histogram!(m::DELIVERY_LATENCY).record(sent.at.elapsed().as_secs_f64());
+                self.shared.healthy.store(true, Ordering::Relaxed);
+                gauge!(m::BROKER_UP).set(1.0);
+            }
+            (Ok(_), Kind::Identity) => {}
+            (Err((e, msg)), Kind::Flow) => {
+                counter!(m::FLOWS_FAILED).increment(1);
+                if !matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)) {
+                    self.shared.healthy.store(false, Ordering::Relaxed);
+                    gauge!(m::BROKER_UP).set(0.0);
+                }
+                if let Some(p) = msg.payload() {
+                    self.shared.spool(p, "delivery_failed");
+                }
+            }
+            // A lost heartbeat is replaced by the next one.
+            (Err((e, _)), Kind::Identity) => warn!("identity heartbeat not delivered: {e}"),
+        }
+    }
+}
+
+/// The Kafka side of the sidecar.
+pub struct KafkaSink {
+    producer: Arc<ThreadedProducer<Ctx>>,
+    shared: Arc<Shared>,
+    cfg: KafkaConfig,
+    flow_header: [u8; 10],
+    identity_header: [u8; 10],
+    flow_fp: String,
+    identity_fp: String,
+    host: HostIdentity,
+    host_block: Vec<u8>,
+    epoch: i64,
+    next_sequence: i64,
+    replayer: Option<thread::JoinHandle<()>>,
+    buf: Vec<u8>,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl KafkaSink {
+    pub fn new(cfg: KafkaConfig, spool_cfg: SpoolConfig, host: HostIdentity) -> anyhow::Result<KafkaSink> {
+        let spool = Spool::open(spool_cfg.clone())
+            .map_err(|e| anyhow::anyhow!("opening the spool at {}: {e}", spool_cfg.dir.display()))?;
+        if !spool.is_empty() {
+            info!(records = spool.records(), bytes = spool.bytes(), "spool holds records from a previous run; replaying");
+        }
+        let shared = Arc::new(Shared {
+            spool: Mutex::new(spool),
+            healthy: AtomicBool::new(true),
+            replaying: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let producer: ThreadedProducer<Ctx> =
+            cfg.client_config()?.create_with_context(Ctx { shared: shared.clone() })?;
+        let producer = Arc::new(producer);
+        let flow_header = avro::header(avro::FLOW_SCHEMA)?;
+        let identity_header = avro::header(avro::IDENTITY_SCHEMA)?;
+        let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i64;
+        let replayer = {
+            let (producer, shared, topic) = (producer.clone(), shared.clone(), cfg.flow_topic.clone());
+            let key = host.host_id.clone();
+            let fp = hex(&flow_header[2..]);
+            let max_in_flight = (cfg.queue_max_messages / 2) as i32;
+            thread::Builder::new()
+                .name("flowlog-replay".into())
+                .spawn(move || replay_loop(&producer, &shared, &topic, &key, &fp, max_in_flight))?
+        };
+        Ok(KafkaSink {
+            host_block: avro::encode_host(&host),
+            host,
+            producer,
+            shared,
+            flow_fp: hex(&flow_header[2..]),
+            identity_fp: hex(&identity_header[2..]),
+            flow_header,
+            identity_header,
+            cfg,
+            epoch,
+            next_sequence: 0,
+            replayer: Some(replayer),
+            buf: Vec::with_capacity(512),
+        })
+    }
+
+    pub fn host(&self) -> &HostIdentity {
+        &self.host
+    }
+
+    /// Replaces the identity (e.g. the IPs changed) for records from now on.
+    pub fn set_host(&mut self, host: HostIdentity) {
+        self.host_block = avro::encode_host(&host);
+        self.host = host;
+    }
+
+    /// Encodes and produces one flow record.
+    pub fn send_flow(&mut self, r: &FlowRecord, kind: RecordType, c: &Counters) {
+        let pos = Position { epoch: self.epoch, sequence: self.next_sequence, connection_id: r.connection_id as i64 };
+        self.next_sequence += 1;
+        self.buf.clear();
+        self.buf.extend_from_slice(&self.flow_header);
+        avro::encode_flow(&mut self.buf, &self.host_block, pos, kind, r, c);
+        // Keep order: while anything is spooled (or being replayed), queue behind it.
+        let backlog = self.shared.replaying.load(Ordering::Relaxed) || !self.shared.spool.lock().unwrap().is_empty();
+        if backlog {
+            self.shared.spool(&self.buf, "backlog");
+            return;
+        }
+        if !self.shared.healthy.load(Ordering::Relaxed) {
+            self.shared.spool(&self.buf, "broker_down");
+            return;
+        }
+        let headers = OwnedHeaders::new().insert(Header { key: FINGERPRINT_HEADER, value: Some(self.flow_fp.as_str()) });
+        let rec = BaseRecord::with_opaque_to(&self.cfg.flow_topic, Box::new(Sent { at: Instant::now(), kind: Kind::Flow }))
+            .key(self.host.host_id.as_str())
+            .payload(&self.buf[..])
+            .headers(headers);
+        match self.producer.send(rec) {
+            Ok(()) => counter!(m::FLOWS_PRODUCED).increment(1),
+            Err((e, _)) => {
+                let reason = match e {
+                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => "queue_full",
+                    _ => "produce_error",
+                };
+                self.shared.spool(&self.buf, reason);
+            }
+        }
+    }
+
+    /// Produces an identity heartbeat.
+    pub fn send_identity(&mut self, reason: IdentityReason) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        let mut buf = self.identity_header.to_vec();
+        avro::encode_identity(&mut buf, &self.host_block, now, reason, self.epoch, self.next_sequence);
+        let headers = OwnedHeaders::new().insert(Header { key: FINGERPRINT_HEADER, value: Some(self.identity_fp.as_str()) });
+        let rec = BaseRecord::with_opaque_to(&self.cfg.identity_topic, Box::new(Sent { at: Instant::now(), kind: Kind::Identity }))
+            .key(self.host.host_id.as_str())
+            .payload(&buf[..])
+            .headers(headers);
+        let label = match reason {
+            IdentityReason::Start => "start",
+            IdentityReason::Heartbeat => "heartbeat",
+            IdentityReason::IpChange => "ip_change",
+            IdentityReason::Stop => "stop",
+        };
+        match self.producer.send(rec) {
+            Ok(()) => counter!(m::IDENTITY_SENT, "reason" => label).increment(1),
+            Err((e, _)) => warn!("identity heartbeat not queued: {e}"),
+        }
+    }
+
+    pub fn update_gauges(&self) {
+        gauge!(m::KAFKA_QUEUE).set(self.producer.in_flight_count() as f64);
+    }
+
+    /// Delivers what it can within `timeout`; the rest goes to the spool.
+    pub fn shutdown(mut self, timeout: Duration) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(r) = self.replayer.take() {
+            let _ = r.join();
+        }
+        if self.producer.flush(timeout).is_err() {
+            let left = self.producer.in_flight_count();
+            warn!(left, "broker did not take everything before shutdown; spooling the rest");
+            self.producer.purge(PurgeConfig::default().queue().inflight());
+            // Purged messages come back through delivery reports, which spool them.
+            let _ = self.producer.flush(Duration::from_secs(2));
+        }
+        let mut sp = self.shared.spool.lock().unwrap();
+        if let Err(e) = sp.seal() {
+            warn!("syncing the spool: {e}");
+        }
+        if !sp.is_empty() {
+            info!(records = sp.records(), "records left in the spool for the next run");
+        }
+    }
+}
+
+/// Sends spooled records back, oldest first, whenever the broker answers.
+fn replay_loop(producer: &ThreadedProducer<Ctx>, shared: &Shared, topic: &str, key: &str, fp: &str, max_in_flight: i32) {
+    let mut last_probe = Instant::now() - Duration::from_secs(60);
+    while !shared.stop.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(100));
+        if shared.spool.lock().unwrap().is_empty() {
+            continue;
+        }
+        if !shared.healthy.load(Ordering::Relaxed) {
+            if last_probe.elapsed() < Duration::from_secs(1) {
+                continue;
+            }
+            last_probe = Instant::now();
+            if producer.client().fetch_metadata(Some(topic), Duration::from_secs(2)).is_err() {
+                continue;
+            }
+            info!("broker reachable again; replaying the spool");
+            shared.healthy.store(true, Ordering::Relaxed);
+            gauge!(m::BROKER_UP).set(1.0);
+        }
+        if producer.in_flight_count() > max_in_flight {
+            continue;
+        }
+        shared.replaying.store(true, Ordering::Relaxed);
+        let batch = {
+            let mut sp = shared.spool.lock().unwrap();
+            let b = sp.take_oldest();
+            gauge!(m::SPOOL_BYTES).set(sp.bytes() as f64);
+            gauge!(m::SPOOL_RECORDS).set(sp.records() as f64);
+            let corrupt = std::mem::take(&mut sp.corrupt_records);
+            if corrupt > 0 {
+                m::dropped("spool_corrupt", corrupt);
+            }
+            b
+        };
+        let records = match batch {
+            Ok(Some(r)) => r,
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                warn!("reading the spool: {e}");
+                Vec::new()
+            }
+        };
+        for pending in records {
+            loop {
+                let headers = OwnedHeaders::new().insert(Header { key: FINGERPRINT_HEADER, value: Some(fp) });
+                let rec = BaseRecord::with_opaque_to(topic, Box::new(Sent { at: Instant::now(), kind: Kind::Flow }))
+                    .key(key)
+                    .payload(&pending[..])
+                    .headers(headers);
+                match producer.send(rec) {
+                    Ok(()) => {
+                        counter!(m::FLOWS_PRODUCED).increment(1);
+                        counter!(m::FLOWS_REPLAYED).increment(1);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                        if !shared.stop.load(Ordering::Relaxed) =>
+                    {
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                    Err((_, rec)) => {
+                        drop(rec);
+                        shared.spool(&pending, "shutdown");
+                        break;
+                    }
+                }
+            }
+        }
+        shared.replaying.store(false, Ordering::Relaxed);
+    }
+}
