@@ -102,7 +102,7 @@ fn default_ring_buffer_bytes() -> u32 {
 
 /// flowlog sidecar: one flow record per TCP connection, from eBPF.
 #[derive(Debug, Parser)]
-#[command(name = "flowlog-sidecar", version, about)]
+#[command(name = "flowlog-sidecar", version, about, args_override_self = true)]
 pub struct Cli {
     /// TOML settings file.
     #[arg(long, short, env = "FLOWLOG_CONFIG")]

@@ -55,6 +55,10 @@ pub struct Sent {
 
 struct Shared {
     spool: Mutex<Spool>,
+    /// Records whose delivery failed, in the order they were produced. They
+    /// are older than anything in the spool, so they are replayed first (and
+    /// written in front of the spool at shutdown).
+    retry: Mutex<std::collections::VecDeque<Vec<u8>>>,
     /// Cleared by a failed delivery, set by a successful one or a metadata probe.
     healthy: AtomicBool,
     /// True while the replay thread holds records taken off the spool.
@@ -87,7 +91,16 @@ pub struct Ctx {
     shared: Arc<Shared>,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
+            // Stop filling the in-memory queue; new records go to the spool.
+            self.shared.healthy.store(false, Ordering::Relaxed);
+            gauge!(m::BROKER_UP).set(0.0);
+        }
+        warn!("kafka: {error}: {reason}");
+    }
+}
 
 impl ProducerContext for Ctx {
     type DeliveryOpaque = Box<Sent>;
@@ -108,7 +121,7 @@ impl ProducerContext for Ctx {
                     gauge!(m::BROKER_UP).set(0.0);
                 }
                 if let Some(p) = msg.payload() {
-                    self.shared.spool(p, "delivery_failed");
+                    self.shared.retry.lock().unwrap().push_back(p.to_vec());
                 }
             }
             // A lost heartbeat is replaced by the next one.
@@ -147,6 +160,7 @@ impl KafkaSink {
         }
         let shared = Arc::new(Shared {
             spool: Mutex::new(spool),
+            retry: Mutex::new(Default::default()),
             healthy: AtomicBool::new(true),
             replaying: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -161,10 +175,9 @@ impl KafkaSink {
             let (producer, shared, topic) = (producer.clone(), shared.clone(), cfg.flow_topic.clone());
             let key = host.host_id.clone();
             let fp = hex(&flow_header[2..]);
-            let max_in_flight = (cfg.queue_max_messages / 2) as i32;
             thread::Builder::new()
                 .name("flowlog-replay".into())
-                .spawn(move || replay_loop(&producer, &shared, &topic, &key, &fp, max_in_flight))?
+                .spawn(move || replay_loop(&producer, &shared, &topic, &key, &fp))?
         };
         Ok(KafkaSink {
             host_block: avro::encode_host(&host),
@@ -201,7 +214,9 @@ impl KafkaSink {
         self.buf.extend_from_slice(&self.flow_header);
         avro::encode_flow(&mut self.buf, &self.host_block, pos, kind, r, c);
         // Keep order: while anything is spooled (or being replayed), queue behind it.
-        let backlog = self.shared.replaying.load(Ordering::Relaxed) || !self.shared.spool.lock().unwrap().is_empty();
+        let backlog = self.shared.replaying.load(Ordering::Relaxed)
+            || !self.shared.retry.lock().unwrap().is_empty()
+            || !self.shared.spool.lock().unwrap().is_empty();
         if backlog {
             self.shared.spool(&self.buf, "backlog");
             return;
@@ -266,7 +281,15 @@ impl KafkaSink {
             // Purged messages come back through delivery reports, which spool them.
             let _ = self.producer.flush(Duration::from_secs(2));
         }
+        let retry: Vec<Vec<u8>> = self.shared.retry.lock().unwrap().drain(..).collect();
         let mut sp = self.shared.spool.lock().unwrap();
+        if !retry.is_empty() {
+            m::spooled("shutdown", retry.len() as u64);
+            if let Err(e) = sp.prepend(&retry) {
+                m::dropped("spool_error", retry.len() as u64);
+                warn!(records = retry.len(), "spooling undelivered records failed, they are lost: {e}");
+            }
+        }
         if let Err(e) = sp.seal() {
             warn!("syncing the spool: {e}");
         }
@@ -277,11 +300,11 @@ impl KafkaSink {
 }
 
 /// Sends spooled records back, oldest first, whenever the broker answers.
-fn replay_loop(producer: &ThreadedProducer<Ctx>, shared: &Shared, topic: &str, key: &str, fp: &str, max_in_flight: i32) {
+fn replay_loop(producer: &ThreadedProducer<Ctx>, shared: &Shared, topic: &str, key: &str, fp: &str) {
     let mut last_probe = Instant::now() - Duration::from_secs(60);
     while !shared.stop.load(Ordering::Relaxed) {
         thread::sleep(Duration::from_millis(100));
-        if shared.spool.lock().unwrap().is_empty() {
+        if shared.spool.lock().unwrap().is_empty() && shared.retry.lock().unwrap().is_empty() {
             continue;
         }
         if !shared.healthy.load(Ordering::Relaxed) {
@@ -296,11 +319,16 @@ fn replay_loop(producer: &ThreadedProducer<Ctx>, shared: &Shared, topic: &str, k
             shared.healthy.store(true, Ordering::Relaxed);
             gauge!(m::BROKER_UP).set(1.0);
         }
-        if producer.in_flight_count() > max_in_flight {
+        // Everything older must be settled first, or replayed records could
+        // overtake it.
+        if producer.in_flight_count() > 0 {
             continue;
         }
         shared.replaying.store(true, Ordering::Relaxed);
-        let batch = {
+        let retried: Vec<Vec<u8>> = shared.retry.lock().unwrap().drain(..).collect();
+        let batch = if !retried.is_empty() {
+            Ok(Some(retried))
+        } else {
             let mut sp = shared.spool.lock().unwrap();
             let b = sp.take_oldest();
             gauge!(m::SPOOL_BYTES).set(sp.bytes() as f64);

@@ -94,7 +94,8 @@ impl Spool {
             let records = read_segment(&path)?.0.len() as u64;
             segments.push_back(Segment { id, bytes, records });
         }
-        let next_id = segments.back().map(|s| s.id + 1).unwrap_or(0);
+        // Ids start high so that `prepend` can always go below the oldest.
+        let next_id = segments.back().map(|s| s.id + 1).unwrap_or(1 << 40);
         Ok(Spool {
             cfg,
             segments,
@@ -177,6 +178,31 @@ impl Spool {
     pub fn seal(&mut self) -> io::Result<()> {
         self.sync()?;
         self.writer = None;
+        Ok(())
+    }
+
+    /// Writes `records` as a new segment in front of everything spooled (they
+    /// are older than what the spool holds).
+    pub fn prepend(&mut self, records: &[Vec<u8>]) -> io::Result<()> {
+        let id = match self.segments.front() {
+            Some(s) if s.id > 0 => s.id - 1,
+            Some(_) => return records.iter().try_for_each(|r| self.append(r).map(|_| ())),
+            None => {
+                self.next_id += 1;
+                self.next_id - 1
+            }
+        };
+        let mut w = BufWriter::new(File::create(seg_path(&self.cfg.dir, id))?);
+        let mut bytes = 0;
+        for r in records {
+            w.write_all(&(r.len() as u32).to_le_bytes())?;
+            w.write_all(&crc32fast::hash(r).to_le_bytes())?;
+            w.write_all(r)?;
+            bytes += (r.len() + HEADER) as u64;
+        }
+        w.flush()?;
+        w.get_ref().sync_data()?;
+        self.segments.push_front(Segment { id, bytes, records: records.len() as u64 });
         Ok(())
     }
 
@@ -275,6 +301,22 @@ mod tests {
     }
 
     #[test]
+    fn prepend_goes_first() {
+        let d = tmp("prepend");
+        let mut s = Spool::open(cfg(&d, 1 << 20, 1 << 20)).unwrap();
+        s.append(b"new").unwrap();
+        s.prepend(&[b"old1".to_vec(), b"old2".to_vec()]).unwrap();
+        drop(s);
+        let mut s = Spool::open(cfg(&d, 1 << 20, 1 << 20)).unwrap();
+        let mut got = Vec::new();
+        while let Some(b) = s.take_oldest().unwrap() {
+            got.extend(b);
+        }
+        assert_eq!(got, vec![b"old1".to_vec(), b"old2".to_vec(), b"new".to_vec()]);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
     fn torn_tail_is_skipped_and_counted() {
         let d = tmp("torn");
         let mut s = Spool::open(cfg(&d, 1 << 20, 1 << 20)).unwrap();
@@ -282,7 +324,7 @@ mod tests {
         s.append(b"second").unwrap();
         s.seal().unwrap();
         drop(s);
-        let path = seg_path(&d, 0);
+        let path = seg_path(&d, 1 << 40);
         let mut data = fs::read(&path).unwrap();
         data.truncate(data.len() - 2);
         fs::write(&path, data).unwrap();

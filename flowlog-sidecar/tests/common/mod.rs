@@ -4,6 +4,8 @@
 //! which case they fail.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
@@ -150,4 +152,48 @@ pub fn raise_nofile() {
         r.rlim_cur = r.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &r);
     }
+}
+
+/// Reads the Prometheus endpoint.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// Value of one sample line (`name{labels} value`), 0 when absent.
+pub fn metric(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Opens `n` short connections to a local server; returns (server port, client ports).
+pub fn short_connections(n: usize) -> (u16, Vec<u16>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sp = l.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        for _ in 0..n {
+            let (mut s, _) = l.accept().unwrap();
+            let mut b = [0u8; 10];
+            s.read_exact(&mut b).unwrap();
+            s.write_all(&[9u8; 20]).unwrap();
+        }
+    });
+    let mut ports = Vec::new();
+    for _ in 0..n {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", sp)).unwrap();
+        ports.push(c.local_addr().unwrap().port());
+        c.write_all(&[1u8; 10]).unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), 20);
+    }
+    server.join().unwrap();
+    (sp, ports)
 }

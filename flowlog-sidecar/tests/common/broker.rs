@@ -1,0 +1,142 @@
+//! A real local Kafka-protocol broker (tansu) for tests, started through the
+//! project's own script on 127.0.0.1 and stopped by PID.
+#![allow(dead_code)]
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use apache_avro::{types::Value, GenericSingleObjectReader, Schema};
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::Headers,
+    ClientConfig, Message, TopicPartitionList,
+};
+
+pub const FLOWS: &str = "flowlog.flows";
+pub const IDENTITY: &str = "flowlog.identity";
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/broker.sh")
+}
+
+fn tansu_present() -> bool {
+    let tools = std::env::var("FLOWLOG_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/flowlog/tools"));
+    tools.join("tansu-0.6.0/bin/tansu").exists()
+}
+
+/// True when the broker can be used; otherwise skips (or fails under `make test`).
+pub fn have_broker() -> bool {
+    if tansu_present() {
+        return true;
+    }
+    if std::env::var("FLOWLOG_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
+        panic!("the local broker (tansu) is not installed: run `make setup`");
+    }
+    eprintln!("skipping: tansu not installed (run `make setup`)");
+    false
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Broker {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Broker {
+    pub fn start_on(port: u16, name: &str) -> Broker {
+        let dir = std::env::temp_dir().join(format!("flowlog-broker-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let st = Command::new("bash")
+            .arg(script())
+            .args(["start", dir.to_str().unwrap(), &port.to_string(), FLOWS, IDENTITY])
+            .status()
+            .expect("run broker.sh");
+        assert!(st.success(), "broker did not start");
+        Broker { dir, port }
+    }
+
+    pub fn start(name: &str) -> Broker {
+        Broker::start_on(free_port(), name)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = Command::new("bash").arg(script()).args(["stop", self.dir.to_str().unwrap()]).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One consumed message, decoded with apache-avro against the committed schema.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub key: String,
+    pub fingerprint_header: String,
+    pub value: Value,
+}
+
+/// Reads every message of `topic` (partition 0) until `until` holds or the
+/// timeout passes.
+pub fn consume(brokers: &str, topic: &str, schema_json: &str, timeout: Duration, until: impl Fn(&[Consumed]) -> bool) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("flowlog-test-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let reader = GenericSingleObjectReader::new(Schema::parse_str(schema_json).unwrap()).unwrap();
+    let mut out = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout && !until(&out) {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let payload = m.payload().expect("payload");
+                let value = reader.read_value(&mut &payload[..]).expect("decodes with apache-avro");
+                let fp = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "flowlog.schema.fingerprint").and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned())))
+                    .unwrap_or_default();
+                out.push(Consumed { key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(), fingerprint_header: fp, value });
+            }
+            Some(Err(e)) => eprintln!("consume error: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+pub fn field<'a>(v: &'a Value, name: &str) -> &'a Value {
+    let Value::Record(fields) = v else { panic!("not a record: {v:?}") };
+    &fields.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no field {name}")).1
+}
+
+pub fn long(v: &Value, name: &str) -> i64 {
+    match field(v, name) {
+        Value::Long(x) => *x,
+        Value::Int(x) => *x as i64,
+        other => panic!("{name} is {other:?}"),
+    }
+}
+
+pub fn enum_sym(v: &Value, name: &str) -> String {
+    match field(v, name) {
+        Value::Enum(_, s) => s.clone(),
+        other => panic!("{name} is {other:?}"),
+    }
+}
