@@ -72,3 +72,4 @@ pub const LISTENERS_MAP: &str = "FLOWLOG_LISTENERS";
 pub const STATS_MAP: &str = "FLOWLOG_STATS";
 pub const PROG_TP_BTF: &str = "flowlog_tp_btf";
 pub const PROG_TRACEPOINT: &str = "flowlog_tracepoint";
+pub const PROG_SNAPSHOT: &str = "flowlog_snapshot";

@@ -6,6 +6,7 @@ use crate::{FlowEvent, KernelOffsets, KernelSettings, FLOW_EVENT_KIND_V1, FLOW_E
 unsafe impl aya::Pod for KernelOffsets {}
 unsafe impl aya::Pod for KernelSettings {}
 unsafe impl aya::Pod for FlowEvent {}
+unsafe impl aya::Pod for crate::SockState {}
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum DecodeError {

@@ -11,13 +11,14 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    EbpfContext,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
     },
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use flowlog_common::{
     direction, flags, stat, tcp_state, FlowEvent, KernelOffsets, KernelSettings, ListenKey,
@@ -292,14 +293,35 @@ fn on_listener_close(sk: u64) {
 }
 
 fn on_close(sk: u64, old: u8, is_tcp: impl Fn() -> bool) {
-    let now = unsafe { bpf_ktime_get_ns() };
     let tracked = SOCKS.get_ptr(sk);
     if tracked.is_none() && !is_tcp() {
         return;
     }
+    emit(sk, old, tracked, false);
+    let _ = SOCKS.remove(sk);
+}
+
+/// Not attached: user space runs it (BPF_PROG_TEST_RUN, ctx = [sk]) for
+/// every live socket older than the interim interval, to send an INTERIM
+/// event with the counters so far. Nothing runs per packet for this either.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn flowlog_snapshot(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = unsafe { *(ctx.as_ptr() as *const u64) };
+    // Only sockets still tracked: their CLOSE transition (which removes the
+    // entry) has not happened, so the socket is alive.
+    let Some(st) = SOCKS.get_ptr(sk) else { return 1 };
+    let current = (unsafe { (*st).state_path } & 0xf) as u8;
+    emit(sk, current, Some(st), true);
+    0
+}
+
+/// Fills and submits one event from the socket (and its entry, if tracked).
+/// `old` is the state left at close, or the current state for snapshots.
+#[inline(always)]
+fn emit(sk: u64, old: u8, tracked: Option<*const SockState>, interim: bool) {
+    let now = unsafe { bpf_ktime_get_ns() };
     let Some(mut ev) = EVENTS.reserve::<FlowEvent>(0) else {
         count(stat::RINGBUF_FULL);
-        let _ = SOCKS.remove(sk);
         return;
     };
     let e = unsafe { &mut *ev.as_mut_ptr() };
@@ -321,7 +343,11 @@ fn on_close(sk: u64, old: u8, is_tcp: impl Fn() -> bool) {
             if st.transitions as u32 >= STATE_PATH_MAX {
                 e.flags |= flags::PATH_TRUNCATED;
             }
-            path = (path << 4) | tcp_state::CLOSE as u64;
+            if interim {
+                e.flags |= flags::INTERIM;
+            } else {
+                path = (path << 4) | tcp_state::CLOSE as u64;
+            }
             e.state_path = path;
         }
         None => {
@@ -339,7 +365,6 @@ fn on_close(sk: u64, old: u8, is_tcp: impl Fn() -> bool) {
     // ~20 separate reads cost about 1 us here, this costs a tenth of it.
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         ev.discard(0);
-        let _ = SOCKS.remove(sk);
         return;
     };
     let buf = unsafe { &mut (*scratch).buf };
@@ -384,7 +409,6 @@ fn on_close(sk: u64, old: u8, is_tcp: impl Fn() -> bool) {
     e.rtt_min_us = field(buf, off!(rtt_min));
     let net: u64 = field(buf, off!(skc_net));
     e.netns_ino = if net == 0 { 0 } else { read(net, off!(net_ns_inum)) };
-    let _ = SOCKS.remove(sk);
 
     // Batch wake-ups: user space drains on a timer, and is woken early only
     // when enough data is waiting.

@@ -214,7 +214,9 @@ impl Capture {
 
     /// Runs until `shutdown` resolves, then drains what is left.
     /// Runs until `shutdown` resolves, then drains what is left.
-    pub async fn run(&mut self, t: Timers, mut snapshot: impl FnMut() -> u64, shutdown: impl std::future::Future<Output = ()>) {
+    /// `snapshot(all)` requests interim events for live connections older
+    /// than the interim interval (all of them when `all`).
+    pub async fn run(&mut self, t: Timers, mut snapshot: impl FnMut(bool) -> u64, shutdown: impl std::future::Future<Output = ()>) {
         let mut tick = tokio::time::interval(t.drain);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stats_tick = tokio::time::interval(t.stats);
@@ -243,13 +245,18 @@ impl Capture {
                 }
                 _ = ip_check.tick() => self.check_identity(),
                 _ = interim.tick(), if t.interim.is_some() => {
-                    let n = snapshot();
+                    let n = snapshot(false);
                     metrics::counter!(m::INTERIM_RECORDS).increment(n);
                     debug!(n, "interim snapshots requested");
                     self.drain();
                 }
                 _ = &mut shutdown => break,
             }
+        }
+        // Connections still open at exit get a last interim record.
+        if t.interim.is_some() {
+            let n = snapshot(true);
+            metrics::counter!(m::INTERIM_RECORDS).increment(n);
         }
         self.drain();
         self.report_drops();

@@ -10,6 +10,7 @@ mod loader;
 mod metrics;
 mod offsets;
 mod output;
+mod snapshot;
 mod transport;
 
 use std::time::Duration;
@@ -91,7 +92,9 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
         heartbeat: Duration::from_secs(config.heartbeat_secs),
         interim: (config.interim_interval_secs > 0).then(|| Duration::from_secs(config.interim_interval_secs)),
     };
-    capture.run(timers, || 0, shutdown).await;
+    let mut snap = snapshot::Snapshotter::new(&mut ebpf)?;
+    let interim_ns = config.interim_interval_secs * 1_000_000_000;
+    capture.run(timers, |all| snap.run(if all { 0 } else { interim_ns }), shutdown).await;
 
     let stats = capture.final_stats(&ebpf, attached);
     if let Sink::Kafka(mut k) = std::mem::replace(&mut capture.sink, Sink::Print(Printer::new(Output::Null, std::io::stdout()))) {

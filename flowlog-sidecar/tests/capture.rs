@@ -400,3 +400,71 @@ fn two_thousand_parallel_connections() {
     }
     assert_eq!(stats["user"]["decode_errors"], 0);
 }
+
+/// A connection open longer than the interim interval gets interim records;
+/// each record carries the delta since the previous one, so they sum to the
+/// exact totals. A connection still open at SIGTERM gets a last interim record.
+#[test]
+fn long_lived_connections_get_exact_interim_records() {
+    if !have_root() {
+        return;
+    }
+    let sc = Sidecar::start(&["--interim-interval-secs", "1"]);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let sp = l.local_addr().unwrap().port();
+    let srv = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        assert_eq!(read_to_end(&mut s), 1_000 + 2_000);
+        s.write_all(&[5u8; 777]).unwrap();
+    });
+    let mut c = TcpStream::connect(("127.0.0.1", sp)).unwrap();
+    let cp = c.local_addr().unwrap().port();
+    c.write_all(&[1u8; 1_000]).unwrap();
+    thread::sleep(Duration::from_millis(2_600));
+    c.write_all(&[2u8; 2_000]).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_end(&mut c), 777);
+    drop(c);
+    srv.join().unwrap();
+
+    // A second connection left open until the sidecar stops.
+    let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let sp2 = l2.local_addr().unwrap().port();
+    let mut open = TcpStream::connect(("127.0.0.1", sp2)).unwrap();
+    let (mut open_srv, _) = l2.accept().unwrap();
+    open.write_all(&[3u8; 4_321]).unwrap();
+    read_exact_n(&mut open_srv, 4_321);
+    let cp2 = open.local_addr().unwrap().port();
+    thread::sleep(Duration::from_millis(200));
+
+    wait_pair(&sc, &Exchange {
+        server_addr: SocketAddr::from(([127, 0, 0, 1], sp)),
+        client_addr: SocketAddr::from(([127, 0, 0, 1], cp)),
+        server_tid: 0,
+        client_tid: 0,
+    });
+    let (records, _) = sc.stop();
+    let sum = |recs: &[Value], key: &str| recs.iter().map(|r| r[key].as_u64().unwrap()).sum::<u64>();
+    for (local, remote, sent, received) in [(cp, sp, 3_000u64, 777u64), (sp, cp, 777, 3_000)] {
+        let recs = by_ports(&records, local, remote);
+        let interim: Vec<&Value> = recs.iter().filter(|r| r["record_type"] == "interim").collect();
+        let finals: Vec<&Value> = recs.iter().filter(|r| r["record_type"] == "final").collect();
+        assert!(!interim.is_empty(), "no interim record for {local}->{remote}: {recs:#?}");
+        assert_eq!(finals.len(), 1);
+        // One connection: all its records share the connection id.
+        assert!(recs.iter().all(|r| r["connection_id"] == recs[0]["connection_id"]));
+        assert_eq!(sum(&recs, "bytes_sent"), sent, "{recs:#?}");
+        assert_eq!(sum(&recs, "bytes_received"), received, "{recs:#?}");
+        // The first interim record saw only the first write.
+        if local == cp {
+            assert_eq!(interim[0]["bytes_sent"], 1_000);
+        }
+        assert_eq!(finals[0]["end_reason"], "normal");
+    }
+    // Still open at SIGTERM: interim records only, with what was exchanged.
+    let open_recs = by_ports(&records, cp2, sp2);
+    assert!(!open_recs.is_empty(), "open connection not reported at shutdown");
+    assert!(open_recs.iter().all(|r| r["record_type"] == "interim"));
+    assert_eq!(sum(&open_recs, "bytes_sent"), 4_321);
+    drop(open);
+}
