@@ -181,7 +181,7 @@ fn main() -> anyhow::Result<()> {
 fn measure_with(a: &Args, spec: LoadSpec, r: &mut Round) -> anyhow::Result<()> {
     let stats_file = std::env::temp_dir().join(format!("flowlog-bench-{}.json", std::process::id()));
     let mut child = Command::new(&a.sidecar)
-        .args(["--output", "null", "--stats-file"])
+        .args(["--output", "null", "--metrics-listen", "", "--stats-file"])
         .arg(&stats_file)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -43,7 +43,7 @@ impl Sidecar {
             rand_suffix()
         ));
         let mut child = Command::new(env!("CARGO_BIN_EXE_flowlog-sidecar"))
-            .args(["--output", "json", "--drain-interval-ms", "20", "--stats-file"])
+            .args(["--output", "json", "--metrics-listen", "", "--drain-interval-ms", "20", "--stats-file"])
             .arg(&stats_file)
             .args(extra)
             .stdout(Stdio::piped())
