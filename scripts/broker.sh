@@ -13,8 +13,10 @@ start)
     [ -x "$TANSU" ] || { echo "tansu not found at $TANSU: run make setup" >&2; exit 1; }
     mkdir -p "$dir"
     # tansu resolves sqlite:// paths against its working directory.
+    # STORAGE=memory selects the faster in-memory engine (benchmarks only).
+    engine="sqlite://tansu.db"; [ "${STORAGE:-sqlite}" = memory ] && engine="memory://tansu/"
     (cd "$dir" && exec "$TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
-        --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine "sqlite://tansu.db" \
+        --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine "$engine" \
         > broker.log 2>&1) &
     echo $! > "$dir/broker.pid"
     ready=0

@@ -3,3 +3,4 @@
 
 pub mod loadgen;
 pub mod procstat;
+pub mod sidecar;

@@ -162,7 +162,9 @@ impl Capture {
             self.emit(&record, kind);
         }
         self.user.events_read += n;
-        metrics::counter!(m::EVENTS_READ).increment(n);
+        if n > 0 {
+            metrics::counter!(m::EVENTS_READ).increment(n);
+        }
         if n > 0 {
             if let Sink::Print(p) = &mut self.sink {
                 if let Err(e) = p.flush() {

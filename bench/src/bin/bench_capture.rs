@@ -9,18 +9,13 @@
 //! - sidecar peak RSS; ring-buffer and map drops.
 //!
 //! Prints the figures and writes them to bench/results/capture.json.
-use std::{
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use flowlog_bench::{
     loadgen::{self, LoadResult, LoadSpec},
-    procstat,
+    procstat, sidecar,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -179,25 +174,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn measure_with(a: &Args, spec: LoadSpec, r: &mut Round) -> anyhow::Result<()> {
-    let stats_file = std::env::temp_dir().join(format!("flowlog-bench-{}.json", std::process::id()));
-    let mut child = Command::new(&a.sidecar)
-        .args(["--output", "null", "--metrics-listen", "", "--stats-file"])
-        .arg(&stats_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", a.sidecar.display()))?;
-    let pid = child.id();
-    let err = BufReader::new(child.stderr.take().unwrap());
-    let mut lines = err.lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains("capturing TCP flows") => break,
-            Some(Ok(_)) => {}
-            _ => bail!("sidecar exited before attaching"),
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
+    let sc = sidecar::start(&a.sidecar, &["--output", "null"])?;
+    let pid = sc.pid;
     let (u0, s0) = procstat::cpu_seconds(pid)?;
     r.with = Some(loadgen::run(spec)?);
     // Let the last drain happen, then read CPU and memory before stopping.
@@ -206,13 +184,7 @@ fn measure_with(a: &Args, spec: LoadSpec, r: &mut Round) -> anyhow::Result<()> {
     r.sidecar_user_s = u1 - u0;
     r.sidecar_sys_s = s1 - s0;
     r.sidecar_peak_rss_bytes = procstat::peak_rss_bytes(pid)?;
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("sidecar exited with {status}");
-    }
-    let stats: Value = serde_json::from_slice(&std::fs::read(&stats_file)?)?;
-    let _ = std::fs::remove_file(&stats_file);
+    let stats = sc.stop()?;
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     r.flows = n(&stats["user"]["events_read"]);
     r.prog_run_time_ns = n(&stats["program_run_time_ns"]);

@@ -1,0 +1,192 @@
+//! `bench-transport`: the sidecar end to end into a real local broker at the
+//! highest connection rate the load generator reaches.
+//!
+//! Reports loss (records read from the kernel vs records in the topic), user
+//! CPU per flow including Avro encoding and producing, peak RSS with default
+//! queue bounds, and the latency from a connection's close (its end_time_ns)
+//! to the record being readable from the broker (a consumer polling the topic
+//! during the run; an upper bound of close -> in broker). Writes
+//! bench/results/transport.json.
+use std::{
+    path::PathBuf,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use apache_avro::{from_avro_datum, types::Value, Schema};
+use clap::Parser;
+use flowlog_bench::{
+    loadgen::{self, LoadSpec},
+    procstat, sidecar,
+};
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    ClientConfig, Message, TopicPartitionList,
+};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "target/release/flowlog-sidecar")]
+    sidecar: PathBuf,
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    #[arg(long, default_value_t = 4)]
+    servers: usize,
+    #[arg(long, default_value = "bench/results/transport.json")]
+    out: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("bench-transport needs root (it loads eBPF)");
+    }
+    let work = std::env::temp_dir().join(format!("flowlog-bench-transport-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let port = free_port();
+    let brokers = format!("127.0.0.1:{port}");
+    let st = Command::new("bash")
+        .args(["scripts/broker.sh", "start", work.join("broker").to_str().unwrap(), &port.to_string(), "flowlog.flows", "flowlog.identity"])
+        .env("STORAGE", "memory")
+        .status()
+        .context("scripts/broker.sh")?;
+    if !st.success() {
+        bail!("broker did not start");
+    }
+    let result = run(&a, &brokers, &work);
+    let _ = Command::new("bash").args(["scripts/broker.sh", "stop", work.join("broker").to_str().unwrap()]).status();
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
+    // Consumer: counts every record and samples close -> readable latency.
+    let schema = Schema::parse_str(include_str!("../../../schemas/flow.avsc"))?;
+    let consumed = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer_thread = {
+        let (consumed, latencies, stop, brokers) = (consumed.clone(), latencies.clone(), stop.clone(), brokers.to_string());
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", "bench")
+                .set("enable.auto.commit", "false")
+                .set("fetch.wait.max.ms", "10")
+                .create()?;
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset("flowlog.flows", 0, rdkafka::Offset::Beginning)?;
+            c.assign(&tpl)?;
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                    let n = consumed.fetch_add(1, Ordering::Relaxed);
+                    if n % 10 == 0 {
+                        let received = now_ns();
+                        let payload = m.payload().unwrap_or_default();
+                        if payload.len() > 10 {
+                            if let Ok(Value::Record(f)) = from_avro_datum(&schema, &mut &payload[10..], None) {
+                                if let Some((_, Value::Long(end))) = f.iter().find(|(k, _)| k == "end_time_ns") {
+                                    latencies.lock().unwrap().push((received - end) as f64 / 1e6);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    };
+
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let spool = work.join("spool");
+    let sc = sidecar::start(
+        &a.sidecar,
+        &["--output", "kafka", "--kafka-brokers", brokers, "--spool-dir", spool.to_str().unwrap(), "--host-id", "bench",
+          "--metrics-listen", &metrics],
+    )?;
+    let pid = sc.pid;
+    let (u0, s0) = procstat::cpu_seconds(pid)?;
+    let load = loadgen::run(LoadSpec {
+        client_threads: a.clients,
+        server_threads: a.servers,
+        duration: Duration::from_secs_f64(a.seconds),
+        ..LoadSpec::default()
+    })?;
+    // Wait for the sidecar to settle: everything read has been delivered.
+    let t0 = Instant::now();
+    loop {
+        let read = sidecar::scrape(&metrics, "flowlog_sidecar_events_read_total");
+        let delivered = sidecar::scrape(&metrics, "flowlog_sidecar_flows_delivered_total");
+        if (read > 0.0 && delivered >= read) || t0.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (u1, s1) = procstat::cpu_seconds(pid)?;
+    let rss = procstat::peak_rss_bytes(pid)?;
+    let spooled = sidecar::scrape(&metrics, "flowlog_sidecar_spool_records");
+    let stats = sc.stop()?;
+    let flows = stats["user"]["events_read"].as_u64().unwrap_or(0);
+    let t0 = Instant::now();
+    while consumed.load(Ordering::Relaxed) < flows && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    consumer_thread.join().unwrap()?;
+    let in_topic = consumed.load(Ordering::Relaxed);
+    let mut lat = latencies.lock().unwrap().clone();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let kernel_drops = stats["kernel"]["ringbuf_full"].as_u64().unwrap_or(0) + stats["kernel"]["sock_map_full"].as_u64().unwrap_or(0);
+    let report = serde_json::json!({
+        "benchmark": "transport",
+        "load": format!("loopback, {} client / {} server threads, {} s, sidecar --output kafka with default settings, tansu broker (memory engine)", a.clients, a.servers, a.seconds),
+        "connections_per_sec": load.connections_per_sec,
+        "flows_read": flows,
+        "records_in_topic": in_topic,
+        "lost": flows as i64 - in_topic as i64,
+        "kernel_drops": kernel_drops,
+        "spooled_at_end": spooled,
+        "sidecar_user_ns_per_flow": (u1 - u0) * 1e9 / flows.max(1) as f64,
+        "sidecar_cpu_ns_per_flow": (u1 - u0 + s1 - s0) * 1e9 / flows.max(1) as f64,
+        "sidecar_peak_rss_mb": rss as f64 / 1048576.0,
+        "close_to_readable_ms_p50": pct(&lat, 0.5),
+        "close_to_readable_ms_p99": pct(&lat, 0.99),
+        "latency_samples": lat.len(),
+        "targets": {"lost": 0, "sidecar_user_ns_per_flow_max": 1000, "sidecar_peak_rss_mb_max": 48, "close_to_broker_ms_p99_max": 250},
+    });
+    println!("transport benchmark ({})", report["load"].as_str().unwrap());
+    println!("  connections/s                  {:>10.0}", load.connections_per_sec);
+    println!("  flows read / in topic / lost   {flows} / {in_topic} / {}  (target: 0 lost)", report["lost"]);
+    println!("  sidecar user ns per flow       {:>10.0}  (target <= 1000)", report["sidecar_user_ns_per_flow"].as_f64().unwrap());
+    println!("  sidecar user+sys ns per flow   {:>10.0}", report["sidecar_cpu_ns_per_flow"].as_f64().unwrap());
+    println!("  sidecar peak RSS MB            {:>10.1}  (target <= 48)", report["sidecar_peak_rss_mb"].as_f64().unwrap());
+    println!("  close -> readable p50 / p99 ms {:>7.1} / {:.1}  (target p99 <= 250)", pct(&lat, 0.5), pct(&lat, 0.99));
+    if let Some(dir) = a.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)?;
+    println!("  written to {}", a.out.display());
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! Starting and stopping the real sidecar binary for a benchmark.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+pub struct Running {
+    child: Child,
+    pub pid: u32,
+    stats_file: std::path::PathBuf,
+}
+
+/// Starts the sidecar with `args` (plus a stats file) and waits until it is attached.
+pub fn start(bin: &Path, args: &[&str]) -> anyhow::Result<Running> {
+    let stats_file = std::env::temp_dir().join(format!("flowlog-bench-{}-{}.json", std::process::id(), rand()));
+    let mut child = Command::new(bin)
+        .args(["--metrics-listen", ""])
+        .args(args)
+        .arg("--stats-file")
+        .arg(&stats_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("capturing TCP flows") => break,
+            Some(Ok(l)) => {
+                if l.contains("error") {
+                    eprintln!("[sidecar] {l}");
+                }
+            }
+            _ => bail!("sidecar exited before attaching"),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Ok(Running { child, pid, stats_file })
+}
+
+fn rand() -> u32 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+}
+
+impl Running {
+    /// SIGTERM, wait, return the final stats JSON.
+    pub fn stop(mut self) -> anyhow::Result<Value> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("sidecar exited with {status}");
+        }
+        let stats: Value = serde_json::from_slice(&std::fs::read(&self.stats_file)?)?;
+        let _ = std::fs::remove_file(&self.stats_file);
+        Ok(stats)
+    }
+}
+
+/// Reads one sample from a Prometheus endpoint (0 when absent).
+pub fn scrape(addr: &str, series: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return 0.0 };
+    let _ = s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes());
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
