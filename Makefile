@@ -25,9 +25,11 @@ test:
 demo: setup build
 	bash scripts/demo.sh
 
-## All benchmarks; figures printed and written to bench/results/*.json.
-bench: build
+## All benchmarks; figures printed and written to bench/results/*.json and SUMMARY.md.
+bench: setup build
 	$(SUDO) ./target/release/bench-capture
+	$(SUDO) env "PATH=$(PATH)" FLOWLOG_TOOLS=$(TOOLS) ./target/release/bench-transport
+	python3 bench/summary.py bench/results
 
 clean:
 	cargo clean

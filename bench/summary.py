@@ -1,0 +1,32 @@
+#!/usr/bin/env python3
+"""Writes bench/results/SUMMARY.md: every benchmark's targets beside the measured figures."""
+import json, pathlib, sys
+
+results = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results")
+rows = []
+
+def row(bench, what, measured, target, ok):
+    rows.append(f"| {bench} | {what} | {measured} | {target} | {'yes' if ok else '**no**'} |")
+
+c = results / "capture.json"
+if c.exists():
+    d = json.loads(c.read_text())
+    row("capture", "connection rate with / without sidecar", f"{d['rate_ratio']:.3f} ({d['rate_with_per_s']:.0f} / {d['rate_without_per_s']:.0f} per s)", ">= 0.95", d["rate_ratio"] >= 0.95)
+    row("capture", "kernel time per flow (all transitions of one socket)", f"{d['kernel_ns_per_flow']:.0f} ns", "<= 1500 ns", d["kernel_ns_per_flow"] <= 1500)
+    row("capture", "sidecar user CPU per flow", f"{d['sidecar_user_ns_per_flow']:.0f} ns", "<= 500 ns", d["sidecar_user_ns_per_flow"] <= 500)
+    row("capture", "sidecar CPU per 1000 connections/s", f"{d['sidecar_cpu_percent_per_1000_conn_per_s']:.3f} %", "-", True)
+    row("capture", "ring-buffer / map drops", f"{d['drops']}", "0", d["drops"] == 0)
+    row("capture", "sidecar peak RSS", f"{d['sidecar_peak_rss_mb']:.1f} MB", "<= 40 MB", d["sidecar_peak_rss_mb"] <= 40)
+t = results / "transport.json"
+if t.exists():
+    d = json.loads(t.read_text())
+    row("transport", "records lost (read from kernel vs in topic)", f"{d['lost']} of {d['flows_read']}", "0", d["lost"] == 0)
+    row("transport", "sidecar user CPU per flow incl. encoding and producing", f"{d['sidecar_user_ns_per_flow']:.0f} ns", "<= 1000 ns", d["sidecar_user_ns_per_flow"] <= 1000)
+    row("transport", "sidecar peak RSS (default queue bounds)", f"{d['sidecar_peak_rss_mb']:.1f} MB", "<= 48 MB", d["sidecar_peak_rss_mb"] <= 48)
+    row("transport", "close -> readable from broker, p99", f"{d['close_to_readable_ms_p99']:.0f} ms (p50 {d['close_to_readable_ms_p50']:.0f})", "<= 250 ms", d["close_to_readable_ms_p99"] <= 250)
+    row("transport", "connection rate during the run", f"{d['connections_per_sec']:.0f} per s", "-", True)
+
+out = ["# Benchmark summary", "", "Written by `make bench` from `bench/results/*.json` (one run; machines here are noisy, so compare ratios within a run).", "",
+       "| benchmark | figure | measured | target | met |", "|---|---|---|---|---|", *rows, ""]
+(results / "SUMMARY.md").write_text("\n".join(out))
+print("\n".join(out))
