@@ -110,14 +110,7 @@ pub fn load(config: &Config, resolved: Resolved) -> Result<(Ebpf, Attached), Loa
     if !resolved.have_tracepoint {
         return Err(tp_btf_error.unwrap_or_else(|| LoadError::Attach("tracepoint format missing".into())));
     }
-    let prog: &mut TracePoint = ebpf
-        .program_mut(PROG_TRACEPOINT)
-        .ok_or_else(|| LoadError::Attach(format!("program {PROG_TRACEPOINT} missing from the object")))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| LoadError::Attach(chain(&e)))?;
-    let fail = |e: aya::programs::ProgramError| {
-        if is_permission(&e) { LoadError::Privileges(chain(&e)) } else { LoadError::Attach(chain(&e)) }
-    };
+    let prog: &mut TracePoint = program(&mut ebpf, PROG_TRACEPOINT)?;
     prog.load().map_err(fail)?;
     prog.attach("sock", "inet_sock_set_state").map_err(fail)?;
     info!("attached {PROG_TRACEPOINT} (tracepoint/sock/inet_sock_set_state)");
@@ -126,15 +119,24 @@ pub fn load(config: &Config, resolved: Resolved) -> Result<(Ebpf, Attached), Loa
 
 fn attach_tp_btf(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     let btf = Btf::from_sys_fs().map_err(|e| LoadError::Attach(format!("kernel BTF: {e}")))?;
-    let prog: &mut BtfTracePoint = ebpf
-        .program_mut(PROG_TP_BTF)
-        .ok_or_else(|| LoadError::Attach(format!("program {PROG_TP_BTF} missing from the object")))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| LoadError::Attach(chain(&e)))?;
-    let fail = |e: aya::programs::ProgramError| {
-        if is_permission(&e) { LoadError::Privileges(chain(&e)) } else { LoadError::Attach(chain(&e)) }
-    };
+    let prog: &mut BtfTracePoint = program(ebpf, PROG_TP_BTF)?;
     prog.load("inet_sock_set_state", &btf).map_err(fail)?;
     prog.attach().map_err(fail)?;
     Ok(())
+}
+
+/// A program of the object as its concrete type.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, LoadError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| LoadError::Attach(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| LoadError::Attach(chain(&e)))
+}
+
+/// Load/attach errors: missing privileges get their own message.
+fn fail(e: aya::programs::ProgramError) -> LoadError {
+    if is_permission(&e) { LoadError::Privileges(chain(&e)) } else { LoadError::Attach(chain(&e)) }
 }
