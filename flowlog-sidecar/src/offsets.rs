@@ -27,7 +27,7 @@ pub enum OffsetError {
     NoEnum(String),
     #[error("BTF: {0}")]
     Btf(#[from] btf_rs::Error),
-    #[error("tracepoint sock:inet_sock_set_state not found ({path}): {source}; is tracefs mounted and the kernel >= 4.16?")]
+    #[error("tracepoint sock:inet_sock_set_state not readable ({path}): {source}; is tracefs mounted (and readable), and the kernel >= 4.16?")]
     NoTracepoint { path: String, source: std::io::Error },
     #[error("tracepoint format has no field {0}")]
     NoTpField(String),

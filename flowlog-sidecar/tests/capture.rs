@@ -468,3 +468,61 @@ fn long_lived_connections_get_exact_interim_records() {
     assert_eq!(sum(&open_recs, "bytes_sent"), 4_321);
     drop(open);
 }
+
+/// Not root: an unprivileged user with only CAP_BPF and CAP_PERFMON captures
+/// flows; without them the sidecar says which capabilities it needs.
+#[test]
+fn runs_with_only_cap_bpf_and_cap_perfmon() {
+    if !have_root() {
+        return;
+    }
+    // A copy nobody can execute (the build tree may not be).
+    let bin = std::env::temp_dir().join(format!("flowlog-sidecar-caps-{}", std::process::id()));
+    std::fs::copy(env!("CARGO_BIN_EXE_flowlog-sidecar"), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let caps = |set: &str| {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(format!("--inh-caps=-all{set}"))
+            .arg(format!("--ambient-caps=-all{set}"))
+            .arg(format!("--bounding-set=-all{set}"))
+            .arg(&bin)
+            .args(["--output", "json", "--metrics-listen", "", "--drain-interval-ms", "20"]);
+        c
+    };
+    // Without capabilities: a clear error, non-zero exit.
+    let out = caps("").output().expect("run setpriv");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CAP_BPF") && err.contains("CAP_PERFMON"), "{err}");
+
+    let mut child = caps(",+bpf,+perfmon")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        use std::io::BufRead;
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "sidecar exited before attaching");
+        if line.contains("capturing TCP flows") {
+            break;
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let (sp, cps) = short_connections(3);
+    thread::sleep(Duration::from_millis(300));
+    // SAFETY: our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for cp in cps {
+        assert_eq!(by_ports(&records, cp, sp).len(), 1);
+        assert_eq!(by_ports(&records, sp, cp).len(), 1);
+    }
+    let _ = std::fs::remove_file(bin);
+}
