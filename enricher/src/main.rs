@@ -1,1 +1,319 @@
-fn main() { eprintln!("flowlog-enricher: not built yet (see issue 4)"); std::process::exit(2); }
+//! flowlog enricher: consumes the sidecars' flow topic as a consumer group,
+//! attributes both IPs of every flow to the workload that owned them at the
+//! flow's start, and writes enriched Avro files exactly once. Messages that
+//! do not decode go to a dead-letter topic and never stop the consumer.
+
+mod attribute;
+mod config;
+mod decode;
+mod metrics;
+mod sink;
+mod sources;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use rdkafka::{
+    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance},
+    message::{Header, OwnedHeaders},
+    producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
+    ClientConfig, ClientContext, Message, Offset, TopicPartitionList,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    attribute::Attributor,
+    config::{Cli, Config},
+    sink::files::{Batch, FileSink},
+    sources::{cidr::CidrMap, identity::IdentityStore},
+};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Per-partition state shared with the rebalance callbacks (which run inside
+/// `poll` on this same thread).
+#[derive(Default)]
+struct State {
+    batches: HashMap<i32, Batch>,
+    /// Offsets at or below this are already in files (exactly-once resume).
+    done_through: HashMap<i32, i64>,
+}
+
+struct Ctx {
+    state: Arc<Mutex<State>>,
+    sink: Arc<FileSink>,
+    dlq: Arc<ThreadedProducer<DefaultProducerContext>>,
+    topic: String,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // Finish what was read from the partitions being taken away.
+            let mut st = self.state.lock().unwrap();
+            for e in tpl.elements() {
+                if let Some(b) = st.batches.remove(&e.partition()) {
+                    if let Err(err) = roll(consumer, &self.sink, &self.dlq, &self.topic, e.partition(), &b) {
+                        error!(partition = e.partition(), "flushing on revoke failed; the next owner redoes it: {err:#}");
+                    }
+                }
+                st.done_through.remove(&e.partition());
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let mut st = self.state.lock().unwrap();
+            for e in tpl.elements() {
+                let p = e.partition();
+                let orphans = self.sink.remove_orphans(p);
+                if orphans > 0 {
+                    warn!(partition = p, orphans, "removed files of an unfinished batch; redoing it");
+                }
+                let done = self.sink.done_through(p).unwrap_or(-1);
+                st.done_through.insert(p, done);
+                info!(partition = p, done_through = done, "assigned");
+            }
+        }
+    }
+}
+
+/// Writes a batch, makes sure its dead letters are delivered, then commits.
+fn roll(
+    consumer: &BaseConsumer<Ctx>,
+    sink: &FileSink,
+    dlq: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    partition: i32,
+    b: &Batch,
+) -> anyhow::Result<()> {
+    dlq.flush(Duration::from_secs(30)).context("delivering dead letters")?;
+    let files = sink.write(partition, b)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(b.last + 1))?;
+    consumer.commit(&tpl, CommitMode::Sync).context("committing offsets")?;
+    ::metrics::counter!(metrics::RECORDS_OUT, "sink" => "files").increment(b.records.len() as u64);
+    ::metrics::counter!(metrics::FILES_ROLLED).increment(files.len() as u64);
+    Ok(())
+}
+
+fn client_config(cfg: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in &cfg.kafka_properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Reads the identity topic from the beginning into `store`: first up to the
+/// current end (so attribution starts complete), then in the background.
+fn follow_identity(cfg: &Config, store: Arc<RwLock<IdentityStore>>) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = client_config(cfg)
+        .set("group.id", format!("{}-identity-{}", cfg.group_id, std::process::id()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let md = consumer.fetch_metadata(Some(&cfg.identity_topic), Duration::from_secs(10))?;
+    let parts: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in &parts {
+        tpl.add_partition_offset(&cfg.identity_topic, *p, Offset::Beginning)?;
+        let (_, high) = consumer.fetch_watermarks(&cfg.identity_topic, *p, Duration::from_secs(10))?;
+        ends.insert(*p, high);
+    }
+    consumer.assign(&tpl)?;
+    let fp = decode::fingerprint(decode::IDENTITY_SCHEMA);
+    let loaded = store.clone();
+    let apply = move |m: &rdkafka::message::BorrowedMessage| match decode::identity(m.payload().unwrap_or_default(), &fp) {
+        Ok(id) => {
+            store.write().unwrap().apply(&id);
+            ::metrics::gauge!(metrics::IDENTITY_LAST_SEEN).set(id.time_ns as f64 / 1e9);
+        }
+        Err(e) => warn!("ignoring undecodable identity record: {}", e.0),
+    };
+    let t0 = Instant::now();
+    let mut caught_up: HashSet<i32> = ends.iter().filter(|(_, h)| **h == 0).map(|(p, _)| *p).collect();
+    while caught_up.len() < parts.len() && t0.elapsed() < Duration::from_secs(60) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            apply(&m);
+            if m.offset() + 1 >= ends[&m.partition()] {
+                caught_up.insert(m.partition());
+            }
+        }
+    }
+    info!(ips = loaded.read().unwrap().tracked_ips(), "identity history loaded");
+    std::thread::Builder::new().name("identity".into()).spawn(move || {
+        while !STOP.load(Ordering::Relaxed) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                apply(&m);
+            }
+        }
+    })?;
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Config::load(&cli).and_then(run) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flowlog-enricher: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cfg: Config) -> anyhow::Result<()> {
+    // SAFETY: installing an async-signal-safe handler that only sets a flag.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    if !cfg.metrics_listen.is_empty() {
+        metrics::serve(cfg.metrics_listen.parse()?)?;
+    }
+    let mut cidr = match &cfg.static_map {
+        Some(p) => CidrMap::load(p).map_err(|e| anyhow::anyhow!("static map: {e}"))?,
+        None => CidrMap::default(),
+    };
+    let mut cidr_loaded = SystemTime::now();
+    let mut cidr_mtime = cfg.static_map.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    ::metrics::gauge!(metrics::STATIC_MAP_ENTRIES).set(cidr.entries as f64);
+
+    let identity = Arc::new(RwLock::new(IdentityStore::default()));
+    follow_identity(&cfg, identity.clone())?;
+
+    let sink = Arc::new(FileSink::new(cfg.output_dir.clone(), cfg.flow_topic.clone())?);
+    let dlq: Arc<ThreadedProducer<DefaultProducerContext>> = Arc::new(
+        client_config(&cfg).set("enable.idempotence", "true").set("linger.ms", "20").create()?,
+    );
+    let state = Arc::new(Mutex::new(State::default()));
+    let consumer: BaseConsumer<Ctx> = client_config(&cfg)
+        .set("group.id", &cfg.group_id)
+        // Offsets are committed by hand, only after the files are durable.
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", "10000")
+        .set("fetch.wait.max.ms", "50")
+        .create_with_context(Ctx { state: state.clone(), sink: sink.clone(), dlq: dlq.clone(), topic: cfg.flow_topic.clone() })?;
+    consumer.subscribe(&[&cfg.flow_topic])?;
+    info!(topic = %cfg.flow_topic, group = %cfg.group_id, out = %cfg.output_dir.display(), "enriching");
+
+    let fp = decode::fingerprint(decode::FLOW_SCHEMA);
+    let max_age = Duration::from_secs(cfg.batch_max_age_secs);
+    let mut last_check = Instant::now();
+    let mut seqs: HashMap<(String, i64), i64> = HashMap::new();
+    while !STOP.load(Ordering::Relaxed) {
+        if let Some(res) = consumer.poll(Duration::from_millis(100)) {
+            let m = match res {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!("consume error: {e}");
+                    continue;
+                }
+            };
+            let (p, off) = (m.partition(), m.offset());
+            let mut st = state.lock().unwrap();
+            if st.done_through.get(&p).is_some_and(|d| off <= *d) {
+                continue; // already in a file from before a restart
+            }
+            ::metrics::counter!(metrics::RECORDS_IN).increment(1);
+            let payload = m.payload().unwrap_or_default();
+            let batch = st.batches.entry(p).or_insert_with(|| Batch { first: off, last: off, records: Vec::new(), opened: Instant::now() });
+            batch.last = off;
+            match decode::flow(payload, &fp) {
+                Ok(f) => {
+                    // Per-host sequence gaps (the transport numbers records 0, 1, 2, ...).
+                    let key = (f.host.host_id.clone(), f.sequence_epoch);
+                    if let Some(prev) = seqs.insert(key, f.sequence) {
+                        if f.sequence > prev + 1 {
+                            ::metrics::counter!(metrics::SEQUENCE_GAPS).increment((f.sequence - prev - 1) as u64);
+                        }
+                    }
+                    let ids = identity.read().unwrap();
+                    let e = Attributor { identity: &ids, cidr: &cidr }.enrich(f);
+                    metrics::record_attribution("local", &e.local);
+                    metrics::record_attribution("remote", &e.remote);
+                    batch.records.push(e);
+                }
+                Err(reject) => {
+                    ::metrics::counter!(metrics::DLQ, "reason" => metrics::reject_kind(&reject.0)).increment(1);
+                    let headers = OwnedHeaders::new()
+                        .insert(Header { key: "flowlog.dlq.reason", value: Some(reject.0.as_str()) })
+                        .insert(Header { key: "flowlog.dlq.source", value: Some(&format!("{}/{p}/{off}", cfg.flow_topic)) });
+                    let mut rec = BaseRecord::<[u8], [u8]>::to(&cfg.dlq_topic).payload(payload).headers(headers);
+                    if let Some(k) = m.key() {
+                        rec = rec.key(k);
+                    }
+                    if let Err((e, _)) = dlq.send(rec) {
+                        // Not durable in the DLQ: do not commit past it.
+                        error!("dead-letter produce failed: {e}; stopping so the message is retried");
+                        return Err(anyhow::anyhow!("dead-letter topic unavailable: {e}"));
+                    }
+                }
+            }
+        }
+        if last_check.elapsed() >= Duration::from_millis(200) {
+            last_check = Instant::now();
+            let due: Vec<i32> = {
+                let st = state.lock().unwrap();
+                st.batches.iter().filter(|(_, b)| b.records.len() >= cfg.batch_max_records || b.opened.elapsed() >= max_age).map(|(p, _)| *p).collect()
+            };
+            for p in due {
+                let b = state.lock().unwrap().batches.remove(&p);
+                if let Some(b) = b {
+                    roll(&consumer, &sink, &dlq, &cfg.flow_topic, p, &b)?;
+                    state.lock().unwrap().done_through.insert(p, b.last);
+                }
+            }
+            // Static map: reload when the file changes; a bad file keeps the old map.
+            if let Some(path) = &cfg.static_map {
+                let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                if mtime != cidr_mtime {
+                    cidr_mtime = mtime;
+                    match CidrMap::load(path) {
+                        Ok(m) => {
+                            info!(entries = m.entries, "static map reloaded");
+                            cidr = m;
+                            cidr_loaded = SystemTime::now();
+                            ::metrics::gauge!(metrics::STATIC_MAP_ENTRIES).set(cidr.entries as f64);
+                        }
+                        Err(e) => {
+                            ::metrics::counter!(metrics::SOURCE_ERRORS, "source" => "static").increment(1);
+                            error!("static map rejected, keeping the previous one: {e}");
+                        }
+                    }
+                }
+                ::metrics::gauge!(metrics::SOURCE_AGE, "source" => "static").set(cidr_loaded.elapsed().unwrap_or_default().as_secs_f64());
+            }
+            ::metrics::gauge!(metrics::TRACKED_IPS).set(identity.read().unwrap().tracked_ips() as f64);
+        }
+    }
+    info!("stopping: writing open batches");
+    let batches: Vec<(i32, Batch)> = state.lock().unwrap().batches.drain().collect();
+    for (p, b) in batches {
+        roll(&consumer, &sink, &dlq, &cfg.flow_topic, p, &b)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! IP ownership history built from the sidecars' identity heartbeats: each
+//! IP maps to the intervals during which some host announced it. A flow is
+//! attributed to the owner at its start time, never to a later owner.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use super::{Attrs, Owner};
+use crate::decode::{HostIdentity, Identity};
+
+/// Intervals kept per IP; older ones are forgotten (bounded memory).
+const MAX_INTERVALS_PER_IP: usize = 32;
+
+#[derive(Debug, Clone)]
+struct Interval {
+    from_ns: i64,
+    /// None while the host still announces the IP.
+    to_ns: Option<i64>,
+    host_id: String,
+    owner: Owner,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// No heartbeat ever named this IP.
+    UnknownIp,
+    /// Known, but nobody owned it at that time.
+    NoOwnerAtTime,
+}
+
+#[derive(Default)]
+pub struct IdentityStore {
+    by_ip: HashMap<IpAddr, Vec<Interval>>,
+    hosts: HashMap<String, HashSet<IpAddr>>,
+}
+
+pub fn owner_of(h: &HostIdentity) -> Owner {
+    Arc::new(Attrs {
+        workload: h.workload.clone(),
+        host_id: Some(h.host_id.clone()),
+        instance_id: h.instance_id.clone(),
+        app: h.labels.get("app").cloned(),
+        service: h.labels.get("service").cloned(),
+        cluster: h.labels.get("cluster").cloned(),
+        env: h.labels.get("env").cloned(),
+        account: h.labels.get("account").cloned(),
+        region: h.labels.get("region").cloned(),
+        zone: h.labels.get("zone").cloned(),
+        team: h.labels.get("team").cloned(),
+        labels: h.labels.clone(),
+    })
+}
+
+impl IdentityStore {
+    pub fn tracked_ips(&self) -> usize {
+        self.by_ip.len()
+    }
+
+    fn close(&mut self, ip: IpAddr, host_id: &str, at: i64) {
+        if let Some(iv) = self.by_ip.get_mut(&ip) {
+            for i in iv.iter_mut().rev() {
+                if i.host_id == host_id && i.to_ns.is_none() {
+                    i.to_ns = Some(at.max(i.from_ns));
+                }
+            }
+        }
+    }
+
+    /// Applies one heartbeat.
+    pub fn apply(&mut self, id: &Identity) {
+        let h = &id.host;
+        let now: HashSet<IpAddr> = if id.reason == "STOP" {
+            HashSet::new()
+        } else {
+            h.ips.iter().filter_map(|s| s.parse().ok()).collect()
+        };
+        let before = self.hosts.get(&h.host_id).cloned().unwrap_or_default();
+        for ip in before.difference(&now) {
+            self.close(*ip, &h.host_id, id.time_ns);
+        }
+        let owner = owner_of(h);
+        for ip in now.iter() {
+            let iv = self.by_ip.entry(*ip).or_default();
+            let open_by_me = iv.iter().any(|i| i.host_id == h.host_id && i.to_ns.is_none());
+            if open_by_me {
+                // Keep the interval; refresh attributes (workload/labels may change).
+                if let Some(i) = iv.iter_mut().rev().find(|i| i.host_id == h.host_id && i.to_ns.is_none()) {
+                    i.owner = owner.clone();
+                }
+                continue;
+            }
+            // The IP moved here: whoever held it stops holding it now.
+            for i in iv.iter_mut() {
+                if i.to_ns.is_none() {
+                    i.to_ns = Some(id.time_ns.max(i.from_ns));
+                }
+            }
+            iv.push(Interval { from_ns: id.time_ns, to_ns: None, host_id: h.host_id.clone(), owner: owner.clone() });
+            iv.sort_by_key(|i| i.from_ns);
+            if iv.len() > MAX_INTERVALS_PER_IP {
+                iv.remove(0);
+            }
+        }
+        if now.is_empty() {
+            self.hosts.remove(&h.host_id);
+        } else {
+            self.hosts.insert(h.host_id.clone(), now);
+        }
+    }
+
+    /// The owner of `ip` at `t_ns`.
+    pub fn owner_at(&self, ip: IpAddr, t_ns: i64) -> Result<Owner, Miss> {
+        let iv = self.by_ip.get(&ip).ok_or(Miss::UnknownIp)?;
+        iv.iter()
+            .rev()
+            .find(|i| i.from_ns <= t_ns && i.to_ns.is_none_or(|to| t_ns < to))
+            .map(|i| i.owner.clone())
+            .ok_or(Miss::NoOwnerAtTime)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb(host: &str, workload: &str, ips: &[&str], t: i64, reason: &'static str) -> Identity {
+        Identity {
+            host: HostIdentity {
+                host_id: host.into(),
+                workload: Some(workload.into()),
+                ips: ips.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+            time_ns: t,
+            reason,
+        }
+    }
+
+    #[test]
+    fn ip_reuse_is_attributed_by_time() {
+        let mut s = IdentityStore::default();
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        s.apply(&hb("a", "billing", &["10.0.0.9"], 100, "START"));
+        s.apply(&hb("a", "billing", &["10.0.0.9"], 130, "HEARTBEAT"));
+        // Released at 200 (the ENI moved away) ...
+        s.apply(&hb("a", "billing", &[], 200, "IP_CHANGE"));
+        // ... and reassigned to another workload at 300.
+        s.apply(&hb("b", "search", &["10.0.0.9"], 300, "START"));
+        let wl = |t| s.owner_at(ip, t).map(|o| o.workload.clone().unwrap());
+        assert_eq!(wl(50), Err(Miss::NoOwnerAtTime));
+        assert_eq!(wl(150), Ok("billing".into()));
+        assert_eq!(wl(250), Err(Miss::NoOwnerAtTime));
+        assert_eq!(wl(350), Ok("search".into()));
+        assert_eq!(s.owner_at("10.9.9.9".parse().unwrap(), 150).unwrap_err(), Miss::UnknownIp);
+    }
+
+    #[test]
+    fn moved_ip_closes_the_previous_owner() {
+        let mut s = IdentityStore::default();
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        s.apply(&hb("a", "one", &["10.0.0.9"], 100, "START"));
+        s.apply(&hb("b", "two", &["10.0.0.9"], 200, "IP_CHANGE"));
+        assert_eq!(s.owner_at(ip, 150).unwrap().workload.as_deref(), Some("one"));
+        assert_eq!(s.owner_at(ip, 250).unwrap().workload.as_deref(), Some("two"));
+        s.apply(&hb("b", "two", &["10.0.0.9"], 300, "STOP"));
+        assert_eq!(s.owner_at(ip, 350).unwrap_err(), Miss::NoOwnerAtTime);
+    }
+}
