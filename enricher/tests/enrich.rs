@@ -1,0 +1,282 @@
+//! The enricher against a real local broker, with records read back from its
+//! files by fastavro: time-aware attribution (IP reuse), the static map, the
+//! dead-letter topic, and exactly-once files across a crash.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use apache_avro::{
+    rabin::Rabin,
+    types::{Record, Value},
+    Schema,
+};
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::Headers,
+    producer::{BaseProducer, BaseRecord, Producer},
+    ClientConfig, Message, TopicPartitionList,
+};
+use serde_json::Value as Json;
+
+const FLOW: &str = include_str!("../../schemas/flow.avsc");
+const IDENTITY: &str = include_str!("../../schemas/identity.avsc");
+const S: i64 = 1_000_000_000;
+/// 2026-01-01T00:00:00Z, so files land in a known dt=/hr= folder.
+const T0: i64 = 1_767_225_600 * S;
+
+fn tools() -> PathBuf {
+    std::env::var("FLOWLOG_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/flowlog/tools"))
+}
+
+fn ready() -> bool {
+    if tools().join("tansu-0.6.0/bin/tansu").exists() && tools().join("venv-py-1/bin/python").exists() {
+        return true;
+    }
+    if std::env::var("FLOWLOG_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
+        panic!("the local broker or the Python tools are missing: run `make setup`");
+    }
+    eprintln!("skipping: run `make setup` for the local broker");
+    false
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/broker.sh")
+}
+
+struct Broker {
+    dir: PathBuf,
+    addr: String,
+}
+
+impl Broker {
+    fn start(name: &str, partitions: u32) -> Broker {
+        let dir = std::env::temp_dir().join(format!("flowlog-enr-broker-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let port = free_port();
+        let st = Command::new("bash")
+            .arg(script())
+            .args(["start", dir.to_str().unwrap(), &port.to_string(), "flowlog.flows", "flowlog.identity", "flowlog.dlq"])
+            .env("PARTITIONS", partitions.to_string())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        Broker { dir, addr: format!("127.0.0.1:{port}") }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = Command::new("bash").arg(script()).args(["stop", self.dir.to_str().unwrap()]).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn single_object(schema_json: &str, datum: Vec<u8>) -> Vec<u8> {
+    let fp = Schema::parse_str(schema_json).unwrap().fingerprint::<Rabin>();
+    let mut out = vec![0xC3, 0x01];
+    out.extend_from_slice(&fp.bytes[..8]);
+    out.extend(datum);
+    out
+}
+
+fn host_value(schema: &Schema, host: &str, workload: &str, ips: &[&str]) -> Record<'static> {
+    let Schema::Record(rs) = schema else { panic!() };
+    let hs: &'static Schema = Box::leak(Box::new(rs.fields[0].schema.clone()));
+    let mut h = Record::new(hs).unwrap();
+    h.put("host_id", host);
+    h.put("hostname", host);
+    h.put("instance_id", Value::Union(0, Box::new(Value::Null)));
+    h.put("workload", Value::Union(1, Box::new(Value::String(workload.into()))));
+    h.put("labels", Value::Map([("team".to_string(), Value::String(format!("{workload}-team")))].into()));
+    h.put("ips", Value::Array(ips.iter().map(|s| Value::String(s.to_string())).collect()));
+    h
+}
+
+/// An identity heartbeat, encoded by apache-avro (not the sidecar's code).
+fn identity(host: &str, workload: &str, ips: &[&str], t: i64, reason: (i32, &str)) -> Vec<u8> {
+    let schema = Schema::parse_str(IDENTITY).unwrap();
+    let mut r = Record::new(&schema).unwrap();
+    r.put("host", host_value(&schema, host, workload, ips));
+    r.put("time_ns", t);
+    r.put("reason", Value::Enum(reason.0 as u32, reason.1.into()));
+    r.put("sequence_epoch", 1i64);
+    r.put("next_sequence", 0i64);
+    r.put("version", "test");
+    single_object(IDENTITY, apache_avro::to_avro_datum(&schema, r).unwrap())
+}
+
+/// A flow from host "client-host" (10.0.0.1) to `remote`, starting at `start`.
+fn flow(seq: i64, remote: [u8; 4], start: i64, bytes: i64) -> Vec<u8> {
+    let schema = Schema::parse_str(FLOW).unwrap();
+    let mut r = Record::new(&schema).unwrap();
+    r.put("host", host_value(&schema, "client-host", "frontend", &["10.0.0.1"]));
+    r.put("sequence_epoch", 7i64);
+    r.put("sequence", seq);
+    r.put("connection_id", seq * 11);
+    r.put("record_type", Value::Enum(0, "FINAL".into()));
+    r.put("family", Value::Enum(0, "IPV4".into()));
+    r.put("direction", Value::Enum(1, "CLIENT".into()));
+    r.put("local_addr", Value::Bytes(vec![10, 0, 0, 1]));
+    r.put("local_port", 40_000 + seq as i32);
+    r.put("remote_addr", Value::Bytes(remote.to_vec()));
+    r.put("remote_port", 443);
+    r.put("start_time_ns", Value::Union(1, Box::new(Value::Long(start))));
+    r.put("end_time_ns", start + S);
+    r.put("bytes_sent", bytes);
+    r.put("bytes_received", bytes * 2 + 1);
+    r.put("segs_in", 3i64);
+    r.put("segs_out", 4i64);
+    r.put("retransmits", 0i64);
+    r.put("srtt_us", 250);
+    r.put("rtt_min_us", 100);
+    r.put("end_reason", Value::Enum(1, "NORMAL".into()));
+    r.put("error", Value::Union(0, Box::new(Value::Null)));
+    r.put("state_path", Value::Array(vec![]));
+    r.put("pid", 42);
+    r.put("tid", 42);
+    r.put("comm", "curl");
+    r.put("owner_source", Value::Enum(1, "OPEN".into()));
+    r.put("cgroup_id", 1i64);
+    r.put("netns_ino", 2i64);
+    single_object(FLOW, apache_avro::to_avro_datum(&schema, r).unwrap())
+}
+
+fn produce(brokers: &str, topic: &str, msgs: &[(String, Vec<u8>)]) {
+    let p: BaseProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    for (k, v) in msgs {
+        loop {
+            match p.send(BaseRecord::to(topic).key(k.as_str()).payload(v.as_slice())) {
+                Ok(()) => break,
+                Err(_) => {
+                    p.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+}
+
+fn start_enricher(brokers: &str, out: &std::path::Path, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_flowlog-enricher"))
+        .args(["--brokers", brokers, "--output-dir", out.to_str().unwrap(), "--batch-max-age-secs", "1", "--metrics-listen", ""])
+        .args(extra)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// Every record in the output files, read by fastavro.
+fn read_files(out: &std::path::Path) -> Vec<Json> {
+    let o = Command::new(tools().join("venv-py-1/bin/python"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_avro.py"))
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn wait_files(out: &std::path::Path, n: usize, timeout: Duration) -> Vec<Json> {
+    let t0 = Instant::now();
+    loop {
+        let recs = read_files(out);
+        if recs.len() >= n || t0.elapsed() > timeout {
+            return recs;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn stop(mut c: Child) {
+    // SAFETY: our child.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let st = c.wait().unwrap();
+    assert!(st.success(), "enricher exited with {st}");
+}
+
+#[test]
+fn attributes_by_time_with_static_map_and_dead_letters() {
+    if !ready() {
+        return;
+    }
+    let b = Broker::start("attr", 1);
+    let out = std::env::temp_dir().join(format!("flowlog-enr-out-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let map = out.with_extension("toml");
+    std::fs::write(&map, "[[entry]]\ncidr = \"192.168.0.0/16\"\nworkload = \"legacy\"\nenv = \"prod\"\n").unwrap();
+
+    // 10.0.0.9 belongs to billing from T0+100 s, is released at T0+200 s and
+    // goes to search at T0+300 s.
+    produce(&b.addr, "flowlog.identity", &[
+        ("a".into(), identity("host-a", "billing", &["10.0.0.9"], T0 + 100 * S, (0, "START"))),
+        ("a".into(), identity("host-a", "billing", &[], T0 + 200 * S, (2, "IP_CHANGE"))),
+        ("b".into(), identity("host-b", "search", &["10.0.0.9"], T0 + 300 * S, (0, "START"))),
+    ]);
+    let flows = vec![
+        ("c".to_string(), flow(0, [10, 0, 0, 9], T0 + 150 * S, 100)),
+        ("c".to_string(), flow(1, [10, 0, 0, 9], T0 + 250 * S, 101)),
+        ("c".to_string(), b"garbage, not avro".to_vec()),
+        ("c".to_string(), flow(2, [10, 0, 0, 9], T0 + 350 * S, 102)),
+        ("c".to_string(), { let f = flow(3, [1, 1, 1, 1], T0, 1); f[..f.len() - 4].to_vec() }),
+        ("c".to_string(), flow(3, [192, 168, 4, 4], T0 + 400 * S, 103)),
+        ("c".to_string(), flow(4, [8, 8, 8, 8], T0 + 400 * S, 104)),
+    ];
+    produce(&b.addr, "flowlog.flows", &flows);
+    let e = start_enricher(&b.addr, &out, &["--static-map", map.to_str().unwrap()]);
+    let recs = wait_files(&out, 5, Duration::from_secs(60));
+    stop(e);
+    assert_eq!(recs.len(), 5, "{recs:#?}");
+    let by_seq = |s: i64| recs.iter().find(|r| r["sequence"] == s).unwrap_or_else(|| panic!("sequence {s} missing"));
+    let remote = |s: i64| &by_seq(s)["remote"];
+    assert_eq!(remote(0)["workload"], "billing");
+    assert_eq!(remote(0)["source"], "SIDECAR");
+    assert_eq!(remote(0)["host_id"], "host-a");
+    assert_eq!(remote(0)["team"], "billing-team");
+    assert_eq!(remote(1)["attributed"], false);
+    assert_eq!(remote(1)["reason"], "NO_OWNER_AT_TIME");
+    assert_eq!(remote(2)["workload"], "search");
+    assert_eq!(remote(3)["workload"], "legacy");
+    assert_eq!(remote(3)["source"], "STATIC");
+    assert_eq!(remote(3)["env"], "prod");
+    assert_eq!(remote(4)["reason"], "UNKNOWN_IP");
+    for s in 0..5 {
+        let r = by_seq(s);
+        // The local side is the sidecar's own host.
+        assert_eq!(r["local"]["workload"], "frontend");
+        assert_eq!(r["host_id"], "client-host");
+        assert_eq!(r["bytes_sent"], 100 + s);
+        assert_eq!(r["bytes_received"], 2 * (100 + s) + 1);
+        assert_eq!(r["local_ip"], "10.0.0.1");
+        assert_eq!(r["direction"], "CLIENT");
+        assert_eq!(r["flow_id"].as_str().unwrap().len(), 16);
+        // Hive-style folder by end time: 2026-01-01, hour 0.
+        assert!(r["_file"].as_str().unwrap().starts_with("dt=2026-01-01/hr=00/flowlog.flows-0-"), "{}", r["_file"]);
+    }
+
+    // The two bad messages are in the dead-letter topic with their reasons.
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &b.addr).set("group.id", "t").create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("flowlog.dlq", 0, rdkafka::Offset::Beginning).unwrap();
+    c.assign(&tpl).unwrap();
+    let mut reasons = Vec::new();
+    let t0 = Instant::now();
+    while reasons.len() < 2 && t0.elapsed() < Duration::from_secs(30) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            let h = m.headers().unwrap();
+            let reason = h.iter().find(|h| h.key == "flowlog.dlq.reason").and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned());
+            reasons.push(reason.unwrap_or_default());
+        }
+    }
+    assert_eq!(reasons, vec!["not Avro single-object encoded".to_string(), "truncated".to_string()]);
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_file(&map);
+}
