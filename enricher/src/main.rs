@@ -213,7 +213,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         // Offsets are committed by hand, only after the files are durable.
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "range")
+        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "10000")
         .set("fetch.wait.max.ms", "50")
         .create_with_context(Ctx { state: state.clone(), sink: sink.clone(), dlq: dlq.clone(), topic: cfg.flow_topic.clone() })?;

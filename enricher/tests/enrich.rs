@@ -280,3 +280,44 @@ fn attributes_by_time_with_static_map_and_dead_letters() {
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_file(&map);
 }
+
+/// Two enrichers share the topic's partitions; one is killed with SIGKILL
+/// mid-stream. The survivor takes its partitions over, and the files hold
+/// every input record exactly once.
+#[test]
+fn kill_9_loses_and_duplicates_nothing() {
+    if !ready() {
+        return;
+    }
+    let b = Broker::start("kill", 4);
+    let out = std::env::temp_dir().join(format!("flowlog-enr-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let batch = |from: i64, to: i64| -> Vec<(String, Vec<u8>)> {
+        (from..to).map(|i| (format!("k{}", i % 8), flow(i, [10, 0, 0, 9], T0 + i * S, i))).collect()
+    };
+    produce(&b.addr, "flowlog.flows", &batch(0, 2000));
+    let extra = ["--batch-max-records", "100"];
+    let mut a = start_enricher(&b.addr, &out, &extra);
+    let e2 = start_enricher(&b.addr, &out, &extra);
+    let got = wait_files(&out, 600, Duration::from_secs(60));
+    assert!(got.len() >= 600, "enrichers made no progress");
+    a.kill().unwrap(); // SIGKILL: no cleanup at all
+    a.wait().unwrap();
+    produce(&b.addr, "flowlog.flows", &batch(2000, 4000));
+    let recs = wait_files(&out, 4000, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(3));
+    stop(e2);
+    let recs_final = read_files(&out);
+    assert!(recs_final.len() >= recs.len());
+    let mut seqs: Vec<i64> = recs_final.iter().map(|r| r["sequence"].as_i64().unwrap()).collect();
+    seqs.sort();
+    let n = seqs.len();
+    seqs.dedup();
+    assert_eq!(n, seqs.len(), "duplicated records in the files");
+    assert_eq!(seqs, (0..4000).collect::<Vec<_>>(), "records missing from the files");
+    for r in &recs_final {
+        let s = r["sequence"].as_i64().unwrap();
+        assert_eq!(r["bytes_sent"].as_i64(), Some(s));
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
