@@ -29,6 +29,7 @@ demo: setup build
 bench: setup build
 	$(SUDO) ./target/release/bench-capture
 	$(SUDO) env "PATH=$(PATH)" FLOWLOG_TOOLS=$(TOOLS) ./target/release/bench-transport
+	./target/release/bench-enrich
 	python3 bench/summary.py bench/results
 
 clean:

@@ -26,6 +26,13 @@ if t.exists():
     row("transport", "close -> readable from broker, p99", f"{d['close_to_readable_ms_p99']:.0f} ms (p50 {d['close_to_readable_ms_p50']:.0f})", "<= 250 ms", d["close_to_readable_ms_p99"] <= 250)
     row("transport", "connection rate during the run", f"{d['connections_per_sec']:.0f} per s", "-", True)
 
+e = results / "enrich.json"
+if e.exists():
+    d = json.loads(e.read_text())
+    row("enrich", "decode -> attribute -> Avro file, one core", f"{d['fast_path_flows_per_sec_one_core']:.0f} flows/s", ">= 500000", d["fast_path_flows_per_sec_one_core"] >= 500000)
+    row("enrich", "ratio to apache-avro's generic Value path (same run)", f"{d['ratio_fast_over_generic']:.2f}x", "-", True)
+    row("enrich", "memory per 1 M tracked IPs", f"{d['memory_mb_per_million_tracked_ips']:.0f} MB", "-", True)
+
 out = ["# Benchmark summary", "", "Written by `make bench` from `bench/results/*.json` (one run; machines here are noisy, so compare ratios within a run).", "",
        "| benchmark | figure | measured | target | met |", "|---|---|---|---|---|", *rows, ""]
 (results / "SUMMARY.md").write_text("\n".join(out))

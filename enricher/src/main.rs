@@ -3,12 +3,7 @@
 //! flow's start, and writes enriched Avro files exactly once. Messages that
 //! do not decode go to a dead-letter topic and never stop the consumer.
 
-mod attribute;
-mod config;
-mod decode;
-mod metrics;
-mod sink;
-mod sources;
+use flowlog_enricher::{decode, metrics};
 
 use std::{
     collections::{HashMap, HashSet},
@@ -29,7 +24,7 @@ use rdkafka::{
 };
 use tracing::{error, info, warn};
 
-use crate::{
+use flowlog_enricher::{
     attribute::Attributor,
     config::{Cli, Config},
     sink::files::{Batch, FileSink},
