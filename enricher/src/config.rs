@@ -19,6 +19,10 @@ pub struct Config {
     pub dlq_topic: String,
     /// Root of the Avro files (Hive-style dt=/hr= partitions below it).
     pub output_dir: PathBuf,
+    /// Also produce enriched records (Avro single-object encoded) to this
+    /// topic; empty disables it. At least once: a batch redone after a crash
+    /// is produced again.
+    pub enriched_topic: String,
     /// Static CIDR map (TOML); reloaded when the file changes.
     pub static_map: Option<PathBuf>,
     /// A batch (one file set per Kafka partition) rolls at this many records...
@@ -40,6 +44,7 @@ impl Default for Config {
             identity_topic: "flowlog.identity".into(),
             dlq_topic: "flowlog.dlq".into(),
             output_dir: PathBuf::from("/var/lib/flowlog/enriched"),
+            enriched_topic: String::new(),
             static_map: None,
             batch_max_records: 50_000,
             batch_max_age_secs: 10,
@@ -61,6 +66,8 @@ pub struct Cli {
     pub group_id: Option<String>,
     #[arg(long, env = "FLOWLOG_ENRICHER_OUTPUT_DIR")]
     pub output_dir: Option<PathBuf>,
+    #[arg(long, env = "FLOWLOG_ENRICHER_ENRICHED_TOPIC")]
+    pub enriched_topic: Option<String>,
     #[arg(long, env = "FLOWLOG_ENRICHER_STATIC_MAP")]
     pub static_map: Option<PathBuf>,
     #[arg(long, env = "FLOWLOG_ENRICHER_BATCH_MAX_RECORDS")]
@@ -86,6 +93,7 @@ impl Config {
         if let Some(v) = &cli.group_id { c.group_id = v.clone(); }
         if let Some(v) = &cli.output_dir { c.output_dir = v.clone(); }
         if let Some(v) = &cli.static_map { c.static_map = Some(v.clone()); }
+        if let Some(v) = &cli.enriched_topic { c.enriched_topic = v.clone(); }
         if let Some(v) = cli.batch_max_records { c.batch_max_records = v; }
         if let Some(v) = cli.batch_max_age_secs { c.batch_max_age_secs = v; }
         if let Some(v) = &cli.metrics_listen { c.metrics_listen = v.clone(); }

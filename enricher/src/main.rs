@@ -3,7 +3,7 @@
 //! flow's start, and writes enriched Avro files exactly once. Messages that
 //! do not decode go to a dead-letter topic and never stop the consumer.
 
-use flowlog_enricher::{decode, metrics};
+use flowlog_enricher::{attribute, decode, metrics};
 
 use std::{
     collections::{HashMap, HashSet},
@@ -19,7 +19,7 @@ use clap::Parser as _;
 use rdkafka::{
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance},
     message::{Header, OwnedHeaders},
-    producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
+    producer::{BaseRecord, Producer, ThreadedProducer},
     ClientConfig, ClientContext, Message, Offset, TopicPartitionList,
 };
 use tracing::{error, info, warn};
@@ -46,10 +46,39 @@ struct State {
     done_through: HashMap<i32, i64>,
 }
 
+/// Counts failed deliveries of the producer shared by the dead-letter and
+/// enriched topics: a batch is committed only if none failed.
+#[derive(Default)]
+struct ProduceCtx {
+    failed: std::sync::atomic::AtomicU64,
+}
+
+impl ClientContext for ProduceCtx {}
+
+impl rdkafka::producer::ProducerContext for ProduceCtx {
+    type DeliveryOpaque = ();
+    fn delivery(&self, r: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = r {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            warn!("delivery failed: {e}");
+        }
+    }
+}
+
+type OutProducer = ThreadedProducer<ProduceCtx>;
+
+/// The enriched-topic sink: Avro single-object encoding of the enriched schema.
+struct TopicSink {
+    topic: String,
+    schema: apache_avro::Schema,
+    header: Vec<u8>,
+}
+
 struct Ctx {
     state: Arc<Mutex<State>>,
     sink: Arc<FileSink>,
-    dlq: Arc<ThreadedProducer<DefaultProducerContext>>,
+    dlq: Arc<OutProducer>,
+    enriched: Option<Arc<TopicSink>>,
     topic: String,
 }
 
@@ -62,7 +91,7 @@ impl ConsumerContext for Ctx {
             let mut st = self.state.lock().unwrap();
             for e in tpl.elements() {
                 if let Some(b) = st.batches.remove(&e.partition()) {
-                    if let Err(err) = roll(consumer, &self.sink, &self.dlq, &self.topic, e.partition(), &b) {
+                    if let Err(err) = roll(consumer, &self.sink, &self.dlq, self.enriched.as_deref(), &self.topic, e.partition(), &b) {
                         error!(partition = e.partition(), "flushing on revoke failed; the next owner redoes it: {err:#}");
                     }
                 }
@@ -92,12 +121,39 @@ impl ConsumerContext for Ctx {
 fn roll(
     consumer: &BaseConsumer<Ctx>,
     sink: &FileSink,
-    dlq: &ThreadedProducer<DefaultProducerContext>,
+    out: &OutProducer,
+    enriched: Option<&TopicSink>,
     topic: &str,
     partition: i32,
     b: &Batch,
 ) -> anyhow::Result<()> {
-    dlq.flush(Duration::from_secs(30)).context("delivering dead letters")?;
+    let failed_before = out.context().failed.load(Ordering::Relaxed);
+    if let Some(t) = enriched {
+        for r in &b.records {
+            let mut msg = t.header.clone();
+            msg.extend(apache_avro::to_avro_datum(&t.schema, apache_avro::to_value(r)?)?);
+            let mut rec = BaseRecord::<str, [u8], ()>::to(&t.topic).key(r.host_id.as_str()).payload(&msg[..]);
+            loop {
+                match out.send(rec) {
+                    Ok(()) => break,
+                    Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                        rec = back;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err((e, _)) => anyhow::bail!("producing to {}: {e}", t.topic),
+                }
+            }
+        }
+    }
+    // Dead letters and enriched records must be delivered before the offsets
+    // move past them.
+    out.flush(Duration::from_secs(30)).context("delivering dead letters / enriched records")?;
+    if out.context().failed.load(Ordering::Relaxed) != failed_before {
+        anyhow::bail!("some dead-letter or enriched records were not delivered; not committing");
+    }
+    if enriched.is_some() {
+        ::metrics::counter!(metrics::RECORDS_OUT, "sink" => "topic").increment(b.records.len() as u64);
+    }
     let files = sink.write(partition, b)?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(b.last + 1))?;
@@ -199,9 +255,19 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     follow_identity(&cfg, identity.clone())?;
 
     let sink = Arc::new(FileSink::new(cfg.output_dir.clone(), cfg.flow_topic.clone())?);
-    let dlq: Arc<ThreadedProducer<DefaultProducerContext>> = Arc::new(
-        client_config(&cfg).set("enable.idempotence", "true").set("linger.ms", "20").create()?,
+    let dlq: Arc<OutProducer> = Arc::new(
+        client_config(&cfg)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "20")
+            .set("compression.type", "lz4")
+            .create_with_context(ProduceCtx::default())?,
     );
+    let enriched = (!cfg.enriched_topic.is_empty()).then(|| {
+        let schema = apache_avro::Schema::parse_str(attribute::ENRICHED_SCHEMA).expect("committed schema");
+        let mut header = vec![0xC3, 0x01];
+        header.extend_from_slice(&decode::fingerprint(attribute::ENRICHED_SCHEMA));
+        Arc::new(TopicSink { topic: cfg.enriched_topic.clone(), schema, header })
+    });
     let state = Arc::new(Mutex::new(State::default()));
     let consumer: BaseConsumer<Ctx> = client_config(&cfg)
         .set("group.id", &cfg.group_id)
@@ -211,7 +277,13 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "10000")
         .set("fetch.wait.max.ms", "50")
-        .create_with_context(Ctx { state: state.clone(), sink: sink.clone(), dlq: dlq.clone(), topic: cfg.flow_topic.clone() })?;
+        .create_with_context(Ctx {
+            state: state.clone(),
+            sink: sink.clone(),
+            dlq: dlq.clone(),
+            enriched: enriched.clone(),
+            topic: cfg.flow_topic.clone(),
+        })?;
     consumer.subscribe(&[&cfg.flow_topic])?;
     info!(topic = %cfg.flow_topic, group = %cfg.group_id, out = %cfg.output_dir.display(), "enriching");
 
@@ -219,6 +291,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let max_age = Duration::from_secs(cfg.batch_max_age_secs);
     let mut last_check = Instant::now();
     let mut seqs: HashMap<(String, i64), i64> = HashMap::new();
+    let mut last_lag = Instant::now();
     while !STOP.load(Ordering::Relaxed) {
         if let Some(res) = consumer.poll(Duration::from_millis(100)) {
             let m = match res {
@@ -257,7 +330,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                     let headers = OwnedHeaders::new()
                         .insert(Header { key: "flowlog.dlq.reason", value: Some(reject.0.as_str()) })
                         .insert(Header { key: "flowlog.dlq.source", value: Some(&format!("{}/{p}/{off}", cfg.flow_topic)) });
-                    let mut rec = BaseRecord::<[u8], [u8]>::to(&cfg.dlq_topic).payload(payload).headers(headers);
+                    let mut rec = BaseRecord::<[u8], [u8], ()>::to(&cfg.dlq_topic).payload(payload).headers(headers);
                     if let Some(k) = m.key() {
                         rec = rec.key(k);
                     }
@@ -278,7 +351,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             for p in due {
                 let b = state.lock().unwrap().batches.remove(&p);
                 if let Some(b) = b {
-                    roll(&consumer, &sink, &dlq, &cfg.flow_topic, p, &b)?;
+                    roll(&consumer, &sink, &dlq, enriched.as_deref(), &cfg.flow_topic, p, &b)?;
                     state.lock().unwrap().done_through.insert(p, b.last);
                 }
             }
@@ -303,12 +376,26 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 ::metrics::gauge!(metrics::SOURCE_AGE, "source" => "static").set(cidr_loaded.elapsed().unwrap_or_default().as_secs_f64());
             }
             ::metrics::gauge!(metrics::TRACKED_IPS).set(identity.read().unwrap().tracked_ips() as f64);
+            if last_lag.elapsed() >= Duration::from_secs(10) {
+                last_lag = Instant::now();
+                // Lag: what is in the topic beyond what is durably written.
+                let mut lag = 0i64;
+                if let Ok(assigned) = consumer.assignment() {
+                    for e in assigned.elements() {
+                        if let Ok((_, high)) = consumer.fetch_watermarks(&cfg.flow_topic, e.partition(), Duration::from_secs(1)) {
+                            let done = state.lock().unwrap().done_through.get(&e.partition()).copied().unwrap_or(-1);
+                            lag += (high - 1 - done).max(0);
+                        }
+                    }
+                }
+                ::metrics::gauge!(metrics::CONSUMER_LAG).set(lag as f64);
+            }
         }
     }
     info!("stopping: writing open batches");
     let batches: Vec<(i32, Batch)> = state.lock().unwrap().batches.drain().collect();
     for (p, b) in batches {
-        roll(&consumer, &sink, &dlq, &cfg.flow_topic, p, &b)?;
+        roll(&consumer, &sink, &dlq, enriched.as_deref(), &cfg.flow_topic, p, &b)?;
     }
     Ok(())
 }

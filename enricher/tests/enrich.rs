@@ -64,7 +64,7 @@ impl Broker {
         let port = free_port();
         let st = Command::new("bash")
             .arg(script())
-            .args(["start", dir.to_str().unwrap(), &port.to_string(), "flowlog.flows", "flowlog.identity", "flowlog.dlq"])
+            .args(["start", dir.to_str().unwrap(), &port.to_string(), "flowlog.flows", "flowlog.identity", "flowlog.dlq", "flowlog.enriched"])
             .env("PARTITIONS", partitions.to_string())
             .status()
             .unwrap();
@@ -231,7 +231,7 @@ fn attributes_by_time_with_static_map_and_dead_letters() {
         ("c".to_string(), flow(4, [8, 8, 8, 8], T0 + 400 * S, 104)),
     ];
     produce(&b.addr, "flowlog.flows", &flows);
-    let e = start_enricher(&b.addr, &out, &["--static-map", map.to_str().unwrap()]);
+    let e = start_enricher(&b.addr, &out, &["--static-map", map.to_str().unwrap(), "--enriched-topic", "flowlog.enriched"]);
     let recs = wait_files(&out, 5, Duration::from_secs(60));
     stop(e);
     assert_eq!(recs.len(), 5, "{recs:#?}");
@@ -277,6 +277,28 @@ fn attributes_by_time_with_static_map_and_dead_letters() {
         }
     }
     assert_eq!(reasons, vec!["not Avro single-object encoded".to_string(), "truncated".to_string()]);
+
+    // The enriched topic holds the same five records, single-object encoded.
+    let reader = apache_avro::GenericSingleObjectReader::new(Schema::parse_str(include_str!("../../schemas/enriched_flow.avsc")).unwrap()).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("flowlog.enriched", 0, rdkafka::Offset::Beginning).unwrap();
+    c.assign(&tpl).unwrap();
+    let mut workloads = std::collections::BTreeMap::new();
+    let t0 = Instant::now();
+    while workloads.len() < 5 && t0.elapsed() < Duration::from_secs(30) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            let Value::Record(f) = reader.read_value(&mut m.payload().unwrap()).unwrap() else { panic!() };
+            let get = |n: &str| f.iter().find(|(k, _)| k == n).unwrap().1.clone();
+            let Value::Long(seq) = get("sequence") else { panic!() };
+            let Value::Record(remote) = get("remote") else { panic!() };
+            let wl = remote.iter().find(|(k, _)| k == "workload").unwrap().1.clone();
+            workloads.insert(seq, wl);
+        }
+    }
+    assert_eq!(workloads.len(), 5);
+    assert_eq!(workloads[&0], Value::Union(1, Box::new(Value::String("billing".into()))));
+    assert_eq!(workloads[&1], Value::Union(0, Box::new(Value::Null)));
+    assert_eq!(workloads[&2], Value::Union(1, Box::new(Value::String("search".into()))));
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_file(&map);
 }
