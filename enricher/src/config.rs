@@ -29,6 +29,10 @@ pub struct Config {
     pub batch_max_records: usize,
     /// ... or this age, seconds.
     pub batch_max_age_secs: u64,
+    /// A flow with an unattributed side, younger than this (by its end time),
+    /// is held back (its batch waits) so that late metadata can still
+    /// attribute it; seconds, 0 disables.
+    pub late_window_secs: u64,
     /// Prometheus endpoint; empty disables it.
     pub metrics_listen: String,
     /// Extra librdkafka properties for the consumer and the DLQ producer.
@@ -48,6 +52,7 @@ impl Default for Config {
             static_map: None,
             batch_max_records: 50_000,
             batch_max_age_secs: 10,
+            late_window_secs: 120,
             metrics_listen: "127.0.0.1:9465".into(),
             kafka_properties: BTreeMap::new(),
         }
@@ -74,6 +79,8 @@ pub struct Cli {
     pub batch_max_records: Option<usize>,
     #[arg(long, env = "FLOWLOG_ENRICHER_BATCH_MAX_AGE_SECS")]
     pub batch_max_age_secs: Option<u64>,
+    #[arg(long, env = "FLOWLOG_ENRICHER_LATE_WINDOW_SECS")]
+    pub late_window_secs: Option<u64>,
     #[arg(long, env = "FLOWLOG_ENRICHER_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
     #[arg(long, env = "FLOWLOG_ENRICHER_LOG", default_value = "info")]
@@ -97,6 +104,7 @@ impl Config {
         if let Some(v) = cli.batch_max_records { c.batch_max_records = v; }
         if let Some(v) = cli.batch_max_age_secs { c.batch_max_age_secs = v; }
         if let Some(v) = &cli.metrics_listen { c.metrics_listen = v.clone(); }
+        if let Some(v) = cli.late_window_secs { c.late_window_secs = v; }
         if c.batch_max_records == 0 {
             anyhow::bail!("invalid setting batch_max_records: must be > 0");
         }

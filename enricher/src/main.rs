@@ -74,8 +74,34 @@ struct TopicSink {
     header: Vec<u8>,
 }
 
+/// The metadata the attribution reads (shared with the rebalance callbacks).
+#[derive(Clone)]
+struct Sources {
+    identity: Arc<RwLock<IdentityStore>>,
+    cidr: Arc<RwLock<CidrMap>>,
+}
+
+impl Sources {
+    /// Attributes the held-back records again, now that more metadata may be in.
+    fn settle(&self, b: &mut Batch) {
+        if b.held.is_empty() {
+            return;
+        }
+        let (ids, cidr) = (self.identity.read().unwrap(), self.cidr.read().unwrap());
+        let a = Attributor { identity: &ids, cidr: &cidr };
+        for (i, f) in b.held.drain(..) {
+            let e = a.enrich(f);
+            if e.local.attributed && e.remote.attributed {
+                ::metrics::counter!(metrics::LATE_ATTRIBUTED).increment(1);
+            }
+            b.records[i] = e;
+        }
+    }
+}
+
 struct Ctx {
     state: Arc<Mutex<State>>,
+    sources: Sources,
     sink: Arc<FileSink>,
     dlq: Arc<OutProducer>,
     enriched: Option<Arc<TopicSink>>,
@@ -90,7 +116,8 @@ impl ConsumerContext for Ctx {
             // Finish what was read from the partitions being taken away.
             let mut st = self.state.lock().unwrap();
             for e in tpl.elements() {
-                if let Some(b) = st.batches.remove(&e.partition()) {
+                if let Some(mut b) = st.batches.remove(&e.partition()) {
+                    self.sources.settle(&mut b);
                     if let Err(err) = roll(consumer, &self.sink, &self.dlq, self.enriched.as_deref(), &self.topic, e.partition(), &b) {
                         error!(partition = e.partition(), "flushing on revoke failed; the next owner redoes it: {err:#}");
                     }
@@ -219,6 +246,10 @@ fn follow_identity(cfg: &Config, store: Arc<RwLock<IdentityStore>>) -> anyhow::R
     Ok(())
 }
 
+fn now_ns() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -243,16 +274,18 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     if !cfg.metrics_listen.is_empty() {
         metrics::serve(cfg.metrics_listen.parse()?)?;
     }
-    let mut cidr = match &cfg.static_map {
+    let cidr = Arc::new(RwLock::new(match &cfg.static_map {
         Some(p) => CidrMap::load(p).map_err(|e| anyhow::anyhow!("static map: {e}"))?,
         None => CidrMap::default(),
-    };
+    }));
     let mut cidr_loaded = SystemTime::now();
     let mut cidr_mtime = cfg.static_map.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-    ::metrics::gauge!(metrics::STATIC_MAP_ENTRIES).set(cidr.entries as f64);
+    ::metrics::gauge!(metrics::STATIC_MAP_ENTRIES).set(cidr.read().unwrap().entries as f64);
 
     let identity = Arc::new(RwLock::new(IdentityStore::default()));
     follow_identity(&cfg, identity.clone())?;
+    let sources = Sources { identity: identity.clone(), cidr: cidr.clone() };
+    let late_window_ns = cfg.late_window_secs as i64 * 1_000_000_000;
 
     let sink = Arc::new(FileSink::new(cfg.output_dir.clone(), cfg.flow_topic.clone())?);
     let dlq: Arc<OutProducer> = Arc::new(
@@ -279,6 +312,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         .set("fetch.wait.max.ms", "50")
         .create_with_context(Ctx {
             state: state.clone(),
+            sources: sources.clone(),
             sink: sink.clone(),
             dlq: dlq.clone(),
             enriched: enriched.clone(),
@@ -308,7 +342,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             }
             ::metrics::counter!(metrics::RECORDS_IN).increment(1);
             let payload = m.payload().unwrap_or_default();
-            let batch = st.batches.entry(p).or_insert_with(|| Batch { first: off, last: off, records: Vec::new(), opened: Instant::now() });
+            let batch = st.batches.entry(p).or_insert_with(|| Batch::new(off));
             batch.last = off;
             match decode::flow(payload, &fp) {
                 Ok(f) => {
@@ -319,10 +353,18 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                             ::metrics::counter!(metrics::SEQUENCE_GAPS).increment((f.sequence - prev - 1) as u64);
                         }
                     }
-                    let ids = identity.read().unwrap();
-                    let e = Attributor { identity: &ids, cidr: &cidr }.enrich(f);
+                    let (ids, map) = (identity.read().unwrap(), cidr.read().unwrap());
+                    let keep = (late_window_ns > 0).then(|| f.clone());
+                    let e = Attributor { identity: &ids, cidr: &map }.enrich(f);
                     metrics::record_attribution("local", &e.local);
                     metrics::record_attribution("remote", &e.remote);
+                    // Young and unattributed: hold it back for late metadata.
+                    let age = now_ns() - e.end_time_ns;
+                    if let Some(f) = keep.filter(|_| (!e.local.attributed || !e.remote.attributed) && age < late_window_ns) {
+                        let until = Instant::now() + Duration::from_nanos((late_window_ns - age.max(0)) as u64);
+                        batch.hold_until = Some(batch.hold_until.map_or(until, |h| h.max(until)));
+                        batch.held.push((batch.records.len(), f));
+                    }
                     batch.records.push(e);
                 }
                 Err(reject) => {
@@ -346,11 +388,21 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             last_check = Instant::now();
             let due: Vec<i32> = {
                 let st = state.lock().unwrap();
-                st.batches.iter().filter(|(_, b)| b.records.len() >= cfg.batch_max_records || b.opened.elapsed() >= max_age).map(|(p, _)| *p).collect()
+                st.batches
+                    .iter()
+                    .filter(|(_, b)| {
+                        let full = b.records.len() >= cfg.batch_max_records || b.opened.elapsed() >= max_age;
+                        let waiting = b.hold_until.is_some_and(|h| Instant::now() < h);
+                        // Held batches wait, but never past max age + the late window.
+                        full && (!waiting || b.opened.elapsed() >= max_age + Duration::from_secs(cfg.late_window_secs))
+                    })
+                    .map(|(p, _)| *p)
+                    .collect()
             };
             for p in due {
                 let b = state.lock().unwrap().batches.remove(&p);
-                if let Some(b) = b {
+                if let Some(mut b) = b {
+                    sources.settle(&mut b);
                     roll(&consumer, &sink, &dlq, enriched.as_deref(), &cfg.flow_topic, p, &b)?;
                     state.lock().unwrap().done_through.insert(p, b.last);
                 }
@@ -363,9 +415,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                     match CidrMap::load(path) {
                         Ok(m) => {
                             info!(entries = m.entries, "static map reloaded");
-                            cidr = m;
+                            ::metrics::gauge!(metrics::STATIC_MAP_ENTRIES).set(m.entries as f64);
+                            *cidr.write().unwrap() = m;
                             cidr_loaded = SystemTime::now();
-                            ::metrics::gauge!(metrics::STATIC_MAP_ENTRIES).set(cidr.entries as f64);
                         }
                         Err(e) => {
                             ::metrics::counter!(metrics::SOURCE_ERRORS, "source" => "static").increment(1);
@@ -394,7 +446,8 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     }
     info!("stopping: writing open batches");
     let batches: Vec<(i32, Batch)> = state.lock().unwrap().batches.drain().collect();
-    for (p, b) in batches {
+    for (p, mut b) in batches {
+        sources.settle(&mut b);
         roll(&consumer, &sink, &dlq, enriched.as_deref(), &cfg.flow_topic, p, &b)?;
     }
     Ok(())

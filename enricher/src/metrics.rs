@@ -13,6 +13,7 @@ pub const STATIC_MAP_ENTRIES: &str = "flowlog_enricher_static_map_entries";
 pub const SOURCE_AGE: &str = "flowlog_enricher_source_age_seconds";
 pub const SOURCE_ERRORS: &str = "flowlog_enricher_source_errors_total";
 pub const TRACKED_IPS: &str = "flowlog_enricher_tracked_ips";
+pub const LATE_ATTRIBUTED: &str = "flowlog_enricher_late_attributed_total";
 pub const CONSUMER_LAG: &str = "flowlog_enricher_consumer_lag_records";
 pub const IDENTITY_LAST_SEEN: &str = "flowlog_enricher_identity_last_seen_timestamp_seconds";
 

@@ -343,3 +343,28 @@ fn kill_9_loses_and_duplicates_nothing() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// A flow whose remote IP nobody has announced yet is held back; the owner's
+/// heartbeat arrives a few seconds later (but says it owned the IP since
+/// before the flow), and the flow is written attributed to it.
+#[test]
+fn late_metadata_still_attributes_held_flows() {
+    if !ready() {
+        return;
+    }
+    let b = Broker::start("late", 1);
+    let out = std::env::temp_dir().join(format!("flowlog-enr-late-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+    produce(&b.addr, "flowlog.flows", &[("c".into(), flow(0, [10, 7, 7, 7], now - 2 * S, 500))]);
+    let e = start_enricher(&b.addr, &out, &["--late-window-secs", "15"]);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(read_files(&out).is_empty(), "the unattributed flow was not held back");
+    produce(&b.addr, "flowlog.identity", &[("z".into(), identity("host-z", "late-owner", &["10.7.7.7"], now - 60 * S, (0, "START")))]);
+    let recs = wait_files(&out, 1, Duration::from_secs(40));
+    stop(e);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["remote"]["workload"], "late-owner");
+    assert_eq!(recs[0]["remote"]["attributed"], true);
+    let _ = std::fs::remove_dir_all(&out);
+}

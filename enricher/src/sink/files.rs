@@ -20,13 +20,28 @@ use std::{
 
 use apache_avro::{Schema, Writer};
 
-use crate::attribute::{EnrichedFlow, ENRICHED_SCHEMA};
+use crate::{
+    attribute::{EnrichedFlow, ENRICHED_SCHEMA},
+    decode::Flow,
+};
 
 pub struct Batch {
     pub first: i64,
     pub last: i64,
     pub records: Vec<EnrichedFlow>,
     pub opened: Instant,
+    /// Records with an unattributed side that recent enough for metadata to
+    /// still arrive: (index in `records`, the decoded flow), re-attributed
+    /// when the batch rolls.
+    pub held: Vec<(usize, Flow)>,
+    /// The batch waits for late metadata until then.
+    pub hold_until: Option<Instant>,
+}
+
+impl Batch {
+    pub fn new(first: i64) -> Batch {
+        Batch { first, last: first, records: Vec::new(), opened: Instant::now(), held: Vec::new(), hold_until: None }
+    }
 }
 
 pub struct FileSink {
