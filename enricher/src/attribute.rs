@@ -137,8 +137,11 @@ pub fn flow_id(f: &Flow) -> String {
     format!("{h:016x}")
 }
 
+/// Sources in order of authority: the sidecars' own heartbeats, EC2
+/// network interfaces, the static map.
 pub struct Attributor<'a> {
     pub identity: &'a IdentityStore,
+    pub ec2: &'a IdentityStore,
     pub cidr: &'a CidrMap,
 }
 
@@ -149,15 +152,21 @@ impl Attributor<'_> {
         if is_local && own || !is_local && ip.is_loopback() {
             return Attribution::of(&owner_of(&f.host), "SIDECAR");
         }
-        match self.identity.owner_at(ip, t) {
-            Ok(o) => Attribution::of(&o, "SIDECAR"),
-            Err(miss) => match self.cidr.lookup(ip) {
-                Some(o) => Attribution::of(&o, "STATIC"),
-                None => Attribution::none(match miss {
-                    Miss::UnknownIp => "UNKNOWN_IP",
-                    Miss::NoOwnerAtTime => "NO_OWNER_AT_TIME",
-                }),
-            },
+        let miss = match self.identity.owner_at(ip, t) {
+            Ok(o) => return Attribution::of(&o, "SIDECAR"),
+            Err(m) => m,
+        };
+        let miss = match self.ec2.owner_at(ip, t) {
+            Ok(o) => return Attribution::of(&o, "EC2"),
+            Err(Miss::NoOwnerAtTime) => Miss::NoOwnerAtTime,
+            Err(Miss::UnknownIp) => miss,
+        };
+        match self.cidr.lookup(ip) {
+            Some(o) => Attribution::of(&o, "STATIC"),
+            None => Attribution::none(match miss {
+                Miss::UnknownIp => "UNKNOWN_IP",
+                Miss::NoOwnerAtTime => "NO_OWNER_AT_TIME",
+            }),
         }
     }
 

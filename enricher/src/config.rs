@@ -37,6 +37,25 @@ pub struct Config {
     pub metrics_listen: String,
     /// Extra librdkafka properties for the consumer and the DLQ producer.
     pub kafka_properties: BTreeMap<String, String>,
+    /// The EC2 network-interface source (`[ec2]`).
+    pub ec2: Ec2Settings,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ec2Settings {
+    /// Regions to describe; empty disables the source.
+    pub regions: Vec<String>,
+    /// Custom endpoint URL (an EC2-compatible server); unset for AWS.
+    pub endpoint_url: Option<String>,
+    /// Seconds between DescribeNetworkInterfaces sweeps.
+    pub refresh_secs: u64,
+}
+
+impl Default for Ec2Settings {
+    fn default() -> Self {
+        Ec2Settings { regions: Vec::new(), endpoint_url: None, refresh_secs: 60 }
+    }
 }
 
 impl Default for Config {
@@ -55,6 +74,7 @@ impl Default for Config {
             late_window_secs: 120,
             metrics_listen: "127.0.0.1:9465".into(),
             kafka_properties: BTreeMap::new(),
+            ec2: Ec2Settings::default(),
         }
     }
 }
@@ -83,6 +103,15 @@ pub struct Cli {
     pub late_window_secs: Option<u64>,
     #[arg(long, env = "FLOWLOG_ENRICHER_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// ec2.regions (comma separated)
+    #[arg(long, env = "FLOWLOG_ENRICHER_EC2_REGIONS", value_delimiter = ',')]
+    pub ec2_regions: Option<Vec<String>>,
+    /// ec2.endpoint_url
+    #[arg(long, env = "FLOWLOG_ENRICHER_EC2_ENDPOINT_URL")]
+    pub ec2_endpoint_url: Option<String>,
+    /// ec2.refresh_secs
+    #[arg(long, env = "FLOWLOG_ENRICHER_EC2_REFRESH_SECS")]
+    pub ec2_refresh_secs: Option<u64>,
     #[arg(long, env = "FLOWLOG_ENRICHER_LOG", default_value = "info")]
     pub log: String,
 }
@@ -105,6 +134,9 @@ impl Config {
         if let Some(v) = cli.batch_max_age_secs { c.batch_max_age_secs = v; }
         if let Some(v) = &cli.metrics_listen { c.metrics_listen = v.clone(); }
         if let Some(v) = cli.late_window_secs { c.late_window_secs = v; }
+        if let Some(v) = &cli.ec2_regions { c.ec2.regions = v.clone(); }
+        if let Some(v) = &cli.ec2_endpoint_url { c.ec2.endpoint_url = Some(v.clone()); }
+        if let Some(v) = cli.ec2_refresh_secs { c.ec2.refresh_secs = v; }
         if c.batch_max_records == 0 {
             anyhow::bail!("invalid setting batch_max_records: must be > 0");
         }

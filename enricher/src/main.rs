@@ -78,6 +78,7 @@ struct TopicSink {
 #[derive(Clone)]
 struct Sources {
     identity: Arc<RwLock<IdentityStore>>,
+    ec2: Arc<RwLock<IdentityStore>>,
     cidr: Arc<RwLock<CidrMap>>,
 }
 
@@ -87,8 +88,8 @@ impl Sources {
         if b.held.is_empty() {
             return;
         }
-        let (ids, cidr) = (self.identity.read().unwrap(), self.cidr.read().unwrap());
-        let a = Attributor { identity: &ids, cidr: &cidr };
+        let (ids, ec2, cidr) = (self.identity.read().unwrap(), self.ec2.read().unwrap(), self.cidr.read().unwrap());
+        let a = Attributor { identity: &ids, ec2: &ec2, cidr: &cidr };
         for (i, f) in b.held.drain(..) {
             let e = a.enrich(f);
             if e.local.attributed && e.remote.attributed {
@@ -284,7 +285,14 @@ fn run(cfg: Config) -> anyhow::Result<()> {
 
     let identity = Arc::new(RwLock::new(IdentityStore::default()));
     follow_identity(&cfg, identity.clone())?;
-    let sources = Sources { identity: identity.clone(), cidr: cidr.clone() };
+    let ec2 = Arc::new(RwLock::new(IdentityStore::default()));
+    if !cfg.ec2.regions.is_empty() {
+        #[cfg(feature = "ec2")]
+        flowlog_enricher::sources::ec2::start(cfg.ec2.clone(), ec2.clone())?;
+        #[cfg(not(feature = "ec2"))]
+        anyhow::bail!("[ec2] is configured but this enricher was built without the ec2 feature");
+    }
+    let sources = Sources { identity: identity.clone(), ec2: ec2.clone(), cidr: cidr.clone() };
     let late_window_ns = cfg.late_window_secs as i64 * 1_000_000_000;
 
     let sink = Arc::new(FileSink::new(cfg.output_dir.clone(), cfg.flow_topic.clone())?);
@@ -353,9 +361,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                             ::metrics::counter!(metrics::SEQUENCE_GAPS).increment((f.sequence - prev - 1) as u64);
                         }
                     }
-                    let (ids, map) = (identity.read().unwrap(), cidr.read().unwrap());
+                    let (ids, ec2s, map) = (identity.read().unwrap(), ec2.read().unwrap(), cidr.read().unwrap());
                     let keep = (late_window_ns > 0).then(|| f.clone());
-                    let e = Attributor { identity: &ids, cidr: &map }.enrich(f);
+                    let e = Attributor { identity: &ids, ec2: &ec2s, cidr: &map }.enrich(f);
                     metrics::record_attribution("local", &e.local);
                     metrics::record_attribution("remote", &e.remote);
                     // Young and unattributed: hold it back for late metadata.

@@ -368,3 +368,84 @@ fn late_metadata_still_attributes_held_flows() {
     assert_eq!(recs[0]["remote"]["attributed"], true);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// EC2 as a source, against a real EC2-compatible HTTP endpoint (moto) seeded
+/// through the EC2 API: an ENI's IP is released, then reassigned to another
+/// workload; flows are attributed by their start time, even though they are
+/// all processed after the reassignment.
+#[test]
+fn ec2_ip_reuse_against_an_ec2_endpoint() {
+    if !ready() {
+        return;
+    }
+    let moto_bin = tools().join("venv-py-1/bin/moto_server");
+    let py = tools().join("venv-py-1/bin/python");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut moto = Command::new(&moto_bin).args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "moto did not start");
+        if let Ok(Some(st)) = moto.try_wait() {
+            panic!("moto exited: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _moto = Kill(moto);
+    let ec2 = |args: &[&str]| -> String {
+        let o = Command::new(&py).arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/moto_ec2.py")).arg(&url).args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+
+    let eni_a = ec2(&["create", "172.31.0.50", "billing"]);
+    let b = Broker::start("ec2", 1);
+    let out = std::env::temp_dir().join(format!("flowlog-enr-ec2-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowlog-enricher"));
+    cmd.args(["--brokers", &b.addr, "--output-dir", out.to_str().unwrap(), "--batch-max-age-secs", "1", "--metrics-listen", ""])
+        .args(["--ec2-regions", "us-east-1", "--ec2-endpoint-url", &url, "--ec2-refresh-secs", "1", "--late-window-secs", "0"])
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    let e = cmd.spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let t1 = now();
+    ec2(&["delete", &eni_a]);
+    std::thread::sleep(Duration::from_secs(4));
+    let t2 = now();
+    let eni_b = ec2(&["create", "172.31.0.50", "search"]);
+    std::thread::sleep(Duration::from_secs(4));
+    let t3 = now();
+    produce(&b.addr, "flowlog.flows", &[
+        ("c".into(), flow(0, [172, 31, 0, 50], t1, 1)),
+        ("c".into(), flow(1, [172, 31, 0, 50], t2, 2)),
+        ("c".into(), flow(2, [172, 31, 0, 50], t3, 3)),
+    ]);
+    let recs = wait_files(&out, 3, Duration::from_secs(40));
+    stop(e);
+    assert_eq!(recs.len(), 3, "{recs:#?}");
+    let remote = |s: i64| recs.iter().find(|r| r["sequence"] == s).unwrap()["remote"].clone();
+    let a = remote(0);
+    assert_eq!(a["workload"], "billing");
+    assert_eq!(a["source"], "EC2");
+    assert_eq!(a["team"], "billing-team");
+    assert_eq!(a["region"], "us-east-1");
+    assert_eq!(a["labels"]["eni_id"], eni_a.as_str());
+    assert!(a["labels"]["vpc_id"].as_str().unwrap().starts_with("vpc-"));
+    assert!(a["account"].as_str().is_some_and(|s| !s.is_empty()), "{a}");
+    assert_eq!(remote(1)["attributed"], false);
+    assert_eq!(remote(1)["reason"], "NO_OWNER_AT_TIME");
+    let c = remote(2);
+    assert_eq!(c["workload"], "search");
+    assert_eq!(c["labels"]["eni_id"], eni_b.as_str());
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -174,7 +174,8 @@ fn main() -> anyhow::Result<()> {
     // Fast path: decode -> attribute -> Avro container (serde), one thread.
     let t = Instant::now();
     let mut w = Writer::new(&enriched, Vec::new());
-    let attributor = Attributor { identity: &store, cidr: &cidr };
+    let no_ec2 = IdentityStore::default();
+    let attributor = Attributor { identity: &store, ec2: &no_ec2, cidr: &cidr };
     let mut attributed = 0usize;
     for m in &msgs {
         let f = decode::flow(m, &fp).map_err(|e| anyhow::anyhow!(e.0))?;

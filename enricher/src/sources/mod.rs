@@ -1,6 +1,8 @@
 //! Metadata sources: who owned an IP, and when.
 
 pub mod cidr;
+#[cfg(feature = "ec2")]
+pub mod ec2;
 pub mod identity;
 
 use std::{collections::BTreeMap, sync::Arc};
