@@ -80,6 +80,8 @@ pub struct Capture {
     /// the next record carries only the delta.
     reported: HashMap<u64, Counters>,
     identity: IdentityConfig,
+    /// Kernel id of the attached program, for its run-time statistics.
+    pub prog_id: Option<u32>,
 }
 
 impl Capture {
@@ -98,6 +100,7 @@ impl Capture {
             last_reported: KernelCounters::default(),
             reported: HashMap::new(),
             identity,
+            prog_id: None,
         })
     }
 
@@ -208,6 +211,13 @@ impl Capture {
         metrics::counter!(m::LISTEN_MAP_FULL).absolute(now.listen_map_full);
         metrics::counter!(m::KERNEL_READ_ERRORS).absolute(now.read_errors);
         m::record_process();
+        // BPF run time/count (non-zero only with kernel.bpf_stats_enabled=1).
+        if let Some(id) = self.prog_id {
+            if let Some(info) = aya::programs::loaded_programs().filter_map(Result::ok).find(|p| p.id() == id) {
+                metrics::gauge!(m::BPF_RUN_TIME).set(info.run_time().as_secs_f64());
+                metrics::counter!(m::BPF_RUN_COUNT).absolute(info.run_count());
+            }
+        }
         if let Sink::Kafka(k) = &self.sink {
             k.update_gauges();
         }

@@ -76,6 +76,7 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
         mode => Sink::Print(Printer::new(mode, std::io::stdout())),
     };
     let mut capture = Capture::new(&mut ebpf, sink, config.identity.clone())?;
+    capture.prog_id = ebpf.program(attached.program_name()).and_then(|p| p.info().ok()).map(|i| i.id());
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

@@ -96,6 +96,7 @@ fn flows_reach_the_broker_exactly() {
     assert_eq!(metric(&body, "flowlog_sidecar_broker_up"), 1.0);
     assert!(body.contains("flowlog_sidecar_delivery_latency_seconds_bucket"));
     assert!(body.contains("flowlog_sidecar_process_resident_memory_bytes"));
+    assert!(body.contains("flowlog_sidecar_bpf_runs_total"), "{body}");
 
     let (_, stats) = sc.stop();
     assert_eq!(stats["kernel"]["ringbuf_full"], 0);
