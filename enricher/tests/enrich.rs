@@ -239,6 +239,8 @@ fn attributes_by_time_with_static_map_and_dead_letters() {
     let remote = |s: i64| &by_seq(s)["remote"];
     assert_eq!(remote(0)["workload"], "billing");
     assert_eq!(remote(0)["source"], "SIDECAR");
+    assert_eq!(remote(0)["confidence"], 1.0);
+    assert_eq!(remote(1)["confidence"], 0.0);
     assert_eq!(remote(0)["host_id"], "host-a");
     assert_eq!(remote(0)["team"], "billing-team");
     assert_eq!(remote(1)["attributed"], false);
@@ -440,6 +442,9 @@ fn ec2_ip_reuse_against_an_ec2_endpoint() {
     assert_eq!(a["team"], "billing-team");
     assert_eq!(a["region"], "us-east-1");
     assert_eq!(a["labels"]["eni_id"], eni_a.as_str());
+    assert_eq!(a["eni_id"], eni_a.as_str());
+    assert!(a["subnet_id"].as_str().unwrap().starts_with("subnet-"));
+    assert!((a["confidence"].as_f64().unwrap() - 0.9).abs() < 1e-6);
     assert!(a["labels"]["vpc_id"].as_str().unwrap().starts_with("vpc-"));
     assert!(a["account"].as_str().is_some_and(|s| !s.is_empty()), "{a}");
     assert_eq!(remote(1)["attributed"], false);

@@ -67,9 +67,9 @@ impl CidrMap {
     pub fn parse(text: &str) -> Result<CidrMap, String> {
         // serde's flatten cannot deny unknown keys, so check them here: a
         // misspelt attribute must not silently vanish.
-        const KEYS: [&str; 13] = [
+        const KEYS: [&str; 16] = [
             "cidr", "workload", "host_id", "instance_id", "app", "service", "cluster", "env", "account", "region",
-            "zone", "team", "labels",
+            "zone", "team", "labels", "eni_id", "vpc_id", "subnet_id",
         ];
         let raw: toml::Value = toml::from_str(text).map_err(|e| e.to_string())?;
         if let Some(entries) = raw.get("entry").and_then(|e| e.as_array()) {

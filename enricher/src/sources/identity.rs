@@ -50,6 +50,9 @@ pub fn owner_of(h: &HostIdentity) -> Owner {
         region: h.labels.get("region").cloned(),
         zone: h.labels.get("zone").cloned(),
         team: h.labels.get("team").cloned(),
+        eni_id: h.labels.get("eni_id").cloned(),
+        vpc_id: h.labels.get("vpc_id").cloned(),
+        subnet_id: h.labels.get("subnet_id").cloned(),
         labels: h.labels.clone(),
     })
 }

@@ -23,6 +23,9 @@ pub struct Attrs {
     pub zone: Option<String>,
     pub team: Option<String>,
     pub labels: BTreeMap<String, String>,
+    pub eni_id: Option<String>,
+    pub vpc_id: Option<String>,
+    pub subnet_id: Option<String>,
 }
 
 pub type Owner = Arc<Attrs>;
