@@ -148,8 +148,8 @@ fn generic(msgs: &[Vec<u8>], flow: &Schema, enriched: &Schema, store: &IdentityS
             };
             let o = owner.map(|o| (*o).clone()).unwrap_or_default();
             a.put("workload", opt(o.workload));
-            a.put("host_id", opt(o.host_id));
             a.put("confidence", Value::Float(if o.host_id.is_some() { 1.0 } else { 0.0 }));
+            a.put("host_id", opt(o.host_id));
             for k in ["instance_id", "app", "service", "cluster", "env", "account", "region", "zone", "team", "eni_id", "vpc_id", "subnet_id"] {
                 a.put(k, Value::Union(0, Box::new(Value::Null)));
             }
