@@ -13,8 +13,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo "sudo -E")
 setup:
 	bash scripts/setup.sh all
 
+## What the demo and the benchmarks run (the enricher's EC2 source is a long
+## build and is not needed there; `cargo build --release` builds everything).
 build:
-	cargo build --release
+	cargo build --release -p flowlog-sidecar -p flowlog-bench
 
 ## Everything CI checks: unit tests and the tests on the real kernel (root)
 ## and the real local broker. Plain `cargo test` skips the root-only ones.
