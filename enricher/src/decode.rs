@@ -50,11 +50,11 @@ impl<'a> Reader<'a> {
     }
     fn bytes(&mut self) -> Result<&'a [u8], Reject> {
         let n = self.long()?;
-        if n < 0 || self.at + n as usize > self.buf.len() {
-            return Err(Reject::new("truncated"));
-        }
-        let s = &self.buf[self.at..self.at + n as usize];
-        self.at += n as usize;
+        // A length from the network: checked before any arithmetic on it.
+        let end = usize::try_from(n).ok().and_then(|n| self.at.checked_add(n)).filter(|e| *e <= self.buf.len());
+        let end = end.ok_or_else(|| Reject::new("truncated"))?;
+        let s = &self.buf[self.at..end];
+        self.at = end;
         Ok(s)
     }
     fn string(&mut self) -> Result<String, Reject> {
@@ -360,6 +360,11 @@ pub mod tests {
         other[5] ^= 0xff;
         assert!(flow(&other, &fp).unwrap_err().0.starts_with("unknown schema fingerprint"));
         assert_eq!(flow(b"hello", &fp).unwrap_err().0, "not Avro single-object encoded");
+        // A string length near i64::MAX must not overflow the reader.
+        let mut huge = vec![0xC3, 0x01];
+        huge.extend_from_slice(&fp);
+        huge.extend_from_slice(&[0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        assert_eq!(flow(&huge, &fp).unwrap_err().0, "truncated");
         let mut extra = good.clone();
         extra.push(0);
         assert_eq!(flow(&extra, &fp).unwrap_err().0, "1 trailing bytes");

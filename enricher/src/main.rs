@@ -231,7 +231,8 @@ fn follow_identity(cfg: &Config, store: Arc<RwLock<IdentityStore>>) -> anyhow::R
     while caught_up.len() < parts.len() && t0.elapsed() < Duration::from_secs(60) {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
             apply(&m);
-            if m.offset() + 1 >= ends[&m.partition()] {
+            // A partition added since the watermarks were read has no end: treat it as caught up.
+            if ends.get(&m.partition()).is_none_or(|end| m.offset() + 1 >= *end) {
                 caught_up.insert(m.partition());
             }
         }
