@@ -2,10 +2,24 @@
 //! single-object header check, then a direct reader of the binary datum in
 //! the schema's field order. Anything that does not decode, or decodes to
 //! nonsense, is a [`Reject`] with a reason for the dead-letter topic.
+//!
+//! Every flow repeats its sidecar's host block (id, name, workload, labels,
+//! IPs). It is decoded once per distinct block and shared ([`Host`], from a
+//! bounded moka cache keyed by the block's bytes), so a flow costs no string
+//! allocations for it and its IPs are parsed once per host, not per flow.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 use apache_avro::{rabin::Rabin, Schema};
+
+use crate::sources::{identity::owner_of, Owner};
 
 pub const FLOW_SCHEMA: &str = include_str!("../../schemas/flow.avsc");
 pub const IDENTITY_SCHEMA: &str = include_str!("../../schemas/identity.avsc");
@@ -36,7 +50,10 @@ impl<'a> Reader<'a> {
     fn long(&mut self) -> Result<i64, Reject> {
         let mut v: u64 = 0;
         for shift in (0..64).step_by(7) {
-            let b = *self.buf.get(self.at).ok_or_else(|| Reject::new("truncated"))?;
+            let b = *self
+                .buf
+                .get(self.at)
+                .ok_or_else(|| Reject::new("truncated"))?;
             self.at += 1;
             v |= ((b & 0x7f) as u64) << shift;
             if b & 0x80 == 0 {
@@ -51,7 +68,10 @@ impl<'a> Reader<'a> {
     fn bytes(&mut self) -> Result<&'a [u8], Reject> {
         let n = self.long()?;
         // A length from the network: checked before any arithmetic on it.
-        let end = usize::try_from(n).ok().and_then(|n| self.at.checked_add(n)).filter(|e| *e <= self.buf.len());
+        let end = usize::try_from(n)
+            .ok()
+            .and_then(|n| self.at.checked_add(n))
+            .filter(|e| *e <= self.buf.len());
         let end = end.ok_or_else(|| Reject::new("truncated"))?;
         let s = &self.buf[self.at..end];
         self.at = end;
@@ -59,6 +79,9 @@ impl<'a> Reader<'a> {
     }
     fn string(&mut self) -> Result<String, Reject> {
         String::from_utf8(self.bytes()?.to_vec()).map_err(|_| Reject::new("invalid UTF-8"))
+    }
+    fn str(&mut self) -> Result<&'a str, Reject> {
+        std::str::from_utf8(self.bytes()?).map_err(|_| Reject::new("invalid UTF-8"))
     }
     fn union_index(&mut self, n: i64) -> Result<i64, Reject> {
         let i = self.long()?;
@@ -68,17 +91,31 @@ impl<'a> Reader<'a> {
         Ok(i)
     }
     fn opt_string(&mut self) -> Result<Option<String>, Reject> {
-        Ok(if self.union_index(2)? == 0 { None } else { Some(self.string()?) })
+        Ok(if self.union_index(2)? == 0 {
+            None
+        } else {
+            Some(self.string()?)
+        })
     }
     fn opt_long(&mut self) -> Result<Option<i64>, Reject> {
-        Ok(if self.union_index(2)? == 0 { None } else { Some(self.long()?) })
+        Ok(if self.union_index(2)? == 0 {
+            None
+        } else {
+            Some(self.long()?)
+        })
     }
     fn enum_sym(&mut self, symbols: &[&'static str]) -> Result<&'static str, Reject> {
         let i = self.int()?;
-        symbols.get(i as usize).copied().ok_or_else(|| Reject::new(format!("bad enum index {i}")))
+        symbols
+            .get(i as usize)
+            .copied()
+            .ok_or_else(|| Reject::new(format!("bad enum index {i}")))
     }
     /// Array or map blocks: calls `item` once per element.
-    fn blocks(&mut self, mut item: impl FnMut(&mut Self) -> Result<(), Reject>) -> Result<(), Reject> {
+    fn blocks(
+        &mut self,
+        mut item: impl FnMut(&mut Self) -> Result<(), Reject>,
+    ) -> Result<(), Reject> {
         loop {
             let mut n = self.long()?;
             if n == 0 {
@@ -108,6 +145,89 @@ pub struct HostIdentity {
     pub ips: Vec<String>,
 }
 
+/// A sidecar's host block, decoded once and shared by all its flows.
+#[derive(Debug, PartialEq)]
+pub struct Host {
+    pub identity: HostIdentity,
+    /// The host as the owner of its own IPs.
+    pub owner: Owner,
+    /// `identity.ips` parsed (unparseable entries left out).
+    pub ips: Vec<IpAddr>,
+}
+
+impl Host {
+    pub fn new(identity: HostIdentity) -> Host {
+        Host {
+            owner: owner_of(&identity),
+            ips: identity.ips.iter().filter_map(|s| s.parse().ok()).collect(),
+            identity,
+        }
+    }
+}
+
+/// Host blocks seen recently, by their exact bytes. Bounded: a fleet's
+/// sidecars, each with a few IP changes, fit many times over.
+const HOST_CACHE_ENTRIES: u64 = 200_000;
+
+/// Decodes flow messages of one schema, sharing decoded host blocks.
+pub struct Decoder {
+    fp: [u8; 8],
+    hosts: moka::sync::Cache<Box<[u8]>, Arc<Host>, foldhash::fast::RandomState>,
+    pub host_hits: AtomicU64,
+    pub host_misses: AtomicU64,
+}
+
+impl Decoder {
+    pub fn new(fp: [u8; 8]) -> Decoder {
+        // foldhash, not SipHash: the keys are ~100-byte blocks hashed per flow.
+        let hosts = moka::sync::Cache::builder()
+            .max_capacity(HOST_CACHE_ENTRIES)
+            .build_with_hasher(Default::default());
+        Decoder {
+            fp,
+            hosts,
+            host_hits: AtomicU64::new(0),
+            host_misses: AtomicU64::new(0),
+        }
+    }
+
+    /// The host block at the reader: from the cache, or decoded and cached.
+    fn host(&self, r: &mut Reader) -> Result<Arc<Host>, Reject> {
+        let start = r.at;
+        skip_host(r)?;
+        let block = &r.buf[start..r.at];
+        if let Some(h) = self.hosts.get(block) {
+            self.host_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(h);
+        }
+        self.host_misses.fetch_add(1, Ordering::Relaxed);
+        let h = Arc::new(Host::new(host(&mut Reader { buf: block, at: 0 })?));
+        self.hosts.insert(block.into(), h.clone());
+        Ok(h)
+    }
+
+    /// Decodes and checks one flow message.
+    pub fn flow(&self, msg: &[u8]) -> Result<Flow, Reject> {
+        check_header(msg, &self.fp)?;
+        let r = &mut Reader { buf: msg, at: 10 };
+        let host = self.host(r)?;
+        flow_body(r, host)
+    }
+}
+
+/// Walks over a host block, checking its structure but building nothing.
+fn skip_host(r: &mut Reader) -> Result<(), Reject> {
+    r.bytes()?;
+    r.bytes()?;
+    for _ in 0..2 {
+        if r.union_index(2)? == 1 {
+            r.bytes()?;
+        }
+    }
+    r.blocks(|r| r.bytes().and_then(|_| r.bytes()).map(|_| ()))?;
+    r.blocks(|r| r.bytes().map(|_| ()))
+}
+
 fn host(r: &mut Reader) -> Result<HostIdentity, Reject> {
     let mut h = HostIdentity {
         host_id: r.string()?,
@@ -134,7 +254,7 @@ fn host(r: &mut Reader) -> Result<HostIdentity, Reject> {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Flow {
-    pub host: HostIdentity,
+    pub host: Arc<Host>,
     pub sequence_epoch: i64,
     pub sequence: i64,
     pub connection_id: i64,
@@ -156,7 +276,9 @@ pub struct Flow {
     pub rtt_min_us: i32,
     pub end_reason: &'static str,
     pub error: Option<String>,
-    pub state_path: Vec<String>,
+    /// How many states the connection went through (the path itself is
+    /// not part of the enriched record).
+    pub state_path_len: usize,
     pub pid: i32,
     pub tid: i32,
     pub comm: String,
@@ -169,7 +291,10 @@ fn addr(family: &str, b: &[u8], which: &str) -> Result<IpAddr, Reject> {
     match (family, b.len()) {
         ("IPV4", 4) => Ok(IpAddr::from(<[u8; 4]>::try_from(b).unwrap())),
         ("IPV6", 16) => Ok(IpAddr::from(<[u8; 16]>::try_from(b).unwrap())),
-        _ => Err(Reject::new(format!("bad {which} address length {} for {family}", b.len()))),
+        _ => Err(Reject::new(format!(
+            "bad {which} address length {} for {family}",
+            b.len()
+        ))),
     }
 }
 
@@ -178,16 +303,27 @@ fn check_header(msg: &[u8], fp: &[u8; 8]) -> Result<(), Reject> {
         return Err(Reject::new("not Avro single-object encoded"));
     }
     if &msg[2..10] != fp {
-        return Err(Reject::new(format!("unknown schema fingerprint {}", msg[2..10].iter().map(|b| format!("{b:02x}")).collect::<String>())));
+        return Err(Reject::new(format!(
+            "unknown schema fingerprint {}",
+            msg[2..10]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        )));
     }
     Ok(())
 }
 
-/// Decodes and checks one flow message.
+/// Decodes and checks one flow message (host block not shared; see [`Decoder`]).
 pub fn flow(msg: &[u8], fp: &[u8; 8]) -> Result<Flow, Reject> {
     check_header(msg, fp)?;
     let r = &mut Reader { buf: msg, at: 10 };
-    let host = host(r)?;
+    let host = Arc::new(Host::new(host(r)?));
+    flow_body(r, host)
+}
+
+fn flow_body(r: &mut Reader, host: Arc<Host>) -> Result<Flow, Reject> {
+    let msg = r.buf;
     let sequence_epoch = r.long()?;
     let sequence = r.long()?;
     let connection_id = r.long()?;
@@ -221,15 +357,25 @@ pub fn flow(msg: &[u8], fp: &[u8; 8]) -> Result<Flow, Reject> {
         retransmits: r.long()?,
         srtt_us: r.int()?,
         rtt_min_us: r.int()?,
-        end_reason: r.enum_sym(&["OPEN", "NORMAL", "FAILED_CONNECT", "RESET_RECEIVED", "RESET_SENT", "TIMEOUT", "ERROR"])?,
+        end_reason: r.enum_sym(&[
+            "OPEN",
+            "NORMAL",
+            "FAILED_CONNECT",
+            "RESET_RECEIVED",
+            "RESET_SENT",
+            "TIMEOUT",
+            "ERROR",
+        ])?,
         error: r.opt_string()?,
-        state_path: {
-            let mut v = Vec::new();
+        // Checked, not kept: the enriched record does not carry it.
+        state_path_len: {
+            let mut n = 0;
             r.blocks(|r| {
-                v.push(r.string()?);
+                r.str()?;
+                n += 1;
                 Ok(())
             })?;
-            v
+            n
         },
         pid: r.int()?,
         tid: r.int()?,
@@ -271,7 +417,11 @@ pub fn identity(msg: &[u8], fp: &[u8; 8]) -> Result<Identity, Reject> {
     r.long()?;
     r.long()?;
     r.string()?;
-    Ok(Identity { host, time_ns, reason })
+    Ok(Identity {
+        host,
+        time_ns,
+        reason,
+    })
 }
 
 #[cfg(test)]
@@ -282,14 +432,22 @@ pub mod tests {
     /// Encodes a Flow with apache-avro's generic writer (not our code).
     pub fn encode_flow(f: impl Fn(&mut Record)) -> Vec<u8> {
         let schema = Schema::parse_str(FLOW_SCHEMA).unwrap();
-        let Schema::Record(rs) = &schema else { panic!() };
+        let Schema::Record(rs) = &schema else {
+            panic!()
+        };
         let host_schema = &rs.fields[0].schema;
         let mut h = Record::new(host_schema).unwrap();
         h.put("host_id", "h1");
         h.put("hostname", "box");
         h.put("instance_id", Value::Union(0, Box::new(Value::Null)));
-        h.put("workload", Value::Union(1, Box::new(Value::String("web".into()))));
-        h.put("labels", Value::Map([("team".to_string(), Value::String("net".into()))].into()));
+        h.put(
+            "workload",
+            Value::Union(1, Box::new(Value::String("web".into()))),
+        );
+        h.put(
+            "labels",
+            Value::Map([("team".to_string(), Value::String("net".into()))].into()),
+        );
         h.put("ips", Value::Array(vec![Value::String("10.0.0.1".into())]));
         let mut r = Record::new(&schema).unwrap();
         r.put("host", h);
@@ -303,7 +461,10 @@ pub mod tests {
         r.put("local_port", 40000);
         r.put("remote_addr", Value::Bytes(vec![10, 0, 0, 2]));
         r.put("remote_port", 443);
-        r.put("start_time_ns", Value::Union(1, Box::new(Value::Long(1_000))));
+        r.put(
+            "start_time_ns",
+            Value::Union(1, Box::new(Value::Long(1_000))),
+        );
         r.put("end_time_ns", 2_000i64);
         r.put("bytes_sent", 12_345i64);
         r.put("bytes_received", 1_000_003i64);
@@ -314,7 +475,10 @@ pub mod tests {
         r.put("rtt_min_us", 50);
         r.put("end_reason", Value::Enum(1, "NORMAL".into()));
         r.put("error", Value::Union(0, Box::new(Value::Null)));
-        r.put("state_path", Value::Array(vec![Value::String("CLOSE".into())]));
+        r.put(
+            "state_path",
+            Value::Array(vec![Value::String("CLOSE".into())]),
+        );
         r.put("pid", 7);
         r.put("tid", 8);
         r.put("comm", "curl");
@@ -332,12 +496,17 @@ pub mod tests {
     fn decodes_what_apache_avro_writes() {
         let fp = fingerprint(FLOW_SCHEMA);
         let f = flow(&encode_flow(|_| {}), &fp).unwrap();
-        assert_eq!(f.host.host_id, "h1");
-        assert_eq!(f.host.workload.as_deref(), Some("web"));
-        assert_eq!(f.host.labels["team"], "net");
-        assert_eq!(f.host.ips, vec!["10.0.0.1"]);
+        assert_eq!(f.host.identity.host_id, "h1");
+        assert_eq!(f.host.identity.workload.as_deref(), Some("web"));
+        assert_eq!(f.host.identity.labels["team"], "net");
+        assert_eq!(f.host.identity.ips, vec!["10.0.0.1"]);
+        assert_eq!(f.host.ips, vec!["10.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(f.state_path_len, 1);
         assert_eq!((f.sequence_epoch, f.sequence, f.connection_id), (5, 9, -3));
-        assert_eq!((f.record_type, f.family, f.direction), ("FINAL", "IPV4", "CLIENT"));
+        assert_eq!(
+            (f.record_type, f.family, f.direction),
+            ("FINAL", "IPV4", "CLIENT")
+        );
         assert_eq!(f.local_addr.to_string(), "10.0.0.1");
         assert_eq!(f.remote_port, 443);
         assert_eq!(f.start_time_ns, Some(1_000));
@@ -348,18 +517,58 @@ pub mod tests {
     }
 
     #[test]
+    fn host_blocks_are_decoded_once_and_shared() {
+        let d = Decoder::new(fingerprint(FLOW_SCHEMA));
+        let a = d.flow(&encode_flow(|r| r.put("sequence", 1i64))).unwrap();
+        let b = d.flow(&encode_flow(|r| r.put("sequence", 2i64))).unwrap();
+        assert!(Arc::ptr_eq(&a.host, &b.host));
+        assert_eq!(a.host.owner.workload.as_deref(), Some("web"));
+        assert_eq!(
+            (
+                d.host_hits.load(Ordering::Relaxed),
+                d.host_misses.load(Ordering::Relaxed)
+            ),
+            (1, 1)
+        );
+        // Same shape, invalid UTF-8 in the host id: rejected every time, never cached.
+        let mut bad = encode_flow(|_| {});
+        bad[11] = 0xff;
+        for _ in 0..2 {
+            assert_eq!(d.flow(&bad).unwrap_err().0, "invalid UTF-8");
+        }
+        assert_eq!(d.flow(&encode_flow(|_| {})).unwrap().sequence, 9);
+    }
+
+    #[test]
     fn rejects_nonsense() {
         let fp = fingerprint(FLOW_SCHEMA);
         let bad_len = encode_flow(|r| r.put("remote_addr", Value::Bytes(vec![1, 2, 3])));
-        assert_eq!(flow(&bad_len, &fp).unwrap_err().0, "bad remote address length 3 for IPV4");
-        let backwards = encode_flow(|r| r.put("start_time_ns", Value::Union(1, Box::new(Value::Long(5_000)))));
+        assert_eq!(
+            flow(&bad_len, &fp).unwrap_err().0,
+            "bad remote address length 3 for IPV4"
+        );
+        let backwards = encode_flow(|r| {
+            r.put(
+                "start_time_ns",
+                Value::Union(1, Box::new(Value::Long(5_000))),
+            )
+        });
         assert_eq!(flow(&backwards, &fp).unwrap_err().0, "end before start");
         let good = encode_flow(|_| {});
-        assert_eq!(flow(&good[..good.len() - 3], &fp).unwrap_err().0, "truncated");
+        assert_eq!(
+            flow(&good[..good.len() - 3], &fp).unwrap_err().0,
+            "truncated"
+        );
         let mut other = good.clone();
         other[5] ^= 0xff;
-        assert!(flow(&other, &fp).unwrap_err().0.starts_with("unknown schema fingerprint"));
-        assert_eq!(flow(b"hello", &fp).unwrap_err().0, "not Avro single-object encoded");
+        assert!(flow(&other, &fp)
+            .unwrap_err()
+            .0
+            .starts_with("unknown schema fingerprint"));
+        assert_eq!(
+            flow(b"hello", &fp).unwrap_err().0,
+            "not Avro single-object encoded"
+        );
         // A string length near i64::MAX must not overflow the reader.
         let mut huge = vec![0xC3, 0x01];
         huge.extend_from_slice(&fp);

@@ -3,7 +3,7 @@
 //! flow's start, and writes enriched Avro files exactly once. Messages that
 //! do not decode go to a dead-letter topic and never stop the consumer.
 
-use flowlog_enricher::{attribute, decode, metrics};
+use flowlog_enricher::{decode, encode, metrics};
 
 use std::{
     collections::{HashMap, HashSet},
@@ -70,7 +70,6 @@ type OutProducer = ThreadedProducer<ProduceCtx>;
 /// The enriched-topic sink: Avro single-object encoding of the enriched schema.
 struct TopicSink {
     topic: String,
-    schema: apache_avro::Schema,
     header: Vec<u8>,
 }
 
@@ -88,14 +87,22 @@ impl Sources {
         if b.held.is_empty() {
             return;
         }
-        let (ids, ec2, cidr) = (self.identity.read().unwrap(), self.ec2.read().unwrap(), self.cidr.read().unwrap());
-        let a = Attributor { identity: &ids, ec2: &ec2, cidr: &cidr };
-        for (i, f) in b.held.drain(..) {
-            let e = a.enrich(f);
+        let (ids, ec2, cidr) = (
+            self.identity.read().unwrap(),
+            self.ec2.read().unwrap(),
+            self.cidr.read().unwrap(),
+        );
+        let a = Attributor {
+            identity: &ids,
+            ec2: &ec2,
+            cidr: &cidr,
+        };
+        for i in b.held.drain(..) {
+            let e = &mut b.records[i];
+            a.settle(e);
             if e.local.attributed && e.remote.attributed {
                 ::metrics::counter!(metrics::LATE_ATTRIBUTED).increment(1);
             }
-            b.records[i] = e;
         }
     }
 }
@@ -119,8 +126,19 @@ impl ConsumerContext for Ctx {
             for e in tpl.elements() {
                 if let Some(mut b) = st.batches.remove(&e.partition()) {
                     self.sources.settle(&mut b);
-                    if let Err(err) = roll(consumer, &self.sink, &self.dlq, self.enriched.as_deref(), &self.topic, e.partition(), &b) {
-                        error!(partition = e.partition(), "flushing on revoke failed; the next owner redoes it: {err:#}");
+                    if let Err(err) = roll(
+                        consumer,
+                        &self.sink,
+                        &self.dlq,
+                        self.enriched.as_deref(),
+                        &self.topic,
+                        e.partition(),
+                        &b,
+                    ) {
+                        error!(
+                            partition = e.partition(),
+                            "flushing on revoke failed; the next owner redoes it: {err:#}"
+                        );
                     }
                 }
                 st.done_through.remove(&e.partition());
@@ -135,7 +153,10 @@ impl ConsumerContext for Ctx {
                 let p = e.partition();
                 let orphans = self.sink.remove_orphans(p);
                 if orphans > 0 {
-                    warn!(partition = p, orphans, "removed files of an unfinished batch; redoing it");
+                    warn!(
+                        partition = p,
+                        orphans, "removed files of an unfinished batch; redoing it"
+                    );
                 }
                 let done = self.sink.done_through(p).unwrap_or(-1);
                 st.done_through.insert(p, done);
@@ -159,12 +180,19 @@ fn roll(
     if let Some(t) = enriched {
         for r in &b.records {
             let mut msg = t.header.clone();
-            msg.extend(apache_avro::to_avro_datum(&t.schema, apache_avro::to_value(r)?)?);
-            let mut rec = BaseRecord::<str, [u8], ()>::to(&t.topic).key(r.host_id.as_str()).payload(&msg[..]);
+            encode::datum(r, &mut msg);
+            let mut rec = BaseRecord::<str, [u8], ()>::to(&t.topic)
+                .key(r.flow.host.identity.host_id.as_str())
+                .payload(&msg[..]);
             loop {
                 match out.send(rec) {
                     Ok(()) => break,
-                    Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        back,
+                    )) => {
                         rec = back;
                         std::thread::sleep(Duration::from_millis(5));
                     }
@@ -175,17 +203,21 @@ fn roll(
     }
     // Dead letters and enriched records must be delivered before the offsets
     // move past them.
-    out.flush(Duration::from_secs(30)).context("delivering dead letters / enriched records")?;
+    out.flush(Duration::from_secs(30))
+        .context("delivering dead letters / enriched records")?;
     if out.context().failed.load(Ordering::Relaxed) != failed_before {
         anyhow::bail!("some dead-letter or enriched records were not delivered; not committing");
     }
     if enriched.is_some() {
-        ::metrics::counter!(metrics::RECORDS_OUT, "sink" => "topic").increment(b.records.len() as u64);
+        ::metrics::counter!(metrics::RECORDS_OUT, "sink" => "topic")
+            .increment(b.records.len() as u64);
     }
     let files = sink.write(partition, b)?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(b.last + 1))?;
-    consumer.commit(&tpl, CommitMode::Sync).context("committing offsets")?;
+    consumer
+        .commit(&tpl, CommitMode::Sync)
+        .context("committing offsets")?;
     ::metrics::counter!(metrics::RECORDS_OUT, "sink" => "files").increment(b.records.len() as u64);
     ::metrics::counter!(metrics::FILES_ROLLED).increment(files.len() as u64);
     Ok(())
@@ -204,22 +236,33 @@ fn client_config(cfg: &Config) -> ClientConfig {
 /// current end (so attribution starts complete), then in the background.
 fn follow_identity(cfg: &Config, store: Arc<RwLock<IdentityStore>>) -> anyhow::Result<()> {
     let consumer: BaseConsumer = client_config(cfg)
-        .set("group.id", format!("{}-identity-{}", cfg.group_id, std::process::id()))
+        .set(
+            "group.id",
+            format!("{}-identity-{}", cfg.group_id, std::process::id()),
+        )
         .set("enable.auto.commit", "false")
         .create()?;
     let md = consumer.fetch_metadata(Some(&cfg.identity_topic), Duration::from_secs(10))?;
-    let parts: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let parts: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
     let mut tpl = TopicPartitionList::new();
     let mut ends = HashMap::new();
     for p in &parts {
         tpl.add_partition_offset(&cfg.identity_topic, *p, Offset::Beginning)?;
-        let (_, high) = consumer.fetch_watermarks(&cfg.identity_topic, *p, Duration::from_secs(10))?;
+        let (_, high) =
+            consumer.fetch_watermarks(&cfg.identity_topic, *p, Duration::from_secs(10))?;
         ends.insert(*p, high);
     }
     consumer.assign(&tpl)?;
     let fp = decode::fingerprint(decode::IDENTITY_SCHEMA);
     let loaded = store.clone();
-    let apply = move |m: &rdkafka::message::BorrowedMessage| match decode::identity(m.payload().unwrap_or_default(), &fp) {
+    let apply = move |m: &rdkafka::message::BorrowedMessage| match decode::identity(
+        m.payload().unwrap_or_default(),
+        &fp,
+    ) {
         Ok(id) => {
             store.write().unwrap().apply(&id);
             ::metrics::gauge!(metrics::IDENTITY_LAST_SEEN).set(id.time_ns as f64 / 1e9);
@@ -227,35 +270,52 @@ fn follow_identity(cfg: &Config, store: Arc<RwLock<IdentityStore>>) -> anyhow::R
         Err(e) => warn!("ignoring undecodable identity record: {}", e.0),
     };
     let t0 = Instant::now();
-    let mut caught_up: HashSet<i32> = ends.iter().filter(|(_, h)| **h == 0).map(|(p, _)| *p).collect();
+    let mut caught_up: HashSet<i32> = ends
+        .iter()
+        .filter(|(_, h)| **h == 0)
+        .map(|(p, _)| *p)
+        .collect();
     while caught_up.len() < parts.len() && t0.elapsed() < Duration::from_secs(60) {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
             apply(&m);
             // A partition added since the watermarks were read has no end: treat it as caught up.
-            if ends.get(&m.partition()).is_none_or(|end| m.offset() + 1 >= *end) {
+            if ends
+                .get(&m.partition())
+                .is_none_or(|end| m.offset() + 1 >= *end)
+            {
                 caught_up.insert(m.partition());
             }
         }
     }
-    info!(ips = loaded.read().unwrap().tracked_ips(), "identity history loaded");
-    std::thread::Builder::new().name("identity".into()).spawn(move || {
-        while !STOP.load(Ordering::Relaxed) {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                apply(&m);
+    info!(
+        ips = loaded.read().unwrap().tracked_ips(),
+        "identity history loaded"
+    );
+    std::thread::Builder::new()
+        .name("identity".into())
+        .spawn(move || {
+            while !STOP.load(Ordering::Relaxed) {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                    apply(&m);
+                }
             }
-        }
-    })?;
+        })?;
     Ok(())
 }
 
 fn now_ns() -> i64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Config::load(&cli).and_then(run) {
@@ -281,7 +341,10 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         None => CidrMap::default(),
     }));
     let mut cidr_loaded = SystemTime::now();
-    let mut cidr_mtime = cfg.static_map.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    let mut cidr_mtime = cfg
+        .static_map
+        .as_ref()
+        .and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
     ::metrics::gauge!(metrics::STATIC_MAP_ENTRIES).set(cidr.read().unwrap().entries as f64);
 
     let identity = Arc::new(RwLock::new(IdentityStore::default()));
@@ -293,10 +356,17 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         #[cfg(not(feature = "ec2"))]
         anyhow::bail!("[ec2] is configured but this enricher was built without the ec2 feature");
     }
-    let sources = Sources { identity: identity.clone(), ec2: ec2.clone(), cidr: cidr.clone() };
+    let sources = Sources {
+        identity: identity.clone(),
+        ec2: ec2.clone(),
+        cidr: cidr.clone(),
+    };
     let late_window_ns = cfg.late_window_secs as i64 * 1_000_000_000;
 
-    let sink = Arc::new(FileSink::new(cfg.output_dir.clone(), cfg.flow_topic.clone())?);
+    let sink = Arc::new(FileSink::new(
+        cfg.output_dir.clone(),
+        cfg.flow_topic.clone(),
+    )?);
     let dlq: Arc<OutProducer> = Arc::new(
         client_config(&cfg)
             .set("enable.idempotence", "true")
@@ -305,10 +375,14 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             .create_with_context(ProduceCtx::default())?,
     );
     let enriched = (!cfg.enriched_topic.is_empty()).then(|| {
-        let schema = apache_avro::Schema::parse_str(attribute::ENRICHED_SCHEMA).expect("committed schema");
         let mut header = vec![0xC3, 0x01];
-        header.extend_from_slice(&decode::fingerprint(attribute::ENRICHED_SCHEMA));
-        Arc::new(TopicSink { topic: cfg.enriched_topic.clone(), schema, header })
+        header.extend_from_slice(&decode::fingerprint(
+            flowlog_enricher::attribute::ENRICHED_SCHEMA,
+        ));
+        Arc::new(TopicSink {
+            topic: cfg.enriched_topic.clone(),
+            header,
+        })
     });
     let state = Arc::new(Mutex::new(State::default()));
     let consumer: BaseConsumer<Ctx> = client_config(&cfg)
@@ -330,10 +404,11 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     consumer.subscribe(&[&cfg.flow_topic])?;
     info!(topic = %cfg.flow_topic, group = %cfg.group_id, out = %cfg.output_dir.display(), "enriching");
 
-    let fp = decode::fingerprint(decode::FLOW_SCHEMA);
+    let decoder = decode::Decoder::new(decode::fingerprint(decode::FLOW_SCHEMA));
     let max_age = Duration::from_secs(cfg.batch_max_age_secs);
     let mut last_check = Instant::now();
-    let mut seqs: HashMap<(String, i64), i64> = HashMap::new();
+    // Per host: the sequence epoch and the last sequence number seen.
+    let mut seqs: HashMap<String, (i64, i64)> = HashMap::new();
     let mut last_lag = Instant::now();
     while !STOP.load(Ordering::Relaxed) {
         if let Some(res) = consumer.poll(Duration::from_millis(100)) {
@@ -353,41 +428,69 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             let payload = m.payload().unwrap_or_default();
             let batch = st.batches.entry(p).or_insert_with(|| Batch::new(off));
             batch.last = off;
-            match decode::flow(payload, &fp) {
+            match decoder.flow(payload) {
                 Ok(f) => {
                     // Per-host sequence gaps (the transport numbers records 0, 1, 2, ...).
-                    let key = (f.host.host_id.clone(), f.sequence_epoch);
-                    if let Some(prev) = seqs.insert(key, f.sequence) {
-                        if f.sequence > prev + 1 {
-                            ::metrics::counter!(metrics::SEQUENCE_GAPS).increment((f.sequence - prev - 1) as u64);
+                    let host_id = &f.host.identity.host_id;
+                    match seqs.get_mut(host_id.as_str()) {
+                        Some((epoch, prev)) if *epoch == f.sequence_epoch => {
+                            if f.sequence > *prev + 1 {
+                                ::metrics::counter!(metrics::SEQUENCE_GAPS)
+                                    .increment((f.sequence - *prev - 1) as u64);
+                            }
+                            *prev = f.sequence;
+                        }
+                        Some(v) => *v = (f.sequence_epoch, f.sequence),
+                        None => {
+                            seqs.insert(host_id.clone(), (f.sequence_epoch, f.sequence));
                         }
                     }
-                    let (ids, ec2s, map) = (identity.read().unwrap(), ec2.read().unwrap(), cidr.read().unwrap());
-                    let keep = (late_window_ns > 0).then(|| f.clone());
-                    let e = Attributor { identity: &ids, ec2: &ec2s, cidr: &map }.enrich(f);
+                    let (ids, ec2s, map) = (
+                        identity.read().unwrap(),
+                        ec2.read().unwrap(),
+                        cidr.read().unwrap(),
+                    );
+                    let e = Attributor {
+                        identity: &ids,
+                        ec2: &ec2s,
+                        cidr: &map,
+                    }
+                    .enrich(f);
                     metrics::record_attribution("local", &e.local);
                     metrics::record_attribution("remote", &e.remote);
                     // Young and unattributed: hold it back for late metadata.
-                    let age = now_ns() - e.end_time_ns;
-                    if let Some(f) = keep.filter(|_| (!e.local.attributed || !e.remote.attributed) && age < late_window_ns) {
-                        let until = Instant::now() + Duration::from_nanos((late_window_ns - age.max(0)) as u64);
+                    let age = now_ns() - e.flow.end_time_ns;
+                    if (!e.local.attributed || !e.remote.attributed) && age < late_window_ns {
+                        let until = Instant::now()
+                            + Duration::from_nanos((late_window_ns - age.max(0)) as u64);
                         batch.hold_until = Some(batch.hold_until.map_or(until, |h| h.max(until)));
-                        batch.held.push((batch.records.len(), f));
+                        batch.held.push(batch.records.len());
                     }
                     batch.records.push(e);
                 }
                 Err(reject) => {
-                    ::metrics::counter!(metrics::DLQ, "reason" => metrics::reject_kind(&reject.0)).increment(1);
+                    ::metrics::counter!(metrics::DLQ, "reason" => metrics::reject_kind(&reject.0))
+                        .increment(1);
                     let headers = OwnedHeaders::new()
-                        .insert(Header { key: "flowlog.dlq.reason", value: Some(reject.0.as_str()) })
-                        .insert(Header { key: "flowlog.dlq.source", value: Some(&format!("{}/{p}/{off}", cfg.flow_topic)) });
-                    let mut rec = BaseRecord::<[u8], [u8], ()>::to(&cfg.dlq_topic).payload(payload).headers(headers);
+                        .insert(Header {
+                            key: "flowlog.dlq.reason",
+                            value: Some(reject.0.as_str()),
+                        })
+                        .insert(Header {
+                            key: "flowlog.dlq.source",
+                            value: Some(&format!("{}/{p}/{off}", cfg.flow_topic)),
+                        });
+                    let mut rec = BaseRecord::<[u8], [u8], ()>::to(&cfg.dlq_topic)
+                        .payload(payload)
+                        .headers(headers);
                     if let Some(k) = m.key() {
                         rec = rec.key(k);
                     }
                     if let Err((e, _)) = dlq.send(rec) {
                         // Not durable in the DLQ: do not commit past it.
-                        error!("dead-letter produce failed: {e}; stopping so the message is retried");
+                        error!(
+                            "dead-letter produce failed: {e}; stopping so the message is retried"
+                        );
                         return Err(anyhow::anyhow!("dead-letter topic unavailable: {e}"));
                     }
                 }
@@ -395,15 +498,22 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         }
         if last_check.elapsed() >= Duration::from_millis(200) {
             last_check = Instant::now();
+            ::metrics::counter!(metrics::HOST_CACHE, "result" => "hit")
+                .absolute(decoder.host_hits.load(Ordering::Relaxed));
+            ::metrics::counter!(metrics::HOST_CACHE, "result" => "miss")
+                .absolute(decoder.host_misses.load(Ordering::Relaxed));
             let due: Vec<i32> = {
                 let st = state.lock().unwrap();
                 st.batches
                     .iter()
                     .filter(|(_, b)| {
-                        let full = b.records.len() >= cfg.batch_max_records || b.opened.elapsed() >= max_age;
+                        let full = b.records.len() >= cfg.batch_max_records
+                            || b.opened.elapsed() >= max_age;
                         let waiting = b.hold_until.is_some_and(|h| Instant::now() < h);
                         // Held batches wait, but never past max age + the late window.
-                        full && (!waiting || b.opened.elapsed() >= max_age + Duration::from_secs(cfg.late_window_secs))
+                        full && (!waiting
+                            || b.opened.elapsed()
+                                >= max_age + Duration::from_secs(cfg.late_window_secs))
                     })
                     .map(|(p, _)| *p)
                     .collect()
@@ -412,7 +522,15 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 let b = state.lock().unwrap().batches.remove(&p);
                 if let Some(mut b) = b {
                     sources.settle(&mut b);
-                    roll(&consumer, &sink, &dlq, enriched.as_deref(), &cfg.flow_topic, p, &b)?;
+                    roll(
+                        &consumer,
+                        &sink,
+                        &dlq,
+                        enriched.as_deref(),
+                        &cfg.flow_topic,
+                        p,
+                        &b,
+                    )?;
                     state.lock().unwrap().done_through.insert(p, b.last);
                 }
             }
@@ -429,22 +547,35 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                             cidr_loaded = SystemTime::now();
                         }
                         Err(e) => {
-                            ::metrics::counter!(metrics::SOURCE_ERRORS, "source" => "static").increment(1);
+                            ::metrics::counter!(metrics::SOURCE_ERRORS, "source" => "static")
+                                .increment(1);
                             error!("static map rejected, keeping the previous one: {e}");
                         }
                     }
                 }
-                ::metrics::gauge!(metrics::SOURCE_AGE, "source" => "static").set(cidr_loaded.elapsed().unwrap_or_default().as_secs_f64());
+                ::metrics::gauge!(metrics::SOURCE_AGE, "source" => "static")
+                    .set(cidr_loaded.elapsed().unwrap_or_default().as_secs_f64());
             }
-            ::metrics::gauge!(metrics::TRACKED_IPS).set(identity.read().unwrap().tracked_ips() as f64);
+            ::metrics::gauge!(metrics::TRACKED_IPS)
+                .set(identity.read().unwrap().tracked_ips() as f64);
             if last_lag.elapsed() >= Duration::from_secs(10) {
                 last_lag = Instant::now();
                 // Lag: what is in the topic beyond what is durably written.
                 let mut lag = 0i64;
                 if let Ok(assigned) = consumer.assignment() {
                     for e in assigned.elements() {
-                        if let Ok((_, high)) = consumer.fetch_watermarks(&cfg.flow_topic, e.partition(), Duration::from_secs(1)) {
-                            let done = state.lock().unwrap().done_through.get(&e.partition()).copied().unwrap_or(-1);
+                        if let Ok((_, high)) = consumer.fetch_watermarks(
+                            &cfg.flow_topic,
+                            e.partition(),
+                            Duration::from_secs(1),
+                        ) {
+                            let done = state
+                                .lock()
+                                .unwrap()
+                                .done_through
+                                .get(&e.partition())
+                                .copied()
+                                .unwrap_or(-1);
                             lag += (high - 1 - done).max(0);
                         }
                     }
@@ -457,7 +588,15 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let batches: Vec<(i32, Batch)> = state.lock().unwrap().batches.drain().collect();
     for (p, mut b) in batches {
         sources.settle(&mut b);
-        roll(&consumer, &sink, &dlq, enriched.as_deref(), &cfg.flow_topic, p, &b)?;
+        roll(
+            &consumer,
+            &sink,
+            &dlq,
+            enriched.as_deref(),
+            &cfg.flow_topic,
+            p,
+            &b,
+        )?;
     }
     Ok(())
 }

@@ -15,13 +15,17 @@ pub const SOURCE_ERRORS: &str = "flowlog_enricher_source_errors_total";
 pub const TRACKED_IPS: &str = "flowlog_enricher_tracked_ips";
 pub const LATE_ATTRIBUTED: &str = "flowlog_enricher_late_attributed_total";
 pub const CONSUMER_LAG: &str = "flowlog_enricher_consumer_lag_records";
+/// Decoded sidecar host blocks found in the cache (`result` = hit/miss):
+/// the hit ratio is hit / (hit + miss).
+pub const HOST_CACHE: &str = "flowlog_enricher_host_cache_lookups_total";
 pub const IDENTITY_LAST_SEEN: &str = "flowlog_enricher_identity_last_seen_timestamp_seconds";
 
 pub fn record_attribution(side: &'static str, a: &Attribution) {
     if a.attributed {
         metrics::counter!(ATTRIBUTED, "side" => side, "source" => a.source).increment(1);
     } else {
-        metrics::counter!(UNATTRIBUTED, "side" => side, "reason" => a.reason.unwrap_or("UNKNOWN")).increment(1);
+        metrics::counter!(UNATTRIBUTED, "side" => side, "reason" => a.reason.unwrap_or("UNKNOWN"))
+            .increment(1);
     }
 }
 
@@ -29,7 +33,10 @@ pub fn record_attribution(side: &'static str, a: &Attribution) {
 pub fn reject_kind(reason: &str) -> &'static str {
     if reason.starts_with("unknown schema") || reason.starts_with("not Avro") {
         "schema"
-    } else if reason.contains("truncated") || reason.contains("trailing") || reason.contains("varint") {
+    } else if reason.contains("truncated")
+        || reason.contains("trailing")
+        || reason.contains("varint")
+    {
         "truncated"
     } else if reason.contains("address") {
         "bad_address"
@@ -44,5 +51,65 @@ pub fn serve(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(listen)
         .install()
-        .map_err(|e| anyhow::anyhow!("starting the metrics endpoint on {listen}: {e}"))
+        .map_err(|e| anyhow::anyhow!("starting the metrics endpoint on {listen}: {e}"))?;
+    describe();
+    Ok(())
+}
+
+/// HELP text for every metric (shown by the endpoint and in dashboards).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, Unit};
+    describe_counter!(
+        RECORDS_IN,
+        "Flow messages read from the flow topic (including ones sent to the DLQ)."
+    );
+    describe_counter!(
+        RECORDS_OUT,
+        "Enriched records durably written, by sink (files, topic)."
+    );
+    describe_counter!(
+        ATTRIBUTED,
+        "Flow sides attributed, by side (local/remote) and source (SIDECAR/EC2/STATIC)."
+    );
+    describe_counter!(UNATTRIBUTED, "Flow sides with no owner at the flow's start, by side and reason (UNKNOWN_IP/NO_OWNER_AT_TIME).");
+    describe_counter!(DLQ, "Messages sent to the dead-letter topic, by reason (schema/truncated/bad_address/bad_time/invalid).");
+    describe_counter!(
+        FILES_ROLLED,
+        "Avro container files written (renamed into place)."
+    );
+    describe_counter!(
+        SEQUENCE_GAPS,
+        "Flow records missing between consecutive per-host sequence numbers."
+    );
+    describe_gauge!(
+        STATIC_MAP_ENTRIES,
+        "Entries in the static CIDR map in force."
+    );
+    describe_gauge!(
+        SOURCE_AGE,
+        Unit::Seconds,
+        "Seconds since the metadata source last refreshed successfully, by source."
+    );
+    describe_counter!(SOURCE_ERRORS, "Failed metadata refreshes, by source.");
+    describe_gauge!(
+        TRACKED_IPS,
+        "IPs with an ownership history from the sidecars' identity heartbeats."
+    );
+    describe_counter!(
+        LATE_ATTRIBUTED,
+        "Held-back records fully attributed thanks to metadata that arrived late."
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        "Records in the flow topic not yet consumed, summed over the partitions this member owns."
+    );
+    describe_counter!(
+        HOST_CACHE,
+        "Lookups of decoded sidecar host blocks, by result (hit/miss)."
+    );
+    describe_gauge!(
+        IDENTITY_LAST_SEEN,
+        Unit::Seconds,
+        "Time of the newest identity heartbeat applied."
+    );
 }

@@ -5,9 +5,11 @@
 //! of the flows' end time (`dt=YYYY-MM-DD/hr=HH/`), named
 //! `{topic}-{partition}-{first}-{last}.avro`, each to a temporary name,
 //! fsync'd and renamed; then `_state/{topic}-{partition}` records `last`
-//! (also fsync'd and renamed); only then is the offset committed. After a
-//! crash, files past the state's offset are orphans of an unfinished batch
-//! and are deleted, and consumption resumes after the state's offset: every
+//! (also fsync'd and renamed); only then is the offset committed. Before
+//! its files, a batch writes their names to `_state/{topic}-{partition}.pending`;
+//! after a crash, the next owner of the partition deletes the files of a
+//! pending batch the state does not cover (orphans) without walking the
+//! output tree, and consumption resumes after the state's offset: every
 //! input record ends up in exactly one file.
 
 use std::{
@@ -18,35 +20,36 @@ use std::{
     time::Instant,
 };
 
-use apache_avro::{Schema, Writer};
-
-use crate::{
-    attribute::{EnrichedFlow, ENRICHED_SCHEMA},
-    decode::Flow,
-};
+use crate::{attribute::EnrichedFlow, encode::ContainerWriter};
 
 pub struct Batch {
     pub first: i64,
     pub last: i64,
     pub records: Vec<EnrichedFlow>,
     pub opened: Instant,
-    /// Records with an unattributed side that recent enough for metadata to
-    /// still arrive: (index in `records`, the decoded flow), re-attributed
-    /// when the batch rolls.
-    pub held: Vec<(usize, Flow)>,
+    /// Records with an unattributed side, recent enough for metadata to
+    /// still arrive (indexes in `records`), attributed again when the batch
+    /// rolls.
+    pub held: Vec<usize>,
     /// The batch waits for late metadata until then.
     pub hold_until: Option<Instant>,
 }
 
 impl Batch {
     pub fn new(first: i64) -> Batch {
-        Batch { first, last: first, records: Vec::new(), opened: Instant::now(), held: Vec::new(), hold_until: None }
+        Batch {
+            first,
+            last: first,
+            records: Vec::new(),
+            opened: Instant::now(),
+            held: Vec::new(),
+            hold_until: None,
+        }
     }
 }
 
 pub struct FileSink {
     pub dir: PathBuf,
-    schema: Schema,
     pub topic: String,
 }
 
@@ -81,77 +84,101 @@ fn fsync_dir(p: &Path) {
 impl FileSink {
     pub fn new(dir: PathBuf, topic: String) -> anyhow::Result<FileSink> {
         fs::create_dir_all(dir.join("_state"))?;
-        Ok(FileSink { dir, schema: Schema::parse_str(ENRICHED_SCHEMA)?, topic })
+        Ok(FileSink { dir, topic })
     }
 
     fn state_path(&self, partition: i32) -> PathBuf {
-        self.dir.join("_state").join(format!("{}-{partition}", self.topic))
+        self.dir
+            .join("_state")
+            .join(format!("{}-{partition}", self.topic))
     }
 
     /// The last offset durably written for `partition`, if any.
     pub fn done_through(&self, partition: i32) -> Option<i64> {
-        fs::read_to_string(self.state_path(partition)).ok().and_then(|s| s.trim().parse().ok())
+        fs::read_to_string(self.state_path(partition))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    fn pending_path(&self, partition: i32) -> PathBuf {
+        self.dir
+            .join("_state")
+            .join(format!("{}-{partition}.pending", self.topic))
     }
 
     /// Deletes files of `partition` that an unfinished batch left behind.
     pub fn remove_orphans(&self, partition: i32) -> usize {
         let done = self.done_through(partition).unwrap_or(-1);
-        let prefix = format!("{}-{partition}-", self.topic);
+        let pending = self.pending_path(partition);
+        let Ok(text) = fs::read_to_string(&pending) else {
+            return 0;
+        };
+        let mut lines = text.lines();
+        // First line: the batch's last offset; then one file per line.
+        let last: Option<i64> = lines.next().and_then(|l| l.trim().parse().ok());
         let mut removed = 0;
-        let mut stack = vec![self.dir.clone()];
-        while let Some(d) = stack.pop() {
-            let Ok(rd) = fs::read_dir(&d) else { continue };
-            for e in rd.flatten() {
-                let p = e.path();
-                let name = e.file_name().to_string_lossy().into_owned();
-                if p.is_dir() {
-                    if name != "_state" {
-                        stack.push(p);
-                    }
-                    continue;
-                }
-                let Some(rest) = name.strip_prefix(&prefix) else { continue };
-                let first = rest.split('-').next().and_then(|s| s.parse::<i64>().ok());
-                if name.ends_with(".tmp") || first.is_some_and(|f| f > done) {
+        if last.is_none_or(|l| l > done) {
+            for f in lines.filter(|l| !l.is_empty()) {
+                let f = self.dir.join(f);
+                for p in [f.with_extension("avro.tmp"), f] {
                     if fs::remove_file(&p).is_ok() {
                         removed += 1;
                     }
                 }
             }
         }
+        let _ = fs::remove_file(&pending);
         removed
+    }
+
+    /// Writes `text` to `path` durably (temporary name, fsync, rename, fsync dir).
+    fn put_durably(&self, path: &Path, text: &str) -> anyhow::Result<()> {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fsync_dir(&self.dir.join("_state"));
+        Ok(())
     }
 
     /// Writes one batch durably and records its last offset.
     pub fn write(&self, partition: i32, batch: &Batch) -> anyhow::Result<Vec<PathBuf>> {
         let mut by_dir: BTreeMap<String, Vec<&EnrichedFlow>> = BTreeMap::new();
         for r in &batch.records {
-            by_dir.entry(hive_dir(r.end_time_ns)).or_default().push(r);
+            by_dir
+                .entry(hive_dir(r.flow.end_time_ns))
+                .or_default()
+                .push(r);
         }
-        let name = format!("{}-{partition}-{:020}-{:020}.avro", self.topic, batch.first, batch.last);
+        let name = format!(
+            "{}-{partition}-{:020}-{:020}.avro",
+            self.topic, batch.first, batch.last
+        );
+        let mut pending = format!("{}\n", batch.last);
+        for sub in by_dir.keys() {
+            pending.push_str(&format!("{sub}/{name}\n"));
+        }
+        self.put_durably(&self.pending_path(partition), &pending)?;
         let mut written = Vec::new();
         for (sub, records) in by_dir {
             let dir = self.dir.join(&sub);
             fs::create_dir_all(&dir)?;
             let tmp = dir.join(format!("{name}.tmp"));
-            let mut w = Writer::new(&self.schema, fs::File::create(&tmp)?);
+            let mut w = ContainerWriter::new(fs::File::create(&tmp)?)?;
             for r in records {
-                w.append_ser(r)?;
+                w.append(r)?;
             }
-            let f = w.into_inner()?;
+            let f = w.finish()?;
             f.sync_all()?;
             let dst = dir.join(&name);
             fs::rename(&tmp, &dst)?;
             fsync_dir(&dir);
             written.push(dst);
         }
-        let state = self.state_path(partition);
-        let tmp = state.with_extension("tmp");
-        let mut f = fs::File::create(&tmp)?;
-        writeln!(f, "{}", batch.last)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &state)?;
-        fsync_dir(&self.dir.join("_state"));
+        self.put_durably(&self.state_path(partition), &format!("{}\n", batch.last))?;
+        let _ = fs::remove_file(self.pending_path(partition));
         Ok(written)
     }
 }
@@ -159,6 +186,39 @@ impl FileSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn orphans_of_a_pending_batch_are_removed() {
+        let dir = std::env::temp_dir().join(format!("flowlog-orphans-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let sink = FileSink::new(dir.clone(), "flows".into()).unwrap();
+        let sub = dir.join("dt=2026-11-24/hr=18");
+        fs::create_dir_all(&sub).unwrap();
+        let name = "flows-0-00000000000000000010-00000000000000000019.avro";
+        let kept = "flows-0-00000000000000000000-00000000000000000009.avro";
+        for f in [name, kept, &format!("{name}.tmp")] {
+            fs::write(sub.join(f), b"x").unwrap();
+        }
+        // Batch 0..=9 is done; 10..=19 was being written when the process died.
+        sink.put_durably(&sink.state_path(0), "9\n").unwrap();
+        sink.put_durably(
+            &sink.pending_path(0),
+            &format!("19\ndt=2026-11-24/hr=18/{name}\n"),
+        )
+        .unwrap();
+        assert_eq!(sink.remove_orphans(0), 2);
+        assert!(sub.join(kept).exists() && !sub.join(name).exists());
+        assert!(!sink.pending_path(0).exists());
+        // A pending list the state already covers (died before deleting it) removes nothing.
+        sink.put_durably(
+            &sink.pending_path(0),
+            &format!("9\ndt=2026-11-24/hr=18/{kept}\n"),
+        )
+        .unwrap();
+        assert_eq!(sink.remove_orphans(0), 0);
+        assert!(sub.join(kept).exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn hive_partitions_by_end_time() {

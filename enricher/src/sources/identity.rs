@@ -2,11 +2,10 @@
 //! IP maps to the intervals during which some host announced it. A flow is
 //! attributed to the owner at its start time, never to a later owner.
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::HashSet, net::IpAddr, sync::Arc};
+
+use foldhash::HashMap;
+use smallvec::SmallVec;
 
 use super::{Attrs, Owner};
 use crate::decode::{HostIdentity, Identity};
@@ -14,13 +13,20 @@ use crate::decode::{HostIdentity, Identity};
 /// Intervals kept per IP; older ones are forgotten (bounded memory).
 const MAX_INTERVALS_PER_IP: usize = 32;
 
+/// 24 bytes: the owner (with its host id) is shared by all the IPs of one
+/// heartbeat, so memory per tracked IP stays small.
 #[derive(Debug, Clone)]
 struct Interval {
     from_ns: i64,
-    /// None while the host still announces the IP.
-    to_ns: Option<i64>,
-    host_id: String,
+    /// i64::MAX while the host still announces the IP.
+    to_ns: i64,
     owner: Owner,
+}
+
+impl Interval {
+    fn open_by(&self, host_id: &str) -> bool {
+        self.to_ns == i64::MAX && self.owner.host_id.as_deref() == Some(host_id)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,8 +39,10 @@ pub enum Miss {
 
 #[derive(Default)]
 pub struct IdentityStore {
-    by_ip: HashMap<IpAddr, Vec<Interval>>,
-    hosts: HashMap<String, HashSet<IpAddr>>,
+    /// Most IPs only ever had one owner: that interval is stored inline.
+    by_ip: HashMap<IpAddr, SmallVec<[Interval; 1]>>,
+    /// The IPs each host announced last (sorted).
+    hosts: HashMap<String, Box<[IpAddr]>>,
 }
 
 pub fn owner_of(h: &HostIdentity) -> Owner {
@@ -64,10 +72,8 @@ impl IdentityStore {
 
     fn close(&mut self, ip: IpAddr, host_id: &str, at: i64) {
         if let Some(iv) = self.by_ip.get_mut(&ip) {
-            for i in iv.iter_mut().rev() {
-                if i.host_id == host_id && i.to_ns.is_none() {
-                    i.to_ns = Some(at.max(i.from_ns));
-                }
+            for i in iv.iter_mut().filter(|i| i.open_by(host_id)) {
+                i.to_ns = at.max(i.from_ns);
             }
         }
     }
@@ -80,47 +86,46 @@ impl IdentityStore {
         } else {
             h.ips.iter().filter_map(|s| s.parse().ok()).collect()
         };
-        let before = self.hosts.get(&h.host_id).cloned().unwrap_or_default();
-        for ip in before.difference(&now) {
+        let before = self.hosts.remove(&h.host_id).unwrap_or_default();
+        for ip in before.iter().filter(|ip| !now.contains(ip)) {
             self.close(*ip, &h.host_id, id.time_ns);
         }
         let owner = owner_of(h);
         for ip in now.iter() {
             let iv = self.by_ip.entry(*ip).or_default();
-            let open_by_me = iv.iter().any(|i| i.host_id == h.host_id && i.to_ns.is_none());
-            if open_by_me {
+            if let Some(i) = iv.iter_mut().rev().find(|i| i.open_by(&h.host_id)) {
                 // Keep the interval; refresh attributes (workload/labels may change).
-                if let Some(i) = iv.iter_mut().rev().find(|i| i.host_id == h.host_id && i.to_ns.is_none()) {
-                    i.owner = owner.clone();
-                }
+                i.owner = owner.clone();
                 continue;
             }
             // The IP moved here: whoever held it stops holding it now.
-            for i in iv.iter_mut() {
-                if i.to_ns.is_none() {
-                    i.to_ns = Some(id.time_ns.max(i.from_ns));
-                }
+            for i in iv.iter_mut().filter(|i| i.to_ns == i64::MAX) {
+                i.to_ns = id.time_ns.max(i.from_ns);
             }
-            iv.push(Interval { from_ns: id.time_ns, to_ns: None, host_id: h.host_id.clone(), owner: owner.clone() });
+            iv.push(Interval {
+                from_ns: id.time_ns,
+                to_ns: i64::MAX,
+                owner: owner.clone(),
+            });
             iv.sort_by_key(|i| i.from_ns);
             if iv.len() > MAX_INTERVALS_PER_IP {
                 iv.remove(0);
             }
         }
-        if now.is_empty() {
-            self.hosts.remove(&h.host_id);
-        } else {
-            self.hosts.insert(h.host_id.clone(), now);
+        if !now.is_empty() {
+            let mut ips: Vec<IpAddr> = now.into_iter().collect();
+            ips.sort();
+            self.hosts.insert(h.host_id.clone(), ips.into());
         }
     }
 
     /// The owner of `ip` at `t_ns`.
-    pub fn owner_at(&self, ip: IpAddr, t_ns: i64) -> Result<Owner, Miss> {
+    pub fn owner_at(&self, ip: IpAddr, t_ns: i64) -> Result<&Owner, Miss> {
         let iv = self.by_ip.get(&ip).ok_or(Miss::UnknownIp)?;
         iv.iter()
             .rev()
-            .find(|i| i.from_ns <= t_ns && i.to_ns.is_none_or(|to| t_ns < to))
-            .map(|i| i.owner.clone())
+            .find(|i| i.from_ns <= t_ns && t_ns < i.to_ns)
+            .map(|i| &i.owner)
             .ok_or(Miss::NoOwnerAtTime)
     }
 }
@@ -157,7 +162,10 @@ mod tests {
         assert_eq!(wl(150), Ok("billing".into()));
         assert_eq!(wl(250), Err(Miss::NoOwnerAtTime));
         assert_eq!(wl(350), Ok("search".into()));
-        assert_eq!(s.owner_at("10.9.9.9".parse().unwrap(), 150).unwrap_err(), Miss::UnknownIp);
+        assert_eq!(
+            s.owner_at("10.9.9.9".parse().unwrap(), 150).unwrap_err(),
+            Miss::UnknownIp
+        );
     }
 
     #[test]
@@ -166,8 +174,14 @@ mod tests {
         let ip: IpAddr = "10.0.0.9".parse().unwrap();
         s.apply(&hb("a", "one", &["10.0.0.9"], 100, "START"));
         s.apply(&hb("b", "two", &["10.0.0.9"], 200, "IP_CHANGE"));
-        assert_eq!(s.owner_at(ip, 150).unwrap().workload.as_deref(), Some("one"));
-        assert_eq!(s.owner_at(ip, 250).unwrap().workload.as_deref(), Some("two"));
+        assert_eq!(
+            s.owner_at(ip, 150).unwrap().workload.as_deref(),
+            Some("one")
+        );
+        assert_eq!(
+            s.owner_at(ip, 250).unwrap().workload.as_deref(),
+            Some("two")
+        );
         s.apply(&hb("b", "two", &["10.0.0.9"], 300, "STOP"));
         assert_eq!(s.owner_at(ip, 350).unwrap_err(), Miss::NoOwnerAtTime);
     }
