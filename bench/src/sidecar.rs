@@ -17,11 +17,7 @@ pub struct Running {
 
 /// Starts the sidecar with `args` (plus a stats file) and waits until it is attached.
 pub fn start(bin: &Path, args: &[&str]) -> anyhow::Result<Running> {
-    let stats_file = std::env::temp_dir().join(format!(
-        "flowlog-bench-{}-{}.json",
-        std::process::id(),
-        rand()
-    ));
+    let stats_file = std::env::temp_dir().join(format!("flowlog-bench-{}-{}.json", std::process::id(), rand()));
     let mut child = Command::new(bin)
         .args(["--metrics-listen", ""])
         .args(args)
@@ -45,18 +41,11 @@ pub fn start(bin: &Path, args: &[&str]) -> anyhow::Result<Running> {
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    Ok(Running {
-        child,
-        pid,
-        stats_file,
-    })
+    Ok(Running { child, pid, stats_file })
 }
 
 fn rand() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
 }
 
 impl Running {
@@ -77,9 +66,7 @@ impl Running {
 /// Reads one sample from a Prometheus endpoint (0 when absent).
 pub fn scrape(addr: &str, series: &str) -> f64 {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return 0.0;
-    };
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return 0.0 };
     let _ = s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes());
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);

@@ -54,11 +54,7 @@ pub struct Ec2Settings {
 
 impl Default for Ec2Settings {
     fn default() -> Self {
-        Ec2Settings {
-            regions: Vec::new(),
-            endpoint_url: None,
-            refresh_secs: 60,
-        }
+        Ec2Settings { regions: Vec::new(), endpoint_url: None, refresh_secs: 60 }
     }
 }
 
@@ -124,58 +120,28 @@ impl Config {
     pub fn load(cli: &Cli) -> anyhow::Result<Config> {
         let mut c: Config = match &cli.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", p.display()))?;
-                toml::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", p.display()))?
+                let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", p.display()))?;
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", p.display()))?
             }
             None => Config::default(),
         };
-        if let Some(v) = &cli.brokers {
-            c.brokers = v.clone();
-        }
-        if let Some(v) = &cli.group_id {
-            c.group_id = v.clone();
-        }
-        if let Some(v) = &cli.output_dir {
-            c.output_dir = v.clone();
-        }
-        if let Some(v) = &cli.static_map {
-            c.static_map = Some(v.clone());
-        }
-        if let Some(v) = &cli.enriched_topic {
-            c.enriched_topic = v.clone();
-        }
-        if let Some(v) = cli.batch_max_records {
-            c.batch_max_records = v;
-        }
-        if let Some(v) = cli.batch_max_age_secs {
-            c.batch_max_age_secs = v;
-        }
-        if let Some(v) = &cli.metrics_listen {
-            c.metrics_listen = v.clone();
-        }
-        if let Some(v) = cli.late_window_secs {
-            c.late_window_secs = v;
-        }
-        if let Some(v) = &cli.ec2_regions {
-            c.ec2.regions = v.clone();
-        }
-        if let Some(v) = &cli.ec2_endpoint_url {
-            c.ec2.endpoint_url = Some(v.clone());
-        }
-        if let Some(v) = cli.ec2_refresh_secs {
-            c.ec2.refresh_secs = v;
-        }
+        if let Some(v) = &cli.brokers { c.brokers = v.clone(); }
+        if let Some(v) = &cli.group_id { c.group_id = v.clone(); }
+        if let Some(v) = &cli.output_dir { c.output_dir = v.clone(); }
+        if let Some(v) = &cli.static_map { c.static_map = Some(v.clone()); }
+        if let Some(v) = &cli.enriched_topic { c.enriched_topic = v.clone(); }
+        if let Some(v) = cli.batch_max_records { c.batch_max_records = v; }
+        if let Some(v) = cli.batch_max_age_secs { c.batch_max_age_secs = v; }
+        if let Some(v) = &cli.metrics_listen { c.metrics_listen = v.clone(); }
+        if let Some(v) = cli.late_window_secs { c.late_window_secs = v; }
+        if let Some(v) = &cli.ec2_regions { c.ec2.regions = v.clone(); }
+        if let Some(v) = &cli.ec2_endpoint_url { c.ec2.endpoint_url = Some(v.clone()); }
+        if let Some(v) = cli.ec2_refresh_secs { c.ec2.refresh_secs = v; }
         if c.batch_max_records == 0 {
             anyhow::bail!("invalid setting batch_max_records: must be > 0");
         }
-        if !c.metrics_listen.is_empty() && c.metrics_listen.parse::<std::net::SocketAddr>().is_err()
-        {
-            anyhow::bail!(
-                "invalid setting metrics_listen: {:?} is not an address:port",
-                c.metrics_listen
-            );
+        if !c.metrics_listen.is_empty() && c.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
+            anyhow::bail!("invalid setting metrics_listen: {:?} is not an address:port", c.metrics_listen);
         }
         Ok(c)
     }
@@ -188,10 +154,7 @@ mod tests {
     #[test]
     fn rejects_unknown_keys() {
         assert!(toml::from_str::<Config>("brokerz = \"x\"").is_err());
-        let c: Config = toml::from_str(
-            "batch_max_records = 5\n[kafka_properties]\n\"security.protocol\" = \"SSL\"",
-        )
-        .unwrap();
+        let c: Config = toml::from_str("batch_max_records = 5\n[kafka_properties]\n\"security.protocol\" = \"SSL\"").unwrap();
         assert_eq!(c.batch_max_records, 5);
         assert_eq!(c.kafka_properties["security.protocol"], "SSL");
     }

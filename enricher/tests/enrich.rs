@@ -30,15 +30,11 @@ const T0: i64 = 1_767_225_600 * S;
 fn tools() -> PathBuf {
     std::env::var("FLOWLOG_TOOLS")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/flowlog/tools")
-        })
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/flowlog/tools"))
 }
 
 fn ready() -> bool {
-    if tools().join("tansu-0.6.0/bin/tansu").exists()
-        && tools().join("venv-py-1/bin/python").exists()
-    {
+    if tools().join("tansu-0.6.0/bin/tansu").exists() && tools().join("venv-py-1/bin/python").exists() {
         return true;
     }
     if std::env::var("FLOWLOG_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
@@ -49,11 +45,7 @@ fn ready() -> bool {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn script() -> PathBuf {
@@ -67,46 +59,29 @@ struct Broker {
 
 impl Broker {
     fn start(name: &str, partitions: u32) -> Broker {
-        let dir =
-            std::env::temp_dir().join(format!("flowlog-enr-broker-{name}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("flowlog-enr-broker-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let port = free_port();
         let st = Command::new("bash")
             .arg(script())
-            .args([
-                "start",
-                dir.to_str().unwrap(),
-                &port.to_string(),
-                "flowlog.flows",
-                "flowlog.identity",
-                "flowlog.dlq",
-                "flowlog.enriched",
-            ])
+            .args(["start", dir.to_str().unwrap(), &port.to_string(), "flowlog.flows", "flowlog.identity", "flowlog.dlq", "flowlog.enriched"])
             .env("PARTITIONS", partitions.to_string())
             .status()
             .unwrap();
         assert!(st.success());
-        Broker {
-            dir,
-            addr: format!("127.0.0.1:{port}"),
-        }
+        Broker { dir, addr: format!("127.0.0.1:{port}") }
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .args(["stop", self.dir.to_str().unwrap()])
-            .status();
+        let _ = Command::new("bash").arg(script()).args(["stop", self.dir.to_str().unwrap()]).status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 fn single_object(schema_json: &str, datum: Vec<u8>) -> Vec<u8> {
-    let fp = Schema::parse_str(schema_json)
-        .unwrap()
-        .fingerprint::<Rabin>();
+    let fp = Schema::parse_str(schema_json).unwrap().fingerprint::<Rabin>();
     let mut out = vec![0xC3, 0x01];
     out.extend_from_slice(&fp.bytes[..8]);
     out.extend(datum);
@@ -120,24 +95,9 @@ fn host_value(schema: &Schema, host: &str, workload: &str, ips: &[&str]) -> Reco
     h.put("host_id", host);
     h.put("hostname", host);
     h.put("instance_id", Value::Union(0, Box::new(Value::Null)));
-    h.put(
-        "workload",
-        Value::Union(1, Box::new(Value::String(workload.into()))),
-    );
-    h.put(
-        "labels",
-        Value::Map(
-            [(
-                "team".to_string(),
-                Value::String(format!("{workload}-team")),
-            )]
-            .into(),
-        ),
-    );
-    h.put(
-        "ips",
-        Value::Array(ips.iter().map(|s| Value::String(s.to_string())).collect()),
-    );
+    h.put("workload", Value::Union(1, Box::new(Value::String(workload.into()))));
+    h.put("labels", Value::Map([("team".to_string(), Value::String(format!("{workload}-team")))].into()));
+    h.put("ips", Value::Array(ips.iter().map(|s| Value::String(s.to_string())).collect()));
     h
 }
 
@@ -158,10 +118,7 @@ fn identity(host: &str, workload: &str, ips: &[&str], t: i64, reason: (i32, &str
 fn flow(seq: i64, remote: [u8; 4], start: i64, bytes: i64) -> Vec<u8> {
     let schema = Schema::parse_str(FLOW).unwrap();
     let mut r = Record::new(&schema).unwrap();
-    r.put(
-        "host",
-        host_value(&schema, "client-host", "frontend", &["10.0.0.1"]),
-    );
+    r.put("host", host_value(&schema, "client-host", "frontend", &["10.0.0.1"]));
     r.put("sequence_epoch", 7i64);
     r.put("sequence", seq);
     r.put("connection_id", seq * 11);
@@ -172,10 +129,7 @@ fn flow(seq: i64, remote: [u8; 4], start: i64, bytes: i64) -> Vec<u8> {
     r.put("local_port", 40_000 + seq as i32);
     r.put("remote_addr", Value::Bytes(remote.to_vec()));
     r.put("remote_port", 443);
-    r.put(
-        "start_time_ns",
-        Value::Union(1, Box::new(Value::Long(start))),
-    );
+    r.put("start_time_ns", Value::Union(1, Box::new(Value::Long(start))));
     r.put("end_time_ns", start + S);
     r.put("bytes_sent", bytes);
     r.put("bytes_received", bytes * 2 + 1);
@@ -197,10 +151,7 @@ fn flow(seq: i64, remote: [u8; 4], start: i64, bytes: i64) -> Vec<u8> {
 }
 
 fn produce(brokers: &str, topic: &str, msgs: &[(String, Vec<u8>)]) {
-    let p: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
+    let p: BaseProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     for (k, v) in msgs {
         loop {
             match p.send(BaseRecord::to(topic).key(k.as_str()).payload(v.as_slice())) {
@@ -216,16 +167,7 @@ fn produce(brokers: &str, topic: &str, msgs: &[(String, Vec<u8>)]) {
 
 fn start_enricher(brokers: &str, out: &std::path::Path, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_flowlog-enricher"))
-        .args([
-            "--brokers",
-            brokers,
-            "--output-dir",
-            out.to_str().unwrap(),
-            "--batch-max-age-secs",
-            "1",
-            "--metrics-listen",
-            "",
-        ])
+        .args(["--brokers", brokers, "--output-dir", out.to_str().unwrap(), "--batch-max-age-secs", "1", "--metrics-listen", ""])
         .args(extra)
         .stderr(Stdio::inherit())
         .spawn()
@@ -240,10 +182,7 @@ fn read_files(out: &std::path::Path) -> Vec<Json> {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn wait_files(out: &std::path::Path, n: usize, timeout: Duration) -> Vec<Json> {
@@ -273,78 +212,30 @@ fn attributes_by_time_with_static_map_and_dead_letters() {
     let out = std::env::temp_dir().join(format!("flowlog-enr-out-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let map = out.with_extension("toml");
-    std::fs::write(
-        &map,
-        "[[entry]]\ncidr = \"192.168.0.0/16\"\nworkload = \"legacy\"\nenv = \"prod\"\n",
-    )
-    .unwrap();
+    std::fs::write(&map, "[[entry]]\ncidr = \"192.168.0.0/16\"\nworkload = \"legacy\"\nenv = \"prod\"\n").unwrap();
 
     // 10.0.0.9 belongs to billing from T0+100 s, is released at T0+200 s and
     // goes to search at T0+300 s.
-    produce(
-        &b.addr,
-        "flowlog.identity",
-        &[
-            (
-                "a".into(),
-                identity(
-                    "host-a",
-                    "billing",
-                    &["10.0.0.9"],
-                    T0 + 100 * S,
-                    (0, "START"),
-                ),
-            ),
-            (
-                "a".into(),
-                identity("host-a", "billing", &[], T0 + 200 * S, (2, "IP_CHANGE")),
-            ),
-            (
-                "b".into(),
-                identity(
-                    "host-b",
-                    "search",
-                    &["10.0.0.9"],
-                    T0 + 300 * S,
-                    (0, "START"),
-                ),
-            ),
-        ],
-    );
+    produce(&b.addr, "flowlog.identity", &[
+        ("a".into(), identity("host-a", "billing", &["10.0.0.9"], T0 + 100 * S, (0, "START"))),
+        ("a".into(), identity("host-a", "billing", &[], T0 + 200 * S, (2, "IP_CHANGE"))),
+        ("b".into(), identity("host-b", "search", &["10.0.0.9"], T0 + 300 * S, (0, "START"))),
+    ]);
     let flows = vec![
         ("c".to_string(), flow(0, [10, 0, 0, 9], T0 + 150 * S, 100)),
         ("c".to_string(), flow(1, [10, 0, 0, 9], T0 + 250 * S, 101)),
         ("c".to_string(), b"garbage, not avro".to_vec()),
         ("c".to_string(), flow(2, [10, 0, 0, 9], T0 + 350 * S, 102)),
-        ("c".to_string(), {
-            let f = flow(3, [1, 1, 1, 1], T0, 1);
-            f[..f.len() - 4].to_vec()
-        }),
-        (
-            "c".to_string(),
-            flow(3, [192, 168, 4, 4], T0 + 400 * S, 103),
-        ),
+        ("c".to_string(), { let f = flow(3, [1, 1, 1, 1], T0, 1); f[..f.len() - 4].to_vec() }),
+        ("c".to_string(), flow(3, [192, 168, 4, 4], T0 + 400 * S, 103)),
         ("c".to_string(), flow(4, [8, 8, 8, 8], T0 + 400 * S, 104)),
     ];
     produce(&b.addr, "flowlog.flows", &flows);
-    let e = start_enricher(
-        &b.addr,
-        &out,
-        &[
-            "--static-map",
-            map.to_str().unwrap(),
-            "--enriched-topic",
-            "flowlog.enriched",
-        ],
-    );
+    let e = start_enricher(&b.addr, &out, &["--static-map", map.to_str().unwrap(), "--enriched-topic", "flowlog.enriched"]);
     let recs = wait_files(&out, 5, Duration::from_secs(60));
     stop(e);
     assert_eq!(recs.len(), 5, "{recs:#?}");
-    let by_seq = |s: i64| {
-        recs.iter()
-            .find(|r| r["sequence"] == s)
-            .unwrap_or_else(|| panic!("sequence {s} missing"))
-    };
+    let by_seq = |s: i64| recs.iter().find(|r| r["sequence"] == s).unwrap_or_else(|| panic!("sequence {s} missing"));
     let remote = |s: i64| &by_seq(s)["remote"];
     assert_eq!(remote(0)["workload"], "billing");
     assert_eq!(remote(0)["source"], "SIDECAR");
@@ -370,89 +261,46 @@ fn attributes_by_time_with_static_map_and_dead_letters() {
         assert_eq!(r["direction"], "CLIENT");
         assert_eq!(r["flow_id"].as_str().unwrap().len(), 16);
         // Hive-style folder by end time: 2026-01-01, hour 0.
-        assert!(
-            r["_file"]
-                .as_str()
-                .unwrap()
-                .starts_with("dt=2026-01-01/hr=00/flowlog.flows-0-"),
-            "{}",
-            r["_file"]
-        );
+        assert!(r["_file"].as_str().unwrap().starts_with("dt=2026-01-01/hr=00/flowlog.flows-0-"), "{}", r["_file"]);
     }
 
     // The two bad messages are in the dead-letter topic with their reasons.
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &b.addr)
-        .set("group.id", "t")
-        .create()
-        .unwrap();
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &b.addr).set("group.id", "t").create().unwrap();
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset("flowlog.dlq", 0, rdkafka::Offset::Beginning)
-        .unwrap();
+    tpl.add_partition_offset("flowlog.dlq", 0, rdkafka::Offset::Beginning).unwrap();
     c.assign(&tpl).unwrap();
     let mut reasons = Vec::new();
     let t0 = Instant::now();
     while reasons.len() < 2 && t0.elapsed() < Duration::from_secs(30) {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
             let h = m.headers().unwrap();
-            let reason = h
-                .iter()
-                .find(|h| h.key == "flowlog.dlq.reason")
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned());
+            let reason = h.iter().find(|h| h.key == "flowlog.dlq.reason").and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned());
             reasons.push(reason.unwrap_or_default());
         }
     }
-    assert_eq!(
-        reasons,
-        vec![
-            "not Avro single-object encoded".to_string(),
-            "truncated".to_string()
-        ]
-    );
+    assert_eq!(reasons, vec!["not Avro single-object encoded".to_string(), "truncated".to_string()]);
 
     // The enriched topic holds the same five records, single-object encoded.
-    let reader = apache_avro::GenericSingleObjectReader::new(
-        Schema::parse_str(include_str!("../../schemas/enriched_flow.avsc")).unwrap(),
-    )
-    .unwrap();
+    let reader = apache_avro::GenericSingleObjectReader::new(Schema::parse_str(include_str!("../../schemas/enriched_flow.avsc")).unwrap()).unwrap();
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset("flowlog.enriched", 0, rdkafka::Offset::Beginning)
-        .unwrap();
+    tpl.add_partition_offset("flowlog.enriched", 0, rdkafka::Offset::Beginning).unwrap();
     c.assign(&tpl).unwrap();
     let mut workloads = std::collections::BTreeMap::new();
     let t0 = Instant::now();
     while workloads.len() < 5 && t0.elapsed() < Duration::from_secs(30) {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-            let Value::Record(f) = reader.read_value(&mut m.payload().unwrap()).unwrap() else {
-                panic!()
-            };
+            let Value::Record(f) = reader.read_value(&mut m.payload().unwrap()).unwrap() else { panic!() };
             let get = |n: &str| f.iter().find(|(k, _)| k == n).unwrap().1.clone();
-            let Value::Long(seq) = get("sequence") else {
-                panic!()
-            };
-            let Value::Record(remote) = get("remote") else {
-                panic!()
-            };
-            let wl = remote
-                .iter()
-                .find(|(k, _)| k == "workload")
-                .unwrap()
-                .1
-                .clone();
+            let Value::Long(seq) = get("sequence") else { panic!() };
+            let Value::Record(remote) = get("remote") else { panic!() };
+            let wl = remote.iter().find(|(k, _)| k == "workload").unwrap().1.clone();
             workloads.insert(seq, wl);
         }
     }
     assert_eq!(workloads.len(), 5);
-    assert_eq!(
-        workloads[&0],
-        Value::Union(1, Box::new(Value::String("billing".into())))
-    );
+    assert_eq!(workloads[&0], Value::Union(1, Box::new(Value::String("billing".into()))));
     assert_eq!(workloads[&1], Value::Union(0, Box::new(Value::Null)));
-    assert_eq!(
-        workloads[&2],
-        Value::Union(1, Box::new(Value::String("search".into())))
-    );
+    assert_eq!(workloads[&2], Value::Union(1, Box::new(Value::String("search".into()))));
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_file(&map);
 }
@@ -469,9 +317,7 @@ fn kill_9_loses_and_duplicates_nothing() {
     let out = std::env::temp_dir().join(format!("flowlog-enr-kill-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let batch = |from: i64, to: i64| -> Vec<(String, Vec<u8>)> {
-        (from..to)
-            .map(|i| (format!("k{}", i % 8), flow(i, [10, 0, 0, 9], T0 + i * S, i)))
-            .collect()
+        (from..to).map(|i| (format!("k{}", i % 8), flow(i, [10, 0, 0, 9], T0 + i * S, i))).collect()
     };
     produce(&b.addr, "flowlog.flows", &batch(0, 2000));
     let extra = ["--batch-max-records", "100"];
@@ -487,19 +333,12 @@ fn kill_9_loses_and_duplicates_nothing() {
     stop(e2);
     let recs_final = read_files(&out);
     assert!(recs_final.len() >= recs.len());
-    let mut seqs: Vec<i64> = recs_final
-        .iter()
-        .map(|r| r["sequence"].as_i64().unwrap())
-        .collect();
+    let mut seqs: Vec<i64> = recs_final.iter().map(|r| r["sequence"].as_i64().unwrap()).collect();
     seqs.sort();
     let n = seqs.len();
     seqs.dedup();
     assert_eq!(n, seqs.len(), "duplicated records in the files");
-    assert_eq!(
-        seqs,
-        (0..4000).collect::<Vec<_>>(),
-        "records missing from the files"
-    );
+    assert_eq!(seqs, (0..4000).collect::<Vec<_>>(), "records missing from the files");
     for r in &recs_final {
         let s = r["sequence"].as_i64().unwrap();
         assert_eq!(r["bytes_sent"].as_i64(), Some(s));
@@ -518,35 +357,12 @@ fn late_metadata_still_attributes_held_flows() {
     let b = Broker::start("late", 1);
     let out = std::env::temp_dir().join(format!("flowlog-enr-late-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64;
-    produce(
-        &b.addr,
-        "flowlog.flows",
-        &[("c".into(), flow(0, [10, 7, 7, 7], now - 2 * S, 500))],
-    );
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+    produce(&b.addr, "flowlog.flows", &[("c".into(), flow(0, [10, 7, 7, 7], now - 2 * S, 500))]);
     let e = start_enricher(&b.addr, &out, &["--late-window-secs", "15"]);
     std::thread::sleep(Duration::from_secs(4));
-    assert!(
-        read_files(&out).is_empty(),
-        "the unattributed flow was not held back"
-    );
-    produce(
-        &b.addr,
-        "flowlog.identity",
-        &[(
-            "z".into(),
-            identity(
-                "host-z",
-                "late-owner",
-                &["10.7.7.7"],
-                now - 60 * S,
-                (0, "START"),
-            ),
-        )],
-    );
+    assert!(read_files(&out).is_empty(), "the unattributed flow was not held back");
+    produce(&b.addr, "flowlog.identity", &[("z".into(), identity("host-z", "late-owner", &["10.7.7.7"], now - 60 * S, (0, "START")))]);
     let recs = wait_files(&out, 1, Duration::from_secs(40));
     stop(e);
     assert_eq!(recs.len(), 1);
@@ -568,12 +384,7 @@ fn ec2_ip_reuse_against_an_ec2_endpoint() {
     let py = tools().join("venv-py-1/bin/python");
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let mut moto = Command::new(&moto_bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut moto = Command::new(&moto_bin).args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     struct Kill(Child);
     impl Drop for Kill {
         fn drop(&mut self) {
@@ -591,50 +402,22 @@ fn ec2_ip_reuse_against_an_ec2_endpoint() {
     }
     let _moto = Kill(moto);
     let ec2 = |args: &[&str]| -> String {
-        let o = Command::new(&py)
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/moto_ec2.py"))
-            .arg(&url)
-            .args(args)
-            .output()
-            .unwrap();
+        let o = Command::new(&py).arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/moto_ec2.py")).arg(&url).args(args).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as i64
-    };
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
 
     let eni_a = ec2(&["create", "172.31.0.50", "billing"]);
     let b = Broker::start("ec2", 1);
     let out = std::env::temp_dir().join(format!("flowlog-enr-ec2-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowlog-enricher"));
-    cmd.args([
-        "--brokers",
-        &b.addr,
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--batch-max-age-secs",
-        "1",
-        "--metrics-listen",
-        "",
-    ])
-    .args([
-        "--ec2-regions",
-        "us-east-1",
-        "--ec2-endpoint-url",
-        &url,
-        "--ec2-refresh-secs",
-        "1",
-        "--late-window-secs",
-        "0",
-    ])
-    .env("AWS_ACCESS_KEY_ID", "test")
-    .env("AWS_SECRET_ACCESS_KEY", "test")
-    .env("AWS_EC2_METADATA_DISABLED", "true");
+    cmd.args(["--brokers", &b.addr, "--output-dir", out.to_str().unwrap(), "--batch-max-age-secs", "1", "--metrics-listen", ""])
+        .args(["--ec2-regions", "us-east-1", "--ec2-endpoint-url", &url, "--ec2-refresh-secs", "1", "--late-window-secs", "0"])
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
     let e = cmd.spawn().unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let t1 = now();
@@ -644,15 +427,11 @@ fn ec2_ip_reuse_against_an_ec2_endpoint() {
     let eni_b = ec2(&["create", "172.31.0.50", "search"]);
     std::thread::sleep(Duration::from_secs(4));
     let t3 = now();
-    produce(
-        &b.addr,
-        "flowlog.flows",
-        &[
-            ("c".into(), flow(0, [172, 31, 0, 50], t1, 1)),
-            ("c".into(), flow(1, [172, 31, 0, 50], t2, 2)),
-            ("c".into(), flow(2, [172, 31, 0, 50], t3, 3)),
-        ],
-    );
+    produce(&b.addr, "flowlog.flows", &[
+        ("c".into(), flow(0, [172, 31, 0, 50], t1, 1)),
+        ("c".into(), flow(1, [172, 31, 0, 50], t2, 2)),
+        ("c".into(), flow(2, [172, 31, 0, 50], t3, 3)),
+    ]);
     let recs = wait_files(&out, 3, Duration::from_secs(40));
     stop(e);
     assert_eq!(recs.len(), 3, "{recs:#?}");

@@ -72,11 +72,7 @@ struct Report {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() {
-        0.0
-    } else {
-        v[v.len() / 2]
-    }
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -85,10 +81,7 @@ fn main() -> anyhow::Result<()> {
         bail!("bench-capture needs root (it loads eBPF and sets kernel.bpf_stats_enabled)");
     }
     if !a.sidecar.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p flowlog-sidecar`",
-            a.sidecar.display()
-        );
+        bail!("{} not found: build it with `cargo build --release -p flowlog-sidecar`", a.sidecar.display());
     }
     let stats_sysctl = "/proc/sys/kernel/bpf_stats_enabled";
     let old_stats = std::fs::read_to_string(stats_sysctl).unwrap_or_else(|_| "0".into());
@@ -100,10 +93,7 @@ fn main() -> anyhow::Result<()> {
         ..LoadSpec::default()
     };
     // Warm-up so both arms start from the same state.
-    loadgen::run(LoadSpec {
-        duration: Duration::from_secs(1),
-        ..spec
-    })?;
+    loadgen::run(LoadSpec { duration: Duration::from_secs(1), ..spec })?;
     let mut rounds = Vec::new();
     for i in 0..a.rounds {
         // Alternate the order (ABBA) so that drift and leftover TIME_WAIT
@@ -129,32 +119,16 @@ fn main() -> anyhow::Result<()> {
     }
     let _ = std::fs::write(stats_sysctl, old_stats.trim());
 
-    let rate_without = median(
-        rounds
-            .iter()
-            .map(|r| r.without.unwrap().connections_per_sec)
-            .collect(),
-    );
-    let rate_with = median(
-        rounds
-            .iter()
-            .map(|r| r.with.unwrap().connections_per_sec)
-            .collect(),
-    );
+    let rate_without = median(rounds.iter().map(|r| r.without.unwrap().connections_per_sec).collect());
+    let rate_with = median(rounds.iter().map(|r| r.with.unwrap().connections_per_sec).collect());
     let flows: u64 = rounds.iter().map(|r| r.flows).sum();
     let conns: u64 = rounds.iter().map(|r| r.with.unwrap().connections).sum();
     let run_ns: u64 = rounds.iter().map(|r| r.prog_run_time_ns).sum();
     let run_cnt: u64 = rounds.iter().map(|r| r.prog_run_count).sum();
     let user_s: f64 = rounds.iter().map(|r| r.sidecar_user_s).sum();
-    let cpu_s: f64 = rounds
-        .iter()
-        .map(|r| r.sidecar_user_s + r.sidecar_sys_s)
-        .sum();
+    let cpu_s: f64 = rounds.iter().map(|r| r.sidecar_user_s + r.sidecar_sys_s).sum();
     let secs: f64 = rounds.iter().map(|r| r.with.unwrap().seconds).sum();
-    let drops: u64 = rounds
-        .iter()
-        .map(|r| r.ringbuf_full + r.sock_map_full + r.decode_errors)
-        .sum();
+    let drops: u64 = rounds.iter().map(|r| r.ringbuf_full + r.sock_map_full + r.decode_errors).sum();
     let avg_rate = conns as f64 / secs;
     let report = Report {
         benchmark: "capture",
@@ -170,12 +144,7 @@ fn main() -> anyhow::Result<()> {
         kernel_ns_per_transition: run_ns as f64 / run_cnt.max(1) as f64,
         sidecar_user_ns_per_flow: user_s * 1e9 / flows.max(1) as f64,
         sidecar_cpu_percent_per_1000_conn_per_s: (cpu_s / secs * 100.0) / (avg_rate / 1000.0),
-        sidecar_peak_rss_mb: rounds
-            .iter()
-            .map(|r| r.sidecar_peak_rss_bytes)
-            .max()
-            .unwrap_or(0) as f64
-            / 1048576.0,
+        sidecar_peak_rss_mb: rounds.iter().map(|r| r.sidecar_peak_rss_bytes).max().unwrap_or(0) as f64 / 1048576.0,
         drops,
         targets: serde_json::json!({
             "kernel_ns_per_flow_max": 1500,
@@ -187,42 +156,15 @@ fn main() -> anyhow::Result<()> {
         rounds,
     };
     println!("capture benchmark ({})", report.load);
-    println!(
-        "  connections/s without sidecar  {:>10.0}",
-        report.rate_without_per_s
-    );
-    println!(
-        "  connections/s with sidecar     {:>10.0}  (ratio {:.3}, target >= 0.95)",
-        report.rate_with_per_s, report.rate_ratio
-    );
-    println!(
-        "  kernel ns per flow (one socket) {:>9.0}  (target <= 1500)",
-        report.kernel_ns_per_flow
-    );
-    println!(
-        "  kernel ns per connection (both ends on loopback) {:.0}",
-        report.kernel_ns_per_connection_both_ends
-    );
-    println!(
-        "  kernel ns per transition        {:>9.0}",
-        report.kernel_ns_per_transition
-    );
-    println!(
-        "  sidecar user ns per flow        {:>9.0}  (target <= 500)",
-        report.sidecar_user_ns_per_flow
-    );
-    println!(
-        "  sidecar CPU % per 1000 conn/s   {:>9.3}",
-        report.sidecar_cpu_percent_per_1000_conn_per_s
-    );
-    println!(
-        "  sidecar peak RSS MB             {:>9.1}  (target <= 40)",
-        report.sidecar_peak_rss_mb
-    );
-    println!(
-        "  drops                           {:>9}  (target 0)",
-        report.drops
-    );
+    println!("  connections/s without sidecar  {:>10.0}", report.rate_without_per_s);
+    println!("  connections/s with sidecar     {:>10.0}  (ratio {:.3}, target >= 0.95)", report.rate_with_per_s, report.rate_ratio);
+    println!("  kernel ns per flow (one socket) {:>9.0}  (target <= 1500)", report.kernel_ns_per_flow);
+    println!("  kernel ns per connection (both ends on loopback) {:.0}", report.kernel_ns_per_connection_both_ends);
+    println!("  kernel ns per transition        {:>9.0}", report.kernel_ns_per_transition);
+    println!("  sidecar user ns per flow        {:>9.0}  (target <= 500)", report.sidecar_user_ns_per_flow);
+    println!("  sidecar CPU % per 1000 conn/s   {:>9.3}", report.sidecar_cpu_percent_per_1000_conn_per_s);
+    println!("  sidecar peak RSS MB             {:>9.1}  (target <= 40)", report.sidecar_peak_rss_mb);
+    println!("  drops                           {:>9}  (target 0)", report.drops);
     if let Some(dir) = a.out.parent() {
         std::fs::create_dir_all(dir)?;
     }

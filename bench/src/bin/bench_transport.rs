@@ -44,18 +44,11 @@ struct Args {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -75,14 +68,7 @@ fn main() -> anyhow::Result<()> {
     let port = free_port();
     let brokers = format!("127.0.0.1:{port}");
     let st = Command::new("bash")
-        .args([
-            "scripts/broker.sh",
-            "start",
-            work.join("broker").to_str().unwrap(),
-            &port.to_string(),
-            "flowlog.flows",
-            "flowlog.identity",
-        ])
+        .args(["scripts/broker.sh", "start", work.join("broker").to_str().unwrap(), &port.to_string(), "flowlog.flows", "flowlog.identity"])
         .env("STORAGE", "memory")
         .status()
         .context("scripts/broker.sh")?;
@@ -90,13 +76,7 @@ fn main() -> anyhow::Result<()> {
         bail!("broker did not start");
     }
     let result = run(&a, &brokers, &work);
-    let _ = Command::new("bash")
-        .args([
-            "scripts/broker.sh",
-            "stop",
-            work.join("broker").to_str().unwrap(),
-        ])
-        .status();
+    let _ = Command::new("bash").args(["scripts/broker.sh", "stop", work.join("broker").to_str().unwrap()]).status();
     let _ = std::fs::remove_dir_all(&work);
     result
 }
@@ -108,12 +88,7 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let consumer_thread = {
-        let (consumed, latencies, stop, brokers) = (
-            consumed.clone(),
-            latencies.clone(),
-            stop.clone(),
-            brokers.to_string(),
-        );
+        let (consumed, latencies, stop, brokers) = (consumed.clone(), latencies.clone(), stop.clone(), brokers.to_string());
         std::thread::spawn(move || -> anyhow::Result<()> {
             let c: BaseConsumer = ClientConfig::new()
                 .set("bootstrap.servers", &brokers)
@@ -131,16 +106,9 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
                         let received = now_ns();
                         let payload = m.payload().unwrap_or_default();
                         if payload.len() > 10 {
-                            if let Ok(Value::Record(f)) =
-                                from_avro_datum(&schema, &mut &payload[10..], None)
-                            {
-                                if let Some((_, Value::Long(end))) =
-                                    f.iter().find(|(k, _)| k == "end_time_ns")
-                                {
-                                    latencies
-                                        .lock()
-                                        .unwrap()
-                                        .push((received - end) as f64 / 1e6);
+                            if let Ok(Value::Record(f)) = from_avro_datum(&schema, &mut &payload[10..], None) {
+                                if let Some((_, Value::Long(end))) = f.iter().find(|(k, _)| k == "end_time_ns") {
+                                    latencies.lock().unwrap().push((received - end) as f64 / 1e6);
                                 }
                             }
                         }
@@ -155,18 +123,8 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
     let spool = work.join("spool");
     let sc = sidecar::start(
         &a.sidecar,
-        &[
-            "--output",
-            "kafka",
-            "--kafka-brokers",
-            brokers,
-            "--spool-dir",
-            spool.to_str().unwrap(),
-            "--host-id",
-            "bench",
-            "--metrics-listen",
-            &metrics,
-        ],
+        &["--output", "kafka", "--kafka-brokers", brokers, "--spool-dir", spool.to_str().unwrap(), "--host-id", "bench",
+          "--metrics-listen", &metrics],
     )?;
     let pid = sc.pid;
     let (u0, s0) = procstat::cpu_seconds(pid)?;
@@ -200,8 +158,7 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
     let in_topic = consumed.load(Ordering::Relaxed);
     let mut lat = latencies.lock().unwrap().clone();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let kernel_drops = stats["kernel"]["ringbuf_full"].as_u64().unwrap_or(0)
-        + stats["kernel"]["sock_map_full"].as_u64().unwrap_or(0);
+    let kernel_drops = stats["kernel"]["ringbuf_full"].as_u64().unwrap_or(0) + stats["kernel"]["sock_map_full"].as_u64().unwrap_or(0);
     let report = serde_json::json!({
         "benchmark": "transport",
         "load": format!("loopback, {} client / {} server threads, {} s, sidecar --output kafka with default settings, tansu broker (memory engine)", a.clients, a.servers, a.seconds),
@@ -220,31 +177,12 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
         "targets": {"lost": 0, "sidecar_user_ns_per_flow_max": 1000, "sidecar_peak_rss_mb_max": 48, "close_to_broker_ms_p99_max": 250},
     });
     println!("transport benchmark ({})", report["load"].as_str().unwrap());
-    println!(
-        "  connections/s                  {:>10.0}",
-        load.connections_per_sec
-    );
-    println!(
-        "  flows read / in topic / lost   {flows} / {in_topic} / {}  (target: 0 lost)",
-        report["lost"]
-    );
-    println!(
-        "  sidecar user ns per flow       {:>10.0}  (target <= 1000)",
-        report["sidecar_user_ns_per_flow"].as_f64().unwrap()
-    );
-    println!(
-        "  sidecar user+sys ns per flow   {:>10.0}",
-        report["sidecar_cpu_ns_per_flow"].as_f64().unwrap()
-    );
-    println!(
-        "  sidecar peak RSS MB            {:>10.1}  (target <= 48)",
-        report["sidecar_peak_rss_mb"].as_f64().unwrap()
-    );
-    println!(
-        "  close -> readable p50 / p99 ms {:>7.1} / {:.1}  (target p99 <= 250)",
-        pct(&lat, 0.5),
-        pct(&lat, 0.99)
-    );
+    println!("  connections/s                  {:>10.0}", load.connections_per_sec);
+    println!("  flows read / in topic / lost   {flows} / {in_topic} / {}  (target: 0 lost)", report["lost"]);
+    println!("  sidecar user ns per flow       {:>10.0}  (target <= 1000)", report["sidecar_user_ns_per_flow"].as_f64().unwrap());
+    println!("  sidecar user+sys ns per flow   {:>10.0}", report["sidecar_cpu_ns_per_flow"].as_f64().unwrap());
+    println!("  sidecar peak RSS MB            {:>10.1}  (target <= 48)", report["sidecar_peak_rss_mb"].as_f64().unwrap());
+    println!("  close -> readable p50 / p99 ms {:>7.1} / {:.1}  (target p99 <= 250)", pct(&lat, 0.5), pct(&lat, 0.99));
     if let Some(dir) = a.out.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -22,10 +22,7 @@ use crate::{
 pub use crate::config::Ec2Settings;
 
 fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 /// An ENI as an owner: its tags, plus ENI/VPC/subnet/account/region/zone as
@@ -33,20 +30,13 @@ fn now_ns() -> i64 {
 fn identity(e: &Eni, t: i64, gone: bool) -> Identity {
     let mut labels = e.tags.clone();
     labels.insert("eni_id".into(), e.eni_id.clone());
-    for (k, v) in [
-        ("vpc_id", &e.vpc_id),
-        ("subnet_id", &e.subnet_id),
-        ("account", &e.account),
-        ("zone", &e.zone),
-    ] {
+    for (k, v) in [("vpc_id", &e.vpc_id), ("subnet_id", &e.subnet_id), ("account", &e.account), ("zone", &e.zone)] {
         if let Some(v) = v {
             labels.insert(k.into(), v.clone());
         }
     }
     labels.insert("region".into(), e.region.clone());
-    let workload = ["workload", "app", "Name"]
-        .iter()
-        .find_map(|k| e.tags.get(*k).cloned());
+    let workload = ["workload", "app", "Name"].iter().find_map(|k| e.tags.get(*k).cloned());
     Identity {
         host: HostIdentity {
             host_id: e.eni_id.clone(),
@@ -62,23 +52,13 @@ fn identity(e: &Eni, t: i64, gone: bool) -> Identity {
 }
 
 /// Applies one snapshot taken at `t` against the previous one.
-pub fn apply_snapshot(
-    store: &mut IdentityStore,
-    prev: &mut HashMap<String, Eni>,
-    snap: Vec<Eni>,
-    t: i64,
-    first: bool,
-) {
+pub fn apply_snapshot(store: &mut IdentityStore, prev: &mut HashMap<String, Eni>, snap: Vec<Eni>, t: i64, first: bool) {
     let mut next = HashMap::with_capacity(snap.len());
     for e in snap {
         if prev.get(&e.eni_id) != Some(&e) {
             // On the first snapshot an attached ENI has owned its IPs since
             // it was attached; otherwise ownership starts when it is seen.
-            let since = if first && !prev.contains_key(&e.eni_id) {
-                e.attached_ns.unwrap_or(t).min(t)
-            } else {
-                t
-            };
+            let since = if first && !prev.contains_key(&e.eni_id) { e.attached_ns.unwrap_or(t).min(t) } else { t };
             store.apply(&identity(&e, since, false));
         }
         next.insert(e.eni_id.clone(), e);
@@ -93,13 +73,8 @@ pub fn apply_snapshot(
 
 /// Loads once (so attribution starts complete), then refreshes in the background.
 pub fn start(settings: Ec2Settings, store: Arc<RwLock<IdentityStore>>) -> anyhow::Result<()> {
-    let cfg = Ec2Config {
-        regions: settings.regions.clone(),
-        endpoint_url: settings.endpoint_url.clone(),
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let cfg = Ec2Config { regions: settings.regions.clone(), endpoint_url: settings.endpoint_url.clone() };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut prev = HashMap::new();
     let mut last_ok = SystemTime::now();
     match rt.block_on(snapshot(&cfg)) {
@@ -162,28 +137,10 @@ mod tests {
         let mut store = IdentityStore::default();
         let mut prev = HashMap::new();
         let ip = "172.31.0.50".parse().unwrap();
-        apply_snapshot(
-            &mut store,
-            &mut prev,
-            vec![eni("eni-a", "172.31.0.50", "billing")],
-            100,
-            true,
-        );
-        apply_snapshot(
-            &mut store,
-            &mut prev,
-            vec![eni("eni-a", "172.31.0.50", "billing")],
-            150,
-            false,
-        );
+        apply_snapshot(&mut store, &mut prev, vec![eni("eni-a", "172.31.0.50", "billing")], 100, true);
+        apply_snapshot(&mut store, &mut prev, vec![eni("eni-a", "172.31.0.50", "billing")], 150, false);
         apply_snapshot(&mut store, &mut prev, vec![], 200, false);
-        apply_snapshot(
-            &mut store,
-            &mut prev,
-            vec![eni("eni-b", "172.31.0.50", "search")],
-            300,
-            false,
-        );
+        apply_snapshot(&mut store, &mut prev, vec![eni("eni-b", "172.31.0.50", "search")], 300, false);
         let owner = |t| store.owner_at(ip, t).ok().and_then(|o| o.workload.clone());
         assert_eq!(owner(120).as_deref(), Some("billing"));
         assert_eq!(owner(250), None);
