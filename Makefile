@@ -13,17 +13,20 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo "sudo -E")
 setup:
 	bash scripts/setup.sh all
 
-## What the demo and the benchmarks run (the enricher's EC2 source is a long
-## build and is not needed there; `cargo build --release` builds everything).
+## What the demo and the benchmarks run: the sidecar, the benchmarks and the
+## demo's traffic generator, and the enricher without its EC2 source (a long
+## build, not needed there; `cargo build --release` builds everything).
 build:
-	cargo build --release -p flowlog-sidecar -p flowlog-bench
+	cargo build --release -p flowlog-sidecar -p flowlog-bench -p flowlog-enricher --no-default-features
 
 ## Everything CI checks: unit tests and the tests on the real kernel (root)
 ## and the real local broker. Plain `cargo test` skips the root-only ones.
 test:
 	FLOWLOG_REQUIRE_ROOT_TESTS=1 $(SUDO) env "PATH=$(PATH)" cargo test
 
-## The main job: capture this machine's TCP flows while generating traffic.
+## The main job: a few workloads in network namespaces talk while the sidecar
+## captures this machine's TCP flows and the enricher attributes them; prints a
+## summary read back from the enriched Avro files and leaves a picture (root: sudo).
 demo: setup build
 	bash scripts/demo.sh
 
