@@ -317,6 +317,8 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: logs in files and journald stay greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Config::load(&cli).and_then(run) {
         Ok(()) => std::process::ExitCode::SUCCESS,

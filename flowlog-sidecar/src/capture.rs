@@ -207,7 +207,7 @@ impl Capture {
         }
         debug!(?now, user = ?self.user, "counters");
         m::dropped("ringbuf_full", now.ringbuf_full - prev.ringbuf_full);
-        m::dropped("sock_map_full", now.sock_map_full - prev.sock_map_full);
+        m::degraded("sock_map_full", now.sock_map_full - prev.sock_map_full);
         metrics::counter!(m::LISTEN_MAP_FULL).absolute(now.listen_map_full);
         metrics::counter!(m::KERNEL_READ_ERRORS).absolute(now.read_errors);
         m::record_process();

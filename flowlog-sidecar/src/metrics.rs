@@ -6,9 +6,14 @@ pub const EVENTS_READ: &str = "flowlog_sidecar_events_read_total";
 pub const FLOWS_PRODUCED: &str = "flowlog_sidecar_flows_produced_total";
 pub const FLOWS_DELIVERED: &str = "flowlog_sidecar_flows_delivered_total";
 pub const FLOWS_FAILED: &str = "flowlog_sidecar_flows_failed_total";
-/// Label `reason`: ringbuf_full, sock_map_full, queue_full, spool_full, spool_corrupt, decode_error.
+/// Flows lost. Label `reason`: ringbuf_full, decode_error, spool_full,
+/// spool_error, spool_corrupt.
 pub const FLOWS_DROPPED: &str = "flowlog_sidecar_flows_dropped_total";
-/// Label `reason`: broker_down, backlog, queue_full, delivery_failed, shutdown.
+/// Flows still reported, but with less in them. Label `reason`:
+/// sock_map_full (no start time / opening process: the socket was not tracked).
+pub const FLOWS_DEGRADED: &str = "flowlog_sidecar_flows_degraded_total";
+/// Label `reason`: broker_down, backlog, queue_full, produce_error, shutdown.
+/// (A failed delivery is retried from memory first; spooled only at shutdown.)
 pub const FLOWS_SPOOLED: &str = "flowlog_sidecar_flows_spooled_total";
 pub const FLOWS_REPLAYED: &str = "flowlog_sidecar_flows_replayed_total";
 pub const INTERIM_RECORDS: &str = "flowlog_sidecar_interim_records_total";
@@ -32,6 +37,7 @@ pub fn describe() {
     describe_counter!(FLOWS_DELIVERED, "Flow records acknowledged by the broker.");
     describe_counter!(FLOWS_FAILED, "Flow record deliveries that failed (each is spooled for replay).");
     describe_counter!(FLOWS_DROPPED, "Flow records lost, by reason.");
+    describe_counter!(FLOWS_DEGRADED, "Flow records reported with fields missing, by reason (sock_map_full: no start time or opening process).");
     describe_counter!(FLOWS_SPOOLED, "Flow records written to the on-disk spool, by reason.");
     describe_counter!(FLOWS_REPLAYED, "Flow records read back from the spool and produced.");
     describe_counter!(INTERIM_RECORDS, "Interim records for long-lived connections.");
@@ -51,6 +57,10 @@ pub fn describe() {
 
 pub fn dropped(reason: &'static str, n: u64) {
     counter!(FLOWS_DROPPED, "reason" => reason).increment(n);
+}
+
+pub fn degraded(reason: &'static str, n: u64) {
+    counter!(FLOWS_DEGRADED, "reason" => reason).increment(n);
 }
 
 pub fn spooled(reason: &'static str, n: u64) {
