@@ -22,6 +22,7 @@ build:
 ## Everything CI checks: unit tests and the tests on the real kernel (root)
 ## and the real local broker. Plain `cargo test` skips the root-only ones.
 test:
+	python3 scripts/gen-docs.py --check
 	FLOWLOG_REQUIRE_ROOT_TESTS=1 $(SUDO) env "PATH=$(PATH)" cargo test
 
 ## The main job: a few workloads in network namespaces talk while the sidecar

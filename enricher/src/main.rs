@@ -220,6 +220,7 @@ fn roll(
         .context("committing offsets")?;
     ::metrics::counter!(metrics::RECORDS_OUT, "sink" => "files").increment(b.records.len() as u64);
     ::metrics::counter!(metrics::FILES_ROLLED).increment(files.len() as u64);
+    metrics::record_attributions(&b.records);
     Ok(())
 }
 
@@ -458,8 +459,6 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                         cidr: &map,
                     }
                     .enrich(f);
-                    metrics::record_attribution("local", &e.local);
-                    metrics::record_attribution("remote", &e.remote);
                     // Young and unattributed: hold it back for late metadata.
                     let age = now_ns() - e.flow.end_time_ns;
                     if (!e.local.attributed || !e.remote.attributed) && age < late_window_ns {

@@ -1,6 +1,8 @@
 //! Every Prometheus metric the enricher exports.
 
-use crate::attribute::Attribution;
+use std::collections::BTreeMap;
+
+use crate::attribute::EnrichedFlow;
 
 pub const RECORDS_IN: &str = "flowlog_enricher_records_in_total";
 pub const RECORDS_OUT: &str = "flowlog_enricher_records_out_total";
@@ -20,12 +22,22 @@ pub const CONSUMER_LAG: &str = "flowlog_enricher_consumer_lag_records";
 pub const HOST_CACHE: &str = "flowlog_enricher_host_cache_lookups_total";
 pub const IDENTITY_LAST_SEEN: &str = "flowlog_enricher_identity_last_seen_timestamp_seconds";
 
-pub fn record_attribution(side: &'static str, a: &Attribution) {
-    if a.attributed {
-        metrics::counter!(ATTRIBUTED, "side" => side, "source" => a.source).increment(1);
-    } else {
-        metrics::counter!(UNATTRIBUTED, "side" => side, "reason" => a.reason.unwrap_or("UNKNOWN"))
-            .increment(1);
+/// Counts the final attribution of a written batch (after held-back records
+/// had their second chance), one counter update per label set, not per record.
+pub fn record_attributions(records: &[EnrichedFlow]) {
+    let mut counts: BTreeMap<(bool, &'static str, &'static str), u64> = BTreeMap::new();
+    for r in records {
+        for (side, a) in [("local", &r.local), ("remote", &r.remote)] {
+            let label = if a.attributed { a.source } else { a.reason.unwrap_or("UNKNOWN") };
+            *counts.entry((a.attributed, side, label)).or_default() += 1;
+        }
+    }
+    for ((attributed, side, label), n) in counts {
+        if attributed {
+            metrics::counter!(ATTRIBUTED, "side" => side, "source" => label).increment(n);
+        } else {
+            metrics::counter!(UNATTRIBUTED, "side" => side, "reason" => label).increment(n);
+        }
     }
 }
 
@@ -71,7 +83,7 @@ fn describe() {
         ATTRIBUTED,
         "Flow sides attributed, by side (local/remote) and source (SIDECAR/EC2/STATIC)."
     );
-    describe_counter!(UNATTRIBUTED, "Flow sides with no owner at the flow's start, by side and reason (UNKNOWN_IP/NO_OWNER_AT_TIME).");
+    describe_counter!(UNATTRIBUTED, "Flow sides written with no owner at the flow's start, by side and reason (UNKNOWN_IP/NO_OWNER_AT_TIME).");
     describe_counter!(DLQ, "Messages sent to the dead-letter topic, by reason (schema/truncated/bad_address/bad_time/invalid).");
     describe_counter!(
         FILES_ROLLED,

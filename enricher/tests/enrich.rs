@@ -166,8 +166,10 @@ fn produce(brokers: &str, topic: &str, msgs: &[(String, Vec<u8>)]) {
 }
 
 fn start_enricher(brokers: &str, out: &std::path::Path, extra: &[&str]) -> Child {
+    let metrics_off: &[&str] = if extra.contains(&"--metrics-listen") { &[] } else { &["--metrics-listen", ""] };
     Command::new(env!("CARGO_BIN_EXE_flowlog-enricher"))
-        .args(["--brokers", brokers, "--output-dir", out.to_str().unwrap(), "--batch-max-age-secs", "1", "--metrics-listen", ""])
+        .args(["--brokers", brokers, "--output-dir", out.to_str().unwrap(), "--batch-max-age-secs", "1"])
+        .args(metrics_off)
         .args(extra)
         .stderr(Stdio::inherit())
         .spawn()
@@ -193,6 +195,28 @@ fn wait_files(out: &std::path::Path, n: usize, timeout: Duration) -> Vec<Json> {
             return recs;
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The value of one Prometheus sample (exact name and labels), polled until
+/// it equals `want` or 15 s pass.
+fn wait_metric(port: u16, sample: &str, want: f64) -> f64 {
+    use std::io::{Read, Write};
+    let t0 = Instant::now();
+    loop {
+        let mut body = String::new();
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = write!(c, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+            let _ = c.read_to_string(&mut body);
+        }
+        let v = body
+            .lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0);
+        if v == want || t0.elapsed() > Duration::from_secs(15) {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -359,11 +383,18 @@ fn late_metadata_still_attributes_held_flows() {
     let _ = std::fs::remove_dir_all(&out);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
     produce(&b.addr, "flowlog.flows", &[("c".into(), flow(0, [10, 7, 7, 7], now - 2 * S, 500))]);
-    let e = start_enricher(&b.addr, &out, &["--late-window-secs", "15"]);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let e = start_enricher(&b.addr, &out, &["--late-window-secs", "15", "--metrics-listen", &listen]);
     std::thread::sleep(Duration::from_secs(4));
     assert!(read_files(&out).is_empty(), "the unattributed flow was not held back");
     produce(&b.addr, "flowlog.identity", &[("z".into(), identity("host-z", "late-owner", &["10.7.7.7"], now - 60 * S, (0, "START")))]);
     let recs = wait_files(&out, 1, Duration::from_secs(40));
+    // Counted once, as written: attributed (late), never as unattributed.
+    assert_eq!(wait_metric(port, r#"flowlog_enricher_attributed_total{side="remote",source="SIDECAR"}"#, 1.0), 1.0);
+    assert_eq!(wait_metric(port, "flowlog_enricher_late_attributed_total", 1.0), 1.0);
+    assert_eq!(wait_metric(port, r#"flowlog_enricher_unattributed_total{side="remote",reason="UNKNOWN_IP"}"#, 0.0), 0.0);
+    assert_eq!(wait_metric(port, "flowlog_enricher_records_in_total", 1.0), 1.0);
     stop(e);
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0]["remote"]["workload"], "late-owner");
