@@ -19,11 +19,14 @@ setup:
 build:
 	cargo build --release -p flowlog-sidecar -p flowlog-bench -p flowlog-enricher --no-default-features
 
-## Everything CI checks: unit tests and the tests on the real kernel (root)
-## and the real local broker. Plain `cargo test` skips the root-only ones.
+## Everything CI checks: generated docs up to date; unit tests and the tests
+## on the real kernel (root) and the real local broker (plain `cargo test`
+## skips the root-only ones); the deployment files (Helm chart, manifests,
+## systemd units, alert rules, dashboard), checked with the binaries just built.
 test:
 	python3 scripts/gen-docs.py --check
 	FLOWLOG_REQUIRE_ROOT_TESTS=1 $(SUDO) env "PATH=$(PATH)" cargo test
+	FLOWLOG_DEPLOY_NO_SKIP=1 bash scripts/check-deploy.sh
 
 ## The main job: a few workloads in network namespaces talk while the sidecar
 ## captures this machine's TCP flows and the enricher attributes them; prints a

@@ -114,6 +114,10 @@ pub struct Cli {
     pub ec2_refresh_secs: Option<u64>,
     #[arg(long, env = "FLOWLOG_ENRICHER_LOG", default_value = "info")]
     pub log: String,
+    /// Check the configuration (file, environment, flags, and the static map
+    /// it names) and exit: 0 when valid, 1 with the reason when not.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 impl Config {

@@ -311,6 +311,19 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// What `--check-config` checks beyond parsing: what `run` would refuse.
+fn check(cfg: &Config) -> anyhow::Result<()> {
+    if !cfg.metrics_listen.is_empty() {
+        cfg.metrics_listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| anyhow::anyhow!("metrics_listen {:?}: {e}", cfg.metrics_listen))?;
+    }
+    if let Some(p) = &cfg.static_map {
+        CidrMap::load(p).map_err(|e| anyhow::anyhow!("static map: {e}"))?;
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -321,7 +334,15 @@ fn main() -> std::process::ExitCode {
         // Colour only on a terminal: logs in files and journald stay greppable.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Config::load(&cli).and_then(run) {
+    let run_or_check = |cfg: Config| {
+        if !cli.check_config {
+            return run(cfg);
+        }
+        check(&cfg)?;
+        println!("flowlog-enricher: configuration OK");
+        Ok(())
+    };
+    match Config::load(&cli).and_then(run_or_check) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("flowlog-enricher: error: {e:#}");
@@ -337,13 +358,15 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
     if !cfg.metrics_listen.is_empty() {
-        metrics::serve(cfg.metrics_listen.parse()?)?;
+        let listen = cfg.metrics_listen.parse().map_err(|e| anyhow::anyhow!("metrics_listen {:?}: {e}", cfg.metrics_listen))?;
+        metrics::serve(listen)?;
     }
     let cidr = Arc::new(RwLock::new(match &cfg.static_map {
         Some(p) => CidrMap::load(p).map_err(|e| anyhow::anyhow!("static map: {e}"))?,
         None => CidrMap::default(),
     }));
     let mut cidr_loaded = SystemTime::now();
+    let mut cidr_in_sync = true;
     let mut cidr_mtime = cfg
         .static_map
         .as_ref()
@@ -535,7 +558,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                     state.lock().unwrap().done_through.insert(p, b.last);
                 }
             }
-            // Static map: reload when the file changes; a bad file keeps the old map.
+            // Static map: reload when the file changes; a bad file keeps the old
+            // map. Its age is the time since the map in force last matched the
+            // file, so a rejected (or vanished) file shows up as a growing age.
             if let Some(path) = &cfg.static_map {
                 let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
                 if mtime != cidr_mtime {
@@ -545,14 +570,18 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                             info!(entries = m.entries, "static map reloaded");
                             ::metrics::gauge!(metrics::STATIC_MAP_ENTRIES).set(m.entries as f64);
                             *cidr.write().unwrap() = m;
-                            cidr_loaded = SystemTime::now();
+                            cidr_in_sync = true;
                         }
                         Err(e) => {
                             ::metrics::counter!(metrics::SOURCE_ERRORS, "source" => "static")
                                 .increment(1);
                             error!("static map rejected, keeping the previous one: {e}");
+                            cidr_in_sync = false;
                         }
                     }
+                }
+                if cidr_in_sync {
+                    cidr_loaded = SystemTime::now();
                 }
                 ::metrics::gauge!(metrics::SOURCE_AGE, "source" => "static")
                     .set(cidr_loaded.elapsed().unwrap_or_default().as_secs_f64());

@@ -100,7 +100,7 @@ fn describe() {
     describe_gauge!(
         SOURCE_AGE,
         Unit::Seconds,
-        "Seconds since the metadata source last refreshed successfully, by source."
+        "Seconds since the metadata source was last known current, by source (ec2: last good sweep; static: the map in force last matched its file)."
     );
     describe_counter!(SOURCE_ERRORS, "Failed metadata refreshes, by source.");
     describe_gauge!(

@@ -160,6 +160,10 @@ pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `flowlog_sidecar=debug`.
     #[arg(long, env = "FLOWLOG_LOG", default_value = "info")]
     pub log: String,
+    /// Check the configuration (file, environment, flags) and exit: 0 when it
+    /// is valid, 1 with the reason when not. Touches neither the kernel nor Kafka.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -36,6 +36,24 @@ fn main() -> std::process::ExitCode {
         // Colour only on a terminal: logs in files and journald stay greppable.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if cli.check_config {
+        let checked = Config::load(&cli).map_err(anyhow::Error::from).and_then(|c| {
+            if c.output == config::Output::Kafka {
+                c.kafka.client_config()?;
+            }
+            Ok(())
+        });
+        return match checked {
+            Ok(()) => {
+                println!("flowlog-sidecar: configuration OK");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("flowlog-sidecar: error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let result = Config::load(&cli).map_err(anyhow::Error::from).and_then(|config| {
         // Before any thread exists: this forks.
         let resolved = offsets::resolve_running_kernel(config.attach == config::Attach::Tracepoint)

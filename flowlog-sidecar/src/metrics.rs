@@ -18,6 +18,7 @@ pub const FLOWS_SPOOLED: &str = "flowlog_sidecar_flows_spooled_total";
 pub const FLOWS_REPLAYED: &str = "flowlog_sidecar_flows_replayed_total";
 pub const INTERIM_RECORDS: &str = "flowlog_sidecar_interim_records_total";
 pub const SPOOL_BYTES: &str = "flowlog_sidecar_spool_bytes";
+pub const SPOOL_MAX_BYTES: &str = "flowlog_sidecar_spool_max_bytes";
 pub const SPOOL_RECORDS: &str = "flowlog_sidecar_spool_records";
 pub const KAFKA_QUEUE: &str = "flowlog_sidecar_kafka_queue_messages";
 pub const DELIVERY_LATENCY: &str = "flowlog_sidecar_delivery_latency_seconds";
@@ -42,6 +43,7 @@ pub fn describe() {
     describe_counter!(FLOWS_REPLAYED, "Flow records read back from the spool and produced.");
     describe_counter!(INTERIM_RECORDS, "Interim records for long-lived connections.");
     describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes in the on-disk spool.");
+    describe_gauge!(SPOOL_MAX_BYTES, Unit::Bytes, "spool.max_bytes: past it the oldest spooled records are dropped.");
     describe_gauge!(SPOOL_RECORDS, "Records in the on-disk spool.");
     describe_gauge!(KAFKA_QUEUE, "Messages in the producer's queue or in flight.");
     describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "From handing a record to the producer to the broker's ack.");

@@ -172,6 +172,7 @@ fn hex(b: &[u8]) -> String {
 
 impl KafkaSink {
     pub fn new(cfg: KafkaConfig, spool_cfg: SpoolConfig, host: HostIdentity) -> anyhow::Result<KafkaSink> {
+        gauge!(m::SPOOL_MAX_BYTES).set(spool_cfg.max_bytes as f64);
         let spool = Spool::open(spool_cfg.clone())
             .map_err(|e| anyhow::anyhow!("opening the spool at {}: {e}", spool_cfg.dir.display()))?;
         if !spool.is_empty() {

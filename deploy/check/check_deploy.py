@@ -1,0 +1,707 @@
+#!/usr/bin/env python3
+"""Checks everything under deploy/ (called by scripts/check-deploy.sh, which
+installs the tools and passes their paths in the environment).
+
+Each check prints one line; any problem makes the exit status non-zero.
+`--update` rewrites deploy/kubernetes/flowlog.yaml from the chart first.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+CHART = DEPLOY / "helm" / "flowlog"
+HELM = os.environ.get("HELM", "helm")
+PROMTOOL = os.environ.get("PROMTOOL", "promtool")
+K8S_VERSIONS = ["1.25.0", "1.37.0"]  # the chart's kubeVersion floor and the newest schemas
+RELEASE, NAMESPACE = "flowlog", "flowlog"
+VARIANTS = {  # values files rendered besides the defaults
+    "all": DEPLOY / "check" / "values-all.yaml",
+    "hpa": DEPLOY / "check" / "values-hpa.yaml",
+    "fixed": DEPLOY / "check" / "values-fixed.yaml",
+}
+
+failures: list[str] = []
+checks = 0
+
+
+def ok(msg: str) -> None:
+    global checks
+    checks += 1
+    print(f"  ok    {msg}")
+
+
+def fail(msg: str) -> None:
+    global checks
+    checks += 1
+    failures.append(msg)
+    print(f"  FAIL  {msg}")
+
+
+def skip(msg: str) -> None:
+    # Under `make test` (after cargo test built both binaries) nothing may be skipped.
+    if os.environ.get("FLOWLOG_DEPLOY_NO_SKIP") == "1":
+        fail(f"{msg} (FLOWLOG_DEPLOY_NO_SKIP=1)")
+        return
+    print(f"  skip  {msg}")
+
+
+def section(title: str) -> None:
+    print(f"\n== {title}")
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def rel(p: Path) -> str:
+    try:
+        return str(Path(p).relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+# --------------------------------------------------------------------------
+# What the binaries really accept and export, read from their sources.
+# --------------------------------------------------------------------------
+
+def rust_structs(src_dirs: list[Path]) -> dict[str, dict[str, str]]:
+    """struct name -> {field: type} for every `pub struct` with named fields."""
+    structs: dict[str, dict[str, str]] = {}
+    for d in src_dirs:
+        for f in d.rglob("*.rs"):
+            text = f.read_text()
+            for m in re.finditer(r"pub struct (\w+)\s*\{(.*?)\n\}", text, re.S):
+                fields = {}
+                for fm in re.finditer(r"^\s*pub (\w+):\s*([^\n]+?),?\s*$", m.group(2), re.M):
+                    fields[fm.group(1)] = fm.group(2)
+                if fields:
+                    structs.setdefault(m.group(1), fields)
+    return structs
+
+
+def check_toml_keys(data: dict, struct: str, structs: dict, path: str = "") -> list[str]:
+    """Unknown keys (the binaries use deny_unknown_fields), recursively."""
+    errs = []
+    fields = structs.get(struct)
+    if fields is None:
+        return [f"struct {struct} not found in the sources"]
+    for k, v in data.items():
+        where = f"{path}{k}"
+        if k not in fields:
+            errs.append(f"unknown key {where!r} (not a field of {struct})")
+            continue
+        ty = fields[k]
+        inner = re.sub(r"^Option<(.*)>$", r"\1", ty)
+        if isinstance(v, dict):
+            if re.match(r"(BTreeMap|HashMap)<", inner):
+                bad = [kk for kk, vv in v.items() if not isinstance(vv, str)]
+                if bad and "String>" in inner:
+                    errs.append(f"{where}: values must be strings ({bad})")
+            elif inner in structs:
+                errs += check_toml_keys(v, inner, structs, where + ".")
+            else:
+                errs.append(f"{where} is a table but {struct}.{k} is {ty}")
+        elif re.match(r"(u8|u16|u32|u64|usize|i32|i64)$", inner) and not (isinstance(v, int) and not isinstance(v, bool)):
+            errs.append(f"{where} = {v!r}: {ty} wants an integer")
+        elif inner == "bool" and not isinstance(v, bool):
+            errs.append(f"{where} = {v!r}: wants true/false")
+        elif inner in ("String", "PathBuf") and not isinstance(v, str):
+            errs.append(f"{where} = {v!r}: wants a string")
+        elif inner.startswith("Vec<") and not isinstance(v, list):
+            errs.append(f"{where} = {v!r}: wants a list")
+    return errs
+
+
+def exported_metrics() -> tuple[set[str], dict[str, str]]:
+    """Every series name the two binaries export, and each base name's source text."""
+    names: set[str] = set()
+    src_of: dict[str, str] = {}
+    for crate in ("flowlog-sidecar", "enricher"):
+        mfile = ROOT / crate / "src" / "metrics.rs"
+        text = mfile.read_text()
+        consts = dict(re.findall(r'pub const (\w+): &str = "(flowlog_\w+)";', text))
+        all_src = "\n".join(p.read_text() for p in (ROOT / crate / "src").rglob("*.rs"))
+        hist_consts = set(re.findall(r"(?:describe_histogram!|histogram!)\(\s*(?:\w+::)*(\w+)", all_src))
+        hist_consts |= set(re.findall(r"Matcher::Full\(\s*(?:\w+::)*(\w+)", all_src))
+        for const, name in consts.items():
+            names.add(name)
+            src_of[name] = all_src
+            if const in hist_consts:
+                for suffix in ("_bucket", "_sum", "_count"):
+                    names.add(name + suffix)
+                    src_of[name + suffix] = all_src
+    return names, src_of
+
+
+METRIC_RE = re.compile(r"\bflowlog_(?:sidecar|enricher)_[a-z0-9_]+\b")
+SELECTOR_RE = re.compile(r"\b(flowlog_(?:sidecar|enricher)_[a-z0-9_]+)\s*\{([^}]*)\}")
+MATCHER_RE = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+
+
+def check_metric_refs(where: str, text: str, exported: set[str], src_of: dict[str, str]) -> None:
+    used = set(METRIC_RE.findall(text))
+    unknown = sorted(used - exported)
+    if unknown:
+        fail(f"{where}: metrics no binary exports: {', '.join(unknown)}")
+    else:
+        ok(f"{where}: {len(used)} flowlog metrics, all exported")
+    # Label names and literal label values on flowlog metrics must appear in the source.
+    bad = []
+    for name, body in SELECTOR_RE.findall(text):
+        src = src_of.get(name)
+        if src is None:
+            continue
+        for label, op, value in MATCHER_RE.findall(body):
+            if label in ("instance", "job", "namespace", "pod", "node"):  # added by the scrape
+                continue
+            if f'"{label}" =>' not in src:
+                bad.append(f"{name}{{{label}}}: label not set by the code")
+                continue
+            if op in ("=", "!=") or (op == "=~" and re.fullmatch(r"[\w|]+", value)):
+                for v in value.split("|") if op == "=~" else [value]:
+                    if v and f'"{v}"' not in src:
+                        bad.append(f'{name}{{{label}="{v}"}}: value not in the code')
+    if bad:
+        fail(f"{where}: " + "; ".join(sorted(set(bad))))
+    elif used:
+        ok(f"{where}: label names/values on flowlog metrics exist in the code")
+
+
+# --------------------------------------------------------------------------
+# Config files: the real binaries when built, the config structs always.
+# --------------------------------------------------------------------------
+
+def newest_binary(name: str, crate: str) -> Path | None:
+    cands = [ROOT / "target" / p / name for p in ("release", "debug")]
+    cands = [c for c in cands if c.is_file() and os.access(c, os.X_OK)]
+    if not cands:
+        return None
+    b = max(cands, key=lambda c: c.stat().st_mtime)
+    src_mtime = max(p.stat().st_mtime for p in (ROOT / crate / "src").rglob("*.rs"))
+    if b.stat().st_mtime < src_mtime:
+        return None  # stale: older than its sources
+    return b
+
+
+SIDECAR_BIN = None
+ENRICHER_BIN = None
+CLEAN_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}
+
+
+def validate_sidecar_toml(where: str, text: str, structs) -> None:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        fail(f"{where}: not TOML: {e}")
+        return
+    errs = check_toml_keys(data, "Config", structs)
+    ring = data.get("ring_buffer_bytes", 4 * 1024 * 1024)
+    if "wakeup_bytes" in data and data["wakeup_bytes"] >= ring:
+        errs.append("wakeup_bytes must be below ring_buffer_bytes")
+    if errs:
+        fail(f"{where}: " + "; ".join(errs))
+    else:
+        ok(f"{where}: keys and types match flowlog-sidecar's config structs")
+    if SIDECAR_BIN is None:
+        skip(f"{where}: flowlog-sidecar not built (or older than its sources): not run")
+        return
+    # --check-config: parse + validate (and the Kafka settings), touching
+    # neither the kernel nor Kafka.
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write(text)
+        f.flush()
+        r = run([str(SIDECAR_BIN), "--config", f.name, "--check-config"], env=CLEAN_ENV, timeout=30)
+    err = r.stderr.strip()
+    if r.returncode == 0 and "configuration OK" in r.stdout:
+        ok(f"{where}: accepted by {rel(SIDECAR_BIN)} (parse + validation)")
+    else:
+        fail(f"{where}: {rel(SIDECAR_BIN)} refused it: {err.splitlines()[-1] if err else r.returncode}")
+
+
+def strip_static_map(text: str) -> str:
+    """The config without its top-level static_map line (the path is the pod's)."""
+    return "\n".join(l for l in text.splitlines() if not re.match(r"\s*static_map\s*=", l)) + "\n"
+
+
+def validate_enricher_toml(where: str, text: str, structs) -> None:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        fail(f"{where}: not TOML: {e}")
+        return
+    errs = check_toml_keys(data, "Config", structs)
+    if errs:
+        fail(f"{where}: " + "; ".join(errs))
+    else:
+        ok(f"{where}: keys and types match flowlog-enricher's config structs")
+    if ENRICHER_BIN is None:
+        skip(f"{where}: flowlog-enricher not built (or older than its sources): not run")
+        return
+    # --check-config: parse + validate, no I/O beyond the files it names.
+    # (A static map the file names may not exist here: checked separately.)
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write(text if "static_map" not in tomllib.loads(text) else strip_static_map(text))
+        f.flush()
+        r = run([str(ENRICHER_BIN), "--config", f.name, "--check-config"], env=CLEAN_ENV, timeout=30)
+    err = r.stderr.strip()
+    if r.returncode == 0 and "configuration OK" in r.stdout:
+        ok(f"{where}: accepted by {rel(ENRICHER_BIN)} (parse + validation)")
+    else:
+        fail(f"{where}: {rel(ENRICHER_BIN)} refused it: {err.splitlines()[-1] if err else r.returncode}")
+
+
+def validate_static_map(where: str, text: str) -> None:
+    import ipaddress
+    src = (ROOT / "enricher" / "src" / "sources" / "cidr.rs").read_text()
+    m = re.search(r"const KEYS: \[&str; \d+\] = \[(.*?)\];", src, re.S)
+    keys = set(re.findall(r'"(\w+)"', m.group(1))) if m else set()
+    errs = []
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        fail(f"{where}: not TOML: {e}")
+        return
+    if set(data) - {"entry"}:
+        errs.append(f"unknown top-level keys {sorted(set(data) - {'entry'})}")
+    for i, e in enumerate(data.get("entry", []), 1):
+        for k in e:
+            if keys and k not in keys:
+                errs.append(f"entry {i}: unknown key {k!r}")
+        try:
+            ipaddress.ip_network(e.get("cidr", ""), strict=False)
+        except ValueError:
+            errs.append(f"entry {i}: bad cidr {e.get('cidr')!r}")
+    if errs:
+        fail(f"{where}: " + "; ".join(errs))
+    else:
+        ok(f"{where}: {len(data.get('entry', []))} static-map entries, keys as in cidr.rs")
+    if ENRICHER_BIN is None:
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write(text)
+        f.flush()
+        r = run([str(ENRICHER_BIN), "--static-map", f.name, "--check-config"], env=CLEAN_ENV, timeout=30)
+    if r.returncode != 0 or "configuration OK" not in r.stdout:
+        err = r.stderr.strip()
+        fail(f"{where}: {rel(ENRICHER_BIN)} refused it: {err.splitlines()[-1] if err else r.returncode}")
+    else:
+        ok(f"{where}: loaded by {rel(ENRICHER_BIN)}")
+
+
+# --------------------------------------------------------------------------
+# Helm chart and Kubernetes manifests
+# --------------------------------------------------------------------------
+
+def helm_template(values: Path | None) -> str | None:
+    cmd = [HELM, "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    if values:
+        cmd += ["-f", str(values)]
+    r = run(cmd)
+    if r.returncode != 0:
+        fail(f"helm template {values.name if values else '(defaults)'}: {r.stderr.strip()}")
+        return None
+    return r.stdout
+
+
+CRD_SCHEMAS = json.loads((DEPLOY / "check" / "crd-schemas.json").read_text())
+
+
+def validate_docs(where: str, docs: list[dict]) -> None:
+    import jsonschema
+    import kubernetes_validate as kv
+    kinds = []
+    for d in docs:
+        kind, api = d.get("kind"), d.get("apiVersion")
+        name = f"{kind}/{d.get('metadata', {}).get('name')}"
+        kinds.append(kind)
+        key = f"{api}/{kind}"
+        if key in CRD_SCHEMAS:
+            try:
+                jsonschema.validate(d, CRD_SCHEMAS[key])
+            except jsonschema.ValidationError as e:
+                fail(f"{where}: {name}: {e.message} at {'/'.join(map(str, e.absolute_path))}")
+                continue
+            ok(f"{where}: {name} valid ({key}, vendored CRD schema)")
+            continue
+        good = True
+        for v in K8S_VERSIONS:
+            try:
+                kv.validate(d, v, strict=True)
+            except kv.SchemaNotFoundError:
+                fail(f"{where}: {name}: no schema for {key} (add one to deploy/check/crd-schemas.json)")
+                good = False
+                break
+            except kv.ValidationError as e:
+                fail(f"{where}: {name}: invalid for Kubernetes {v}: {e.message} at {'/'.join(map(str, e.path))}")
+                good = False
+                break
+        if good:
+            ok(f"{where}: {name} valid against Kubernetes {' and '.join(K8S_VERSIONS)} schemas (strict)")
+
+
+def load_docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d.get("kind") == kind]
+
+
+def semantic_checks(where: str, docs: list[dict], sidecar_structs, enricher_structs) -> None:
+    """What the chart promises, on the rendered objects."""
+    cms = {d["metadata"]["name"]: d for d in by_kind(docs, "ConfigMap")}
+    enricher_cfg = None
+    for cm in cms.values():
+        for key, text in (cm.get("data") or {}).items():
+            w = f"{where}: ConfigMap {cm['metadata']['name']}/{key}"
+            if key == "sidecar.toml":
+                validate_sidecar_toml(w, text, sidecar_structs)
+            elif key == "enricher.toml":
+                validate_enricher_toml(w, text, enricher_structs)
+                enricher_cfg = tomllib.loads(text)
+            elif key == "cidrs.toml":
+                validate_static_map(w, text)
+    for ds in by_kind(docs, "DaemonSet"):
+        spec = ds["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        sc = c.get("securityContext", {})
+        caps = sc.get("capabilities", {})
+        problems = []
+        if not (spec.get("hostNetwork") and spec.get("hostPID")):
+            problems.append("hostNetwork and hostPID must be true")
+        if sc.get("privileged") is not False or sc.get("allowPrivilegeEscalation") is not False:
+            problems.append("must be privileged: false, allowPrivilegeEscalation: false")
+        if caps.get("drop") != ["ALL"] or caps.get("add", [])[:2] != ["BPF", "PERFMON"]:
+            problems.append(f"capabilities must drop ALL and add BPF, PERFMON (got {caps})")
+        if "SYS_ADMIN" in caps.get("add", []):
+            problems.append("CAP_SYS_ADMIN added")
+        res = c.get("resources", {})
+        if not (res.get("requests", {}).get("memory") and res.get("limits", {}).get("memory")):
+            problems.append("memory request and limit required")
+        env = {e["name"] for e in c.get("env", [])}
+        mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+        if "FLOWLOG_HOST_ID" not in env and "/etc/machine-id" not in mounts:
+            problems.append("no node identity (FLOWLOG_HOST_ID or /etc/machine-id)")
+        if "/var/lib/flowlog/spool" not in mounts:
+            problems.append("spool not mounted at /var/lib/flowlog/spool")
+        if problems:
+            fail(f"{where}: DaemonSet {ds['metadata']['name']}: " + "; ".join(problems))
+        else:
+            ok(f"{where}: DaemonSet unprivileged with CAP_BPF+CAP_PERFMON, host PID/network, node identity, spool, limits")
+    deps = {d["metadata"]["name"]: d for d in by_kind(docs, "Deployment")}
+    for so in by_kind(docs, "ScaledObject") + by_kind(docs, "HorizontalPodAutoscaler"):
+        target = so["spec"]["scaleTargetRef"]["name"]
+        problems = [] if target in deps else [f"scaleTargetRef {target} is not a rendered Deployment"]
+        if target in deps and "replicas" in deps[target]["spec"]:
+            problems.append("the scaled Deployment must not set replicas")
+        if so["kind"] == "ScaledObject":
+            for t in so["spec"]["triggers"]:
+                md = t["metadata"]
+                if enricher_cfg is not None:
+                    if md.get("consumerGroup") != enricher_cfg.get("group_id"):
+                        problems.append(f"consumerGroup {md.get('consumerGroup')} != enricher group_id {enricher_cfg.get('group_id')}")
+                    if md.get("topic") != enricher_cfg.get("flow_topic"):
+                        problems.append(f"topic {md.get('topic')} != enricher flow_topic {enricher_cfg.get('flow_topic')}")
+                    if md.get("bootstrapServers") != enricher_cfg.get("brokers"):
+                        problems.append("bootstrapServers != enricher brokers")
+        else:
+            names = [m["external"]["metric"]["name"] for m in so["spec"]["metrics"] if m["type"] == "External"]
+            exported, _ = exported_metrics()
+            if not names or any(n not in exported for n in names):
+                problems.append(f"external metric {names} is not one the enricher exports")
+        if problems:
+            fail(f"{where}: {so['kind']} {so['metadata']['name']}: " + "; ".join(problems))
+        else:
+            ok(f"{where}: {so['kind']} scales {target} on the enricher's own consumer group / lag")
+    for dep in deps.values():
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        sc = c.get("securityContext", {})
+        vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+        problems = []
+        if sc.get("allowPrivilegeEscalation") is not False or sc.get("capabilities", {}).get("drop") != ["ALL"]:
+            problems.append("enricher must drop ALL capabilities, no privilege escalation")
+        if not any(m["mountPath"] == "/data" for m in c["volumeMounts"]):
+            problems.append("output_dir /data not mounted")
+        out = vols.get("output", {})
+        claim = out.get("persistentVolumeClaim", {}).get("claimName")
+        pvcs = {p["metadata"]["name"]: p for p in by_kind(docs, "PersistentVolumeClaim")}
+        if claim and claim in pvcs and "ReadWriteMany" not in pvcs[claim]["spec"]["accessModes"]:
+            problems.append("the shared output PVC must be ReadWriteMany")
+        if problems:
+            fail(f"{where}: Deployment {dep['metadata']['name']}: " + "; ".join(problems))
+        else:
+            ok(f"{where}: Deployment {dep['metadata']['name']}: no capabilities, shared output volume")
+    for rule in by_kind(docs, "PrometheusRule"):
+        mine = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
+        if rule["spec"] != mine:
+            fail(f"{where}: PrometheusRule differs from deploy/prometheus/alerts.yaml")
+        else:
+            ok(f"{where}: PrometheusRule carries deploy/prometheus/alerts.yaml")
+
+
+def check_values_comments() -> None:
+    """Every leaf value in values.yaml has a comment right above it (or its list)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)([A-Za-z0-9_.]+):\s*(.*)$", line)
+        if not m or line.lstrip().startswith("#"):
+            continue
+        indent, key, rest = m.groups()
+        # A mapping header (nothing after the colon, more-indented lines follow) is a section.
+        nxt = next((l for l in lines[i + 1:] if l.strip() and not l.lstrip().startswith("#")), "")
+        is_section = rest == "" and len(nxt) - len(nxt.lstrip()) > len(indent) and not nxt.lstrip().startswith("- ")
+        if is_section:
+            continue
+        prev = lines[i - 1].strip() if i else ""
+        if not prev.startswith("#"):
+            missing.append(f"{key} (line {i + 1})")
+    if missing:
+        fail("values.yaml: values without a comment: " + ", ".join(missing))
+    else:
+        ok("values.yaml: every value has a comment")
+
+
+# --------------------------------------------------------------------------
+# Prometheus, Grafana, systemd
+# --------------------------------------------------------------------------
+
+def check_prometheus(exported, src_of) -> None:
+    pdir = DEPLOY / "prometheus"
+    for args, what in ((["check", "rules", str(pdir / "alerts.yaml")], "alerts.yaml: promtool check rules"),
+                       (["check", "config", str(pdir / "prometheus.yml")], "prometheus.yml: promtool check config"),
+                       (["test", "rules", str(pdir / "alerts_test.yaml")], "alerts_test.yaml: promtool test rules")):
+        r = run([PROMTOOL, *args])
+        if r.returncode != 0:
+            fail(f"{what}: {(r.stdout + r.stderr).strip()}")
+        else:
+            ok(what)
+    # Debian's promtool has no kubernetes_sd: check the rest of the k8s scrape
+    # config with the discovery swapped for a static target.
+    k8s = yaml.safe_load((pdir / "prometheus-kubernetes.yml").read_text())
+    problems = []
+    for sc in k8s.get("scrape_configs", []):
+        sd = sc.pop("kubernetes_sd_configs", None)
+        if not sd or any(set(x) - {"role", "namespaces", "selectors"} or x.get("role") not in ("pod", "endpoints", "service", "node") for x in sd):
+            problems.append(f"{sc.get('job_name')}: kubernetes_sd_configs missing or malformed")
+        sc["static_configs"] = [{"targets": ["127.0.0.1:1"]}]
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "alerts.yaml").write_text((pdir / "alerts.yaml").read_text())
+        (Path(d) / "p.yml").write_text(yaml.safe_dump(k8s))
+        r = run([PROMTOOL, "check", "config", str(Path(d) / "p.yml")])
+    if r.returncode != 0 or problems:
+        fail(f"prometheus-kubernetes.yml: {'; '.join(problems)} {(r.stdout + r.stderr).strip() if r.returncode else ''}")
+    else:
+        ok("prometheus-kubernetes.yml: promtool check config (kubernetes_sd swapped for static) + sd structure")
+    # Every alert has a test where it fires.
+    rules = [r["alert"] for g in yaml.safe_load((pdir / "alerts.yaml").read_text())["groups"] for r in g["rules"] if "alert" in r]
+    tests = yaml.safe_load((pdir / "alerts_test.yaml").read_text())["tests"]
+    fired = {t["alertname"] for c in tests for t in c.get("alert_rule_test", []) if t.get("exp_alerts")}
+    quiet = {t["alertname"] for c in tests for t in c.get("alert_rule_test", []) if not t.get("exp_alerts")}
+    missing = [a for a in rules if a not in fired or a not in quiet]
+    if missing:
+        fail(f"alerts_test.yaml: alerts without both a firing and a quiet test: {missing}")
+    else:
+        ok(f"alerts_test.yaml: all {len(rules)} alerts tested firing and quiet")
+    chart_copy = CHART / "files" / "alerts.yaml"
+    if chart_copy.read_text() != (pdir / "alerts.yaml").read_text():
+        fail("helm/flowlog/files/alerts.yaml differs from prometheus/alerts.yaml (run with --update)")
+    else:
+        ok("helm/flowlog/files/alerts.yaml == prometheus/alerts.yaml")
+    for f in ("alerts.yaml", "prometheus.yml", "prometheus-kubernetes.yml"):
+        check_metric_refs(f"prometheus/{f}", (pdir / f).read_text(), exported, src_of)
+
+
+def check_grafana(exported, src_of) -> None:
+    path = DEPLOY / "grafana" / "flowlog.json"
+    try:
+        dash = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        fail(f"grafana/flowlog.json: not JSON: {e}")
+        return
+    problems = []
+    tvars = {v["name"]: v for v in dash.get("templating", {}).get("list", [])}
+    if tvars.get("datasource", {}).get("type") != "datasource" or tvars["datasource"].get("query") != "prometheus":
+        problems.append("no Prometheus datasource variable 'datasource'")
+    ids, exprs = set(), []
+    for p in dash.get("panels", []):
+        if p["id"] in ids:
+            problems.append(f"duplicate panel id {p['id']}")
+        ids.add(p["id"])
+        if p["type"] == "row":
+            continue
+        if p.get("datasource", {}).get("uid") != "${datasource}":
+            problems.append(f"panel {p['title']!r} does not use ${{datasource}}")
+        for t in p.get("targets", []):
+            if not t.get("expr"):
+                problems.append(f"panel {p['title']!r}: empty query")
+            exprs.append((p["title"], t["expr"]))
+    text = json.dumps(dash)
+    for comp in ("flowlog_sidecar_", "flowlog_enricher_"):
+        if comp not in text:
+            problems.append(f"no {comp}* panel")
+    if problems:
+        fail("grafana/flowlog.json: " + "; ".join(problems))
+    else:
+        ok(f"grafana/flowlog.json: valid JSON, {len(ids)} panels, datasource variable, both components")
+    # PromQL syntax: every query as a recording rule through promtool.
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:q{i}", "expr": e.replace("$__rate_interval", "5m").replace("$sidecar", ".*").replace("$enricher", ".*")}
+        for i, (_, e) in enumerate(exprs)]}]}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(rules, f)
+        f.flush()
+        r = run([PROMTOOL, "check", "rules", f.name])
+    if r.returncode != 0:
+        fail(f"grafana/flowlog.json: a query does not parse: {(r.stdout + r.stderr).strip()}")
+    else:
+        ok(f"grafana/flowlog.json: all {len(exprs)} queries parse (promtool)")
+    check_metric_refs("grafana/flowlog.json", "\n".join(e for _, e in exprs), exported, src_of)
+
+
+REQUIRED_HARDENING = {
+    "flowlog-sidecar.service": ["CapabilityBoundingSet=CAP_BPF CAP_PERFMON", "AmbientCapabilities=CAP_BPF CAP_PERFMON",
+                                "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
+                                "StateDirectory=flowlog/spool", "RestrictAddressFamilies=", "SystemCallArchitectures=native",
+                                "MemoryMax=", "User="],
+    "flowlog-enricher.service": ["CapabilityBoundingSet=\n", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                                 "ProtectHome=yes", "PrivateTmp=yes", "StateDirectory=flowlog/enriched",
+                                 "RestrictAddressFamilies=", "SystemCallArchitectures=native", "MemoryMax=", "User="],
+}
+
+
+def check_systemd() -> None:
+    sdir = DEPLOY / "systemd"
+    sa = os.environ.get("SYSTEMD_ANALYZE", "systemd-analyze")
+    with tempfile.TemporaryDirectory() as d:
+        units = []
+        for unit, required in REQUIRED_HARDENING.items():
+            text = (sdir / unit).read_text()
+            missing = [r.strip() for r in required if r not in text]
+            if missing:
+                fail(f"systemd/{unit}: missing hardening {missing}")
+            else:
+                ok(f"systemd/{unit}: hardening directives present")
+            # ExecStart points at /usr/local/bin; verify against a stub there.
+            binary = re.search(r"^ExecStart=(\S+)", text, re.M).group(1)
+            stub = Path(d) / Path(binary).name
+            stub.write_text("#!/bin/sh\n")
+            stub.chmod(0o755)
+            (Path(d) / unit).write_text(text.replace(binary, str(stub)))
+            units.append(str(Path(d) / unit))
+        r = run([sa, "verify", "--man=no", *units])
+        out = (r.stdout + r.stderr).strip()
+        if r.returncode != 0 or out:
+            fail(f"systemd-analyze verify: {out or r.returncode}")
+        else:
+            ok("systemd-analyze verify: both units, no warnings")
+        for u in units:
+            r = run([sa, "security", "--offline=yes", "--threshold=25", u])
+            score = re.search(r"Overall exposure level for \S+: ([\d.]+)", r.stdout)
+            if r.returncode != 0:
+                fail(f"systemd-analyze security {Path(u).name}: exposure {score.group(1) if score else '?'} > 2.5")
+            else:
+                ok(f"systemd-analyze security {Path(u).name}: exposure {score.group(1) if score else '?'} (<= 2.5)")
+    # The example config files.
+    return
+
+
+def main() -> int:
+    global SIDECAR_BIN, ENRICHER_BIN
+    update = "--update" in sys.argv
+    SIDECAR_BIN = newest_binary("flowlog-sidecar", "flowlog-sidecar")
+    ENRICHER_BIN = newest_binary("flowlog-enricher", "enricher")
+    sidecar_structs = rust_structs([ROOT / "flowlog-sidecar" / "src"])
+    enricher_structs = rust_structs([ROOT / "enricher" / "src"])
+    exported, src_of = exported_metrics()
+
+    section("Example config files (deploy/config)")
+    validate_sidecar_toml("config/sidecar.toml", (DEPLOY / "config" / "sidecar.toml").read_text(), sidecar_structs)
+    validate_enricher_toml("config/enricher.toml", (DEPLOY / "config" / "enricher.toml").read_text(), enricher_structs)
+    validate_static_map("config/cidrs.toml", (DEPLOY / "config" / "cidrs.toml").read_text())
+
+    section("Helm chart (deploy/helm/flowlog)")
+    if update:
+        (CHART / "files" / "alerts.yaml").write_text((DEPLOY / "prometheus" / "alerts.yaml").read_text())
+    check_values_comments()
+    for name, values in [("defaults", None), *VARIANTS.items()]:
+        cmd = [HELM, "lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
+        r = run(cmd)
+        if r.returncode != 0:
+            fail(f"helm lint --strict ({name}): {(r.stdout + r.stderr).strip()}")
+        else:
+            ok(f"helm lint --strict ({name})")
+    rendered = {}
+    for name, values in [("defaults", None), *VARIANTS.items()]:
+        out = helm_template(values)
+        if out is None:
+            continue
+        rendered[name] = out
+        try:
+            docs = load_docs(out)
+        except yaml.YAMLError as e:
+            fail(f"helm template ({name}): output is not YAML: {e}")
+            continue
+        ok(f"helm template ({name}): {len(docs)} objects: {', '.join(sorted({d['kind'] for d in docs}))}")
+        validate_docs(f"chart[{name}]", docs)
+        semantic_checks(f"chart[{name}]", docs, sidecar_structs, enricher_structs)
+    check_metric_refs("helm chart", "\n".join(p.read_text() for p in CHART.rglob("*") if p.is_file()), exported, src_of)
+
+    section("Plain manifests (deploy/kubernetes)")
+    plain = DEPLOY / "kubernetes" / "flowlog.yaml"
+    header = ("# Generated by scripts/check-deploy.sh --update from deploy/helm/flowlog with default values:\n"
+              f"#   helm template {RELEASE} deploy/helm/flowlog --namespace {NAMESPACE}\n"
+              "# Do not edit: change the chart and regenerate. Apply: kubectl apply -f deploy/kubernetes/\n")
+    if "defaults" in rendered:
+        want = header + rendered["defaults"]
+        if update:
+            plain.write_text(want)
+        if not plain.exists() or plain.read_text() != want:
+            fail("kubernetes/flowlog.yaml is not the chart rendered with default values (run scripts/check-deploy.sh --update)")
+        else:
+            ok("kubernetes/flowlog.yaml == helm template of the chart with default values")
+    for f in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        try:
+            docs = load_docs(f.read_text())
+        except yaml.YAMLError as e:
+            fail(f"kubernetes/{f.name}: not YAML: {e}")
+            continue
+        validate_docs(f"kubernetes/{f.name}", docs)
+        if f.name == "flowlog.yaml":
+            semantic_checks(f"kubernetes/{f.name}", docs, sidecar_structs, enricher_structs)
+
+    section("Prometheus (deploy/prometheus)")
+    check_prometheus(exported, src_of)
+
+    section("Grafana (deploy/grafana)")
+    check_grafana(exported, src_of)
+
+    section("systemd (deploy/systemd)")
+    check_systemd()
+
+    section("README")
+    readme = (DEPLOY / "README.md").read_text()
+    check_metric_refs("deploy/README.md", readme, exported, src_of)
+    rules = [r["alert"] for g in yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())["groups"] for r in g["rules"]]
+    undocumented = [a for a in rules if a not in readme]
+    if undocumented:
+        fail(f"deploy/README.md does not explain alerts {undocumented}")
+    else:
+        ok(f"deploy/README.md explains all {len(rules)} alerts")
+
+    print(f"\ncheck-deploy: {checks - len(failures)} passed, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
