@@ -17,7 +17,7 @@ setup:
 ## demo's traffic generator, and the enricher without its EC2 source (a long
 ## build, not needed there; `cargo build --release` builds everything).
 build:
-	cargo build --release -p flowlog-sidecar -p flowlog-bench -p flowlog-enricher --no-default-features
+	cargo build --release -p flowlog-sidecar -p flowlog-bench -p flowlog-enricher --no-default-features < /dev/null
 
 ## Everything CI checks: generated docs up to date; unit tests and the tests
 ## on the real kernel (root) and the real local broker (plain `cargo test`
@@ -25,7 +25,7 @@ build:
 ## systemd units, alert rules, dashboard), checked with the binaries just built.
 test:
 	python3 scripts/gen-docs.py --check
-	FLOWLOG_REQUIRE_ROOT_TESTS=1 $(SUDO) env "PATH=$(PATH)" cargo test
+	FLOWLOG_REQUIRE_ROOT_TESTS=1 $(SUDO) env "PATH=$(PATH)" cargo test < /dev/null
 	FLOWLOG_DEPLOY_NO_SKIP=1 bash scripts/check-deploy.sh
 
 ## The main job: a few workloads in network namespaces talk while the sidecar
