@@ -147,15 +147,10 @@ pub fn errno_name(e: u32) -> String {
 }
 
 fn unpack_path(path: u64) -> Vec<&'static str> {
-    let mut states = Vec::with_capacity(8);
-    let mut p = path;
-    while p != 0 {
-        states.push((p & 0xf) as u8);
-        p >>= 4;
-    }
-    // No TCP state is 0, so the packed path has no ambiguous zero nibbles.
-    states.reverse();
-    states.into_iter().map(state_name).collect()
+    // One nibble per state, the oldest in the most significant non-zero
+    // nibble. No TCP state is 0, so there are no ambiguous zero nibbles.
+    let n = (64 - path.leading_zeros() as usize).div_ceil(4);
+    (0..n).rev().map(|i| state_name(((path >> (4 * i)) & 0xf) as u8)).collect()
 }
 
 /// A 64-bit mix (splitmix64 finaliser) of the socket address, its start time
