@@ -110,15 +110,15 @@ panel("Source errors / late attributions", [(f"sum by (source) (increase(flowlog
                                             (f"sum(rate(flowlog_enricher_late_attributed_total{{{EN}}}[{RI}]))", "late attributed / s")], "short")
 panel("Tracked IPs / static map entries", [(f"max by (instance) (flowlog_enricher_tracked_ips{{{EN}}})", "tracked IPs {{instance}}"),
                                            (f"max(flowlog_enricher_static_map_entries{{{EN}}})", "static map entries")], "short",
-      "Memory: ~382 MB per million tracked IPs (bench).")
+      "Memory: ~148 MB per million tracked IPs (bench).")
 endrow()
 panel("Files rolled / s", [(f"sum(rate(flowlog_enricher_files_rolled_total{{{EN}}}[{RI}]))", "files")], "ops")
 panel("Sequence gaps (records missing)", [(f"sum(increase(flowlog_enricher_sequence_gaps_total{{{EN}}}[{RI}]))", "gaps")], "short",
       "Per-host sequence numbers skipped between sidecar and enricher.")
-panel("Enricher CPU / memory (Kubernetes, cAdvisor)", [
-    ('sum by (pod) (rate(container_cpu_usage_seconds_total{container="enricher"}[' + RI + ']))', "{{pod}} CPU cores"),
-    ('max by (pod) (container_memory_working_set_bytes{container="enricher"}) / 1e9', "{{pod}} memory GB")], "short",
-      "The enricher exports no process metrics of its own; on VMs use node-exporter's systemd collector.")
+panel("Enricher CPU (cores) / memory (GB)", [
+    (f"sum by (instance) (rate(flowlog_enricher_process_cpu_seconds_total{{{EN}}}[{RI}]))", "{{instance}} CPU cores"),
+    (f"max by (instance) (flowlog_enricher_process_resident_memory_bytes{{{EN}}}) / 1e9", "{{instance}} memory GB")], "short",
+      "The enricher's own process metrics (user+system CPU, resident memory).")
 endrow()
 
 dash = {

@@ -586,6 +586,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 ::metrics::gauge!(metrics::SOURCE_AGE, "source" => "static")
                     .set(cidr_loaded.elapsed().unwrap_or_default().as_secs_f64());
             }
+            metrics::record_process();
             ::metrics::gauge!(metrics::TRACKED_IPS)
                 .set(identity.read().unwrap().tracked_ips() as f64);
             if last_lag.elapsed() >= Duration::from_secs(10) {

@@ -20,6 +20,9 @@ pub const CONSUMER_LAG: &str = "flowlog_enricher_consumer_lag_records";
 /// Decoded sidecar host blocks found in the cache (`result` = hit/miss):
 /// the hit ratio is hit / (hit + miss).
 pub const HOST_CACHE: &str = "flowlog_enricher_host_cache_lookups_total";
+/// Same names and meaning as the sidecar's (one dashboard query shape for both).
+pub const CPU_SECONDS: &str = "flowlog_enricher_process_cpu_seconds_total";
+pub const RSS_BYTES: &str = "flowlog_enricher_process_resident_memory_bytes";
 pub const IDENTITY_LAST_SEEN: &str = "flowlog_enricher_identity_last_seen_timestamp_seconds";
 
 /// Counts the final attribution of a written batch (after held-back records
@@ -28,7 +31,11 @@ pub fn record_attributions(records: &[EnrichedFlow]) {
     let mut counts: BTreeMap<(bool, &'static str, &'static str), u64> = BTreeMap::new();
     for r in records {
         for (side, a) in [("local", &r.local), ("remote", &r.remote)] {
-            let label = if a.attributed { a.source } else { a.reason.unwrap_or("UNKNOWN") };
+            let label = if a.attributed {
+                a.source
+            } else {
+                a.reason.unwrap_or("UNKNOWN")
+            };
             *counts.entry((a.attributed, side, label)).or_default() += 1;
         }
     }
@@ -38,6 +45,30 @@ pub fn record_attributions(records: &[EnrichedFlow]) {
         } else {
             metrics::counter!(UNATTRIBUTED, "side" => side, "reason" => label).increment(n);
         }
+    }
+}
+
+/// This process's CPU time (user+system, all threads) and resident memory.
+pub fn record_process() {
+    // SAFETY: getrusage only writes the struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } == 0 {
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        // Fractional seconds, so a gauge: `metrics` counters are integers.
+        metrics::gauge!(CPU_SECONDS).set(secs(ru.ru_utime) + secs(ru.ru_stime));
+    }
+    // statm: size resident shared ... in pages.
+    let resident = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+        });
+    if let Some(pages) = resident {
+        // SAFETY: plain sysconf.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+        metrics::gauge!(RSS_BYTES).set(pages * page);
     }
 }
 
@@ -81,7 +112,7 @@ fn describe() {
     );
     describe_counter!(
         ATTRIBUTED,
-        "Flow sides attributed, by side (local/remote) and source (SIDECAR/EC2/STATIC)."
+        "Flow sides attributed in written records, by side (local/remote) and source (SIDECAR/EC2/STATIC)."
     );
     describe_counter!(UNATTRIBUTED, "Flow sides written with no owner at the flow's start, by side and reason (UNKNOWN_IP/NO_OWNER_AT_TIME).");
     describe_counter!(DLQ, "Messages sent to the dead-letter topic, by reason (schema/truncated/bad_address/bad_time/invalid).");
@@ -119,6 +150,8 @@ fn describe() {
         HOST_CACHE,
         "Lookups of decoded sidecar host blocks, by result (hit/miss)."
     );
+    describe_gauge!(CPU_SECONDS, Unit::Seconds, "Enricher user+system CPU time.");
+    describe_gauge!(RSS_BYTES, Unit::Bytes, "Enricher resident memory.");
     describe_gauge!(
         IDENTITY_LAST_SEEN,
         Unit::Seconds,
