@@ -198,66 +198,40 @@ ENRICHER_BIN = None
 CLEAN_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}
 
 
-def validate_sidecar_toml(where: str, text: str, structs) -> None:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        fail(f"{where}: not TOML: {e}")
-        return
-    errs = check_toml_keys(data, "Config", structs)
-    ring = data.get("ring_buffer_bytes", 4 * 1024 * 1024)
-    if "wakeup_bytes" in data and data["wakeup_bytes"] >= ring:
-        errs.append("wakeup_bytes must be below ring_buffer_bytes")
-    if errs:
-        fail(f"{where}: " + "; ".join(errs))
-    else:
-        ok(f"{where}: keys and types match flowlog-sidecar's config structs")
-    if SIDECAR_BIN is None:
-        skip(f"{where}: flowlog-sidecar not built (or older than its sources): not run")
-        return
-    # --check-config: parse + validate (and the Kafka settings), touching
-    # neither the kernel nor Kafka.
-    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
-        f.write(text)
-        f.flush()
-        r = run([str(SIDECAR_BIN), "--config", f.name, "--check-config"], env=CLEAN_ENV, timeout=30)
-    err = r.stderr.strip()
-    if r.returncode == 0 and "configuration OK" in r.stdout:
-        ok(f"{where}: accepted by {rel(SIDECAR_BIN)} (parse + validation)")
-    else:
-        fail(f"{where}: {rel(SIDECAR_BIN)} refused it: {err.splitlines()[-1] if err else r.returncode}")
-
-
 def strip_static_map(text: str) -> str:
     """The config without its top-level static_map line (the path is the pod's)."""
     return "\n".join(l for l in text.splitlines() if not re.match(r"\s*static_map\s*=", l)) + "\n"
 
 
-def validate_enricher_toml(where: str, text: str, structs) -> None:
+def validate_config_toml(where: str, text: str, structs, binary: Path | None, name: str) -> None:
+    """Keys and types against the config structs, then the binary's own
+    --check-config (parse + every validation, no kernel or Kafka I/O)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         fail(f"{where}: not TOML: {e}")
         return
     errs = check_toml_keys(data, "Config", structs)
+    # Also checked without a built binary.
+    if name == "flowlog-sidecar" and data.get("wakeup_bytes", 0) >= data.get("ring_buffer_bytes", 4 * 1024 * 1024):
+        errs.append("wakeup_bytes must be below ring_buffer_bytes")
     if errs:
         fail(f"{where}: " + "; ".join(errs))
     else:
-        ok(f"{where}: keys and types match flowlog-enricher's config structs")
-    if ENRICHER_BIN is None:
-        skip(f"{where}: flowlog-enricher not built (or older than its sources): not run")
+        ok(f"{where}: keys and types match {name}'s config structs")
+    if binary is None:
+        skip(f"{where}: {name} not built (or older than its sources): not run")
         return
-    # --check-config: parse + validate, no I/O beyond the files it names.
-    # (A static map the file names may not exist here: checked separately.)
+    # A static map the file names may not exist here: it is checked separately.
     with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
-        f.write(text if "static_map" not in tomllib.loads(text) else strip_static_map(text))
+        f.write(strip_static_map(text))
         f.flush()
-        r = run([str(ENRICHER_BIN), "--config", f.name, "--check-config"], env=CLEAN_ENV, timeout=30)
+        r = run([str(binary), "--config", f.name, "--check-config"], env=CLEAN_ENV, timeout=30)
     err = r.stderr.strip()
     if r.returncode == 0 and "configuration OK" in r.stdout:
-        ok(f"{where}: accepted by {rel(ENRICHER_BIN)} (parse + validation)")
+        ok(f"{where}: accepted by {rel(binary)} (parse + validation)")
     else:
-        fail(f"{where}: {rel(ENRICHER_BIN)} refused it: {err.splitlines()[-1] if err else r.returncode}")
+        fail(f"{where}: {rel(binary)} refused it: {err.splitlines()[-1] if err else r.returncode}")
 
 
 def validate_static_map(where: str, text: str) -> None:
@@ -365,9 +339,9 @@ def semantic_checks(where: str, docs: list[dict], sidecar_structs, enricher_stru
         for key, text in (cm.get("data") or {}).items():
             w = f"{where}: ConfigMap {cm['metadata']['name']}/{key}"
             if key == "sidecar.toml":
-                validate_sidecar_toml(w, text, sidecar_structs)
+                validate_config_toml(w, text, sidecar_structs, SIDECAR_BIN, "flowlog-sidecar")
             elif key == "enricher.toml":
-                validate_enricher_toml(w, text, enricher_structs)
+                validate_config_toml(w, text, enricher_structs, ENRICHER_BIN, "flowlog-enricher")
                 enricher_cfg = tomllib.loads(text)
             elif key == "cidrs.toml":
                 validate_static_map(w, text)
@@ -626,8 +600,10 @@ def main() -> int:
     exported, src_of = exported_metrics()
 
     section("Example config files (deploy/config)")
-    validate_sidecar_toml("config/sidecar.toml", (DEPLOY / "config" / "sidecar.toml").read_text(), sidecar_structs)
-    validate_enricher_toml("config/enricher.toml", (DEPLOY / "config" / "enricher.toml").read_text(), enricher_structs)
+    validate_config_toml("config/sidecar.toml", (DEPLOY / "config" / "sidecar.toml").read_text(), sidecar_structs,
+                         SIDECAR_BIN, "flowlog-sidecar")
+    validate_config_toml("config/enricher.toml", (DEPLOY / "config" / "enricher.toml").read_text(), enricher_structs,
+                         ENRICHER_BIN, "flowlog-enricher")
     validate_static_map("config/cidrs.toml", (DEPLOY / "config" / "cidrs.toml").read_text())
 
     section("Helm chart (deploy/helm/flowlog)")

@@ -125,16 +125,7 @@ impl ConsumerContext for Ctx {
             let mut st = self.state.lock().unwrap();
             for e in tpl.elements() {
                 if let Some(mut b) = st.batches.remove(&e.partition()) {
-                    self.sources.settle(&mut b);
-                    if let Err(err) = roll(
-                        consumer,
-                        &self.sink,
-                        &self.dlq,
-                        self.enriched.as_deref(),
-                        &self.topic,
-                        e.partition(),
-                        &b,
-                    ) {
+                    if let Err(err) = self.roll(consumer, e.partition(), &mut b) {
                         error!(
                             partition = e.partition(),
                             "flushing on revoke failed; the next owner redoes it: {err:#}"
@@ -166,62 +157,72 @@ impl ConsumerContext for Ctx {
     }
 }
 
-/// Writes a batch, makes sure its dead letters are delivered, then commits.
-fn roll(
-    consumer: &BaseConsumer<Ctx>,
-    sink: &FileSink,
-    out: &OutProducer,
-    enriched: Option<&TopicSink>,
-    topic: &str,
-    partition: i32,
-    b: &Batch,
-) -> anyhow::Result<()> {
-    let failed_before = out.context().failed.load(Ordering::Relaxed);
-    if let Some(t) = enriched {
-        for r in &b.records {
-            let mut msg = t.header.clone();
-            encode::datum(r, &mut msg);
-            let mut rec = BaseRecord::<str, [u8], ()>::to(&t.topic)
-                .key(r.flow.host.identity.host_id.as_str())
-                .payload(&msg[..]);
-            loop {
-                match out.send(rec) {
-                    Ok(()) => break,
-                    Err((
-                        rdkafka::error::KafkaError::MessageProduction(
-                            rdkafka::types::RDKafkaErrorCode::QueueFull,
-                        ),
-                        back,
-                    )) => {
-                        rec = back;
-                        std::thread::sleep(Duration::from_millis(5));
+impl Ctx {
+    /// Attributes held-back records once more, writes the batch to every
+    /// sink, makes sure its dead letters are delivered, then commits.
+    fn roll(
+        &self,
+        consumer: &BaseConsumer<Ctx>,
+        partition: i32,
+        b: &mut Batch,
+    ) -> anyhow::Result<()> {
+        self.sources.settle(b);
+        let (sink, out, enriched, topic) = (
+            &self.sink,
+            &*self.dlq,
+            self.enriched.as_deref(),
+            &self.topic,
+        );
+        let failed_before = out.context().failed.load(Ordering::Relaxed);
+        if let Some(t) = enriched {
+            for r in &b.records {
+                let mut msg = t.header.clone();
+                encode::datum(r, &mut msg);
+                let mut rec = BaseRecord::<str, [u8], ()>::to(&t.topic)
+                    .key(r.flow.host.identity.host_id.as_str())
+                    .payload(&msg[..]);
+                loop {
+                    match out.send(rec) {
+                        Ok(()) => break,
+                        Err((
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull,
+                            ),
+                            back,
+                        )) => {
+                            rec = back;
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err((e, _)) => anyhow::bail!("producing to {}: {e}", t.topic),
                     }
-                    Err((e, _)) => anyhow::bail!("producing to {}: {e}", t.topic),
                 }
             }
         }
-    }
-    // Dead letters and enriched records must be delivered before the offsets
-    // move past them.
-    out.flush(Duration::from_secs(30))
-        .context("delivering dead letters / enriched records")?;
-    if out.context().failed.load(Ordering::Relaxed) != failed_before {
-        anyhow::bail!("some dead-letter or enriched records were not delivered; not committing");
-    }
-    if enriched.is_some() {
-        ::metrics::counter!(metrics::RECORDS_OUT, "sink" => "topic")
+        // Dead letters and enriched records must be delivered before the offsets
+        // move past them.
+        out.flush(Duration::from_secs(30))
+            .context("delivering dead letters / enriched records")?;
+        if out.context().failed.load(Ordering::Relaxed) != failed_before {
+            anyhow::bail!(
+                "some dead-letter or enriched records were not delivered; not committing"
+            );
+        }
+        if enriched.is_some() {
+            ::metrics::counter!(metrics::RECORDS_OUT, "sink" => "topic")
+                .increment(b.records.len() as u64);
+        }
+        let files = sink.write(partition, b)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(b.last + 1))?;
+        consumer
+            .commit(&tpl, CommitMode::Sync)
+            .context("committing offsets")?;
+        ::metrics::counter!(metrics::RECORDS_OUT, "sink" => "files")
             .increment(b.records.len() as u64);
+        ::metrics::counter!(metrics::FILES_ROLLED).increment(files.len() as u64);
+        metrics::record_attributions(&b.records);
+        Ok(())
     }
-    let files = sink.write(partition, b)?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(b.last + 1))?;
-    consumer
-        .commit(&tpl, CommitMode::Sync)
-        .context("committing offsets")?;
-    ::metrics::counter!(metrics::RECORDS_OUT, "sink" => "files").increment(b.records.len() as u64);
-    ::metrics::counter!(metrics::FILES_ROLLED).increment(files.len() as u64);
-    metrics::record_attributions(&b.records);
-    Ok(())
 }
 
 fn client_config(cfg: &Config) -> ClientConfig {
@@ -311,16 +312,28 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// The metrics endpoint's address; None when disabled (empty).
+fn metrics_addr(cfg: &Config) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if cfg.metrics_listen.is_empty() {
+        return Ok(None);
+    }
+    let addr = cfg.metrics_listen.parse();
+    addr.map(Some)
+        .map_err(|e| anyhow::anyhow!("metrics_listen {:?}: {e}", cfg.metrics_listen))
+}
+
+/// The static map the config names (empty without one).
+fn load_static_map(cfg: &Config) -> anyhow::Result<CidrMap> {
+    match &cfg.static_map {
+        Some(p) => CidrMap::load(p).map_err(|e| anyhow::anyhow!("static map: {e}")),
+        None => Ok(CidrMap::default()),
+    }
+}
+
 /// What `--check-config` checks beyond parsing: what `run` would refuse.
 fn check(cfg: &Config) -> anyhow::Result<()> {
-    if !cfg.metrics_listen.is_empty() {
-        cfg.metrics_listen
-            .parse::<std::net::SocketAddr>()
-            .map_err(|e| anyhow::anyhow!("metrics_listen {:?}: {e}", cfg.metrics_listen))?;
-    }
-    if let Some(p) = &cfg.static_map {
-        CidrMap::load(p).map_err(|e| anyhow::anyhow!("static map: {e}"))?;
-    }
+    metrics_addr(cfg)?;
+    load_static_map(cfg)?;
     Ok(())
 }
 
@@ -357,14 +370,10 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
-    if !cfg.metrics_listen.is_empty() {
-        let listen = cfg.metrics_listen.parse().map_err(|e| anyhow::anyhow!("metrics_listen {:?}: {e}", cfg.metrics_listen))?;
+    if let Some(listen) = metrics_addr(&cfg)? {
         metrics::serve(listen)?;
     }
-    let cidr = Arc::new(RwLock::new(match &cfg.static_map {
-        Some(p) => CidrMap::load(p).map_err(|e| anyhow::anyhow!("static map: {e}"))?,
-        None => CidrMap::default(),
-    }));
+    let cidr = Arc::new(RwLock::new(load_static_map(&cfg)?));
     let mut cidr_loaded = SystemTime::now();
     let mut cidr_in_sync = true;
     let mut cidr_mtime = cfg
@@ -421,10 +430,10 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         .set("fetch.wait.max.ms", "50")
         .create_with_context(Ctx {
             state: state.clone(),
-            sources: sources.clone(),
-            sink: sink.clone(),
+            sources,
+            sink,
             dlq: dlq.clone(),
-            enriched: enriched.clone(),
+            enriched,
             topic: cfg.flow_topic.clone(),
         })?;
     consumer.subscribe(&[&cfg.flow_topic])?;
@@ -545,16 +554,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             for p in due {
                 let b = state.lock().unwrap().batches.remove(&p);
                 if let Some(mut b) = b {
-                    sources.settle(&mut b);
-                    roll(
-                        &consumer,
-                        &sink,
-                        &dlq,
-                        enriched.as_deref(),
-                        &cfg.flow_topic,
-                        p,
-                        &b,
-                    )?;
+                    consumer.context().roll(&consumer, p, &mut b)?;
                     state.lock().unwrap().done_through.insert(p, b.last);
                 }
             }
@@ -618,16 +618,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     info!("stopping: writing open batches");
     let batches: Vec<(i32, Batch)> = state.lock().unwrap().batches.drain().collect();
     for (p, mut b) in batches {
-        sources.settle(&mut b);
-        roll(
-            &consumer,
-            &sink,
-            &dlq,
-            enriched.as_deref(),
-            &cfg.flow_topic,
-            p,
-            &b,
-        )?;
+        consumer.context().roll(&consumer, p, &mut b)?;
     }
     Ok(())
 }

@@ -40,36 +40,39 @@ enum Cmd {
         listen: SocketAddr,
     },
     /// Open connections to a server at a steady rate for a while.
-    Client {
-        #[arg(long)]
-        connect: SocketAddr,
-        /// Label for the JSON summary, e.g. "frontend->api".
-        #[arg(long, default_value = "")]
-        name: String,
-        /// Local address to connect from (the namespace's own, for the summary).
-        #[arg(long)]
-        bind: Option<std::net::IpAddr>,
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-        /// New connections per second (all threads together).
-        #[arg(long, default_value_t = 10.0)]
-        rate: f64,
-        /// Threads (connections in flight at once, at most).
-        #[arg(long, default_value_t = 4)]
-        threads: usize,
-        /// Requests per connection.
-        #[arg(long, default_value_t = 1)]
-        requests: u32,
-        /// Request body size, bytes: N or MIN-MAX (k and m suffixes allowed).
-        #[arg(long, default_value = "512", value_parser = parse_range)]
-        request_bytes: (u64, u64),
-        /// Reply size, bytes: N or MIN-MAX.
-        #[arg(long, default_value = "16k", value_parser = parse_range)]
-        response_bytes: (u64, u64),
-        /// Pause between two requests on one connection, ms.
-        #[arg(long, default_value_t = 0)]
-        think_ms: u64,
-    },
+    Client(ClientArgs),
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    #[arg(long)]
+    connect: SocketAddr,
+    /// Label for the JSON summary, e.g. "frontend->api".
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Local address to connect from (the namespace's own, for the summary).
+    #[arg(long)]
+    bind: Option<std::net::IpAddr>,
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// New connections per second (all threads together).
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Threads (connections in flight at once, at most).
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Requests per connection.
+    #[arg(long, default_value_t = 1)]
+    requests: u32,
+    /// Request body size, bytes: N or MIN-MAX (k and m suffixes allowed).
+    #[arg(long, default_value = "512", value_parser = parse_range)]
+    request_bytes: (u64, u64),
+    /// Reply size, bytes: N or MIN-MAX.
+    #[arg(long, default_value = "16k", value_parser = parse_range)]
+    response_bytes: (u64, u64),
+    /// Pause between two requests on one connection, ms.
+    #[arg(long, default_value_t = 0)]
+    think_ms: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -172,16 +175,7 @@ struct Counts {
     bytes_received: AtomicU64,
 }
 
-struct ClientSpec {
-    to: SocketAddr,
-    bind: Option<std::net::IpAddr>,
-    requests: u32,
-    request_bytes: (u64, u64),
-    response_bytes: (u64, u64),
-    think: Duration,
-}
-
-fn one_connection(spec: &ClientSpec, rng: &mut Rng, c: &Counts) {
+fn one_connection(spec: &ClientArgs, rng: &mut Rng, c: &Counts) {
     let mut s = match connect(spec) {
         Ok(s) => s,
         Err(_) => {
@@ -196,8 +190,8 @@ fn one_connection(spec: &ClientSpec, rng: &mut Rng, c: &Counts) {
     let body = vec![b'q'; CHUNK];
     let r = (|| -> std::io::Result<()> {
         for i in 0..spec.requests {
-            if i > 0 && !spec.think.is_zero() {
-                thread::sleep(spec.think);
+            if i > 0 && spec.think_ms > 0 {
+                thread::sleep(Duration::from_millis(spec.think_ms));
             }
             let (mut req, mut want) = (rng.size(spec.request_bytes), rng.size(spec.response_bytes));
             let mut hdr = [0u8; 8];
@@ -227,45 +221,28 @@ fn one_connection(spec: &ClientSpec, rng: &mut Rng, c: &Counts) {
     }
 }
 
-fn connect(spec: &ClientSpec) -> std::io::Result<TcpStream> {
+fn connect(spec: &ClientArgs) -> std::io::Result<TcpStream> {
     let Some(ip) = spec.bind else {
-        return TcpStream::connect_timeout(&spec.to, Duration::from_secs(3));
+        return TcpStream::connect_timeout(&spec.connect, Duration::from_secs(3));
     };
     let s = socket2::Socket::new(
-        socket2::Domain::for_address(spec.to),
+        socket2::Domain::for_address(spec.connect),
         socket2::Type::STREAM,
         None,
     )?;
     s.bind(&SocketAddr::new(ip, 0).into())?;
-    s.connect_timeout(&spec.to.into(), Duration::from_secs(3))?;
+    s.connect_timeout(&spec.connect.into(), Duration::from_secs(3))?;
     Ok(s.into())
 }
 
 #[allow(clippy::too_many_arguments)]
-fn client(
-    to: SocketAddr,
-    bind: Option<std::net::IpAddr>,
-    name: String,
-    seconds: f64,
-    rate: f64,
-    threads: usize,
-    requests: u32,
-    request_bytes: (u64, u64),
-    response_bytes: (u64, u64),
-    think_ms: u64,
-) -> anyhow::Result<()> {
+fn client(a: ClientArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        rate > 0.0 && threads > 0 && seconds > 0.0,
+        a.rate > 0.0 && a.threads > 0 && a.seconds > 0.0,
         "rate, threads and seconds must be > 0"
     );
-    let spec = Arc::new(ClientSpec {
-        to,
-        bind,
-        requests,
-        request_bytes,
-        response_bytes,
-        think: Duration::from_millis(think_ms),
-    });
+    let (rate, seconds, threads) = (a.rate, a.seconds, a.threads);
+    let spec = Arc::new(a);
     let counts = Arc::new(Counts::default());
     let t0 = Instant::now();
     let total = (rate * seconds).round().max(1.0) as u64;
@@ -300,9 +277,9 @@ fn client(
     }
     let c = &counts;
     let out = serde_json::json!({
-        "name": name,
-        "target": to.to_string(),
-        "source": bind.map(|ip| ip.to_string()),
+        "name": spec.name,
+        "target": spec.connect.to_string(),
+        "source": spec.bind.map(|ip| ip.to_string()),
         "seconds": (t0.elapsed().as_secs_f64() * 100.0).round() / 100.0,
         "connections": c.connections.load(Ordering::Relaxed),
         "failed_connects": c.failed_connects.load(Ordering::Relaxed),
@@ -318,28 +295,6 @@ fn client(
 fn main() -> anyhow::Result<()> {
     match Args::parse().cmd {
         Cmd::Serve { listen } => serve(listen),
-        Cmd::Client {
-            connect,
-            bind,
-            name,
-            seconds,
-            rate,
-            threads,
-            requests,
-            request_bytes,
-            response_bytes,
-            think_ms,
-        } => client(
-            connect,
-            bind,
-            name,
-            seconds,
-            rate,
-            threads,
-            requests,
-            request_bytes,
-            response_bytes,
-            think_ms,
-        ),
+        Cmd::Client(a) => client(a),
     }
 }
