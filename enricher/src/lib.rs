@@ -3,7 +3,6 @@
 pub mod attribute;
 pub mod config;
 pub mod decode;
-pub mod encode;
 pub mod metrics;
 pub mod sink;
 pub mod sources;

@@ -3,7 +3,7 @@
 //! flow's start, and writes enriched Avro files exactly once. Messages that
 //! do not decode go to a dead-letter topic and never stop the consumer.
 
-use flowlog_enricher::{decode, encode, metrics};
+use flowlog_enricher::{decode, metrics};
 
 use std::{
     collections::{HashMap, HashSet},
@@ -100,7 +100,7 @@ impl Sources {
         for i in b.held.drain(..) {
             let e = &mut b.records[i];
             a.settle(e);
-            if e.local.attributed && e.remote.attributed {
+            if e.local.attributed() && e.remote.attributed() {
                 ::metrics::counter!(metrics::LATE_ATTRIBUTED).increment(1);
             }
         }
@@ -177,9 +177,9 @@ impl Ctx {
         if let Some(t) = enriched {
             for r in &b.records {
                 let mut msg = t.header.clone();
-                encode::datum(r, &mut msg);
+                r.write(&mut msg);
                 let mut rec = BaseRecord::<str, [u8], ()>::to(&t.topic)
-                    .key(r.flow.host.identity.host_id.as_str())
+                    .key(r.host.identity.host_id.as_str())
                     .payload(&msg[..]);
                 loop {
                     match out.send(rec) {
@@ -259,17 +259,15 @@ fn follow_identity(cfg: &Config, store: Arc<RwLock<IdentityStore>>) -> anyhow::R
         ends.insert(*p, high);
     }
     consumer.assign(&tpl)?;
-    let fp = decode::fingerprint(decode::IDENTITY_SCHEMA);
     let loaded = store.clone();
-    let apply = move |m: &rdkafka::message::BorrowedMessage| match decode::identity(
+    let apply = move |m: &rdkafka::message::BorrowedMessage| match decode::Identity::decode(
         m.payload().unwrap_or_default(),
-        &fp,
     ) {
         Ok(id) => {
             store.write().unwrap().apply(&id);
             ::metrics::gauge!(metrics::IDENTITY_LAST_SEEN).set(id.time_ns as f64 / 1e9);
         }
-        Err(e) => warn!("ignoring undecodable identity record: {}", e.0),
+        Err(e) => warn!("ignoring undecodable identity record: {e}"),
     };
     let t0 = Instant::now();
     let mut caught_up: HashSet<i32> = ends
@@ -410,10 +408,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             .create_with_context(ProduceCtx::default())?,
     );
     let enriched = (!cfg.enriched_topic.is_empty()).then(|| {
-        let mut header = vec![0xC3, 0x01];
-        header.extend_from_slice(&decode::fingerprint(
-            flowlog_enricher::attribute::ENRICHED_SCHEMA,
-        ));
+        let header = flowlog_schema::ENRICHED_FLOW.header().to_vec();
         Arc::new(TopicSink {
             topic: cfg.enriched_topic.clone(),
             header,
@@ -439,7 +434,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     consumer.subscribe(&[&cfg.flow_topic])?;
     info!(topic = %cfg.flow_topic, group = %cfg.group_id, out = %cfg.output_dir.display(), "enriching");
 
-    let decoder = decode::Decoder::new(decode::fingerprint(decode::FLOW_SCHEMA));
+    let decoder = decode::Decoder::new();
     let max_age = Duration::from_secs(cfg.batch_max_age_secs);
     let mut last_check = Instant::now();
     // Per host: the sequence epoch and the last sequence number seen.
@@ -464,9 +459,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             let batch = st.batches.entry(p).or_insert_with(|| Batch::new(off));
             batch.last = off;
             match decoder.flow(payload) {
-                Ok(f) => {
+                Ok((host, f)) => {
                     // Per-host sequence gaps (the transport numbers records 0, 1, 2, ...).
-                    let host_id = &f.host.identity.host_id;
+                    let host_id = &host.identity.host_id;
                     match seqs.get_mut(host_id.as_str()) {
                         Some((epoch, prev)) if *epoch == f.sequence_epoch => {
                             if f.sequence > *prev + 1 {
@@ -490,10 +485,10 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                         ec2: &ec2s,
                         cidr: &map,
                     }
-                    .enrich(f);
+                    .enrich(host, f);
                     // Young and unattributed: hold it back for late metadata.
                     let age = now_ns() - e.flow.end_time_ns;
-                    if (!e.local.attributed || !e.remote.attributed) && age < late_window_ns {
+                    if (!e.local.attributed() || !e.remote.attributed()) && age < late_window_ns {
                         let until = Instant::now()
                             + Duration::from_nanos((late_window_ns - age.max(0)) as u64);
                         batch.hold_until = Some(batch.hold_until.map_or(until, |h| h.max(until)));
@@ -502,12 +497,12 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                     batch.records.push(e);
                 }
                 Err(reject) => {
-                    ::metrics::counter!(metrics::DLQ, "reason" => metrics::reject_kind(&reject.0))
+                    ::metrics::counter!(metrics::DLQ, "reason" => reject.kind())
                         .increment(1);
                     let headers = OwnedHeaders::new()
                         .insert(Header {
                             key: "flowlog.dlq.reason",
-                            value: Some(reject.0.as_str()),
+                            value: Some(reject.to_string().as_str()),
                         })
                         .insert(Header {
                             key: "flowlog.dlq.source",

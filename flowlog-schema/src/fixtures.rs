@@ -92,5 +92,5 @@ pub fn identity(host: &HostIdentity, time_ns: i64, reason: IdentityReason) -> Id
 
 /// A whole Identity message.
 pub fn identity_message(host: &HostIdentity, time_ns: i64, reason: IdentityReason) -> Vec<u8> {
-    identity(host, time_ns, reason).to_message(&host.encode())
+    identity(host, time_ns, reason).to_message()
 }

@@ -20,12 +20,11 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// A whole single-object message. `host_block` is `self.host` encoded
-    /// (the sidecar keeps it; [`HostIdentity::encode`]).
-    pub fn to_message(&self, host_block: &[u8]) -> Vec<u8> {
+    /// A whole single-object message.
+    pub fn to_message(&self) -> Vec<u8> {
         let mut out = IDENTITY.header().to_vec();
-        out.extend_from_slice(host_block);
         let w = &mut Writer(&mut out);
+        self.host.write(w);
         w.long(self.time_ns);
         self.reason.write(w);
         w.long(self.sequence_epoch);

@@ -176,7 +176,7 @@ fn flow_defaults_and_empty_collections_round_trip() {
 fn identity_matches_apache_avro_field_by_field() {
     let h = fixtures::host();
     let id = Identity { next_sequence: 1000, ..fixtures::identity(&h, 123, IdentityReason::IpChange) };
-    let msg = id.to_message(&h.encode());
+    let msg = id.to_message();
     let schema = IDENTITY.parse();
     let v = GenericSingleObjectReader::new(schema.clone()).unwrap().read_value(&mut &msg[..]).unwrap();
     assert_eq!(field(&v, "time_ns"), &Value::Long(123));

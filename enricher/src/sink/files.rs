@@ -20,7 +20,7 @@ use std::{
     time::Instant,
 };
 
-use crate::{attribute::EnrichedFlow, encode::ContainerWriter};
+use flowlog_schema::{container::ContainerWriter, EnrichedFlow};
 
 pub struct Batch {
     pub first: i64,

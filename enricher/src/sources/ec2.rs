@@ -13,9 +13,12 @@ use std::{
 use flowlog_enricher_ec2::{snapshot, Ec2Config, Eni};
 use tracing::{info, warn};
 
+use flowlog_schema::IdentityReason;
+
 use super::identity::IdentityStore;
 use crate::{
     decode::{HostIdentity, Identity},
+
     metrics,
 };
 
@@ -47,7 +50,10 @@ fn identity(e: &Eni, t: i64, gone: bool) -> Identity {
             ips: if gone { Vec::new() } else { e.ips.clone() },
         },
         time_ns: t,
-        reason: if gone { "STOP" } else { "HEARTBEAT" },
+        reason: if gone { IdentityReason::Stop } else { IdentityReason::Heartbeat },
+        sequence_epoch: 0,
+        next_sequence: 0,
+        version: String::new(),
     }
 }
 

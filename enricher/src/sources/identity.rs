@@ -8,7 +8,7 @@ use foldhash::HashMap;
 use smallvec::SmallVec;
 
 use super::{Attrs, Owner};
-use crate::decode::{HostIdentity, Identity};
+use flowlog_schema::{Identity, IdentityReason};
 
 /// Intervals kept per IP; older ones are forgotten (bounded memory).
 const MAX_INTERVALS_PER_IP: usize = 32;
@@ -45,26 +45,6 @@ pub struct IdentityStore {
     hosts: HashMap<String, Box<[IpAddr]>>,
 }
 
-pub fn owner_of(h: &HostIdentity) -> Owner {
-    Arc::new(Attrs {
-        workload: h.workload.clone(),
-        host_id: Some(h.host_id.clone()),
-        instance_id: h.instance_id.clone(),
-        app: h.labels.get("app").cloned(),
-        service: h.labels.get("service").cloned(),
-        cluster: h.labels.get("cluster").cloned(),
-        env: h.labels.get("env").cloned(),
-        account: h.labels.get("account").cloned(),
-        region: h.labels.get("region").cloned(),
-        zone: h.labels.get("zone").cloned(),
-        team: h.labels.get("team").cloned(),
-        eni_id: h.labels.get("eni_id").cloned(),
-        vpc_id: h.labels.get("vpc_id").cloned(),
-        subnet_id: h.labels.get("subnet_id").cloned(),
-        labels: h.labels.clone(),
-    })
-}
-
 impl IdentityStore {
     pub fn tracked_ips(&self) -> usize {
         self.by_ip.len()
@@ -81,7 +61,7 @@ impl IdentityStore {
     /// Applies one heartbeat.
     pub fn apply(&mut self, id: &Identity) {
         let h = &id.host;
-        let now: HashSet<IpAddr> = if id.reason == "STOP" {
+        let now: HashSet<IpAddr> = if id.reason == IdentityReason::Stop {
             HashSet::new()
         } else {
             h.ips.iter().filter_map(|s| s.parse().ok()).collect()
@@ -90,7 +70,7 @@ impl IdentityStore {
         for ip in before.iter().filter(|ip| !now.contains(ip)) {
             self.close(*ip, &h.host_id, id.time_ns);
         }
-        let owner = owner_of(h);
+        let owner: Owner = Arc::new(Attrs::of_host(h));
         for ip in now.iter() {
             let iv = self.by_ip.entry(*ip).or_default();
             if let Some(i) = iv.iter_mut().rev().find(|i| i.open_by(&h.host_id)) {
@@ -134,17 +114,9 @@ impl IdentityStore {
 mod tests {
     use super::*;
 
-    fn hb(host: &str, workload: &str, ips: &[&str], t: i64, reason: &'static str) -> Identity {
-        Identity {
-            host: HostIdentity {
-                host_id: host.into(),
-                workload: Some(workload.into()),
-                ips: ips.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            },
-            time_ns: t,
-            reason,
-        }
+    fn hb(host: &str, workload: &str, ips: &[&str], t: i64, reason: &str) -> Identity {
+        let reason = IdentityReason::from_symbol(reason).unwrap();
+        flowlog_schema::fixtures::identity(&flowlog_schema::fixtures::host_with(host, workload, ips), t, reason)
     }
 
     #[test]
