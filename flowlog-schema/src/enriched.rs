@@ -14,6 +14,7 @@ use crate::{
     enums::{Source, Unattributed},
     flow::Flow,
     host::{Host, HostIdentity},
+    workload::Workload,
 };
 
 /// Workload attributes of an owner: the `Attribution` record's owner fields.
@@ -166,6 +167,7 @@ impl EnrichedFlow {
         w.string(&f.comm);
         w.long(f.cgroup_id);
         w.long(f.netns_ino);
+        Workload::write_opt_text(w, f.workload.as_deref());
         self.local.write(w);
         self.remote.write(w);
     }

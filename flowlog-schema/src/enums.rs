@@ -114,6 +114,40 @@ avro_enum! {
     Unattributed in "Attribution.reason" { UnknownIp = "UNKNOWN_IP", NoOwnerAtTime = "NO_OWNER_AT_TIME" }
 }
 
+avro_enum! {
+    /// What kind of workload owned a connection (see `Workload`).
+    WorkloadKind in "WorkloadKind" {
+        /// The host itself, or a workload that could not be resolved.
+        Host = "HOST",
+        /// A Kubernetes pod's container.
+        Pod = "POD",
+        /// A container outside Kubernetes.
+        Container = "CONTAINER",
+        /// A systemd service.
+        Service = "SERVICE",
+    }
+}
+
+avro_enum! {
+    /// Why a flow is attributed to the host although it may belong to a workload.
+    WorkloadReason in "WorkloadReason" {
+        /// A reason this version does not know (the schema's default; never written).
+        Other = "OTHER",
+        /// No owning process (cgroup id 0) and no known pod's network namespace.
+        NoOwner = "NO_OWNER",
+        /// No cgroup with this id in the cgroup v2 tree.
+        CgroupNotFound = "CGROUP_NOT_FOUND",
+        /// A pod's or container's cgroup path that does not parse.
+        UnparsablePath = "UNPARSABLE_PATH",
+        /// A container scope of a runtime this version does not know.
+        UnknownRuntime = "UNKNOWN_RUNTIME",
+        /// No cgroup v2 hierarchy mounted.
+        NoCgroupV2 = "NO_CGROUP_V2",
+        /// The cgroup tree could not be read in time.
+        LookupFailed = "LOOKUP_FAILED",
+    }
+}
+
 impl Family {
     pub fn of(ip: &std::net::IpAddr) -> Family {
         if ip.is_ipv6() {

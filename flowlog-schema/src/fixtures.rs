@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    enums::{Direction, EndReason, Family, IdentityReason, OwnerSource, RecordType},
+    enums::{Direction, EndReason, Family, IdentityReason, OwnerSource, RecordType, WorkloadKind},
     flow::{Flow, StatePath},
     host::HostIdentity,
     identity::Identity,
+    workload::Workload,
 };
 
 /// Host `h1` ("box"), workload `web`, label team=net, IP 10.0.0.1.
@@ -68,6 +69,20 @@ pub fn flow() -> Flow {
         owner_source: OwnerSource::Open,
         cgroup_id: 1,
         netns_ino: 2,
+        workload: None,
+    }
+}
+
+/// A Kubernetes pod's container (systemd cgroup driver, containerd), as the
+/// sidecar resolves it from the cgroup path.
+pub fn pod_workload() -> Workload {
+    Workload {
+        pod_uid: Some("7f3e1c2a-9b4d-4e5f-8a6b-0c1d2e3f4a5b".into()),
+        container_id: Some("4c01db0b339c".repeat(5) + "abcd"),
+        runtime: Some("containerd".into()),
+        qos_class: Some("Burstable".into()),
+        unit: Some(format!("cri-containerd-{}abcd.scope", "4c01db0b339c".repeat(5))),
+        ..Workload::of(WorkloadKind::Pod)
     }
 }
 

@@ -3,7 +3,7 @@
 //! sidecar encodes once ([`HostIdentity::encode`]) and an enricher decodes
 //! once per distinct block ([`decode_flow`]).
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use flowlog_common::tcp_state;
 
@@ -11,7 +11,8 @@ use crate::{
     avro::{DecodeError, Reader, Writer},
     enums::{Direction, EndReason, Family, OwnerSource, RecordType},
     host::HostIdentity,
-    schemas::FLOW,
+    schemas::{FLOW, FLOW_V1},
+    workload::Workload,
 };
 
 /// The fields of schemas/flow.avsc after `host`, in the schema's order (see
@@ -46,6 +47,8 @@ pub struct Flow {
     pub owner_source: OwnerSource,
     pub cgroup_id: i64,
     pub netns_ino: i64,
+    /// Shared by every flow of its cgroup (the sidecar resolves it once).
+    pub workload: Option<Arc<Workload>>,
 }
 
 fn write_addr(w: &mut Writer, ip: &IpAddr) {
@@ -101,6 +104,7 @@ impl Flow {
         self.owner_source.write(w);
         w.long(self.cgroup_id);
         w.long(self.netns_ino);
+        Workload::write_opt(w, self.workload.as_deref());
     }
 
     /// A whole single-object message.
@@ -109,8 +113,16 @@ impl Flow {
         self.write(host_block, &mut Writer(out));
     }
 
-    /// Reads the fields after the host block.
+    /// Reads the fields after the host block (current version).
     pub fn read(r: &mut Reader) -> Result<Flow, DecodeError> {
+        let mut f = Flow::read_v1(r)?;
+        f.workload = Workload::read_opt(r)?;
+        Ok(f)
+    }
+
+    /// Reads the fields of history/flow.v1.avsc after the host block: the
+    /// current fields up to netns_ino (v2 appended `workload`, default null).
+    fn read_v1(r: &mut Reader) -> Result<Flow, DecodeError> {
         let sequence_epoch = r.long()?;
         let sequence = r.long()?;
         let connection_id = r.long()?;
@@ -145,6 +157,7 @@ impl Flow {
             owner_source: OwnerSource::read(r)?,
             cgroup_id: r.long()?,
             netns_ino: r.long()?,
+            workload: None,
         })
     }
 
@@ -166,15 +179,22 @@ impl Flow {
 }
 
 /// Decodes one Flow message: header, host block (handed to `host`, which
-/// may decode it or find it in a cache), fields, checks.
+/// may decode it or find it in a cache), fields, checks. Messages of the
+/// previous version (history/flow.v1.avsc: sidecars not yet upgraded, and
+/// their spools) are read too, with no workload.
 pub fn decode_flow<H>(
     msg: &[u8],
     host: impl FnOnce(&[u8]) -> Result<H, DecodeError>,
 ) -> Result<(H, Flow), DecodeError> {
-    let mut r = Reader::new(FLOW.datum(msg)?);
+    let (datum, v1) = match FLOW.datum(msg) {
+        Ok(d) => (d, false),
+        Err(DecodeError::UnknownFingerprint(fp)) => (FLOW_V1.datum(msg).map_err(|_| DecodeError::UnknownFingerprint(fp))?, true),
+        Err(e) => return Err(e),
+    };
+    let mut r = Reader::new(datum);
     let block = HostIdentity::skip(&mut r)?;
     let h = host(block)?;
-    let f = Flow::read(&mut r)?;
+    let f = if v1 { Flow::read_v1(&mut r)? } else { Flow::read(&mut r)? };
     r.finish()?;
     f.validate()?;
     Ok((h, f))

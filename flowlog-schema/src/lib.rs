@@ -21,11 +21,15 @@ pub mod flow;
 pub mod host;
 pub mod identity;
 pub mod schemas;
+pub mod workload;
 
 pub use avro::{DecodeError, Reader, Writer};
 pub use enriched::{Attribution, Attrs, EnrichedFlow};
-pub use enums::{Direction, EndReason, Family, IdentityReason, OwnerSource, RecordType, Source, Unattributed};
+pub use enums::{
+    Direction, EndReason, Family, IdentityReason, OwnerSource, RecordType, Source, Unattributed, WorkloadKind, WorkloadReason,
+};
 pub use flow::{decode_flow, Flow, StatePath};
 pub use host::{Host, HostIdentity};
 pub use identity::Identity;
 pub use schemas::{SchemaDef, ENRICHED_FLOW, FLOW, IDENTITY};
+pub use workload::Workload;

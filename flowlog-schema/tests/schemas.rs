@@ -11,9 +11,10 @@ use apache_avro::{
 use flowlog_schema::{
     container::ContainerWriter,
     decode_flow, fixtures,
-    schemas::{ALL, ENRICHED_FLOW, FLOW, IDENTITY},
+    schemas::{ALL, ENRICHED_FLOW, FLOW, FLOW_V1, IDENTITY},
     Attribution, Attrs, DecodeError, Direction, EndReason, EnrichedFlow, Family, Flow, Host, HostIdentity,
-    Identity, IdentityReason, OwnerSource, RecordType, Source, Unattributed, Writer,
+    Identity, IdentityReason, OwnerSource, RecordType, Source, Unattributed, Workload, WorkloadKind, WorkloadReason,
+    Writer,
 };
 use serde_json::Value as Json;
 
@@ -53,20 +54,28 @@ fn enum_symbols_match_the_schemas() {
     for def in ALL {
         named_types(&serde_json::from_str(def.json).unwrap(), &mut types);
     }
-    let avro_enums: [(&str, &[&str]); 6] = [
+    let avro_enums: [(&str, &[&str]); 8] = [
         (RecordType::DECLARED_IN, RecordType::SYMBOLS),
         (Family::DECLARED_IN, Family::SYMBOLS),
         (Direction::DECLARED_IN, Direction::SYMBOLS),
         (EndReason::DECLARED_IN, EndReason::SYMBOLS),
         (OwnerSource::DECLARED_IN, OwnerSource::SYMBOLS),
         (IdentityReason::DECLARED_IN, IdentityReason::SYMBOLS),
+        (WorkloadKind::DECLARED_IN, WorkloadKind::SYMBOLS),
+        (WorkloadReason::DECLARED_IN, WorkloadReason::SYMBOLS),
     ];
     for (name, symbols) in avro_enums {
         let t = types.get(name).unwrap_or_else(|| panic!("no enum {name} in schemas/"));
         assert_eq!(t["symbols"], serde_json::json!(symbols), "enum {name}");
     }
-    // String fields whose doc lists the symbols, in order.
-    for (at, symbols) in [(Source::DECLARED_IN, Source::SYMBOLS), (Unattributed::DECLARED_IN, Unattributed::SYMBOLS)] {
+    // String fields whose doc lists the symbols, in order (the enriched
+    // workload's enums as text: every symbol the enricher can write).
+    for (at, symbols) in [
+        (Source::DECLARED_IN, Source::SYMBOLS),
+        (Unattributed::DECLARED_IN, Unattributed::SYMBOLS),
+        ("WorkloadInfo.kind", WorkloadKind::SYMBOLS),
+        ("WorkloadInfo.reason", &WorkloadReason::SYMBOLS[1..]),
+    ] {
         let (record, name) = at.split_once('.').unwrap();
         let f = types[record]["fields"].as_array().unwrap().iter().find(|f| f["name"] == name).unwrap();
         let doc = f["doc"].as_str().unwrap();
@@ -90,7 +99,44 @@ fn sample_flow() -> (HostIdentity, Flow) {
     f.end_reason = EndReason::ResetReceived;
     f.error = Some("ECONNRESET".into());
     f.state_path = flowlog_schema::StatePath(0xa31a);
+    f.workload = Some(Arc::new(every_workload_field()));
     (h, f)
+}
+
+/// A workload with every field set (not a combination the sidecar makes:
+/// a codec test).
+fn every_workload_field() -> Workload {
+    Workload {
+        reason: Some(WorkloadReason::UnknownRuntime),
+        name: Some("web-0".into()),
+        namespace: Some("shop".into()),
+        cgroup_path: Some("/kubepods/pod1/x".into()),
+        ..fixtures::pod_workload()
+    }
+}
+
+/// The fields of a Workload (or WorkloadInfo) value, checked one by one;
+/// `kind`/`reason` as apache-avro reads them from that record.
+fn check_workload(v: &Value, kind: Value, reason: Value) {
+    let w = fixtures::pod_workload();
+    let Value::Union(1, v) = v else { panic!("workload is null: {v:?}") };
+    let want = [
+        ("kind", kind),
+        ("reason", reason),
+        ("name", some(s("web-0"))),
+        ("namespace", some(s("shop"))),
+        ("pod_uid", some(s(w.pod_uid.as_deref().unwrap()))),
+        ("container_id", some(s(w.container_id.as_deref().unwrap()))),
+        ("runtime", some(s("containerd"))),
+        ("qos_class", some(s("Burstable"))),
+        ("unit", some(s(w.unit.as_deref().unwrap()))),
+        ("cgroup_path", some(s("/kubepods/pod1/x"))),
+    ];
+    let Value::Record(fields) = &**v else { panic!() };
+    assert_eq!(fields.len(), want.len(), "a field of Workload is not checked here");
+    for (name, value) in want {
+        assert_eq!(field(v, name), &value, "workload.{name}");
+    }
 }
 
 /// apache-avro decodes our encoding against the committed schema with every
@@ -142,10 +188,11 @@ fn flow_matches_apache_avro_field_by_field() {
         ("netns_ino", Value::Long(2)),
     ];
     let Value::Record(fields) = &v else { panic!() };
-    assert_eq!(fields.len(), want.len() + 1, "a field of flow.avsc is not checked here");
+    assert_eq!(fields.len(), want.len() + 2, "a field of flow.avsc is not checked here");
     for (name, value) in want {
         assert_eq!(field(&v, name), &value, "{name}");
     }
+    check_workload(field(&v, "workload"), Value::Enum(1, "POD".into()), some(Value::Enum(4, "UNKNOWN_RUNTIME".into())));
     assert_eq!(apache_avro::to_avro_datum(&schema, v).unwrap(), msg[10..]);
     let (host_back, back) = decode_flow(&msg, HostIdentity::decode).unwrap();
     assert_eq!((host_back, back), (h, f));
@@ -169,7 +216,37 @@ fn flow_defaults_and_empty_collections_round_trip() {
     assert_eq!(field(&v, "start_time_ns"), &null());
     assert_eq!(field(&v, "state_path"), &Value::Array(vec![]));
     assert_eq!(field(field(&v, "host"), "labels"), &Value::Map(Default::default()));
+    assert_eq!(field(&v, "workload"), &null());
+    assert_eq!(decode_flow(&msg, HostIdentity::decode).unwrap(), (h.clone(), f.clone()));
+    // A resolved workload: the optional fields it leaves empty are nulls.
+    let f = Flow { workload: Some(Arc::new(Workload::unresolved(WorkloadReason::NoOwner, None))), ..f };
+    let msg = fixtures::flow_message(&h, &f);
+    let v = apache_avro::from_avro_datum(&FLOW.parse(), &mut &msg[10..], None).unwrap();
+    let Value::Union(1, w) = field(&v, "workload") else { panic!() };
+    assert_eq!(field(w, "kind"), &Value::Enum(0, "HOST".into()));
+    assert_eq!(field(w, "reason"), &some(Value::Enum(1, "NO_OWNER".into())));
+    assert_eq!(field(w, "pod_uid"), &null());
     assert_eq!(decode_flow(&msg, HostIdentity::decode).unwrap(), (h, f));
+}
+
+/// A message of the previous version (history/flow.v1.avsc, written by
+/// apache-avro with that schema and its fingerprint) still decodes, with no
+/// workload: sidecars upgrade one by one and their spools replay old records.
+#[test]
+fn previous_flow_version_still_decodes() {
+    let (h, mut f) = sample_flow();
+    let v1 = FLOW_V1.parse();
+    let current = apache_avro::from_avro_datum(&FLOW.parse(), &mut &fixtures::flow_message(&h, &f)[10..], None).unwrap();
+    let Value::Record(mut fields) = current else { panic!() };
+    assert_eq!(fields.pop().map(|(n, _)| n).as_deref(), Some("workload"), "v2 appended workload last");
+    let mut msg = FLOW_V1.header().to_vec();
+    msg.extend(apache_avro::to_avro_datum(&v1, Value::Record(fields)).unwrap());
+    assert_ne!(FLOW_V1.fingerprint(), FLOW.fingerprint());
+    f.workload = None;
+    assert_eq!(decode_flow(&msg, HostIdentity::decode).unwrap(), (h, f));
+    // Any other fingerprint is still refused.
+    msg[3] ^= 1;
+    assert!(matches!(decode_flow(&msg, HostIdentity::decode), Err(DecodeError::UnknownFingerprint(_))));
 }
 
 #[test]
@@ -192,6 +269,7 @@ fn identity_matches_apache_avro_field_by_field() {
 fn enriched(remote: Attribution, v6: bool) -> EnrichedFlow {
     let mut f = fixtures::flow();
     f.error = Some("ECONNRESET".into());
+    f.workload = (!v6).then(|| Arc::new(every_workload_field()));
     if v6 {
         f.family = Family::Ipv6;
         f.local_addr = "2001:db8::1".parse().unwrap();
@@ -259,10 +337,12 @@ fn enriched_container_is_read_by_apache_avro() {
         ("netns_ino", Value::Long(2)),
     ];
     let Value::Record(fields) = v else { panic!() };
-    assert_eq!(fields.len(), want.len() + 2, "a field of enriched_flow.avsc is not checked here");
+    assert_eq!(fields.len(), want.len() + 3, "a field of enriched_flow.avsc is not checked here");
     for (name, value) in want {
         assert_eq!(field(v, name), &value, "{name}");
     }
+    check_workload(field(v, "local_workload"), s("POD"), some(s("UNKNOWN_RUNTIME")));
+    assert_eq!(field(&read[2], "local_workload"), &null());
     let local = field(v, "local");
     assert_eq!(field(local, "attributed"), &Value::Boolean(true));
     assert_eq!(field(local, "source"), &s("SIDECAR"));
@@ -315,11 +395,14 @@ fn enriched_container_is_read_by_apache_avro() {
 fn enriched_datum_equals_apache_avro_encoding() {
     let schema = ENRICHED_FLOW.parse();
     // One label per side: apache-avro's map is a HashMap, its order would vary.
-    let e = enriched(Attribution::of(&db_owner(&[("tier", "gold")]), Source::Ec2), true);
-    let mut ours = Vec::new();
-    e.write(&mut ours);
-    let value = apache_avro::from_avro_datum(&schema, &mut &ours[..], None).unwrap();
-    assert_eq!(apache_avro::to_avro_datum(&schema, value).unwrap(), ours);
+    // IPv6 without a workload, IPv4 with one.
+    for v6 in [true, false] {
+        let e = enriched(Attribution::of(&db_owner(&[("tier", "gold")]), Source::Ec2), v6);
+        let mut ours = Vec::new();
+        e.write(&mut ours);
+        let value = apache_avro::from_avro_datum(&schema, &mut &ours[..], None).unwrap();
+        assert_eq!(apache_avro::to_avro_datum(&schema, value).unwrap(), ours);
+    }
 }
 
 #[test]

@@ -1,0 +1,112 @@
+//! The `Workload` record (Flow.workload) and its enriched form
+//! (EnrichedFlow.local_workload, `WorkloadInfo`: the same fields with the
+//! enums as text): which pod, container or systemd service on the sidecar's
+//! host owned a connection.
+
+use std::sync::Arc;
+
+use crate::{
+    avro::{DecodeError, Reader, Writer},
+    enums::{WorkloadKind, WorkloadReason},
+};
+
+/// One workload, shared (`Arc`) by every flow of its cgroup. The fields
+/// are in the schema's order; see schemas/flow.avsc for each one's meaning.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Workload {
+    pub kind: WorkloadKind,
+    pub reason: Option<WorkloadReason>,
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    pub pod_uid: Option<String>,
+    pub container_id: Option<String>,
+    pub runtime: Option<String>,
+    pub qos_class: Option<String>,
+    pub unit: Option<String>,
+    pub cgroup_path: Option<String>,
+}
+
+impl Workload {
+    /// A workload of `kind` with every other field empty.
+    pub fn of(kind: WorkloadKind) -> Workload {
+        Workload {
+            kind,
+            reason: None,
+            name: None,
+            namespace: None,
+            pod_uid: None,
+            container_id: None,
+            runtime: None,
+            qos_class: None,
+            unit: None,
+            cgroup_path: None,
+        }
+    }
+
+    /// The host, because of `reason`; `cgroup_path` is the evidence, if any.
+    pub fn unresolved(reason: WorkloadReason, cgroup_path: Option<String>) -> Workload {
+        Workload { reason: Some(reason), cgroup_path, ..Workload::of(WorkloadKind::Host) }
+    }
+
+    fn strings(&self) -> [&Option<String>; 8] {
+        [
+            &self.name,
+            &self.namespace,
+            &self.pod_uid,
+            &self.container_id,
+            &self.runtime,
+            &self.qos_class,
+            &self.unit,
+            &self.cgroup_path,
+        ]
+    }
+
+    /// `["null", Workload]` as in schemas/flow.avsc (Avro enums).
+    pub fn write_opt(w: &mut Writer, v: Option<&Workload>) {
+        let Some(v) = v else { return w.long(0) };
+        w.long(1);
+        v.kind.write(w);
+        match v.reason {
+            None => w.long(0),
+            Some(r) => {
+                w.long(1);
+                r.write(w);
+            }
+        }
+        for s in v.strings() {
+            w.opt_string(s.as_deref());
+        }
+    }
+
+    /// `["null", WorkloadInfo]` as in schemas/enriched_flow.avsc (enums as text).
+    pub fn write_opt_text(w: &mut Writer, v: Option<&Workload>) {
+        let Some(v) = v else { return w.long(0) };
+        w.long(1);
+        w.string(v.kind.symbol());
+        w.opt_string(v.reason.map(WorkloadReason::symbol));
+        for s in v.strings() {
+            w.opt_string(s.as_deref());
+        }
+    }
+
+    /// Reads `["null", Workload]` (the Flow form).
+    pub fn read_opt(r: &mut Reader) -> Result<Option<Arc<Workload>>, DecodeError> {
+        if r.union_index(2)? == 0 {
+            return Ok(None);
+        }
+        let kind = WorkloadKind::read(r)?;
+        let reason = if r.union_index(2)? == 0 { None } else { Some(WorkloadReason::read(r)?) };
+        Ok(Some(Arc::new(Workload {
+            kind,
+            reason,
+            name: r.opt_string()?,
+            namespace: r.opt_string()?,
+            pod_uid: r.opt_string()?,
+            container_id: r.opt_string()?,
+            runtime: r.opt_string()?,
+            qos_class: r.opt_string()?,
+            unit: r.opt_string()?,
+            cgroup_path: r.opt_string()?,
+        })))
+    }
+}
