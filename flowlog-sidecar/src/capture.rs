@@ -4,7 +4,11 @@
 //! wake-ups); otherwise the reader drains on a short timer. Both paths call
 //! the same `drain`.
 
-use std::{collections::HashMap, hash::BuildHasher, time::Duration};
+use std::{
+    collections::HashMap,
+    hash::BuildHasher,
+    time::{Duration, Instant},
+};
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
@@ -22,6 +26,7 @@ use crate::{
     loader::Attached,
     metrics as m,
     sink::{Sink, Tick},
+    workload::{self, Resolver},
 };
 
 /// Periods of the main loop.
@@ -59,12 +64,15 @@ pub struct FinalStats {
     /// From the kernel's program stats (only when kernel.bpf_stats_enabled=1).
     pub program_run_time_ns: u64,
     pub program_run_count: u64,
+    /// Local workload resolution (null when `workload.resolve = false`).
+    pub workload: Option<workload::StatsReport>,
 }
 
 pub struct Capture {
     ring: AsyncFd<RingBuf<MapData>>,
     stats: PerCpuArray<MapData, u64>,
     sink: Box<dyn Sink>,
+    workloads: Resolver,
     clock: Clock,
     salt: u64,
     pub user: UserCounters,
@@ -77,7 +85,7 @@ pub struct Capture {
 }
 
 impl Capture {
-    pub fn new(ebpf: &mut Ebpf, sink: Box<dyn Sink>) -> anyhow::Result<Self> {
+    pub fn new(ebpf: &mut Ebpf, sink: Box<dyn Sink>, workloads: Resolver) -> anyhow::Result<Self> {
         let ring = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).ok_or_else(|| anyhow::anyhow!("map {EVENTS_MAP} missing"))?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map(STATS_MAP).ok_or_else(|| anyhow::anyhow!("map {STATS_MAP} missing"))?)?;
         Ok(Capture {
@@ -86,6 +94,7 @@ impl Capture {
                 .map_err(|e| anyhow::anyhow!("registering the ring buffer with the runtime: {e}"))?,
             stats,
             sink,
+            workloads,
             clock: Clock::now(),
             salt: std::collections::hash_map::RandomState::new().hash_one(std::process::id()),
             user: UserCounters::default(),
@@ -110,17 +119,20 @@ impl Capture {
         }
     }
 
-    /// Reads everything waiting in the ring buffer.
+    /// Reads everything waiting in the ring buffer. Records go out with
+    /// their workload, except those of cgroups not known yet, which a later
+    /// drain sends (in order) once they are.
     pub fn drain(&mut self) {
         let ring = self.ring.get_mut();
         let mut n = 0u64;
         let mut pending = Vec::new();
+        let now = Instant::now();
         while let Some(item) = ring.next() {
             n += 1;
             match FlowEvent::decode(&item) {
                 Ok(ev) => {
                     tracing::trace!(?ev, "raw event");
-                    pending.push(flow_from_event(&ev, &self.clock, self.salt));
+                    self.workloads.admit(flow_from_event(&ev, &self.clock, self.salt), now, &mut pending);
                 }
                 Err(e) => {
                     self.user.decode_errors += 1;
@@ -129,18 +141,24 @@ impl Capture {
                 }
             }
         }
-        for record in pending {
-            self.emit(record);
-        }
+        self.workloads.poll(now, &mut pending);
         self.user.events_read += n;
         if n > 0 {
             metrics::counter!(m::EVENTS_READ).increment(n);
         }
-        if n > 0 {
-            if let Err(e) = self.sink.flush() {
-                self.user.output_errors += 1;
-                error!("flushing output failed: {e}");
-            }
+        self.emit_all(pending);
+    }
+
+    fn emit_all(&mut self, records: Vec<Flow>) {
+        if records.is_empty() {
+            return;
+        }
+        for record in records {
+            self.emit(record);
+        }
+        if let Err(e) = self.sink.flush() {
+            self.user.output_errors += 1;
+            error!("flushing output failed: {e}");
         }
     }
 
@@ -177,6 +195,7 @@ impl Capture {
         metrics::counter!(m::LISTEN_MAP_FULL).absolute(now.listen_map_full);
         metrics::counter!(m::KERNEL_READ_ERRORS).absolute(now.read_errors);
         m::record_process();
+        m::record_workloads(&self.workloads);
         // BPF run time/count (non-zero only with kernel.bpf_stats_enabled=1).
         if let Some(id) = self.prog_id {
             if let Some(info) = aya::programs::loaded_programs().filter_map(Result::ok).find(|p| p.id() == id) {
@@ -230,6 +249,10 @@ impl Capture {
             metrics::counter!(m::INTERIM_RECORDS).increment(n);
         }
         self.drain();
+        // Records still waiting for their cgroup's lookup get a last chance.
+        let mut rest = Vec::new();
+        self.workloads.finish(Duration::from_secs(1), &mut rest);
+        self.emit_all(rest);
         self.report_drops();
     }
 
@@ -253,6 +276,7 @@ impl Capture {
             user: self.user,
             program_run_time_ns: run_time,
             program_run_count: run_count,
+            workload: self.workloads.enabled().then(|| self.workloads.report()),
         }
     }
 }

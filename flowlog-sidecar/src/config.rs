@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::{
     identity::IdentityConfig,
     transport::{KafkaConfig, SpoolConfig},
+    workload::WorkloadConfig,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
@@ -69,6 +70,7 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub spool: SpoolConfig,
     pub identity: IdentityConfig,
+    pub workload: WorkloadConfig,
 }
 
 impl Default for Config {
@@ -90,6 +92,7 @@ impl Default for Config {
             kafka: KafkaConfig::default(),
             spool: SpoolConfig::default(),
             identity: IdentityConfig::default(),
+            workload: WorkloadConfig::default(),
         }
     }
 }
@@ -157,6 +160,9 @@ pub struct Cli {
     /// identity.workload
     #[arg(long, env = "FLOWLOG_WORKLOAD")]
     pub workload: Option<String>,
+    /// workload.resolve
+    #[arg(long, env = "FLOWLOG_WORKLOAD_RESOLVE")]
+    pub workload_resolve: Option<bool>,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `flowlog_sidecar=debug`.
     #[arg(long, env = "FLOWLOG_LOG", default_value = "info")]
     pub log: String,
@@ -205,7 +211,8 @@ impl Config {
             ($($flag:ident => $($path:ident).+),*) => { $( if let Some(v) = cli.$flag.clone() { c.$($path).+ = v; } )* };
         }
         nested!(kafka_brokers => kafka.brokers, kafka_flow_topic => kafka.flow_topic,
-            kafka_identity_topic => kafka.identity_topic, spool_dir => spool.dir, spool_max_bytes => spool.max_bytes);
+            kafka_identity_topic => kafka.identity_topic, spool_dir => spool.dir, spool_max_bytes => spool.max_bytes,
+            workload_resolve => workload.resolve);
         macro_rules! nested_opt {
             ($($flag:ident => $($path:ident).+),*) => { $( if let Some(v) = cli.$flag.clone() { c.$($path).+ = Some(v); } )* };
         }

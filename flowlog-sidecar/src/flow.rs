@@ -141,6 +141,8 @@ pub fn flow_from_event(ev: &FlowEvent, clock: &Clock, salt: u64) -> Flow {
         owner_source,
         cgroup_id: ev.cgroup_id as i64,
         netns_ino: ev.netns_ino as i64,
+        // The capture loop's workload resolver fills it in.
+        workload: None,
     }
 }
 

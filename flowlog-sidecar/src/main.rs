@@ -12,6 +12,7 @@ mod output;
 mod sink;
 mod snapshot;
 mod transport;
+mod workload;
 
 use std::time::Duration;
 
@@ -89,7 +90,7 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
         Output::Kafka => Box::new(KafkaSink::new(config.kafka.clone(), config.spool.clone(), config.identity.clone())?),
         mode => Box::new(Printer::new(mode, std::io::stdout())),
     };
-    let mut capture = Capture::new(&mut ebpf, sink)?;
+    let mut capture = Capture::new(&mut ebpf, sink, workload::Resolver::new(&config.workload))?;
     capture.prog_id = ebpf.program(attached.program_name()).and_then(|p| p.info().ok()).map(|i| i.id());
 
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -28,6 +28,15 @@ pub const LISTEN_MAP_FULL: &str = "flowlog_sidecar_listen_map_full_total";
 pub const KERNEL_READ_ERRORS: &str = "flowlog_sidecar_kernel_read_errors_total";
 pub const BPF_RUN_TIME: &str = "flowlog_sidecar_bpf_run_time_seconds_total";
 pub const BPF_RUN_COUNT: &str = "flowlog_sidecar_bpf_runs_total";
+/// Label `kind`: host, pod, container, service.
+pub const WORKLOAD_FLOWS: &str = "flowlog_sidecar_workload_flows_total";
+/// Label `reason`: no_owner, cgroup_not_found, unparsable_path,
+/// unknown_runtime, no_cgroup_v2, lookup_failed (other is never counted).
+pub const WORKLOAD_UNRESOLVED: &str = "flowlog_sidecar_workload_unresolved_total";
+pub const WORKLOAD_HELD: &str = "flowlog_sidecar_workload_held_flows";
+pub const CGROUP_WALKS: &str = "flowlog_sidecar_cgroup_walks_total";
+pub const CGROUP_WALK_ERRORS: &str = "flowlog_sidecar_cgroup_walk_errors_total";
+pub const CGROUPS_KNOWN: &str = "flowlog_sidecar_cgroups_known";
 pub const CPU_SECONDS: &str = "flowlog_sidecar_process_cpu_seconds_total";
 pub const RSS_BYTES: &str = "flowlog_sidecar_process_resident_memory_bytes";
 
@@ -53,6 +62,12 @@ pub fn describe() {
     describe_counter!(KERNEL_READ_ERRORS, "Kernel memory reads that failed in the eBPF program.");
     describe_gauge!(BPF_RUN_TIME, Unit::Seconds, "Time spent in the eBPF program (kernel.bpf_stats_enabled=1 only).");
     describe_counter!(BPF_RUN_COUNT, "eBPF program runs (kernel.bpf_stats_enabled=1 only).");
+    describe_counter!(WORKLOAD_FLOWS, "Flow records by the kind of local workload that owned them.");
+    describe_counter!(WORKLOAD_UNRESOLVED, "Flow records attributed to the host although they may belong to a workload, by reason.");
+    describe_gauge!(WORKLOAD_HELD, "Flow records waiting for their cgroup to be looked up.");
+    describe_counter!(CGROUP_WALKS, "Walks of the cgroup v2 tree (one per batch of new cgroups, at most 4 a second).");
+    describe_counter!(CGROUP_WALK_ERRORS, "Walks of the cgroup v2 tree that could not read it.");
+    describe_gauge!(CGROUPS_KNOWN, "Cgroups found by the last walk.");
     describe_gauge!(CPU_SECONDS, Unit::Seconds, "Sidecar user+system CPU time.");
     describe_gauge!(RSS_BYTES, Unit::Bytes, "Sidecar resident memory.");
 }
@@ -67,6 +82,27 @@ pub fn degraded(reason: &'static str, n: u64) {
 
 pub fn spooled(reason: &'static str, n: u64) {
     counter!(FLOWS_SPOOLED, "reason" => reason).increment(n);
+}
+
+/// Publishes the workload resolver's counts (on the stats tick: the
+/// capture path itself touches no metric per flow).
+pub fn record_workloads(r: &crate::workload::Resolver) {
+    use flowlog_schema::{WorkloadKind, WorkloadReason};
+    if !r.enabled() {
+        return;
+    }
+    let s = r.stats();
+    for (kind, n) in WorkloadKind::SYMBOLS.iter().zip(s.flows) {
+        counter!(WORKLOAD_FLOWS, "kind" => kind.to_ascii_lowercase()).absolute(n);
+    }
+    // OTHER is a schema default, never given: no series for it.
+    for (reason, n) in WorkloadReason::SYMBOLS.iter().zip(s.unresolved).skip(1) {
+        counter!(WORKLOAD_UNRESOLVED, "reason" => reason.to_ascii_lowercase()).absolute(n);
+    }
+    counter!(CGROUP_WALKS).absolute(s.walks);
+    counter!(CGROUP_WALK_ERRORS).absolute(s.walk_errors);
+    gauge!(CGROUPS_KNOWN).set(r.cgroups_known() as f64);
+    gauge!(WORKLOAD_HELD).set(r.held() as f64);
 }
 
 /// Updates process CPU and RSS from /proc/self.

@@ -112,6 +112,13 @@ mod tests {
         assert_eq!(v["state_path"], serde_json::json!(["CLOSE"]));
         assert_eq!(v["duration_ns"], 1_000);
         assert_eq!(v["error"], serde_json::Value::Null);
+        assert_eq!(v["workload"], serde_json::Value::Null);
+        let f = Flow { workload: Some(std::sync::Arc::new(fixtures::pod_workload())), ..fixtures::flow() };
+        let v: serde_json::Value = serde_json::from_str(&print(Output::Json, &f)).unwrap();
+        assert_eq!(v["workload"]["kind"], "pod");
+        assert_eq!(v["workload"]["reason"], serde_json::Value::Null);
+        assert_eq!(v["workload"]["pod_uid"], "7f3e1c2a-9b4d-4e5f-8a6b-0c1d2e3f4a5b");
+        assert_eq!(v["workload"]["qos_class"], "Burstable");
     }
 
     #[test]

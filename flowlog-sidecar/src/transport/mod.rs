@@ -484,6 +484,12 @@ mod tests {
             sk: 0xffff_8880_0000_2000,
         };
         let mut record = flow_from_event(&ev, &Clock::fixed(1_700_000_000_000_000_000), 7);
+        // As the workload resolver fills it in for a pod's container.
+        record.workload = Some(std::sync::Arc::new(crate::workload::cgroup::classify(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod7f3e1c2a_9b4d_4e5f_8a6b_0c1d2e3f4a5b.slice/\
+             cri-containerd-4c01db0b339c4c01db0b339c4c01db0b339c4c01db0b339c4c01db0b339cabcd.scope",
+        )));
+        assert_eq!(record.workload.as_deref(), Some(&flowlog_schema::fixtures::pod_workload()));
         let host = flowlog_schema::fixtures::host();
         let mut enc = FlowEncoder::new(123, &host);
         enc.encode(&mut record.clone());

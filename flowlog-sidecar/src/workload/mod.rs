@@ -1,0 +1,91 @@
+//! Local workload resolution: which pod, container or systemd service on
+//! this host owned each flow, from the cgroup the eBPF program recorded.
+//! [`cgroup`] reads a cgroup path, [`tree`] finds and walks the cgroup v2
+//! tree, [`resolver`] keeps the cache the capture path reads.
+//!
+//! The Kubernetes API (pod names, namespaces, owners) is a later stage: it
+//! will fill `name`/`namespace` of the pods resolved here by `pod_uid`.
+
+pub mod cgroup;
+pub mod resolver;
+pub mod tree;
+
+use std::collections::BTreeMap;
+
+use flowlog_schema::{Workload, WorkloadKind, WorkloadReason};
+use serde::{Deserialize, Serialize};
+
+pub use resolver::Resolver;
+
+/// Hash maps keyed by cgroup id or namespace inode, read once per flow:
+/// foldhash, several times cheaper than SipHash for a u64.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Workload settings (`[workload]` in the config file).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadConfig {
+    /// Resolve each flow's local workload (pod, container, systemd service)
+    /// from its cgroup; false leaves the records' `workload` empty.
+    pub resolve: bool,
+}
+
+impl Default for WorkloadConfig {
+    fn default() -> Self {
+        WorkloadConfig { resolve: true }
+    }
+}
+
+/// Counts of the resolver's work (the stats file's `workload` block and,
+/// on the stats tick, the Prometheus counters).
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// Flows by workload kind (index: `WorkloadKind::index`).
+    pub flows: [u64; WorkloadKind::SYMBOLS.len()],
+    /// Flows attributed to the host with a reason (index: `WorkloadReason::index`).
+    pub unresolved: [u64; WorkloadReason::SYMBOLS.len()],
+    /// Ownerless flows resolved by their network namespace.
+    pub by_netns: u64,
+    pub walks: u64,
+    pub walk_errors: u64,
+}
+
+impl Stats {
+    #[inline]
+    fn count(&mut self, w: &Workload) {
+        self.flows[w.kind.index() as usize] += 1;
+        if let Some(r) = w.reason {
+            self.unresolved[r.index() as usize] += 1;
+        }
+    }
+
+    /// Labels as the metrics and the stats file spell them (snake_case).
+    pub fn by_name<const N: usize>(counts: &[u64; N], symbols: &[&str]) -> BTreeMap<String, u64> {
+        symbols.iter().zip(counts).map(|(s, n)| (s.to_ascii_lowercase(), *n)).collect()
+    }
+}
+
+/// The stats file's `workload` block.
+#[derive(Debug, Serialize)]
+pub struct StatsReport {
+    pub flows: BTreeMap<String, u64>,
+    pub unresolved: BTreeMap<String, u64>,
+    pub by_netns: u64,
+    pub cgroup_walks: u64,
+    pub cgroup_walk_errors: u64,
+    pub cgroups_known: usize,
+}
+
+impl Resolver {
+    pub fn report(&self) -> StatsReport {
+        let s = self.stats();
+        StatsReport {
+            flows: Stats::by_name(&s.flows, WorkloadKind::SYMBOLS),
+            unresolved: Stats::by_name(&s.unresolved, WorkloadReason::SYMBOLS),
+            by_netns: s.by_netns,
+            cgroup_walks: s.walks,
+            cgroup_walk_errors: s.walk_errors,
+            cgroups_known: self.cgroups_known(),
+        }
+    }
+}

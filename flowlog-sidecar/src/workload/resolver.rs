@@ -1,0 +1,579 @@
+//! Each flow's workload, from its cgroup id, on the capture path.
+//!
+//! A known cgroup is a hash hit (often not even that: consecutive flows
+//! tend to come from the same cgroup). An unknown one is never looked up
+//! on the capture path: its flows are held, in order, while the walking
+//! thread ([`Walker`]) lists the cgroup tree, and released at a later
+//! drain, resolved, or attributed to the host with a reason when the
+//! cgroup is gone or the walk too slow. Nothing is dropped.
+//!
+//! Flows with no owning process (cgroup id 0: the socket was opened before
+//! the sidecar started, or its map was full) fall back on their network
+//! namespace: a namespace whose flows so far all came from one pod (or one
+//! container) is that pod's. The host's own namespaces, and any namespace
+//! seen with two owners, are no one's.
+
+use std::{
+    collections::{hash_map::Entry, HashSet, VecDeque},
+    sync::{mpsc::TryRecvError, Arc},
+    time::{Duration, Instant},
+};
+
+use flowlog_schema::{Flow, Workload, WorkloadKind, WorkloadReason};
+use tracing::{debug, error, warn};
+
+use super::{
+    tree::{self, WalkResult, Walker},
+    FastMap, Stats, WorkloadConfig,
+};
+
+/// A held flow is released after this long even without an answer
+/// (LOOKUP_FAILED): a few walks' time.
+const HOLD_MAX: Duration = Duration::from_secs(2);
+/// At most this many flows are held; past it the oldest go out unresolved.
+const MAX_HELD: usize = 20_000;
+/// Cgroup ids known to be gone, and network namespaces remembered, at most.
+const MAX_NOT_FOUND: usize = 65_536;
+const MAX_NETNS: usize = 65_536;
+
+enum Mode {
+    /// `workload.resolve = false`: flows carry no workload.
+    Off,
+    /// No cgroup v2 mounted: every flow is the host's (NO_CGROUP_V2).
+    NoCgroupV2,
+    Walking(Walker),
+    /// The walking thread died: unknown cgroups get LOOKUP_FAILED.
+    WalkerGone,
+}
+
+struct Held {
+    flow: Flow,
+    /// The request whose walk answers for this flow's cgroup.
+    seq: u64,
+    since: Instant,
+}
+
+/// Who a network namespace belongs to, as its flows told.
+enum NetnsOwner {
+    /// One pod (or container), learned from a flow of `cgroup`; forgotten
+    /// when that cgroup goes (the namespace's inode may be reused).
+    One { cgroup: u64, workload: Arc<Workload> },
+    Shared,
+}
+
+/// The workloads given to flows for each reason, shared.
+struct Unresolved {
+    no_owner: Arc<Workload>,
+    not_found: Arc<Workload>,
+    lookup_failed: Arc<Workload>,
+    no_cgroup_v2: Arc<Workload>,
+}
+
+pub struct Resolver {
+    mode: Mode,
+    /// Workloads by cgroup id, from the last walk and the one before (so
+    /// the last flows of a cgroup removed in between still resolve).
+    current: FastMap<u64, Arc<Workload>>,
+    previous: FastMap<u64, Arc<Workload>>,
+    /// Ids a walk that started after their flow did not find: they never
+    /// will be (cgroup ids are not reused).
+    not_found: HashSet<u64, foldhash::fast::RandomState>,
+    /// The last cgroup resolved, and its workload.
+    last: Option<(u64, Arc<Workload>)>,
+    held: VecDeque<Held>,
+    /// Unknown cgroup ids being looked up, with the request that will answer.
+    waiting: FastMap<u64, u64>,
+    next_seq: u64,
+    /// Requests up to this one are answered.
+    answered: u64,
+    /// The request made during the current drain (one per drain at most).
+    asked: Option<u64>,
+    netns: FastMap<u64, NetnsOwner>,
+    host_netns: HashSet<u64>,
+    unresolved: Unresolved,
+    stats: Stats,
+}
+
+impl Resolver {
+    /// Finds the cgroup v2 tree and starts its walker (unless resolution is off).
+    pub fn new(config: &WorkloadConfig) -> Resolver {
+        let mode = if !config.resolve {
+            Mode::Off
+        } else {
+            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            match tree::find_mount(&mountinfo) {
+                None => {
+                    warn!("no cgroup v2 hierarchy mounted: every flow is attributed to the host (NO_CGROUP_V2)");
+                    Mode::NoCgroupV2
+                }
+                Some(mount) => {
+                    debug!(dir = %mount.dir.display(), root = %mount.root, "resolving workloads from the cgroup v2 tree");
+                    match Walker::start(mount) {
+                        Ok(w) => Mode::Walking(w),
+                        Err(e) => {
+                            error!("starting the cgroup walker: {e}; unknown cgroups get LOOKUP_FAILED");
+                            Mode::WalkerGone
+                        }
+                    }
+                }
+            }
+        };
+        let reason = |r| Arc::new(Workload::unresolved(r, None));
+        Resolver {
+            mode,
+            current: FastMap::default(),
+            previous: FastMap::default(),
+            not_found: HashSet::default(),
+            last: None,
+            held: VecDeque::new(),
+            waiting: FastMap::default(),
+            next_seq: 0,
+            answered: 0,
+            asked: None,
+            netns: FastMap::default(),
+            host_netns: tree::host_netns(),
+            unresolved: Unresolved {
+                no_owner: reason(WorkloadReason::NoOwner),
+                not_found: reason(WorkloadReason::CgroupNotFound),
+                lookup_failed: reason(WorkloadReason::LookupFailed),
+                no_cgroup_v2: reason(WorkloadReason::NoCgroupV2),
+            },
+            stats: Stats::default(),
+        }
+    }
+
+    /// Gives `flow` its workload and appends it to `out`, or holds it until
+    /// its cgroup is known ([`Resolver::poll`] releases it).
+    #[inline]
+    pub fn admit(&mut self, mut flow: Flow, now: Instant, out: &mut Vec<Flow>) {
+        let id = flow.cgroup_id as u64;
+        let w = match &self.mode {
+            Mode::Off => return out.push(flow),
+            Mode::NoCgroupV2 => self.unresolved.no_cgroup_v2.clone(),
+            _ if id == 0 => self.by_netns(flow.netns_ino as u64),
+            _ => match &self.last {
+                Some((last, w)) if *last == id => w.clone(),
+                _ => match self.lookup(id) {
+                    Some(w) => {
+                        self.last = Some((id, w.clone()));
+                        self.learn(flow.netns_ino as u64, id, &w);
+                        w
+                    }
+                    None if matches!(self.mode, Mode::WalkerGone) => self.unresolved.lookup_failed.clone(),
+                    None => return self.hold(flow, id, now),
+                },
+            },
+        };
+        self.stats.count(&w);
+        flow.workload = Some(w);
+        out.push(flow);
+    }
+
+    /// After each drain: takes in finished walks and releases the held
+    /// flows they answer (and those held too long), in order.
+    pub fn poll(&mut self, now: Instant, out: &mut Vec<Flow>) {
+        self.asked = None;
+        self.take_results();
+        self.release(now, out, false);
+    }
+
+    /// At exit: waits up to `timeout` for the walks held flows wait for,
+    /// then releases every held flow.
+    pub fn finish(&mut self, timeout: Duration, out: &mut Vec<Flow>) {
+        let deadline = Instant::now() + timeout;
+        self.poll(Instant::now(), out);
+        while !self.held.is_empty() {
+            let Mode::Walking(w) = &self.mode else { break };
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+            match w.results.recv_timeout(left) {
+                Ok(r) => self.apply(r),
+                Err(_) => break,
+            }
+            self.release(Instant::now(), out, false);
+        }
+        self.release(Instant::now(), out, true);
+    }
+
+    /// False with `workload.resolve = false`.
+    pub fn enabled(&self) -> bool {
+        !matches!(self.mode, Mode::Off)
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Flows held right now.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Cgroups known from the last walk.
+    pub fn cgroups_known(&self) -> usize {
+        self.current.len()
+    }
+
+    fn lookup(&self, id: u64) -> Option<Arc<Workload>> {
+        if let Some(w) = self.current.get(&id).or_else(|| self.previous.get(&id)) {
+            return Some(w.clone());
+        }
+        self.not_found.contains(&id).then(|| self.unresolved.not_found.clone())
+    }
+
+    fn hold(&mut self, flow: Flow, id: u64, now: Instant) {
+        let seq = match self.waiting.get(&id) {
+            Some(seq) => *seq,
+            None => {
+                let seq = self.ask();
+                self.waiting.insert(id, seq);
+                seq
+            }
+        };
+        self.held.push_back(Held { flow, seq, since: now });
+    }
+
+    /// A walk request for this drain's unknown cgroups (one per drain).
+    fn ask(&mut self) -> u64 {
+        if let Some(seq) = self.asked {
+            return seq;
+        }
+        self.next_seq += 1;
+        if let Mode::Walking(w) = &self.mode {
+            if !w.request(self.next_seq) {
+                self.walker_gone();
+            }
+        }
+        self.asked = Some(self.next_seq);
+        self.next_seq
+    }
+
+    fn walker_gone(&mut self) {
+        if matches!(self.mode, Mode::Walking(_)) {
+            error!("the cgroup walker stopped: flows of new cgroups are attributed to the host (LOOKUP_FAILED)");
+            self.mode = Mode::WalkerGone;
+        }
+    }
+
+    fn take_results(&mut self) {
+        let Mode::Walking(w) = &self.mode else { return };
+        let mut results = Vec::new();
+        let gone = loop {
+            match w.results.try_recv() {
+                Ok(r) => results.push(r),
+                Err(TryRecvError::Empty) => break false,
+                Err(TryRecvError::Disconnected) => break true,
+            }
+        };
+        for r in results {
+            self.apply(r);
+        }
+        if gone {
+            self.walker_gone();
+        }
+    }
+
+    fn apply(&mut self, r: WalkResult) {
+        self.stats.walks += 1;
+        let cgroups = match r.cgroups {
+            Ok(c) => c,
+            Err(e) => {
+                self.stats.walk_errors += 1;
+                warn!("walking the cgroup tree failed: {e}");
+                // The flows waiting on it time out; their cgroups' next
+                // flows ask again.
+                self.waiting.retain(|_, seq| *seq > r.seq);
+                return;
+            }
+        };
+        debug!(cgroups = cgroups.len(), took_ms = r.took.as_millis() as u64, seq = r.seq, "cgroup tree walked");
+        self.previous = std::mem::replace(&mut self.current, cgroups);
+        self.answered = self.answered.max(r.seq);
+        if self.not_found.len() >= MAX_NOT_FOUND {
+            self.not_found.clear();
+        }
+        let (current, previous, not_found, answered) = (&self.current, &self.previous, &mut self.not_found, self.answered);
+        self.waiting.retain(|id, seq| {
+            if *seq > answered {
+                return true;
+            }
+            if !current.contains_key(id) && !previous.contains_key(id) {
+                not_found.insert(*id);
+            }
+            false
+        });
+        // A namespace learned from a cgroup that is gone may be reused.
+        self.netns.retain(|_, o| match o {
+            NetnsOwner::One { cgroup, .. } => current.contains_key(cgroup),
+            NetnsOwner::Shared => true,
+        });
+    }
+
+    /// Releases held flows whose cgroup is known, whose walk has answered,
+    /// or that waited too long (all of them with `all`), keeping the order.
+    fn release(&mut self, now: Instant, out: &mut Vec<Flow>, all: bool) {
+        if self.held.is_empty() {
+            return;
+        }
+        let overflow = self.held.len().saturating_sub(MAX_HELD);
+        let gone = !matches!(self.mode, Mode::Walking(_));
+        for (i, h) in std::mem::take(&mut self.held).into_iter().enumerate() {
+            let id = h.flow.cgroup_id as u64;
+            let w = match self.lookup(id) {
+                Some(w) => w,
+                // Answered by a walk that started after the flow: not in the tree.
+                None if h.seq <= self.answered => self.unresolved.not_found.clone(),
+                None if all || gone || i < overflow || now.duration_since(h.since) >= HOLD_MAX => {
+                    self.unresolved.lookup_failed.clone()
+                }
+                None => {
+                    self.held.push_back(h);
+                    continue;
+                }
+            };
+            let mut flow = h.flow;
+            self.learn(flow.netns_ino as u64, id, &w);
+            self.stats.count(&w);
+            flow.workload = Some(w);
+            out.push(flow);
+        }
+    }
+
+    /// Remembers who owns the network namespace of a resolved flow.
+    fn learn(&mut self, netns: u64, cgroup: u64, w: &Arc<Workload>) {
+        if netns == 0 || self.host_netns.contains(&netns) {
+            return;
+        }
+        let own = matches!(w.kind, WorkloadKind::Pod | WorkloadKind::Container) && w.reason.is_none();
+        if self.netns.len() >= MAX_NETNS && !self.netns.contains_key(&netns) {
+            self.netns.clear();
+        }
+        match self.netns.entry(netns) {
+            Entry::Vacant(e) => {
+                e.insert(if own { NetnsOwner::One { cgroup, workload: namespace_owner(w) } } else { NetnsOwner::Shared });
+            }
+            Entry::Occupied(mut e) => {
+                let same = match e.get() {
+                    NetnsOwner::One { workload, .. } => own && same_owner(workload, w),
+                    NetnsOwner::Shared => true,
+                };
+                if !same {
+                    e.insert(NetnsOwner::Shared);
+                }
+            }
+        }
+    }
+
+    fn by_netns(&mut self, netns: u64) -> Arc<Workload> {
+        match self.netns.get(&netns) {
+            Some(NetnsOwner::One { workload, .. }) => {
+                self.stats.by_netns += 1;
+                workload.clone()
+            }
+            _ => self.unresolved.no_owner.clone(),
+        }
+    }
+}
+
+/// What owns a namespace a workload's flow was in: the pod (all its
+/// containers share it), or the container.
+fn namespace_owner(w: &Arc<Workload>) -> Arc<Workload> {
+    if w.kind != WorkloadKind::Pod {
+        return w.clone();
+    }
+    Arc::new(Workload {
+        pod_uid: w.pod_uid.clone(),
+        runtime: w.runtime.clone(),
+        qos_class: w.qos_class.clone(),
+        ..Workload::of(WorkloadKind::Pod)
+    })
+}
+
+fn same_owner(a: &Workload, b: &Workload) -> bool {
+    a.kind == b.kind
+        && match a.kind {
+            WorkloadKind::Pod => a.pod_uid == b.pod_uid,
+            _ => a.container_id == b.container_id,
+        }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowlog_schema::fixtures;
+
+    /// A resolver on a fake tree: `tree` is what the next walk finds.
+    struct Fake {
+        r: Resolver,
+        requests: std::sync::mpsc::Receiver<u64>,
+        results: std::sync::mpsc::Sender<WalkResult>,
+    }
+
+    fn fake() -> Fake {
+        let (walker, requests, results) = Walker::fake();
+        let mut r = Resolver::new(&WorkloadConfig { resolve: false });
+        r.mode = Mode::Walking(walker);
+        r.host_netns = HashSet::from([1]);
+        Fake { r, requests, results }
+    }
+
+    impl Fake {
+        /// Answers the latest request with `tree` (cgroup id -> path).
+        fn walk(&mut self, tree: &[(u64, &str)]) {
+            let mut seq = 0;
+            while let Ok(s) = self.requests.try_recv() {
+                seq = seq.max(s);
+            }
+            let cgroups = tree.iter().map(|(id, p)| (*id, Arc::new(super::super::cgroup::classify(p)))).collect();
+            self.results.send(WalkResult { seq, cgroups: Ok(cgroups), took: Duration::ZERO }).unwrap();
+        }
+        fn admit(&mut self, cgroup: u64, netns: u64, t: Instant) -> Vec<Flow> {
+            let mut out = Vec::new();
+            let f = Flow { cgroup_id: cgroup as i64, netns_ino: netns as i64, connection_id: cgroup as i64, ..fixtures::flow() };
+            self.r.admit(f, t, &mut out);
+            out
+        }
+        fn poll(&mut self, t: Instant) -> Vec<Flow> {
+            let mut out = Vec::new();
+            self.r.poll(t, &mut out);
+            out
+        }
+    }
+
+    fn kind(f: &Flow) -> (WorkloadKind, Option<WorkloadReason>) {
+        let w = f.workload.as_ref().unwrap();
+        (w.kind, w.reason)
+    }
+
+    const POD: &str = "/kubepods/burstable/pod7f3e1c2a-9b4d-4e5f-8a6b-0c1d2e3f4a5b/\
+                       aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    /// Another container of the same pod.
+    const POD_SIDECAR: &str = "/kubepods/burstable/pod7f3e1c2a-9b4d-4e5f-8a6b-0c1d2e3f4a5b/\
+                               bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    #[test]
+    fn unknown_cgroups_are_held_until_a_walk_answers() {
+        let mut f = fake();
+        let t = Instant::now();
+        f.walk(&[(1, "/"), (10, "/system.slice/nginx.service")]);
+        assert!(f.poll(t).is_empty());
+        // Known: straight through, again from the memo.
+        for _ in 0..2 {
+            assert_eq!(kind(&f.admit(10, 1, t)[0]), (WorkloadKind::Service, None));
+        }
+        // Unknown: held, one request for the drain, in order.
+        assert!(f.admit(20, 1, t).is_empty());
+        assert!(f.admit(30, 1, t).is_empty());
+        assert!(f.admit(20, 1, t).is_empty());
+        assert_eq!(f.r.held(), 3);
+        assert!(f.poll(t).is_empty());
+        // The walk finds 20 but not 30 (it was removed meanwhile).
+        f.walk(&[(1, "/"), (10, "/system.slice/nginx.service"), (20, POD)]);
+        let out = f.poll(t);
+        assert_eq!(out.iter().map(|f| f.cgroup_id).collect::<Vec<_>>(), [20, 30, 20]);
+        assert_eq!(kind(&out[0]), (WorkloadKind::Pod, None));
+        assert_eq!(kind(&out[1]), (WorkloadKind::Host, Some(WorkloadReason::CgroupNotFound)));
+        // Gone for good: no new walk, no wait.
+        assert_eq!(kind(&f.admit(30, 1, t)[0]), (WorkloadKind::Host, Some(WorkloadReason::CgroupNotFound)));
+        assert!(f.requests.try_recv().is_err());
+        // A cgroup removed since the last walk still resolves for a walk more.
+        f.walk(&[(1, "/")]);
+        f.poll(t);
+        assert_eq!(kind(&f.admit(20, 1, t)[0]), (WorkloadKind::Pod, None));
+        let s = f.r.stats();
+        assert_eq!((s.flows[WorkloadKind::Pod.index() as usize], s.flows[WorkloadKind::Service.index() as usize]), (3, 2));
+        assert_eq!(s.unresolved[WorkloadReason::CgroupNotFound.index() as usize], 2);
+    }
+
+    #[test]
+    fn a_walk_that_started_earlier_cannot_say_not_found() {
+        let mut f = fake();
+        let t = Instant::now();
+        assert!(f.admit(20, 1, t).is_empty());
+        // A result for an older request (seq 0) that lacks 20: keep waiting.
+        f.results.send(WalkResult { seq: 0, cgroups: Ok(FastMap::default()), took: Duration::ZERO }).unwrap();
+        assert!(f.poll(t).is_empty());
+        // But one that has it releases the flow at once.
+        f.results
+            .send(WalkResult { seq: 0, cgroups: Ok([(20, Arc::new(Workload::of(WorkloadKind::Host)))].into_iter().collect()), took: Duration::ZERO })
+            .unwrap();
+        assert_eq!(kind(&f.poll(t)[0]), (WorkloadKind::Host, None));
+    }
+
+    #[test]
+    fn slow_or_failed_walks_release_flows_unresolved() {
+        let mut f = fake();
+        let t = Instant::now();
+        assert!(f.admit(20, 1, t).is_empty());
+        f.results.send(WalkResult { seq: 1, cgroups: Err("EACCES".into()), took: Duration::ZERO }).unwrap();
+        assert!(f.poll(t + Duration::from_millis(10)).is_empty());
+        let out = f.poll(t + HOLD_MAX);
+        assert_eq!(kind(&out[0]), (WorkloadKind::Host, Some(WorkloadReason::LookupFailed)));
+        assert_eq!(f.r.stats().walk_errors, 1);
+        // The next flow of that cgroup asks again.
+        while f.requests.try_recv().is_ok() {}
+        assert!(f.admit(20, 1, t).is_empty());
+        assert!(f.requests.try_recv().is_ok());
+        // At exit, whatever is still held goes out.
+        let mut out = Vec::new();
+        f.r.finish(Duration::from_millis(10), &mut out);
+        assert_eq!(kind(&out[0]), (WorkloadKind::Host, Some(WorkloadReason::LookupFailed)));
+        // A dead walker: unknown cgroups are not held at all.
+        f.requests = std::sync::mpsc::channel().1;
+        assert_eq!(f.admit(40, 1, t).len(), 0);
+        let out = f.poll(t);
+        assert_eq!(kind(&out[0]), (WorkloadKind::Host, Some(WorkloadReason::LookupFailed)));
+        assert_eq!(kind(&f.admit(50, 1, t)[0]), (WorkloadKind::Host, Some(WorkloadReason::LookupFailed)));
+    }
+
+    #[test]
+    fn too_many_held_flows_release_the_oldest() {
+        let mut f = fake();
+        let t = Instant::now();
+        for i in 0..MAX_HELD as u64 + 5 {
+            assert!(f.admit(100 + i, 1, t).is_empty());
+        }
+        let out = f.poll(t);
+        assert_eq!(out.len(), 5);
+        assert_eq!(out[0].cgroup_id, 100);
+        assert_eq!(f.r.held(), MAX_HELD);
+    }
+
+    #[test]
+    fn ownerless_flows_fall_back_on_their_pods_network_namespace() {
+        let mut f = fake();
+        let t = Instant::now();
+        f.walk(&[(1, "/"), (20, POD), (21, POD_SIDECAR), (30, "/system.slice/docker.service")]);
+        f.poll(t);
+        // Before any flow of the pod: no owner.
+        assert_eq!(kind(&f.admit(0, 500, t)[0]), (WorkloadKind::Host, Some(WorkloadReason::NoOwner)));
+        // Two containers of one pod in namespace 500: the pod's.
+        f.admit(20, 500, t);
+        f.admit(21, 500, t);
+        let out = f.admit(0, 500, t);
+        let w = out[0].workload.as_ref().unwrap();
+        assert_eq!((w.kind, w.pod_uid.as_deref(), w.container_id.as_deref()), (WorkloadKind::Pod, Some("7f3e1c2a-9b4d-4e5f-8a6b-0c1d2e3f4a5b"), None));
+        assert_eq!(f.r.stats().by_netns, 1);
+        // The host's namespace is no one's, even after a pod's flow in it (hostNetwork).
+        f.admit(20, 1, t);
+        assert_eq!(kind(&f.admit(0, 1, t)[0]), (WorkloadKind::Host, Some(WorkloadReason::NoOwner)));
+        // A namespace with a pod and a service in it is shared.
+        f.admit(20, 600, t);
+        f.admit(30, 600, t);
+        assert_eq!(kind(&f.admit(0, 600, t)[0]), (WorkloadKind::Host, Some(WorkloadReason::NoOwner)));
+        // The pod's cgroups go: its namespace is forgotten.
+        f.walk(&[(1, "/")]);
+        f.poll(t);
+        assert_eq!(kind(&f.admit(0, 500, t)[0]), (WorkloadKind::Host, Some(WorkloadReason::NoOwner)));
+    }
+
+    #[test]
+    fn off_and_without_cgroup_v2() {
+        let mut r = Resolver::new(&WorkloadConfig { resolve: false });
+        let mut out = Vec::new();
+        r.admit(fixtures::flow(), Instant::now(), &mut out);
+        assert_eq!(out[0].workload, None);
+        r.mode = Mode::NoCgroupV2;
+        r.admit(fixtures::flow(), Instant::now(), &mut out);
+        assert_eq!(kind(&out[1]), (WorkloadKind::Host, Some(WorkloadReason::NoCgroupV2)));
+    }
+}

@@ -1,0 +1,251 @@
+//! The cgroup v2 tree: where it is mounted, and a walk of it that names
+//! every cgroup by id. A cgroup v2 id (what the eBPF program records) is
+//! the inode number of the cgroup's directory, and a directory listing
+//! gives each entry's inode without a stat, so one walk maps every id to
+//! its path. The walk runs on its own thread ([`Walker`]), never on the
+//! capture path, at most once per [`MIN_WALK_GAP`].
+
+use std::{
+    collections::HashSet,
+    io,
+    os::unix::fs::{DirEntryExt, MetadataExt},
+    path::{Path, PathBuf},
+    sync::{
+        mpsc::{self, Receiver, Sender},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use flowlog_schema::{Workload, WorkloadKind};
+
+use super::{cgroup, FastMap};
+
+/// Walks are at least this far apart: requests in between are answered by
+/// one walk. A new cgroup's first flows wait at most about this long.
+pub const MIN_WALK_GAP: Duration = Duration::from_millis(250);
+/// More cgroups than any host has (a busy Kubernetes node has a few
+/// thousand); past it a walk stops, and the rest resolve as not found.
+const MAX_CGROUPS: usize = 200_000;
+/// cgroup v2's own nesting limit is far deeper than any real tree.
+const MAX_DEPTH: usize = 32;
+
+/// A mounted cgroup v2 hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Where it is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified`
+    /// on the hybrid layout).
+    pub dir: PathBuf,
+    /// The cgroup the mount shows as its root (`/` unless the mount is of a
+    /// sub-tree, as in a container with its own cgroup namespace): paths
+    /// are given from the real root.
+    pub root: String,
+}
+
+/// The cgroup v2 mount in a `/proc/self/mountinfo` text: one of the whole
+/// tree if there is one, else the first.
+pub fn find_mount(mountinfo: &str) -> Option<Mount> {
+    let mounts: Vec<Mount> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            if post.split(' ').next()? != "cgroup2" {
+                return None;
+            }
+            let f: Vec<&str> = pre.split(' ').collect();
+            Some(Mount { root: unescape(f.get(3)?), dir: PathBuf::from(unescape(f.get(4)?)) })
+        })
+        .collect();
+    mounts.iter().find(|m| m.root == "/").or(mounts.first()).cloned()
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b.get(i + 1..i + 4).filter(|o| b[i] == b'\\' && o.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match oct {
+            Some(o) => {
+                out.push(o.iter().fold(0u8, |v, c| v.wrapping_mul(8).wrapping_add(c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every cgroup under `mount`, by id, with its path from the root (`/`,
+/// `/system.slice/nginx.service`, ...). Cgroups that vanish while it runs
+/// are skipped; only an unreadable root is an error.
+pub fn walk(mount: &Mount) -> io::Result<Vec<(u64, String)>> {
+    let base = mount.root.trim_end_matches('/').to_string();
+    let root_id = std::fs::metadata(&mount.dir)?.ino();
+    let mut out = vec![(root_id, if base.is_empty() { "/".to_string() } else { base.clone() })];
+    let mut stack = vec![(mount.dir.clone(), base, 0usize)];
+    let mut root_read = false;
+    while let Some((dir, path, depth)) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if root_read => {
+                tracing::trace!(dir = %dir.display(), "cgroup gone during the walk: {e}");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        root_read = true;
+        for entry in entries.flatten() {
+            // The file type comes from the listing (d_type): no stat per entry.
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if out.len() >= MAX_CGROUPS {
+                tracing::warn!(max = MAX_CGROUPS, "cgroup tree larger than the walk's limit: the rest is not resolved");
+                return Ok(out);
+            }
+            let child = format!("{path}/{}", entry.file_name().to_string_lossy());
+            out.push((entry.ino(), child.clone()));
+            if depth + 1 < MAX_DEPTH {
+                stack.push((entry.path(), child, depth + 1));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One walk's answer to every request numbered up to `seq`.
+pub struct WalkResult {
+    pub seq: u64,
+    /// Every cgroup by id, or why the tree could not be read.
+    pub cgroups: Result<FastMap<u64, Arc<Workload>>, String>,
+    pub took: Duration,
+}
+
+/// The walking thread: requests in (numbered), results out.
+pub struct Walker {
+    requests: Sender<u64>,
+    pub results: Receiver<WalkResult>,
+}
+
+impl Walker {
+    /// Starts the thread; it walks once at once (request 0), to warm the cache.
+    pub fn start(mount: Mount) -> io::Result<Walker> {
+        let (req_tx, req_rx) = mpsc::channel::<u64>();
+        let (res_tx, res_rx) = mpsc::channel();
+        std::thread::Builder::new().name("cgroup-walk".into()).spawn(move || walker(mount, req_rx, res_tx))?;
+        req_tx.send(0).expect("the walker holds its receiver");
+        Ok(Walker { requests: req_tx, results: res_rx })
+    }
+
+    /// A walker with no thread: the test plays the thread's part.
+    #[cfg(test)]
+    pub fn fake() -> (Walker, Receiver<u64>, Sender<WalkResult>) {
+        let (req_tx, req_rx) = mpsc::channel();
+        let (res_tx, res_rx) = mpsc::channel();
+        (Walker { requests: req_tx, results: res_rx }, req_rx, res_tx)
+    }
+
+    /// Asks for a walk. False when the thread is gone.
+    pub fn request(&self, seq: u64) -> bool {
+        self.requests.send(seq).is_ok()
+    }
+}
+
+fn walker(mount: Mount, requests: Receiver<u64>, results: Sender<WalkResult>) {
+    // Workloads by cgroup id from the last walk: a cgroup id is never
+    // reused, so a known id's path (and workload) need not be parsed again.
+    let mut known: FastMap<u64, Arc<Workload>> = FastMap::default();
+    // The plain host is one shared value.
+    let host = Arc::new(Workload::of(WorkloadKind::Host));
+    while let Ok(mut seq) = requests.recv() {
+        // Requests that queued up meanwhile are answered by the same walk.
+        while let Ok(s) = requests.try_recv() {
+            seq = seq.max(s);
+        }
+        let t0 = Instant::now();
+        let cgroups = walk(&mount).map_err(|e| format!("reading {}: {e}", mount.dir.display())).map(|found| {
+            let mut map = FastMap::with_capacity_and_hasher(found.len(), Default::default());
+            for (id, path) in found {
+                let w = known.get(&id).cloned().unwrap_or_else(|| {
+                    let w = cgroup::classify(&path);
+                    if w == *host {
+                        host.clone()
+                    } else {
+                        Arc::new(w)
+                    }
+                });
+                map.insert(id, w);
+            }
+            known = map.clone();
+            map
+        });
+        if results.send(WalkResult { seq, cgroups, took: t0.elapsed() }).is_err() {
+            return;
+        }
+        std::thread::sleep(MIN_WALK_GAP.saturating_sub(t0.elapsed()));
+    }
+}
+
+/// This host's own network namespaces (the sidecar's, and init's when it
+/// can be read): flows there are no single workload's.
+pub fn host_netns() -> HashSet<u64> {
+    ["/proc/self/ns/net", "/proc/1/ns/net"]
+        .iter()
+        .filter_map(|p| std::fs::metadata(Path::new(p)).ok().map(|m| m.ino()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(found: Vec<(u64, String)>) -> std::collections::HashMap<u64, String> {
+        found.into_iter().collect()
+    }
+
+    #[test]
+    fn finds_the_v2_mount_on_each_layout() {
+        let hybrid = "25 1 0:23 / /sys rw - sysfs sysfs rw\n\
+                      33 25 0:28 / /sys/fs/cgroup ro - tmpfs tmpfs ro,mode=755\n\
+                      34 33 0:29 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n\
+                      35 33 0:30 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd\n";
+        assert_eq!(find_mount(hybrid), Some(Mount { dir: "/sys/fs/cgroup/unified".into(), root: "/".into() }));
+        let unified = "30 24 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n";
+        assert_eq!(find_mount(unified), Some(Mount { dir: "/sys/fs/cgroup".into(), root: "/".into() }));
+        // A container's own sub-tree first, the host's whole tree mounted later.
+        let both = "40 30 0:26 /kubepods/pod1/abc /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n\
+                    41 30 0:26 / /host/sys\\040fs/cgroup ro - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_mount(both), Some(Mount { dir: "/host/sys fs/cgroup".into(), root: "/".into() }));
+        let sub = "40 30 0:26 /kubepods/pod1/abc /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_mount(sub).unwrap().root, "/kubepods/pod1/abc");
+        assert_eq!(find_mount("25 1 0:23 / /sys rw - sysfs sysfs rw\n"), None);
+        assert_eq!(find_mount("garbage\n\n - \n1 2 3 - cgroup2\n"), None);
+    }
+
+    #[test]
+    fn walks_a_directory_tree_by_inode() {
+        // Any directory tree walks the same way; a real cgroup tree is walked
+        // by the root tests (tests/workload.rs).
+        let dir = std::env::temp_dir().join(format!("flowlog-walk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("system.slice/nginx.service")).unwrap();
+        std::fs::create_dir_all(dir.join("kubepods/burstable")).unwrap();
+        std::fs::write(dir.join("system.slice/cgroup.procs"), "").unwrap();
+        let ino = |p: &str| std::fs::metadata(dir.join(p)).unwrap().ino();
+        let found = paths(walk(&Mount { dir: dir.clone(), root: "/".into() }).unwrap());
+        assert_eq!(found.len(), 5, "{found:?}");
+        assert_eq!(found[&ino("")], "/");
+        assert_eq!(found[&ino("system.slice/nginx.service")], "/system.slice/nginx.service");
+        assert_eq!(found[&ino("kubepods/burstable")], "/kubepods/burstable");
+        // A mount of a sub-tree names paths from the real root.
+        let found = paths(walk(&Mount { dir: dir.join("system.slice"), root: "/system.slice".into() }).unwrap());
+        assert_eq!(found[&ino("system.slice/nginx.service")], "/system.slice/nginx.service");
+        assert!(walk(&Mount { dir: dir.join("missing"), root: "/".into() }).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
