@@ -135,11 +135,23 @@ pub fn inode(path: &str) -> u64 {
     std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {path}: {e}")).ino()
 }
 
+/// Where the cgroup v2 tree is mounted (`/sys/fs/cgroup`, or
+/// `/sys/fs/cgroup/unified` on the hybrid layout), from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> std::path::PathBuf {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    text.lines()
+        .filter_map(|l| l.split_once(" - ").filter(|(_, fs)| fs.starts_with("cgroup2 ")).map(|(pre, _)| pre))
+        .map(|pre| pre.split(' ').collect::<Vec<_>>())
+        .find(|f| f.get(3) == Some(&"/"))
+        .map(|f| f[4].into())
+        .expect("a cgroup v2 mount")
+}
+
 /// cgroup v2 id of this process: the inode of its cgroup directory.
 pub fn own_cgroup_id() -> u64 {
     let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     let path = text.lines().find_map(|l| l.strip_prefix("0::")).expect("cgroup v2 entry");
-    inode(&format!("/sys/fs/cgroup{path}"))
+    inode(&format!("{}{path}", cgroup2_mount().display()))
 }
 
 /// Raises RLIMIT_NOFILE to its hard limit (the 2 000-connection test needs
