@@ -14,6 +14,10 @@ if c.exists():
     row("capture", "connection rate with / without sidecar", f"{d['rate_ratio']:.3f} ({d['rate_with_per_s']:.0f} / {d['rate_without_per_s']:.0f} per s)", ">= 0.95", d["rate_ratio"] >= 0.95)
     row("capture", "kernel time per flow (all transitions of one socket)", f"{d['kernel_ns_per_flow']:.0f} ns", "<= 1500 ns", d["kernel_ns_per_flow"] <= 1500)
     row("capture", "sidecar user CPU per flow", f"{d['sidecar_user_ns_per_flow']:.0f} ns", "<= 500 ns", d["sidecar_user_ns_per_flow"] <= 500)
+    if "workload_resolution_user_cpu_ratio" in d:
+        row("capture", "sidecar user CPU per flow, workload resolution on / off (same run)",
+            f"{d['sidecar_user_ns_per_flow']:.0f} / {d['sidecar_user_ns_per_flow_resolution_off']:.0f} ns ({d['workload_resolution_user_cpu_ratio']:.3f}; exact on-CPU {d['workload_resolution_cpu_ratio']:.3f})",
+            "<= 1.05", d["workload_resolution_user_cpu_ratio"] <= 1.05)
     row("capture", "sidecar CPU per 1000 connections/s", f"{d['sidecar_cpu_percent_per_1000_conn_per_s']:.3f} %", "-", True)
     row("capture", "ring-buffer / map drops", f"{d['drops']}", "0", d["drops"] == 0)
     row("capture", "sidecar peak RSS", f"{d['sidecar_peak_rss_mb']:.1f} MB", "<= 40 MB", d["sidecar_peak_rss_mb"] <= 40)

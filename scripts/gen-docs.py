@@ -512,6 +512,8 @@ class ConfigDoc:
         if m:
             s = m.group(1) if m.group(1) is not None else m.group(2)
             return f"`{s}`" if s else '`""`'
+        if e in ("true", "false"):
+            return f"`{e}`"
         if e == "String::new()":
             return '`""`'
         if e in ("Vec::new()", "vec![]"):

@@ -23,3 +23,13 @@ pub fn peak_rss_bytes(pid: u32) -> std::io::Result<u64> {
         .unwrap_or(0)
         * 1024)
 }
+
+/// Nanoseconds `pid` has run on a CPU, user and system together
+/// (/proc/PID/schedstat: exact, where /proc/PID/stat counts 10 ms ticks).
+pub fn run_ns(pid: u32) -> std::io::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))?;
+    s.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("/proc/{pid}/schedstat: {s:?}")))
+}

@@ -295,9 +295,11 @@ mod tests {
     fn nested_sections() {
         let c = parse(
             "output = \"kafka\"\n[kafka]\nbrokers = \"b1:9092\"\n[kafka.properties]\n\"security.protocol\" = \"SSL\"\n\
-             [spool]\ndir = \"/tmp/s\"\nfsync = \"always\"\n[identity]\nworkload = \"web\"\nlabels = { team = \"net\" }\n",
+             [spool]\ndir = \"/tmp/s\"\nfsync = \"always\"\n[identity]\nworkload = \"web\"\nlabels = { team = \"net\" }\n\
+             [workload]\nresolve = false\n",
         )
         .unwrap();
+        assert!(!c.workload.resolve && Config::default().workload.resolve);
         assert_eq!(c.kafka.brokers, "b1:9092");
         assert_eq!(c.kafka.properties["security.protocol"], "SSL");
         assert_eq!(c.spool.fsync, crate::transport::spool::Fsync::Always);
@@ -316,9 +318,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
         std::fs::write(&path, "output = \"table\"\nmax_sockets = 10\n").unwrap();
-        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap(), "--max-sockets", "20"]);
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap(), "--max-sockets", "20", "--workload-resolve", "false"]);
         let c = Config::load(&cli).unwrap();
-        assert_eq!((c.output, c.max_sockets), (Output::Table, 20));
+        assert_eq!((c.output, c.max_sockets, c.workload.resolve), (Output::Table, 20, false));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,12 +1,18 @@
 //! `bench-capture`: the capture path's cost, measured in one run.
 //!
-//! Alternates rounds without and with the sidecar attached (release build,
-//! `--output null`) under the same loopback load, and reports:
+//! Each round runs the same loopback load three times, in a rotating order:
+//! without the sidecar, with it (release build, `--output null`), and with
+//! it and `--workload-resolve false`. It reports:
 //! - connection rate with / without the sidecar (ratio, median of rounds);
 //! - kernel time per flow and per connection (kernel.bpf_stats_enabled:
 //!   run_time_ns / flows);
 //! - sidecar CPU per 1 000 connections/s and user CPU per flow;
+//! - the cost of local workload resolution: user CPU per flow (and exact
+//!   on-CPU time per flow, from /proc/PID/schedstat) with it on vs off;
 //! - sidecar peak RSS; ring-buffer and map drops.
+//!
+//! The load runs in a cgroup named as kubelet names a pod's container
+//! (`--pod-cgroup`, on by default), so that resolution finds a pod.
 //!
 //! Prints the figures and writes them to bench/results/capture.json.
 use std::{path::PathBuf, time::Duration};
@@ -35,14 +41,19 @@ struct Args {
     servers: usize,
     #[arg(long, default_value = "bench/results/capture.json")]
     out: PathBuf,
+    /// Run the load in a kubelet-style pod cgroup (systemd driver, containerd).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pod_cgroup: bool,
 }
 
+/// One run of the load with the sidecar attached.
 #[derive(Serialize, Default)]
-struct Round {
-    without: Option<LoadResult>,
-    with: Option<LoadResult>,
+struct Arm {
+    load: Option<LoadResult>,
     sidecar_user_s: f64,
     sidecar_sys_s: f64,
+    /// On-CPU time, user and system (exact).
+    sidecar_run_ns: u64,
     sidecar_peak_rss_bytes: u64,
     flows: u64,
     prog_run_time_ns: u64,
@@ -50,6 +61,18 @@ struct Round {
     ringbuf_full: u64,
     sock_map_full: u64,
     decode_errors: u64,
+    /// Flows by workload kind (resolution on).
+    workload_flows: Value,
+}
+
+#[derive(Serialize, Default)]
+struct Round {
+    /// The order the three runs went in.
+    order: Vec<&'static str>,
+    without: Option<LoadResult>,
+    /// The default: workload resolution on.
+    with: Arm,
+    with_resolution_off: Arm,
 }
 
 #[derive(Serialize)]
@@ -64,6 +87,13 @@ struct Report {
     kernel_ns_per_connection_both_ends: f64,
     kernel_ns_per_transition: f64,
     sidecar_user_ns_per_flow: f64,
+    sidecar_user_ns_per_flow_resolution_off: f64,
+    /// User CPU per flow, resolution on / off.
+    workload_resolution_user_cpu_ratio: f64,
+    sidecar_cpu_ns_per_flow: f64,
+    sidecar_cpu_ns_per_flow_resolution_off: f64,
+    /// Exact on-CPU time per flow, resolution on / off.
+    workload_resolution_cpu_ratio: f64,
     sidecar_cpu_percent_per_1000_conn_per_s: f64,
     sidecar_peak_rss_mb: f64,
     drops: u64,
@@ -83,6 +113,7 @@ fn main() -> anyhow::Result<()> {
     if !a.sidecar.exists() {
         bail!("{} not found: build it with `cargo build --release -p flowlog-sidecar`", a.sidecar.display());
     }
+    let _pod = if a.pod_cgroup { PodCgroup::enter()? } else { None };
     let stats_sysctl = "/proc/sys/kernel/bpf_stats_enabled";
     let old_stats = std::fs::read_to_string(stats_sysctl).unwrap_or_else(|_| "0".into());
     std::fs::write(stats_sysctl, "1").context("enabling kernel.bpf_stats_enabled")?;
@@ -92,63 +123,88 @@ fn main() -> anyhow::Result<()> {
         duration: Duration::from_secs_f64(a.seconds),
         ..LoadSpec::default()
     };
-    // Warm-up so both arms start from the same state.
+    // Warm-up so every arm starts from the same state.
     loadgen::run(LoadSpec { duration: Duration::from_secs(1), ..spec })?;
+    let arms = ["without", "with", "with_resolution_off"];
     let mut rounds = Vec::new();
     for i in 0..a.rounds {
-        // Alternate the order (ABBA) so that drift and leftover TIME_WAIT
-        // state from the previous arm do not favour either arm.
-        let mut r = Round::default();
-        if i % 2 == 0 {
-            r.without = Some(loadgen::run(spec)?);
-            std::thread::sleep(Duration::from_secs(1));
-            measure_with(&a, spec, &mut r)?;
-        } else {
-            measure_with(&a, spec, &mut r)?;
-            std::thread::sleep(Duration::from_secs(1));
-            r.without = Some(loadgen::run(spec)?);
+        // Rotate the order, and reverse it every other round, so that drift
+        // and leftover TIME_WAIT state from the previous run favour no arm.
+        let mut order: Vec<&'static str> = (0..3).map(|k| arms[(i + k) % 3]).collect();
+        if i % 2 == 1 {
+            order.reverse();
         }
-        std::thread::sleep(Duration::from_secs(1));
+        let mut r = Round { order: order.clone(), ..Round::default() };
+        for arm in order {
+            match arm {
+                "without" => r.without = Some(loadgen::run(spec)?),
+                "with" => measure_with(&a, spec, &mut r.with, true)?,
+                _ => measure_with(&a, spec, &mut r.with_resolution_off, false)?,
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let per_flow = |x: &Arm| x.sidecar_user_s * 1e9 / x.flows.max(1) as f64;
         eprintln!(
-            "round {}: without {:.0}/s, with {:.0}/s",
+            "round {}: without {:.0}/s, with {:.0}/s; user ns/flow resolution on {:.0}, off {:.0}",
             i + 1,
             r.without.unwrap().connections_per_sec,
-            r.with.unwrap().connections_per_sec
+            r.with.load.unwrap().connections_per_sec,
+            per_flow(&r.with),
+            per_flow(&r.with_resolution_off),
         );
         rounds.push(r);
     }
     let _ = std::fs::write(stats_sysctl, old_stats.trim());
 
+    let on: Vec<&Arm> = rounds.iter().map(|r| &r.with).collect();
+    let off: Vec<&Arm> = rounds.iter().map(|r| &r.with_resolution_off).collect();
+    let sum_u = |arms: &[&Arm], f: fn(&Arm) -> u64| arms.iter().map(|x| f(x)).sum::<u64>();
+    let sum_f = |arms: &[&Arm], f: fn(&Arm) -> f64| arms.iter().map(|x| f(x)).sum::<f64>();
+    let both: Vec<&Arm> = on.iter().chain(&off).copied().collect();
+    let flows_on = sum_u(&on, |x| x.flows).max(1) as f64;
+    let flows_off = sum_u(&off, |x| x.flows).max(1) as f64;
+    let user_on = sum_f(&on, |x| x.sidecar_user_s) * 1e9 / flows_on;
+    let user_off = sum_f(&off, |x| x.sidecar_user_s) * 1e9 / flows_off;
+    let cpu_on = sum_u(&on, |x| x.sidecar_run_ns) as f64 / flows_on;
+    let cpu_off = sum_u(&off, |x| x.sidecar_run_ns) as f64 / flows_off;
+    let conns: u64 = sum_u(&on, |x| x.load.unwrap().connections);
+    let secs = sum_f(&on, |x| x.load.unwrap().seconds);
+    let cpu_s = sum_f(&on, |x| x.sidecar_user_s + x.sidecar_sys_s);
     let rate_without = median(rounds.iter().map(|r| r.without.unwrap().connections_per_sec).collect());
-    let rate_with = median(rounds.iter().map(|r| r.with.unwrap().connections_per_sec).collect());
-    let flows: u64 = rounds.iter().map(|r| r.flows).sum();
-    let conns: u64 = rounds.iter().map(|r| r.with.unwrap().connections).sum();
-    let run_ns: u64 = rounds.iter().map(|r| r.prog_run_time_ns).sum();
-    let run_cnt: u64 = rounds.iter().map(|r| r.prog_run_count).sum();
-    let user_s: f64 = rounds.iter().map(|r| r.sidecar_user_s).sum();
-    let cpu_s: f64 = rounds.iter().map(|r| r.sidecar_user_s + r.sidecar_sys_s).sum();
-    let secs: f64 = rounds.iter().map(|r| r.with.unwrap().seconds).sum();
-    let drops: u64 = rounds.iter().map(|r| r.ringbuf_full + r.sock_map_full + r.decode_errors).sum();
+    let rate_with = median(on.iter().map(|x| x.load.unwrap().connections_per_sec).collect());
     let avg_rate = conns as f64 / secs;
     let report = Report {
         benchmark: "capture",
         load: format!(
-            "loopback, {} client / {} server threads, {} B request, {} B reply, {} x {} s rounds",
-            a.clients, a.servers, spec.request_bytes, spec.response_bytes, a.rounds, a.seconds
+            "loopback, {} client / {} server threads, {} B request, {} B reply, {} x {} s rounds of 3 runs{}",
+            a.clients,
+            a.servers,
+            spec.request_bytes,
+            spec.response_bytes,
+            a.rounds,
+            a.seconds,
+            if a.pod_cgroup { ", in a kubelet-style pod cgroup" } else { "" }
         ),
         rate_without_per_s: rate_without,
         rate_with_per_s: rate_with,
         rate_ratio: rate_with / rate_without,
-        kernel_ns_per_flow: run_ns as f64 / flows.max(1) as f64,
-        kernel_ns_per_connection_both_ends: run_ns as f64 / conns.max(1) as f64,
-        kernel_ns_per_transition: run_ns as f64 / run_cnt.max(1) as f64,
-        sidecar_user_ns_per_flow: user_s * 1e9 / flows.max(1) as f64,
+        kernel_ns_per_flow: sum_u(&both, |x| x.prog_run_time_ns) as f64 / sum_u(&both, |x| x.flows).max(1) as f64,
+        kernel_ns_per_connection_both_ends: sum_u(&on, |x| x.prog_run_time_ns) as f64 / conns.max(1) as f64,
+        kernel_ns_per_transition: sum_u(&both, |x| x.prog_run_time_ns) as f64
+            / sum_u(&both, |x| x.prog_run_count).max(1) as f64,
+        sidecar_user_ns_per_flow: user_on,
+        sidecar_user_ns_per_flow_resolution_off: user_off,
+        workload_resolution_user_cpu_ratio: user_on / user_off,
+        sidecar_cpu_ns_per_flow: cpu_on,
+        sidecar_cpu_ns_per_flow_resolution_off: cpu_off,
+        workload_resolution_cpu_ratio: cpu_on / cpu_off,
         sidecar_cpu_percent_per_1000_conn_per_s: (cpu_s / secs * 100.0) / (avg_rate / 1000.0),
-        sidecar_peak_rss_mb: rounds.iter().map(|r| r.sidecar_peak_rss_bytes).max().unwrap_or(0) as f64 / 1048576.0,
-        drops,
+        sidecar_peak_rss_mb: both.iter().map(|x| x.sidecar_peak_rss_bytes).max().unwrap_or(0) as f64 / 1048576.0,
+        drops: sum_u(&both, |x| x.ringbuf_full + x.sock_map_full + x.decode_errors),
         targets: serde_json::json!({
             "kernel_ns_per_flow_max": 1500,
             "sidecar_user_ns_per_flow_max": 500,
+            "workload_resolution_user_cpu_ratio_max": 1.05,
             "rate_ratio_min": 0.95,
             "drops": 0,
             "sidecar_peak_rss_mb_max": 40
@@ -162,6 +218,14 @@ fn main() -> anyhow::Result<()> {
     println!("  kernel ns per connection (both ends on loopback) {:.0}", report.kernel_ns_per_connection_both_ends);
     println!("  kernel ns per transition        {:>9.0}", report.kernel_ns_per_transition);
     println!("  sidecar user ns per flow        {:>9.0}  (target <= 500)", report.sidecar_user_ns_per_flow);
+    println!(
+        "  ... workload resolution off     {:>9.0}  (on / off {:.3}, target <= 1.05)",
+        report.sidecar_user_ns_per_flow_resolution_off, report.workload_resolution_user_cpu_ratio
+    );
+    println!(
+        "  sidecar CPU ns per flow, exact  {:>9.0}  (resolution off {:.0}, on / off {:.3})",
+        report.sidecar_cpu_ns_per_flow, report.sidecar_cpu_ns_per_flow_resolution_off, report.workload_resolution_cpu_ratio
+    );
     println!("  sidecar CPU % per 1000 conn/s   {:>9.3}", report.sidecar_cpu_percent_per_1000_conn_per_s);
     println!("  sidecar peak RSS MB             {:>9.1}  (target <= 40)", report.sidecar_peak_rss_mb);
     println!("  drops                           {:>9}  (target 0)", report.drops);
@@ -173,16 +237,17 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure_with(a: &Args, spec: LoadSpec, r: &mut Round) -> anyhow::Result<()> {
-    let sc = sidecar::start(&a.sidecar, &["--output", "null"])?;
+fn measure_with(a: &Args, spec: LoadSpec, r: &mut Arm, resolve: bool) -> anyhow::Result<()> {
+    let sc = sidecar::start(&a.sidecar, &["--output", "null", "--workload-resolve", if resolve { "true" } else { "false" }])?;
     let pid = sc.pid;
-    let (u0, s0) = procstat::cpu_seconds(pid)?;
-    r.with = Some(loadgen::run(spec)?);
+    let (u0, s0, n0) = cpu(pid)?;
+    r.load = Some(loadgen::run(spec)?);
     // Let the last drain happen, then read CPU and memory before stopping.
     std::thread::sleep(Duration::from_millis(200));
-    let (u1, s1) = procstat::cpu_seconds(pid)?;
+    let (u1, s1, n1) = cpu(pid)?;
     r.sidecar_user_s = u1 - u0;
     r.sidecar_sys_s = s1 - s0;
+    r.sidecar_run_ns = n1 - n0;
     r.sidecar_peak_rss_bytes = procstat::peak_rss_bytes(pid)?;
     let stats = sc.stop()?;
     let n = |v: &Value| v.as_u64().unwrap_or(0);
@@ -192,5 +257,66 @@ fn measure_with(a: &Args, spec: LoadSpec, r: &mut Round) -> anyhow::Result<()> {
     r.ringbuf_full = n(&stats["kernel"]["ringbuf_full"]);
     r.sock_map_full = n(&stats["kernel"]["sock_map_full"]);
     r.decode_errors = n(&stats["user"]["decode_errors"]);
+    r.workload_flows = stats["workload"]["flows"].clone();
     Ok(())
+}
+
+/// (user s, system s, on-CPU ns) of `pid`.
+fn cpu(pid: u32) -> anyhow::Result<(f64, f64, u64)> {
+    let (u, s) = procstat::cpu_seconds(pid)?;
+    Ok((u, s, procstat::run_ns(pid)?))
+}
+
+/// This process in a cgroup named as kubelet (systemd driver) names a
+/// containerd container of a BestEffort pod, so the sidecar resolves the
+/// load's flows to a pod; back to its own cgroup and removed on drop.
+struct PodCgroup {
+    dirs: Vec<PathBuf>,
+    home: PathBuf,
+}
+
+impl PodCgroup {
+    fn enter() -> anyhow::Result<Option<PodCgroup>> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let Some(mount) = mountinfo
+            .lines()
+            .filter_map(|l| l.split_once(" - ").filter(|(_, fs)| fs.starts_with("cgroup2 ")))
+            .map(|(pre, _)| pre.split(' ').collect::<Vec<_>>())
+            .find(|f| f.get(3) == Some(&"/"))
+            .map(|f| PathBuf::from(f[4]))
+        else {
+            eprintln!("no cgroup v2 mount: the load runs in its own cgroup");
+            return Ok(None);
+        };
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let own = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").trim_start_matches('/');
+        let pid = std::process::id();
+        let uid = format!("0be9c4a1_5e1d_4c2b_9f00_{pid:012x}");
+        let rel = format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid}.slice/cri-containerd-{:064x}.scope",
+            pid
+        );
+        let mut dirs = Vec::new();
+        let mut dir = mount.clone();
+        for seg in rel.split('/') {
+            dir.push(seg);
+            if !dir.exists() {
+                std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+                dirs.push(dir.clone());
+            }
+        }
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).context("entering the pod cgroup")?;
+        Ok(Some(PodCgroup { dirs, home: mount.join(own) }))
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.home.join("cgroup.procs"), std::process::id().to_string());
+        for d in self.dirs.iter().rev() {
+            if let Err(e) = std::fs::remove_dir(d) {
+                eprintln!("removing {}: {e}", d.display());
+            }
+        }
+    }
 }

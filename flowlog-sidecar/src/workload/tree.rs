@@ -42,21 +42,31 @@ pub struct Mount {
     pub root: String,
 }
 
-/// The cgroup v2 mount in a `/proc/self/mountinfo` text: one of the whole
-/// tree if there is one, else the first.
+/// The cgroup v2 mount in a `/proc/self/mountinfo` text that shows the
+/// most of the tree. In a container with its own cgroup namespace, the
+/// runtime's `/sys/fs/cgroup` shows only the container's own cgroup (its
+/// root reads `/`), while the host's tree mounted in (a hostPath volume)
+/// reads `/../..`: above the namespace's root. Of mounts at the same place
+/// the last one listed is the one visible.
 pub fn find_mount(mountinfo: &str) -> Option<Mount> {
-    let mounts: Vec<Mount> = mountinfo
-        .lines()
-        .filter_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            if post.split(' ').next()? != "cgroup2" {
-                return None;
-            }
-            let f: Vec<&str> = pre.split(' ').collect();
-            Some(Mount { root: unescape(f.get(3)?), dir: PathBuf::from(unescape(f.get(4)?)) })
-        })
-        .collect();
-    mounts.iter().find(|m| m.root == "/").or(mounts.first()).cloned()
+    let mut mounts: Vec<(String, PathBuf)> = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else { continue };
+        if post.split(' ').next() != Some("cgroup2") {
+            continue;
+        }
+        let f: Vec<&str> = pre.split(' ').collect();
+        let (Some(root), Some(dir)) = (f.get(3), f.get(4)) else { continue };
+        let dir = PathBuf::from(unescape(dir));
+        mounts.retain(|(_, d)| *d != dir);
+        mounts.push((unescape(root), dir));
+    }
+    let ups = |root: &str| root.split('/').skip(1).take_while(|s| *s == "..").count();
+    let (root, dir) = mounts.into_iter().rev().max_by_key(|(root, _)| (ups(root), root == "/"))?;
+    // `/../..` is an ancestor of the namespace's root: the host's root when
+    // the host's tree is mounted, as it should be.
+    let rest: Vec<&str> = root.split('/').filter(|s| !s.is_empty()).skip(ups(&root)).collect();
+    Some(Mount { dir, root: format!("/{}", rest.join("/")) })
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.
@@ -223,6 +233,17 @@ mod tests {
         assert_eq!(find_mount(both), Some(Mount { dir: "/host/sys fs/cgroup".into(), root: "/".into() }));
         let sub = "40 30 0:26 /kubepods/pod1/abc /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
         assert_eq!(find_mount(sub).unwrap().root, "/kubepods/pod1/abc");
+        // A pod with its own cgroup namespace: its /sys/fs/cgroup is its own
+        // cgroup (`/`); the host's tree, mounted in, is above it.
+        let ns = "50 40 0:26 / /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n\
+                  51 40 0:26 /../../.. /host/cgroup ro - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_mount(ns), Some(Mount { dir: "/host/cgroup".into(), root: "/".into() }));
+        // The host's tree mounted over the container's own: the later one is visible.
+        let shadowed = "50 40 0:26 / /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n\
+                        51 50 0:26 /../.. /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_mount(shadowed), Some(Mount { dir: "/sys/fs/cgroup".into(), root: "/".into() }));
+        let partial = "51 40 0:26 /../kubepods.slice /host/kp ro - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_mount(partial).unwrap().root, "/kubepods.slice");
         assert_eq!(find_mount("25 1 0:23 / /sys rw - sysfs sysfs rw\n"), None);
         assert_eq!(find_mount("garbage\n\n - \n1 2 3 - cgroup2\n"), None);
     }
