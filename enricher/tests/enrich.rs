@@ -88,7 +88,15 @@ fn identity(host_id: &str, workload: &str, ips: &[&str], t: i64, reason: Identit
 
 /// A flow from host "client-host" (10.0.0.1) to `remote`, starting at `start`.
 fn flow(seq: i64, remote: [u8; 4], start: i64, bytes: i64) -> Vec<u8> {
-    let f = Flow {
+    flow_message(&flow_record(seq, remote, start, bytes))
+}
+
+fn flow_message(f: &Flow) -> Vec<u8> {
+    fixtures::flow_message(&host("client-host", "frontend", &["10.0.0.1"]), f)
+}
+
+fn flow_record(seq: i64, remote: [u8; 4], start: i64, bytes: i64) -> Flow {
+    Flow {
         sequence_epoch: 7,
         sequence: seq,
         connection_id: seq * 11,
@@ -99,8 +107,7 @@ fn flow(seq: i64, remote: [u8; 4], start: i64, bytes: i64) -> Vec<u8> {
         bytes_sent: bytes,
         bytes_received: bytes * 2 + 1,
         ..fixtures::flow()
-    };
-    fixtures::flow_message(&host("client-host", "frontend", &["10.0.0.1"]), &f)
+    }
 }
 
 fn produce(brokers: &str, topic: &str, msgs: &[(String, Vec<u8>)]) {
@@ -198,8 +205,10 @@ fn attributes_by_time_with_static_map_and_dead_letters() {
         ("a".into(), identity("host-a", "billing", &[], T0 + 200 * S, IdentityReason::IpChange)),
         ("b".into(), identity("host-b", "search", &["10.0.0.9"], T0 + 300 * S, IdentityReason::Start)),
     ]);
+    // The first flow's local workload is a pod's container, as the sidecar resolved it.
+    let pod_flow = Flow { workload: Some(std::sync::Arc::new(fixtures::pod_workload())), ..flow_record(0, [10, 0, 0, 9], T0 + 150 * S, 100) };
     let flows = vec![
-        ("c".to_string(), flow(0, [10, 0, 0, 9], T0 + 150 * S, 100)),
+        ("c".to_string(), flow_message(&pod_flow)),
         ("c".to_string(), flow(1, [10, 0, 0, 9], T0 + 250 * S, 101)),
         ("c".to_string(), b"garbage, not avro".to_vec()),
         ("c".to_string(), flow(2, [10, 0, 0, 9], T0 + 350 * S, 102)),
@@ -227,6 +236,16 @@ fn attributes_by_time_with_static_map_and_dead_letters() {
     assert_eq!(remote(3)["source"], "STATIC");
     assert_eq!(remote(3)["env"], "prod");
     assert_eq!(remote(4)["reason"], "UNKNOWN_IP");
+    // Carried through to the file, read by fastavro.
+    let pod = fixtures::pod_workload();
+    let w = &by_seq(0)["local_workload"];
+    assert_eq!(w["kind"], "POD");
+    assert_eq!(w["reason"], Json::Null);
+    assert_eq!(w["pod_uid"], pod.pod_uid.unwrap());
+    assert_eq!(w["container_id"], pod.container_id.unwrap());
+    assert_eq!((w["runtime"].as_str(), w["qos_class"].as_str()), (Some("containerd"), Some("Burstable")));
+    assert_eq!(w["unit"], pod.unit.unwrap());
+    assert_eq!(by_seq(1)["local_workload"], Json::Null);
     for s in 0..5 {
         let r = by_seq(s);
         // The local side is the sidecar's own host.
