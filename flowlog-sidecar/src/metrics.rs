@@ -1,6 +1,6 @@
 //! Every Prometheus metric the sidecar exports, in one place.
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, Unit};
 
 pub const EVENTS_READ: &str = "flowlog_sidecar_events_read_total";
 pub const FLOWS_PRODUCED: &str = "flowlog_sidecar_flows_produced_total";
@@ -28,8 +28,9 @@ pub const LISTEN_MAP_FULL: &str = "flowlog_sidecar_listen_map_full_total";
 pub const KERNEL_READ_ERRORS: &str = "flowlog_sidecar_kernel_read_errors_total";
 pub const BPF_RUN_TIME: &str = "flowlog_sidecar_bpf_run_time_seconds_total";
 pub const BPF_RUN_COUNT: &str = "flowlog_sidecar_bpf_runs_total";
-pub const CPU_SECONDS: &str = "flowlog_sidecar_process_cpu_seconds_total";
-pub const RSS_BYTES: &str = "flowlog_sidecar_process_resident_memory_bytes";
+/// Prefix of the process gauges `flowlog_sidecar_process_cpu_seconds_total`
+/// and `flowlog_sidecar_process_resident_memory_bytes` (flowlog_runtime::process).
+const PREFIX: &str = "flowlog_sidecar";
 
 /// Registers descriptions (shown as HELP) for every metric.
 pub fn describe() {
@@ -53,8 +54,7 @@ pub fn describe() {
     describe_counter!(KERNEL_READ_ERRORS, "Kernel memory reads that failed in the eBPF program.");
     describe_gauge!(BPF_RUN_TIME, Unit::Seconds, "Time spent in the eBPF program (kernel.bpf_stats_enabled=1 only).");
     describe_counter!(BPF_RUN_COUNT, "eBPF program runs (kernel.bpf_stats_enabled=1 only).");
-    describe_gauge!(CPU_SECONDS, Unit::Seconds, "Sidecar user+system CPU time.");
-    describe_gauge!(RSS_BYTES, Unit::Bytes, "Sidecar resident memory.");
+    flowlog_runtime::process::describe(PREFIX, "Sidecar");
 }
 
 pub fn dropped(reason: &'static str, n: u64) {
@@ -71,32 +71,13 @@ pub fn spooled(reason: &'static str, n: u64) {
 
 /// Updates process CPU and RSS from /proc/self.
 pub fn record_process() {
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // SAFETY: plain sysconf.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // A monotonic value in fractional seconds: exported as a gauge because
-        // `metrics` counters are integers.
-        gauge!(CPU_SECONDS).set((t(11) + t(12)) / hz);
-        // RSS pages are field 24 (index 21 after the comm).
-        // SAFETY: plain sysconf.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
-        gauge!(RSS_BYTES).set(t(21) * page);
-    }
+    flowlog_runtime::process::record(PREFIX);
 }
 
 /// Starts the Prometheus endpoint.
 pub fn serve(listen: std::net::SocketAddr) -> anyhow::Result<()> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(listen)
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(DELIVERY_LATENCY.into()),
-            &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
-        )?
-        .install()
-        .map_err(|e| anyhow::anyhow!("starting the metrics endpoint on {listen}: {e}"))?;
+    const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+    flowlog_runtime::prometheus::serve(listen, &[(DELIVERY_LATENCY, LATENCY_BUCKETS)])?;
     describe();
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 use apache_avro::types::Value;
 use flowlog_schema::schemas;
 use common::{broker::*, *};
+use flowlog_runtime::testkit::{free_port, sample, Broker};
 
 
 fn ready() -> bool {
@@ -58,11 +59,11 @@ fn flows_reach_the_broker_exactly() {
     if !ready() {
         return;
     }
-    let broker = Broker::start("e2e");
+    let broker = Broker::start(&spec("e2e")).expect("start the broker");
     let spool = temp_dir("spool-e2e");
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let host_id = format!("e2e-{}", std::process::id());
-    let brokers = broker.addr();
+    let brokers = broker.addr.clone();
     let sc = Sidecar::start(&kafka_args(&brokers, spool.to_str().unwrap(), &metrics_addr, &host_id));
 
     // One exchange with odd sizes both ways.
@@ -91,8 +92,8 @@ fn flows_reach_the_broker_exactly() {
     assert_eq!(mine(&got), 2, "both sides of the connection in the topic");
 
     let body = scrape(&metrics_addr);
-    assert!(metric(&body, "flowlog_sidecar_flows_delivered_total") >= 2.0, "{body}");
-    assert_eq!(metric(&body, "flowlog_sidecar_broker_up"), 1.0);
+    assert!(sample(&body, "flowlog_sidecar_flows_delivered_total") >= 2.0, "{body}");
+    assert_eq!(sample(&body, "flowlog_sidecar_broker_up"), 1.0);
     assert!(body.contains("flowlog_sidecar_delivery_latency_seconds_bucket"));
     assert!(body.contains("flowlog_sidecar_process_resident_memory_bytes"));
     assert!(body.contains("flowlog_sidecar_bpf_runs_total"), "{body}");
@@ -164,16 +165,16 @@ fn broker_outage_loses_nothing() {
     let (sp, cps) = short_connections(50);
     // Wait until the records are on disk.
     let t0 = std::time::Instant::now();
-    while metric(&scrape(&metrics_addr), "flowlog_sidecar_spool_records") < 100.0 {
+    while sample(&scrape(&metrics_addr), "flowlog_sidecar_spool_records") < 100.0 {
         assert!(t0.elapsed() < Duration::from_secs(30), "records never reached the spool: {}", scrape(&metrics_addr));
         std::thread::sleep(Duration::from_millis(200));
     }
     let body = scrape(&metrics_addr);
-    assert_eq!(metric(&body, "flowlog_sidecar_broker_up"), 0.0);
+    assert_eq!(sample(&body, "flowlog_sidecar_broker_up"), 0.0);
 
-    let _broker = Broker::start_on(port, "outage");
+    let _broker = Broker::start_on(port, &spec("outage")).expect("start the broker");
     let t0 = std::time::Instant::now();
-    while metric(&scrape(&metrics_addr), "flowlog_sidecar_spool_records") > 0.0 {
+    while sample(&scrape(&metrics_addr), "flowlog_sidecar_spool_records") > 0.0 {
         assert!(t0.elapsed() < Duration::from_secs(60), "spool never drained: {}", scrape(&metrics_addr));
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -221,7 +222,7 @@ fn spool_survives_restart() {
     let on_disk: u64 = std::fs::read_dir(&spool).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("seg-")).map(|e| e.metadata().unwrap().len()).sum();
     assert!(on_disk > 0, "nothing spooled at shutdown");
 
-    let _broker = Broker::start_on(port, "restart");
+    let _broker = Broker::start_on(port, &spec("restart")).expect("start the broker");
     let m2 = format!("127.0.0.1:{}", free_port());
     let sc = Sidecar::start(&kafka_args(&brokers, spool.to_str().unwrap(), &m2, &host_id));
     let want = |r: &[Consumed]| {

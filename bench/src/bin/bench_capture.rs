@@ -15,8 +15,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use flowlog_bench::{
     loadgen::{self, LoadResult, LoadSpec},
-    procstat, sidecar,
+    sidecar,
 };
+use flowlog_runtime::process::Usage;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -176,14 +177,14 @@ fn main() -> anyhow::Result<()> {
 fn measure_with(a: &Args, spec: LoadSpec, r: &mut Round) -> anyhow::Result<()> {
     let sc = sidecar::start(&a.sidecar, &["--output", "null"])?;
     let pid = sc.pid;
-    let (u0, s0) = procstat::cpu_seconds(pid)?;
+    let u0 = Usage::of(pid)?;
     r.with = Some(loadgen::run(spec)?);
     // Let the last drain happen, then read CPU and memory before stopping.
     std::thread::sleep(Duration::from_millis(200));
-    let (u1, s1) = procstat::cpu_seconds(pid)?;
-    r.sidecar_user_s = u1 - u0;
-    r.sidecar_sys_s = s1 - s0;
-    r.sidecar_peak_rss_bytes = procstat::peak_rss_bytes(pid)?;
+    let u1 = Usage::of(pid)?;
+    r.sidecar_user_s = u1.user_seconds - u0.user_seconds;
+    r.sidecar_sys_s = u1.system_seconds - u0.system_seconds;
+    r.sidecar_peak_rss_bytes = u1.peak_rss_bytes;
     let stats = sc.stop()?;
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     r.flows = n(&stats["user"]["events_read"]);
