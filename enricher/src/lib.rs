@@ -2,8 +2,11 @@
 
 pub mod attribute;
 pub mod config;
+pub mod consumer;
 pub mod decode;
 pub mod encode;
+pub mod kafka;
 pub mod metrics;
+pub mod pipeline;
 pub mod sink;
 pub mod sources;

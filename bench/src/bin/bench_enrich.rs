@@ -13,9 +13,14 @@ use apache_avro::{
 use clap::Parser;
 use flowlog_enricher::{
     attribute::{Attributor, ENRICHED_SCHEMA},
-    decode::{self, HostIdentity, Identity, FLOW_SCHEMA},
+    decode::{self, FLOW_SCHEMA},
     encode::ContainerWriter,
-    sources::{cidr::CidrMap, identity::IdentityStore},
+    sources::{
+        cidr::CidrMap,
+        identity::IdentityStore,
+        ownership::{Change, Event},
+        Attrs,
+    },
 };
 
 #[derive(Parser)]
@@ -147,18 +152,20 @@ fn identity_store(ips: usize, hosts: usize) -> IdentityStore {
     let mut s = IdentityStore::default();
     let per = ips.div_ceil(hosts);
     for h in 0..hosts {
-        let host = HostIdentity {
-            host_id: format!("owner-{h}"),
+        let owner = Attrs {
+            host_id: Some(format!("owner-{h}")),
             workload: Some(format!("svc-{h}")),
-            ips: (h * per..((h + 1) * per).min(ips))
-                .map(|i| ip(i).to_string())
-                .collect(),
             ..Default::default()
         };
-        s.apply(&Identity {
-            host,
+        s.apply(Event {
+            key: format!("owner-{h}"),
             time_ns: 1,
-            reason: "START",
+            change: Change::Holds {
+                owner: owner.into(),
+                ips: (h * per..((h + 1) * per).min(ips))
+                    .map(|i| ip(i).into())
+                    .collect(),
+            },
         });
     }
     s
