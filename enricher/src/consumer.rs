@@ -115,7 +115,8 @@ impl Ctx {
         let mut lag = 0;
         for e in assigned.elements() {
             let p = e.partition();
-            if let Ok((_, high)) = consumer.fetch_watermarks(&self.topic, p, Duration::from_secs(1)) {
+            if let Ok((_, high)) = consumer.fetch_watermarks(&self.topic, p, Duration::from_secs(1))
+            {
                 let done = self.pipeline.lock().unwrap().done_through(p).unwrap_or(-1);
                 lag += (high - 1 - done).max(0);
             }

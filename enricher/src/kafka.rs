@@ -87,7 +87,9 @@ impl Producer {
     /// ever failed: the offsets of what was lost must never be committed,
     /// so the process stops and its successor redoes them.
     pub fn deliver(&self) -> anyhow::Result<()> {
-        self.0.flush(DELIVERY_TIMEOUT).context("delivering to Kafka")?;
+        self.0
+            .flush(DELIVERY_TIMEOUT)
+            .context("delivering to Kafka")?;
         let failed = self.0.context().failed.load(Ordering::Relaxed);
         if failed > 0 {
             anyhow::bail!("{failed} records were not delivered; not committing");

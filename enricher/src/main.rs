@@ -106,10 +106,16 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.dlq_topic.clone(),
         cfg.flow_topic.clone(),
     ));
-    let files = Arc::new(FileSink::new(cfg.output_dir.clone(), cfg.flow_topic.clone())?);
+    let files = Arc::new(FileSink::new(
+        cfg.output_dir.clone(),
+        cfg.flow_topic.clone(),
+    )?);
     let mut sinks: Vec<Arc<dyn Sink>> = vec![dead_letters.clone()];
     if !cfg.enriched_topic.is_empty() {
-        sinks.push(Arc::new(EnrichedTopic::new(producer, cfg.enriched_topic.clone())));
+        sinks.push(Arc::new(EnrichedTopic::new(
+            producer,
+            cfg.enriched_topic.clone(),
+        )));
     }
     sinks.push(files.clone());
 

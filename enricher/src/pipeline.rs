@@ -102,7 +102,11 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(settings: Settings, sources: Sources, dead_letters: Arc<dyn DeadLetters>) -> Pipeline {
+    pub fn new(
+        settings: Settings,
+        sources: Sources,
+        dead_letters: Arc<dyn DeadLetters>,
+    ) -> Pipeline {
         Pipeline {
             settings,
             decoder: Decoder::new(decode::fingerprint(decode::FLOW_SCHEMA)),

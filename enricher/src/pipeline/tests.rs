@@ -21,7 +21,10 @@ fn flow(host: &str, seq: i64, remote: [u8; 4], end_ns: i64) -> Vec<u8> {
         }
         r.put("sequence", seq);
         r.put("remote_addr", Value::Bytes(remote.to_vec()));
-        r.put("start_time_ns", Value::Union(1, Box::new(Value::Long(end_ns - S))));
+        r.put(
+            "start_time_ns",
+            Value::Union(1, Box::new(Value::Long(end_ns - S))),
+        );
         r.put("end_time_ns", end_ns);
     })
 }
@@ -54,7 +57,10 @@ struct Recorder {
 impl Sink for Recorder {
     fn write(&self, p: i32, b: &Batch) -> anyhow::Result<()> {
         anyhow::ensure!(!self.broken, "disk full");
-        self.got.lock().unwrap().push((p, b.first, b.last, b.records.len()));
+        self.got
+            .lock()
+            .unwrap()
+            .push((p, b.first, b.last, b.records.len()));
         Ok(())
     }
 }
@@ -177,7 +183,12 @@ fn young_unattributed_flows_are_held_back_and_settled() {
 fn held_batches_wait_no_longer_than_max_age_plus_the_late_window() {
     let mut r = Rig::new(1000, 5, 10);
     for s in 0..15 {
-        r.consume(0, s as i64, &flow("h", s as i64, NOBODY, r.at(s).unix_ns), r.at(s));
+        r.consume(
+            0,
+            s as i64,
+            &flow("h", s as i64, NOBODY, r.at(s).unix_ns),
+            r.at(s),
+        );
         assert_eq!(r.due(r.at(s)), vec![], "rolled at {s} s");
     }
     assert_eq!(r.due(r.at(15)), vec![(0, 0, 14, 15)]);
@@ -214,7 +225,8 @@ fn exactly_once_bookkeeping() {
     let mut due = r.pipeline.due(r.at(0));
     let (p, b) = due.pop().unwrap();
     assert_eq!((p, b.first, b.last, b.records.len()), (0, 10, 12, 3));
-    let sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(Recorder::default()), Arc::new(Recorder::default())];
+    let sinks: Vec<Arc<dyn Sink>> =
+        vec![Arc::new(Recorder::default()), Arc::new(Recorder::default())];
     let mut committed = None;
     write(&sinks, p, &b, |p, next| {
         committed = Some((p, next));
@@ -230,7 +242,10 @@ fn exactly_once_bookkeeping() {
     }
     let open = r.pipeline.drain();
     assert_eq!(open.len(), 1);
-    assert_eq!((open[0].1.first, open[0].1.last, open[0].1.records.len()), (13, 13, 1));
+    assert_eq!(
+        (open[0].1.first, open[0].1.last, open[0].1.records.len()),
+        (13, 13, 1)
+    );
 
     // Revoked: the open batch is handed over and the partition forgotten.
     r.consume(0, 14, &flow("h", 14, LOOPBACK, T0), r.at(2));

@@ -89,16 +89,17 @@ pub fn follow(
     consumer.assign(&tpl)?;
     let fp = decode::fingerprint(decode::IDENTITY_SCHEMA);
     let loaded = store.clone();
-    let apply = move |m: &rdkafka::message::BorrowedMessage| {
-        match decode::identity(m.payload().unwrap_or_default(), &fp) {
-            Ok(id) => {
-                let mut s = store.write().unwrap();
-                s.apply(event_from_heartbeat(&id));
-                ::metrics::gauge!(metrics::TRACKED_IPS).set(s.tracked_ips() as f64);
-                ::metrics::gauge!(metrics::IDENTITY_LAST_SEEN).set(id.time_ns as f64 / 1e9);
-            }
-            Err(e) => warn!("ignoring undecodable identity record: {}", e.0),
+    let apply = move |m: &rdkafka::message::BorrowedMessage| match decode::identity(
+        m.payload().unwrap_or_default(),
+        &fp,
+    ) {
+        Ok(id) => {
+            let mut s = store.write().unwrap();
+            s.apply(event_from_heartbeat(&id));
+            ::metrics::gauge!(metrics::TRACKED_IPS).set(s.tracked_ips() as f64);
+            ::metrics::gauge!(metrics::IDENTITY_LAST_SEEN).set(id.time_ns as f64 / 1e9);
         }
+        Err(e) => warn!("ignoring undecodable identity record: {}", e.0),
     };
     let t0 = Instant::now();
     let mut caught_up: HashSet<i32> = ends
@@ -156,7 +157,13 @@ mod tests {
         let Change::Holds { owner, ips } = e.change else {
             panic!("{e:?}")
         };
-        assert_eq!(ips, ["10.0.0.1".parse::<std::net::IpAddr>().unwrap(), "fe80::1".parse().unwrap()]);
+        assert_eq!(
+            ips,
+            [
+                "10.0.0.1".parse::<std::net::IpAddr>().unwrap(),
+                "fe80::1".parse().unwrap()
+            ]
+        );
         assert_eq!(owner.host_id.as_deref(), Some("h1"));
         assert_eq!(owner.workload.as_deref(), Some("web"));
         assert_eq!(owner.team.as_deref(), Some("net"));

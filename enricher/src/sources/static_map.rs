@@ -34,7 +34,11 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 impl StaticMap {
     /// Loads `path` into `map`; a bad file is an error here (the enricher
     /// does not start without the map it was told to use).
-    pub fn load(path: &Path, map: Arc<RwLock<CidrMap>>, now: SystemTime) -> anyhow::Result<StaticMap> {
+    pub fn load(
+        path: &Path,
+        map: Arc<RwLock<CidrMap>>,
+        now: SystemTime,
+    ) -> anyhow::Result<StaticMap> {
         let mtime = mtime(path);
         let m = CidrMap::load(path).map_err(|e| anyhow::anyhow!("static map: {e}"))?;
         ::metrics::gauge!(metrics::STATIC_MAP_ENTRIES).set(m.entries as f64);
@@ -110,7 +114,8 @@ mod tests {
 
     #[test]
     fn reloads_on_change_and_keeps_the_old_map_on_a_bad_file() {
-        let path = std::env::temp_dir().join(format!("flowlog-static-map-{}.toml", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("flowlog-static-map-{}.toml", std::process::id()));
         let entry = |cidr: &str| format!("[[entry]]\ncidr = \"{cidr}\"\nworkload = \"w\"\n");
         write(&path, &entry("10.0.0.0/8"), 1_000);
         let map = Arc::new(RwLock::new(CidrMap::default()));
@@ -122,7 +127,11 @@ mod tests {
         assert_eq!(s.refresh(at(5)), Duration::ZERO);
 
         // Changed: reloaded.
-        write(&path, &format!("{}{}", entry("10.0.0.0/8"), entry("192.168.0.0/16")), 2_000);
+        write(
+            &path,
+            &format!("{}{}", entry("10.0.0.0/8"), entry("192.168.0.0/16")),
+            2_000,
+        );
         assert_eq!(s.refresh(at(10)), Duration::ZERO);
         assert_eq!(map.read().unwrap().entries, 2);
         assert!(owned("192.168.1.1"));
