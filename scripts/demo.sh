@@ -152,44 +152,17 @@ else
 fi
 
 say "writing the static map $OUT/static-map.toml (${IP[stray]} left out on purpose)"
-cat > "$OUT/static-map.toml" <<EOF
-# Written by scripts/demo.sh: the demo workloads' addresses.
-[[entry]]
-cidr = "${IP[frontend]}/32"
-workload = "frontend"
-app = "web"
-service = "frontend"
-team = "storefront"
-env = "demo"
-labels = { tier = "edge" }
-
-[[entry]]
-cidr = "${IP[api]}/32"
-workload = "api"
-app = "shop-api"
-service = "api"
-team = "storefront"
-env = "demo"
-labels = { tier = "backend" }
-
-[[entry]]
-cidr = "${IP[db]}/32"
-workload = "db"
-app = "postgres"
-service = "db"
-team = "data"
-env = "demo"
-labels = { tier = "data" }
-
-[[entry]]
-cidr = "${IP[cache]}/32"
-workload = "cache"
-app = "redis"
-service = "cache"
-team = "data"
-env = "demo"
-labels = { tier = "data" }
-EOF
+{
+    echo "# Written by scripts/demo.sh: the demo workloads' addresses."
+    # workload, app, team, tier (the service is named after the workload)
+    for w in "frontend web storefront edge" "api shop-api storefront backend" \
+             "db postgres data data" "cache redis data data"; do
+        set -- $w
+        printf '[[entry]]\ncidr = "%s/32"\nworkload = "%s"\napp = "%s"\nservice = "%s"\nteam = "%s"\nenv = "demo"\nlabels = { tier = "%s" }\n' \
+            "${IP[$1]}" "$1" "$2" "$1" "$3" "$4"
+        [ "$1" = cache ] || echo
+    done
+} > "$OUT/static-map.toml"
 
 say "starting the sidecar (metrics http://127.0.0.1:$SIDECAR_METRICS/metrics)"
 setsid $BIN/flowlog-sidecar --output kafka --kafka-brokers "127.0.0.1:$PORT" \

@@ -4,7 +4,6 @@ pub mod attribute;
 pub mod config;
 pub mod consumer;
 pub mod decode;
-pub mod encode;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;

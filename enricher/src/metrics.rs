@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::attribute::EnrichedFlow;
+use flowlog_schema::EnrichedFlow;
 
 pub const RECORDS_IN: &str = "flowlog_enricher_records_in_total";
 pub const RECORDS_OUT: &str = "flowlog_enricher_records_out_total";
@@ -31,12 +31,11 @@ pub fn record_attributions(records: &[EnrichedFlow]) {
     let mut counts: BTreeMap<(bool, &'static str, &'static str), u64> = BTreeMap::new();
     for r in records {
         for (side, a) in [("local", &r.local), ("remote", &r.remote)] {
-            let label = if a.attributed {
-                a.source
-            } else {
-                a.reason.unwrap_or("UNKNOWN")
+            let label = match a.reason {
+                None => a.source.symbol(),
+                Some(reason) => reason.symbol(),
             };
-            *counts.entry((a.attributed, side, label)).or_default() += 1;
+            *counts.entry((a.attributed(), side, label)).or_default() += 1;
         }
     }
     for ((attributed, side, label), n) in counts {
@@ -69,24 +68,6 @@ pub fn record_process() {
         // SAFETY: plain sysconf.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
         metrics::gauge!(RSS_BYTES).set(pages * page);
-    }
-}
-
-/// A bounded label for a reject reason.
-pub fn reject_kind(reason: &str) -> &'static str {
-    if reason.starts_with("unknown schema") || reason.starts_with("not Avro") {
-        "schema"
-    } else if reason.contains("truncated")
-        || reason.contains("trailing")
-        || reason.contains("varint")
-    {
-        "truncated"
-    } else if reason.contains("address") {
-        "bad_address"
-    } else if reason.contains("start") || reason.contains("time") {
-        "bad_time"
-    } else {
-        "invalid"
     }
 }
 

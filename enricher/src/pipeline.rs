@@ -15,7 +15,7 @@ use std::{
 
 use crate::{
     config::Config,
-    decode::{self, Decoder},
+    decode::Decoder,
     metrics,
     sink::{Batch, DeadLetters, Message, Sink},
     sources::Sources,
@@ -109,7 +109,7 @@ impl Pipeline {
     ) -> Pipeline {
         Pipeline {
             settings,
-            decoder: Decoder::new(decode::fingerprint(decode::FLOW_SCHEMA)),
+            decoder: Decoder::new(),
             sources,
             dead_letters,
             batches: HashMap::new(),
@@ -152,27 +152,25 @@ impl Pipeline {
             .entry(p)
             .or_insert_with(|| Batch::new(off, now.instant));
         batch.last = off;
-        let flow = match self.decoder.flow(m.payload) {
-            Ok(f) => f,
+        let (host, flow) = match self.decoder.flow(m.payload) {
+            Ok(decoded) => decoded,
             Err(reject) => {
-                return self.dead_letters.send(m, &reject.0).map_err(|e| {
+                return self.dead_letters.send(m, &reject).map_err(|e| {
                     e.context("dead-letter topic unavailable; stopping so the message is retried")
                 })
             }
         };
-        let missing = self.gaps.observe(
-            &flow.host.identity.host_id,
-            flow.sequence_epoch,
-            flow.sequence,
-        );
+        let missing = self
+            .gaps
+            .observe(&host.identity.host_id, flow.sequence_epoch, flow.sequence);
         if missing > 0 {
             ::metrics::counter!(metrics::SEQUENCE_GAPS).increment(missing);
         }
-        let e = self.sources.attribute(|a| a.enrich(flow));
+        let e = self.sources.attribute(|a| a.enrich(host, flow));
         // Young and unattributed: hold it back for late metadata.
         let age = now.unix_ns - e.flow.end_time_ns;
         let window = self.settings.late_window.as_nanos() as i64;
-        if (!e.local.attributed || !e.remote.attributed) && age < window {
+        if (!e.local.attributed() || !e.remote.attributed()) && age < window {
             let until = now.instant + Duration::from_nanos((window - age.max(0)) as u64);
             batch.hold_until = Some(batch.hold_until.map_or(until, |h| h.max(until)));
             batch.held.push(batch.records.len());
@@ -237,7 +235,7 @@ impl Pipeline {
             for i in b.held.drain(..) {
                 let e = &mut b.records[i];
                 a.settle(e);
-                if e.local.attributed && e.remote.attributed {
+                if e.local.attributed() && e.remote.attributed() {
                     ::metrics::counter!(metrics::LATE_ATTRIBUTED).increment(1);
                 }
             }

@@ -8,11 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use apache_avro::{
-    rabin::Rabin,
-    types::{Record, Value},
-    Schema,
-};
+use apache_avro::types::Value;
+use flowlog_schema::{fixtures, Flow, HostIdentity, IdentityReason, ENRICHED_FLOW};
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     message::Headers,
@@ -21,8 +18,6 @@ use rdkafka::{
 };
 use serde_json::Value as Json;
 
-const FLOW: &str = include_str!("../../schemas/flow.avsc");
-const IDENTITY: &str = include_str!("../../schemas/identity.avsc");
 const S: i64 = 1_000_000_000;
 /// 2026-01-01T00:00:00Z, so files land in a known dt=/hr= folder.
 const T0: i64 = 1_767_225_600 * S;
@@ -80,74 +75,32 @@ impl Drop for Broker {
     }
 }
 
-fn single_object(schema_json: &str, datum: Vec<u8>) -> Vec<u8> {
-    let fp = Schema::parse_str(schema_json).unwrap().fingerprint::<Rabin>();
-    let mut out = vec![0xC3, 0x01];
-    out.extend_from_slice(&fp.bytes[..8]);
-    out.extend(datum);
-    out
-}
-
-fn host_value(schema: &Schema, host: &str, workload: &str, ips: &[&str]) -> Record<'static> {
-    let Schema::Record(rs) = schema else { panic!() };
-    let hs: &'static Schema = Box::leak(Box::new(rs.fields[0].schema.clone()));
-    let mut h = Record::new(hs).unwrap();
-    h.put("host_id", host);
-    h.put("hostname", host);
-    h.put("instance_id", Value::Union(0, Box::new(Value::Null)));
-    h.put("workload", Value::Union(1, Box::new(Value::String(workload.into()))));
-    h.put("labels", Value::Map([("team".to_string(), Value::String(format!("{workload}-team")))].into()));
-    h.put("ips", Value::Array(ips.iter().map(|s| Value::String(s.to_string())).collect()));
+fn host(host: &str, workload: &str, ips: &[&str]) -> HostIdentity {
+    let mut h = fixtures::host_with(host, workload, ips);
+    h.labels.insert("team".into(), format!("{workload}-team"));
     h
 }
 
-/// An identity heartbeat, encoded by apache-avro (not the sidecar's code).
-fn identity(host: &str, workload: &str, ips: &[&str], t: i64, reason: (i32, &str)) -> Vec<u8> {
-    let schema = Schema::parse_str(IDENTITY).unwrap();
-    let mut r = Record::new(&schema).unwrap();
-    r.put("host", host_value(&schema, host, workload, ips));
-    r.put("time_ns", t);
-    r.put("reason", Value::Enum(reason.0 as u32, reason.1.into()));
-    r.put("sequence_epoch", 1i64);
-    r.put("next_sequence", 0i64);
-    r.put("version", "test");
-    single_object(IDENTITY, apache_avro::to_avro_datum(&schema, r).unwrap())
+/// An identity heartbeat.
+fn identity(host_id: &str, workload: &str, ips: &[&str], t: i64, reason: IdentityReason) -> Vec<u8> {
+    fixtures::identity_message(&host(host_id, workload, ips), t, reason)
 }
 
 /// A flow from host "client-host" (10.0.0.1) to `remote`, starting at `start`.
 fn flow(seq: i64, remote: [u8; 4], start: i64, bytes: i64) -> Vec<u8> {
-    let schema = Schema::parse_str(FLOW).unwrap();
-    let mut r = Record::new(&schema).unwrap();
-    r.put("host", host_value(&schema, "client-host", "frontend", &["10.0.0.1"]));
-    r.put("sequence_epoch", 7i64);
-    r.put("sequence", seq);
-    r.put("connection_id", seq * 11);
-    r.put("record_type", Value::Enum(0, "FINAL".into()));
-    r.put("family", Value::Enum(0, "IPV4".into()));
-    r.put("direction", Value::Enum(1, "CLIENT".into()));
-    r.put("local_addr", Value::Bytes(vec![10, 0, 0, 1]));
-    r.put("local_port", 40_000 + seq as i32);
-    r.put("remote_addr", Value::Bytes(remote.to_vec()));
-    r.put("remote_port", 443);
-    r.put("start_time_ns", Value::Union(1, Box::new(Value::Long(start))));
-    r.put("end_time_ns", start + S);
-    r.put("bytes_sent", bytes);
-    r.put("bytes_received", bytes * 2 + 1);
-    r.put("segs_in", 3i64);
-    r.put("segs_out", 4i64);
-    r.put("retransmits", 0i64);
-    r.put("srtt_us", 250);
-    r.put("rtt_min_us", 100);
-    r.put("end_reason", Value::Enum(1, "NORMAL".into()));
-    r.put("error", Value::Union(0, Box::new(Value::Null)));
-    r.put("state_path", Value::Array(vec![]));
-    r.put("pid", 42);
-    r.put("tid", 42);
-    r.put("comm", "curl");
-    r.put("owner_source", Value::Enum(1, "OPEN".into()));
-    r.put("cgroup_id", 1i64);
-    r.put("netns_ino", 2i64);
-    single_object(FLOW, apache_avro::to_avro_datum(&schema, r).unwrap())
+    let f = Flow {
+        sequence_epoch: 7,
+        sequence: seq,
+        connection_id: seq * 11,
+        local_port: 40_000 + seq as u16,
+        remote_addr: remote.into(),
+        start_time_ns: Some(start),
+        end_time_ns: start + S,
+        bytes_sent: bytes,
+        bytes_received: bytes * 2 + 1,
+        ..fixtures::flow()
+    };
+    fixtures::flow_message(&host("client-host", "frontend", &["10.0.0.1"]), &f)
 }
 
 fn produce(brokers: &str, topic: &str, msgs: &[(String, Vec<u8>)]) {
@@ -241,9 +194,9 @@ fn attributes_by_time_with_static_map_and_dead_letters() {
     // 10.0.0.9 belongs to billing from T0+100 s, is released at T0+200 s and
     // goes to search at T0+300 s.
     produce(&b.addr, "flowlog.identity", &[
-        ("a".into(), identity("host-a", "billing", &["10.0.0.9"], T0 + 100 * S, (0, "START"))),
-        ("a".into(), identity("host-a", "billing", &[], T0 + 200 * S, (2, "IP_CHANGE"))),
-        ("b".into(), identity("host-b", "search", &["10.0.0.9"], T0 + 300 * S, (0, "START"))),
+        ("a".into(), identity("host-a", "billing", &["10.0.0.9"], T0 + 100 * S, IdentityReason::Start)),
+        ("a".into(), identity("host-a", "billing", &[], T0 + 200 * S, IdentityReason::IpChange)),
+        ("b".into(), identity("host-b", "search", &["10.0.0.9"], T0 + 300 * S, IdentityReason::Start)),
     ]);
     let flows = vec![
         ("c".to_string(), flow(0, [10, 0, 0, 9], T0 + 150 * S, 100)),
@@ -305,7 +258,7 @@ fn attributes_by_time_with_static_map_and_dead_letters() {
     assert_eq!(reasons, vec!["not Avro single-object encoded".to_string(), "truncated".to_string()]);
 
     // The enriched topic holds the same five records, single-object encoded.
-    let reader = apache_avro::GenericSingleObjectReader::new(Schema::parse_str(include_str!("../../schemas/enriched_flow.avsc")).unwrap()).unwrap();
+    let reader = apache_avro::GenericSingleObjectReader::new(ENRICHED_FLOW.parse()).unwrap();
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset("flowlog.enriched", 0, rdkafka::Offset::Beginning).unwrap();
     c.assign(&tpl).unwrap();
@@ -388,7 +341,7 @@ fn late_metadata_still_attributes_held_flows() {
     let e = start_enricher(&b.addr, &out, &["--late-window-secs", "15", "--metrics-listen", &listen]);
     std::thread::sleep(Duration::from_secs(4));
     assert!(read_files(&out).is_empty(), "the unattributed flow was not held back");
-    produce(&b.addr, "flowlog.identity", &[("z".into(), identity("host-z", "late-owner", &["10.7.7.7"], now - 60 * S, (0, "START")))]);
+    produce(&b.addr, "flowlog.identity", &[("z".into(), identity("host-z", "late-owner", &["10.7.7.7"], now - 60 * S, IdentityReason::Start))]);
     let recs = wait_files(&out, 1, Duration::from_secs(40));
     // Counted once, as written: attributed (late), never as unattributed.
     assert_eq!(wait_metric(port, r#"flowlog_enricher_attributed_total{side="remote",source="SIDECAR"}"#, 1.0), 1.0);

@@ -13,16 +13,15 @@ use aya::{
 use flowlog_common::{stat, FlowEvent, EVENTS_MAP, STATS_MAP};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, warn};
+
+use flowlog_schema::{Flow, RecordType};
 
 use crate::{
-    avro::{Counters, IdentityReason, RecordType},
-    identity::IdentityConfig,
-    flow::{Clock, FlowRecord},
+    flow::{flow_from_event, Clock},
     loader::Attached,
     metrics as m,
-    output::Printer,
-    transport::KafkaSink,
+    sink::{Sink, Tick},
 };
 
 /// Periods of the main loop.
@@ -32,12 +31,6 @@ pub struct Timers {
     pub heartbeat: Duration,
     /// None: no interim records.
     pub interim: Option<Duration>,
-}
-
-/// Where records go.
-pub enum Sink {
-    Print(Printer<std::io::Stdout>),
-    Kafka(Box<KafkaSink>),
 }
 
 /// Counters kept by the eBPF program (summed over CPUs).
@@ -71,21 +64,20 @@ pub struct FinalStats {
 pub struct Capture {
     ring: AsyncFd<RingBuf<MapData>>,
     stats: PerCpuArray<MapData, u64>,
-    pub sink: Sink,
+    sink: Box<dyn Sink>,
     clock: Clock,
     salt: u64,
     pub user: UserCounters,
     last_reported: KernelCounters,
     /// Counters already reported in interim records, by connection id, so
     /// the next record carries only the delta.
-    reported: HashMap<u64, Counters>,
-    identity: IdentityConfig,
+    reported: HashMap<i64, Counters>,
     /// Kernel id of the attached program, for its run-time statistics.
     pub prog_id: Option<u32>,
 }
 
 impl Capture {
-    pub fn new(ebpf: &mut Ebpf, sink: Sink, identity: IdentityConfig) -> anyhow::Result<Self> {
+    pub fn new(ebpf: &mut Ebpf, sink: Box<dyn Sink>) -> anyhow::Result<Self> {
         let ring = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).ok_or_else(|| anyhow::anyhow!("map {EVENTS_MAP} missing"))?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map(STATS_MAP).ok_or_else(|| anyhow::anyhow!("map {STATS_MAP} missing"))?)?;
         Ok(Capture {
@@ -99,40 +91,22 @@ impl Capture {
             user: UserCounters::default(),
             last_reported: KernelCounters::default(),
             reported: HashMap::new(),
-            identity,
             prog_id: None,
         })
     }
 
-    /// Hands one record to the sink. `kind` is FINAL at close, INTERIM for a
-    /// snapshot of a live connection; counters become deltas against what was
-    /// already reported for the connection.
-    fn emit(&mut self, record: &FlowRecord, kind: RecordType) {
-        let total = Counters::of(record);
-        let delta = match kind {
-            RecordType::Final => match self.reported.remove(&record.connection_id) {
-                Some(prev) => total.minus(&prev),
-                None => total,
-            },
-            RecordType::Interim => {
-                let prev = self.reported.insert(record.connection_id, total).unwrap_or_default();
-                total.minus(&prev)
-            }
+    /// Hands one record to the sink. Counters become deltas against what
+    /// was already reported for the connection (interim records).
+    fn emit(&mut self, mut record: Flow) {
+        let total = Counters::of(&record);
+        let prev = match record.record_type {
+            RecordType::Final => self.reported.remove(&record.connection_id),
+            RecordType::Interim => self.reported.insert(record.connection_id, total),
         };
-        match &mut self.sink {
-            Sink::Print(p) => {
-                let mut shown = record.clone();
-                shown.bytes_sent = delta.bytes_sent;
-                shown.bytes_received = delta.bytes_received;
-                shown.segs_in = delta.segs_in as u32;
-                shown.segs_out = delta.segs_out as u32;
-                shown.retransmits = delta.retransmits as u32;
-                if let Err(e) = p.write(&shown, kind == RecordType::Interim) {
-                    self.user.output_errors += 1;
-                    error!("writing flow record failed: {e}");
-                }
-            }
-            Sink::Kafka(k) => k.send_flow(record, kind, &delta),
+        total.minus(&prev.unwrap_or_default()).set(&mut record);
+        if let Err(e) = self.sink.send(&mut record) {
+            self.user.output_errors += 1;
+            error!("writing flow record failed: {e}");
         }
     }
 
@@ -146,13 +120,7 @@ impl Capture {
             match FlowEvent::decode(&item) {
                 Ok(ev) => {
                     tracing::trace!(?ev, "raw event");
-                    let record = FlowRecord::from_event(&ev, &self.clock, self.salt);
-                    let kind = if ev.flags & flowlog_common::flags::INTERIM != 0 {
-                        RecordType::Interim
-                    } else {
-                        RecordType::Final
-                    };
-                    pending.push((record, kind));
+                    pending.push(flow_from_event(&ev, &self.clock, self.salt));
                 }
                 Err(e) => {
                     self.user.decode_errors += 1;
@@ -161,19 +129,17 @@ impl Capture {
                 }
             }
         }
-        for (record, kind) in pending {
-            self.emit(&record, kind);
+        for record in pending {
+            self.emit(record);
         }
         self.user.events_read += n;
         if n > 0 {
             metrics::counter!(m::EVENTS_READ).increment(n);
         }
         if n > 0 {
-            if let Sink::Print(p) = &mut self.sink {
-                if let Err(e) = p.flush() {
-                    self.user.output_errors += 1;
-                    error!("flushing output failed: {e}");
-                }
+            if let Err(e) = self.sink.flush() {
+                self.user.output_errors += 1;
+                error!("flushing output failed: {e}");
             }
         }
     }
@@ -218,13 +184,10 @@ impl Capture {
                 metrics::counter!(m::BPF_RUN_COUNT).absolute(info.run_count());
             }
         }
-        if let Sink::Kafka(k) = &self.sink {
-            k.update_gauges();
-        }
+        self.sink.tick(Tick::Stats);
         self.last_reported = now;
     }
 
-    /// Runs until `shutdown` resolves, then drains what is left.
     /// Runs until `shutdown` resolves, then drains what is left.
     /// `snapshot(all)` requests interim events for live connections older
     /// than the interim interval (all of them when `all`).
@@ -250,12 +213,8 @@ impl Capture {
                 }
                 _ = tick.tick() => self.drain(),
                 _ = stats_tick.tick() => self.report_drops(),
-                _ = heartbeat.tick() => {
-                    if let Sink::Kafka(k) = &mut self.sink {
-                        k.send_identity(IdentityReason::Heartbeat);
-                    }
-                }
-                _ = ip_check.tick() => self.check_identity(),
+                _ = heartbeat.tick() => self.sink.tick(Tick::Heartbeat),
+                _ = ip_check.tick() => self.sink.tick(Tick::IdentityCheck),
                 _ = interim.tick(), if t.interim.is_some() => {
                     let n = snapshot(false);
                     metrics::counter!(m::INTERIM_RECORDS).increment(n);
@@ -274,16 +233,9 @@ impl Capture {
         self.report_drops();
     }
 
-    /// Re-reads this host's identity and announces a change at once.
-    fn check_identity(&mut self) {
-        if let Sink::Kafka(k) = &mut self.sink {
-            let now = self.identity.current();
-            if &now != k.host() {
-                info!(ips = ?now.ips, "host identity changed");
-                k.set_host(now);
-                k.send_identity(IdentityReason::IpChange);
-            }
-        }
+    /// The sink, for closing it once capture is over.
+    pub fn into_sink(self) -> Box<dyn Sink> {
+        self.sink
     }
 
     pub fn final_stats(&self, ebpf: &Ebpf, attached: Attached) -> FinalStats {
@@ -302,5 +254,21 @@ impl Capture {
             program_run_time_ns: run_time,
             program_run_count: run_count,
         }
+    }
+}
+
+/// Counters of one record: bytes sent/received, segments in/out, retransmits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counters([i64; 5]);
+
+impl Counters {
+    fn of(f: &Flow) -> Counters {
+        Counters([f.bytes_sent, f.bytes_received, f.segs_in, f.segs_out, f.retransmits])
+    }
+    fn minus(&self, earlier: &Counters) -> Counters {
+        Counters(std::array::from_fn(|i| (self.0[i] - earlier.0[i]).max(0)))
+    }
+    fn set(&self, f: &mut Flow) {
+        [f.bytes_sent, f.bytes_received, f.segs_in, f.segs_out, f.retransmits] = self.0;
     }
 }

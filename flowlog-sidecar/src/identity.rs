@@ -20,15 +20,7 @@ pub struct IdentityConfig {
     pub ips: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostIdentity {
-    pub host_id: String,
-    pub hostname: String,
-    pub instance_id: Option<String>,
-    pub workload: Option<String>,
-    pub labels: BTreeMap<String, String>,
-    pub ips: Vec<String>,
-}
+pub use flowlog_schema::HostIdentity;
 
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];

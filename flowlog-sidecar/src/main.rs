@@ -1,7 +1,6 @@
 //! flowlog sidecar: attaches eBPF to sock:inet_sock_set_state and emits one
 //! flow record per TCP connection.
 
-mod avro;
 mod capture;
 mod config;
 mod flow;
@@ -10,6 +9,7 @@ mod loader;
 mod metrics;
 mod offsets;
 mod output;
+mod sink;
 mod snapshot;
 mod transport;
 
@@ -21,10 +21,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 use crate::{
-    avro::IdentityReason,
-    capture::{Capture, Sink, Timers},
+    capture::{Capture, Timers},
     config::{Cli, Config, Output},
     output::Printer,
+    sink::Sink,
     transport::KafkaSink,
 };
 
@@ -85,17 +85,11 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
         metrics::serve(config.metrics_listen.parse()?)?;
         info!(listen = %config.metrics_listen, "serving Prometheus metrics on /metrics");
     }
-    let sink = match config.output {
-        Output::Kafka => {
-            let host = config.identity.current();
-            info!(host_id = %host.host_id, ips = ?host.ips, brokers = %config.kafka.brokers, "producing to Kafka");
-            let mut k = KafkaSink::new(config.kafka.clone(), config.spool.clone(), host)?;
-            k.send_identity(IdentityReason::Start);
-            Sink::Kafka(Box::new(k))
-        }
-        mode => Sink::Print(Printer::new(mode, std::io::stdout())),
+    let sink: Box<dyn Sink> = match config.output {
+        Output::Kafka => Box::new(KafkaSink::new(config.kafka.clone(), config.spool.clone(), config.identity.clone())?),
+        mode => Box::new(Printer::new(mode, std::io::stdout())),
     };
-    let mut capture = Capture::new(&mut ebpf, sink, config.identity.clone())?;
+    let mut capture = Capture::new(&mut ebpf, sink)?;
     capture.prog_id = ebpf.program(attached.program_name()).and_then(|p| p.info().ok()).map(|i| i.id());
 
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -118,10 +112,7 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
     capture.run(timers, |all| snap.run(if all { 0 } else { interim_ns }), shutdown).await;
 
     let stats = capture.final_stats(&ebpf, attached);
-    if let Sink::Kafka(mut k) = std::mem::replace(&mut capture.sink, Sink::Print(Printer::new(Output::Null, std::io::stdout()))) {
-        k.send_identity(IdentityReason::Stop);
-        k.shutdown(Duration::from_secs(config.shutdown_timeout_secs));
-    }
+    capture.into_sink().close(Duration::from_secs(config.shutdown_timeout_secs));
     info!(
         events = stats.user.events_read,
         ringbuf_full = stats.kernel.ringbuf_full,

@@ -5,11 +5,10 @@ mod common;
 
 use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
-use apache_avro::{rabin::Rabin, types::Value, Schema};
+use apache_avro::types::Value;
+use flowlog_schema::schemas;
 use common::{broker::*, *};
 
-const FLOW_SCHEMA: &str = include_str!("../../schemas/flow.avsc");
-const IDENTITY_SCHEMA: &str = include_str!("../../schemas/identity.avsc");
 
 fn ready() -> bool {
     have_root() && have_broker()
@@ -88,7 +87,7 @@ fn flows_reach_the_broker_exactly() {
     srv.join().unwrap();
     let (sp, cp) = (sp as i64, cp as i64);
     let mine = |r: &[Consumed]| r.iter().filter(|c| is_host(c, &host_id) && (ports(&c.value) == (cp, sp) || ports(&c.value) == (sp, cp))).count();
-    let got = consume(&brokers, FLOWS, FLOW_SCHEMA, Duration::from_secs(30), |r| mine(r) >= 2);
+    let got = consume(&brokers, FLOWS, schemas::FLOW.json, Duration::from_secs(30), |r| mine(r) >= 2);
     assert_eq!(mine(&got), 2, "both sides of the connection in the topic");
 
     let body = scrape(&metrics_addr);
@@ -103,7 +102,7 @@ fn flows_reach_the_broker_exactly() {
 
     // The STOP heartbeat says how many records this run produced; all of them
     // are in the topic, each sequence exactly once.
-    let ids = consume(&brokers, IDENTITY, IDENTITY_SCHEMA, Duration::from_secs(30), |r| {
+    let ids = consume(&brokers, IDENTITY, schemas::IDENTITY.json, Duration::from_secs(30), |r| {
         r.iter().any(|c| is_host(c, &host_id) && enum_sym(&c.value, "reason") == "STOP")
     });
     let ids: Vec<&Consumed> = ids.iter().filter(|c| is_host(c, &host_id)).collect();
@@ -113,15 +112,14 @@ fn flows_reach_the_broker_exactly() {
     let stop = &ids.last().unwrap().value;
     let epoch = long(stop, "sequence_epoch");
     let produced = long(stop, "next_sequence");
-    let all = consume(&brokers, FLOWS, FLOW_SCHEMA, Duration::from_secs(30), |r| {
+    let all = consume(&brokers, FLOWS, schemas::FLOW.json, Duration::from_secs(30), |r| {
         r.iter().filter(|c| is_host(c, &host_id)).count() as i64 >= produced
     });
     let values: Vec<&Value> = all.iter().filter(|c| is_host(c, &host_id)).map(|c| &c.value).collect();
     assert_gap_free(&values, epoch, Some(produced));
 
     // Exact record contents, message key and fingerprint header.
-    let fp = Schema::parse_str(FLOW_SCHEMA).unwrap().fingerprint::<Rabin>();
-    let fp_hex: String = fp.bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let fp_hex = schemas::FLOW.fingerprint_hex();
     let both: Vec<&Consumed> = all.iter().filter(|c| is_host(c, &host_id) && (ports(&c.value) == (cp, sp) || ports(&c.value) == (sp, cp))).collect();
     assert_eq!(both.len(), 2);
     for c in both {
@@ -182,13 +180,13 @@ fn broker_outage_loses_nothing() {
     let (_, stats) = sc.stop();
     assert_eq!(stats["kernel"]["ringbuf_full"], 0);
 
-    let ids = consume(&brokers, IDENTITY, IDENTITY_SCHEMA, Duration::from_secs(30), |r| {
+    let ids = consume(&brokers, IDENTITY, schemas::IDENTITY.json, Duration::from_secs(30), |r| {
         r.iter().any(|c| is_host(c, &host_id) && enum_sym(&c.value, "reason") == "STOP")
     });
     let stop = &ids.iter().filter(|c| is_host(c, &host_id)).last().expect("STOP heartbeat").value;
     let produced = long(stop, "next_sequence");
     let epoch = long(stop, "sequence_epoch");
-    let all = consume(&brokers, FLOWS, FLOW_SCHEMA, Duration::from_secs(30), |r| {
+    let all = consume(&brokers, FLOWS, schemas::FLOW.json, Duration::from_secs(30), |r| {
         r.iter().filter(|c| is_host(c, &host_id)).count() as i64 >= produced
     });
     let values: Vec<&Value> = all.iter().filter(|c| is_host(c, &host_id)).map(|c| &c.value).collect();
@@ -231,7 +229,7 @@ fn spool_survives_restart() {
             r.iter().filter(|c| is_host(c, &host_id)).filter(|c| ports(&c.value) == (*cp as i64, sp as i64) || ports(&c.value) == (sp as i64, *cp as i64)).count() >= 2
         })
     };
-    let all = consume(&brokers, FLOWS, FLOW_SCHEMA, Duration::from_secs(60), want);
+    let all = consume(&brokers, FLOWS, schemas::FLOW.json, Duration::from_secs(60), want);
     sc.stop();
     assert!(want(&all), "replayed records missing");
     // The first run's records keep their own epoch and have no gaps.

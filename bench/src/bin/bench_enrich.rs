@@ -6,22 +6,17 @@
 use std::{net::Ipv4Addr, time::Instant};
 
 use apache_avro::{
-    rabin::Rabin,
     types::{Record, Value},
     Schema, Writer,
 };
 use clap::Parser;
+use flowlog_common::tcp_state;
 use flowlog_enricher::{
-    attribute::{Attributor, ENRICHED_SCHEMA},
-    decode::{self, FLOW_SCHEMA},
-    encode::ContainerWriter,
-    sources::{
-        cidr::CidrMap,
-        identity::IdentityStore,
-        ownership::{Change, Event},
-        Attrs,
-    },
+    attribute::Attributor,
+    decode,
+    sources::{cidr::CidrMap, heartbeats::event_from_heartbeat, identity::IdentityStore},
 };
+use flowlog_schema::{container::ContainerWriter, fixtures, Flow, IdentityReason, StatePath, ENRICHED_FLOW, FLOW};
 
 #[derive(Parser)]
 struct Args {
@@ -72,78 +67,39 @@ fn ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(0x0a00_0000u32 + i as u32)
 }
 
-/// `n` flow messages from 100 hosts to 100 000 remote IPs, encoded by apache-avro.
+/// `n` flow messages from 100 hosts to 100 000 remote IPs.
 fn messages(n: usize) -> Vec<Vec<u8>> {
-    let schema = Schema::parse_str(FLOW_SCHEMA).unwrap();
-    let Schema::Record(rs) = &schema else {
-        panic!()
-    };
-    let hs = rs.fields[0].schema.clone();
-    let fp = schema.fingerprint::<Rabin>();
     (0..n)
         .map(|i| {
-            let mut h = Record::new(&hs).unwrap();
-            h.put("host_id", format!("host-{}", i % 100));
-            h.put("hostname", format!("host-{}", i % 100));
-            h.put("instance_id", Value::Union(0, Box::new(Value::Null)));
-            h.put(
-                "workload",
-                Value::Union(1, Box::new(Value::String(format!("wl-{}", i % 100)))),
-            );
-            h.put("labels", Value::Map(Default::default()));
-            h.put(
-                "ips",
-                Value::Array(vec![Value::String(ip(200_000 + i % 100).to_string())]),
-            );
-            let mut r = Record::new(&schema).unwrap();
-            r.put("host", h);
-            r.put("sequence_epoch", 1i64);
-            r.put("sequence", i as i64);
-            r.put("connection_id", i as i64);
-            r.put("record_type", Value::Enum(0, "FINAL".into()));
-            r.put("family", Value::Enum(0, "IPV4".into()));
-            r.put("direction", Value::Enum(1, "CLIENT".into()));
-            r.put(
-                "local_addr",
-                Value::Bytes(ip(200_000 + i % 100).octets().to_vec()),
-            );
-            r.put("local_port", 40_000 + (i % 20_000) as i32);
-            r.put(
-                "remote_addr",
-                Value::Bytes(ip((i * 7919) % 150_000).octets().to_vec()),
-            );
-            r.put("remote_port", 443);
-            r.put(
-                "start_time_ns",
-                Value::Union(1, Box::new(Value::Long(1_000_000_000_000 + i as i64))),
-            );
-            r.put("end_time_ns", 1_000_001_000_000i64 + i as i64);
-            r.put("bytes_sent", 1000i64 + i as i64);
-            r.put("bytes_received", 5000i64);
-            r.put("segs_in", 10i64);
-            r.put("segs_out", 12i64);
-            r.put("retransmits", 0i64);
-            r.put("srtt_us", 250);
-            r.put("rtt_min_us", 100);
-            r.put("end_reason", Value::Enum(1, "NORMAL".into()));
-            r.put("error", Value::Union(0, Box::new(Value::Null)));
-            r.put(
-                "state_path",
-                Value::Array(vec![
-                    Value::String("CLOSE".into()),
-                    Value::String("SYN_SENT".into()),
-                ]),
-            );
-            r.put("pid", 4242);
-            r.put("tid", 4242);
-            r.put("comm", "nginx");
-            r.put("owner_source", Value::Enum(1, "OPEN".into()));
-            r.put("cgroup_id", 77i64);
-            r.put("netns_ino", 4026531840i64);
-            let mut m = vec![0xC3, 0x01];
-            m.extend_from_slice(&fp.bytes[..8]);
-            m.extend(apache_avro::to_avro_datum(&schema, r).unwrap());
-            m
+            let h = i % 100;
+            let host = fixtures::host_with(&format!("host-{h}"), &format!("wl-{h}"), &[&ip(200_000 + h).to_string()]);
+            let mut state_path = StatePath::default();
+            state_path.push(tcp_state::CLOSE);
+            state_path.push(tcp_state::SYN_SENT);
+            let f = Flow {
+                sequence_epoch: 1,
+                sequence: i as i64,
+                connection_id: i as i64,
+                local_addr: ip(200_000 + h).into(),
+                local_port: 40_000 + (i % 20_000) as u16,
+                remote_addr: ip((i * 7919) % 150_000).into(),
+                start_time_ns: Some(1_000_000_000_000 + i as i64),
+                end_time_ns: 1_000_001_000_000 + i as i64,
+                bytes_sent: 1000 + i as i64,
+                bytes_received: 5000,
+                segs_in: 10,
+                segs_out: 12,
+                srtt_us: 250,
+                rtt_min_us: 100,
+                state_path,
+                pid: 4242,
+                tid: 4242,
+                comm: "nginx".into(),
+                cgroup_id: 77,
+                netns_ino: 4026531840,
+                ..fixtures::flow()
+            };
+            fixtures::flow_message(&host, &f)
         })
         .collect()
 }
@@ -152,21 +108,11 @@ fn identity_store(ips: usize, hosts: usize) -> IdentityStore {
     let mut s = IdentityStore::default();
     let per = ips.div_ceil(hosts);
     for h in 0..hosts {
-        let owner = Attrs {
-            host_id: Some(format!("owner-{h}")),
-            workload: Some(format!("svc-{h}")),
-            ..Default::default()
-        };
-        s.apply(Event {
-            key: format!("owner-{h}"),
-            time_ns: 1,
-            change: Change::Holds {
-                owner: owner.into(),
-                ips: (h * per..((h + 1) * per).min(ips))
-                    .map(|i| ip(i).into())
-                    .collect(),
-            },
-        });
+        let ips: Vec<String> = (h * per..((h + 1) * per).min(ips)).map(|i| ip(i).to_string()).collect();
+        let mut host = fixtures::host_with(&format!("owner-{h}"), &format!("svc-{h}"), &[]);
+        host.hostname.clear();
+        host.ips = ips;
+        s.apply(event_from_heartbeat(&fixtures::identity(&host, 1, IdentityReason::Start)));
     }
     s
 }
@@ -288,10 +234,9 @@ fn generic(
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let flow_schema = Schema::parse_str(FLOW_SCHEMA)?;
-    let enriched = Schema::parse_str(ENRICHED_SCHEMA)?;
-    let fp = decode::fingerprint(FLOW_SCHEMA);
-    eprintln!("encoding {} input messages with apache-avro ...", a.flows);
+    let flow_schema = FLOW.parse();
+    let enriched = ENRICHED_FLOW.parse();
+    eprintln!("encoding {} input messages ...", a.flows);
     let msgs = messages(a.flows);
     let store = identity_store(100_000, 1_000);
     let cidr = CidrMap::parse(
@@ -316,14 +261,14 @@ fn main() -> anyhow::Result<()> {
         cidr: &cidr,
     };
     let fast_path = || -> anyhow::Result<(usize, u64)> {
-        let decoder = decode::Decoder::new(fp);
+        let decoder = decode::Decoder::new();
         // Blocks go to a byte counter (the file sink's write(2) and fsync are not this path).
         let mut w = ContainerWriter::new(Counter(0))?;
         let mut attributed = 0usize;
         for m in &msgs {
-            let f = decoder.flow(m).map_err(|e| anyhow::anyhow!(e.0))?;
-            let e = attributor.enrich(f);
-            attributed += e.remote.attributed as usize;
+            let (host, f) = decoder.flow(m)?;
+            let e = attributor.enrich(host, f);
+            attributed += e.remote.attributed() as usize;
             w.append(&e)?;
         }
         Ok((attributed, w.finish()?.0))

@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use apache_avro::{from_avro_datum, types::Value, Schema};
+use flowlog_schema::decode_flow;
 use clap::Parser;
 use flowlog_bench::{
     loadgen::{self, LoadSpec},
@@ -83,7 +83,6 @@ fn main() -> anyhow::Result<()> {
 
 fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
     // Consumer: counts every record and samples close -> readable latency.
-    let schema = Schema::parse_str(include_str!("../../../schemas/flow.avsc"))?;
     let consumed = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -104,13 +103,8 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
                     let n = consumed.fetch_add(1, Ordering::Relaxed);
                     if n % 10 == 0 {
                         let received = now_ns();
-                        let payload = m.payload().unwrap_or_default();
-                        if payload.len() > 10 {
-                            if let Ok(Value::Record(f)) = from_avro_datum(&schema, &mut &payload[10..], None) {
-                                if let Some((_, Value::Long(end))) = f.iter().find(|(k, _)| k == "end_time_ns") {
-                                    latencies.lock().unwrap().push((received - end) as f64 / 1e6);
-                                }
-                            }
+                        if let Ok((_, f)) = decode_flow(m.payload().unwrap_or_default(), |_| Ok(())) {
+                            latencies.lock().unwrap().push((received - f.end_time_ns) as f64 / 1e6);
                         }
                     }
                 }

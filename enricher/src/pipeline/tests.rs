@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use apache_avro::types::Value;
+use flowlog_schema::{fixtures, DecodeError, Flow};
 
 use super::*;
 use crate::sources::ownership::{Change, Event};
@@ -15,18 +15,16 @@ const T0: i64 = 1_767_225_600 * S;
 /// A flow message of `host` to `remote`, ending at `end_ns` (the local side,
 /// the host's own 10.0.0.1, is always attributed; 127.0.0.1 is too).
 fn flow(host: &str, seq: i64, remote: [u8; 4], end_ns: i64) -> Vec<u8> {
-    crate::decode::tests::encode_flow(|r| {
-        if let Some((_, Value::Record(h))) = r.fields.iter_mut().find(|(n, _)| n == "host") {
-            h[0].1 = Value::String(host.into());
-        }
-        r.put("sequence", seq);
-        r.put("remote_addr", Value::Bytes(remote.to_vec()));
-        r.put(
-            "start_time_ns",
-            Value::Union(1, Box::new(Value::Long(end_ns - S))),
-        );
-        r.put("end_time_ns", end_ns);
-    })
+    let mut h = fixtures::host();
+    h.host_id = host.into();
+    let f = Flow {
+        sequence: seq,
+        remote_addr: remote.into(),
+        start_time_ns: Some(end_ns - S),
+        end_time_ns: end_ns,
+        ..fixtures::flow()
+    };
+    fixtures::flow_message(&h, &f)
 }
 
 const LOOPBACK: [u8; 4] = [127, 0, 0, 1];
@@ -40,9 +38,12 @@ struct Letters {
 }
 
 impl DeadLetters for Letters {
-    fn send(&self, m: &Message, reason: &str) -> anyhow::Result<()> {
+    fn send(&self, m: &Message, reason: &DecodeError) -> anyhow::Result<()> {
         anyhow::ensure!(!self.down, "broker down");
-        self.got.lock().unwrap().push((m.offset, reason.to_owned()));
+        self.got
+            .lock()
+            .unwrap()
+            .push((m.offset, reason.to_string()));
         Ok(())
     }
 }
@@ -172,7 +173,7 @@ fn young_unattributed_flows_are_held_back_and_settled() {
     let (p, b) = due.pop().unwrap();
     assert_eq!((p, b.records.len()), (0, 1));
     let remote = &b.records[0].remote;
-    assert!(remote.attributed);
+    assert!(remote.attributed());
     let owner = remote.owner.as_ref().unwrap();
     assert_eq!(owner.workload.as_deref(), Some("late-owner"));
 }

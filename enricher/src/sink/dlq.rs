@@ -1,6 +1,7 @@
 //! The dead-letter topic: messages that do not decode (or decode to
 //! nonsense), as they were, with the reason and their origin in headers.
 
+use flowlog_schema::DecodeError;
 use rdkafka::{
     message::{Header, OwnedHeaders},
     producer::BaseRecord,
@@ -27,13 +28,14 @@ impl DeadLetterTopic {
 }
 
 impl DeadLetters for DeadLetterTopic {
-    fn send(&self, m: &Message, reason: &str) -> anyhow::Result<()> {
-        ::metrics::counter!(metrics::DLQ, "reason" => metrics::reject_kind(reason)).increment(1);
+    fn send(&self, m: &Message, reason: &DecodeError) -> anyhow::Result<()> {
+        ::metrics::counter!(metrics::DLQ, "reason" => reason.kind()).increment(1);
+        let reason = reason.to_string();
         let source = format!("{}/{}/{}", self.source_topic, m.partition, m.offset);
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "flowlog.dlq.reason",
-                value: Some(reason),
+                value: Some(&reason),
             })
             .insert(Header {
                 key: "flowlog.dlq.source",

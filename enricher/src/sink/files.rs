@@ -19,8 +19,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use flowlog_schema::{container::ContainerWriter, EnrichedFlow};
+
 use super::{Batch, Sink};
-use crate::{attribute::EnrichedFlow, encode::ContainerWriter, metrics};
+use crate::metrics;
 
 pub struct FileSink {
     pub dir: PathBuf,

@@ -8,7 +8,7 @@ pub mod topic;
 
 use std::time::Instant;
 
-use crate::attribute::EnrichedFlow;
+use flowlog_schema::{DecodeError, EnrichedFlow};
 
 /// One message of the flow topic.
 #[derive(Debug, Clone, Copy)]
@@ -58,5 +58,5 @@ pub trait Sink: Send + Sync {
 /// the message; the queue's [`Sink::write`] makes it durable before the
 /// batch that covers its offset is committed.
 pub trait DeadLetters: Send + Sync {
-    fn send(&self, message: &Message, reason: &str) -> anyhow::Result<()>;
+    fn send(&self, message: &Message, reason: &DecodeError) -> anyhow::Result<()>;
 }

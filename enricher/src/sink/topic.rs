@@ -5,23 +5,21 @@
 use rdkafka::producer::BaseRecord;
 
 use super::{Batch, Sink};
-use crate::{attribute::ENRICHED_SCHEMA, decode, encode, kafka::Producer, metrics};
+use crate::{kafka::Producer, metrics};
 
 pub struct EnrichedTopic {
     producer: Producer,
     topic: String,
     /// The single-object header: marker and schema fingerprint.
-    header: Vec<u8>,
+    header: [u8; 10],
 }
 
 impl EnrichedTopic {
     pub fn new(producer: Producer, topic: String) -> EnrichedTopic {
-        let mut header = vec![0xC3, 0x01];
-        header.extend_from_slice(&decode::fingerprint(ENRICHED_SCHEMA));
         EnrichedTopic {
             producer,
             topic,
-            header,
+            header: flowlog_schema::ENRICHED_FLOW.header(),
         }
     }
 }
@@ -32,9 +30,9 @@ impl Sink for EnrichedTopic {
         for r in &batch.records {
             msg.clear();
             msg.extend_from_slice(&self.header);
-            encode::datum(r, &mut msg);
+            r.write(&mut msg);
             let rec = BaseRecord::<str, [u8], ()>::to(&self.topic)
-                .key(r.flow.host.identity.host_id.as_str())
+                .key(r.host.identity.host_id.as_str())
                 .payload(&msg[..]);
             self.producer.send(rec)?;
         }

@@ -1,8 +1,8 @@
 //! EC2 network interfaces as an ownership source: each refresh's snapshot is
 //! diffed against the previous one into ownership events for an ownership
 //! history (the same interval store as the sidecars' heartbeats), so IPs that
-//! move between ENIs are attributed by time. Errors back off and keep serving the last
-//! good data; the source's age is exported.
+//! move between ENIs are attributed by time. Errors back off and keep serving
+//! the last good data; the source's age is exported.
 
 use std::{
     collections::HashMap,
@@ -11,6 +11,7 @@ use std::{
 };
 
 use flowlog_enricher_ec2::{snapshot, Ec2Config, Eni};
+use flowlog_schema::HostIdentity;
 use tracing::{info, warn};
 
 use super::{
@@ -38,8 +39,10 @@ fn owner(e: &Eni) -> Attrs {
     }
     labels.insert("region".into(), e.region.clone());
     let workload = ["workload", "app", "Name"].iter().find_map(|k| e.tags.get(*k).cloned());
-    // The ENI is the "host" of its IPs (as the attribute record has always said).
-    Attrs::from_labels(Some(e.eni_id.clone()), e.instance_id.clone(), workload, labels)
+    // Described as a host, its attributes come out as a sidecar's would
+    // (the ENI being the "host" of its IPs).
+    let host = HostIdentity { host_id: e.eni_id.clone(), instance_id: e.instance_id.clone(), workload, labels, ..Default::default() };
+    Attrs::of_host(&host)
 }
 
 /// The ownership events of one snapshot taken at `t`, against the previous

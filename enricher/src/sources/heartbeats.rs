@@ -17,36 +17,24 @@ use rdkafka::{
 };
 use tracing::{info, warn};
 
+use flowlog_schema::{Identity, IdentityReason};
+
 use super::{
     identity::IdentityStore,
     ownership::{Change, Event},
-    Attrs, Owner,
+    Attrs,
 };
-use crate::{
-    config::Config,
-    decode::{self, HostIdentity, Identity},
-    kafka, metrics,
-};
-
-/// A sidecar's host block as the owner of its IPs.
-pub fn owner_of(h: &HostIdentity) -> Owner {
-    Arc::new(Attrs::from_labels(
-        Some(h.host_id.clone()),
-        h.instance_id.clone(),
-        h.workload.clone(),
-        h.labels.clone(),
-    ))
-}
+use crate::{config::Config, kafka, metrics};
 
 /// A heartbeat as an ownership event: the host holds the IPs it lists (the
 /// unparseable ones left out) until its next heartbeat, none after STOP.
 pub fn event_from_heartbeat(id: &Identity) -> Event {
     let h = &id.host;
-    let change = if id.reason == "STOP" {
+    let change = if id.reason == IdentityReason::Stop {
         Change::Released
     } else {
         Change::Holds {
-            owner: owner_of(h),
+            owner: Arc::new(Attrs::of_host(h)),
             ips: h.ips.iter().filter_map(|s| s.parse().ok()).collect(),
         }
     };
@@ -87,11 +75,9 @@ pub fn follow(
         ends.insert(*p, high);
     }
     consumer.assign(&tpl)?;
-    let fp = decode::fingerprint(decode::IDENTITY_SCHEMA);
     let loaded = store.clone();
-    let apply = move |m: &rdkafka::message::BorrowedMessage| match decode::identity(
+    let apply = move |m: &rdkafka::message::BorrowedMessage| match Identity::decode(
         m.payload().unwrap_or_default(),
-        &fp,
     ) {
         Ok(id) => {
             let mut s = store.write().unwrap();
@@ -99,7 +85,7 @@ pub fn follow(
             ::metrics::gauge!(metrics::TRACKED_IPS).set(s.tracked_ips() as f64);
             ::metrics::gauge!(metrics::IDENTITY_LAST_SEEN).set(id.time_ns as f64 / 1e9);
         }
-        Err(e) => warn!("ignoring undecodable identity record: {}", e.0),
+        Err(e) => warn!("ignoring undecodable identity record: {e}"),
     };
     let t0 = Instant::now();
     let mut caught_up: HashSet<i32> = ends
@@ -141,17 +127,9 @@ mod tests {
 
     #[test]
     fn heartbeats_become_events() {
-        let mut id = Identity {
-            host: HostIdentity {
-                host_id: "h1".into(),
-                workload: Some("web".into()),
-                labels: [("team".to_string(), "net".to_string())].into(),
-                ips: vec!["10.0.0.1".into(), "not an ip".into(), "fe80::1".into()],
-                ..Default::default()
-            },
-            time_ns: 100,
-            reason: "HEARTBEAT",
-        };
+        let mut host = flowlog_schema::fixtures::host();
+        host.ips = vec!["10.0.0.1".into(), "not an ip".into(), "fe80::1".into()];
+        let mut id = flowlog_schema::fixtures::identity(&host, 100, IdentityReason::Heartbeat);
         let e = event_from_heartbeat(&id);
         assert_eq!((e.key.as_str(), e.time_ns), ("h1", 100));
         let Change::Holds { owner, ips } = e.change else {
@@ -168,7 +146,7 @@ mod tests {
         assert_eq!(owner.workload.as_deref(), Some("web"));
         assert_eq!(owner.team.as_deref(), Some("net"));
         assert_eq!(owner.labels["team"], "net");
-        id.reason = "STOP";
+        id.reason = IdentityReason::Stop;
         assert_eq!(event_from_heartbeat(&id).change, Change::Released);
     }
 }

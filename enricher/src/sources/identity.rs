@@ -13,9 +13,6 @@ use super::{
     Owner,
 };
 
-// Kept here until `decode::Host` stops needing it (the lead moves it out).
-pub use super::heartbeats::owner_of;
-
 /// Intervals kept per IP; older ones are forgotten (bounded memory).
 const MAX_INTERVALS_PER_IP: usize = 32;
 

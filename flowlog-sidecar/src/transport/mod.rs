@@ -29,17 +29,16 @@ use rdkafka::{
 };
 use tracing::{info, warn};
 
+use flowlog_schema::{schemas::FINGERPRINT_HEADER, Flow, HostIdentity, Identity, IdentityReason, FLOW, IDENTITY};
+
 use crate::{
-    avro::{self, Counters, IdentityReason, Position, RecordType},
-    flow::FlowRecord,
-    identity::HostIdentity,
+    identity::IdentityConfig,
     metrics as m,
+    sink::{Sink, Tick},
 };
 
 pub use kafka::KafkaConfig;
 pub use spool::{Spool, SpoolConfig};
-
-pub const FINGERPRINT_HEADER: &str = "flowlog.schema.fingerprint";
 
 /// What rides with each message to its delivery report, packed in a usize
 /// so that producing allocates nothing for it: 0 for identity records, else
@@ -148,30 +147,51 @@ impl ProducerContext for Ctx {
     }
 }
 
+/// Numbers this host's flow records (epoch + sequence 0, 1, 2, ...) and
+/// encodes them with the host block, which is encoded once per identity.
+pub struct FlowEncoder {
+    pub epoch: i64,
+    pub next_sequence: i64,
+    pub host_block: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl FlowEncoder {
+    pub fn new(epoch: i64, host: &HostIdentity) -> FlowEncoder {
+        FlowEncoder { epoch, next_sequence: 0, host_block: host.encode(), buf: Vec::with_capacity(512) }
+    }
+
+    /// The record's message (valid until the next call).
+    pub fn encode(&mut self, r: &mut Flow) -> &[u8] {
+        r.sequence_epoch = self.epoch;
+        r.sequence = self.next_sequence;
+        self.next_sequence += 1;
+        self.buf.clear();
+        r.to_message(&self.host_block, &mut self.buf);
+        &self.buf
+    }
+}
+
 /// The Kafka side of the sidecar.
 pub struct KafkaSink {
     producer: Arc<ThreadedProducer<Ctx>>,
     shared: Arc<Shared>,
     cfg: KafkaConfig,
-    flow_header: [u8; 10],
-    identity_header: [u8; 10],
     flow_fp: String,
     identity_fp: String,
+    /// Where the host's identity comes from (re-read for IP changes).
+    identity: IdentityConfig,
     host: HostIdentity,
-    host_block: Vec<u8>,
-    epoch: i64,
-    next_sequence: i64,
+    encoder: FlowEncoder,
     replayer: Option<thread::JoinHandle<()>>,
-    buf: Vec<u8>,
     produced: metrics::Counter,
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 impl KafkaSink {
-    pub fn new(cfg: KafkaConfig, spool_cfg: SpoolConfig, host: HostIdentity) -> anyhow::Result<KafkaSink> {
+    /// Starts the producer and the replay thread, and announces the host (START).
+    pub fn new(cfg: KafkaConfig, spool_cfg: SpoolConfig, identity: IdentityConfig) -> anyhow::Result<KafkaSink> {
+        let host = identity.current();
+        info!(host_id = %host.host_id, ips = ?host.ips, brokers = %cfg.brokers, "producing to Kafka");
         gauge!(m::SPOOL_MAX_BYTES).set(spool_cfg.max_bytes as f64);
         let spool = Spool::open(spool_cfg.clone())
             .map_err(|e| anyhow::anyhow!("opening the spool at {}: {e}", spool_cfg.dir.display()))?;
@@ -193,70 +213,64 @@ impl KafkaSink {
                 broker_up: gauge!(m::BROKER_UP),
             })?;
         let producer = Arc::new(producer);
-        let flow_header = avro::header(avro::FLOW_SCHEMA)?;
-        let identity_header = avro::header(avro::IDENTITY_SCHEMA)?;
         let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i64;
         let replayer = {
             let (producer, shared, topic) = (producer.clone(), shared.clone(), cfg.flow_topic.clone());
             let key = host.host_id.clone();
-            let fp = hex(&flow_header[2..]);
+            let fp = FLOW.fingerprint_hex();
             thread::Builder::new()
                 .name("flowlog-replay".into())
                 .spawn(move || replay_loop(&producer, &shared, &topic, &key, &fp))?
         };
-        Ok(KafkaSink {
-            host_block: avro::encode_host(&host),
+        let mut sink = KafkaSink {
+            encoder: FlowEncoder::new(epoch, &host),
             host,
+            identity,
             producer,
             shared,
-            flow_fp: hex(&flow_header[2..]),
-            identity_fp: hex(&identity_header[2..]),
-            flow_header,
-            identity_header,
+            flow_fp: FLOW.fingerprint_hex(),
+            identity_fp: IDENTITY.fingerprint_hex(),
             cfg,
-            epoch,
-            next_sequence: 0,
             replayer: Some(replayer),
-            buf: Vec::with_capacity(512),
             produced: counter!(m::FLOWS_PRODUCED),
-        })
+        };
+        sink.send_identity(IdentityReason::Start);
+        Ok(sink)
     }
 
-    pub fn host(&self) -> &HostIdentity {
-        &self.host
+    /// Re-reads this host's identity and announces a change at once.
+    fn check_identity(&mut self) {
+        let now = self.identity.current();
+        if now != self.host {
+            info!(ips = ?now.ips, "host identity changed");
+            self.encoder.host_block = now.encode();
+            self.host = now;
+            self.send_identity(IdentityReason::IpChange);
+        }
     }
 
-    /// Replaces the identity (e.g. the IPs changed) for records from now on.
-    pub fn set_host(&mut self, host: HostIdentity) {
-        self.host_block = avro::encode_host(&host);
-        self.host = host;
-    }
-
-    /// Encodes and produces one flow record.
-    pub fn send_flow(&mut self, r: &FlowRecord, kind: RecordType, c: &Counters) {
-        let pos = Position { epoch: self.epoch, sequence: self.next_sequence, connection_id: r.connection_id as i64 };
-        self.next_sequence += 1;
-        self.buf.clear();
-        self.buf.extend_from_slice(&self.flow_header);
-        avro::encode_flow(&mut self.buf, &self.host_block, pos, kind, r, c);
+    /// Numbers, encodes and produces one flow record.
+    fn send_flow(&mut self, r: &mut Flow) {
+        // Every 8th record is timed for the delivery-latency histogram.
+        let timed = (self.encoder.next_sequence + 1) % 8 == 0;
+        let msg = self.encoder.encode(r);
         // Keep order: while anything is spooled (or being replayed), queue behind it.
         let backlog = self.shared.replaying.load(Ordering::Relaxed)
             || !self.shared.retry.lock().unwrap().is_empty()
             || !self.shared.spool.lock().unwrap().is_empty();
         if backlog {
-            self.shared.spool(&self.buf, "backlog");
+            self.shared.spool(msg, "backlog");
             return;
         }
         if !self.shared.healthy.load(Ordering::Relaxed) {
-            self.shared.spool(&self.buf, "broker_down");
+            self.shared.spool(msg, "broker_down");
             return;
         }
         let headers = OwnedHeaders::new().insert(Header { key: FINGERPRINT_HEADER, value: Some(self.flow_fp.as_str()) });
-        // Every 8th record is timed for the delivery-latency histogram.
-        let sent = if self.next_sequence % 8 == 0 { sent_timed() } else { SENT_UNTIMED };
+        let sent = if timed { sent_timed() } else { SENT_UNTIMED };
         let rec = BaseRecord::with_opaque_to(&self.cfg.flow_topic, sent)
             .key(self.host.host_id.as_str())
-            .payload(&self.buf[..])
+            .payload(msg)
             .headers(headers);
         match self.producer.send(rec) {
             Ok(()) => self.produced.increment(1),
@@ -265,7 +279,7 @@ impl KafkaSink {
                     KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => "queue_full",
                     _ => "produce_error",
                 };
-                self.shared.spool(&self.buf, reason);
+                self.shared.spool(msg, reason);
             }
         }
     }
@@ -273,8 +287,15 @@ impl KafkaSink {
     /// Produces an identity heartbeat.
     pub fn send_identity(&mut self, reason: IdentityReason) {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
-        let mut buf = self.identity_header.to_vec();
-        avro::encode_identity(&mut buf, &self.host_block, now, reason, self.epoch, self.next_sequence);
+        let buf = Identity {
+            host: self.host.clone(),
+            time_ns: now,
+            reason,
+            sequence_epoch: self.encoder.epoch,
+            next_sequence: self.encoder.next_sequence,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+        .to_message();
         let headers = OwnedHeaders::new().insert(Header { key: FINGERPRINT_HEADER, value: Some(self.identity_fp.as_str()) });
         let rec = BaseRecord::with_opaque_to(&self.cfg.identity_topic, SENT_IDENTITY)
             .key(self.host.host_id.as_str())
@@ -292,12 +313,8 @@ impl KafkaSink {
         }
     }
 
-    pub fn update_gauges(&self) {
-        gauge!(m::KAFKA_QUEUE).set(self.producer.in_flight_count() as f64);
-    }
-
     /// Delivers what it can within `timeout`; the rest goes to the spool.
-    pub fn shutdown(mut self, timeout: Duration) {
+    fn shutdown(mut self, timeout: Duration) {
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(r) = self.replayer.take() {
             let _ = r.join();
@@ -324,6 +341,27 @@ impl KafkaSink {
         if !sp.is_empty() {
             info!(records = sp.records(), "records left in the spool for the next run");
         }
+    }
+}
+
+impl Sink for KafkaSink {
+    fn send(&mut self, flow: &mut Flow) -> std::io::Result<()> {
+        self.send_flow(flow);
+        Ok(())
+    }
+
+    fn tick(&mut self, tick: Tick) {
+        match tick {
+            Tick::Heartbeat => self.send_identity(IdentityReason::Heartbeat),
+            Tick::IdentityCheck => self.check_identity(),
+            Tick::Stats => gauge!(m::KAFKA_QUEUE).set(self.producer.in_flight_count() as f64),
+        }
+    }
+
+    /// Announces the stop (STOP), then delivers or spools what is left.
+    fn close(mut self: Box<Self>, timeout: Duration) {
+        self.send_identity(IdentityReason::Stop);
+        self.shutdown(timeout);
     }
 }
 
@@ -402,5 +440,65 @@ fn replay_loop(producer: &ThreadedProducer<Ctx>, shared: &Shared, topic: &str, k
             }
         }
         shared.replaying.store(false, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::{flow_from_event, Clock};
+    use flowlog_common::{direction, flags, tcp_state, FlowEvent, AF_INET6, FLOW_EVENT_KIND_V1};
+
+    /// The sidecar's path (kernel event -> record -> numbered message) read
+    /// by the enricher's decoder: every field arrives as the sidecar meant it.
+    #[test]
+    fn enricher_decodes_what_the_sidecar_encodes() {
+        let mut local = [0u8; 16];
+        local[15] = 1;
+        let ev = FlowEvent {
+            kind: FLOW_EVENT_KIND_V1,
+            family: AF_INET6,
+            direction: direction::SERVER,
+            old_state: tcp_state::LAST_ACK,
+            flags: flags::OPEN_SEEN | flags::OWNER_AT_OPEN | flags::SND_ALL_ACKED | flags::FIN_RECEIVED,
+            local_port: 443,
+            remote_port: 50_000,
+            sk_err: 0,
+            local_addr: local,
+            remote_addr: "2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            start_ns: 1_000,
+            end_ns: 501_000,
+            bytes_acked: 1_000_004,
+            bytes_received: 12_346,
+            cgroup_id: 99,
+            state_path: 0xa3_1897,
+            segs_in: 10,
+            segs_out: 700,
+            total_retrans: 3,
+            srtt_us: 250,
+            rtt_min_us: 90,
+            tgid: 4242,
+            tid: 4243,
+            netns_ino: 4026531840,
+            comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
+            sk: 0xffff_8880_0000_2000,
+        };
+        let mut record = flow_from_event(&ev, &Clock::fixed(1_700_000_000_000_000_000), 7);
+        let host = flowlog_schema::fixtures::host();
+        let mut enc = FlowEncoder::new(123, &host);
+        enc.encode(&mut record.clone());
+        let msg = enc.encode(&mut record).to_vec();
+
+        let (h, f) = flowlog_enricher::decode::Decoder::new().flow(&msg).unwrap();
+        assert_eq!(h.identity, host);
+        assert_eq!(f, record);
+        assert_eq!((f.sequence_epoch, f.sequence), (123, 1));
+        assert_eq!((f.bytes_sent, f.bytes_received), (1_000_003, 12_345));
+        assert_eq!(f.local_addr.to_string(), "::1");
+        assert_eq!(f.remote_port, 50_000);
+        assert_eq!(f.start_time_ns, Some(1_700_000_000_000_001_000));
+        assert_eq!(f.end_reason, flowlog_schema::EndReason::Normal);
+        assert_eq!(f.state_path.iter().collect::<Vec<_>>(), ["LISTEN", "SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]);
+        assert_eq!((f.pid, f.tid, f.comm.as_str(), f.cgroup_id), (4242, 4243, "nginx", 99));
     }
 }

@@ -1,0 +1,245 @@
+//! The `Flow` record (schemas/flow.avsc): one TCP connection seen from one
+//! host. [`Flow`] holds every field but the leading host block, which a
+//! sidecar encodes once ([`HostIdentity::encode`]) and an enricher decodes
+//! once per distinct block ([`decode_flow`]).
+
+use std::net::IpAddr;
+
+use flowlog_common::tcp_state;
+
+use crate::{
+    avro::{DecodeError, Reader, Writer},
+    enums::{Direction, EndReason, Family, OwnerSource, RecordType},
+    host::HostIdentity,
+    schemas::FLOW,
+};
+
+/// The fields of schemas/flow.avsc after `host`, in the schema's order (see
+/// the schema's docs for units and meaning).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Flow {
+    pub sequence_epoch: i64,
+    pub sequence: i64,
+    pub connection_id: i64,
+    pub record_type: RecordType,
+    pub family: Family,
+    pub direction: Direction,
+    pub local_addr: IpAddr,
+    pub local_port: u16,
+    pub remote_addr: IpAddr,
+    pub remote_port: u16,
+    pub start_time_ns: Option<i64>,
+    pub end_time_ns: i64,
+    pub bytes_sent: i64,
+    pub bytes_received: i64,
+    pub segs_in: i64,
+    pub segs_out: i64,
+    pub retransmits: i64,
+    pub srtt_us: i32,
+    pub rtt_min_us: i32,
+    pub end_reason: EndReason,
+    pub error: Option<String>,
+    pub state_path: StatePath,
+    pub pid: i32,
+    pub tid: i32,
+    pub comm: String,
+    pub owner_source: OwnerSource,
+    pub cgroup_id: i64,
+    pub netns_ino: i64,
+}
+
+fn write_addr(w: &mut Writer, ip: &IpAddr) {
+    match ip {
+        IpAddr::V4(a) => w.bytes(&a.octets()),
+        IpAddr::V6(a) => w.bytes(&a.octets()),
+    }
+}
+
+fn read_addr(r: &mut Reader, family: Family, side: &'static str) -> Result<IpAddr, DecodeError> {
+    let b = r.bytes()?;
+    match (family, b.len()) {
+        (Family::Ipv4, 4) => Ok(IpAddr::from(<[u8; 4]>::try_from(b).expect("4 bytes"))),
+        (Family::Ipv6, 16) => Ok(IpAddr::from(<[u8; 16]>::try_from(b).expect("16 bytes"))),
+        (family, len) => Err(DecodeError::BadAddressLength { side, len, family }),
+    }
+}
+
+fn read_port(r: &mut Reader) -> Result<u16, DecodeError> {
+    u16::try_from(r.int()?).map_err(|_| DecodeError::PortOutOfRange)
+}
+
+impl Flow {
+    /// Appends the datum: `host_block` (an encoded [`HostIdentity`]) then
+    /// this record's fields.
+    pub fn write(&self, host_block: &[u8], w: &mut Writer) {
+        w.0.extend_from_slice(host_block);
+        w.long(self.sequence_epoch);
+        w.long(self.sequence);
+        w.long(self.connection_id);
+        self.record_type.write(w);
+        self.family.write(w);
+        self.direction.write(w);
+        write_addr(w, &self.local_addr);
+        w.int(self.local_port as i32);
+        write_addr(w, &self.remote_addr);
+        w.int(self.remote_port as i32);
+        w.opt_long(self.start_time_ns);
+        w.long(self.end_time_ns);
+        w.long(self.bytes_sent);
+        w.long(self.bytes_received);
+        w.long(self.segs_in);
+        w.long(self.segs_out);
+        w.long(self.retransmits);
+        w.int(self.srtt_us);
+        w.int(self.rtt_min_us);
+        self.end_reason.write(w);
+        w.opt_string(self.error.as_deref());
+        w.block(self.state_path.iter(), |w, s| w.string(s));
+        w.int(self.pid);
+        w.int(self.tid);
+        w.string(&self.comm);
+        self.owner_source.write(w);
+        w.long(self.cgroup_id);
+        w.long(self.netns_ino);
+    }
+
+    /// A whole single-object message.
+    pub fn to_message(&self, host_block: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(&FLOW.header());
+        self.write(host_block, &mut Writer(out));
+    }
+
+    /// Reads the fields after the host block.
+    pub fn read(r: &mut Reader) -> Result<Flow, DecodeError> {
+        let sequence_epoch = r.long()?;
+        let sequence = r.long()?;
+        let connection_id = r.long()?;
+        let record_type = RecordType::read(r)?;
+        let family = Family::read(r)?;
+        Ok(Flow {
+            sequence_epoch,
+            sequence,
+            connection_id,
+            record_type,
+            family,
+            direction: Direction::read(r)?,
+            local_addr: read_addr(r, family, "local")?,
+            local_port: read_port(r)?,
+            remote_addr: read_addr(r, family, "remote")?,
+            remote_port: read_port(r)?,
+            start_time_ns: r.opt_long()?,
+            end_time_ns: r.long()?,
+            bytes_sent: r.long()?,
+            bytes_received: r.long()?,
+            segs_in: r.long()?,
+            segs_out: r.long()?,
+            retransmits: r.long()?,
+            srtt_us: r.int()?,
+            rtt_min_us: r.int()?,
+            end_reason: EndReason::read(r)?,
+            error: r.opt_string()?,
+            state_path: StatePath::read(r)?,
+            pid: r.int()?,
+            tid: r.int()?,
+            comm: r.string()?,
+            owner_source: OwnerSource::read(r)?,
+            cgroup_id: r.long()?,
+            netns_ino: r.long()?,
+        })
+    }
+
+    /// What a well-formed datum can still get wrong.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        if self.start_time_ns.is_some_and(|start| start > self.end_time_ns) {
+            return Err(DecodeError::EndBeforeStart);
+        }
+        if self.bytes_sent < 0 || self.bytes_received < 0 || self.end_time_ns <= 0 {
+            return Err(DecodeError::NegativeCounterOrTime);
+        }
+        Ok(())
+    }
+
+    /// Attribution time: the flow's start, or its end when the open was not seen.
+    pub fn time_ns(&self) -> i64 {
+        self.start_time_ns.unwrap_or(self.end_time_ns)
+    }
+}
+
+/// Decodes one Flow message: header, host block (handed to `host`, which
+/// may decode it or find it in a cache), fields, checks.
+pub fn decode_flow<H>(
+    msg: &[u8],
+    host: impl FnOnce(&[u8]) -> Result<H, DecodeError>,
+) -> Result<(H, Flow), DecodeError> {
+    let mut r = Reader::new(FLOW.datum(msg)?);
+    let block = HostIdentity::skip(&mut r)?;
+    let h = host(block)?;
+    let f = Flow::read(&mut r)?;
+    r.finish()?;
+    f.validate()?;
+    Ok((h, f))
+}
+
+/// The TCP states a connection went through, oldest first: one nibble per
+/// state (the kernel's numbering), the oldest in the most significant
+/// non-zero nibble, as the eBPF program packs it. No TCP state is 0, so
+/// there are no ambiguous zero nibbles. Holds the 16 most recent states.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatePath(pub u64);
+
+/// The state of a name this version does not know.
+const UNKNOWN_STATE: u8 = 15;
+
+/// The kernel's name of a TCP state (`UNKNOWN` for anything else).
+pub fn state_name(s: u8) -> &'static str {
+    tcp_state::name(s)
+}
+
+impl StatePath {
+    pub fn len(&self) -> usize {
+        (64 - self.0.leading_zeros() as usize).div_ceil(4)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+    /// The state names, oldest first.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &'static str> {
+        let p = self.0;
+        (0..self.len()).rev().map(move |i| state_name(((p >> (4 * i)) & 0xf) as u8))
+    }
+    /// Appends a state (the oldest falls off past 16).
+    pub fn push(&mut self, state: u8) {
+        self.0 = (self.0 << 4) | (state & 0xf) as u64;
+    }
+    fn read(r: &mut Reader) -> Result<StatePath, DecodeError> {
+        let mut p = StatePath::default();
+        r.blocks(|r| {
+            p.push(tcp_state::from_name(r.str()?).unwrap_or(UNKNOWN_STATE));
+            Ok(())
+        })?;
+        Ok(p)
+    }
+}
+
+impl serde::Serialize for StatePath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_path_packs_like_the_kernel() {
+        let p = StatePath(0x721457);
+        assert_eq!(p.iter().collect::<Vec<_>>(), ["CLOSE", "SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]);
+        let mut q = StatePath::default();
+        for s in [7, 2, 1, 4, 5, 7] {
+            q.push(s);
+        }
+        assert_eq!(p, q);
+        assert!(StatePath::default().is_empty());
+    }
+}

@@ -1,0 +1,49 @@
+//! The `Identity` record (schemas/identity.avsc): a sidecar's heartbeat,
+//! naming its host, its IPs and where its flow sequence stands.
+
+use crate::{
+    avro::{DecodeError, Reader, Writer},
+    enums::IdentityReason,
+    host::HostIdentity,
+    schemas::IDENTITY,
+};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub host: HostIdentity,
+    pub time_ns: i64,
+    pub reason: IdentityReason,
+    pub sequence_epoch: i64,
+    pub next_sequence: i64,
+    /// The sidecar's version.
+    pub version: String,
+}
+
+impl Identity {
+    /// A whole single-object message.
+    pub fn to_message(&self) -> Vec<u8> {
+        let mut out = IDENTITY.header().to_vec();
+        let w = &mut Writer(&mut out);
+        self.host.write(w);
+        w.long(self.time_ns);
+        self.reason.write(w);
+        w.long(self.sequence_epoch);
+        w.long(self.next_sequence);
+        w.string(&self.version);
+        out
+    }
+
+    pub fn decode(msg: &[u8]) -> Result<Identity, DecodeError> {
+        let r = &mut Reader::new(IDENTITY.datum(msg)?);
+        let id = Identity {
+            host: HostIdentity::read(r)?,
+            time_ns: r.long()?,
+            reason: IdentityReason::read(r)?,
+            sequence_epoch: r.long()?,
+            next_sequence: r.long()?,
+            version: r.string()?,
+        };
+        r.finish()?;
+        Ok(id)
+    }
+}

@@ -1,0 +1,75 @@
+//! The committed schemas, their fingerprints and the single-object header:
+//! `C3 01`, then the schema's 8-byte CRC-64-AVRO fingerprint (little endian),
+//! then the binary datum.
+
+use std::sync::OnceLock;
+
+use apache_avro::{rabin::Rabin, Schema};
+
+use crate::avro::DecodeError;
+
+/// One schema of `schemas/`.
+pub struct SchemaDef {
+    /// File stem in `schemas/` (`flow`, `identity`, `enriched_flow`).
+    pub name: &'static str,
+    /// The `.avsc` text, as committed.
+    pub json: &'static str,
+    fingerprint: OnceLock<[u8; 8]>,
+}
+
+pub static FLOW: SchemaDef = SchemaDef::new("flow", include_str!("../../schemas/flow.avsc"));
+pub static IDENTITY: SchemaDef = SchemaDef::new("identity", include_str!("../../schemas/identity.avsc"));
+pub static ENRICHED_FLOW: SchemaDef = SchemaDef::new("enriched_flow", include_str!("../../schemas/enriched_flow.avsc"));
+
+/// Every schema, for tests and docs.
+pub static ALL: [&SchemaDef; 3] = [&FLOW, &IDENTITY, &ENRICHED_FLOW];
+
+/// The Kafka header that names a message's schema (hex fingerprint).
+pub const FINGERPRINT_HEADER: &str = "flowlog.schema.fingerprint";
+
+impl SchemaDef {
+    const fn new(name: &'static str, json: &'static str) -> SchemaDef {
+        SchemaDef { name, json, fingerprint: OnceLock::new() }
+    }
+
+    /// The schema parsed by apache-avro (tests, generic readers).
+    pub fn parse(&self) -> Schema {
+        // Compiled in and checked by this crate's tests: cannot fail at run time.
+        Schema::parse_str(self.json).unwrap_or_else(|e| panic!("schemas/{}.avsc does not parse: {e}", self.name))
+    }
+
+    /// CRC-64-AVRO (Rabin) fingerprint of the canonical form, little endian.
+    pub fn fingerprint(&self) -> [u8; 8] {
+        *self.fingerprint.get_or_init(|| {
+            let mut fp = [0u8; 8];
+            fp.copy_from_slice(&self.parse().fingerprint::<Rabin>().bytes[..8]);
+            fp
+        })
+    }
+
+    /// The fingerprint as lowercase hex (the fingerprint header's value).
+    pub fn fingerprint_hex(&self) -> String {
+        self.fingerprint().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The 10-byte single-object header.
+    pub fn header(&self) -> [u8; 10] {
+        let mut h = [0u8; 10];
+        h[0] = 0xC3;
+        h[1] = 0x01;
+        h[2..].copy_from_slice(&self.fingerprint());
+        h
+    }
+
+    /// Checks a message's single-object header; returns the datum after it.
+    pub fn datum<'a>(&self, msg: &'a [u8]) -> Result<&'a [u8], DecodeError> {
+        if msg.len() < 10 || msg[0] != 0xC3 || msg[1] != 0x01 {
+            return Err(DecodeError::NotSingleObject);
+        }
+        let fp: [u8; 8] = msg[2..10].try_into().expect("8 bytes");
+        if fp != self.fingerprint() {
+            return Err(DecodeError::UnknownFingerprint(fp));
+        }
+        Ok(&msg[10..])
+    }
+}
