@@ -14,7 +14,7 @@ use flowlog_common::tcp_state;
 use flowlog_enricher::{
     attribute::Attributor,
     decode,
-    sources::{cidr::CidrMap, identity::IdentityStore},
+    sources::{cidr::CidrMap, heartbeats::event_from_heartbeat, identity::IdentityStore},
 };
 use flowlog_schema::{container::ContainerWriter, fixtures, Flow, IdentityReason, StatePath, ENRICHED_FLOW, FLOW};
 use flowlog_runtime::process::Usage;
@@ -108,7 +108,7 @@ fn identity_store(ips: usize, hosts: usize) -> IdentityStore {
         let mut host = fixtures::host_with(&format!("owner-{h}"), &format!("svc-{h}"), &[]);
         host.hostname.clear();
         host.ips = ips;
-        s.apply(&fixtures::identity(&host, 1, IdentityReason::Start));
+        s.apply(event_from_heartbeat(&fixtures::identity(&host, 1, IdentityReason::Start)));
     }
     s
 }
