@@ -15,6 +15,22 @@ fn ready() -> bool {
     have_root() && have_broker()
 }
 
+/// What each test names after itself: a spool folder, a metrics address and
+/// a host id; None (skip) without root or the broker.
+struct Setup {
+    spool: PathBuf,
+    metrics_addr: String,
+    host_id: String,
+}
+
+fn setup(name: &str) -> Option<Setup> {
+    ready().then(|| Setup {
+        spool: temp_dir(&format!("spool-{name}")),
+        metrics_addr: format!("127.0.0.1:{}", free_port()),
+        host_id: format!("{name}-{}", std::process::id()),
+    })
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("flowlog-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -56,13 +72,8 @@ fn kafka_args<'a>(brokers: &'a str, spool: &'a str, metrics: &'a str, host_id: &
 
 #[test]
 fn flows_reach_the_broker_exactly() {
-    if !ready() {
-        return;
-    }
+    let Some(Setup { spool, metrics_addr, host_id }) = setup("e2e") else { return };
     let broker = Broker::start(&spec("e2e")).expect("start the broker");
-    let spool = temp_dir("spool-e2e");
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let host_id = format!("e2e-{}", std::process::id());
     let brokers = broker.addr.clone();
     let sc = Sidecar::start(&kafka_args(&brokers, spool.to_str().unwrap(), &metrics_addr, &host_id));
 
@@ -148,14 +159,9 @@ fn flows_reach_the_broker_exactly() {
 /// spool) and all arrive, in sequence order, once it starts.
 #[test]
 fn broker_outage_loses_nothing() {
-    if !ready() {
-        return;
-    }
+    let Some(Setup { spool, metrics_addr, host_id }) = setup("outage") else { return };
     let port = free_port();
     let brokers = format!("127.0.0.1:{port}");
-    let spool = temp_dir("spool-outage");
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let host_id = format!("outage-{}", std::process::id());
     let cfg = spool.join("sidecar.toml");
     // Short delivery timeout so records move to the spool within the test.
     std::fs::write(&cfg, "[kafka]\nmessage_timeout_ms = 2000\n").unwrap();
@@ -207,14 +213,9 @@ fn broker_outage_loses_nothing() {
 /// replays it.
 #[test]
 fn spool_survives_restart() {
-    if !ready() {
-        return;
-    }
+    let Some(Setup { spool, metrics_addr: m1, host_id }) = setup("restart") else { return };
     let port = free_port();
     let brokers = format!("127.0.0.1:{port}");
-    let spool = temp_dir("spool-restart");
-    let host_id = format!("restart-{}", std::process::id());
-    let m1 = format!("127.0.0.1:{}", free_port());
     let sc = Sidecar::start(&kafka_args(&brokers, spool.to_str().unwrap(), &m1, &host_id));
     let (sp, cps) = short_connections(20);
     std::thread::sleep(Duration::from_millis(300));

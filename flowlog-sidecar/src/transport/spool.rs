@@ -252,6 +252,11 @@ mod tests {
         SpoolConfig { dir: dir.to_path_buf(), max_bytes: max, segment_bytes: seg, fsync: Fsync::Never, fsync_interval_ms: 1000 }
     }
 
+    /// Every record left, oldest first.
+    fn drain(s: &mut Spool) -> Vec<Vec<u8>> {
+        std::iter::from_fn(|| s.take_oldest().unwrap()).flatten().collect()
+    }
+
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("flowlog-spool-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
@@ -270,10 +275,7 @@ mod tests {
         drop(s);
         let mut s = Spool::open(cfg(&d, 1 << 20, 100)).unwrap();
         assert_eq!(s.records(), 20);
-        let mut got = Vec::new();
-        while let Some(batch) = s.take_oldest().unwrap() {
-            got.extend(batch);
-        }
+        let got = drain(&mut s);
         let want: Vec<Vec<u8>> = (0..20u32).map(|i| i.to_le_bytes().repeat(5)).collect();
         assert_eq!(got, want);
         assert!(s.is_empty());
@@ -292,10 +294,7 @@ mod tests {
         }
         assert_eq!(dropped, 6);
         assert_eq!(s.dropped_records, 6);
-        let mut got = Vec::new();
-        while let Some(batch) = s.take_oldest().unwrap() {
-            got.extend(batch);
-        }
+        let got = drain(&mut s);
         assert_eq!(got, (6..10u8).map(|i| vec![i; 20]).collect::<Vec<_>>());
         fs::remove_dir_all(d).unwrap();
     }
@@ -308,10 +307,7 @@ mod tests {
         s.prepend(&[b"old1".to_vec(), b"old2".to_vec()]).unwrap();
         drop(s);
         let mut s = Spool::open(cfg(&d, 1 << 20, 1 << 20)).unwrap();
-        let mut got = Vec::new();
-        while let Some(b) = s.take_oldest().unwrap() {
-            got.extend(b);
-        }
+        let got = drain(&mut s);
         assert_eq!(got, vec![b"old1".to_vec(), b"old2".to_vec(), b"new".to_vec()]);
         fs::remove_dir_all(d).unwrap();
     }
