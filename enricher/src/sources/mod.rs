@@ -12,7 +12,6 @@ pub mod static_map;
 
 use std::sync::{Arc, RwLock};
 
-use crate::attribute::Attributor;
 use identity::IdentityStore;
 
 /// Workload attributes of an owner (the enriched schema's Attribution
@@ -28,20 +27,4 @@ pub struct Sources {
     pub identity: Arc<RwLock<IdentityStore>>,
     pub ec2: Arc<RwLock<IdentityStore>>,
     pub cidr: Arc<RwLock<cidr::CidrMap>>,
-}
-
-impl Sources {
-    /// Runs `f` with an attributor over the sources as they are now.
-    pub fn attribute<R>(&self, f: impl FnOnce(&Attributor) -> R) -> R {
-        let (identity, ec2, cidr) = (
-            self.identity.read().unwrap(),
-            self.ec2.read().unwrap(),
-            self.cidr.read().unwrap(),
-        );
-        f(&Attributor {
-            identity: &identity,
-            ec2: &ec2,
-            cidr: &cidr,
-        })
-    }
 }
