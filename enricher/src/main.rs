@@ -34,6 +34,10 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if cli.print_config_reference {
+        println!("{}", flowlog_enricher::config::reference());
+        return std::process::ExitCode::SUCCESS;
+    }
     flowlog_runtime::logging::init(&cli.log);
     let run_or_check = |cfg: Config| {
         if !cli.check_config {

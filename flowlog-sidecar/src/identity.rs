@@ -2,22 +2,23 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use serde::Deserialize;
-
-/// Identity settings (`[identity]` in the config file).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct IdentityConfig {
-    /// Stable host id; default /etc/machine-id, else the host name.
-    pub host_id: Option<String>,
-    /// Cloud instance id (e.g. the EC2 instance id).
-    pub instance_id: Option<String>,
-    /// This host's workload name.
-    pub workload: Option<String>,
-    /// Free-form workload labels.
-    pub labels: BTreeMap<String, String>,
-    /// Fixed IP list; default: the host's non-loopback interface addresses.
-    pub ips: Option<Vec<String>>,
+flowlog_settings::settings! {
+    /// Identity settings (`[identity]` in the config file).
+    pub struct IdentityConfig {
+        /// Stable host id; default /etc/machine-id, else the host name.
+        #[flag(long = "host-id", env = "FLOWLOG_HOST_ID")]
+        pub host_id: Option<String> = None,
+        /// Cloud instance id (e.g. the EC2 instance id).
+        #[flag(long = "instance-id", env = "FLOWLOG_INSTANCE_ID")]
+        pub instance_id: Option<String> = None,
+        /// This host's workload name.
+        #[flag(long = "workload", env = "FLOWLOG_WORKLOAD")]
+        pub workload: Option<String> = None,
+        /// Free-form workload labels.
+        pub labels: BTreeMap<String, String> = BTreeMap::new(),
+        /// Fixed IP list; default: the host's non-loopback interface addresses.
+        pub ips: Option<Vec<String>> = None,
+    }
 }
 
 pub use flowlog_schema::HostIdentity;

@@ -30,6 +30,10 @@ use crate::{
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if cli.print_config_reference {
+        println!("{}", config::reference());
+        return std::process::ExitCode::SUCCESS;
+    }
     flowlog_runtime::logging::init(&cli.log);
     if cli.check_config {
         let checked = Config::load(&cli).map_err(anyhow::Error::from).and_then(|c| {

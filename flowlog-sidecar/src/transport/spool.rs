@@ -13,9 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Deserialize;
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Fsync {
     /// fsync after every append (safest, slowest).
@@ -26,28 +27,23 @@ pub enum Fsync {
     Never,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SpoolConfig {
-    /// Directory for segment files; created if missing.
-    pub dir: PathBuf,
-    /// Total bytes on disk before the oldest segments are dropped.
-    pub max_bytes: u64,
-    /// A segment is closed and a new one started past this size.
-    pub segment_bytes: u64,
-    pub fsync: Fsync,
-    pub fsync_interval_ms: u64,
-}
+flowlog_settings::value_enum!(Fsync);
 
-impl Default for SpoolConfig {
-    fn default() -> Self {
-        SpoolConfig {
-            dir: PathBuf::from("/var/lib/flowlog/spool"),
-            max_bytes: 1 << 30,
-            segment_bytes: 8 << 20,
-            fsync: Fsync::Interval,
-            fsync_interval_ms: 1000,
-        }
+flowlog_settings::settings! {
+    /// Spool settings (`[spool]` in the config file).
+    pub struct SpoolConfig {
+        /// Directory for segment files; created if missing.
+        #[flag(long = "spool-dir", env = "FLOWLOG_SPOOL_DIR")]
+        pub dir: PathBuf = PathBuf::from("/var/lib/flowlog/spool"),
+        /// Total bytes on disk before the oldest segments are dropped.
+        #[flag(long = "spool-max-bytes", env = "FLOWLOG_SPOOL_MAX_BYTES")]
+        pub max_bytes: u64 = 1 << 30,
+        /// A segment is closed and a new one started past this size.
+        pub segment_bytes: u64 = 8 << 20,
+        /// When the spool is fsync'd.
+        pub fsync: Fsync = Fsync::Interval,
+        /// With `fsync = "interval"`: the longest time between fsyncs, ms.
+        pub fsync_interval_ms: u64 = 1000,
     }
 }
 
