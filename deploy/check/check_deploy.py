@@ -6,6 +6,7 @@ Each check prints one line; any problem makes the exit status non-zero.
 `--update` rewrites deploy/kubernetes/flowlog.yaml from the chart first.
 """
 
+import functools
 import json
 import os
 import re
@@ -138,24 +139,23 @@ def effective(cfg: dict, ref: dict, key: str):
     return cfg.get(key, setting(ref, key)["default"])
 
 
+@functools.lru_cache(maxsize=None)
 def exported_metrics() -> tuple[set[str], dict[str, str]]:
-    """Every series name the two binaries export, and each base name's source text."""
+    """Every series name the two binaries export (from their own references:
+    every metric they describe), and each name's crate source text (where
+    label names and values are looked up)."""
     names: set[str] = set()
     src_of: dict[str, str] = {}
-    for crate in ("flowlog-sidecar", "enricher"):
-        mfile = ROOT / crate / "src" / "metrics.rs"
-        text = mfile.read_text()
-        consts = dict(re.findall(r'pub const (\w+): &str = "(flowlog_\w+)";', text))
+    for binary, crate, exe in (("flowlog-sidecar", "flowlog-sidecar", SIDECAR_BIN), ("flowlog-enricher", "enricher", ENRICHER_BIN)):
+        ref = config_reference(binary, exe) or {}
         all_src = "\n".join(p.read_text() for p in (ROOT / crate / "src").rglob("*.rs"))
-        hist_consts = set(re.findall(r"(?:describe_histogram!|histogram!)\(\s*(?:\w+::)*(\w+)", all_src))
-        hist_consts |= set(re.findall(r"Matcher::Full\(\s*(?:\w+::)*(\w+)", all_src))
-        for const, name in consts.items():
-            names.add(name)
-            src_of[name] = all_src
-            if const in hist_consts:
-                for suffix in ("_bucket", "_sum", "_count"):
-                    names.add(name + suffix)
-                    src_of[name + suffix] = all_src
+        for m in ref.get("metrics", []):
+            suffixes = ("_bucket", "_sum", "_count", "") if m["kind"] == "histogram" else ("",)
+            for suffix in suffixes:
+                names.add(m["name"] + suffix)
+                src_of[m["name"] + suffix] = all_src
+        if not ref.get("metrics"):
+            fail(f"{binary} --print-config-reference lists no metrics")
     return names, src_of
 
 
@@ -198,12 +198,13 @@ def check_metric_refs(where: str, text: str, exported: set[str], src_of: dict[st
 # --------------------------------------------------------------------------
 
 def newest_binary(name: str, crate: str) -> Path | None:
-    cands = [ROOT / "target" / p / name for p in ("release", "debug")]
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    cands = [target / p / name for p in ("release", "debug")]
     cands = [c for c in cands if c.is_file() and os.access(c, os.X_OK)]
     if not cands:
         return None
     b = max(cands, key=lambda c: c.stat().st_mtime)
-    srcs = [p for d in (crate, "flowlog-settings") for p in (ROOT / d / "src").rglob("*.rs")]
+    srcs = [p for d in (crate, "flowlog-settings", "flowlog-runtime", "flowlog-schema") for p in (ROOT / d / "src").rglob("*.rs")]
     src_mtime = max(p.stat().st_mtime for p in srcs)
     if b.stat().st_mtime < src_mtime:
         return None  # stale: older than its sources

@@ -120,9 +120,13 @@ impl Config {
     }
 }
 
-/// What `--print-config-reference` prints.
+/// What `--print-config-reference` prints: every setting, and every metric
+/// exported.
 pub fn reference() -> String {
-    flowlog_settings::reference::<Config>(&Cli::command()).to_json()
+    let mut r = flowlog_settings::reference::<Config>(&Cli::command());
+    let metrics = flowlog_runtime::prometheus::reference(crate::metrics::describe);
+    r.extra.insert("metrics", serde_json::to_value(metrics).expect("plain data"));
+    r.to_json()
 }
 
 #[cfg(test)]

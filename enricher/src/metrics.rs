@@ -60,7 +60,7 @@ pub fn serve(listen: std::net::SocketAddr) -> anyhow::Result<()> {
 }
 
 /// HELP text for every metric (shown by the endpoint and in dashboards).
-fn describe() {
+pub fn describe() {
     use metrics::{describe_counter, describe_gauge, Unit};
     describe_counter!(
         RECORDS_IN,

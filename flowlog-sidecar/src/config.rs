@@ -179,11 +179,13 @@ impl Config {
     }
 }
 
-/// What `--print-config-reference` prints: every setting, and the librdkafka
-/// properties `kafka.properties` refuses.
+/// What `--print-config-reference` prints: every setting, the librdkafka
+/// properties `kafka.properties` refuses, and every metric exported.
 pub fn reference() -> String {
     let mut r = flowlog_settings::reference::<Config>(&Cli::command());
     r.extra.insert("refused_kafka_properties", crate::transport::kafka::OWNED.as_slice().into());
+    let metrics = flowlog_runtime::prometheus::reference(crate::metrics::describe);
+    r.extra.insert("metrics", serde_json::to_value(metrics).expect("plain data"));
     r.to_json()
 }
 
