@@ -19,9 +19,10 @@ setup:
 build:
 	cargo build --release -p flowlog-sidecar -p flowlog-bench -p flowlog-enricher --no-default-features < /dev/null
 
-## Everything CI checks: generated docs up to date; unit tests and the tests
-## on the real kernel (root) and the real local broker (plain `cargo test`
-## skips the root-only ones); the deployment files (Helm chart, manifests,
+## Everything CI checks: generated docs up to date (gen-docs builds both
+## binaries, as this user, for their --print-config-reference); unit tests and
+## the tests on the real kernel (root) and the real local broker (plain `cargo
+## test` skips the root-only ones); the deployment files (Helm chart, manifests,
 ## systemd units, alert rules, dashboard), checked with the binaries just built.
 test:
 	python3 scripts/gen-docs.py --check

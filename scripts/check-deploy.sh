@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Checks deploy/: renders the Helm chart (helm lint + template, several value
 # sets) and validates every object against Kubernetes schemas, compares the
-# plain manifests with the chart, validates the config files (config structs,
-# and the real binaries when built), runs promtool on the scrape configs, the
+# plain manifests with the chart, validates the config files (keys and types
+# against the binaries' --print-config-reference, the built binaries' own
+# --check-config), runs promtool on the scrape configs, the
 # alert rules and their unit tests, checks the Grafana dashboard, cross-checks
 # every flowlog_* metric against what the binaries export, and verifies the
 # systemd units. Exits non-zero on any problem.

@@ -49,6 +49,15 @@ command -v ip >/dev/null && command -v tc >/dev/null || fail "the ip and tc comm
 
 # Running, and not a zombie (an exited child not yet reaped)?
 alive() { [ -r "/proc/$1/stat" ] && ! grep -q '^[0-9]* (.*) Z' "/proc/$1/stat" 2>/dev/null; }
+# Waits (up to 30 s) for $1's log ($OUT/$1.log) to say $2, or for it to die.
+wait_started() {
+    for _ in $(seq 300); do
+        grep -q "$2" "$OUT/$1.log" && return 0
+        alive "$(cat "$OUT/run/$1.pid")" || break
+        sleep 0.1
+    done
+    grep -q "$2" "$OUT/$1.log" || fail "the $1 did not start" "$OUT/$1.log"
+}
 wait_gone() { # PID [TENTHS]: waits for it to exit, then SIGKILL
     for _ in $(seq "${2:-100}"); do alive "$1" || break; sleep 0.1; done
     kill -KILL "$1" 2>/dev/null || true
@@ -169,24 +178,14 @@ setsid $BIN/flowlog-sidecar --output kafka --kafka-brokers "127.0.0.1:$PORT" \
     --spool-dir "$OUT/spool" --metrics-listen "127.0.0.1:$SIDECAR_METRICS" --workload demo-host \
     --interim-interval-secs 3 --stats-file "$OUT/sidecar-stats.json" 2> "$OUT/sidecar.log" &
 echo $! > "$OUT/run/sidecar.pid"
-for _ in $(seq 300); do
-    grep -q "capturing TCP flows" "$OUT/sidecar.log" && break
-    alive "$(cat "$OUT/run/sidecar.pid")" || break
-    sleep 0.1
-done
-grep -q "capturing TCP flows" "$OUT/sidecar.log" || fail "the sidecar did not start" "$OUT/sidecar.log"
+wait_started sidecar "capturing TCP flows"
 
 say "starting the enricher (static map + the sidecar's identity; metrics http://127.0.0.1:$ENRICHER_METRICS/metrics)"
 setsid $BIN/flowlog-enricher --brokers "127.0.0.1:$PORT" --group-id flowlog-demo --output-dir "$OUT/enriched" \
     --static-map "$OUT/static-map.toml" --batch-max-age-secs 2 --late-window-secs 0 \
     --metrics-listen "127.0.0.1:$ENRICHER_METRICS" 2> "$OUT/enricher.log" &
 echo $! > "$OUT/run/enricher.pid"
-for _ in $(seq 300); do
-    grep -q "enriching" "$OUT/enricher.log" && break
-    alive "$(cat "$OUT/run/enricher.pid")" || break
-    sleep 0.1
-done
-grep -q "enriching" "$OUT/enricher.log" || fail "the enricher did not start" "$OUT/enricher.log"
+wait_started enricher "enriching"
 
 say "generating traffic for ${SECONDS_OF_TRAFFIC}s (flowlog-demo-traffic in each namespace)"
 in_ns() { local w=$1; shift; ip netns exec "$NS_PREFIX$w" "$BIN/flowlog-demo-traffic" "$@"; }

@@ -7,20 +7,20 @@
 docs/schemas.md comes from schemas/*.avsc (not schemas/history/): one table
 per record, nested records, enums and unions resolved.
 
-docs/configuration.md comes from the binaries' configuration code, not from
-`--help` (so no build is needed): the `Config` structs (field doc comments,
-types, `impl Default`), the clap `Cli` structs (`#[arg(long, env = ...)]`)
-and the `Config::load` functions that say which flag sets which setting.
-Anything the parser does not understand is an error, never a guess.
+docs/configuration.md comes from what the binaries print with
+`--print-config-reference` (each setting is declared once, in Rust, with its
+doc comment, default, flag and environment variable): the script builds and
+runs them with `cargo run` (scripts/config_reference.py), so it needs the
+build tools of `make setup` (bpf-linker for the sidecar).
 
 Python 3 standard library only; deterministic; no root, no network.
 """
 
-import ast
 import json
-import re
 import sys
 from pathlib import Path
+
+import config_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "schemas"
@@ -203,228 +203,8 @@ def gen_schemas():
 
 
 # ---------------------------------------------------------------------------
-# Configuration (parsed from the Rust source)
+# Configuration (from the binaries' --print-config-reference)
 # ---------------------------------------------------------------------------
-
-BINARIES = [
-    # (binary, crate src dir, config file holding Cli and Config::load)
-    ("flowlog-sidecar", "flowlog-sidecar/src", "flowlog-sidecar/src/config.rs"),
-    ("flowlog-enricher", "enricher/src", "enricher/src/config.rs"),
-]
-
-# Meanings for settings whose code has no doc comment. A doc comment in the
-# code always wins; an entry here for a setting that no longer exists is an error.
-SUPPLEMENT = {
-    ("flowlog-sidecar", "spool.fsync"): "When the spool is fsync'd.",
-    ("flowlog-sidecar", "spool.fsync_interval_ms"): "With `fsync = \"interval\"`: the longest time between fsyncs, ms.",
-    ("flowlog-enricher", "--config"): "TOML settings file.",
-    ("flowlog-enricher", "--log"): "Log filter (tracing EnvFilter syntax), e.g. `info` or `flowlog_enricher=debug`.",
-    ("flowlog-enricher", "flow_topic"): "Topic of the sidecars' flow records, consumed as the group `group_id`.",
-    ("flowlog-enricher", "identity_topic"): "Topic of the sidecars' identity heartbeats, read from the beginning by every enricher.",
-}
-
-# Facts the doc comment leaves out, appended to it (kept short; each is checked
-# against the code when this table was written).
-NOTES = {
-    ("flowlog-sidecar", "kafka.compression"): "Accepted: `lz4`, `zstd`, `gzip`, `none`.",
-    ("flowlog-enricher", "kafka_properties"): "Also used by the identity reader and the enriched-topic producer; "
-    "the enricher's own consumer settings (`group.id`, `enable.auto.commit`, `auto.offset.reset`, "
-    "`partition.assignment.strategy`, ...) are applied after them and win.",
-}
-
-INT_TYPES = {"u8", "u16", "u32", "u64", "usize", "i8", "i16", "i32", "i64", "isize"}
-
-
-def strip_comments(text):
-    """Removes // comments that are not doc comments, keeping strings intact enough for our use."""
-    out = []
-    for line in text.splitlines():
-        s = line.lstrip()
-        if s.startswith("//") and not s.startswith("///"):
-            continue
-        out.append(line)
-    return "\n".join(out)
-
-
-def balanced(text, start, open_ch="{", close_ch="}"):
-    """Returns the text between the bracket at `start` and its match."""
-    if text[start] != open_ch:
-        raise GenError(f"expected {open_ch!r}")
-    depth, i, in_str = 0, start, False
-    while i < len(text):
-        c = text[i]
-        if in_str:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                in_str = False
-        elif c == '"':
-            in_str = True
-        elif c == open_ch:
-            depth += 1
-        elif c == close_ch:
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i]
-        i += 1
-    raise GenError("unbalanced brackets")
-
-
-def split_top(s, sep=","):
-    """Splits on `sep` outside brackets and strings."""
-    parts, depth, cur, in_str, i = [], 0, [], False, 0
-    while i < len(s):
-        c = s[i]
-        if in_str:
-            cur.append(c)
-            if c == "\\":
-                cur.append(s[i + 1])
-                i += 1
-            elif c == '"':
-                in_str = False
-        elif c == '"':
-            in_str = True
-            cur.append(c)
-        elif c in "([{":
-            depth += 1
-            cur.append(c)
-        elif c in ")]}":
-            depth -= 1
-            cur.append(c)
-        elif c == sep and depth == 0:
-            parts.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    if "".join(cur).strip():
-        parts.append("".join(cur).strip())
-    return parts
-
-
-class Crate:
-    def __init__(self, src_dir):
-        self.files = {p: strip_comments(p.read_text()) for p in sorted((ROOT / src_dir).rglob("*.rs"))}
-
-    def _find(self, kind, name):
-        hits = []
-        pat = re.compile(rf"^((?:[ \t]*(?:///[^\n]*|#\[[^\n]*\])\n)*)[ \t]*pub {kind} {name}\b[^{{;]*\{{", re.M)
-        for p, text in self.files.items():
-            for m in pat.finditer(text):
-                hits.append((p, text, m))
-        if len(hits) > 1:
-            hits = [h for h in hits if "Deserialize" in h[2].group(1)]
-        if len(hits) != 1:
-            raise GenError(f"expected one `pub {kind} {name}`, found {len(hits)}")
-        return hits[0]
-
-    def has_struct(self, name):
-        pat = re.compile(rf"^[ \t]*pub struct {name}\b", re.M)
-        return any(pat.search(t) for t in self.files.values())
-
-    def has_enum(self, name):
-        pat = re.compile(rf"^[ \t]*pub enum {name}\b", re.M)
-        return any(pat.search(t) for t in self.files.values())
-
-    def struct(self, name):
-        """[(field, type, doc, attrs)], the struct's attributes."""
-        p, text, m = self._find("struct", name)
-        body = balanced(text, m.end() - 1)
-        fields, doc, attrs = [], [], []
-        for line in body.splitlines():
-            s = line.strip()
-            if not s:
-                continue
-            if s.startswith("///"):
-                doc.append(s[3:].strip())
-            elif s.startswith("#["):
-                attrs.append(s)
-            else:
-                fm = re.match(r"pub (\w+):\s*(.+?),?$", s)
-                if not fm:
-                    raise GenError(f"{p.relative_to(ROOT)}: struct {name}: cannot read {s!r}")
-                fields.append((fm.group(1), fm.group(2), " ".join(doc), attrs))
-                doc, attrs = [], []
-        return fields, m.group(1), p, text
-
-    def enum(self, name):
-        """[(variant, doc)], serde rename_all."""
-        p, text, m = self._find("enum", name)
-        body = balanced(text, m.end() - 1)
-        variants, doc = [], []
-        for line in body.splitlines():
-            s = line.strip()
-            if not s or s.startswith("#["):
-                continue
-            if s.startswith("///"):
-                doc.append(s[3:].strip())
-                continue
-            vm = re.match(r"(\w+),?$", s)
-            if not vm:
-                raise GenError(f"{p.relative_to(ROOT)}: enum {name}: only unit variants are supported, got {s!r}")
-            variants.append((vm.group(1), " ".join(doc)))
-            doc = []
-        rename = re.search(r'rename_all\s*=\s*"([^"]+)"', m.group(1))
-        return variants, (rename.group(1) if rename else None), "ValueEnum" in m.group(1)
-
-    def defaults(self, name):
-        """field -> default expression, from `impl Default for name`; None if derived."""
-        for p, text in self.files.items():
-            m = re.search(rf"impl Default for {name}\s*\{{", text)
-            if not m:
-                continue
-            body = balanced(text, m.end() - 1)
-            fn = re.search(r"fn default\(\)\s*->\s*\w+\s*\{", body)
-            if not fn:
-                raise GenError(f"impl Default for {name}: no fn default()")
-            body = balanced(body, fn.end() - 1)
-            lit = re.search(rf"\b(?:{name}|Self)\s*\{{", body)
-            if not lit:
-                raise GenError(f"impl Default for {name}: no struct literal")
-            inner = balanced(body, lit.end() - 1)
-            out = {}
-            for item in split_top(inner):
-                if item.startswith(".."):
-                    raise GenError(f"impl Default for {name}: `..` is not supported")
-                k, _, v = item.partition(":")
-                out[k.strip()] = v.strip()
-            return out, text
-        return None, None
-
-    def fn_value(self, fn_name):
-        for text in self.files.values():
-            m = re.search(rf"fn {fn_name}\(\)\s*->\s*[\w:<>]+\s*\{{", text)
-            if m:
-                body = balanced(text, m.end() - 1).strip()
-                return body.splitlines()[-1].strip().rstrip(";")
-        raise GenError(f"fn {fn_name}() not found")
-
-
-def snake(name):
-    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
-
-
-def kebab(name):
-    return snake(name).replace("_", "-")
-
-
-def eval_int(expr):
-    tree = ast.parse(expr.replace("_", ""), mode="eval")
-
-    def ev(n):
-        if isinstance(n, ast.Expression):
-            return ev(n.body)
-        if isinstance(n, ast.Constant) and isinstance(n.value, int):
-            return n.value
-        if isinstance(n, ast.BinOp):
-            a, b = ev(n.left), ev(n.right)
-            ops = {ast.Mult: lambda: a * b, ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.LShift: lambda: a << b}
-            for op, f in ops.items():
-                if isinstance(n.op, op):
-                    return f()
-        raise ValueError(expr)
-
-    return ev(tree)
 
 
 def human_bytes(n):
@@ -434,264 +214,87 @@ def human_bytes(n):
     return None
 
 
-class ConfigDoc:
-    """One binary's settings."""
+def config_default(s):
+    """A setting's default (JSON from the binary) as a table cell."""
+    v = s["default"]
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return f"`{str(v).lower()}`"
+    if isinstance(v, int):
+        key = s["key"]
+        h = human_bytes(v) if key.endswith("bytes") and not key.endswith("kbytes") else None
+        return f"`{v}`" + (f" ({h})" if h else "")
+    if isinstance(v, str):
+        return f"`{v}`" if v else '`""`'
+    return f"`{json.dumps(v, separators=(', ', ' = '))}`"
 
-    def __init__(self, binary, src_dir, config_rs):
-        self.binary = binary
-        self.crate = Crate(src_dir)
-        self.config_rs = ROOT / config_rs
-        self.rows = []  # dicts: key, type, default, flag, env, meaning
-        self.used_supplements = set()
 
-    def supplement(self, key, doc):
-        if doc:
-            return doc
-        s = SUPPLEMENT.get((self.binary, key))
-        if s:
-            self.used_supplements.add((self.binary, key))
-            return s
-        return ""
+def config_meaning(s, ref):
+    """The doc comment, plus what the reference says besides: the Kafka
+    properties a binary refuses, an enum's values."""
+    meaning = s["doc"]
+    if s["key"] == "kafka.properties" and ref.get("refused_kafka_properties"):
+        meaning += " Refused here: " + ", ".join(f"`{p}`" for p in ref["refused_kafka_properties"]) + "."
+    if s["values"]:
+        vals = []
+        for v in s["values"]:
+            name = f"`{v['value']}`"
+            if s["flag"] and v["flag_value"] != v["value"]:
+                name += f" (flag/env: `{v['flag_value']}`)"
+            vals.append(f"{name}: {v['doc'].rstrip('.')}" if v["doc"] else name)
+        meaning += " " + "; ".join(vals) + "."
+    return meaning
 
-    def type_info(self, ty):
-        """(readable type, allowed-values note, nested struct name or None)."""
-        opt = re.fullmatch(r"Option<(.+)>", ty)
-        if opt:
-            t, note, nested = self.type_info(opt.group(1))
-            return t, note, nested
-        if ty in INT_TYPES:
-            return "integer", "", None
-        if ty == "bool":
-            return "boolean", "", None
-        if ty == "String":
-            return "string", "", None
-        if ty == "PathBuf":
-            return "path", "", None
-        if ty == "f32" or ty == "f64":
-            return "number", "", None
-        vec = re.fullmatch(r"Vec<(\w+)>", ty)
-        if vec:
-            return f"list of {self.type_info(vec.group(1))[0]}s", "", None
-        mp = re.fullmatch(r"(?:BTreeMap|HashMap)<String,\s*(\w+)>", ty)
-        if mp:
-            return f"table of {self.type_info(mp.group(1))[0]}s", "", None
-        if self.crate.has_enum(ty):
-            variants, rename, value_enum = self.crate.enum(ty)
-            vals = []
-            for v, d in variants:
-                toml = snake(v) if rename == "snake_case" else v
-                if rename not in (None, "snake_case"):
-                    raise GenError(f"enum {ty}: rename_all = {rename!r} is not supported")
-                cli = kebab(v) if value_enum else None
-                name = f"`{toml}`" + (f" (flag/env: `{cli}`)" if cli and cli != toml else "")
-                vals.append(f"{name}: {d.rstrip('.')}" if d else name)
-            return "one of", "; ".join(vals), None
-        if self.crate.has_struct(ty):
-            return "section", "", ty
-        raise GenError(f"{self.binary}: unknown setting type {ty!r}")
 
-    def default_str(self, expr, ty, key):
-        if expr is None:  # derived Default
-            if ty.startswith("Option<"):
-                return "none"
-            if ty.startswith(("BTreeMap", "HashMap")):
-                return "`{}`"
-            if ty.startswith("Vec<"):
-                return "`[]`"
-            if ty == "String":
-                return '`""`'
-            if ty in INT_TYPES:
-                return "`0`"
-            if ty == "bool":
-                return "`false`"
-            raise GenError(f"{self.binary}: {key}: no default for {ty}")
-        e = expr.strip()
-        if e == "None":
-            return "none"
-        m = re.fullmatch(r'(?:PathBuf::from|String::from)\("([^"]*)"\)|"([^"]*)"\.(?:into|to_string|to_owned)\(\)', e)
-        if m:
-            s = m.group(1) if m.group(1) is not None else m.group(2)
-            return f"`{s}`" if s else '`""`'
-        if e in ("true", "false"):
-            return f"`{e}`"
-        if e == "String::new()":
-            return '`""`'
-        if e in ("Vec::new()", "vec![]"):
-            return "`[]`"
-        if e in ("BTreeMap::new()", "HashMap::new()"):
-            return "`{}`"
-        m = re.fullmatch(r"(\w+)::(\w+)", e)
-        if m and self.crate.has_enum(m.group(1)):
-            return f"`{snake(m.group(2))}`"
-        m = re.fullmatch(r"(\w+)\(\)", e)
-        if m:
-            return self.default_str(self.crate.fn_value(m.group(1)), ty, key)
-        try:
-            n = eval_int(e)
-        except (ValueError, SyntaxError):
-            raise GenError(f"{self.binary}: {key}: cannot read the default {expr!r}")
-        h = human_bytes(n) if key.endswith("bytes") and not key.endswith("kbytes") else None
-        return f"`{n}`" + (f" ({h})" if h else "")
+def env_prefix(ref):
+    envs = [s["env"] for s in ref["settings"] if s["env"]] + [a["env"] for a in ref["command_line"] if a["env"]]
+    prefix = envs[0]
+    for e in envs[1:]:
+        while not e.startswith(prefix):
+            prefix = prefix[:-1]
+    return prefix
 
-    def walk(self, struct_name, prefix):
-        fields, _, _, _ = self.crate.struct(struct_name)
-        defaults, _ = self.crate.defaults(struct_name)
-        for name, ty, doc, _ in fields:
-            key = f"{prefix}{name}"
-            t, note, nested = self.type_info(ty)
-            if nested:
-                self.rows.append({"section": key, "doc": doc})
-                self.walk(nested, key + ".")
-                continue
-            if defaults is not None and name not in defaults:
-                raise GenError(f"{self.binary}: impl Default for {struct_name} has no {name}")
-            d = self.default_str(None if defaults is None else defaults[name], ty, key)
-            meaning = self.supplement(key, doc)
-            extra = NOTES.get((self.binary, key))
-            if extra:
-                meaning = (meaning.rstrip() + " " if meaning else "") + extra
-            if key == "kafka.properties" and self.binary == "flowlog-sidecar":
-                owned = self.owned_properties()
-                meaning += " Refused here: " + ", ".join(f"`{o}`" for o in owned) + "."
-            if note:
-                meaning = (meaning + " " if meaning else "") + note + "."
-            self.rows.append({"key": key, "type": t, "default": d, "meaning": meaning, "flag": "", "env": ""})
 
-    def owned_properties(self):
-        for text in self.crate.files.values():
-            m = re.search(r"const OWNED: \[&str; \d+\] = \[", text)
-            if m:
-                return re.findall(r'"([^"]+)"', balanced(text, m.end() - 1, "[", "]"))
-        raise GenError("const OWNED (the Kafka properties the typed settings own) not found")
-
-    def cli(self):
-        fields, attrs, _, _ = self.crate.struct("Cli")
-        out = []
-        for name, ty, doc, fattrs in fields:
-            arg = " ".join(a for a in fattrs if a.startswith("#[arg("))
-            if "long" not in arg:
-                raise GenError(f"{self.binary}: Cli.{name} has no long flag")
-            long_m = re.search(r'long\s*=\s*"([^"]+)"', arg)
-            flag = "--" + (long_m.group(1) if long_m else name.replace("_", "-"))
-            short = None
-            if re.search(r"\bshort\b", arg):
-                sm = re.search(r"short\s*=\s*'(.)'", arg)
-                short = "-" + (sm.group(1) if sm else name[0])
-            env = re.search(r'env\s*=\s*"([^"]+)"', arg)
-            dv = re.search(r'default_value\s*=\s*"([^"]*)"', arg)
-            delim = re.search(r"value_delimiter\s*=\s*'(.)'", arg)
-            out.append({
-                "field": name, "type": ty, "doc": doc, "flag": flag, "short": short,
-                "env": env.group(1) if env else "", "default": dv.group(1) if dv else None,
-                "delim": delim.group(1) if delim else None,
-            })
-        return out
-
-    def load_mapping(self):
-        """Cli field -> settings key, read from `Config::load`."""
-        text = strip_comments(self.config_rs.read_text())
-        m = re.search(r"pub fn load\(cli: &Cli\)[^{]*\{", text)
-        if not m:
-            raise GenError(f"{self.config_rs}: no `pub fn load(cli: &Cli)`")
-        body = balanced(text, m.end() - 1)
-        mapping = {}
-        macros = set(re.findall(r"macro_rules!\s*(\w+)", body))
-        for mac in macros:
-            for inv in re.finditer(rf"\b{mac}!\(", body):
-                inner = balanced(body, inv.end() - 1, "(", ")")
-                for item in split_top(inner):
-                    if "=>" in item:
-                        a, b = (x.strip() for x in item.split("=>"))
-                        mapping[a] = re.sub(r"\s+", "", b)
-                    elif re.fullmatch(r"\w+", item):
-                        mapping[item] = item
-                    else:
-                        raise GenError(f"{self.config_rs}: {mac}!(): cannot read {item!r}")
-        for a, b in re.findall(r"cli\.(\w+)\b[^{;]*\{\s*c\.([\w.]+)\s*=", body):
-            mapping[a] = b
-        return mapping
-
-    def build(self):
-        self.walk("Config", "")
-        mapping = self.load_mapping()
-        by_key = {r["key"]: r for r in self.rows if "key" in r}
-        self.flag_only = []
-        for c in self.cli():
-            key = mapping.get(c["field"])
-            # A Cli doc comment that names a setting must name the one load() sets.
-            named = re.match(r"([a-z_]+\.[a-z_.]+)\b", c["doc"])
-            if named and named.group(1) != key:
-                raise GenError(f"{self.binary}: Cli.{c['field']} says {named.group(1)} but load() sets {key}")
-            if key:
-                if key not in by_key:
-                    raise GenError(f"{self.binary}: load() sets unknown setting {key}")
-                r = by_key[key]
-                r["flag"] = c["flag"] + (f" (comma separated)" if c["delim"] == "," else "")
-                r["env"] = c["env"]
-            else:
-                meaning = self.supplement(c["flag"], c["doc"])
-                self.flag_only.append({
-                    "flag": (f"{c['short']}, " if c["short"] else "") + c["flag"],
-                    "env": c["env"],
-                    "default": f"`{c['default']}`" if c["default"] is not None else "none",
-                    "meaning": meaning,
-                })
-        return self
-
-    def env_prefix(self):
-        envs = [r["env"] for r in self.rows if r.get("env")] + [f["env"] for f in self.flag_only if f["env"]]
-        prefix = envs[0]
-        for e in envs[1:]:
-            while not e.startswith(prefix):
-                prefix = prefix[:-1]
-        return prefix
-
-    def markdown(self):
-        out = [f"## `{self.binary}`", ""]
-        src = self.config_rs.relative_to(ROOT)
-        pfx = self.env_prefix()
-        out.append(
-            f"Source: `{src}` and the structs it includes. Environment variables start with `{pfx}`; "
-            "a flag beats its environment variable, which beats the file, which beats the default."
-        )
-        out.append("")
-        out.append("Command-line only:")
-        out.append("")
-        out.append("| flag | env | default | meaning |")
-        out.append("|---|---|---|---|")
-        for f in self.flag_only:
-            out.append(f"| `{f['flag']}` | `{f['env']}` | {f['default']} | {md_escape(f['meaning']) or '—'} |")
-        out.append("")
-        table_open = False
-        section = "top level"
-        for r in self.rows:
-            if "section" in r:
-                out.append("")
-                out.append(f"### `[{r['section']}]`")
-                out.append("")
-                if r["doc"]:
-                    out.append(md_escape(r["doc"]))
-                    out.append("")
-                table_open = False
-                continue
-            if not table_open:
-                if section == "top level" and len(out) and not out[-1].startswith("###") and r is self.rows[0]:
-                    out.append("### Top level")
-                    out.append("")
-                out.append("| setting | type | default | flag | env | meaning |")
-                out.append("|---|---|---|---|---|---|")
-                table_open = True
-            flag = f"`{r['flag'].split(' ')[0]}`" + (" (comma separated)" if "comma" in r["flag"] else "") if r["flag"] else "—"
-            env = f"`{r['env']}`" if r["env"] else "—"
+def config_markdown(ref, declared_in):
+    binary = ref["binary"]
+    undocumented = [s["key"] for s in ref["settings"] if not s["doc"]]
+    if undocumented:
+        raise GenError(f"{binary}: settings without a doc comment: {', '.join(undocumented)}")
+    out = [f"## `{binary}`", ""]
+    out.append(
+        f"Declared in `{declared_in}` and the sections it includes; `{binary} --print-config-reference` "
+        f"prints this as JSON. Environment variables start with `{env_prefix(ref)}`; "
+        "a flag beats its environment variable, which beats the file, which beats the default."
+    )
+    out += ["", "Command-line only:", "", "| flag | env | default | meaning |", "|---|---|---|---|"]
+    for a in ref["command_line"]:
+        flag = (f"{a['short']}, " if a["short"] else "") + a["flag"]
+        env = f"`{a['env']}`" if a["env"] else "—"
+        default = f"`{a['default']}`" if a["default"] is not None else "none"
+        out.append(f"| `{flag}` | {env} | {default} | {md_escape(a['doc']) or '—'} |")
+    for sec in ref["sections"]:
+        rows = [s for s in ref["settings"] if s["section"] == sec["section"]]
+        if not rows:
+            continue
+        out += ["", f"### `[{sec['section']}]`" if sec["section"] else "### Top level", ""]
+        if sec["doc"]:
+            out += [md_escape(sec["doc"]), ""]
+        out += ["| setting | type | default | flag | env | meaning |", "|---|---|---|---|---|---|"]
+        for s in rows:
+            flag = f"`{s['flag']}`" if s["flag"] else "—"
+            if s["flag"] and s["flag_separator"] == ",":
+                flag += " (comma separated)"
+            env = f"`{s['env']}`" if s["env"] else "—"
             out.append(
-                f"| `{r['key']}` | {r['type']} | {r['default']} | {flag} | {env} | {md_escape(r['meaning']) or '—'} |"
+                f"| `{s['key']}` | {s['type']} | {config_default(s)} | {flag} | {env} | {md_escape(config_meaning(s, ref))} |"
             )
-        out.append("")
-        return out
+    out.append("")
+    return out
 
 
 def gen_config():
-    out = [GENERATED.format(src="the binaries' configuration code"), "", "# Configuration reference", ""]
+    out = [GENERATED.format(src="the binaries' `--print-config-reference`"), "", "# Configuration reference", ""]
     out.append(
         "Both binaries read their settings in this order, each overriding the one before: built-in "
         "defaults < TOML file (`--config`) < environment variables < command-line flags. In the file, "
@@ -700,19 +303,9 @@ def gen_config():
         "set in the file."
     )
     out.append("")
-    docs = [ConfigDoc(*b).build() for b in BINARIES]
-    for d in docs:
-        out.extend(d.markdown())
-    used = set().union(*(d.used_supplements for d in docs))
-    known = {(d.binary, r.get("key")) for d in docs for r in d.rows} | {
-        (d.binary, f["flag"].split(", ")[-1]) for d in docs for f in d.flag_only
-    }
-    stale = [k for k in SUPPLEMENT if k not in known]
-    if stale:
-        raise GenError(f"SUPPLEMENT names settings that no longer exist: {stale}")
-    unused = [k for k in SUPPLEMENT if k not in used]
-    undocumented = [f"{d.binary}: {r['key']}" for d in docs for r in d.rows if "key" in r and not r["meaning"]]
-    return "\n".join(out).rstrip() + "\n", undocumented, unused
+    for binary, (_, _, declared_in) in config_reference.BINARIES.items():
+        out.extend(config_markdown(config_reference.reference(binary), declared_in))
+    return "\n".join(out).rstrip() + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -725,8 +318,8 @@ def main(argv):
         return 2
     try:
         schemas, undoc_fields = gen_schemas()
-        config, undoc_settings, unused = gen_config()
-    except (GenError, OSError, ValueError, KeyError) as e:
+        config = gen_config()
+    except (GenError, config_reference.ReferenceError, OSError, ValueError, KeyError) as e:
         print(f"gen-docs: error: {e}", file=sys.stderr)
         return 1
     stale = []
@@ -748,11 +341,8 @@ def main(argv):
             )
             return 1
         return 0
-    for what, items in (("schema fields without a doc", undoc_fields), ("settings without a doc comment", undoc_settings)):
-        if items:
-            print(f"note: {len(items)} {what}: {', '.join(items)}", file=sys.stderr)
-    if unused:
-        print(f"note: SUPPLEMENT entries now documented in the code (remove them): {unused}", file=sys.stderr)
+    if undoc_fields:
+        print(f"note: {len(undoc_fields)} schema fields without a doc: {', '.join(undoc_fields)}", file=sys.stderr)
     return 0
 
 

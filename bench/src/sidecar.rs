@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
+use flowlog_runtime::testkit;
 use serde_json::Value;
 
 pub struct Running {
@@ -63,15 +64,7 @@ impl Running {
     }
 }
 
-/// Reads one sample from a Prometheus endpoint (0 when absent).
+/// Reads one sample from the sidecar's Prometheus endpoint (0 when absent or unreachable).
 pub fn scrape(addr: &str, series: &str) -> f64 {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return 0.0 };
-    let _ = s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes());
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    testkit::scrape(addr).map_or(0.0, |body| testkit::sample(&body, series))
 }

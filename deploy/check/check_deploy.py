@@ -6,6 +6,7 @@ Each check prints one line; any problem makes the exit status non-zero.
 `--update` rewrites deploy/kubernetes/flowlog.yaml from the chart first.
 """
 
+import functools
 import json
 import os
 import re
@@ -18,6 +19,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+import config_reference as configref  # noqa: E402  (scripts/config_reference.py)
 DEPLOY = ROOT / "deploy"
 CHART = DEPLOY / "helm" / "flowlog"
 HELM = os.environ.get("HELM", "helm")
@@ -71,75 +74,88 @@ def rel(p: Path) -> str:
 
 
 # --------------------------------------------------------------------------
-# What the binaries really accept and export, read from their sources.
+# What the binaries really accept (their --print-config-reference) and export.
 # --------------------------------------------------------------------------
 
-def rust_structs(src_dirs: list[Path]) -> dict[str, dict[str, str]]:
-    """struct name -> {field: type} for every `pub struct` with named fields."""
-    structs: dict[str, dict[str, str]] = {}
-    for d in src_dirs:
-        for f in d.rglob("*.rs"):
-            text = f.read_text()
-            for m in re.finditer(r"pub struct (\w+)\s*\{(.*?)\n\}", text, re.S):
-                fields = {}
-                for fm in re.finditer(r"^\s*pub (\w+):\s*([^\n]+?),?\s*$", m.group(2), re.M):
-                    fields[fm.group(1)] = fm.group(2)
-                if fields:
-                    structs.setdefault(m.group(1), fields)
-    return structs
+TOML_TYPES = {  # reference type -> (python types, what the file must give)
+    "integer": ((int,), "an integer"),
+    "boolean": ((bool,), "true/false"),
+    "string": ((str,), "a string"),
+    "path": ((str,), "a string"),
+    "one of": ((str,), "a string"),
+    "list of strings": ((list,), "a list"),
+    "table of strings": ((dict,), "a table"),
+}
 
 
-def check_toml_keys(data: dict, struct: str, structs: dict, path: str = "") -> list[str]:
-    """Unknown keys (the binaries use deny_unknown_fields), recursively."""
+def config_reference(binary: str, executable: Path | None) -> dict | None:
+    """The binary's settings: the built binary's own reference, else cargo builds it."""
+    try:
+        return configref.reference(binary, executable)
+    except configref.ReferenceError as e:
+        fail(f"{binary} --print-config-reference: {e}")
+        return None
+
+
+def check_toml_keys(data: dict, ref: dict, section: str = "") -> list[str]:
+    """Unknown keys (the binaries refuse them) and wrong types, recursively."""
+    settings = {s["key"]: s for s in ref["settings"]}
+    sections = {s["section"] for s in ref["sections"]}
     errs = []
-    fields = structs.get(struct)
-    if fields is None:
-        return [f"struct {struct} not found in the sources"]
     for k, v in data.items():
-        where = f"{path}{k}"
-        if k not in fields:
-            errs.append(f"unknown key {where!r} (not a field of {struct})")
-            continue
-        ty = fields[k]
-        inner = re.sub(r"^Option<(.*)>$", r"\1", ty)
-        if isinstance(v, dict):
-            if re.match(r"(BTreeMap|HashMap)<", inner):
-                bad = [kk for kk, vv in v.items() if not isinstance(vv, str)]
-                if bad and "String>" in inner:
-                    errs.append(f"{where}: values must be strings ({bad})")
-            elif inner in structs:
-                errs += check_toml_keys(v, inner, structs, where + ".")
+        key = f"{section}.{k}" if section else k
+        if key in sections:
+            if isinstance(v, dict):
+                errs += check_toml_keys(v, ref, key)
             else:
-                errs.append(f"{where} is a table but {struct}.{k} is {ty}")
-        elif re.match(r"(u8|u16|u32|u64|usize|i32|i64)$", inner) and not (isinstance(v, int) and not isinstance(v, bool)):
-            errs.append(f"{where} = {v!r}: {ty} wants an integer")
-        elif inner == "bool" and not isinstance(v, bool):
-            errs.append(f"{where} = {v!r}: wants true/false")
-        elif inner in ("String", "PathBuf") and not isinstance(v, str):
-            errs.append(f"{where} = {v!r}: wants a string")
-        elif inner.startswith("Vec<") and not isinstance(v, list):
-            errs.append(f"{where} = {v!r}: wants a list")
+                errs.append(f"{key} is a section ([{key}]) but the file gives {v!r}")
+            continue
+        s = settings.get(key)
+        if s is None:
+            errs.append(f"unknown key {key!r} (not a {ref['binary']} setting)")
+            continue
+        types, want = TOML_TYPES.get(s["type"], ((object,), s["type"]))
+        if not isinstance(v, types) or (types == (int,) and isinstance(v, bool)):
+            errs.append(f"{key} = {v!r}: {s['type']} wants {want}")
+        elif s["type"] == "one of" and v not in [x["value"] for x in s["values"]]:
+            errs.append(f"{key} = {v!r}: not one of {[x['value'] for x in s['values']]}")
+        elif s["type"] == "table of strings" and any(not isinstance(x, str) for x in v.values()):
+            errs.append(f"{key}: values must be strings")
+        elif s["type"] == "list of strings" and any(not isinstance(x, str) for x in v):
+            errs.append(f"{key}: items must be strings")
     return errs
 
 
+def setting(ref: dict, key: str) -> dict:
+    """One setting of the reference."""
+    for s in ref["settings"]:
+        if s["key"] == key:
+            return s
+    raise KeyError(f"{ref['binary']} has no setting {key}")
+
+
+def effective(cfg: dict, ref: dict, key: str):
+    """A top-level setting's value in a config file, or the binary's default."""
+    return cfg.get(key, setting(ref, key)["default"])
+
+
+@functools.lru_cache(maxsize=None)
 def exported_metrics() -> tuple[set[str], dict[str, str]]:
-    """Every series name the two binaries export, and each base name's source text."""
+    """Every series name the two binaries export (from their own references:
+    every metric they describe), and each name's crate source text (where
+    label names and values are looked up)."""
     names: set[str] = set()
     src_of: dict[str, str] = {}
-    for crate in ("flowlog-sidecar", "enricher"):
-        mfile = ROOT / crate / "src" / "metrics.rs"
-        text = mfile.read_text()
-        consts = dict(re.findall(r'pub const (\w+): &str = "(flowlog_\w+)";', text))
+    for binary, crate, exe in (("flowlog-sidecar", "flowlog-sidecar", SIDECAR_BIN), ("flowlog-enricher", "enricher", ENRICHER_BIN)):
+        ref = config_reference(binary, exe) or {}
         all_src = "\n".join(p.read_text() for p in (ROOT / crate / "src").rglob("*.rs"))
-        hist_consts = set(re.findall(r"(?:describe_histogram!|histogram!)\(\s*(?:\w+::)*(\w+)", all_src))
-        hist_consts |= set(re.findall(r"Matcher::Full\(\s*(?:\w+::)*(\w+)", all_src))
-        for const, name in consts.items():
-            names.add(name)
-            src_of[name] = all_src
-            if const in hist_consts:
-                for suffix in ("_bucket", "_sum", "_count"):
-                    names.add(name + suffix)
-                    src_of[name + suffix] = all_src
+        for m in ref.get("metrics", []):
+            suffixes = ("_bucket", "_sum", "_count", "") if m["kind"] == "histogram" else ("",)
+            for suffix in suffixes:
+                names.add(m["name"] + suffix)
+                src_of[m["name"] + suffix] = all_src
+        if not ref.get("metrics"):
+            fail(f"{binary} --print-config-reference lists no metrics")
     return names, src_of
 
 
@@ -178,16 +194,18 @@ def check_metric_refs(where: str, text: str, exported: set[str], src_of: dict[st
 
 
 # --------------------------------------------------------------------------
-# Config files: the real binaries when built, the config structs always.
+# Config files: keys and types against the binaries' reference, and their own --check-config when built.
 # --------------------------------------------------------------------------
 
 def newest_binary(name: str, crate: str) -> Path | None:
-    cands = [ROOT / "target" / p / name for p in ("release", "debug")]
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    cands = [target / p / name for p in ("release", "debug")]
     cands = [c for c in cands if c.is_file() and os.access(c, os.X_OK)]
     if not cands:
         return None
     b = max(cands, key=lambda c: c.stat().st_mtime)
-    src_mtime = max(p.stat().st_mtime for p in (ROOT / crate / "src").rglob("*.rs"))
+    srcs = [p for d in (crate, "flowlog-settings", "flowlog-runtime", "flowlog-schema") for p in (ROOT / d / "src").rglob("*.rs")]
+    src_mtime = max(p.stat().st_mtime for p in srcs)
     if b.stat().st_mtime < src_mtime:
         return None  # stale: older than its sources
     return b
@@ -203,22 +221,23 @@ def strip_static_map(text: str) -> str:
     return "\n".join(l for l in text.splitlines() if not re.match(r"\s*static_map\s*=", l)) + "\n"
 
 
-def validate_config_toml(where: str, text: str, structs, binary: Path | None, name: str) -> None:
-    """Keys and types against the config structs, then the binary's own
+def validate_config_toml(where: str, text: str, ref: dict | None, binary: Path | None, name: str) -> None:
+    """Keys and types against the binary's reference, then the binary's own
     --check-config (parse + every validation, no kernel or Kafka I/O)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         fail(f"{where}: not TOML: {e}")
         return
-    errs = check_toml_keys(data, "Config", structs)
-    # Also checked without a built binary.
-    if name == "flowlog-sidecar" and data.get("wakeup_bytes", 0) >= data.get("ring_buffer_bytes", 4 * 1024 * 1024):
-        errs.append("wakeup_bytes must be below ring_buffer_bytes")
-    if errs:
-        fail(f"{where}: " + "; ".join(errs))
-    else:
-        ok(f"{where}: keys and types match {name}'s config structs")
+    if ref is not None:
+        errs = check_toml_keys(data, ref)
+        # Also checked without a built binary.
+        if name == "flowlog-sidecar" and effective(data, ref, "wakeup_bytes") >= effective(data, ref, "ring_buffer_bytes"):
+            errs.append("wakeup_bytes must be below ring_buffer_bytes")
+        if errs:
+            fail(f"{where}: " + "; ".join(errs))
+        else:
+            ok(f"{where}: keys and types match {name} --print-config-reference")
     if binary is None:
         skip(f"{where}: {name} not built (or older than its sources): not run")
         return
@@ -331,7 +350,7 @@ def by_kind(docs, kind):
     return [d for d in docs if d.get("kind") == kind]
 
 
-def semantic_checks(where: str, docs: list[dict], sidecar_structs, enricher_structs) -> None:
+def semantic_checks(where: str, docs: list[dict], sidecar_ref, enricher_ref) -> None:
     """What the chart promises, on the rendered objects."""
     cms = {d["metadata"]["name"]: d for d in by_kind(docs, "ConfigMap")}
     enricher_cfg = None
@@ -339,9 +358,9 @@ def semantic_checks(where: str, docs: list[dict], sidecar_structs, enricher_stru
         for key, text in (cm.get("data") or {}).items():
             w = f"{where}: ConfigMap {cm['metadata']['name']}/{key}"
             if key == "sidecar.toml":
-                validate_config_toml(w, text, sidecar_structs, SIDECAR_BIN, "flowlog-sidecar")
+                validate_config_toml(w, text, sidecar_ref, SIDECAR_BIN, "flowlog-sidecar")
             elif key == "enricher.toml":
-                validate_config_toml(w, text, enricher_structs, ENRICHER_BIN, "flowlog-enricher")
+                validate_config_toml(w, text, enricher_ref, ENRICHER_BIN, "flowlog-enricher")
                 enricher_cfg = tomllib.loads(text)
             elif key == "cidrs.toml":
                 validate_static_map(w, text)
@@ -364,8 +383,9 @@ def semantic_checks(where: str, docs: list[dict], sidecar_structs, enricher_stru
             problems.append("memory request and limit required")
         env = {e["name"] for e in c.get("env", [])}
         mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
-        if "FLOWLOG_HOST_ID" not in env and "/etc/machine-id" not in mounts:
-            problems.append("no node identity (FLOWLOG_HOST_ID or /etc/machine-id)")
+        host_id_env = setting(sidecar_ref, "identity.host_id")["env"] if sidecar_ref else "FLOWLOG_HOST_ID"
+        if host_id_env not in env and "/etc/machine-id" not in mounts:
+            problems.append(f"no node identity ({host_id_env} or /etc/machine-id)")
         if "/var/lib/flowlog/spool" not in mounts:
             problems.append("spool not mounted at /var/lib/flowlog/spool")
         if problems:
@@ -381,12 +401,13 @@ def semantic_checks(where: str, docs: list[dict], sidecar_structs, enricher_stru
         if so["kind"] == "ScaledObject":
             for t in so["spec"]["triggers"]:
                 md = t["metadata"]
-                if enricher_cfg is not None:
-                    if md.get("consumerGroup") != enricher_cfg.get("group_id"):
-                        problems.append(f"consumerGroup {md.get('consumerGroup')} != enricher group_id {enricher_cfg.get('group_id')}")
-                    if md.get("topic") != enricher_cfg.get("flow_topic"):
-                        problems.append(f"topic {md.get('topic')} != enricher flow_topic {enricher_cfg.get('flow_topic')}")
-                    if md.get("bootstrapServers") != enricher_cfg.get("brokers"):
+                if enricher_cfg is not None and enricher_ref is not None:
+                    group, topic, brokers = (effective(enricher_cfg, enricher_ref, k) for k in ("group_id", "flow_topic", "brokers"))
+                    if md.get("consumerGroup") != group:
+                        problems.append(f"consumerGroup {md.get('consumerGroup')} != enricher group_id {group}")
+                    if md.get("topic") != topic:
+                        problems.append(f"topic {md.get('topic')} != enricher flow_topic {topic}")
+                    if md.get("bootstrapServers") != brokers:
                         problems.append("bootstrapServers != enricher brokers")
         else:
             names = [m["external"]["metric"]["name"] for m in so["spec"]["metrics"] if m["type"] == "External"]
@@ -595,14 +616,14 @@ def main() -> int:
     update = "--update" in sys.argv
     SIDECAR_BIN = newest_binary("flowlog-sidecar", "flowlog-sidecar")
     ENRICHER_BIN = newest_binary("flowlog-enricher", "enricher")
-    sidecar_structs = rust_structs([ROOT / "flowlog-sidecar" / "src"])
-    enricher_structs = rust_structs([ROOT / "enricher" / "src"])
     exported, src_of = exported_metrics()
 
     section("Example config files (deploy/config)")
-    validate_config_toml("config/sidecar.toml", (DEPLOY / "config" / "sidecar.toml").read_text(), sidecar_structs,
+    sidecar_ref = config_reference("flowlog-sidecar", SIDECAR_BIN)
+    enricher_ref = config_reference("flowlog-enricher", ENRICHER_BIN)
+    validate_config_toml("config/sidecar.toml", (DEPLOY / "config" / "sidecar.toml").read_text(), sidecar_ref,
                          SIDECAR_BIN, "flowlog-sidecar")
-    validate_config_toml("config/enricher.toml", (DEPLOY / "config" / "enricher.toml").read_text(), enricher_structs,
+    validate_config_toml("config/enricher.toml", (DEPLOY / "config" / "enricher.toml").read_text(), enricher_ref,
                          ENRICHER_BIN, "flowlog-enricher")
     validate_static_map("config/cidrs.toml", (DEPLOY / "config" / "cidrs.toml").read_text())
 
@@ -630,7 +651,7 @@ def main() -> int:
             continue
         ok(f"helm template ({name}): {len(docs)} objects: {', '.join(sorted({d['kind'] for d in docs}))}")
         validate_docs(f"chart[{name}]", docs)
-        semantic_checks(f"chart[{name}]", docs, sidecar_structs, enricher_structs)
+        semantic_checks(f"chart[{name}]", docs, sidecar_ref, enricher_ref)
     check_metric_refs("helm chart", "\n".join(p.read_text() for p in CHART.rglob("*") if p.is_file()), exported, src_of)
 
     section("Plain manifests (deploy/kubernetes)")
@@ -654,7 +675,7 @@ def main() -> int:
             continue
         validate_docs(f"kubernetes/{f.name}", docs)
         if f.name == "flowlog.yaml":
-            semantic_checks(f"kubernetes/{f.name}", docs, sidecar_structs, enricher_structs)
+            semantic_checks(f"kubernetes/{f.name}", docs, sidecar_ref, enricher_ref)
 
     section("Prometheus (deploy/prometheus)")
     check_prometheus(exported, src_of)

@@ -12,6 +12,7 @@ use crate::{
     sources::{
         cidr::CidrMap,
         identity::{IdentityStore, Miss},
+        Sources,
     },
 };
 
@@ -99,6 +100,14 @@ impl Attributor<'_> {
         let t = e.flow.time_ns();
         e.local = self.side(&e.host, e.flow.local_addr, t, true);
         e.remote = self.side(&e.host, e.flow.remote_addr, t, false);
+    }
+}
+
+impl Sources {
+    /// Runs `f` with an attributor over the sources as they are now.
+    pub fn attribute<R>(&self, f: impl FnOnce(&Attributor) -> R) -> R {
+        let (identity, ec2, cidr) = (self.identity.read().unwrap(), self.ec2.read().unwrap(), self.cidr.read().unwrap());
+        f(&Attributor { identity: &identity, ec2: &ec2, cidr: &cidr })
     }
 }
 

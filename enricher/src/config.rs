@@ -1,81 +1,76 @@
 //! Enricher configuration: defaults < TOML file (`--config`) < env < flags.
+//! Each setting is declared once below; `--print-config-reference` lists them.
 
 use std::{collections::BTreeMap, path::PathBuf};
 
-use clap::Parser;
-use serde::Deserialize;
+use clap::{CommandFactory, Parser};
+use flowlog_settings::Flags;
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// bootstrap.servers
-    pub brokers: String,
-    /// Consumer group shared by every enricher process.
-    pub group_id: String,
-    pub flow_topic: String,
-    pub identity_topic: String,
-    /// Messages that do not decode (or decode to nonsense) go here, with the
-    /// reason in the `flowlog.dlq.reason` header.
-    pub dlq_topic: String,
-    /// Root of the Avro files (Hive-style dt=/hr= partitions below it).
-    pub output_dir: PathBuf,
-    /// Also produce enriched records (Avro single-object encoded) to this
-    /// topic; empty disables it. At least once: a batch redone after a crash
-    /// is produced again.
-    pub enriched_topic: String,
-    /// Static CIDR map (TOML); reloaded when the file changes.
-    pub static_map: Option<PathBuf>,
-    /// A batch (one file set per Kafka partition) rolls at this many records...
-    pub batch_max_records: usize,
-    /// ... or this age, seconds.
-    pub batch_max_age_secs: u64,
-    /// A flow with an unattributed side, younger than this (by its end time),
-    /// is held back (its batch waits) so that late metadata can still
-    /// attribute it; seconds, 0 disables.
-    pub late_window_secs: u64,
-    /// Prometheus endpoint; empty disables it.
-    pub metrics_listen: String,
-    /// Extra librdkafka properties for the consumer and the DLQ producer.
-    pub kafka_properties: BTreeMap<String, String>,
-    /// The EC2 network-interface source (`[ec2]`).
-    pub ec2: Ec2Settings,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Ec2Settings {
-    /// Regions to describe; empty disables the source.
-    pub regions: Vec<String>,
-    /// Custom endpoint URL (an EC2-compatible server); unset for AWS.
-    pub endpoint_url: Option<String>,
-    /// Seconds between DescribeNetworkInterfaces sweeps.
-    pub refresh_secs: u64,
-}
-
-impl Default for Ec2Settings {
-    fn default() -> Self {
-        Ec2Settings { regions: Vec::new(), endpoint_url: None, refresh_secs: 60 }
+flowlog_settings::settings! {
+    /// The settings file. Every field is optional.
+    pub struct Config {
+        /// bootstrap.servers
+        #[flag(long = "brokers", env = "FLOWLOG_ENRICHER_BROKERS")]
+        pub brokers: String = "127.0.0.1:9092".into(),
+        /// Consumer group shared by every enricher process.
+        #[flag(long = "group-id", env = "FLOWLOG_ENRICHER_GROUP_ID")]
+        pub group_id: String = "flowlog-enricher".into(),
+        /// Topic of the sidecars' flow records, consumed as the group `group_id`.
+        pub flow_topic: String = "flowlog.flows".into(),
+        /// Topic of the sidecars' identity heartbeats, read from the beginning
+        /// by every enricher.
+        pub identity_topic: String = "flowlog.identity".into(),
+        /// Messages that do not decode (or decode to nonsense) go here, with the
+        /// reason in the `flowlog.dlq.reason` header.
+        pub dlq_topic: String = "flowlog.dlq".into(),
+        /// Root of the Avro files (Hive-style dt=/hr= partitions below it).
+        #[flag(long = "output-dir", env = "FLOWLOG_ENRICHER_OUTPUT_DIR")]
+        pub output_dir: PathBuf = PathBuf::from("/var/lib/flowlog/enriched"),
+        /// Also produce enriched records (Avro single-object encoded) to this
+        /// topic; empty disables it. At least once: a batch redone after a crash
+        /// is produced again.
+        #[flag(long = "enriched-topic", env = "FLOWLOG_ENRICHER_ENRICHED_TOPIC")]
+        pub enriched_topic: String = String::new(),
+        /// Static CIDR map (TOML); reloaded when the file changes.
+        #[flag(long = "static-map", env = "FLOWLOG_ENRICHER_STATIC_MAP")]
+        pub static_map: Option<PathBuf> = None,
+        /// A batch (one file set per Kafka partition) rolls at this many records...
+        #[flag(long = "batch-max-records", env = "FLOWLOG_ENRICHER_BATCH_MAX_RECORDS")]
+        pub batch_max_records: usize = 50_000,
+        /// ... or this age, seconds.
+        #[flag(long = "batch-max-age-secs", env = "FLOWLOG_ENRICHER_BATCH_MAX_AGE_SECS")]
+        pub batch_max_age_secs: u64 = 10,
+        /// A flow with an unattributed side, younger than this (by its end time),
+        /// is held back (its batch waits) so that late metadata can still
+        /// attribute it; seconds, 0 disables.
+        #[flag(long = "late-window-secs", env = "FLOWLOG_ENRICHER_LATE_WINDOW_SECS")]
+        pub late_window_secs: u64 = 120,
+        /// Prometheus endpoint; empty disables it.
+        #[flag(long = "metrics-listen", env = "FLOWLOG_ENRICHER_METRICS_LISTEN")]
+        pub metrics_listen: String = "127.0.0.1:9465".into(),
+        /// Extra librdkafka properties for the consumer and the DLQ producer.
+        /// Also used by the identity reader and the enriched-topic producer;
+        /// the enricher's own consumer settings (`group.id`,
+        /// `enable.auto.commit`, `auto.offset.reset`,
+        /// `partition.assignment.strategy`, ...) are applied after them and win.
+        pub kafka_properties: BTreeMap<String, String> = BTreeMap::new(),
+        /// The EC2 network-interface source (`[ec2]`).
+        pub ec2: Ec2Settings = Ec2Settings::default(),
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            brokers: "127.0.0.1:9092".into(),
-            group_id: "flowlog-enricher".into(),
-            flow_topic: "flowlog.flows".into(),
-            identity_topic: "flowlog.identity".into(),
-            dlq_topic: "flowlog.dlq".into(),
-            output_dir: PathBuf::from("/var/lib/flowlog/enriched"),
-            enriched_topic: String::new(),
-            static_map: None,
-            batch_max_records: 50_000,
-            batch_max_age_secs: 10,
-            late_window_secs: 120,
-            metrics_listen: "127.0.0.1:9465".into(),
-            kafka_properties: BTreeMap::new(),
-            ec2: Ec2Settings::default(),
-        }
+flowlog_settings::settings! {
+    /// The EC2 network-interface source (`[ec2]` in the config file).
+    pub struct Ec2Settings {
+        /// Regions to describe; empty disables the source.
+        #[flag(long = "ec2-regions", env = "FLOWLOG_ENRICHER_EC2_REGIONS")]
+        pub regions: Vec<String> = Vec::new(),
+        /// Custom endpoint URL (an EC2-compatible server); unset for AWS.
+        #[flag(long = "ec2-endpoint-url", env = "FLOWLOG_ENRICHER_EC2_ENDPOINT_URL")]
+        pub endpoint_url: Option<String> = None,
+        /// Seconds between DescribeNetworkInterfaces sweeps.
+        #[flag(long = "ec2-refresh-secs", env = "FLOWLOG_ENRICHER_EC2_REFRESH_SECS")]
+        pub refresh_secs: u64 = 60,
     }
 }
 
@@ -83,83 +78,144 @@ impl Default for Config {
 #[derive(Debug, Parser)]
 #[command(name = "flowlog-enricher", version, about, args_override_self = true)]
 pub struct Cli {
+    /// TOML settings file.
     #[arg(long, short, env = "FLOWLOG_ENRICHER_CONFIG")]
     pub config: Option<PathBuf>,
-    #[arg(long, env = "FLOWLOG_ENRICHER_BROKERS")]
-    pub brokers: Option<String>,
-    #[arg(long, env = "FLOWLOG_ENRICHER_GROUP_ID")]
-    pub group_id: Option<String>,
-    #[arg(long, env = "FLOWLOG_ENRICHER_OUTPUT_DIR")]
-    pub output_dir: Option<PathBuf>,
-    #[arg(long, env = "FLOWLOG_ENRICHER_ENRICHED_TOPIC")]
-    pub enriched_topic: Option<String>,
-    #[arg(long, env = "FLOWLOG_ENRICHER_STATIC_MAP")]
-    pub static_map: Option<PathBuf>,
-    #[arg(long, env = "FLOWLOG_ENRICHER_BATCH_MAX_RECORDS")]
-    pub batch_max_records: Option<usize>,
-    #[arg(long, env = "FLOWLOG_ENRICHER_BATCH_MAX_AGE_SECS")]
-    pub batch_max_age_secs: Option<u64>,
-    #[arg(long, env = "FLOWLOG_ENRICHER_LATE_WINDOW_SECS")]
-    pub late_window_secs: Option<u64>,
-    #[arg(long, env = "FLOWLOG_ENRICHER_METRICS_LISTEN")]
-    pub metrics_listen: Option<String>,
-    /// ec2.regions (comma separated)
-    #[arg(long, env = "FLOWLOG_ENRICHER_EC2_REGIONS", value_delimiter = ',')]
-    pub ec2_regions: Option<Vec<String>>,
-    /// ec2.endpoint_url
-    #[arg(long, env = "FLOWLOG_ENRICHER_EC2_ENDPOINT_URL")]
-    pub ec2_endpoint_url: Option<String>,
-    /// ec2.refresh_secs
-    #[arg(long, env = "FLOWLOG_ENRICHER_EC2_REFRESH_SECS")]
-    pub ec2_refresh_secs: Option<u64>,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `flowlog_enricher=debug`.
     #[arg(long, env = "FLOWLOG_ENRICHER_LOG", default_value = "info")]
     pub log: String,
     /// Check the configuration (file, environment, flags, and the static map
     /// it names) and exit: 0 when valid, 1 with the reason when not.
     #[arg(long)]
     pub check_config: bool,
+    /// Print every setting (file key, type, default, flag, environment
+    /// variable, meaning) as JSON and exit.
+    #[arg(long)]
+    pub print_config_reference: bool,
+    /// Every setting's flag (and environment variable).
+    #[command(flatten)]
+    pub flags: Flags<Config>,
 }
 
 impl Config {
+    /// Defaults, then the file, then env/flags.
     pub fn load(cli: &Cli) -> anyhow::Result<Config> {
-        let mut c: Config = match &cli.config {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", p.display()))?;
-                toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", p.display()))?
-            }
+        let mut c = match &cli.config {
+            Some(path) => flowlog_settings::read_file(path)?,
             None => Config::default(),
         };
-        if let Some(v) = &cli.brokers { c.brokers = v.clone(); }
-        if let Some(v) = &cli.group_id { c.group_id = v.clone(); }
-        if let Some(v) = &cli.output_dir { c.output_dir = v.clone(); }
-        if let Some(v) = &cli.static_map { c.static_map = Some(v.clone()); }
-        if let Some(v) = &cli.enriched_topic { c.enriched_topic = v.clone(); }
-        if let Some(v) = cli.batch_max_records { c.batch_max_records = v; }
-        if let Some(v) = cli.batch_max_age_secs { c.batch_max_age_secs = v; }
-        if let Some(v) = &cli.metrics_listen { c.metrics_listen = v.clone(); }
-        if let Some(v) = cli.late_window_secs { c.late_window_secs = v; }
-        if let Some(v) = &cli.ec2_regions { c.ec2.regions = v.clone(); }
-        if let Some(v) = &cli.ec2_endpoint_url { c.ec2.endpoint_url = Some(v.clone()); }
-        if let Some(v) = cli.ec2_refresh_secs { c.ec2.refresh_secs = v; }
-        if c.batch_max_records == 0 {
-            anyhow::bail!("invalid setting batch_max_records: must be > 0");
-        }
-        if !c.metrics_listen.is_empty() && c.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
-            anyhow::bail!("invalid setting metrics_listen: {:?} is not an address:port", c.metrics_listen);
-        }
+        cli.flags.apply(&mut c);
+        c.validate()?;
         Ok(c)
     }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.batch_max_records == 0 {
+            anyhow::bail!("invalid setting batch_max_records: must be > 0");
+        }
+        if !self.metrics_listen.is_empty() && self.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
+            anyhow::bail!("invalid setting metrics_listen: {:?} is not an address:port", self.metrics_listen);
+        }
+        Ok(())
+    }
+}
+
+/// What `--print-config-reference` prints: every setting, and every metric
+/// exported.
+pub fn reference() -> String {
+    let mut r = flowlog_settings::reference::<Config>(&Cli::command());
+    let metrics = flowlog_runtime::prometheus::reference(crate::metrics::describe);
+    r.extra.insert("metrics", serde_json::to_value(metrics).expect("plain data"));
+    r.to_json()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use flowlog_settings::FileError;
+
     use super::*;
 
+    fn parse(text: &str) -> Result<Config, FileError> {
+        flowlog_settings::parse_toml(text, Path::new("enricher.toml"))
+    }
+
+    /// The setting a file error names, and its message.
+    fn file_error(text: &str) -> (String, String) {
+        let e = parse(text).unwrap_err();
+        (e.key().expect("an invalid file").to_string(), e.to_string())
+    }
+
     #[test]
-    fn rejects_unknown_keys() {
-        assert!(toml::from_str::<Config>("brokerz = \"x\"").is_err());
-        let c: Config = toml::from_str("batch_max_records = 5\n[kafka_properties]\n\"security.protocol\" = \"SSL\"").unwrap();
+    fn file_settings() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        let c = parse("batch_max_records = 5\n[kafka_properties]\n\"security.protocol\" = \"SSL\"\n[ec2]\nregions = [\"eu-west-1\"]")
+            .unwrap();
         assert_eq!(c.batch_max_records, 5);
         assert_eq!(c.kafka_properties["security.protocol"], "SSL");
+        assert_eq!((c.ec2.regions.as_slice(), c.ec2.refresh_secs), (["eu-west-1".to_string()].as_slice(), 60));
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let (key, msg) = file_error("brokerz = \"x\"");
+        assert_eq!(key, "brokerz");
+        assert!(msg.contains("enricher.toml") && msg.contains("unknown field `brokerz`"), "{msg}");
+        assert_eq!(file_error("batch_max_records = -5").0, "batch_max_records");
+        assert_eq!(file_error("static_map = 3").0, "static_map");
+        assert_eq!(file_error("[ec2]\nregions = \"us-east-1\"").0, "ec2.regions");
+        assert_eq!(file_error("[ec2]\nrefresh = 5").0, "ec2.refresh");
+        assert_eq!(file_error("[kafka_properties]\n\"fetch.max.bytes\" = 1").0, "kafka_properties.fetch.max.bytes");
+        let zero = Config { batch_max_records: 0, ..Config::default() };
+        assert!(zero.validate().unwrap_err().to_string().contains("batch_max_records"));
+        let bad = Config { metrics_listen: "nope".into(), ..Config::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("metrics_listen"));
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = std::env::temp_dir().join(format!("flowlog-enricher-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "group_id = \"file\"\nlate_window_secs = 5\n[ec2]\nregions = [\"a\"]\n").unwrap();
+        let cli = Cli::parse_from([
+            "x", "--config", path.to_str().unwrap(), "--late-window-secs", "7", "--ec2-regions", "b,c",
+            "--static-map", "/etc/m.toml",
+        ]);
+        let c = Config::load(&cli).unwrap();
+        assert_eq!((c.group_id.as_str(), c.late_window_secs), ("file", 7));
+        assert_eq!(c.ec2.regions, ["b", "c"]);
+        assert_eq!(c.static_map.as_deref(), Some(Path::new("/etc/m.toml")));
+        std::fs::remove_dir_all(dir).unwrap();
+        let missing = Cli::parse_from(["x", "--config", "/nonexistent/enricher.toml"]);
+        assert!(Config::load(&missing).unwrap_err().to_string().contains("cannot read config file"));
+    }
+
+    /// deploy/, scripts/demo.sh, bench/ and the tests use these names.
+    #[test]
+    fn reference_keeps_every_flag_and_variable() {
+        Cli::command().debug_assert();
+        let r = flowlog_settings::reference::<Config>(&Cli::command());
+        assert_eq!(r.undocumented(), Vec::<&str>::new());
+        assert_eq!(
+            r.flag_names(),
+            [
+                "brokers --brokers FLOWLOG_ENRICHER_BROKERS",
+                "group_id --group-id FLOWLOG_ENRICHER_GROUP_ID",
+                "output_dir --output-dir FLOWLOG_ENRICHER_OUTPUT_DIR",
+                "enriched_topic --enriched-topic FLOWLOG_ENRICHER_ENRICHED_TOPIC",
+                "static_map --static-map FLOWLOG_ENRICHER_STATIC_MAP",
+                "batch_max_records --batch-max-records FLOWLOG_ENRICHER_BATCH_MAX_RECORDS",
+                "batch_max_age_secs --batch-max-age-secs FLOWLOG_ENRICHER_BATCH_MAX_AGE_SECS",
+                "late_window_secs --late-window-secs FLOWLOG_ENRICHER_LATE_WINDOW_SECS",
+                "metrics_listen --metrics-listen FLOWLOG_ENRICHER_METRICS_LISTEN",
+                "ec2.regions --ec2-regions FLOWLOG_ENRICHER_EC2_REGIONS",
+                "ec2.endpoint_url --ec2-endpoint-url FLOWLOG_ENRICHER_EC2_ENDPOINT_URL",
+                "ec2.refresh_secs --ec2-refresh-secs FLOWLOG_ENRICHER_EC2_REFRESH_SECS",
+            ]
+        );
+        let cli: Vec<_> = r.command_line.iter().map(|a| a.flag.as_str()).collect();
+        assert_eq!(cli, ["--config", "--log", "--check-config", "--print-config-reference"]);
     }
 }

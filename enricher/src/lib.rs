@@ -2,7 +2,10 @@
 
 pub mod attribute;
 pub mod config;
+pub mod consumer;
 pub mod decode;
+pub mod kafka;
 pub mod metrics;
+pub mod pipeline;
 pub mod sink;
 pub mod sources;

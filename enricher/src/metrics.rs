@@ -20,9 +20,10 @@ pub const CONSUMER_LAG: &str = "flowlog_enricher_consumer_lag_records";
 /// Decoded sidecar host blocks found in the cache (`result` = hit/miss):
 /// the hit ratio is hit / (hit + miss).
 pub const HOST_CACHE: &str = "flowlog_enricher_host_cache_lookups_total";
-/// Same names and meaning as the sidecar's (one dashboard query shape for both).
-pub const CPU_SECONDS: &str = "flowlog_enricher_process_cpu_seconds_total";
-pub const RSS_BYTES: &str = "flowlog_enricher_process_resident_memory_bytes";
+/// Prefix of the process gauges `flowlog_enricher_process_cpu_seconds_total`
+/// and `flowlog_enricher_process_resident_memory_bytes` (flowlog_runtime::process:
+/// same names and meaning as the sidecar's, one dashboard query shape for both).
+const PREFIX: &str = "flowlog_enricher";
 pub const IDENTITY_LAST_SEEN: &str = "flowlog_enricher_identity_last_seen_timestamp_seconds";
 
 /// Counts the final attribution of a written batch (after held-back records
@@ -49,39 +50,17 @@ pub fn record_attributions(records: &[EnrichedFlow]) {
 
 /// This process's CPU time (user+system, all threads) and resident memory.
 pub fn record_process() {
-    // SAFETY: getrusage only writes the struct we own.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } == 0 {
-        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        // Fractional seconds, so a gauge: `metrics` counters are integers.
-        metrics::gauge!(CPU_SECONDS).set(secs(ru.ru_utime) + secs(ru.ru_stime));
-    }
-    // statm: size resident shared ... in pages.
-    let resident = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<f64>().ok())
-        });
-    if let Some(pages) = resident {
-        // SAFETY: plain sysconf.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
-        metrics::gauge!(RSS_BYTES).set(pages * page);
-    }
+    flowlog_runtime::process::record(PREFIX);
 }
 
 pub fn serve(listen: std::net::SocketAddr) -> anyhow::Result<()> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(listen)
-        .install()
-        .map_err(|e| anyhow::anyhow!("starting the metrics endpoint on {listen}: {e}"))?;
+    flowlog_runtime::prometheus::serve(listen, &[])?;
     describe();
     Ok(())
 }
 
 /// HELP text for every metric (shown by the endpoint and in dashboards).
-fn describe() {
+pub fn describe() {
     use metrics::{describe_counter, describe_gauge, Unit};
     describe_counter!(
         RECORDS_IN,
@@ -131,8 +110,7 @@ fn describe() {
         HOST_CACHE,
         "Lookups of decoded sidecar host blocks, by result (hit/miss)."
     );
-    describe_gauge!(CPU_SECONDS, Unit::Seconds, "Enricher user+system CPU time.");
-    describe_gauge!(RSS_BYTES, Unit::Bytes, "Enricher resident memory.");
+    flowlog_runtime::process::describe(PREFIX, "Enricher");
     describe_gauge!(
         IDENTITY_LAST_SEEN,
         Unit::Seconds,

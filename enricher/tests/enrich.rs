@@ -3,12 +3,12 @@
 //! dead-letter topic, and exactly-once files across a crash.
 
 use std::{
-    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use apache_avro::types::Value;
+use flowlog_runtime::testkit::{self, free_port, Broker, BrokerSpec};
 use flowlog_schema::{fixtures, Flow, HostIdentity, IdentityReason, ENRICHED_FLOW};
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
@@ -22,57 +22,14 @@ const S: i64 = 1_000_000_000;
 /// 2026-01-01T00:00:00Z, so files land in a known dt=/hr= folder.
 const T0: i64 = 1_767_225_600 * S;
 
-fn tools() -> PathBuf {
-    std::env::var("FLOWLOG_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/flowlog/tools"))
-}
-
 fn ready() -> bool {
-    if tools().join("tansu-0.6.0/bin/tansu").exists() && tools().join("venv-py-1/bin/python").exists() {
-        return true;
-    }
-    if std::env::var("FLOWLOG_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
-        panic!("the local broker or the Python tools are missing: run `make setup`");
-    }
-    eprintln!("skipping: run `make setup` for the local broker");
-    false
+    testkit::have_tools(&[testkit::TANSU, testkit::PYTHON])
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/broker.sh")
-}
-
-struct Broker {
-    dir: PathBuf,
-    addr: String,
-}
-
-impl Broker {
-    fn start(name: &str, partitions: u32) -> Broker {
-        let dir = std::env::temp_dir().join(format!("flowlog-enr-broker-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let port = free_port();
-        let st = Command::new("bash")
-            .arg(script())
-            .args(["start", dir.to_str().unwrap(), &port.to_string(), "flowlog.flows", "flowlog.identity", "flowlog.dlq", "flowlog.enriched"])
-            .env("PARTITIONS", partitions.to_string())
-            .status()
-            .unwrap();
-        assert!(st.success());
-        Broker { dir, addr: format!("127.0.0.1:{port}") }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = Command::new("bash").arg(script()).args(["stop", self.dir.to_str().unwrap()]).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A broker with the enricher's four topics.
+fn start_broker(name: &str, partitions: u32) -> Broker {
+    let topics = ["flowlog.flows", "flowlog.identity", "flowlog.dlq", "flowlog.enriched"];
+    Broker::start(&BrokerSpec { name, topics: &topics, partitions, memory: false }).expect("start the broker")
 }
 
 fn host(host: &str, workload: &str, ips: &[&str]) -> HostIdentity {
@@ -138,7 +95,7 @@ fn start_enricher(brokers: &str, out: &std::path::Path, extra: &[&str]) -> Child
 
 /// Every record in the output files, read by fastavro.
 fn read_files(out: &std::path::Path) -> Vec<Json> {
-    let o = Command::new(tools().join("venv-py-1/bin/python"))
+    let o = Command::new(testkit::tool(testkit::PYTHON))
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_avro.py"))
         .arg(out)
         .output()
@@ -161,18 +118,10 @@ fn wait_files(out: &std::path::Path, n: usize, timeout: Duration) -> Vec<Json> {
 /// The value of one Prometheus sample (exact name and labels), polled until
 /// it equals `want` or 15 s pass.
 fn wait_metric(port: u16, sample: &str, want: f64) -> f64 {
-    use std::io::{Read, Write};
     let t0 = Instant::now();
     loop {
-        let mut body = String::new();
-        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            let _ = write!(c, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-            let _ = c.read_to_string(&mut body);
-        }
-        let v = body
-            .lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0.0);
+        let body = testkit::scrape(&format!("127.0.0.1:{port}")).unwrap_or_default();
+        let v = testkit::sample(&body, sample);
         if v == want || t0.elapsed() > Duration::from_secs(15) {
             return v;
         }
@@ -192,7 +141,7 @@ fn attributes_by_time_with_static_map_and_dead_letters() {
     if !ready() {
         return;
     }
-    let b = Broker::start("attr", 1);
+    let b = start_broker("attr", 1);
     let out = std::env::temp_dir().join(format!("flowlog-enr-out-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let map = out.with_extension("toml");
@@ -309,7 +258,7 @@ fn kill_9_loses_and_duplicates_nothing() {
     if !ready() {
         return;
     }
-    let b = Broker::start("kill", 4);
+    let b = start_broker("kill", 4);
     let out = std::env::temp_dir().join(format!("flowlog-enr-kill-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let batch = |from: i64, to: i64| -> Vec<(String, Vec<u8>)> {
@@ -350,7 +299,7 @@ fn late_metadata_still_attributes_held_flows() {
     if !ready() {
         return;
     }
-    let b = Broker::start("late", 1);
+    let b = start_broker("late", 1);
     let out = std::env::temp_dir().join(format!("flowlog-enr-late-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
@@ -379,12 +328,13 @@ fn late_metadata_still_attributes_held_flows() {
 /// workload; flows are attributed by their start time, even though they are
 /// all processed after the reassignment.
 #[test]
+#[cfg_attr(not(feature = "ec2"), ignore = "needs the enricher's ec2 feature")]
 fn ec2_ip_reuse_against_an_ec2_endpoint() {
     if !ready() {
         return;
     }
-    let moto_bin = tools().join("venv-py-1/bin/moto_server");
-    let py = tools().join("venv-py-1/bin/python");
+    let moto_bin = testkit::tool("venv-py-1/bin/moto_server");
+    let py = testkit::tool(testkit::PYTHON);
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let mut moto = Command::new(&moto_bin).args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
@@ -412,7 +362,7 @@ fn ec2_ip_reuse_against_an_ec2_endpoint() {
     let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
 
     let eni_a = ec2(&["create", "172.31.0.50", "billing"]);
-    let b = Broker::start("ec2", 1);
+    let b = start_broker("ec2", 1);
     let out = std::env::temp_dir().join(format!("flowlog-enr-ec2-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowlog-enricher"));

@@ -20,18 +20,32 @@ pub mod direction {
 
 /// Kernel TCP states (include/net/tcp_states.h); values are kernel ABI.
 pub mod tcp_state {
-    pub const ESTABLISHED: u8 = 1;
-    pub const SYN_SENT: u8 = 2;
-    pub const SYN_RECV: u8 = 3;
-    pub const FIN_WAIT1: u8 = 4;
-    pub const FIN_WAIT2: u8 = 5;
-    pub const TIME_WAIT: u8 = 6;
-    pub const CLOSE: u8 = 7;
-    pub const CLOSE_WAIT: u8 = 8;
-    pub const LAST_ACK: u8 = 9;
-    pub const LISTEN: u8 = 10;
-    pub const CLOSING: u8 = 11;
-    pub const NEW_SYN_RECV: u8 = 12;
+    macro_rules! states {
+        ($($name:ident = $v:literal),+ $(,)?) => {
+            $(pub const $name: u8 = $v;)+
+
+            /// The kernel's name of a state (`UNKNOWN` for anything else).
+            pub const fn name(state: u8) -> &'static str {
+                match state {
+                    $($v => stringify!($name),)+
+                    _ => "UNKNOWN",
+                }
+            }
+
+            /// The state of a kernel name.
+            pub fn from_name(name: &str) -> Option<u8> {
+                match name {
+                    $(stringify!($name) => Some($v),)+
+                    _ => None,
+                }
+            }
+        };
+    }
+
+    states!(
+        ESTABLISHED = 1, SYN_SENT = 2, SYN_RECV = 3, FIN_WAIT1 = 4, FIN_WAIT2 = 5, TIME_WAIT = 6,
+        CLOSE = 7, CLOSE_WAIT = 8, LAST_ACK = 9, LISTEN = 10, CLOSING = 11, NEW_SYN_RECV = 12,
+    );
 }
 
 /// Bits of [`FlowEvent::flags`].

@@ -210,28 +210,9 @@ pub struct StatePath(pub u64);
 /// The state of a name this version does not know.
 const UNKNOWN_STATE: u8 = 15;
 
-const STATE_NAMES: [(u8, &str); 12] = [
-    (tcp_state::ESTABLISHED, "ESTABLISHED"),
-    (tcp_state::SYN_SENT, "SYN_SENT"),
-    (tcp_state::SYN_RECV, "SYN_RECV"),
-    (tcp_state::FIN_WAIT1, "FIN_WAIT1"),
-    (tcp_state::FIN_WAIT2, "FIN_WAIT2"),
-    (tcp_state::TIME_WAIT, "TIME_WAIT"),
-    (tcp_state::CLOSE, "CLOSE"),
-    (tcp_state::CLOSE_WAIT, "CLOSE_WAIT"),
-    (tcp_state::LAST_ACK, "LAST_ACK"),
-    (tcp_state::LISTEN, "LISTEN"),
-    (tcp_state::CLOSING, "CLOSING"),
-    (tcp_state::NEW_SYN_RECV, "NEW_SYN_RECV"),
-];
-
 /// The kernel's name of a TCP state (`UNKNOWN` for anything else).
 pub fn state_name(s: u8) -> &'static str {
-    STATE_NAMES.iter().find(|(n, _)| *n == s).map_or("UNKNOWN", |(_, name)| name)
-}
-
-fn state_of(name: &str) -> u8 {
-    STATE_NAMES.iter().find(|(_, n)| *n == name).map_or(UNKNOWN_STATE, |(s, _)| *s)
+    tcp_state::name(s)
 }
 
 impl StatePath {
@@ -253,8 +234,7 @@ impl StatePath {
     fn read(r: &mut Reader) -> Result<StatePath, DecodeError> {
         let mut p = StatePath::default();
         r.blocks(|r| {
-            let s = state_of(r.str()?);
-            p.push(if s == 0 { UNKNOWN_STATE } else { s });
+            p.push(tcp_state::from_name(r.str()?).unwrap_or(UNKNOWN_STATE));
             Ok(())
         })?;
         Ok(p)

@@ -1,10 +1,13 @@
 //! Sidecar configuration: defaults < TOML file (`--config`) < environment
-//! (`FLOWLOG_*`) < command-line flags.
+//! (`FLOWLOG_*`) < command-line flags. Each setting is declared once below
+//! (and in the `[kafka]`, `[spool]` and `[identity]` sections it includes);
+//! `--print-config-reference` lists them all.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
-use serde::Deserialize;
+use clap::{CommandFactory, Parser, ValueEnum};
+use flowlog_settings::{FileError, Flags};
+use serde::{Deserialize, Serialize};
 
 use crate::{
     identity::IdentityConfig,
@@ -12,7 +15,7 @@ use crate::{
     workload::WorkloadConfig,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Output {
     /// One JSON object per flow on stdout.
@@ -25,7 +28,7 @@ pub enum Output {
     Null,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Attach {
     /// BTF tracepoint when the kernel supports it, else the classic tracepoint.
@@ -36,71 +39,62 @@ pub enum Attach {
     Tracepoint,
 }
 
-/// The settings file. Every field is optional; see the defaults below.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Where flow records go.
-    pub output: Output,
-    /// How to attach to sock:inet_sock_set_state.
-    pub attach: Attach,
-    /// Ring-buffer size in bytes (a power of two, multiple of the page size).
-    pub ring_buffer_bytes: u32,
-    /// Live sockets tracked at once; opens beyond it are still reported at
-    /// close, without start time and owner, and counted.
-    pub max_sockets: u32,
-    /// Listening ports tracked at once (for naming the server process).
-    pub max_listeners: u32,
-    /// Bytes waiting in the ring buffer before the kernel wakes the reader.
-    pub wakeup_bytes: u64,
-    /// How often the reader drains the ring buffer without a wake-up, ms.
-    pub drain_interval_ms: u64,
-    /// How often kernel drop counters are checked and logged, seconds.
-    pub stats_interval_secs: u64,
-    /// Write the final counters as JSON to this file at exit.
-    pub stats_file: Option<PathBuf>,
-    /// Prometheus endpoint; empty string disables it.
-    pub metrics_listen: String,
-    /// Connections open longer than this get interim records, seconds (0: off).
-    pub interim_interval_secs: u64,
-    /// Identity heartbeat period, seconds.
-    pub heartbeat_secs: u64,
-    /// How long SIGTERM waits for the broker before spooling the rest, seconds.
-    pub shutdown_timeout_secs: u64,
-    pub kafka: KafkaConfig,
-    pub spool: SpoolConfig,
-    pub identity: IdentityConfig,
-    pub workload: WorkloadConfig,
-}
+flowlog_settings::value_enum!(Output, Attach);
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            output: Output::Json,
-            attach: Attach::Auto,
-            ring_buffer_bytes: default_ring_buffer_bytes(),
-            max_sockets: 65_536,
-            max_listeners: 16_384,
-            wakeup_bytes: 256 * 1024,
-            drain_interval_ms: 50,
-            stats_interval_secs: 10,
-            stats_file: None,
-            metrics_listen: "127.0.0.1:9464".into(),
-            interim_interval_secs: 60,
-            heartbeat_secs: 30,
-            shutdown_timeout_secs: 5,
-            kafka: KafkaConfig::default(),
-            spool: SpoolConfig::default(),
-            identity: IdentityConfig::default(),
-            workload: WorkloadConfig::default(),
-        }
+flowlog_settings::settings! {
+    /// The settings file. Every field is optional.
+    pub struct Config {
+        /// Where flow records go.
+        #[flag(long = "output", env = "FLOWLOG_OUTPUT")]
+        pub output: Output = Output::Json,
+        /// How to attach to sock:inet_sock_set_state.
+        #[flag(long = "attach", env = "FLOWLOG_ATTACH")]
+        pub attach: Attach = Attach::Auto,
+        /// Ring-buffer size in bytes (a power of two, multiple of the page size).
+        #[flag(long = "ring-buffer-bytes", env = "FLOWLOG_RING_BUFFER_BYTES")]
+        // 4 MiB holds ~29 000 flow events: at 50 ms drains that is 580 000
+        // closes/s before anything could be dropped.
+        pub ring_buffer_bytes: u32 = 4 * 1024 * 1024,
+        /// Live sockets tracked at once; opens beyond it are still reported at
+        /// close, without start time and owner, and counted.
+        #[flag(long = "max-sockets", env = "FLOWLOG_MAX_SOCKETS")]
+        pub max_sockets: u32 = 65_536,
+        /// Listening ports tracked at once (for naming the server process).
+        #[flag(long = "max-listeners", env = "FLOWLOG_MAX_LISTENERS")]
+        pub max_listeners: u32 = 16_384,
+        /// Bytes waiting in the ring buffer before the kernel wakes the reader.
+        #[flag(long = "wakeup-bytes", env = "FLOWLOG_WAKEUP_BYTES")]
+        pub wakeup_bytes: u64 = 256 * 1024,
+        /// How often the reader drains the ring buffer without a wake-up, ms.
+        #[flag(long = "drain-interval-ms", env = "FLOWLOG_DRAIN_INTERVAL_MS")]
+        pub drain_interval_ms: u64 = 50,
+        /// How often kernel drop counters are checked and logged, seconds.
+        #[flag(long = "stats-interval-secs", env = "FLOWLOG_STATS_INTERVAL_SECS")]
+        pub stats_interval_secs: u64 = 10,
+        /// Write the final counters as JSON to this file at exit.
+        #[flag(long = "stats-file", env = "FLOWLOG_STATS_FILE")]
+        pub stats_file: Option<PathBuf> = None,
+        /// Prometheus endpoint; empty string disables it.
+        #[flag(long = "metrics-listen", env = "FLOWLOG_METRICS_LISTEN")]
+        pub metrics_listen: String = "127.0.0.1:9464".into(),
+        /// Connections open longer than this get interim records, seconds (0: off).
+        #[flag(long = "interim-interval-secs", env = "FLOWLOG_INTERIM_INTERVAL_SECS")]
+        pub interim_interval_secs: u64 = 60,
+        /// Identity heartbeat period, seconds.
+        #[flag(long = "heartbeat-secs", env = "FLOWLOG_HEARTBEAT_SECS")]
+        pub heartbeat_secs: u64 = 30,
+        /// How long SIGTERM waits for the broker before spooling the rest, seconds.
+        #[flag(long = "shutdown-timeout-secs", env = "FLOWLOG_SHUTDOWN_TIMEOUT_SECS")]
+        pub shutdown_timeout_secs: u64 = 5,
+        /// The Kafka producer (with `output = "kafka"`).
+        pub kafka: KafkaConfig = KafkaConfig::default(),
+        /// The on-disk spool for records the broker has not taken (with `output = "kafka"`).
+        pub spool: SpoolConfig = SpoolConfig::default(),
+        /// Who this host is: its ids, workload, labels and IPs.
+        pub identity: IdentityConfig = IdentityConfig::default(),
+        /// Local workload resolution: which pod, container or service owned each flow.
+        pub workload: WorkloadConfig = WorkloadConfig::default(),
     }
-}
-
-/// 4 MiB holds ~29 000 flow events: at 50 ms drains that is 580 000
-/// closes/s before anything could be dropped.
-fn default_ring_buffer_bytes() -> u32 {
-    4 * 1024 * 1024
 }
 
 /// flowlog sidecar: one flow record per TCP connection, from eBPF.
@@ -110,59 +104,6 @@ pub struct Cli {
     /// TOML settings file.
     #[arg(long, short, env = "FLOWLOG_CONFIG")]
     pub config: Option<PathBuf>,
-    #[arg(long, env = "FLOWLOG_OUTPUT")]
-    pub output: Option<Output>,
-    #[arg(long, env = "FLOWLOG_ATTACH")]
-    pub attach: Option<Attach>,
-    #[arg(long, env = "FLOWLOG_RING_BUFFER_BYTES")]
-    pub ring_buffer_bytes: Option<u32>,
-    #[arg(long, env = "FLOWLOG_MAX_SOCKETS")]
-    pub max_sockets: Option<u32>,
-    #[arg(long, env = "FLOWLOG_MAX_LISTENERS")]
-    pub max_listeners: Option<u32>,
-    #[arg(long, env = "FLOWLOG_WAKEUP_BYTES")]
-    pub wakeup_bytes: Option<u64>,
-    #[arg(long, env = "FLOWLOG_DRAIN_INTERVAL_MS")]
-    pub drain_interval_ms: Option<u64>,
-    #[arg(long, env = "FLOWLOG_STATS_INTERVAL_SECS")]
-    pub stats_interval_secs: Option<u64>,
-    #[arg(long, env = "FLOWLOG_STATS_FILE")]
-    pub stats_file: Option<PathBuf>,
-    #[arg(long, env = "FLOWLOG_METRICS_LISTEN")]
-    pub metrics_listen: Option<String>,
-    #[arg(long, env = "FLOWLOG_INTERIM_INTERVAL_SECS")]
-    pub interim_interval_secs: Option<u64>,
-    #[arg(long, env = "FLOWLOG_HEARTBEAT_SECS")]
-    pub heartbeat_secs: Option<u64>,
-    #[arg(long, env = "FLOWLOG_SHUTDOWN_TIMEOUT_SECS")]
-    pub shutdown_timeout_secs: Option<u64>,
-    /// kafka.brokers
-    #[arg(long, env = "FLOWLOG_KAFKA_BROKERS")]
-    pub kafka_brokers: Option<String>,
-    /// kafka.flow_topic
-    #[arg(long, env = "FLOWLOG_KAFKA_FLOW_TOPIC")]
-    pub kafka_flow_topic: Option<String>,
-    /// kafka.identity_topic
-    #[arg(long, env = "FLOWLOG_KAFKA_IDENTITY_TOPIC")]
-    pub kafka_identity_topic: Option<String>,
-    /// spool.dir
-    #[arg(long, env = "FLOWLOG_SPOOL_DIR")]
-    pub spool_dir: Option<PathBuf>,
-    /// spool.max_bytes
-    #[arg(long, env = "FLOWLOG_SPOOL_MAX_BYTES")]
-    pub spool_max_bytes: Option<u64>,
-    /// identity.host_id
-    #[arg(long, env = "FLOWLOG_HOST_ID")]
-    pub host_id: Option<String>,
-    /// identity.instance_id
-    #[arg(long, env = "FLOWLOG_INSTANCE_ID")]
-    pub instance_id: Option<String>,
-    /// identity.workload
-    #[arg(long, env = "FLOWLOG_WORKLOAD")]
-    pub workload: Option<String>,
-    /// workload.resolve
-    #[arg(long, env = "FLOWLOG_WORKLOAD_RESOLVE")]
-    pub workload_resolve: Option<bool>,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `flowlog_sidecar=debug`.
     #[arg(long, env = "FLOWLOG_LOG", default_value = "info")]
     pub log: String,
@@ -170,53 +111,31 @@ pub struct Cli {
     /// is valid, 1 with the reason when not. Touches neither the kernel nor Kafka.
     #[arg(long)]
     pub check_config: bool,
+    /// Print every setting (file key, type, default, flag, environment
+    /// variable, meaning) as JSON and exit.
+    #[arg(long)]
+    pub print_config_reference: bool,
+    /// Every setting's flag (and environment variable).
+    #[command(flatten)]
+    pub flags: Flags<Config>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("invalid config file {path}: {source}")]
-    Parse { path: String, source: toml::de::Error },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("invalid setting {name}: {reason}")]
     Invalid { name: &'static str, reason: String },
 }
 
 impl Config {
-    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
-    }
-
     /// Defaults, then the file, then env/flags.
     pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
         let mut c = match &cli.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-                Config::from_toml(&text, path)?
-            }
+            Some(path) => flowlog_settings::read_file(path)?,
             None => Config::default(),
         };
-        macro_rules! over {
-            ($($f:ident),*) => { $( if let Some(v) = cli.$f.clone() { c.$f = v; } )* };
-        }
-        over!(
-            output, attach, ring_buffer_bytes, max_sockets, max_listeners, wakeup_bytes, drain_interval_ms,
-            stats_interval_secs, metrics_listen, interim_interval_secs, heartbeat_secs, shutdown_timeout_secs
-        );
-        if cli.stats_file.is_some() {
-            c.stats_file = cli.stats_file.clone();
-        }
-        macro_rules! nested {
-            ($($flag:ident => $($path:ident).+),*) => { $( if let Some(v) = cli.$flag.clone() { c.$($path).+ = v; } )* };
-        }
-        nested!(kafka_brokers => kafka.brokers, kafka_flow_topic => kafka.flow_topic,
-            kafka_identity_topic => kafka.identity_topic, spool_dir => spool.dir, spool_max_bytes => spool.max_bytes,
-            workload_resolve => workload.resolve);
-        macro_rules! nested_opt {
-            ($($flag:ident => $($path:ident).+),*) => { $( if let Some(v) = cli.$flag.clone() { c.$($path).+ = Some(v); } )* };
-        }
-        nested_opt!(host_id => identity.host_id, instance_id => identity.instance_id, workload => identity.workload);
+        cli.flags.apply(&mut c);
         c.validate()?;
         Ok(c)
     }
@@ -263,14 +182,34 @@ impl Config {
     }
 }
 
+/// What `--print-config-reference` prints: every setting, the librdkafka
+/// properties `kafka.properties` refuses, and every metric exported.
+pub fn reference() -> String {
+    let mut r = flowlog_settings::reference::<Config>(&Cli::command());
+    r.extra.insert("refused_kafka_properties", crate::transport::kafka::OWNED.as_slice().into());
+    let metrics = flowlog_runtime::prometheus::reference(crate::metrics::describe);
+    r.extra.insert("metrics", serde_json::to_value(metrics).expect("plain data"));
+    r.to_json()
+}
+
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        let c = Config::from_toml(text, Path::new("test.toml"))?;
+        let c: Config = flowlog_settings::parse_toml(text, Path::new("test.toml"))?;
         c.validate()?;
         Ok(c)
+    }
+
+    /// The setting a file error names, and its message.
+    fn file_error(text: &str) -> (String, String) {
+        match parse(text) {
+            Err(ConfigError::File(e)) => (e.key().expect("an invalid file").to_string(), e.to_string()),
+            other => panic!("{text:?} gave {other:?}"),
+        }
     }
 
     #[test]
@@ -280,13 +219,19 @@ mod tests {
         assert_eq!(c.output, Output::Table);
         assert_eq!(c.attach, Attach::Tracepoint);
         assert_eq!(c.max_sockets, 10);
-        assert_eq!(c.ring_buffer_bytes, default_ring_buffer_bytes());
+        assert_eq!(c.ring_buffer_bytes, 4 << 20);
     }
 
     #[test]
     fn rejects_bad_input() {
-        assert!(matches!(parse("outptu = \"json\""), Err(ConfigError::Parse { .. })));
-        assert!(matches!(parse("output = \"xml\""), Err(ConfigError::Parse { .. })));
+        let (key, msg) = file_error("outptu = \"json\"");
+        assert_eq!(key, "outptu");
+        assert!(msg.contains("test.toml") && msg.contains("unknown field `outptu`"), "{msg}");
+        let (key, msg) = file_error("output = \"xml\"");
+        assert_eq!(key, "output");
+        assert!(msg.contains("unknown variant `xml`"), "{msg}");
+        assert_eq!(file_error("max_sockets = \"many\"").0, "max_sockets");
+        assert_eq!(file_error("max_sockets = 10\nmax_sockets = 20").0, "", "not TOML: a duplicate key");
         assert!(matches!(parse("ring_buffer_bytes = 5000"), Err(ConfigError::Invalid { name: "ring_buffer_bytes", .. })));
         assert!(matches!(parse("wakeup_bytes = 8388608"), Err(ConfigError::Invalid { name: "wakeup_bytes", .. })));
     }
@@ -304,7 +249,12 @@ mod tests {
         assert_eq!(c.kafka.properties["security.protocol"], "SSL");
         assert_eq!(c.spool.fsync, crate::transport::spool::Fsync::Always);
         assert_eq!(c.identity.labels["team"], "net");
-        assert!(matches!(parse("[kafka]\nbrokerz = \"x\""), Err(ConfigError::Parse { .. })));
+        let (key, msg) = file_error("[kafka]\nbrokerz = \"x\"");
+        assert_eq!(key, "kafka.brokerz");
+        assert!(msg.contains("line 2"), "{msg}");
+        assert_eq!(file_error("[kafka]\nlinger_ms = -1").0, "kafka.linger_ms");
+        assert_eq!(file_error("[spool]\nfsync = \"sometimes\"").0, "spool.fsync");
+        assert_eq!(file_error("[identity]\nips = \"10.0.0.1\"").0, "identity.ips");
         assert!(matches!(parse("metrics_listen = \"nope\""), Err(ConfigError::Invalid { name: "metrics_listen", .. })));
         assert!(matches!(
             parse("output = \"kafka\"\n[kafka.properties]\n\"acks\" = \"1\""),
@@ -317,10 +267,56 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("flowlog-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
-        std::fs::write(&path, "output = \"table\"\nmax_sockets = 10\n").unwrap();
-        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap(), "--max-sockets", "20", "--workload-resolve", "false"]);
+        std::fs::write(&path, "output = \"table\"\nmax_sockets = 10\n[kafka]\nbrokers = \"file:9092\"\n").unwrap();
+        let cli = Cli::parse_from([
+            "x", "--config", path.to_str().unwrap(), "--max-sockets", "20", "--kafka-brokers", "flag:9092",
+            "--host-id", "h1", "--attach", "tp-btf", "--workload-resolve", "false",
+        ]);
         let c = Config::load(&cli).unwrap();
-        assert_eq!((c.output, c.max_sockets, c.workload.resolve), (Output::Table, 20, false));
+        assert_eq!((c.output, c.max_sockets, c.attach), (Output::Table, 20, Attach::TpBtf));
+        assert!(!c.workload.resolve);
+        assert_eq!((c.kafka.brokers.as_str(), c.identity.host_id.as_deref()), ("flag:9092", Some("h1")));
         std::fs::remove_dir_all(dir).unwrap();
+        let missing = Cli::parse_from(["x", "--config", "/nonexistent/flowlog.toml"]);
+        assert!(matches!(Config::load(&missing), Err(ConfigError::File(FileError::Read { .. }))));
+    }
+
+    /// deploy/, scripts/demo.sh, bench/ and the tests use these names.
+    #[test]
+    fn reference_keeps_every_flag_and_variable() {
+        Cli::command().debug_assert();
+        let r = flowlog_settings::reference::<Config>(&Cli::command());
+        assert_eq!(r.undocumented(), Vec::<&str>::new());
+        assert_eq!(
+            r.flag_names(),
+            [
+                "output --output FLOWLOG_OUTPUT",
+                "attach --attach FLOWLOG_ATTACH",
+                "ring_buffer_bytes --ring-buffer-bytes FLOWLOG_RING_BUFFER_BYTES",
+                "max_sockets --max-sockets FLOWLOG_MAX_SOCKETS",
+                "max_listeners --max-listeners FLOWLOG_MAX_LISTENERS",
+                "wakeup_bytes --wakeup-bytes FLOWLOG_WAKEUP_BYTES",
+                "drain_interval_ms --drain-interval-ms FLOWLOG_DRAIN_INTERVAL_MS",
+                "stats_interval_secs --stats-interval-secs FLOWLOG_STATS_INTERVAL_SECS",
+                "stats_file --stats-file FLOWLOG_STATS_FILE",
+                "metrics_listen --metrics-listen FLOWLOG_METRICS_LISTEN",
+                "interim_interval_secs --interim-interval-secs FLOWLOG_INTERIM_INTERVAL_SECS",
+                "heartbeat_secs --heartbeat-secs FLOWLOG_HEARTBEAT_SECS",
+                "shutdown_timeout_secs --shutdown-timeout-secs FLOWLOG_SHUTDOWN_TIMEOUT_SECS",
+                "kafka.brokers --kafka-brokers FLOWLOG_KAFKA_BROKERS",
+                "kafka.flow_topic --kafka-flow-topic FLOWLOG_KAFKA_FLOW_TOPIC",
+                "kafka.identity_topic --kafka-identity-topic FLOWLOG_KAFKA_IDENTITY_TOPIC",
+                "spool.dir --spool-dir FLOWLOG_SPOOL_DIR",
+                "spool.max_bytes --spool-max-bytes FLOWLOG_SPOOL_MAX_BYTES",
+                "identity.host_id --host-id FLOWLOG_HOST_ID",
+                "identity.instance_id --instance-id FLOWLOG_INSTANCE_ID",
+                "identity.workload --workload FLOWLOG_WORKLOAD",
+                "workload.resolve --workload-resolve FLOWLOG_WORKLOAD_RESOLVE",
+            ]
+        );
+        let cli: Vec<_> = r.command_line.iter().map(|a| a.flag.as_str()).collect();
+        assert_eq!(cli, ["--config", "--log", "--check-config", "--print-config-reference"]);
+        let printed: serde_json::Value = serde_json::from_str(&reference()).unwrap();
+        assert_eq!(printed["refused_kafka_properties"][0], "bootstrap.servers");
     }
 }

@@ -31,12 +31,11 @@ use crate::{
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: logs in files and journald stay greppable.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if cli.print_config_reference {
+        println!("{}", config::reference());
+        return std::process::ExitCode::SUCCESS;
+    }
+    flowlog_runtime::logging::init(&cli.log);
     if cli.check_config {
         let checked = Config::load(&cli).map_err(anyhow::Error::from).and_then(|c| {
             if c.output == config::Output::Kafka {

@@ -37,8 +37,9 @@ pub const WORKLOAD_HELD: &str = "flowlog_sidecar_workload_held_flows";
 pub const CGROUP_WALKS: &str = "flowlog_sidecar_cgroup_walks_total";
 pub const CGROUP_WALK_ERRORS: &str = "flowlog_sidecar_cgroup_walk_errors_total";
 pub const CGROUPS_KNOWN: &str = "flowlog_sidecar_cgroups_known";
-pub const CPU_SECONDS: &str = "flowlog_sidecar_process_cpu_seconds_total";
-pub const RSS_BYTES: &str = "flowlog_sidecar_process_resident_memory_bytes";
+/// Prefix of the process gauges `flowlog_sidecar_process_cpu_seconds_total`
+/// and `flowlog_sidecar_process_resident_memory_bytes` (flowlog_runtime::process).
+const PREFIX: &str = "flowlog_sidecar";
 
 /// Registers descriptions (shown as HELP) for every metric.
 pub fn describe() {
@@ -68,8 +69,7 @@ pub fn describe() {
     describe_counter!(CGROUP_WALKS, "Walks of the cgroup v2 tree (one per batch of new cgroups, at most 4 a second).");
     describe_counter!(CGROUP_WALK_ERRORS, "Walks of the cgroup v2 tree that could not read it.");
     describe_gauge!(CGROUPS_KNOWN, "Cgroups found by the last walk.");
-    describe_gauge!(CPU_SECONDS, Unit::Seconds, "Sidecar user+system CPU time.");
-    describe_gauge!(RSS_BYTES, Unit::Bytes, "Sidecar resident memory.");
+    flowlog_runtime::process::describe(PREFIX, "Sidecar");
 }
 
 pub fn dropped(reason: &'static str, n: u64) {
@@ -107,32 +107,13 @@ pub fn record_workloads(r: &crate::workload::Resolver) {
 
 /// Updates process CPU and RSS from /proc/self.
 pub fn record_process() {
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // SAFETY: plain sysconf.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // A monotonic value in fractional seconds: exported as a gauge because
-        // `metrics` counters are integers.
-        gauge!(CPU_SECONDS).set((t(11) + t(12)) / hz);
-        // RSS pages are field 24 (index 21 after the comm).
-        // SAFETY: plain sysconf.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
-        gauge!(RSS_BYTES).set(t(21) * page);
-    }
+    flowlog_runtime::process::record(PREFIX);
 }
 
 /// Starts the Prometheus endpoint.
 pub fn serve(listen: std::net::SocketAddr) -> anyhow::Result<()> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(listen)
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(DELIVERY_LATENCY.into()),
-            &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
-        )?
-        .install()
-        .map_err(|e| anyhow::anyhow!("starting the metrics endpoint on {listen}: {e}"))?;
+    const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+    flowlog_runtime::prometheus::serve(listen, &[(DELIVERY_LATENCY, LATENCY_BUCKETS)])?;
     describe();
     Ok(())
 }

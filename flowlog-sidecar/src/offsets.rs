@@ -189,17 +189,14 @@ fn tracepoint_fields(format: &str) -> Result<[(String, u32); 4], OffsetError> {
 /// it the BTF tracepoint still works).
 pub fn read_tracepoint_format() -> Result<String, OffsetError> {
     if !Path::new(TRACEPOINT_FORMAT).exists() && Path::new("/sys/kernel/tracing").is_dir() {
-        // SAFETY: constant NUL-terminated strings.
-        let rc = unsafe {
-            libc::mount(
-                c"nodev".as_ptr(),
-                c"/sys/kernel/tracing".as_ptr(),
-                c"tracefs".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc == 0 {
+        let mounted = nix::mount::mount(
+            Some("nodev"),
+            "/sys/kernel/tracing",
+            Some("tracefs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+        if mounted.is_ok() {
             tracing::info!("mounted tracefs at /sys/kernel/tracing");
         }
     }
@@ -299,49 +296,46 @@ pub fn resolve_running_kernel(require_tracepoint: bool) -> Result<Resolved, Stri
 /// called while the process is single-threaded (before the runtime starts).
 fn in_child(f: impl FnOnce() -> Result<Resolved, String>) -> Result<Resolved, String> {
     use std::io::{Read, Write};
-    use std::os::fd::FromRawFd;
-    let mut fds = [0i32; 2];
-    // SAFETY: valid array for pipe2.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+
+    use nix::{
+        fcntl::OFlag,
+        sys::wait::waitpid,
+        unistd::{fork, pipe2, ForkResult},
+    };
+    let Ok((read_end, write_end)) = pipe2(OFlag::O_CLOEXEC) else {
         return f();
-    }
+    };
     // SAFETY: the caller guarantees a single-threaded process.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        // SAFETY: closing our own fds.
-        unsafe { libc::close(fds[0]); libc::close(fds[1]) };
-        return f();
-    }
-    if pid == 0 {
-        // SAFETY: the child owns the write end.
-        let mut w = unsafe { std::fs::File::from_raw_fd(fds[1]) };
-        let msg = match f() {
-            Ok(r) => {
-                let mut out = vec![0u8, r.have_tracepoint as u8];
-                // SAFETY: KernelOffsets is Pod.
-                out.extend_from_slice(unsafe {
-                    std::slice::from_raw_parts((&r.offsets as *const KernelOffsets).cast::<u8>(), std::mem::size_of::<KernelOffsets>())
-                });
-                out
-            }
-            Err(e) => {
-                let mut out = vec![1u8];
-                out.extend_from_slice(e.as_bytes());
-                out
-            }
-        };
-        let _ = w.write_all(&msg);
-        // SAFETY: leave the child without running the parent's destructors.
-        unsafe { libc::_exit(0) };
-    }
-    // SAFETY: the parent owns the read end; close the write end.
-    unsafe { libc::close(fds[1]) };
-    let mut r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+    let child = match unsafe { fork() } {
+        Err(_) => return f(),
+        Ok(ForkResult::Parent { child }) => child,
+        Ok(ForkResult::Child) => {
+            drop(read_end);
+            let msg = match f() {
+                Ok(r) => {
+                    let mut out = vec![0u8, r.have_tracepoint as u8];
+                    // SAFETY: KernelOffsets is Pod.
+                    out.extend_from_slice(unsafe {
+                        std::slice::from_raw_parts((&r.offsets as *const KernelOffsets).cast::<u8>(), std::mem::size_of::<KernelOffsets>())
+                    });
+                    out
+                }
+                Err(e) => {
+                    let mut out = vec![1u8];
+                    out.extend_from_slice(e.as_bytes());
+                    out
+                }
+            };
+            let _ = std::fs::File::from(write_end).write_all(&msg);
+            // SAFETY: leave the child without running the parent's destructors.
+            unsafe { libc::_exit(0) };
+        }
+    };
+    // The child holds the write end now: read until it closes it.
+    drop(write_end);
     let mut buf = Vec::new();
-    let _ = r.read_to_end(&mut buf);
-    let mut status = 0;
-    // SAFETY: our child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let _ = std::fs::File::from(read_end).read_to_end(&mut buf);
+    let status = waitpid(child, None);
     match buf.split_first() {
         Some((0, rest)) if rest.len() == 1 + std::mem::size_of::<KernelOffsets>() => {
             // SAFETY: length checked, Pod.
@@ -349,7 +343,7 @@ fn in_child(f: impl FnOnce() -> Result<Resolved, String>) -> Result<Resolved, St
             Ok(Resolved { offsets, have_tracepoint: rest[0] == 1 })
         }
         Some((1, msg)) => Err(String::from_utf8_lossy(msg).into_owned()),
-        _ => Err(format!("resolving kernel offsets failed (child status {status})")),
+        _ => Err(format!("resolving kernel offsets failed (child: {status:?})")),
     }
 }
 

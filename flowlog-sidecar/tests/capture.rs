@@ -163,24 +163,23 @@ fn exact_counts(attach: &str, bind: &str, client_closes_first: bool, name: &str)
     assert_eq!(stats["kernel"]["ringbuf_full"], 0);
 }
 
-#[test]
-fn ipv4_exact_counts_tp_btf() {
-    exact_counts("tp-btf", "127.0.0.1:0", true, "v4btf");
+/// One test per attach mode, family and close order.
+macro_rules! exact_counts_tests {
+    ($($name:ident: $attach:literal, $addr:literal, $client_first:literal, $tag:literal;)+) => {
+        $(
+            #[test]
+            fn $name() {
+                exact_counts($attach, $addr, $client_first, $tag);
+            }
+        )+
+    };
 }
 
-#[test]
-fn ipv4_exact_counts_classic_tracepoint() {
-    exact_counts("tracepoint", "127.0.0.1:0", false, "v4tp");
-}
-
-#[test]
-fn ipv6_exact_counts() {
-    exact_counts("auto", "[::1]:0", false, "v6");
-}
-
-#[test]
-fn ipv6_client_closes_first() {
-    exact_counts("auto", "[::1]:0", true, "v6cf");
+exact_counts_tests! {
+    ipv4_exact_counts_tp_btf: "tp-btf", "127.0.0.1:0", true, "v4btf";
+    ipv4_exact_counts_classic_tracepoint: "tracepoint", "127.0.0.1:0", false, "v4tp";
+    ipv6_exact_counts: "auto", "[::1]:0", false, "v6";
+    ipv6_client_closes_first: "auto", "[::1]:0", true, "v6cf";
 }
 
 /// A network namespace made by the test: the records carry its inode.

@@ -8,10 +8,27 @@ use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 use apache_avro::types::Value;
 use flowlog_schema::schemas;
 use common::{broker::*, *};
+use flowlog_runtime::testkit::{free_port, sample, Broker};
 
 
 fn ready() -> bool {
     have_root() && have_broker()
+}
+
+/// What each test names after itself: a spool folder, a metrics address and
+/// a host id; None (skip) without root or the broker.
+struct Setup {
+    spool: PathBuf,
+    metrics_addr: String,
+    host_id: String,
+}
+
+fn setup(name: &str) -> Option<Setup> {
+    ready().then(|| Setup {
+        spool: temp_dir(&format!("spool-{name}")),
+        metrics_addr: format!("127.0.0.1:{}", free_port()),
+        host_id: format!("{name}-{}", std::process::id()),
+    })
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -55,14 +72,9 @@ fn kafka_args<'a>(brokers: &'a str, spool: &'a str, metrics: &'a str, host_id: &
 
 #[test]
 fn flows_reach_the_broker_exactly() {
-    if !ready() {
-        return;
-    }
-    let broker = Broker::start("e2e");
-    let spool = temp_dir("spool-e2e");
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let host_id = format!("e2e-{}", std::process::id());
-    let brokers = broker.addr();
+    let Some(Setup { spool, metrics_addr, host_id }) = setup("e2e") else { return };
+    let broker = Broker::start(&spec("e2e")).expect("start the broker");
+    let brokers = broker.addr.clone();
     let sc = Sidecar::start(&kafka_args(&brokers, spool.to_str().unwrap(), &metrics_addr, &host_id));
 
     // One exchange with odd sizes both ways.
@@ -91,8 +103,8 @@ fn flows_reach_the_broker_exactly() {
     assert_eq!(mine(&got), 2, "both sides of the connection in the topic");
 
     let body = scrape(&metrics_addr);
-    assert!(metric(&body, "flowlog_sidecar_flows_delivered_total") >= 2.0, "{body}");
-    assert_eq!(metric(&body, "flowlog_sidecar_broker_up"), 1.0);
+    assert!(sample(&body, "flowlog_sidecar_flows_delivered_total") >= 2.0, "{body}");
+    assert_eq!(sample(&body, "flowlog_sidecar_broker_up"), 1.0);
     assert!(body.contains("flowlog_sidecar_delivery_latency_seconds_bucket"));
     assert!(body.contains("flowlog_sidecar_process_resident_memory_bytes"));
     assert!(body.contains("flowlog_sidecar_bpf_runs_total"), "{body}");
@@ -147,14 +159,9 @@ fn flows_reach_the_broker_exactly() {
 /// spool) and all arrive, in sequence order, once it starts.
 #[test]
 fn broker_outage_loses_nothing() {
-    if !ready() {
-        return;
-    }
+    let Some(Setup { spool, metrics_addr, host_id }) = setup("outage") else { return };
     let port = free_port();
     let brokers = format!("127.0.0.1:{port}");
-    let spool = temp_dir("spool-outage");
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let host_id = format!("outage-{}", std::process::id());
     let cfg = spool.join("sidecar.toml");
     // Short delivery timeout so records move to the spool within the test.
     std::fs::write(&cfg, "[kafka]\nmessage_timeout_ms = 2000\n").unwrap();
@@ -164,16 +171,16 @@ fn broker_outage_loses_nothing() {
     let (sp, cps) = short_connections(50);
     // Wait until the records are on disk.
     let t0 = std::time::Instant::now();
-    while metric(&scrape(&metrics_addr), "flowlog_sidecar_spool_records") < 100.0 {
+    while sample(&scrape(&metrics_addr), "flowlog_sidecar_spool_records") < 100.0 {
         assert!(t0.elapsed() < Duration::from_secs(30), "records never reached the spool: {}", scrape(&metrics_addr));
         std::thread::sleep(Duration::from_millis(200));
     }
     let body = scrape(&metrics_addr);
-    assert_eq!(metric(&body, "flowlog_sidecar_broker_up"), 0.0);
+    assert_eq!(sample(&body, "flowlog_sidecar_broker_up"), 0.0);
 
-    let _broker = Broker::start_on(port, "outage");
+    let _broker = Broker::start_on(port, &spec("outage")).expect("start the broker");
     let t0 = std::time::Instant::now();
-    while metric(&scrape(&metrics_addr), "flowlog_sidecar_spool_records") > 0.0 {
+    while sample(&scrape(&metrics_addr), "flowlog_sidecar_spool_records") > 0.0 {
         assert!(t0.elapsed() < Duration::from_secs(60), "spool never drained: {}", scrape(&metrics_addr));
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -206,14 +213,9 @@ fn broker_outage_loses_nothing() {
 /// replays it.
 #[test]
 fn spool_survives_restart() {
-    if !ready() {
-        return;
-    }
+    let Some(Setup { spool, metrics_addr: m1, host_id }) = setup("restart") else { return };
     let port = free_port();
     let brokers = format!("127.0.0.1:{port}");
-    let spool = temp_dir("spool-restart");
-    let host_id = format!("restart-{}", std::process::id());
-    let m1 = format!("127.0.0.1:{}", free_port());
     let sc = Sidecar::start(&kafka_args(&brokers, spool.to_str().unwrap(), &m1, &host_id));
     let (sp, cps) = short_connections(20);
     std::thread::sleep(Duration::from_millis(300));
@@ -221,7 +223,7 @@ fn spool_survives_restart() {
     let on_disk: u64 = std::fs::read_dir(&spool).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("seg-")).map(|e| e.metadata().unwrap().len()).sum();
     assert!(on_disk > 0, "nothing spooled at shutdown");
 
-    let _broker = Broker::start_on(port, "restart");
+    let _broker = Broker::start_on(port, &spec("restart")).expect("start the broker");
     let m2 = format!("127.0.0.1:{}", free_port());
     let sc = Sidecar::start(&kafka_args(&brokers, spool.to_str().unwrap(), &m2, &host_id));
     let want = |r: &[Consumed]| {

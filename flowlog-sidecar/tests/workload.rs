@@ -15,7 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{broker::free_port, *};
+use common::*;
+use flowlog_runtime::testkit::{free_port, sample};
 use serde_json::{json, Value};
 
 /// The tests here create cgroups at the top of the tree (kubepods.slice,
@@ -355,8 +356,8 @@ fn records_name_the_workload_of_each_cgroup() {
     let unresolved = |reason: &str| format!("flowlog_sidecar_workload_unresolved_total{{reason=\"{reason}\"}}");
     loop {
         let body = scrape(&metrics_addr);
-        if ["unparsable_path", "unknown_runtime", "cgroup_not_found"].iter().all(|r| metric(&body, &unresolved(r)) >= 1.0)
-            && metric(&body, "flowlog_sidecar_workload_flows_total{kind=\"pod\"}") >= 5.0
+        if ["unparsable_path", "unknown_runtime", "cgroup_not_found"].iter().all(|r| sample(&body, &unresolved(r)) >= 1.0)
+            && sample(&body, "flowlog_sidecar_workload_flows_total{kind=\"pod\"}") >= 5.0
         {
             break;
         }

@@ -21,8 +21,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use flowlog_bench::{
     loadgen::{self, LoadResult, LoadSpec},
-    procstat, sidecar,
+    sidecar,
 };
+use flowlog_runtime::process::Usage;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -240,15 +241,15 @@ fn main() -> anyhow::Result<()> {
 fn measure_with(a: &Args, spec: LoadSpec, r: &mut Arm, resolve: bool) -> anyhow::Result<()> {
     let sc = sidecar::start(&a.sidecar, &["--output", "null", "--workload-resolve", if resolve { "true" } else { "false" }])?;
     let pid = sc.pid;
-    let (u0, s0, n0) = cpu(pid)?;
+    let (u0, n0) = (Usage::of(pid)?, run_ns(pid)?);
     r.load = Some(loadgen::run(spec)?);
     // Let the last drain happen, then read CPU and memory before stopping.
     std::thread::sleep(Duration::from_millis(200));
-    let (u1, s1, n1) = cpu(pid)?;
-    r.sidecar_user_s = u1 - u0;
-    r.sidecar_sys_s = s1 - s0;
+    let (u1, n1) = (Usage::of(pid)?, run_ns(pid)?);
+    r.sidecar_user_s = u1.user_seconds - u0.user_seconds;
+    r.sidecar_sys_s = u1.system_seconds - u0.system_seconds;
     r.sidecar_run_ns = n1 - n0;
-    r.sidecar_peak_rss_bytes = procstat::peak_rss_bytes(pid)?;
+    r.sidecar_peak_rss_bytes = u1.peak_rss_bytes;
     let stats = sc.stop()?;
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     r.flows = n(&stats["user"]["events_read"]);
@@ -261,10 +262,11 @@ fn measure_with(a: &Args, spec: LoadSpec, r: &mut Arm, resolve: bool) -> anyhow:
     Ok(())
 }
 
-/// (user s, system s, on-CPU ns) of `pid`.
-fn cpu(pid: u32) -> anyhow::Result<(f64, f64, u64)> {
-    let (u, s) = procstat::cpu_seconds(pid)?;
-    Ok((u, s, procstat::run_ns(pid)?))
+/// Nanoseconds `pid` has run on a CPU, user and system together
+/// (/proc/PID/schedstat: exact, where utime and stime count 10 ms ticks).
+fn run_ns(pid: u32) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))?;
+    s.split_whitespace().next().and_then(|v| v.parse().ok()).with_context(|| format!("/proc/{pid}/schedstat: {s:?}"))
 }
 
 /// This process in a cgroup named as kubelet (systemd driver) names a

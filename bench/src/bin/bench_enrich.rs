@@ -14,9 +14,10 @@ use flowlog_common::tcp_state;
 use flowlog_enricher::{
     attribute::Attributor,
     decode,
-    sources::{cidr::CidrMap, identity::IdentityStore},
+    sources::{cidr::CidrMap, heartbeats::event_from_heartbeat, identity::IdentityStore},
 };
 use flowlog_schema::{container::ContainerWriter, fixtures, Flow, IdentityReason, StatePath, ENRICHED_FLOW, FLOW};
+use flowlog_runtime::process::Usage;
 
 #[derive(Parser)]
 struct Args {
@@ -55,12 +56,7 @@ impl std::io::Write for Counter {
 }
 
 fn rss_bytes() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    s.split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 4096
+    Usage::own().map_or(0, |u| u.rss_bytes)
 }
 
 fn ip(i: usize) -> Ipv4Addr {
@@ -112,7 +108,7 @@ fn identity_store(ips: usize, hosts: usize) -> IdentityStore {
         let mut host = fixtures::host_with(&format!("owner-{h}"), &format!("svc-{h}"), &[]);
         host.hostname.clear();
         host.ips = ips;
-        s.apply(&fixtures::identity(&host, 1, IdentityReason::Start));
+        s.apply(event_from_heartbeat(&fixtures::identity(&host, 1, IdentityReason::Start)));
     }
     s
 }
@@ -208,23 +204,11 @@ fn generic(
                 Value::Float(if o.host_id.is_some() { 1.0 } else { 0.0 }),
             );
             a.put("host_id", opt(o.host_id));
-            for k in [
-                "instance_id",
-                "app",
-                "service",
-                "cluster",
-                "env",
-                "account",
-                "region",
-                "zone",
-                "team",
-                "eni_id",
-                "vpc_id",
-                "subnet_id",
-            ] {
-                a.put(k, Value::Union(0, Box::new(Value::Null)));
-            }
             a.put("labels", Value::Map(Default::default()));
+            // Every other attribute is null (the union's null branch).
+            for (_, v) in a.fields.iter_mut().filter(|(_, v)| *v == Value::Null) {
+                *v = Value::Union(0, Box::new(Value::Null));
+            }
             r.put(side, a);
         }
         w.append(r).unwrap();

@@ -9,7 +9,6 @@
 //! bench/results/transport.json.
 use std::{
     path::PathBuf,
-    process::Command,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -17,12 +16,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use flowlog_schema::decode_flow;
 use clap::Parser;
 use flowlog_bench::{
     loadgen::{self, LoadSpec},
-    procstat, sidecar,
+    sidecar,
+};
+use flowlog_runtime::{
+    process::Usage,
+    testkit::{free_port, Broker, BrokerSpec},
 };
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
@@ -43,10 +46,6 @@ struct Args {
     out: PathBuf,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn now_ns() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64
 }
@@ -65,18 +64,14 @@ fn main() -> anyhow::Result<()> {
     }
     let work = std::env::temp_dir().join(format!("flowlog-bench-transport-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
-    let port = free_port();
-    let brokers = format!("127.0.0.1:{port}");
-    let st = Command::new("bash")
-        .args(["scripts/broker.sh", "start", work.join("broker").to_str().unwrap(), &port.to_string(), "flowlog.flows", "flowlog.identity"])
-        .env("STORAGE", "memory")
-        .status()
-        .context("scripts/broker.sh")?;
-    if !st.success() {
-        bail!("broker did not start");
-    }
-    let result = run(&a, &brokers, &work);
-    let _ = Command::new("bash").args(["scripts/broker.sh", "stop", work.join("broker").to_str().unwrap()]).status();
+    let broker = Broker::start(&BrokerSpec {
+        name: "bench-transport",
+        topics: &["flowlog.flows", "flowlog.identity"],
+        memory: true,
+        ..BrokerSpec::default()
+    })?;
+    let result = run(&a, &broker.addr, &work);
+    drop(broker);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
@@ -121,7 +116,7 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
           "--metrics-listen", &metrics],
     )?;
     let pid = sc.pid;
-    let (u0, s0) = procstat::cpu_seconds(pid)?;
+    let u0 = Usage::of(pid)?;
     let load = loadgen::run(LoadSpec {
         client_threads: a.clients,
         server_threads: a.servers,
@@ -138,8 +133,9 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (u1, s1) = procstat::cpu_seconds(pid)?;
-    let rss = procstat::peak_rss_bytes(pid)?;
+    let u1 = Usage::of(pid)?;
+    let (user, sys) = (u1.user_seconds - u0.user_seconds, u1.system_seconds - u0.system_seconds);
+    let rss = u1.peak_rss_bytes;
     let spooled = sidecar::scrape(&metrics, "flowlog_sidecar_spool_records");
     let stats = sc.stop()?;
     let flows = stats["user"]["events_read"].as_u64().unwrap_or(0);
@@ -162,8 +158,8 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
         "lost": flows as i64 - in_topic as i64,
         "kernel_drops": kernel_drops,
         "spooled_at_end": spooled,
-        "sidecar_user_ns_per_flow": (u1 - u0) * 1e9 / flows.max(1) as f64,
-        "sidecar_cpu_ns_per_flow": (u1 - u0 + s1 - s0) * 1e9 / flows.max(1) as f64,
+        "sidecar_user_ns_per_flow": user * 1e9 / flows.max(1) as f64,
+        "sidecar_cpu_ns_per_flow": (user + sys) * 1e9 / flows.max(1) as f64,
         "sidecar_peak_rss_mb": rss as f64 / 1048576.0,
         "close_to_readable_ms_p50": pct(&lat, 0.5),
         "close_to_readable_ms_p99": pct(&lat, 0.99),

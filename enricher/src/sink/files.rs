@@ -17,36 +17,12 @@ use std::{
     fs,
     io::Write,
     path::{Path, PathBuf},
-    time::Instant,
 };
 
 use flowlog_schema::{container::ContainerWriter, EnrichedFlow};
 
-pub struct Batch {
-    pub first: i64,
-    pub last: i64,
-    pub records: Vec<EnrichedFlow>,
-    pub opened: Instant,
-    /// Records with an unattributed side, recent enough for metadata to
-    /// still arrive (indexes in `records`), attributed again when the batch
-    /// rolls.
-    pub held: Vec<usize>,
-    /// The batch waits for late metadata until then.
-    pub hold_until: Option<Instant>,
-}
-
-impl Batch {
-    pub fn new(first: i64) -> Batch {
-        Batch {
-            first,
-            last: first,
-            records: Vec::new(),
-            opened: Instant::now(),
-            held: Vec::new(),
-            hold_until: None,
-        }
-    }
-}
+use super::{Batch, Sink};
+use crate::metrics;
 
 pub struct FileSink {
     pub dir: PathBuf,
@@ -144,7 +120,7 @@ impl FileSink {
     }
 
     /// Writes one batch durably and records its last offset.
-    pub fn write(&self, partition: i32, batch: &Batch) -> anyhow::Result<Vec<PathBuf>> {
+    pub fn write_files(&self, partition: i32, batch: &Batch) -> anyhow::Result<Vec<PathBuf>> {
         let mut by_dir: BTreeMap<String, Vec<&EnrichedFlow>> = BTreeMap::new();
         for r in &batch.records {
             by_dir
@@ -180,6 +156,16 @@ impl FileSink {
         self.put_durably(&self.state_path(partition), &format!("{}\n", batch.last))?;
         let _ = fs::remove_file(self.pending_path(partition));
         Ok(written)
+    }
+}
+
+impl Sink for FileSink {
+    fn write(&self, partition: i32, batch: &Batch) -> anyhow::Result<()> {
+        let files = self.write_files(partition, batch)?;
+        ::metrics::counter!(metrics::RECORDS_OUT, "sink" => "files")
+            .increment(batch.records.len() as u64);
+        ::metrics::counter!(metrics::FILES_ROLLED).increment(files.len() as u64);
+        Ok(())
     }
 }
 

@@ -11,27 +11,27 @@
 //! labels = { owner = "payments" }
 //! ```
 
-use std::{net::IpAddr, path::Path, sync::Arc};
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    path::Path,
+    str::FromStr,
+    sync::Arc,
+};
 
 use foldhash::HashMap;
+use ipnetwork::{IpNetwork, IpNetworkError, Ipv4Network, Ipv6Network};
 
 use super::{Attrs, Owner};
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
+    /// Each entry is `cidr` plus the attributes ([`Attrs`]).
     #[serde(default)]
-    entry: Vec<Entry>,
+    entry: Vec<toml::Table>,
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct Entry {
-    cidr: String,
-    #[serde(flatten)]
-    attrs: Attrs,
-}
-
-/// IPv4 is stored as IPv4-mapped IPv6 so both share one table.
+/// IPv4 is stored as IPv4-mapped IPv6 so both share one set of tables.
 fn key(ip: IpAddr) -> u128 {
     match ip {
         IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
@@ -39,99 +39,75 @@ fn key(ip: IpAddr) -> u128 {
     }
 }
 
-fn mask(bits: u8) -> u128 {
-    if bits == 0 {
-        0
-    } else {
-        u128::MAX << (128 - bits as u32)
-    }
+/// The mask of a network's prefix on that shared 128-bit scale.
+fn mask(net: &IpNetwork) -> u128 {
+    let bits = match net {
+        IpNetwork::V4(n) => n.prefix() + 96,
+        IpNetwork::V6(n) => n.prefix(),
+    };
+    Ipv6Network::new(Ipv6Addr::UNSPECIFIED, bits).map_or(u128::MAX, |n| u128::from(n.mask()))
 }
 
 #[derive(Default, Debug)]
 pub struct CidrMap {
-    /// Prefix length (IPv6 scale) -> masked network -> owner, longest first.
-    tables: Vec<(u8, HashMap<u128, Owner>)>,
+    /// Prefix mask -> masked network -> owner, longest prefix first.
+    tables: Vec<(u128, HashMap<u128, Owner>)>,
     pub entries: usize,
 }
 
-pub fn parse_cidr(s: &str) -> Result<(u128, u8), String> {
-    let (ip, len) = match s.split_once('/') {
-        Some((ip, len)) => (ip, Some(len)),
-        None => (s, None),
+/// An entry's network: a CIDR, or one address (its /32 or /128).
+fn parse_cidr(s: &str) -> Result<IpNetwork, String> {
+    // Parsed as the family the text names, so that a bad prefix length is
+    // reported as such (IpNetwork's own parser only says "invalid address").
+    let v6 = s.contains(':');
+    let net = if v6 {
+        Ipv6Network::from_str(s.trim()).map(IpNetwork::V6)
+    } else {
+        Ipv4Network::from_str(s.trim()).map(IpNetwork::V4)
     };
-    let ip: IpAddr = ip
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len: u8 = match len {
-        Some(l) => l
-            .trim()
-            .parse()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
-        None => max,
-    };
-    let bits = if ip.is_ipv4() { len + 96 } else { len };
-    Ok((key(ip) & mask(bits), bits))
+    net.map_err(|e| match e {
+        IpNetworkError::InvalidPrefix => {
+            format!(
+                "{s:?}: prefix length must be 0..={}",
+                if v6 { 128 } else { 32 }
+            )
+        }
+        _ => format!("{s:?} is not an IP address or CIDR"),
+    })
 }
 
 impl CidrMap {
     pub fn parse(text: &str) -> Result<CidrMap, String> {
-        // serde's flatten cannot deny unknown keys, so check them here: a
-        // misspelt attribute must not silently vanish.
-        const KEYS: [&str; 16] = [
-            "cidr",
-            "workload",
-            "host_id",
-            "instance_id",
-            "app",
-            "service",
-            "cluster",
-            "env",
-            "account",
-            "region",
-            "zone",
-            "team",
-            "labels",
-            "eni_id",
-            "vpc_id",
-            "subnet_id",
-        ];
-        let raw: toml::Value = toml::from_str(text).map_err(|e| e.to_string())?;
-        if let Some(entries) = raw.get("entry").and_then(|e| e.as_array()) {
-            for (i, e) in entries.iter().enumerate() {
-                for k in e
-                    .as_table()
-                    .map(|t| t.keys().collect::<Vec<_>>())
-                    .unwrap_or_default()
-                {
-                    if !KEYS.contains(&k.as_str()) {
-                        return Err(format!("entry {}: unknown key {k:?}", i + 1));
-                    }
-                }
-            }
-        }
-        let file: File = raw.try_into().map_err(|e: toml::de::Error| e.to_string())?;
-        let mut by_len: HashMap<u8, HashMap<u128, Owner>> = HashMap::default();
-        for (i, e) in file.entry.iter().enumerate() {
-            let (net, bits) = parse_cidr(&e.cidr).map_err(|m| format!("entry {}: {m}", i + 1))?;
-            if by_len
-                .entry(bits)
+        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let entries = file.entry.len();
+        let mut by_mask: HashMap<u128, HashMap<u128, Owner>> = HashMap::default();
+        for (i, mut e) in file.entry.into_iter().enumerate() {
+            let at = |m: String| format!("entry {}: {m}", i + 1);
+            let cidr = match e.remove("cidr") {
+                Some(toml::Value::String(c)) => c,
+                Some(other) => return Err(at(format!("cidr must be a string, not {other}"))),
+                None => return Err(at("missing cidr".into())),
+            };
+            // Attrs denies unknown keys: a misspelt attribute must not
+            // silently vanish.
+            let attrs: Attrs = toml::Value::Table(e)
+                .try_into()
+                .map_err(|err: toml::de::Error| at(err.message().to_string()))?;
+            let net = parse_cidr(&cidr).map_err(at)?;
+            let mask = mask(&net);
+            if by_mask
+                .entry(mask)
                 .or_default()
-                .insert(net, Arc::new(e.attrs.clone()))
+                .insert(key(net.network()) & mask, Arc::new(attrs))
                 .is_some()
             {
-                return Err(format!("entry {}: {} appears twice", i + 1, e.cidr));
+                return Err(at(format!("{cidr} appears twice")));
             }
         }
-        let mut tables: Vec<(u8, HashMap<u128, Owner>)> = by_len.into_iter().collect();
-        tables.sort_by(|a, b| b.0.cmp(&a.0));
-        Ok(CidrMap {
-            tables,
-            entries: file.entry.len(),
-        })
+        let mut tables: Vec<(u128, HashMap<u128, Owner>)> = by_mask.into_iter().collect();
+        // A longer prefix has more leading ones: a larger mask.
+        tables.sort_by_key(|t| std::cmp::Reverse(t.0));
+        Ok(CidrMap { tables, entries })
     }
 
     pub fn load(path: &Path) -> Result<CidrMap, String> {
@@ -142,9 +118,7 @@ impl CidrMap {
     /// Longest-prefix match.
     pub fn lookup(&self, ip: IpAddr) -> Option<&Owner> {
         let k = key(ip);
-        self.tables
-            .iter()
-            .find_map(|(bits, t)| t.get(&(k & mask(*bits))))
+        self.tables.iter().find_map(|(mask, t)| t.get(&(k & mask)))
     }
 }
 
@@ -188,6 +162,28 @@ workload = "v6"
         );
     }
 
+    /// Host bits in an entry are ignored; an IPv4 default route covers IPv4
+    /// only (IPv4 keys are IPv4-mapped IPv6); a single IPv6 address is its /128.
+    #[test]
+    fn prefixes_cover_exactly_their_addresses() {
+        let m = CidrMap::parse(
+            "[[entry]]\ncidr = \"10.1.2.3/16\"\nworkload = \"a\"\n\
+             [[entry]]\ncidr = \"0.0.0.0/0\"\nworkload = \"v4\"\n\
+             [[entry]]\ncidr = \" 2001:db8::7 \"\nworkload = \"one\"\n",
+        )
+        .unwrap();
+        let wl = |ip: &str| {
+            m.lookup(ip.parse().unwrap())
+                .and_then(|o| o.workload.clone())
+        };
+        assert_eq!(m.entries, 3);
+        assert_eq!(wl("10.1.200.1").as_deref(), Some("a"));
+        assert_eq!(wl("10.2.0.1").as_deref(), Some("v4"));
+        assert_eq!(wl("2001:db8::7").as_deref(), Some("one"));
+        assert_eq!(wl("2001:db8::8"), None);
+        assert_eq!(wl("::1"), None);
+    }
+
     #[test]
     fn bad_files_are_rejected_with_the_entry() {
         assert_eq!(
@@ -197,7 +193,22 @@ workload = "v6"
         assert!(CidrMap::parse("[[entry]]\ncidr = \"nope\"")
             .unwrap_err()
             .contains("not an IP address"));
-        assert!(CidrMap::parse("[[entry]]\ncidr = \"10.0.0.0/8\"\nwrokload = \"x\"").is_err());
+        let misspelt = CidrMap::parse(
+            "[[entry]]\ncidr = \"10.0.0.0/8\"\n[[entry]]\ncidr = \"10.1.0.0/16\"\nwrokload = \"x\"",
+        )
+        .unwrap_err();
+        assert!(
+            misspelt.starts_with("entry 2: unknown field `wrokload`"),
+            "{misspelt}"
+        );
+        assert_eq!(
+            CidrMap::parse("[[entry]]\nworkload = \"x\"").unwrap_err(),
+            "entry 1: missing cidr"
+        );
+        assert_eq!(
+            CidrMap::parse("[[entry]]\ncidr = \"2001:db8::/129\"").unwrap_err(),
+            "entry 1: \"2001:db8::/129\": prefix length must be 0..=128"
+        );
         assert!(CidrMap::parse(
             "[[entry]]\ncidr = \"10.0.0.0/8\"\n[[entry]]\ncidr = \"10.0.0.0/8\""
         )

@@ -1,8 +1,8 @@
 //! EC2 network interfaces as an ownership source: each refresh's snapshot is
-//! diffed against the previous one and applied to an ownership history (the
-//! same interval store as the sidecars' heartbeats), so IPs that move between
-//! ENIs are attributed by time. Errors back off and keep serving the last
-//! good data; the source's age is exported.
+//! diffed against the previous one into ownership events for an ownership
+//! history (the same interval store as the sidecars' heartbeats), so IPs that
+//! move between ENIs are attributed by time. Errors back off and keep serving
+//! the last good data; the source's age is exported.
 
 use std::{
     collections::HashMap,
@@ -11,16 +11,15 @@ use std::{
 };
 
 use flowlog_enricher_ec2::{snapshot, Ec2Config, Eni};
+use flowlog_schema::HostIdentity;
 use tracing::{info, warn};
 
-use flowlog_schema::IdentityReason;
-
-use super::identity::IdentityStore;
-use crate::{
-    decode::{HostIdentity, Identity},
-
-    metrics,
+use super::{
+    identity::IdentityStore,
+    ownership::{Change, Event},
+    Attrs,
 };
+use crate::metrics;
 
 pub use crate::config::Ec2Settings;
 
@@ -30,7 +29,7 @@ fn now_ns() -> i64 {
 
 /// An ENI as an owner: its tags, plus ENI/VPC/subnet/account/region/zone as
 /// labels (the attribute record carries account, region and zone too).
-fn identity(e: &Eni, t: i64, gone: bool) -> Identity {
+fn owner(e: &Eni) -> Attrs {
     let mut labels = e.tags.clone();
     labels.insert("eni_id".into(), e.eni_id.clone());
     for (k, v) in [("vpc_id", &e.vpc_id), ("subnet_id", &e.subnet_id), ("account", &e.account), ("zone", &e.zone)] {
@@ -40,41 +39,42 @@ fn identity(e: &Eni, t: i64, gone: bool) -> Identity {
     }
     labels.insert("region".into(), e.region.clone());
     let workload = ["workload", "app", "Name"].iter().find_map(|k| e.tags.get(*k).cloned());
-    Identity {
-        host: HostIdentity {
-            host_id: e.eni_id.clone(),
-            hostname: String::new(),
-            instance_id: e.instance_id.clone(),
-            workload,
-            labels,
-            ips: if gone { Vec::new() } else { e.ips.clone() },
-        },
-        time_ns: t,
-        reason: if gone { IdentityReason::Stop } else { IdentityReason::Heartbeat },
-        sequence_epoch: 0,
-        next_sequence: 0,
-        version: String::new(),
-    }
+    // Described as a host, its attributes come out as a sidecar's would
+    // (the ENI being the "host" of its IPs).
+    let host = HostIdentity { host_id: e.eni_id.clone(), instance_id: e.instance_id.clone(), workload, labels, ..Default::default() };
+    Attrs::of_host(&host)
 }
 
-/// Applies one snapshot taken at `t` against the previous one.
-pub fn apply_snapshot(store: &mut IdentityStore, prev: &mut HashMap<String, Eni>, snap: Vec<Eni>, t: i64, first: bool) {
+/// The ownership events of one snapshot taken at `t`, against the previous
+/// one (`prev`, updated): changed or new ENIs hold their IPs, vanished ones
+/// release them.
+pub fn diff(prev: &mut HashMap<String, Eni>, snap: Vec<Eni>, t: i64, first: bool) -> Vec<Event> {
+    let mut events = Vec::new();
     let mut next = HashMap::with_capacity(snap.len());
     for e in snap {
         if prev.get(&e.eni_id) != Some(&e) {
             // On the first snapshot an attached ENI has owned its IPs since
             // it was attached; otherwise ownership starts when it is seen.
             let since = if first && !prev.contains_key(&e.eni_id) { e.attached_ns.unwrap_or(t).min(t) } else { t };
-            store.apply(&identity(&e, since, false));
+            let ips = e.ips.iter().filter_map(|s| s.parse().ok()).collect();
+            events.push(Event { key: e.eni_id.clone(), time_ns: since, change: Change::Holds { owner: owner(&e).into(), ips } });
         }
         next.insert(e.eni_id.clone(), e);
     }
-    for (id, e) in prev.iter() {
-        if !next.contains_key(id) {
-            store.apply(&identity(e, t, true));
-        }
+    for id in prev.keys().filter(|id| !next.contains_key(*id)) {
+        events.push(Event { key: id.clone(), time_ns: t, change: Change::Released });
     }
     *prev = next;
+    events
+}
+
+/// Applies one snapshot taken at `t` against the previous one.
+fn apply_snapshot(store: &RwLock<IdentityStore>, prev: &mut HashMap<String, Eni>, snap: Vec<Eni>, t: i64, first: bool) {
+    let events = diff(prev, snap, t, first);
+    let mut store = store.write().unwrap();
+    for e in events {
+        store.apply(e);
+    }
 }
 
 /// Loads once (so attribution starts complete), then refreshes in the background.
@@ -86,7 +86,7 @@ pub fn start(settings: Ec2Settings, store: Arc<RwLock<IdentityStore>>) -> anyhow
     match rt.block_on(snapshot(&cfg)) {
         Ok(s) => {
             info!(interfaces = s.len(), "EC2 network interfaces loaded");
-            apply_snapshot(&mut store.write().unwrap(), &mut prev, s, now_ns(), true);
+            apply_snapshot(&store, &mut prev, s, now_ns(), true);
         }
         Err(e) => {
             ::metrics::counter!(metrics::SOURCE_ERRORS, "source" => "ec2").increment(1);
@@ -101,7 +101,7 @@ pub fn start(settings: Ec2Settings, store: Arc<RwLock<IdentityStore>>) -> anyhow
             match rt.block_on(snapshot(&cfg)) {
                 Ok(s) => {
                     let first = prev.is_empty();
-                    apply_snapshot(&mut store.write().unwrap(), &mut prev, s, now_ns(), first);
+                    apply_snapshot(&store, &mut prev, s, now_ns(), first);
                     last_ok = SystemTime::now();
                     delay = refresh;
                 }
@@ -140,13 +140,16 @@ mod tests {
     /// An ENI's IP is released at 200 and reassigned to another workload at 300.
     #[test]
     fn snapshots_diff_into_ownership_by_time() {
-        let mut store = IdentityStore::default();
+        let store = RwLock::new(IdentityStore::default());
         let mut prev = HashMap::new();
         let ip = "172.31.0.50".parse().unwrap();
-        apply_snapshot(&mut store, &mut prev, vec![eni("eni-a", "172.31.0.50", "billing")], 100, true);
-        apply_snapshot(&mut store, &mut prev, vec![eni("eni-a", "172.31.0.50", "billing")], 150, false);
-        apply_snapshot(&mut store, &mut prev, vec![], 200, false);
-        apply_snapshot(&mut store, &mut prev, vec![eni("eni-b", "172.31.0.50", "search")], 300, false);
+        apply_snapshot(&store, &mut prev, vec![eni("eni-a", "172.31.0.50", "billing")], 100, true);
+        // Unchanged: no event.
+        assert!(diff(&mut prev.clone(), vec![eni("eni-a", "172.31.0.50", "billing")], 150, false).is_empty());
+        apply_snapshot(&store, &mut prev, vec![eni("eni-a", "172.31.0.50", "billing")], 150, false);
+        apply_snapshot(&store, &mut prev, vec![], 200, false);
+        apply_snapshot(&store, &mut prev, vec![eni("eni-b", "172.31.0.50", "search")], 300, false);
+        let store = store.read().unwrap();
         let owner = |t| store.owner_at(ip, t).ok().and_then(|o| o.workload.clone());
         assert_eq!(owner(120).as_deref(), Some("billing"));
         assert_eq!(owner(250), None);

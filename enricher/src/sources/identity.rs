@@ -1,48 +1,60 @@
-//! IP ownership history built from the sidecars' identity heartbeats: each
-//! IP maps to the intervals during which some host announced it. A flow is
-//! attributed to the owner at its start time, never to a later owner.
+//! IP ownership history built from [`Event`]s (the sidecars' heartbeats,
+//! EC2 network interfaces): each IP maps to the intervals during which some
+//! owner held it. A flow is attributed to the owner at its start time, never
+//! to a later owner.
 
-use std::{collections::HashSet, net::IpAddr, sync::Arc};
+use std::net::IpAddr;
 
 use foldhash::HashMap;
 use smallvec::SmallVec;
 
-use super::{Attrs, Owner};
-use flowlog_schema::{Identity, IdentityReason};
+use super::{
+    ownership::{Change, Event},
+    Owner,
+};
 
 /// Intervals kept per IP; older ones are forgotten (bounded memory).
 const MAX_INTERVALS_PER_IP: usize = 32;
 
-/// 24 bytes: the owner (with its host id) is shared by all the IPs of one
-/// heartbeat, so memory per tracked IP stays small.
+/// 24 bytes: the owner is shared by all the IPs of one event, so memory per
+/// tracked IP stays small.
 #[derive(Debug, Clone)]
 struct Interval {
     from_ns: i64,
-    /// i64::MAX while the host still announces the IP.
+    /// i64::MAX while the owner still holds the IP.
     to_ns: i64,
     owner: Owner,
 }
 
 impl Interval {
-    fn open_by(&self, host_id: &str) -> bool {
-        self.to_ns == i64::MAX && self.owner.host_id.as_deref() == Some(host_id)
+    /// Still held by the announcer whose current owner is `owner` (every open
+    /// interval of a key shares the key's latest owner, see `apply`).
+    fn open_by(&self, owner: &Owner) -> bool {
+        self.to_ns == i64::MAX && std::sync::Arc::ptr_eq(&self.owner, owner)
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Miss {
-    /// No heartbeat ever named this IP.
+    /// No event ever named this IP.
     UnknownIp,
     /// Known, but nobody owned it at that time.
     NoOwnerAtTime,
+}
+
+/// What one announcer holds now.
+struct Holding {
+    owner: Owner,
+    /// Sorted.
+    ips: Box<[IpAddr]>,
 }
 
 #[derive(Default)]
 pub struct IdentityStore {
     /// Most IPs only ever had one owner: that interval is stored inline.
     by_ip: HashMap<IpAddr, SmallVec<[Interval; 1]>>,
-    /// The IPs each host announced last (sorted).
-    hosts: HashMap<String, Box<[IpAddr]>>,
+    /// By announcer key: its latest owner and IPs.
+    holders: HashMap<String, Holding>,
 }
 
 impl IdentityStore {
@@ -50,40 +62,47 @@ impl IdentityStore {
         self.by_ip.len()
     }
 
-    fn close(&mut self, ip: IpAddr, host_id: &str, at: i64) {
+    fn close(&mut self, ip: IpAddr, owner: &Owner, at: i64) {
         if let Some(iv) = self.by_ip.get_mut(&ip) {
-            for i in iv.iter_mut().filter(|i| i.open_by(host_id)) {
+            for i in iv.iter_mut().filter(|i| i.open_by(owner)) {
                 i.to_ns = at.max(i.from_ns);
             }
         }
     }
 
-    /// Applies one heartbeat.
-    pub fn apply(&mut self, id: &Identity) {
-        let h = &id.host;
-        let now: HashSet<IpAddr> = if id.reason == IdentityReason::Stop {
-            HashSet::new()
-        } else {
-            h.ips.iter().filter_map(|s| s.parse().ok()).collect()
+    /// Applies one event.
+    pub fn apply(&mut self, e: Event) {
+        let before = self.holders.remove(&e.key);
+        let (owner, mut ips) = match e.change {
+            Change::Holds { owner, ips } => (Some(owner), ips),
+            Change::Released => (None, Vec::new()),
         };
-        let before = self.hosts.remove(&h.host_id).unwrap_or_default();
-        for ip in before.iter().filter(|ip| !now.contains(ip)) {
-            self.close(*ip, &h.host_id, id.time_ns);
+        ips.sort();
+        ips.dedup();
+        if let Some(b) = &before {
+            for ip in b.ips.iter().filter(|ip| ips.binary_search(ip).is_err()) {
+                self.close(*ip, &b.owner, e.time_ns);
+            }
         }
-        let owner: Owner = Arc::new(Attrs::of_host(h));
-        for ip in now.iter() {
+        let Some(owner) = owner.filter(|_| !ips.is_empty()) else {
+            return;
+        };
+        for ip in &ips {
             let iv = self.by_ip.entry(*ip).or_default();
-            if let Some(i) = iv.iter_mut().rev().find(|i| i.open_by(&h.host_id)) {
+            let open = before
+                .as_ref()
+                .and_then(|b| iv.iter_mut().rev().find(|i| i.open_by(&b.owner)));
+            if let Some(i) = open {
                 // Keep the interval; refresh attributes (workload/labels may change).
                 i.owner = owner.clone();
                 continue;
             }
             // The IP moved here: whoever held it stops holding it now.
             for i in iv.iter_mut().filter(|i| i.to_ns == i64::MAX) {
-                i.to_ns = id.time_ns.max(i.from_ns);
+                i.to_ns = e.time_ns.max(i.from_ns);
             }
             iv.push(Interval {
-                from_ns: id.time_ns,
+                from_ns: e.time_ns,
                 to_ns: i64::MAX,
                 owner: owner.clone(),
             });
@@ -92,11 +111,8 @@ impl IdentityStore {
                 iv.remove(0);
             }
         }
-        if !now.is_empty() {
-            let mut ips: Vec<IpAddr> = now.into_iter().collect();
-            ips.sort();
-            self.hosts.insert(h.host_id.clone(), ips.into());
-        }
+        let ips = ips.into_boxed_slice();
+        self.holders.insert(e.key, Holding { owner, ips });
     }
 
     /// The owner of `ip` at `t_ns`.
@@ -113,22 +129,41 @@ impl IdentityStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sources::Attrs;
 
-    fn hb(host: &str, workload: &str, ips: &[&str], t: i64, reason: &str) -> Identity {
-        let reason = IdentityReason::from_symbol(reason).unwrap();
-        flowlog_schema::fixtures::identity(&flowlog_schema::fixtures::host_with(host, workload, ips), t, reason)
+    fn holds(key: &str, workload: &str, ips: &[&str], t: i64) -> Event {
+        let owner = Attrs {
+            workload: Some(workload.into()),
+            ..Default::default()
+        };
+        Event {
+            key: key.into(),
+            time_ns: t,
+            change: Change::Holds {
+                owner: owner.into(),
+                ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            },
+        }
+    }
+
+    fn released(key: &str, t: i64) -> Event {
+        Event {
+            key: key.into(),
+            time_ns: t,
+            change: Change::Released,
+        }
     }
 
     #[test]
     fn ip_reuse_is_attributed_by_time() {
         let mut s = IdentityStore::default();
         let ip: IpAddr = "10.0.0.9".parse().unwrap();
-        s.apply(&hb("a", "billing", &["10.0.0.9"], 100, "START"));
-        s.apply(&hb("a", "billing", &["10.0.0.9"], 130, "HEARTBEAT"));
+        s.apply(holds("a", "billing", &["10.0.0.9"], 100));
+        s.apply(holds("a", "billing", &["10.0.0.9"], 130));
         // Released at 200 (the ENI moved away) ...
-        s.apply(&hb("a", "billing", &[], 200, "IP_CHANGE"));
+        s.apply(holds("a", "billing", &[], 200));
         // ... and reassigned to another workload at 300.
-        s.apply(&hb("b", "search", &["10.0.0.9"], 300, "START"));
+        s.apply(holds("b", "search", &["10.0.0.9"], 300));
         let wl = |t| s.owner_at(ip, t).map(|o| o.workload.clone().unwrap());
         assert_eq!(wl(50), Err(Miss::NoOwnerAtTime));
         assert_eq!(wl(150), Ok("billing".into()));
@@ -144,8 +179,8 @@ mod tests {
     fn moved_ip_closes_the_previous_owner() {
         let mut s = IdentityStore::default();
         let ip: IpAddr = "10.0.0.9".parse().unwrap();
-        s.apply(&hb("a", "one", &["10.0.0.9"], 100, "START"));
-        s.apply(&hb("b", "two", &["10.0.0.9"], 200, "IP_CHANGE"));
+        s.apply(holds("a", "one", &["10.0.0.9"], 100));
+        s.apply(holds("b", "two", &["10.0.0.9"], 200));
         assert_eq!(
             s.owner_at(ip, 150).unwrap().workload.as_deref(),
             Some("one")
@@ -154,7 +189,26 @@ mod tests {
             s.owner_at(ip, 250).unwrap().workload.as_deref(),
             Some("two")
         );
-        s.apply(&hb("b", "two", &["10.0.0.9"], 300, "STOP"));
+        s.apply(released("b", 300));
         assert_eq!(s.owner_at(ip, 350).unwrap_err(), Miss::NoOwnerAtTime);
+    }
+
+    /// A key's later event refreshes the attributes of the IPs it keeps,
+    /// without a new interval, and releases only what it no longer lists.
+    #[test]
+    fn later_events_refresh_the_owner_and_release_dropped_ips() {
+        let mut s = IdentityStore::default();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        s.apply(holds("h", "old", &["10.0.0.1", "10.0.0.2"], 100));
+        s.apply(holds("h", "new", &["10.0.0.1"], 200));
+        assert_eq!(s.owner_at(a, 150).unwrap().workload.as_deref(), Some("new"));
+        assert_eq!(s.owner_at(a, 250).unwrap().workload.as_deref(), Some("new"));
+        assert_eq!(s.owner_at(b, 150).unwrap().workload.as_deref(), Some("old"));
+        assert_eq!(s.owner_at(b, 250).unwrap_err(), Miss::NoOwnerAtTime);
+        // Another key holding the same name of workload is another owner.
+        s.apply(holds("g", "new", &["10.0.0.2"], 300));
+        s.apply(released("h", 400));
+        assert_eq!(s.owner_at(a, 450).unwrap_err(), Miss::NoOwnerAtTime);
+        assert_eq!(s.owner_at(b, 450).unwrap().workload.as_deref(), Some("new"));
     }
 }

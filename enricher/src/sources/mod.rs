@@ -1,14 +1,30 @@
-//! Metadata sources: who owned an IP, and when.
+//! Metadata sources: who owned an IP, and when. The sidecars' heartbeats
+//! and EC2 feed ownership histories ([`identity::IdentityStore`]) with
+//! [`ownership::Event`]s; the static map is a fixed CIDR table.
 
 pub mod cidr;
 #[cfg(feature = "ec2")]
 pub mod ec2;
+pub mod heartbeats;
 pub mod identity;
+pub mod ownership;
+pub mod static_map;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+
+use identity::IdentityStore;
 
 /// Workload attributes of an owner (the enriched schema's Attribution
 /// fields), shared by every IP it owns.
 pub use flowlog_schema::Attrs;
 
 pub type Owner = Arc<Attrs>;
+
+/// The metadata attribution reads, each updated in the background by its
+/// source (identity topic, EC2, static-map file).
+#[derive(Clone, Default)]
+pub struct Sources {
+    pub identity: Arc<RwLock<IdentityStore>>,
+    pub ec2: Arc<RwLock<IdentityStore>>,
+    pub cidr: Arc<RwLock<cidr::CidrMap>>,
+}

@@ -3,52 +3,40 @@
 use std::collections::BTreeMap;
 
 use rdkafka::ClientConfig;
-use serde::Deserialize;
 
 use crate::config::ConfigError;
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaConfig {
-    /// bootstrap.servers
-    pub brokers: String,
-    /// Topic for flow records.
-    pub flow_topic: String,
-    /// Topic for identity heartbeats.
-    pub identity_topic: String,
-    /// linger.ms: how long the producer waits to fill a batch.
-    pub linger_ms: u32,
-    /// compression.type: lz4 or zstd (snappy is refused by the local broker).
-    pub compression: String,
-    /// queue.buffering.max.messages: the bounded in-memory queue.
-    pub queue_max_messages: u32,
-    /// queue.buffering.max.kbytes.
-    pub queue_max_kbytes: u32,
-    /// message.timeout.ms: after this a record counts as failed and goes to the spool.
-    pub message_timeout_ms: u32,
-    /// Any other librdkafka property (TLS, SASL, ...), applied last. Setting a
-    /// property that a typed field above controls is an error.
-    pub properties: BTreeMap<String, String>,
-}
-
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        KafkaConfig {
-            brokers: "127.0.0.1:9092".into(),
-            flow_topic: "flowlog.flows".into(),
-            identity_topic: "flowlog.identity".into(),
-            linger_ms: 50,
-            compression: "lz4".into(),
-            queue_max_messages: 100_000,
-            queue_max_kbytes: 16 * 1024,
-            message_timeout_ms: 30_000,
-            properties: BTreeMap::new(),
-        }
+flowlog_settings::settings! {
+    /// Kafka settings (`[kafka]` in the config file).
+    pub struct KafkaConfig {
+        /// bootstrap.servers
+        #[flag(long = "kafka-brokers", env = "FLOWLOG_KAFKA_BROKERS")]
+        pub brokers: String = "127.0.0.1:9092".into(),
+        /// Topic for flow records.
+        #[flag(long = "kafka-flow-topic", env = "FLOWLOG_KAFKA_FLOW_TOPIC")]
+        pub flow_topic: String = "flowlog.flows".into(),
+        /// Topic for identity heartbeats.
+        #[flag(long = "kafka-identity-topic", env = "FLOWLOG_KAFKA_IDENTITY_TOPIC")]
+        pub identity_topic: String = "flowlog.identity".into(),
+        /// linger.ms: how long the producer waits to fill a batch.
+        pub linger_ms: u32 = 50,
+        /// compression.type: lz4 or zstd (snappy is refused by the local broker).
+        /// Accepted: `lz4`, `zstd`, `gzip`, `none`.
+        pub compression: String = "lz4".into(),
+        /// queue.buffering.max.messages: the bounded in-memory queue.
+        pub queue_max_messages: u32 = 100_000,
+        /// queue.buffering.max.kbytes.
+        pub queue_max_kbytes: u32 = 16 * 1024,
+        /// message.timeout.ms: after this a record counts as failed and goes to the spool.
+        pub message_timeout_ms: u32 = 30_000,
+        /// Any other librdkafka property (TLS, SASL, ...), applied last. Setting a
+        /// property that a typed field above controls is an error.
+        pub properties: BTreeMap<String, String> = BTreeMap::new(),
     }
 }
 
 /// Properties the typed settings own (and idempotence, which must stay on).
-const OWNED: [&str; 9] = [
+pub(crate) const OWNED: [&str; 9] = [
     "bootstrap.servers",
     "linger.ms",
     "compression.type",

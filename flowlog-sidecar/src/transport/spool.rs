@@ -13,9 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Deserialize;
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Fsync {
     /// fsync after every append (safest, slowest).
@@ -26,28 +27,23 @@ pub enum Fsync {
     Never,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SpoolConfig {
-    /// Directory for segment files; created if missing.
-    pub dir: PathBuf,
-    /// Total bytes on disk before the oldest segments are dropped.
-    pub max_bytes: u64,
-    /// A segment is closed and a new one started past this size.
-    pub segment_bytes: u64,
-    pub fsync: Fsync,
-    pub fsync_interval_ms: u64,
-}
+flowlog_settings::value_enum!(Fsync);
 
-impl Default for SpoolConfig {
-    fn default() -> Self {
-        SpoolConfig {
-            dir: PathBuf::from("/var/lib/flowlog/spool"),
-            max_bytes: 1 << 30,
-            segment_bytes: 8 << 20,
-            fsync: Fsync::Interval,
-            fsync_interval_ms: 1000,
-        }
+flowlog_settings::settings! {
+    /// Spool settings (`[spool]` in the config file).
+    pub struct SpoolConfig {
+        /// Directory for segment files; created if missing.
+        #[flag(long = "spool-dir", env = "FLOWLOG_SPOOL_DIR")]
+        pub dir: PathBuf = PathBuf::from("/var/lib/flowlog/spool"),
+        /// Total bytes on disk before the oldest segments are dropped.
+        #[flag(long = "spool-max-bytes", env = "FLOWLOG_SPOOL_MAX_BYTES")]
+        pub max_bytes: u64 = 1 << 30,
+        /// A segment is closed and a new one started past this size.
+        pub segment_bytes: u64 = 8 << 20,
+        /// When the spool is fsync'd.
+        pub fsync: Fsync = Fsync::Interval,
+        /// With `fsync = "interval"`: the longest time between fsyncs, ms.
+        pub fsync_interval_ms: u64 = 1000,
     }
 }
 
@@ -252,6 +248,11 @@ mod tests {
         SpoolConfig { dir: dir.to_path_buf(), max_bytes: max, segment_bytes: seg, fsync: Fsync::Never, fsync_interval_ms: 1000 }
     }
 
+    /// Every record left, oldest first.
+    fn drain(s: &mut Spool) -> Vec<Vec<u8>> {
+        std::iter::from_fn(|| s.take_oldest().unwrap()).flatten().collect()
+    }
+
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("flowlog-spool-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
@@ -270,10 +271,7 @@ mod tests {
         drop(s);
         let mut s = Spool::open(cfg(&d, 1 << 20, 100)).unwrap();
         assert_eq!(s.records(), 20);
-        let mut got = Vec::new();
-        while let Some(batch) = s.take_oldest().unwrap() {
-            got.extend(batch);
-        }
+        let got = drain(&mut s);
         let want: Vec<Vec<u8>> = (0..20u32).map(|i| i.to_le_bytes().repeat(5)).collect();
         assert_eq!(got, want);
         assert!(s.is_empty());
@@ -292,10 +290,7 @@ mod tests {
         }
         assert_eq!(dropped, 6);
         assert_eq!(s.dropped_records, 6);
-        let mut got = Vec::new();
-        while let Some(batch) = s.take_oldest().unwrap() {
-            got.extend(batch);
-        }
+        let got = drain(&mut s);
         assert_eq!(got, (6..10u8).map(|i| vec![i; 20]).collect::<Vec<_>>());
         fs::remove_dir_all(d).unwrap();
     }
@@ -308,10 +303,7 @@ mod tests {
         s.prepend(&[b"old1".to_vec(), b"old2".to_vec()]).unwrap();
         drop(s);
         let mut s = Spool::open(cfg(&d, 1 << 20, 1 << 20)).unwrap();
-        let mut got = Vec::new();
-        while let Some(b) = s.take_oldest().unwrap() {
-            got.extend(b);
-        }
+        let got = drain(&mut s);
         assert_eq!(got, vec![b"old1".to_vec(), b"old2".to_vec(), b"new".to_vec()]);
         fs::remove_dir_all(d).unwrap();
     }

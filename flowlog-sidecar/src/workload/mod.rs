@@ -13,7 +13,7 @@ pub mod tree;
 use std::collections::BTreeMap;
 
 use flowlog_schema::{Workload, WorkloadKind, WorkloadReason};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use resolver::Resolver;
 
@@ -21,18 +21,13 @@ pub use resolver::Resolver;
 /// foldhash, several times cheaper than SipHash for a u64.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
-/// Workload settings (`[workload]` in the config file).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct WorkloadConfig {
-    /// Resolve each flow's local workload (pod, container, systemd service)
-    /// from its cgroup; false leaves the records' `workload` empty.
-    pub resolve: bool,
-}
-
-impl Default for WorkloadConfig {
-    fn default() -> Self {
-        WorkloadConfig { resolve: true }
+flowlog_settings::settings! {
+    /// Workload settings (`[workload]` in the config file).
+    pub struct WorkloadConfig {
+        /// Resolve each flow's local workload (pod, container, systemd service)
+        /// from its cgroup; false leaves the records' `workload` empty.
+        #[flag(long = "workload-resolve", env = "FLOWLOG_WORKLOAD_RESOLVE")]
+        pub resolve: bool = true,
     }
 }
 

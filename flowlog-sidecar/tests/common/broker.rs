@@ -1,14 +1,11 @@
-//! A real local Kafka-protocol broker (tansu) for tests, started through the
-//! project's own script on 127.0.0.1 and stopped by PID.
+//! A real local Kafka-protocol broker (tansu, flowlog_runtime::testkit) for
+//! tests, and reading back what the sidecar produced to it.
 #![allow(dead_code)]
 
-use std::{
-    path::PathBuf,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use apache_avro::{types::Value, GenericSingleObjectReader, Schema};
+use flowlog_runtime::testkit::{self, BrokerSpec};
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     message::Headers,
@@ -18,65 +15,14 @@ use rdkafka::{
 pub const FLOWS: &str = "flowlog.flows";
 pub const IDENTITY: &str = "flowlog.identity";
 
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/broker.sh")
-}
-
-fn tansu_present() -> bool {
-    let tools = std::env::var("FLOWLOG_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/flowlog/tools"));
-    tools.join("tansu-0.6.0/bin/tansu").exists()
-}
-
 /// True when the broker can be used; otherwise skips (or fails under `make test`).
 pub fn have_broker() -> bool {
-    if tansu_present() {
-        return true;
-    }
-    if std::env::var("FLOWLOG_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
-        panic!("the local broker (tansu) is not installed: run `make setup`");
-    }
-    eprintln!("skipping: tansu not installed (run `make setup`)");
-    false
+    testkit::have_tools(&[testkit::TANSU])
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-pub struct Broker {
-    pub dir: PathBuf,
-    pub port: u16,
-}
-
-impl Broker {
-    pub fn start_on(port: u16, name: &str) -> Broker {
-        let dir = std::env::temp_dir().join(format!("flowlog-broker-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let st = Command::new("bash")
-            .arg(script())
-            .args(["start", dir.to_str().unwrap(), &port.to_string(), FLOWS, IDENTITY])
-            .status()
-            .expect("run broker.sh");
-        assert!(st.success(), "broker did not start");
-        Broker { dir, port }
-    }
-
-    pub fn start(name: &str) -> Broker {
-        Broker::start_on(free_port(), name)
-    }
-
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = Command::new("bash").arg(script()).args(["stop", self.dir.to_str().unwrap()]).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A broker with the sidecar's two topics.
+pub fn spec(name: &str) -> BrokerSpec<'_> {
+    BrokerSpec { name, topics: &[FLOWS, IDENTITY], ..BrokerSpec::default() }
 }
 
 /// One consumed message, decoded with apache-avro against the committed schema.

@@ -168,20 +168,7 @@ pub fn raise_nofile() {
 
 /// Reads the Prometheus endpoint.
 pub fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
-
-/// Value of one sample line (`name{labels} value`), 0 when absent.
-pub fn metric(body: &str, series: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    flowlog_runtime::testkit::scrape(addr).expect("metrics endpoint")
 }
 
 /// Opens `n` short connections to a local server; returns (server port, client ports).

@@ -1,0 +1,325 @@
+//! The pipeline without a broker: real decoder, attribution and ownership
+//! stores; in-process sinks and dead-letter queue that record what they get.
+
+use std::sync::Mutex;
+
+use flowlog_schema::{fixtures, DecodeError, Flow};
+
+use super::*;
+use crate::sources::ownership::{Change, Event};
+
+const S: i64 = 1_000_000_000;
+/// 2026-01-01T00:00:00Z.
+const T0: i64 = 1_767_225_600 * S;
+
+/// A flow message of `host` to `remote`, ending at `end_ns` (the local side,
+/// the host's own 10.0.0.1, is always attributed; 127.0.0.1 is too).
+fn flow(host: &str, seq: i64, remote: [u8; 4], end_ns: i64) -> Vec<u8> {
+    let mut h = fixtures::host();
+    h.host_id = host.into();
+    let f = Flow {
+        sequence: seq,
+        remote_addr: remote.into(),
+        start_time_ns: Some(end_ns - S),
+        end_time_ns: end_ns,
+        ..fixtures::flow()
+    };
+    fixtures::flow_message(&h, &f)
+}
+
+const LOOPBACK: [u8; 4] = [127, 0, 0, 1];
+const NOBODY: [u8; 4] = [10, 7, 7, 7];
+
+/// Dead letters as (offset, reason); refuses them all when `down`.
+#[derive(Default)]
+struct Letters {
+    got: Mutex<Vec<(i64, String)>>,
+    down: bool,
+}
+
+impl DeadLetters for Letters {
+    fn send(&self, m: &Message, reason: &DecodeError) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.down, "broker down");
+        self.got
+            .lock()
+            .unwrap()
+            .push((m.offset, reason.to_string()));
+        Ok(())
+    }
+}
+
+/// Batches written as (partition, first, last, records); fails when `broken`.
+#[derive(Default)]
+struct Recorder {
+    got: Mutex<Vec<(i32, i64, i64, usize)>>,
+    broken: bool,
+}
+
+impl Sink for Recorder {
+    fn write(&self, p: i32, b: &Batch) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.broken, "disk full");
+        self.got
+            .lock()
+            .unwrap()
+            .push((p, b.first, b.last, b.records.len()));
+        Ok(())
+    }
+}
+
+struct Rig {
+    pipeline: Pipeline,
+    sources: Sources,
+    letters: Arc<Letters>,
+    t0: Now,
+}
+
+impl Rig {
+    fn new(max_records: usize, max_age_secs: u64, late_window_secs: u64) -> Rig {
+        let settings = Settings {
+            max_records,
+            max_age: Duration::from_secs(max_age_secs),
+            late_window: Duration::from_secs(late_window_secs),
+        };
+        let sources = Sources::default();
+        let letters = Arc::new(Letters::default());
+        Rig {
+            pipeline: Pipeline::new(settings, sources.clone(), letters.clone()),
+            sources,
+            letters,
+            t0: Now {
+                instant: Instant::now(),
+                unix_ns: T0,
+            },
+        }
+    }
+
+    /// `secs` after the rig's start.
+    fn at(&self, secs: u64) -> Now {
+        Now {
+            instant: self.t0.instant + Duration::from_secs(secs),
+            unix_ns: self.t0.unix_ns + secs as i64 * S,
+        }
+    }
+
+    fn consume(&mut self, p: i32, offset: i64, payload: &[u8], now: Now) {
+        let m = Message {
+            partition: p,
+            offset,
+            key: None,
+            payload,
+        };
+        self.pipeline.consume(&m, now).unwrap();
+    }
+
+    /// The due batches as (partition, first, last, records).
+    fn due(&mut self, now: Now) -> Vec<(i32, i64, i64, usize)> {
+        let mut d: Vec<_> = self
+            .pipeline
+            .due(now)
+            .into_iter()
+            .map(|(p, b)| (p, b.first, b.last, b.records.len()))
+            .collect();
+        d.sort();
+        d
+    }
+}
+
+#[test]
+fn batches_roll_at_max_records_or_max_age() {
+    let mut r = Rig::new(3, 10, 0);
+    let now = r.at(0);
+    for off in 0..2 {
+        r.consume(0, off, &flow("h", off, LOOPBACK, T0), now);
+    }
+    r.consume(1, 50, &flow("h", 2, LOOPBACK, T0), now);
+    assert_eq!(r.due(r.at(1)), vec![]);
+    r.consume(0, 2, &flow("h", 3, LOOPBACK, T0), r.at(1));
+    // Partition 0 is full; partition 1 waits for its age.
+    assert_eq!(r.due(r.at(1)), vec![(0, 0, 2, 3)]);
+    assert_eq!(r.due(r.at(9)), vec![]);
+    assert_eq!(r.due(r.at(10)), vec![(1, 50, 50, 1)]);
+    // The next message opens a new batch, aged from then.
+    r.consume(0, 3, &flow("h", 4, LOOPBACK, T0), r.at(11));
+    assert_eq!(r.due(r.at(20)), vec![]);
+    assert_eq!(r.due(r.at(21)), vec![(0, 3, 3, 1)]);
+}
+
+/// A young flow with an unattributed side holds its batch back until late
+/// metadata could have arrived; when the batch rolls, it is attributed
+/// again. An old one does not wait.
+#[test]
+fn young_unattributed_flows_are_held_back_and_settled() {
+    let mut r = Rig::new(1, 1, 10);
+    // Ended 2 s before: held until 8 s from now.
+    r.consume(0, 0, &flow("h", 0, NOBODY, T0 - 2 * S), r.at(0));
+    // Ended a minute before: not held.
+    r.consume(1, 0, &flow("h", 1, NOBODY, T0 - 60 * S), r.at(0));
+    assert_eq!(r.due(r.at(1)), vec![(1, 0, 0, 1)]);
+    assert_eq!(r.due(r.at(7)), vec![]);
+    // The owner's heartbeat arrives late, but says it held the IP all along.
+    r.sources.identity.write().unwrap().apply(Event {
+        key: "owner".into(),
+        time_ns: T0 - 600 * S,
+        change: Change::Holds {
+            owner: Arc::new(crate::sources::Attrs {
+                workload: Some("late-owner".into()),
+                ..Default::default()
+            }),
+            ips: vec!["10.7.7.7".parse().unwrap()],
+        },
+    });
+    let mut due = r.pipeline.due(r.at(8));
+    assert_eq!(due.len(), 1);
+    let (p, b) = due.pop().unwrap();
+    assert_eq!((p, b.records.len()), (0, 1));
+    let remote = &b.records[0].remote;
+    assert!(remote.attributed());
+    let owner = remote.owner.as_ref().unwrap();
+    assert_eq!(owner.workload.as_deref(), Some("late-owner"));
+}
+
+/// Young unattributed flows keep coming: the batch still rolls at max age +
+/// the late window, attributed as well as it can be.
+#[test]
+fn held_batches_wait_no_longer_than_max_age_plus_the_late_window() {
+    let mut r = Rig::new(1000, 5, 10);
+    for s in 0..15 {
+        r.consume(
+            0,
+            s as i64,
+            &flow("h", s as i64, NOBODY, r.at(s).unix_ns),
+            r.at(s),
+        );
+        assert_eq!(r.due(r.at(s)), vec![], "rolled at {s} s");
+    }
+    assert_eq!(r.due(r.at(15)), vec![(0, 0, 14, 15)]);
+}
+
+#[test]
+fn sequence_gaps_are_counted_per_host_and_epoch() {
+    let mut g = SequenceGaps::default();
+    assert_eq!(g.observe("a", 1, 0), 0);
+    assert_eq!(g.observe("a", 1, 1), 0);
+    assert_eq!(g.observe("b", 7, 40), 0, "a host's first record");
+    assert_eq!(g.observe("a", 1, 5), 3);
+    assert_eq!(g.observe("b", 7, 42), 1);
+    // A repeat (redelivery) is no gap, and the count goes on from it.
+    assert_eq!(g.observe("a", 1, 5), 0);
+    assert_eq!(g.observe("a", 1, 3), 0);
+    assert_eq!(g.observe("a", 1, 5), 1);
+    // The sidecar restarted: a new epoch starts afresh.
+    assert_eq!(g.observe("a", 2, 0), 0);
+    assert_eq!(g.observe("a", 2, 2), 1);
+}
+
+/// Resuming a partition: offsets the files already hold are skipped, a
+/// rolled batch commits the offset after its last, and what was committed
+/// is not read into a batch again.
+#[test]
+fn exactly_once_bookkeeping() {
+    let mut r = Rig::new(3, 10, 0);
+    // The state file says offsets up to 9 are in files.
+    r.pipeline.assign(0, 9);
+    for off in 8..=12 {
+        r.consume(0, off, &flow("h", off, LOOPBACK, T0), r.at(0));
+    }
+    let mut due = r.pipeline.due(r.at(0));
+    let (p, b) = due.pop().unwrap();
+    assert_eq!((p, b.first, b.last, b.records.len()), (0, 10, 12, 3));
+    let sinks: Vec<Arc<dyn Sink>> =
+        vec![Arc::new(Recorder::default()), Arc::new(Recorder::default())];
+    let mut committed = None;
+    write(&sinks, p, &b, |p, next| {
+        committed = Some((p, next));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(committed, Some((0, 13)));
+    r.pipeline.written(p, b.last);
+    assert_eq!(r.pipeline.done_through(0), Some(12));
+    // Redelivered (the consumer went back to the last commit) and new.
+    for off in 11..=13 {
+        r.consume(0, off, &flow("h", off, LOOPBACK, T0), r.at(1));
+    }
+    let open = r.pipeline.drain();
+    assert_eq!(open.len(), 1);
+    assert_eq!(
+        (open[0].1.first, open[0].1.last, open[0].1.records.len()),
+        (13, 13, 1)
+    );
+
+    // Revoked: the open batch is handed over and the partition forgotten.
+    r.consume(0, 14, &flow("h", 14, LOOPBACK, T0), r.at(2));
+    let b = r.pipeline.revoke(0).unwrap();
+    assert_eq!((b.first, b.last), (14, 14));
+    assert_eq!(r.pipeline.done_through(0), None);
+    assert!(r.pipeline.revoke(0).is_none());
+}
+
+/// A batch some sink could not take is not committed, and later sinks do
+/// not get it.
+#[test]
+fn a_failed_sink_commits_nothing() {
+    let mut r = Rig::new(1, 10, 0);
+    r.consume(0, 0, &flow("h", 0, LOOPBACK, T0), r.at(0));
+    let (p, b) = r.pipeline.due(r.at(0)).pop().unwrap();
+    let (first, broken, last) = (
+        Arc::new(Recorder::default()),
+        Arc::new(Recorder {
+            broken: true,
+            ..Default::default()
+        }),
+        Arc::new(Recorder::default()),
+    );
+    let sinks: Vec<Arc<dyn Sink>> = vec![first.clone(), broken, last.clone()];
+    let err = write(&sinks, p, &b, |_, _| panic!("committed")).unwrap_err();
+    assert_eq!(err.to_string(), "disk full");
+    assert_eq!(first.got.lock().unwrap().len(), 1);
+    assert!(last.got.lock().unwrap().is_empty());
+}
+
+/// Messages that do not decode go to the dead-letter queue with the reason,
+/// and still count in their batch's offsets (committed with it).
+#[test]
+fn rejects_go_to_the_dead_letter_queue_within_their_batch() {
+    let mut r = Rig::new(10, 1, 0);
+    let good = flow("h", 0, LOOPBACK, T0);
+    r.consume(0, 0, b"garbage", r.at(0));
+    r.consume(0, 1, &good, r.at(0));
+    r.consume(0, 2, &good[..good.len() - 3], r.at(0));
+    assert_eq!(
+        *r.letters.got.lock().unwrap(),
+        vec![
+            (0, "not Avro single-object encoded".to_string()),
+            (2, "truncated".to_string())
+        ]
+    );
+    assert_eq!(r.due(r.at(1)), vec![(0, 0, 2, 1)]);
+    // A batch of rejects only still moves the offsets on.
+    r.consume(0, 3, b"garbage", r.at(2));
+    assert_eq!(r.due(r.at(3)), vec![(0, 3, 3, 0)]);
+}
+
+/// The dead-letter queue refuses a message: consuming fails (the process
+/// stops rather than commit past it).
+#[test]
+fn an_unavailable_dead_letter_queue_stops_the_pipeline() {
+    let letters = Arc::new(Letters {
+        down: true,
+        ..Default::default()
+    });
+    let settings = Settings {
+        max_records: 1,
+        max_age: Duration::from_secs(1),
+        late_window: Duration::ZERO,
+    };
+    let mut p = Pipeline::new(settings, Sources::default(), letters);
+    let m = Message {
+        partition: 0,
+        offset: 0,
+        key: None,
+        payload: b"garbage",
+    };
+    let err = p.consume(&m, Now::system()).unwrap_err();
+    assert!(format!("{err:#}").contains("broker down"), "{err:#}");
+}

@@ -1,0 +1,10 @@
+//! Runtime pieces the sidecar and the enricher share, written once: log
+//! setup, the Prometheus endpoint and the process CPU/memory gauges. The
+//! `testkit` feature adds the local Kafka-protocol broker the test suites and
+//! the benchmarks start.
+
+pub mod logging;
+pub mod process;
+pub mod prometheus;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
