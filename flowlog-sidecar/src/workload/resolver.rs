@@ -55,10 +55,18 @@ struct Held {
 
 /// Who a network namespace belongs to, as its flows told.
 enum NetnsOwner {
-    /// One pod (or container), learned from a flow of `cgroup`; forgotten
-    /// when that cgroup goes (the namespace's inode may be reused).
-    One { cgroup: u64, workload: Arc<Workload> },
+    /// One pod (or container), learned from a flow of `cgroup` (whose
+    /// workload is `from`); forgotten when that cgroup goes (the
+    /// namespace's inode may be reused).
+    One { cgroup: u64, from: Arc<Workload>, workload: Arc<Workload> },
     Shared,
+}
+
+/// A cgroup's workload, and the network namespace its flows were last
+/// seen in: a flow in the same namespace again has nothing to teach.
+struct Known {
+    workload: Arc<Workload>,
+    netns: u64,
 }
 
 /// The workloads given to flows for each reason, shared.
@@ -73,8 +81,8 @@ pub struct Resolver {
     mode: Mode,
     /// Workloads by cgroup id, from the last walk and the one before (so
     /// the last flows of a cgroup removed in between still resolve).
-    current: FastMap<u64, Arc<Workload>>,
-    previous: FastMap<u64, Arc<Workload>>,
+    current: FastMap<u64, Known>,
+    previous: FastMap<u64, Known>,
     /// Ids a walk that started after their flow did not find: they never
     /// will be (cgroup ids are not reused).
     not_found: HashSet<u64, foldhash::fast::RandomState>,
@@ -89,7 +97,8 @@ pub struct Resolver {
     /// The request made during the current drain (one per drain at most).
     asked: Option<u64>,
     netns: FastMap<u64, NetnsOwner>,
-    host_netns: HashSet<u64>,
+    /// One or two inodes: a list is quicker to search than a hash set.
+    host_netns: Vec<u64>,
     unresolved: Unresolved,
     stats: Stats,
 }
@@ -153,10 +162,9 @@ impl Resolver {
             _ if id == 0 => self.by_netns(flow.netns_ino as u64),
             _ => match &self.last {
                 Some((last, w)) if *last == id => w.clone(),
-                _ => match self.lookup(id) {
+                _ => match self.resolve(id, flow.netns_ino as u64) {
                     Some(w) => {
                         self.last = Some((id, w.clone()));
-                        self.learn(flow.netns_ino as u64, id, &w);
                         w
                     }
                     None if matches!(self.mode, Mode::WalkerGone) => self.unresolved.lookup_failed.clone(),
@@ -213,11 +221,22 @@ impl Resolver {
         self.current.len()
     }
 
-    fn lookup(&self, id: u64) -> Option<Arc<Workload>> {
-        if let Some(w) = self.current.get(&id).or_else(|| self.previous.get(&id)) {
-            return Some(w.clone());
+    /// The workload of a known cgroup (learning, the first time a flow of it
+    /// is seen in a namespace, who owns that namespace); None if unknown.
+    fn resolve(&mut self, id: u64, netns: u64) -> Option<Arc<Workload>> {
+        let known = match self.current.get_mut(&id) {
+            Some(k) => k,
+            None => match self.previous.get_mut(&id) {
+                Some(k) => k,
+                None => return self.not_found.contains(&id).then(|| self.unresolved.not_found.clone()),
+            },
+        };
+        let w = known.workload.clone();
+        if known.netns != netns {
+            known.netns = netns;
+            self.learn(netns, id, &w);
         }
-        self.not_found.contains(&id).then(|| self.unresolved.not_found.clone())
+        Some(w)
     }
 
     fn hold(&mut self, flow: Flow, id: u64, now: Instant) {
@@ -286,6 +305,7 @@ impl Resolver {
             }
         };
         debug!(cgroups = cgroups.len(), took_ms = r.took.as_millis() as u64, seq = r.seq, "cgroup tree walked");
+        let cgroups = cgroups.into_iter().map(|(id, workload)| (id, Known { workload, netns: 0 })).collect();
         self.previous = std::mem::replace(&mut self.current, cgroups);
         self.answered = self.answered.max(r.seq);
         if self.not_found.len() >= MAX_NOT_FOUND {
@@ -318,7 +338,7 @@ impl Resolver {
         let gone = !matches!(self.mode, Mode::Walking(_));
         for (i, h) in std::mem::take(&mut self.held).into_iter().enumerate() {
             let id = h.flow.cgroup_id as u64;
-            let w = match self.lookup(id) {
+            let w = match self.resolve(id, h.flow.netns_ino as u64) {
                 Some(w) => w,
                 // Answered by a walk that started after the flow: not in the tree.
                 None if h.seq <= self.answered => self.unresolved.not_found.clone(),
@@ -331,7 +351,6 @@ impl Resolver {
                 }
             };
             let mut flow = h.flow;
-            self.learn(flow.netns_ino as u64, id, &w);
             self.stats.count(&w);
             flow.workload = Some(w);
             out.push(flow);
@@ -340,20 +359,26 @@ impl Resolver {
 
     /// Remembers who owns the network namespace of a resolved flow.
     fn learn(&mut self, netns: u64, cgroup: u64, w: &Arc<Workload>) {
-        if netns == 0 || self.host_netns.contains(&netns) {
+        // The host's namespaces are no one's; an unresolved flow says nothing.
+        if netns == 0 || self.host_netns.contains(&netns) || w.reason.is_some() {
             return;
         }
-        let own = matches!(w.kind, WorkloadKind::Pod | WorkloadKind::Container) && w.reason.is_none();
+        let own = matches!(w.kind, WorkloadKind::Pod | WorkloadKind::Container);
         if self.netns.len() >= MAX_NETNS && !self.netns.contains_key(&netns) {
             self.netns.clear();
         }
         match self.netns.entry(netns) {
             Entry::Vacant(e) => {
-                e.insert(if own { NetnsOwner::One { cgroup, workload: namespace_owner(w) } } else { NetnsOwner::Shared });
+                e.insert(if own {
+                    NetnsOwner::One { cgroup, from: w.clone(), workload: namespace_owner(w) }
+                } else {
+                    NetnsOwner::Shared
+                });
             }
             Entry::Occupied(mut e) => {
                 let same = match e.get() {
-                    NetnsOwner::One { workload, .. } => own && same_owner(workload, w),
+                    // The same cgroup again (the usual case) needs no comparison.
+                    NetnsOwner::One { from, workload, .. } => Arc::ptr_eq(from, w) || (own && same_owner(workload, w)),
                     NetnsOwner::Shared => true,
                 };
                 if !same {
@@ -412,7 +437,7 @@ mod tests {
         let (walker, requests, results) = Walker::fake();
         let mut r = Resolver::new(&WorkloadConfig { resolve: false });
         r.mode = Mode::Walking(walker);
-        r.host_netns = HashSet::from([1]);
+        r.host_netns = vec![1];
         Fake { r, requests, results }
     }
 

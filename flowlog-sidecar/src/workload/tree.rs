@@ -6,7 +6,6 @@
 //! capture path, at most once per [`MIN_WALK_GAP`].
 
 use std::{
-    collections::HashSet,
     io,
     os::unix::fs::{DirEntryExt, MetadataExt},
     path::{Path, PathBuf},
@@ -203,7 +202,7 @@ fn walker(mount: Mount, requests: Receiver<u64>, results: Sender<WalkResult>) {
 
 /// This host's own network namespaces (the sidecar's, and init's when it
 /// can be read): flows there are no single workload's.
-pub fn host_netns() -> HashSet<u64> {
+pub fn host_netns() -> Vec<u64> {
     ["/proc/self/ns/net", "/proc/1/ns/net"]
         .iter()
         .filter_map(|p| std::fs::metadata(Path::new(p)).ok().map(|m| m.ino()))
