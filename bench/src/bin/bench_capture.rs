@@ -95,10 +95,27 @@ struct Report {
     sidecar_cpu_ns_per_flow_resolution_off: f64,
     /// Exact on-CPU time per flow, resolution on / off.
     workload_resolution_cpu_ratio: f64,
+    /// The same two ratios per round, their medians (robust to a round
+    /// disturbed by other work on the machine).
+    workload_resolution_user_cpu_ratio_median: f64,
+    workload_resolution_cpu_ratio_median: f64,
     sidecar_cpu_percent_per_1000_conn_per_s: f64,
     sidecar_peak_rss_mb: f64,
     drops: u64,
     targets: Value,
+}
+
+/// `f` of a run, per flow.
+fn per_flow(x: &Arm, f: fn(&Arm) -> f64) -> f64 {
+    f(x) / x.flows.max(1) as f64
+}
+
+fn user_ns(x: &Arm) -> f64 {
+    x.sidecar_user_s * 1e9
+}
+
+fn run_ns_of(x: &Arm) -> f64 {
+    x.sidecar_run_ns as f64
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -144,14 +161,13 @@ fn main() -> anyhow::Result<()> {
             }
             std::thread::sleep(Duration::from_secs(1));
         }
-        let per_flow = |x: &Arm| x.sidecar_user_s * 1e9 / x.flows.max(1) as f64;
         eprintln!(
             "round {}: without {:.0}/s, with {:.0}/s; user ns/flow resolution on {:.0}, off {:.0}",
             i + 1,
             r.without.unwrap().connections_per_sec,
             r.with.load.unwrap().connections_per_sec,
-            per_flow(&r.with),
-            per_flow(&r.with_resolution_off),
+            per_flow(&r.with, user_ns),
+            per_flow(&r.with_resolution_off, user_ns),
         );
         rounds.push(r);
     }
@@ -199,6 +215,12 @@ fn main() -> anyhow::Result<()> {
         sidecar_cpu_ns_per_flow: cpu_on,
         sidecar_cpu_ns_per_flow_resolution_off: cpu_off,
         workload_resolution_cpu_ratio: cpu_on / cpu_off,
+        workload_resolution_user_cpu_ratio_median: median(
+            rounds.iter().map(|r| per_flow(&r.with, user_ns) / per_flow(&r.with_resolution_off, user_ns)).collect(),
+        ),
+        workload_resolution_cpu_ratio_median: median(
+            rounds.iter().map(|r| per_flow(&r.with, run_ns_of) / per_flow(&r.with_resolution_off, run_ns_of)).collect(),
+        ),
         sidecar_cpu_percent_per_1000_conn_per_s: (cpu_s / secs * 100.0) / (avg_rate / 1000.0),
         sidecar_peak_rss_mb: both.iter().map(|x| x.sidecar_peak_rss_bytes).max().unwrap_or(0) as f64 / 1048576.0,
         drops: sum_u(&both, |x| x.ringbuf_full + x.sock_map_full + x.decode_errors),
@@ -226,6 +248,10 @@ fn main() -> anyhow::Result<()> {
     println!(
         "  sidecar CPU ns per flow, exact  {:>9.0}  (resolution off {:.0}, on / off {:.3})",
         report.sidecar_cpu_ns_per_flow, report.sidecar_cpu_ns_per_flow_resolution_off, report.workload_resolution_cpu_ratio
+    );
+    println!(
+        "  ... on / off, median of rounds  user {:.3}, exact {:.3}",
+        report.workload_resolution_user_cpu_ratio_median, report.workload_resolution_cpu_ratio_median
     );
     println!("  sidecar CPU % per 1000 conn/s   {:>9.3}", report.sidecar_cpu_percent_per_1000_conn_per_s);
     println!("  sidecar peak RSS MB             {:>9.1}  (target <= 40)", report.sidecar_peak_rss_mb);

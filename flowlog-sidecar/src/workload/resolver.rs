@@ -23,7 +23,7 @@ use flowlog_schema::{Flow, Workload, WorkloadKind, WorkloadReason};
 use tracing::{debug, error, warn};
 
 use super::{
-    tree::{self, WalkResult, Walker},
+    tree::{self, Request, WalkResult, Walker},
     FastMap, Stats, WorkloadConfig,
 };
 
@@ -55,10 +55,9 @@ struct Held {
 
 /// Who a network namespace belongs to, as its flows told.
 enum NetnsOwner {
-    /// One pod (or container), learned from a flow of `cgroup` (whose
-    /// workload is `from`); forgotten when that cgroup goes (the
-    /// namespace's inode may be reused).
-    One { cgroup: u64, from: Arc<Workload>, workload: Arc<Workload> },
+    /// One pod (or container), learned from a flow of `cgroup`; forgotten
+    /// when that cgroup goes (the namespace's inode may be reused).
+    One { cgroup: u64, workload: Arc<Workload> },
     Shared,
 }
 
@@ -94,8 +93,9 @@ pub struct Resolver {
     next_seq: u64,
     /// Requests up to this one are answered.
     answered: u64,
-    /// The request made during the current drain (one per drain at most).
-    asked: Option<u64>,
+    /// The request of the current drain (one per drain at most), sent at
+    /// its end with the new unknown ids.
+    asking: Option<Request>,
     netns: FastMap<u64, NetnsOwner>,
     /// One or two inodes: a list is quicker to search than a hash set.
     host_netns: Vec<u64>,
@@ -138,7 +138,7 @@ impl Resolver {
             waiting: FastMap::default(),
             next_seq: 0,
             answered: 0,
-            asked: None,
+            asking: None,
             netns: FastMap::default(),
             host_netns: tree::host_netns(),
             unresolved: Unresolved {
@@ -180,7 +180,13 @@ impl Resolver {
     /// After each drain: takes in finished walks and releases the held
     /// flows they answer (and those held too long), in order.
     pub fn poll(&mut self, now: Instant, out: &mut Vec<Flow>) {
-        self.asked = None;
+        if let Some(r) = self.asking.take() {
+            if let Mode::Walking(w) = &self.mode {
+                if !w.request(r) {
+                    self.walker_gone();
+                }
+            }
+        }
         self.take_results();
         self.release(now, out, false);
     }
@@ -243,27 +249,16 @@ impl Resolver {
         let seq = match self.waiting.get(&id) {
             Some(seq) => *seq,
             None => {
-                let seq = self.ask();
-                self.waiting.insert(id, seq);
-                seq
+                // One request per drain, for all its new unknown ids.
+                let next = self.next_seq + 1;
+                let r = self.asking.get_or_insert_with(|| Request { seq: next, wanted: Vec::new() });
+                r.wanted.push(id);
+                self.next_seq = r.seq;
+                self.waiting.insert(id, r.seq);
+                r.seq
             }
         };
         self.held.push_back(Held { flow, seq, since: now });
-    }
-
-    /// A walk request for this drain's unknown cgroups (one per drain).
-    fn ask(&mut self) -> u64 {
-        if let Some(seq) = self.asked {
-            return seq;
-        }
-        self.next_seq += 1;
-        if let Mode::Walking(w) = &self.mode {
-            if !w.request(self.next_seq) {
-                self.walker_gone();
-            }
-        }
-        self.asked = Some(self.next_seq);
-        self.next_seq
     }
 
     fn walker_gone(&mut self) {
@@ -369,16 +364,11 @@ impl Resolver {
         }
         match self.netns.entry(netns) {
             Entry::Vacant(e) => {
-                e.insert(if own {
-                    NetnsOwner::One { cgroup, from: w.clone(), workload: namespace_owner(w) }
-                } else {
-                    NetnsOwner::Shared
-                });
+                e.insert(if own { NetnsOwner::One { cgroup, workload: namespace_owner(w) } } else { NetnsOwner::Shared });
             }
             Entry::Occupied(mut e) => {
                 let same = match e.get() {
-                    // The same cgroup again (the usual case) needs no comparison.
-                    NetnsOwner::One { from, workload, .. } => Arc::ptr_eq(from, w) || (own && same_owner(workload, w)),
+                    NetnsOwner::One { workload, .. } => own && same_owner(workload, w),
                     NetnsOwner::Shared => true,
                 };
                 if !same {
@@ -429,7 +419,7 @@ mod tests {
     /// A resolver on a fake tree: `tree` is what the next walk finds.
     struct Fake {
         r: Resolver,
-        requests: std::sync::mpsc::Receiver<u64>,
+        requests: std::sync::mpsc::Receiver<Request>,
         results: std::sync::mpsc::Sender<WalkResult>,
     }
 
@@ -442,14 +432,17 @@ mod tests {
     }
 
     impl Fake {
-        /// Answers the latest request with `tree` (cgroup id -> path).
-        fn walk(&mut self, tree: &[(u64, &str)]) {
-            let mut seq = 0;
-            while let Ok(s) = self.requests.try_recv() {
-                seq = seq.max(s);
+        /// Answers the latest request with `tree` (cgroup id -> path);
+        /// returns the ids the requests wanted.
+        fn walk(&mut self, tree: &[(u64, &str)]) -> Vec<u64> {
+            let (mut seq, mut wanted) = (0, Vec::new());
+            while let Ok(r) = self.requests.try_recv() {
+                seq = seq.max(r.seq);
+                wanted.extend(r.wanted);
             }
             let cgroups = tree.iter().map(|(id, p)| (*id, Arc::new(super::super::cgroup::classify(p)))).collect();
             self.results.send(WalkResult { seq, cgroups: Ok(cgroups), took: Duration::ZERO }).unwrap();
+            wanted
         }
         fn admit(&mut self, cgroup: u64, netns: u64, t: Instant) -> Vec<Flow> {
             let mut out = Vec::new();
@@ -491,8 +484,8 @@ mod tests {
         assert!(f.admit(20, 1, t).is_empty());
         assert_eq!(f.r.held(), 3);
         assert!(f.poll(t).is_empty());
-        // The walk finds 20 but not 30 (it was removed meanwhile).
-        f.walk(&[(1, "/"), (10, "/system.slice/nginx.service"), (20, POD)]);
+        // The walk (asked for both) finds 20 but not 30 (removed meanwhile).
+        assert_eq!(f.walk(&[(1, "/"), (10, "/system.slice/nginx.service"), (20, POD)]), [20, 30]);
         let out = f.poll(t);
         assert_eq!(out.iter().map(|f| f.cgroup_id).collect::<Vec<_>>(), [20, 30, 20]);
         assert_eq!(kind(&out[0]), (WorkloadKind::Pod, None));
@@ -534,10 +527,11 @@ mod tests {
         let out = f.poll(t + HOLD_MAX);
         assert_eq!(kind(&out[0]), (WorkloadKind::Host, Some(WorkloadReason::LookupFailed)));
         assert_eq!(f.r.stats().walk_errors, 1);
-        // The next flow of that cgroup asks again.
+        // The next flow of that cgroup asks again (at the end of the drain).
         while f.requests.try_recv().is_ok() {}
         assert!(f.admit(20, 1, t).is_empty());
-        assert!(f.requests.try_recv().is_ok());
+        f.poll(t);
+        assert_eq!(f.requests.try_recv().map(|r| r.wanted), Ok(vec![20]));
         // At exit, whatever is still held goes out.
         let mut out = Vec::new();
         f.r.finish(Duration::from_millis(10), &mut out);

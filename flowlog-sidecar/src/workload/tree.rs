@@ -6,8 +6,9 @@
 //! capture path, at most once per [`MIN_WALK_GAP`].
 
 use std::{
+    collections::HashSet,
     io,
-    os::unix::fs::{DirEntryExt, MetadataExt},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{
         mpsc::{self, Receiver, Sender},
@@ -17,6 +18,11 @@ use std::{
 };
 
 use flowlog_schema::{Workload, WorkloadKind};
+use nix::{
+    dir::{Dir, Type},
+    fcntl::OFlag,
+    sys::stat::Mode,
+};
 
 use super::{cgroup, FastMap};
 
@@ -89,42 +95,63 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Every cgroup under `mount`, by id, with its path from the root (`/`,
-/// `/system.slice/nginx.service`, ...). Cgroups that vanish while it runs
-/// are skipped; only an unreadable root is an error.
-pub fn walk(mount: &Mount) -> io::Result<Vec<(u64, String)>> {
+/// One cgroup found by a walk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub id: u64,
+    /// From the root: `/`, `/system.slice/nginx.service`, ...
+    pub path: String,
+    /// Whether it has sub-cgroups; None when the walk did not list it.
+    pub has_children: Option<bool>,
+}
+
+/// Every cgroup under `mount`, listing only the directories `list` accepts
+/// (by id: the others are named by their parent's listing, their own
+/// contents are skipped). Cgroups that vanish while it runs are skipped;
+/// only an unreadable root is an error.
+pub fn walk(mount: &Mount, list: impl Fn(u64) -> bool) -> io::Result<Vec<Found>> {
     let base = mount.root.trim_end_matches('/').to_string();
     let root_id = std::fs::metadata(&mount.dir)?.ino();
-    let mut out = vec![(root_id, if base.is_empty() { "/".to_string() } else { base.clone() })];
-    let mut stack = vec![(mount.dir.clone(), base, 0usize)];
-    let mut root_read = false;
-    while let Some((dir, path, depth)) = stack.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if root_read => {
+    let mut out = vec![Found { id: root_id, path: if base.is_empty() { "/".into() } else { base.clone() }, has_children: None }];
+    let mut stack = vec![(0usize, mount.dir.clone(), 0usize)];
+    while let Some((at, dir, depth)) = stack.pop() {
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let mut listing = match Dir::open(&dir, flags, Mode::empty()) {
+            Ok(d) => d,
+            Err(e) if at == 0 => return Err(e.into()),
+            Err(e) => {
                 tracing::trace!(dir = %dir.display(), "cgroup gone during the walk: {e}");
                 continue;
             }
-            Err(e) => return Err(e),
         };
-        root_read = true;
-        for entry in entries.flatten() {
-            // The file type comes from the listing (d_type): no stat per entry.
-            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+        let mut has_children = false;
+        // nix's listing borrows each name: the many files of a cgroup
+        // directory cost no allocation.
+        for entry in listing.iter().flatten() {
+            let name = entry.file_name().to_bytes();
+            if entry.file_type() != Some(Type::Directory) || name == b"." || name == b".." {
                 continue;
             }
+            has_children = true;
             if out.len() >= MAX_CGROUPS {
                 tracing::warn!(max = MAX_CGROUPS, "cgroup tree larger than the walk's limit: the rest is not resolved");
-                return Ok(out);
+                break;
             }
-            let child = format!("{path}/{}", entry.file_name().to_string_lossy());
-            out.push((entry.ino(), child.clone()));
-            if depth + 1 < MAX_DEPTH {
-                stack.push((entry.path(), child, depth + 1));
+            let name = String::from_utf8_lossy(name);
+            out.push(Found { id: entry.ino(), path: format!("{}/{name}", out[at].path.trim_end_matches('/')), has_children: None });
+            if depth + 1 < MAX_DEPTH && list(entry.ino()) {
+                stack.push((out.len() - 1, dir.join(&*name), depth + 1));
             }
         }
+        out[at].has_children = Some(has_children);
     }
     Ok(out)
+}
+
+/// A walk request: its number, and the unknown cgroup ids it is for.
+pub struct Request {
+    pub seq: u64,
+    pub wanted: Vec<u64>,
 }
 
 /// One walk's answer to every request numbered up to `seq`.
@@ -137,66 +164,90 @@ pub struct WalkResult {
 
 /// The walking thread: requests in (numbered), results out.
 pub struct Walker {
-    requests: Sender<u64>,
+    requests: Sender<Request>,
     pub results: Receiver<WalkResult>,
 }
 
 impl Walker {
     /// Starts the thread; it walks once at once (request 0), to warm the cache.
     pub fn start(mount: Mount) -> io::Result<Walker> {
-        let (req_tx, req_rx) = mpsc::channel::<u64>();
+        let (req_tx, req_rx) = mpsc::channel();
         let (res_tx, res_rx) = mpsc::channel();
         std::thread::Builder::new().name("cgroup-walk".into()).spawn(move || walker(mount, req_rx, res_tx))?;
-        req_tx.send(0).expect("the walker holds its receiver");
+        req_tx.send(Request { seq: 0, wanted: Vec::new() }).expect("the walker holds its receiver");
         Ok(Walker { requests: req_tx, results: res_rx })
     }
 
     /// A walker with no thread: the test plays the thread's part.
     #[cfg(test)]
-    pub fn fake() -> (Walker, Receiver<u64>, Sender<WalkResult>) {
+    pub fn fake() -> (Walker, Receiver<Request>, Sender<WalkResult>) {
         let (req_tx, req_rx) = mpsc::channel();
         let (res_tx, res_rx) = mpsc::channel();
         (Walker { requests: req_tx, results: res_rx }, req_rx, res_tx)
     }
 
     /// Asks for a walk. False when the thread is gone.
-    pub fn request(&self, seq: u64) -> bool {
-        self.requests.send(seq).is_ok()
+    pub fn request(&self, r: Request) -> bool {
+        self.requests.send(r).is_ok()
     }
 }
 
-fn walker(mount: Mount, requests: Receiver<u64>, results: Sender<WalkResult>) {
-    // Workloads by cgroup id from the last walk: a cgroup id is never
-    // reused, so a known id's path (and workload) need not be parsed again.
-    let mut known: FastMap<u64, Arc<Workload>> = FastMap::default();
-    // The plain host is one shared value.
-    let host = Arc::new(Workload::of(WorkloadKind::Host));
-    while let Ok(mut seq) = requests.recv() {
+fn walker(mount: Mount, requests: Receiver<Request>, results: Sender<WalkResult>) {
+    let mut tree = Tree::default();
+    while let Ok(Request { mut seq, mut wanted }) = requests.recv() {
         // Requests that queued up meanwhile are answered by the same walk.
-        while let Ok(s) = requests.try_recv() {
-            seq = seq.max(s);
+        while let Ok(r) = requests.try_recv() {
+            seq = seq.max(r.seq);
+            wanted.extend(r.wanted);
         }
         let t0 = Instant::now();
-        let cgroups = walk(&mount).map_err(|e| format!("reading {}: {e}", mount.dir.display())).map(|found| {
-            let mut map = FastMap::with_capacity_and_hasher(found.len(), Default::default());
-            for (id, path) in found {
-                let w = known.get(&id).cloned().unwrap_or_else(|| {
-                    let w = cgroup::classify(&path);
-                    if w == *host {
-                        host.clone()
-                    } else {
-                        Arc::new(w)
-                    }
-                });
-                map.insert(id, w);
-            }
-            known = map.clone();
-            map
-        });
+        let cgroups = tree.walk(&mount, &wanted).map_err(|e| format!("reading {}: {e}", mount.dir.display()));
         if results.send(WalkResult { seq, cgroups, took: t0.elapsed() }).is_err() {
             return;
         }
         std::thread::sleep(MIN_WALK_GAP.saturating_sub(t0.elapsed()));
+    }
+}
+
+/// What the walker remembers between walks.
+#[derive(Default)]
+struct Tree {
+    /// Workloads by cgroup id from the last walk: a cgroup id is never
+    /// reused, so a known id's path (and workload) need not be parsed again.
+    known: FastMap<u64, Arc<Workload>>,
+    /// Containers' cgroups with no sub-cgroups: most of a busy host's tree,
+    /// and nothing new appears in them but the odd runtime's sub-cgroup, so
+    /// a walk does not list them again (unless it misses a wanted id).
+    leaves: HashSet<u64, foldhash::fast::RandomState>,
+}
+
+impl Tree {
+    fn walk(&mut self, mount: &Mount, wanted: &[u64]) -> io::Result<FastMap<u64, Arc<Workload>>> {
+        let mut found = walk(mount, |id| !self.leaves.contains(&id))?;
+        if wanted.iter().any(|id| !found.iter().any(|f| f.id == *id)) {
+            found = walk(mount, |_| true)?;
+        }
+        // The plain host is one shared value.
+        let host = Arc::new(Workload::of(WorkloadKind::Host));
+        let mut map = FastMap::with_capacity_and_hasher(found.len(), Default::default());
+        let mut leaves = HashSet::with_capacity_and_hasher(self.leaves.len(), Default::default());
+        for f in found {
+            let w = self.known.get(&f.id).cloned().unwrap_or_else(|| {
+                let w = cgroup::classify(&f.path);
+                if w == *host {
+                    host.clone()
+                } else {
+                    Arc::new(w)
+                }
+            });
+            if w.container_id.is_some() && f.has_children != Some(true) {
+                leaves.insert(f.id);
+            }
+            map.insert(f.id, w);
+        }
+        self.known = map.clone();
+        self.leaves = leaves;
+        Ok(map)
     }
 }
 
@@ -213,8 +264,8 @@ pub fn host_netns() -> Vec<u64> {
 mod tests {
     use super::*;
 
-    fn paths(found: Vec<(u64, String)>) -> std::collections::HashMap<u64, String> {
-        found.into_iter().collect()
+    fn paths(found: Vec<Found>) -> std::collections::HashMap<u64, String> {
+        found.into_iter().map(|f| (f.id, f.path)).collect()
     }
 
     #[test]
@@ -257,15 +308,53 @@ mod tests {
         std::fs::create_dir_all(dir.join("kubepods/burstable")).unwrap();
         std::fs::write(dir.join("system.slice/cgroup.procs"), "").unwrap();
         let ino = |p: &str| std::fs::metadata(dir.join(p)).unwrap().ino();
-        let found = paths(walk(&Mount { dir: dir.clone(), root: "/".into() }).unwrap());
-        assert_eq!(found.len(), 5, "{found:?}");
-        assert_eq!(found[&ino("")], "/");
-        assert_eq!(found[&ino("system.slice/nginx.service")], "/system.slice/nginx.service");
-        assert_eq!(found[&ino("kubepods/burstable")], "/kubepods/burstable");
+        let mount = Mount { dir: dir.clone(), root: "/".into() };
+        let found = walk(&mount, |_| true).unwrap();
+        let by_id = paths(found.clone());
+        assert_eq!(by_id.len(), 5, "{by_id:?}");
+        assert_eq!(by_id[&ino("")], "/");
+        assert_eq!(by_id[&ino("system.slice/nginx.service")], "/system.slice/nginx.service");
+        assert_eq!(by_id[&ino("kubepods/burstable")], "/kubepods/burstable");
+        let leaf = found.iter().find(|f| f.id == ino("kubepods/burstable")).unwrap();
+        assert_eq!(leaf.has_children, Some(false));
+        assert_eq!(found[0].has_children, Some(true));
+        // Not listing kubepods: it is named, its children are not.
+        let pruned = paths(walk(&mount, |id| id != ino("kubepods")).unwrap());
+        assert_eq!(pruned.len(), 4);
+        assert!(!pruned.contains_key(&ino("kubepods/burstable")));
         // A mount of a sub-tree names paths from the real root.
-        let found = paths(walk(&Mount { dir: dir.join("system.slice"), root: "/system.slice".into() }).unwrap());
+        let found = paths(walk(&Mount { dir: dir.join("system.slice"), root: "/system.slice".into() }, |_| true).unwrap());
         assert_eq!(found[&ino("system.slice/nginx.service")], "/system.slice/nginx.service");
-        assert!(walk(&Mount { dir: dir.join("missing"), root: "/".into() }).is_err());
+        assert!(walk(&Mount { dir: dir.join("missing"), root: "/".into() }, |_| true).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Containers' leaf cgroups are not listed again, unless a wanted id is
+    /// missing: then the whole tree is.
+    #[test]
+    fn later_walks_skip_leaf_containers_unless_an_id_is_missing() {
+        let dir = std::env::temp_dir().join(format!("flowlog-walk-leaves-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let pod = "kubepods/burstable/pod7f3e1c2a-9b4d-4e5f-8a6b-0c1d2e3f4a5b";
+        let container = format!("{pod}/{}", "a".repeat(64));
+        std::fs::create_dir_all(dir.join(&container)).unwrap();
+        let ino = |p: &str| std::fs::metadata(dir.join(p)).unwrap().ino();
+        let mount = Mount { dir: dir.clone(), root: "/".into() };
+        let mut tree = Tree::default();
+        let first = tree.walk(&mount, &[]).unwrap();
+        assert_eq!(first[&ino(&container)].kind, WorkloadKind::Pod);
+        assert!(tree.leaves.contains(&ino(&container)));
+        // A runtime's sub-cgroup appears inside the container, and a new container beside it.
+        let sub = format!("{container}/container");
+        let other = format!("{pod}/{}", "b".repeat(64));
+        std::fs::create_dir_all(dir.join(&sub)).unwrap();
+        std::fs::create_dir_all(dir.join(&other)).unwrap();
+        let second = tree.walk(&mount, &[]).unwrap();
+        assert!(second.contains_key(&ino(&other)), "new containers are found");
+        assert!(!second.contains_key(&ino(&sub)), "the known leaf was not listed");
+        let wanted = tree.walk(&mount, &[ino(&sub)]).unwrap();
+        assert_eq!(wanted[&ino(&sub)].container_id.as_deref(), Some(&*"a".repeat(64)));
+        assert!(!tree.leaves.contains(&ino(&container)), "no longer a leaf");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
