@@ -100,11 +100,7 @@ pub struct Cli {
 impl Config {
     /// Defaults, then the file, then env/flags.
     pub fn load(cli: &Cli) -> anyhow::Result<Config> {
-        let mut c = match &cli.config {
-            Some(path) => flowlog_settings::read_file(path)?,
-            None => Config::default(),
-        };
-        cli.flags.apply(&mut c);
+        let c = flowlog_settings::load(cli.config.as_deref(), &cli.flags)?;
         c.validate()?;
         Ok(c)
     }
@@ -124,8 +120,7 @@ impl Config {
 /// exported.
 pub fn reference() -> String {
     let mut r = flowlog_settings::reference::<Config>(&Cli::command());
-    let metrics = flowlog_runtime::prometheus::reference(crate::metrics::describe);
-    r.extra.insert("metrics", serde_json::to_value(metrics).expect("plain data"));
+    r.insert("metrics", flowlog_runtime::prometheus::reference(crate::metrics::describe));
     r.to_json()
 }
 
@@ -175,19 +170,15 @@ mod tests {
 
     #[test]
     fn flags_override_file() {
-        let dir = std::env::temp_dir().join(format!("flowlog-enricher-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.toml");
-        std::fs::write(&path, "group_id = \"file\"\nlate_window_secs = 5\n[ec2]\nregions = [\"a\"]\n").unwrap();
+        let file = flowlog_settings::TempFile::new("flowlog-enricher-cfg", "group_id = \"file\"\nlate_window_secs = 5\n[ec2]\nregions = [\"a\"]\n");
         let cli = Cli::parse_from([
-            "x", "--config", path.to_str().unwrap(), "--late-window-secs", "7", "--ec2-regions", "b,c",
+            "x", "--config", file.arg(), "--late-window-secs", "7", "--ec2-regions", "b,c",
             "--static-map", "/etc/m.toml",
         ]);
         let c = Config::load(&cli).unwrap();
         assert_eq!((c.group_id.as_str(), c.late_window_secs), ("file", 7));
         assert_eq!(c.ec2.regions, ["b", "c"]);
         assert_eq!(c.static_map.as_deref(), Some(Path::new("/etc/m.toml")));
-        std::fs::remove_dir_all(dir).unwrap();
         let missing = Cli::parse_from(["x", "--config", "/nonexistent/enricher.toml"]);
         assert!(Config::load(&missing).unwrap_err().to_string().contains("cannot read config file"));
     }
@@ -215,7 +206,6 @@ mod tests {
                 "ec2.refresh_secs --ec2-refresh-secs FLOWLOG_ENRICHER_EC2_REFRESH_SECS",
             ]
         );
-        let cli: Vec<_> = r.command_line.iter().map(|a| a.flag.as_str()).collect();
-        assert_eq!(cli, ["--config", "--log", "--check-config", "--print-config-reference"]);
+        assert_eq!(r.command_line_flags(), ["--config", "--log", "--check-config", "--print-config-reference"]);
     }
 }

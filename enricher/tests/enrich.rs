@@ -26,10 +26,21 @@ fn ready() -> bool {
     testkit::have_tools(&[testkit::TANSU, testkit::PYTHON])
 }
 
-/// A broker with the enricher's four topics.
-fn start_broker(name: &str, partitions: u32) -> Broker {
+/// A broker with the enricher's four topics; `None` (the test is skipped)
+/// without the tools.
+fn start_broker(name: &str, partitions: u32) -> Option<Broker> {
+    if !ready() {
+        return None;
+    }
     let topics = ["flowlog.flows", "flowlog.identity", "flowlog.dlq", "flowlog.enriched"];
-    Broker::start(&BrokerSpec { name, topics: &topics, partitions, memory: false }).expect("start the broker")
+    Broker::start(&BrokerSpec { name, topics: &topics, partitions, memory: false }).expect("start the broker").into()
+}
+
+/// An empty output directory for one test (what an earlier run left is removed).
+fn out_dir(name: &str) -> std::path::PathBuf {
+    let out = std::env::temp_dir().join(format!("flowlog-enr-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    out
 }
 
 fn host(host: &str, workload: &str, ips: &[&str]) -> HostIdentity {
@@ -138,12 +149,8 @@ fn stop(mut c: Child) {
 
 #[test]
 fn attributes_by_time_with_static_map_and_dead_letters() {
-    if !ready() {
-        return;
-    }
-    let b = start_broker("attr", 1);
-    let out = std::env::temp_dir().join(format!("flowlog-enr-out-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let Some(b) = start_broker("attr", 1) else { return };
+    let out = out_dir("out");
     let map = out.with_extension("toml");
     std::fs::write(&map, "[[entry]]\ncidr = \"192.168.0.0/16\"\nworkload = \"legacy\"\nenv = \"prod\"\n").unwrap();
 
@@ -255,12 +262,8 @@ fn attributes_by_time_with_static_map_and_dead_letters() {
 /// every input record exactly once.
 #[test]
 fn kill_9_loses_and_duplicates_nothing() {
-    if !ready() {
-        return;
-    }
-    let b = start_broker("kill", 4);
-    let out = std::env::temp_dir().join(format!("flowlog-enr-kill-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let Some(b) = start_broker("kill", 4) else { return };
+    let out = out_dir("kill");
     let batch = |from: i64, to: i64| -> Vec<(String, Vec<u8>)> {
         (from..to).map(|i| (format!("k{}", i % 8), flow(i, [10, 0, 0, 9], T0 + i * S, i))).collect()
     };
@@ -296,12 +299,8 @@ fn kill_9_loses_and_duplicates_nothing() {
 /// before the flow), and the flow is written attributed to it.
 #[test]
 fn late_metadata_still_attributes_held_flows() {
-    if !ready() {
-        return;
-    }
-    let b = start_broker("late", 1);
-    let out = std::env::temp_dir().join(format!("flowlog-enr-late-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let Some(b) = start_broker("late", 1) else { return };
+    let out = out_dir("late");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
     produce(&b.addr, "flowlog.flows", &[("c".into(), flow(0, [10, 7, 7, 7], now - 2 * S, 500))]);
     let port = free_port();
@@ -362,9 +361,8 @@ fn ec2_ip_reuse_against_an_ec2_endpoint() {
     let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
 
     let eni_a = ec2(&["create", "172.31.0.50", "billing"]);
-    let b = start_broker("ec2", 1);
-    let out = std::env::temp_dir().join(format!("flowlog-enr-ec2-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let Some(b) = start_broker("ec2", 1) else { return };
+    let out = out_dir("ec2");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowlog-enricher"));
     cmd.args(["--brokers", &b.addr, "--output-dir", out.to_str().unwrap(), "--batch-max-age-secs", "1", "--metrics-listen", ""])
         .args(["--ec2-regions", "us-east-1", "--ec2-endpoint-url", &url, "--ec2-refresh-secs", "1", "--late-window-secs", "0"])

@@ -4,6 +4,8 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 
+use crate::{Flags, Setting};
+
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     #[error("cannot read config file {path}: {source}")]
@@ -22,6 +24,46 @@ impl FileError {
             FileError::Invalid { key, .. } => Some(key),
             FileError::Read { .. } => None,
         }
+    }
+}
+
+/// A binary's settings in order of precedence: the defaults, then the file
+/// (if one is given), then the environment and the flags.
+pub fn load<C: Setting + Default + DeserializeOwned>(file: Option<&Path>, flags: &Flags<C>) -> Result<C, FileError> {
+    let mut c = match file {
+        Some(path) => read_file(path)?,
+        None => C::default(),
+    };
+    flags.apply(&mut c);
+    Ok(c)
+}
+
+/// A settings file in a fresh temporary directory, removed when dropped: for
+/// tests that read a file the way a binary does.
+pub struct TempFile {
+    dir: std::path::PathBuf,
+    pub path: std::path::PathBuf,
+}
+
+impl TempFile {
+    /// `text` as `<tmp>/<name>-<pid>/c.toml`.
+    pub fn new(name: &str, text: &str) -> TempFile {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let path = dir.join("c.toml");
+        std::fs::write(&path, text).expect("a temporary file");
+        TempFile { dir, path }
+    }
+
+    /// The path, as a command-line argument.
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("a UTF-8 temporary path")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -35,7 +35,7 @@ use std::{collections::BTreeMap, marker::PhantomData, path::PathBuf};
 
 pub use clap;
 use clap::{Arg, ArgAction, ArgMatches, Command};
-pub use file::{parse_toml, read_file, FileError};
+pub use file::{load, parse_toml, read_file, FileError, TempFile};
 pub use reference::{reference, EnumValue, Reference};
 use serde::Serialize;
 

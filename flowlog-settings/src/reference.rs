@@ -150,9 +150,19 @@ impl Reference {
         named.map(|(s, flag, env)| format!("{} {flag} {env}", s.key)).collect()
     }
 
+    /// The flags of the command-line-only arguments (`--config`, ...).
+    pub fn command_line_flags(&self) -> Vec<&str> {
+        self.command_line.iter().map(|a| a.flag.as_str()).collect()
+    }
+
     /// Settings without a doc comment (each must say what it does).
     pub fn undocumented(&self) -> Vec<&str> {
         self.settings.iter().filter(|s| s.doc.is_empty()).map(|s| s.key.as_str()).collect()
+    }
+
+    /// Adds what a binary says about itself (see `extra`).
+    pub fn insert(&mut self, key: &'static str, value: impl Serialize) {
+        self.extra.insert(key, serde_json::to_value(value).expect("the reference is plain data"));
     }
 
     /// Pretty JSON, as `--print-config-reference` prints it.

@@ -131,11 +131,7 @@ pub enum ConfigError {
 impl Config {
     /// Defaults, then the file, then env/flags.
     pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
-        let mut c = match &cli.config {
-            Some(path) => flowlog_settings::read_file(path)?,
-            None => Config::default(),
-        };
-        cli.flags.apply(&mut c);
+        let c = flowlog_settings::load(cli.config.as_deref(), &cli.flags)?;
         c.validate()?;
         Ok(c)
     }
@@ -186,9 +182,8 @@ impl Config {
 /// properties `kafka.properties` refuses, and every metric exported.
 pub fn reference() -> String {
     let mut r = flowlog_settings::reference::<Config>(&Cli::command());
-    r.extra.insert("refused_kafka_properties", crate::transport::kafka::OWNED.as_slice().into());
-    let metrics = flowlog_runtime::prometheus::reference(crate::metrics::describe);
-    r.extra.insert("metrics", serde_json::to_value(metrics).expect("plain data"));
+    r.insert("refused_kafka_properties", crate::transport::kafka::OWNED);
+    r.insert("metrics", flowlog_runtime::prometheus::reference(crate::metrics::describe));
     r.to_json()
 }
 
@@ -264,19 +259,15 @@ mod tests {
 
     #[test]
     fn flags_override_file() {
-        let dir = std::env::temp_dir().join(format!("flowlog-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.toml");
-        std::fs::write(&path, "output = \"table\"\nmax_sockets = 10\n[kafka]\nbrokers = \"file:9092\"\n").unwrap();
+        let file = flowlog_settings::TempFile::new("flowlog-cfg", "output = \"table\"\nmax_sockets = 10\n[kafka]\nbrokers = \"file:9092\"\n");
         let cli = Cli::parse_from([
-            "x", "--config", path.to_str().unwrap(), "--max-sockets", "20", "--kafka-brokers", "flag:9092",
+            "x", "--config", file.arg(), "--max-sockets", "20", "--kafka-brokers", "flag:9092",
             "--host-id", "h1", "--attach", "tp-btf", "--workload-resolve", "false",
         ]);
         let c = Config::load(&cli).unwrap();
         assert_eq!((c.output, c.max_sockets, c.attach), (Output::Table, 20, Attach::TpBtf));
         assert!(!c.workload.resolve);
         assert_eq!((c.kafka.brokers.as_str(), c.identity.host_id.as_deref()), ("flag:9092", Some("h1")));
-        std::fs::remove_dir_all(dir).unwrap();
         let missing = Cli::parse_from(["x", "--config", "/nonexistent/flowlog.toml"]);
         assert!(matches!(Config::load(&missing), Err(ConfigError::File(FileError::Read { .. }))));
     }
@@ -314,8 +305,7 @@ mod tests {
                 "workload.resolve --workload-resolve FLOWLOG_WORKLOAD_RESOLVE",
             ]
         );
-        let cli: Vec<_> = r.command_line.iter().map(|a| a.flag.as_str()).collect();
-        assert_eq!(cli, ["--config", "--log", "--check-config", "--print-config-reference"]);
+        assert_eq!(r.command_line_flags(), ["--config", "--log", "--check-config", "--print-config-reference"]);
         let printed: serde_json::Value = serde_json::from_str(&reference()).unwrap();
         assert_eq!(printed["refused_kafka_properties"][0], "bootstrap.servers");
     }

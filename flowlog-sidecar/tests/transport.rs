@@ -63,6 +63,28 @@ fn assert_gap_free(records: &[&Value], epoch: i64, expected: Option<i64>) -> i64
     max + 1
 }
 
+/// This host's identity heartbeats, read until its STOP heartbeat is there.
+fn heartbeats_to_stop(brokers: &str, host_id: &str) -> Vec<Consumed> {
+    let ids = consume(brokers, IDENTITY, schemas::IDENTITY.json, Duration::from_secs(30), |r| {
+        r.iter().any(|c| is_host(c, host_id) && enum_sym(&c.value, "reason") == "STOP")
+    });
+    ids.into_iter().filter(|c| is_host(c, host_id)).collect()
+}
+
+/// This host's flow records, read until there are as many as its STOP
+/// heartbeat `stop` says it produced; asserts that they are exactly the
+/// sequences 0 to that count - 1 of its epoch.
+fn all_produced(brokers: &str, host_id: &str, stop: &Value) -> Vec<Consumed> {
+    let epoch = long(stop, "sequence_epoch");
+    let produced = long(stop, "next_sequence");
+    let all = consume(brokers, FLOWS, schemas::FLOW.json, Duration::from_secs(30), |r| {
+        r.iter().filter(|c| is_host(c, host_id)).count() as i64 >= produced
+    });
+    let all: Vec<Consumed> = all.into_iter().filter(|c| is_host(c, host_id)).collect();
+    assert_gap_free(&all.iter().map(|c| &c.value).collect::<Vec<_>>(), epoch, Some(produced));
+    all
+}
+
 fn kafka_args<'a>(brokers: &'a str, spool: &'a str, metrics: &'a str, host_id: &'a str) -> Vec<&'a str> {
     vec![
         "--output", "kafka", "--kafka-brokers", brokers, "--spool-dir", spool, "--metrics-listen", metrics,
@@ -114,21 +136,11 @@ fn flows_reach_the_broker_exactly() {
 
     // The STOP heartbeat says how many records this run produced; all of them
     // are in the topic, each sequence exactly once.
-    let ids = consume(&brokers, IDENTITY, schemas::IDENTITY.json, Duration::from_secs(30), |r| {
-        r.iter().any(|c| is_host(c, &host_id) && enum_sym(&c.value, "reason") == "STOP")
-    });
-    let ids: Vec<&Consumed> = ids.iter().filter(|c| is_host(c, &host_id)).collect();
+    let ids = heartbeats_to_stop(&brokers, &host_id);
     let reasons: Vec<String> = ids.iter().map(|c| enum_sym(&c.value, "reason")).collect();
     assert_eq!(reasons.first().map(String::as_str), Some("START"));
     assert_eq!(reasons.last().map(String::as_str), Some("STOP"));
-    let stop = &ids.last().unwrap().value;
-    let epoch = long(stop, "sequence_epoch");
-    let produced = long(stop, "next_sequence");
-    let all = consume(&brokers, FLOWS, schemas::FLOW.json, Duration::from_secs(30), |r| {
-        r.iter().filter(|c| is_host(c, &host_id)).count() as i64 >= produced
-    });
-    let values: Vec<&Value> = all.iter().filter(|c| is_host(c, &host_id)).map(|c| &c.value).collect();
-    assert_gap_free(&values, epoch, Some(produced));
+    let all = all_produced(&brokers, &host_id, &ids.last().unwrap().value);
 
     // Exact record contents, message key and fingerprint header.
     let fp_hex = schemas::FLOW.fingerprint_hex();
@@ -187,17 +199,9 @@ fn broker_outage_loses_nothing() {
     let (_, stats) = sc.stop();
     assert_eq!(stats["kernel"]["ringbuf_full"], 0);
 
-    let ids = consume(&brokers, IDENTITY, schemas::IDENTITY.json, Duration::from_secs(30), |r| {
-        r.iter().any(|c| is_host(c, &host_id) && enum_sym(&c.value, "reason") == "STOP")
-    });
-    let stop = &ids.iter().filter(|c| is_host(c, &host_id)).last().expect("STOP heartbeat").value;
-    let produced = long(stop, "next_sequence");
-    let epoch = long(stop, "sequence_epoch");
-    let all = consume(&brokers, FLOWS, schemas::FLOW.json, Duration::from_secs(30), |r| {
-        r.iter().filter(|c| is_host(c, &host_id)).count() as i64 >= produced
-    });
-    let values: Vec<&Value> = all.iter().filter(|c| is_host(c, &host_id)).map(|c| &c.value).collect();
-    assert_gap_free(&values, epoch, Some(produced));
+    let ids = heartbeats_to_stop(&brokers, &host_id);
+    let all = all_produced(&brokers, &host_id, &ids.last().expect("STOP heartbeat").value);
+    let values: Vec<&Value> = all.iter().map(|c| &c.value).collect();
     // Spooled records were replayed in order: the topic holds them by sequence.
     let seqs: Vec<i64> = values.iter().map(|v| long(v, "sequence")).collect();
     let mut sorted = seqs.clone();

@@ -146,6 +146,15 @@ mod tests {
         }
     }
 
+    /// A store that has applied `events`, in order.
+    fn store<const N: usize>(events: [Event; N]) -> IdentityStore {
+        let mut s = IdentityStore::default();
+        for e in events {
+            s.apply(e);
+        }
+        s
+    }
+
     fn released(key: &str, t: i64) -> Event {
         Event {
             key: key.into(),
@@ -156,14 +165,15 @@ mod tests {
 
     #[test]
     fn ip_reuse_is_attributed_by_time() {
-        let mut s = IdentityStore::default();
+        let s = store([
+            holds("a", "billing", &["10.0.0.9"], 100),
+            holds("a", "billing", &["10.0.0.9"], 130),
+            // Released at 200 (the ENI moved away) ...
+            holds("a", "billing", &[], 200),
+            // ... and reassigned to another workload at 300.
+            holds("b", "search", &["10.0.0.9"], 300),
+        ]);
         let ip: IpAddr = "10.0.0.9".parse().unwrap();
-        s.apply(holds("a", "billing", &["10.0.0.9"], 100));
-        s.apply(holds("a", "billing", &["10.0.0.9"], 130));
-        // Released at 200 (the ENI moved away) ...
-        s.apply(holds("a", "billing", &[], 200));
-        // ... and reassigned to another workload at 300.
-        s.apply(holds("b", "search", &["10.0.0.9"], 300));
         let wl = |t| s.owner_at(ip, t).map(|o| o.workload.clone().unwrap());
         assert_eq!(wl(50), Err(Miss::NoOwnerAtTime));
         assert_eq!(wl(150), Ok("billing".into()));
@@ -177,10 +187,11 @@ mod tests {
 
     #[test]
     fn moved_ip_closes_the_previous_owner() {
-        let mut s = IdentityStore::default();
+        let mut s = store([
+            holds("a", "one", &["10.0.0.9"], 100),
+            holds("b", "two", &["10.0.0.9"], 200),
+        ]);
         let ip: IpAddr = "10.0.0.9".parse().unwrap();
-        s.apply(holds("a", "one", &["10.0.0.9"], 100));
-        s.apply(holds("b", "two", &["10.0.0.9"], 200));
         assert_eq!(
             s.owner_at(ip, 150).unwrap().workload.as_deref(),
             Some("one")
@@ -197,10 +208,11 @@ mod tests {
     /// without a new interval, and releases only what it no longer lists.
     #[test]
     fn later_events_refresh_the_owner_and_release_dropped_ips() {
-        let mut s = IdentityStore::default();
+        let mut s = store([
+            holds("h", "old", &["10.0.0.1", "10.0.0.2"], 100),
+            holds("h", "new", &["10.0.0.1"], 200),
+        ]);
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        s.apply(holds("h", "old", &["10.0.0.1", "10.0.0.2"], 100));
-        s.apply(holds("h", "new", &["10.0.0.1"], 200));
         assert_eq!(s.owner_at(a, 150).unwrap().workload.as_deref(), Some("new"));
         assert_eq!(s.owner_at(a, 250).unwrap().workload.as_deref(), Some("new"));
         assert_eq!(s.owner_at(b, 150).unwrap().workload.as_deref(), Some("old"));

@@ -249,6 +249,11 @@ mod tests {
     }
 
     /// Every record left, oldest first.
+    /// A spool in `dir` that one segment of 1 MiB fills: nothing is dropped.
+    fn roomy(dir: &Path) -> Spool {
+        Spool::open(cfg(dir, 1 << 20, 1 << 20)).unwrap()
+    }
+
     fn drain(s: &mut Spool) -> Vec<Vec<u8>> {
         std::iter::from_fn(|| s.take_oldest().unwrap()).flatten().collect()
     }
@@ -290,28 +295,25 @@ mod tests {
         }
         assert_eq!(dropped, 6);
         assert_eq!(s.dropped_records, 6);
-        let got = drain(&mut s);
-        assert_eq!(got, (6..10u8).map(|i| vec![i; 20]).collect::<Vec<_>>());
+        assert_eq!(drain(&mut s), (6..10u8).map(|i| vec![i; 20]).collect::<Vec<_>>());
         fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
     fn prepend_goes_first() {
         let d = tmp("prepend");
-        let mut s = Spool::open(cfg(&d, 1 << 20, 1 << 20)).unwrap();
+        let mut s = roomy(&d);
         s.append(b"new").unwrap();
         s.prepend(&[b"old1".to_vec(), b"old2".to_vec()]).unwrap();
         drop(s);
-        let mut s = Spool::open(cfg(&d, 1 << 20, 1 << 20)).unwrap();
-        let got = drain(&mut s);
-        assert_eq!(got, vec![b"old1".to_vec(), b"old2".to_vec(), b"new".to_vec()]);
+        assert_eq!(drain(&mut roomy(&d)), vec![b"old1".to_vec(), b"old2".to_vec(), b"new".to_vec()]);
         fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
     fn torn_tail_is_skipped_and_counted() {
         let d = tmp("torn");
-        let mut s = Spool::open(cfg(&d, 1 << 20, 1 << 20)).unwrap();
+        let mut s = roomy(&d);
         s.append(b"first").unwrap();
         s.append(b"second").unwrap();
         s.seal().unwrap();
@@ -320,7 +322,7 @@ mod tests {
         let mut data = fs::read(&path).unwrap();
         data.truncate(data.len() - 2);
         fs::write(&path, data).unwrap();
-        let mut s = Spool::open(cfg(&d, 1 << 20, 1 << 20)).unwrap();
+        let mut s = roomy(&d);
         assert_eq!(s.take_oldest().unwrap().unwrap(), vec![b"first".to_vec()]);
         assert_eq!(s.corrupt_records, 1);
         fs::remove_dir_all(d).unwrap();
