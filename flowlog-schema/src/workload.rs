@@ -45,7 +45,11 @@ impl Workload {
 
     /// The host, because of `reason`; `cgroup_path` is the evidence, if any.
     pub fn unresolved(reason: WorkloadReason, cgroup_path: Option<String>) -> Workload {
-        Workload { reason: Some(reason), cgroup_path, ..Workload::of(WorkloadKind::Host) }
+        Workload {
+            reason: Some(reason),
+            cgroup_path,
+            ..Workload::of(WorkloadKind::Host)
+        }
     }
 
     fn strings(&self) -> [&Option<String>; 8] {
@@ -95,7 +99,11 @@ impl Workload {
             return Ok(None);
         }
         let kind = WorkloadKind::read(r)?;
-        let reason = if r.union_index(2)? == 0 { None } else { Some(WorkloadReason::read(r)?) };
+        let reason = if r.union_index(2)? == 0 {
+            None
+        } else {
+            Some(WorkloadReason::read(r)?)
+        };
         Ok(Some(Arc::new(Workload {
             kind,
             reason,

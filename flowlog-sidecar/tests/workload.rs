@@ -11,7 +11,7 @@ use std::{
     net::{TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    sync::Mutex,
+    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -25,6 +25,11 @@ static TOP_LEVEL_CGROUPS: Mutex<()> = Mutex::new(());
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// None (skip) without root; else holds the others off until dropped.
+fn cgroup_test() -> Option<MutexGuard<'static, ()>> {
+    have_root().then(|| TOP_LEVEL_CGROUPS.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 /// Cgroups a test made, under the cgroup v2 mount; removed (deepest first,
 /// after moving anything left in them to the root) when dropped.
 struct Cgroups {
@@ -34,7 +39,10 @@ struct Cgroups {
 
 impl Cgroups {
     fn new() -> Cgroups {
-        Cgroups { root: cgroup2_mount(), made: Vec::new() }
+        Cgroups {
+            root: cgroup2_mount(),
+            made: Vec::new(),
+        }
     }
 
     /// Creates `rel` and its missing parents; returns its cgroup id.
@@ -54,7 +62,8 @@ impl Cgroups {
     /// Moves process `pid` into `rel` ("" is the root).
     fn enter(&self, rel: &str, pid: u32) {
         let procs = self.root.join(rel).join("cgroup.procs");
-        std::fs::write(&procs, pid.to_string()).unwrap_or_else(|e| panic!("writing {}: {e}", procs.display()));
+        std::fs::write(&procs, pid.to_string())
+            .unwrap_or_else(|e| panic!("writing {}: {e}", procs.display()));
     }
 
     fn remove(&mut self, rel: &str) {
@@ -67,13 +76,17 @@ impl Cgroups {
 impl Drop for Cgroups {
     fn drop(&mut self) {
         for dir in self.made.iter().rev() {
-            for pid in std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines() {
+            for pid in std::fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+            {
                 let _ = std::fs::write(self.root.join("cgroup.procs"), pid);
             }
             // A process just killed may take a moment to leave its cgroup.
             let t0 = Instant::now();
             while let Err(e) = std::fs::remove_dir(dir) {
-                if e.kind() == std::io::ErrorKind::NotFound || t0.elapsed() > Duration::from_secs(5) {
+                if e.kind() == std::io::ErrorKind::NotFound || t0.elapsed() > Duration::from_secs(5)
+                {
                     eprintln!("cgroup {} not removed: {e}", dir.display());
                     break;
                 }
@@ -88,8 +101,16 @@ struct Netns(String);
 
 impl Netns {
     fn new(name: String) -> Netns {
-        let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
-        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        let ip = |args: &[&str]| {
+            assert!(
+                Command::new("ip").args(args).status().unwrap().success(),
+                "ip {args:?}"
+            )
+        };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         ip(&["netns", "add", &name]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
         Netns(name)
@@ -121,11 +142,21 @@ impl Proc {
             }
             None => Command::new("python3"),
         };
-        let mut child =
-            cmd.arg("-c").arg(script).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("python3");
+        let mut child = cmd
+            .arg("-c")
+            .arg(format!("{PRELUDE}{script}"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        Proc { child, stdin, stdout }
+        Proc {
+            child,
+            stdin,
+            stdout,
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -133,12 +164,18 @@ impl Proc {
     }
 
     fn go(&mut self) {
-        self.stdin.write_all(b"\n").and_then(|_| self.stdin.flush()).expect("tell the process to go on");
+        self.stdin
+            .write_all(b"\n")
+            .and_then(|_| self.stdin.flush())
+            .expect("tell the process to go on");
     }
 
     fn line(&mut self) -> String {
         let mut l = String::new();
-        assert!(self.stdout.read_line(&mut l).unwrap() > 0, "the process exited early");
+        assert!(
+            self.stdout.read_line(&mut l).unwrap() > 0,
+            "the process exited early"
+        );
         l.trim().to_string()
     }
 
@@ -158,44 +195,46 @@ impl Drop for Proc {
     }
 }
 
+/// What every script below starts with: wait for the test's go, read a
+/// connection to its end.
+const PRELUDE: &str = r#"
+import socket, sys
+def wait():
+    sys.stdin.readline()
+def drain(c):
+    n = 0
+    while True:
+        b = c.recv(65536)
+        if not b:
+            return n
+        n += len(b)
+"#;
+
 /// Connects to port argv[1], sends 1 000 bytes, half-closes, expects 2 000
 /// back. With argv[2], waits for another line before sending.
 const CLIENT: &str = r#"
-import socket, sys
-sys.stdin.readline()
+wait()
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
 print(s.getsockname()[1], flush=True)
 if len(sys.argv) > 2:
-    sys.stdin.readline()
+    wait()
 s.sendall(b"c" * 1000)
 s.shutdown(socket.SHUT_WR)
-n = 0
-while True:
-    b = s.recv(65536)
-    if not b:
-        break
-    n += len(b)
+n = drain(s)
 assert n == 2000, n
 "#;
 
 /// Listens (once told), prints its port, answers each connection with
 /// twice what it read.
 const SERVER: &str = r#"
-import socket, sys
-sys.stdin.readline()
+wait()
 l = socket.socket()
 l.bind(("127.0.0.1", 0))
 l.listen(128)
 print(l.getsockname()[1], flush=True)
 while True:
     c, _ = l.accept()
-    n = 0
-    while True:
-        b = c.recv(65536)
-        if not b:
-            break
-        n += len(b)
-    c.sendall(b"s" * (2 * n))
+    c.sendall(b"s" * (2 * drain(c)))
     c.close()
 "#;
 
@@ -220,7 +259,14 @@ fn container_id(seed: u64) -> String {
 /// A pod UID (with dashes) and kubelet's systemd spelling of it (with _).
 fn pod_uid(seed: u64) -> (String, String) {
     let h = hex(seed + 1000, 32);
-    let uid = format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]);
+    let uid = format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    );
     let underscored = uid.replace('-', "_");
     (uid, underscored)
 }
@@ -249,14 +295,18 @@ fn one(records: &[Value], local: u16, remote: u16) -> Value {
 /// records of every connection name their workload exactly.
 #[test]
 fn records_name_the_workload_of_each_cgroup() {
-    if !have_root() {
+    let Some(_one_at_a_time) = cgroup_test() else {
         return;
-    }
-    let _one_at_a_time = TOP_LEVEL_CGROUPS.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let t = std::process::id();
     let mut cg = Cgroups::new();
     let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let sc = Sidecar::start(&["--metrics-listen", &metrics_addr, "--stats-interval-secs", "1"]);
+    let sc = Sidecar::start(&[
+        "--metrics-listen",
+        &metrics_addr,
+        "--stats-interval-secs",
+        "1",
+    ]);
 
     // The server: a systemd service, listening once the sidecar is attached
     // (so its server-side records name the listener's cgroup).
@@ -268,59 +318,162 @@ fn records_name_the_workload_of_each_cgroup() {
     server.go();
     let sport = server.port();
 
-    let ((u1, u1_), (u2, u2_), (u3, u3_), (u4, _), (u5, _), (_, u6_)) =
-        (pod_uid(1), pod_uid(2), pod_uid(3), pod_uid(4), pod_uid(5), pod_uid(6));
+    let ((u1, u1_), (u2, u2_), (u3, u3_), (u4, _), (u5, _), (_, u6_)) = (
+        pod_uid(1),
+        pod_uid(2),
+        pod_uid(3),
+        pod_uid(4),
+        pod_uid(5),
+        pod_uid(6),
+    );
     let c: Vec<String> = (0..12).map(container_id).collect();
     let scope = |prefix: &str, id: &str| format!("{prefix}-{id}.scope");
     let cases: Vec<(String, Value)> = vec![
         // kubelet, systemd driver: containerd, CRI-O, Docker (cri-dockerd); three QoS classes.
         (
-            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u1_}.slice/{}", scope("cri-containerd", &c[0])),
-            wl("pod", &[("pod_uid", &u1), ("container_id", &c[0]), ("runtime", "containerd"), ("qos_class", "Burstable"), ("unit", &scope("cri-containerd", &c[0]))]),
+            format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u1_}.slice/{}",
+                scope("cri-containerd", &c[0])
+            ),
+            wl(
+                "pod",
+                &[
+                    ("pod_uid", &u1),
+                    ("container_id", &c[0]),
+                    ("runtime", "containerd"),
+                    ("qos_class", "Burstable"),
+                    ("unit", &scope("cri-containerd", &c[0])),
+                ],
+            ),
         ),
         (
-            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u2_}.slice/{}", scope("crio", &c[1])),
-            wl("pod", &[("pod_uid", &u2), ("container_id", &c[1]), ("runtime", "crio"), ("qos_class", "BestEffort"), ("unit", &scope("crio", &c[1]))]),
+            format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u2_}.slice/{}",
+                scope("crio", &c[1])
+            ),
+            wl(
+                "pod",
+                &[
+                    ("pod_uid", &u2),
+                    ("container_id", &c[1]),
+                    ("runtime", "crio"),
+                    ("qos_class", "BestEffort"),
+                    ("unit", &scope("crio", &c[1])),
+                ],
+            ),
         ),
         (
-            format!("kubepods.slice/kubepods-pod{u3_}.slice/{}", scope("docker", &c[2])),
-            wl("pod", &[("pod_uid", &u3), ("container_id", &c[2]), ("runtime", "docker"), ("qos_class", "Guaranteed"), ("unit", &scope("docker", &c[2]))]),
+            format!(
+                "kubepods.slice/kubepods-pod{u3_}.slice/{}",
+                scope("docker", &c[2])
+            ),
+            wl(
+                "pod",
+                &[
+                    ("pod_uid", &u3),
+                    ("container_id", &c[2]),
+                    ("runtime", "docker"),
+                    ("qos_class", "Guaranteed"),
+                    ("unit", &scope("docker", &c[2])),
+                ],
+            ),
         ),
         // kubelet, cgroupfs driver: the bare id (containerd, Docker) and CRI-O's.
         (
             format!("kubepods/burstable/pod{u4}/{}", c[3]),
-            wl("pod", &[("pod_uid", &u4), ("container_id", &c[3]), ("qos_class", "Burstable")]),
+            wl(
+                "pod",
+                &[
+                    ("pod_uid", &u4),
+                    ("container_id", &c[3]),
+                    ("qos_class", "Burstable"),
+                ],
+            ),
         ),
         (
             format!("kubepods/besteffort/pod{u5}/crio-{}", c[4]),
-            wl("pod", &[("pod_uid", &u5), ("container_id", &c[4]), ("runtime", "crio"), ("qos_class", "BestEffort")]),
+            wl(
+                "pod",
+                &[
+                    ("pod_uid", &u5),
+                    ("container_id", &c[4]),
+                    ("runtime", "crio"),
+                    ("qos_class", "BestEffort"),
+                ],
+            ),
         ),
         // Containers outside Kubernetes.
         (
             format!("system.slice/{}", scope("docker", &c[5])),
-            wl("container", &[("container_id", &c[5]), ("runtime", "docker"), ("unit", &scope("docker", &c[5]))]),
+            wl(
+                "container",
+                &[
+                    ("container_id", &c[5]),
+                    ("runtime", "docker"),
+                    ("unit", &scope("docker", &c[5])),
+                ],
+            ),
         ),
-        (format!("docker/{}", c[6]), wl("container", &[("container_id", &c[6]), ("runtime", "docker")])),
+        (
+            format!("docker/{}", c[6]),
+            wl(
+                "container",
+                &[("container_id", &c[6]), ("runtime", "docker")],
+            ),
+        ),
         (
             format!("machine.slice/{}", scope("libpod", &c[7])),
-            wl("container", &[("container_id", &c[7]), ("runtime", "podman"), ("unit", &scope("libpod", &c[7]))]),
+            wl(
+                "container",
+                &[
+                    ("container_id", &c[7]),
+                    ("runtime", "podman"),
+                    ("unit", &scope("libpod", &c[7])),
+                ],
+            ),
         ),
         // A template service in a nested slice.
         (
             format!("system.slice/system-fltest{t}.slice/fltest{t}-getty@tty1.service"),
-            wl("service", &[("name", &format!("fltest{t}-getty@tty1")), ("unit", &format!("fltest{t}-getty@tty1.service"))]),
+            wl(
+                "service",
+                &[
+                    ("name", &format!("fltest{t}-getty@tty1")),
+                    ("unit", &format!("fltest{t}-getty@tty1.service")),
+                ],
+            ),
         ),
         // A login session: the host itself.
-        (format!("user.slice/user-4242.slice/session-fltest{t}.scope"), wl("host", &[])),
+        (
+            format!("user.slice/user-4242.slice/session-fltest{t}.scope"),
+            wl("host", &[]),
+        ),
     ];
     // Paths that look like a pod's but do not parse: the host, with the reason and the path.
     let bad = [
-        (format!("kubepods/burstable/podnot-a-uid-{t}/{}", c[8]), "unparsable_path"),
-        (format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u6_}.slice/{}", scope("runsc", &c[9])), "unknown_runtime"),
+        (
+            format!("kubepods/burstable/podnot-a-uid-{t}/{}", c[8]),
+            "unparsable_path",
+        ),
+        (
+            format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u6_}.slice/{}",
+                scope("runsc", &c[9])
+            ),
+            "unknown_runtime",
+        ),
     ];
     let cases: Vec<(String, Value)> = cases
         .into_iter()
-        .chain(bad.iter().map(|(path, reason)| (path.clone(), wl("host", &[("reason", reason), ("cgroup_path", &format!("/{path}"))]))))
+        .chain(bad.iter().map(|(path, reason)| {
+            (
+                path.clone(),
+                wl(
+                    "host",
+                    &[("reason", reason), ("cgroup_path", &format!("/{path}"))],
+                ),
+            )
+        }))
         .collect();
 
     let mut clients = Vec::new();
@@ -333,7 +486,11 @@ fn records_name_the_workload_of_each_cgroup() {
         p.wait_success();
         clients.push((path, id, cport, want));
     }
-    let all_in = |r: &[Value]| clients.iter().all(|(_, _, cp, _)| !by_ports(r, *cp, sport).is_empty() && !by_ports(r, sport, *cp).is_empty());
+    let all_in = |r: &[Value]| {
+        clients.iter().all(|(_, _, cp, _)| {
+            !by_ports(r, *cp, sport).is_empty() && !by_ports(r, sport, *cp).is_empty()
+        })
+    };
     sc.wait_for("both records of every client", WAIT, all_in);
 
     // A cgroup removed while its connection is open: the record is still
@@ -349,14 +506,19 @@ fn records_name_the_workload_of_each_cgroup() {
     cg.remove(&gone);
     p.go();
     p.wait_success();
-    sc.wait_for("the record of the removed cgroup", WAIT, |r| !by_ports(r, gone_port, sport).is_empty());
+    sc.wait_for("the record of the removed cgroup", WAIT, |r| {
+        !by_ports(r, gone_port, sport).is_empty()
+    });
 
     // The reasons are counted (published on the stats tick).
     let t0 = Instant::now();
-    let unresolved = |reason: &str| format!("flowlog_sidecar_workload_unresolved_total{{reason=\"{reason}\"}}");
+    let unresolved =
+        |reason: &str| format!("flowlog_sidecar_workload_unresolved_total{{reason=\"{reason}\"}}");
     loop {
         let body = scrape(&metrics_addr);
-        if ["unparsable_path", "unknown_runtime", "cgroup_not_found"].iter().all(|r| sample(&body, &unresolved(r)) >= 1.0)
+        if ["unparsable_path", "unknown_runtime", "cgroup_not_found"]
+            .iter()
+            .all(|r| sample(&body, &unresolved(r)) >= 1.0)
             && sample(&body, "flowlog_sidecar_workload_flows_total{kind=\"pod\"}") >= 5.0
         {
             break;
@@ -374,18 +536,38 @@ fn records_name_the_workload_of_each_cgroup() {
         assert_eq!(client["comm"], "python3");
         assert_eq!(client["bytes_sent"], 1000);
         let server = one(&records, sport, *cport);
-        assert_eq!(server["workload"], wl("service", &[("name", &web), ("unit", &format!("{web}.service"))]), "server of {path}");
+        assert_eq!(
+            server["workload"],
+            wl(
+                "service",
+                &[("name", &web), ("unit", &format!("{web}.service"))]
+            ),
+            "server of {path}"
+        );
         assert_eq!(server["cgroup_id"], server_id);
     }
     let gone_rec = one(&records, gone_port, sport);
     assert_eq!(gone_rec["cgroup_id"], gone_id);
-    assert_eq!(gone_rec["workload"], wl("host", &[("reason", "cgroup_not_found")]));
+    assert_eq!(
+        gone_rec["workload"],
+        wl("host", &[("reason", "cgroup_not_found")])
+    );
     assert_eq!(gone_rec["bytes_received"], 2000);
     let w = &stats["workload"];
-    for (reason, at_least) in [("unparsable_path", 1), ("unknown_runtime", 1), ("cgroup_not_found", 1)] {
-        assert!(w["unresolved"][reason].as_u64().unwrap() >= at_least, "{reason}: {w:#}");
+    for (reason, at_least) in [
+        ("unparsable_path", 1),
+        ("unknown_runtime", 1),
+        ("cgroup_not_found", 1),
+    ] {
+        assert!(
+            w["unresolved"][reason].as_u64().unwrap() >= at_least,
+            "{reason}: {w:#}"
+        );
     }
-    assert!(w["flows"]["pod"].as_u64().unwrap() >= 5 && w["flows"]["container"].as_u64().unwrap() >= 3, "{w:#}");
+    assert!(
+        w["flows"]["pod"].as_u64().unwrap() >= 5 && w["flows"]["container"].as_u64().unwrap() >= 3,
+        "{w:#}"
+    );
     assert!(w["cgroup_walks"].as_u64().unwrap() >= 1);
 }
 
@@ -393,16 +575,6 @@ fn records_name_the_workload_of_each_cgroup() {
 /// itself (before the sidecar starts), then a new one, then closes the old
 /// one from its client side first; one step per line on stdin.
 const POD: &str = r#"
-import socket, sys
-def wait():
-    sys.stdin.readline()
-def drain(c):
-    n = 0
-    while True:
-        b = c.recv(65536)
-        if not b:
-            return n
-        n += len(b)
 wait()
 l = socket.socket()
 l.bind(("127.0.0.1", 0))
@@ -436,10 +608,9 @@ wait()
 /// are the host's, with the reason.
 #[test]
 fn ownerless_flows_are_their_network_namespaces_pod() {
-    if !have_root() {
+    let Some(_one_at_a_time) = cgroup_test() else {
         return;
-    }
-    let _one_at_a_time = TOP_LEVEL_CGROUPS.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let t = std::process::id();
     let ns = Netns::new(format!("fltest-wl-{t}"));
     let ns_ino = inode(&format!("/var/run/netns/{}", ns.0));
@@ -457,50 +628,84 @@ fn ownerless_flows_are_their_network_namespaces_pod() {
     let host_l = TcpListener::bind("127.0.0.1:0").unwrap();
     let host_c = TcpStream::connect(host_l.local_addr().unwrap()).unwrap();
     let (mut host_s, _) = host_l.accept().unwrap();
-    let (host_sport, host_cport) = (host_l.local_addr().unwrap().port(), host_c.local_addr().unwrap().port());
+    let (host_sport, host_cport) = (
+        host_l.local_addr().unwrap().port(),
+        host_c.local_addr().unwrap().port(),
+    );
 
     let sc = Sidecar::start(&[]);
     pod.go();
     let new_port = pod.port();
-    let in_ns = |r: &[Value], l: u16, rp: u16| r.iter().any(|x| x["netns_ino"] == ns_ino && x["local_port"] == l && x["remote_port"] == rp);
-    sc.wait_for("the pod's new connection", WAIT, |r| in_ns(r, new_port, lport));
+    let in_ns = |r: &[Value], l: u16, rp: u16| {
+        r.iter()
+            .any(|x| x["netns_ino"] == ns_ino && x["local_port"] == l && x["remote_port"] == rp)
+    };
+    sc.wait_for("the pod's new connection", WAIT, |r| {
+        in_ns(r, new_port, lport)
+    });
     pod.go();
     assert_eq!(pod.line(), "closed");
     drop(host_c);
     assert_eq!(host_s.read(&mut [0u8; 8]).unwrap(), 0);
     drop(host_s);
     sc.wait_for("the old connections' records", WAIT, |r| {
-        in_ns(r, old_port, lport) && in_ns(r, lport, old_port) && !by_ports(r, host_cport, host_sport).is_empty()
+        in_ns(r, old_port, lport)
+            && in_ns(r, lport, old_port)
+            && !by_ports(r, host_cport, host_sport).is_empty()
     });
     pod.go();
     let (records, stats) = sc.stop();
-    let mine: Vec<Value> = records.iter().filter(|r| r["netns_ino"] == ns_ino).cloned().collect();
+    let mine: Vec<Value> = records
+        .iter()
+        .filter(|r| r["netns_ino"] == ns_ino)
+        .cloned()
+        .collect();
 
-    let pod_wl = wl("pod", &[("pod_uid", &uid), ("container_id", &cid), ("qos_class", "BestEffort")]);
+    let pod_wl = wl(
+        "pod",
+        &[
+            ("pod_uid", &uid),
+            ("container_id", &cid),
+            ("qos_class", "BestEffort"),
+        ],
+    );
     let new = one(&mine, new_port, lport);
-    assert_eq!((new["workload"].clone(), new["cgroup_id"].clone()), (pod_wl.clone(), json!(pod_id)));
+    assert_eq!(
+        (new["workload"].clone(), new["cgroup_id"].clone()),
+        (pod_wl.clone(), json!(pod_id))
+    );
     let old = one(&mine, old_port, lport);
     assert_eq!(old["cgroup_id"], 0, "{old:#}");
     // The pod, not a container of it: its containers share the namespace.
-    assert_eq!(old["workload"], wl("pod", &[("pod_uid", &uid), ("qos_class", "BestEffort")]));
+    assert_eq!(
+        old["workload"],
+        wl("pod", &[("pod_uid", &uid), ("qos_class", "BestEffort")])
+    );
     // The other end closed second, in process context: its owner is known.
     let old_srv = one(&mine, lport, old_port);
-    assert_eq!((old_srv["workload"].clone(), old_srv["cgroup_id"].clone()), (pod_wl, json!(pod_id)));
+    assert_eq!(
+        (old_srv["workload"].clone(), old_srv["cgroup_id"].clone()),
+        (pod_wl, json!(pod_id))
+    );
 
     let host = one(&records, host_cport, host_sport);
     assert_eq!(host["cgroup_id"], 0, "{host:#}");
     assert_eq!(host["workload"], wl("host", &[("reason", "no_owner")]));
     assert!(stats["workload"]["by_netns"].as_u64().unwrap() >= 1);
-    assert!(stats["workload"]["unresolved"]["no_owner"].as_u64().unwrap() >= 1);
+    assert!(
+        stats["workload"]["unresolved"]["no_owner"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
 }
 
 /// `--workload-resolve false`: records carry no workload, the stats none.
 #[test]
 fn resolution_off_leaves_the_workload_empty() {
-    if !have_root() {
+    let Some(_one_at_a_time) = cgroup_test() else {
         return;
-    }
-    let _one_at_a_time = TOP_LEVEL_CGROUPS.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let (uid, uid_) = pod_uid(60);
     let path = format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{}.scope", container_id(60));
     let mut cg = Cgroups::new();
@@ -520,10 +725,16 @@ fn resolution_off_leaves_the_workload_empty() {
     let cport = p.port();
     p.wait_success();
     server.join().unwrap();
-    sc.wait_for("both records", WAIT, |r| !by_ports(r, cport, sport).is_empty() && !by_ports(r, sport, cport).is_empty());
+    sc.wait_for("both records", WAIT, |r| {
+        !by_ports(r, cport, sport).is_empty() && !by_ports(r, sport, cport).is_empty()
+    });
     let (records, stats) = sc.stop();
     let client = one(&records, cport, sport);
-    assert_eq!(client["cgroup_id"], inode(cgroup2_mount().join(&path).to_str().unwrap()), "the pod {uid}'s cgroup");
+    assert_eq!(
+        client["cgroup_id"],
+        inode(cgroup2_mount().join(&path).to_str().unwrap()),
+        "the pod {uid}'s cgroup"
+    );
     assert_eq!(client["workload"], Value::Null);
     assert_eq!(one(&records, sport, cport)["workload"], Value::Null);
     assert_eq!(stats["workload"], Value::Null);

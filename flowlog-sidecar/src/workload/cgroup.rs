@@ -62,11 +62,19 @@ fn pod(segs: &[&str]) -> Result<Workload, WorkloadReason> {
         Some(q) => (q, &segs[1..]),
         None => ("Guaranteed", segs),
     };
-    let uid = rest.first().and_then(|s| pod_uid(s)).ok_or(WorkloadReason::UnparsablePath)?;
-    let mut w = Workload { pod_uid: Some(uid), qos_class: Some(qos.into()), ..Workload::of(WorkloadKind::Pod) };
+    let uid = rest
+        .first()
+        .and_then(|s| pod_uid(s))
+        .ok_or(WorkloadReason::UnparsablePath)?;
+    let mut w = Workload {
+        pod_uid: Some(uid),
+        qos_class: Some(qos.into()),
+        ..Workload::of(WorkloadKind::Pod)
+    };
     // A process in the pod's own cgroup (none in practice) is the pod's.
     if let Some(c) = rest.get(1) {
-        let (runtime, id, unit) = container_segment(c).ok_or_else(|| unknown_runtime_or_garbage(c))?;
+        let (runtime, id, unit) =
+            container_segment(c).ok_or_else(|| unknown_runtime_or_garbage(c))?;
         w.runtime = runtime.map(str::to_owned);
         w.container_id = Some(id.to_owned());
         w.unit = unit.map(str::to_owned);
@@ -76,7 +84,10 @@ fn pod(segs: &[&str]) -> Result<Workload, WorkloadReason> {
 
 /// `burstable` / `besteffort` (cgroupfs) or `kubepods-burstable.slice` (systemd).
 fn qos_class(s: &str) -> Option<&'static str> {
-    let level = s.strip_suffix(".slice").and_then(|s| s.rsplit_once("kubepods-")).map_or(s, |(_, l)| l);
+    let level = s
+        .strip_suffix(".slice")
+        .and_then(|s| s.rsplit_once("kubepods-"))
+        .map_or(s, |(_, l)| l);
     match level {
         "burstable" => Some("Burstable"),
         "besteffort" => Some("BestEffort"),
@@ -87,7 +98,11 @@ fn qos_class(s: &str) -> Option<&'static str> {
 /// `pod<uid>` (cgroupfs) or `kubepods[-<qos>]-pod<uid with _ for ->.slice` (systemd).
 fn pod_uid(s: &str) -> Option<String> {
     let uid = match s.strip_suffix(".slice") {
-        Some(unit) => unit.rsplit_once("-pod").filter(|(p, _)| p.contains("kubepods"))?.1.replace('_', "-"),
+        Some(unit) => unit
+            .rsplit_once("-pod")
+            .filter(|(p, _)| p.contains("kubepods"))?
+            .1
+            .replace('_', "-"),
         None => s.strip_prefix("pod")?.to_owned(),
     };
     is_pod_uid(&uid).then_some(uid)
@@ -100,14 +115,22 @@ fn is_pod_uid(s: &str) -> bool {
     let hex = |c: &u8| c.is_ascii_digit() || (b'a'..=b'f').contains(c);
     match b.len() {
         32 => b.iter().all(hex),
-        36 => b.iter().enumerate().all(|(i, c)| if [8, 13, 18, 23].contains(&i) { *c == b'-' } else { hex(c) }),
+        36 => b.iter().enumerate().all(|(i, c)| {
+            if [8, 13, 18, 23].contains(&i) {
+                *c == b'-'
+            } else {
+                hex(c)
+            }
+        }),
         _ => false,
     }
 }
 
 /// A full container id: 64 lowercase hex digits.
 fn is_container_id(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    s.len() == 64
+        && s.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
 }
 
 /// A container's cgroup: (runtime, id, systemd unit). A bare id is
@@ -131,7 +154,9 @@ fn container_segment(s: &str) -> Option<(Option<&'static str>, &str, Option<&str
 fn unknown_runtime_or_garbage(s: &str) -> WorkloadReason {
     let name = s.strip_suffix(".scope").unwrap_or(s);
     match name.rsplit_once('-') {
-        Some((prefix, id)) if !prefix.is_empty() && is_container_id(id) => WorkloadReason::UnknownRuntime,
+        Some((prefix, id)) if !prefix.is_empty() && is_container_id(id) => {
+            WorkloadReason::UnknownRuntime
+        }
         _ => WorkloadReason::UnparsablePath,
     }
 }
@@ -145,7 +170,11 @@ fn container(segs: &[&str]) -> Option<Result<Workload, WorkloadReason>> {
         if *s == "docker" && i + 1 < segs.len() {
             let id = segs[i + 1];
             return Some(if is_container_id(id) {
-                Ok(Workload { runtime: Some("docker".into()), container_id: Some(id.into()), ..Workload::of(WorkloadKind::Container) })
+                Ok(Workload {
+                    runtime: Some("docker".into()),
+                    container_id: Some(id.into()),
+                    ..Workload::of(WorkloadKind::Container)
+                })
             } else {
                 Err(WorkloadReason::UnparsablePath)
             });
@@ -180,7 +209,13 @@ mod tests {
         std::iter::repeat_n(c, 64).collect()
     }
 
-    fn pod(uid: &str, cid: Option<&str>, runtime: Option<&str>, qos: &str, unit: Option<&str>) -> Workload {
+    fn pod(
+        uid: &str,
+        cid: Option<&str>,
+        runtime: Option<&str>,
+        qos: &str,
+        unit: Option<&str>,
+    ) -> Workload {
         Workload {
             pod_uid: Some(uid.into()),
             container_id: cid.map(Into::into),
@@ -201,7 +236,11 @@ mod tests {
     }
 
     fn service(name: &str) -> Workload {
-        Workload { name: Some(name.into()), unit: Some(format!("{name}.service")), ..Workload::of(WorkloadKind::Service) }
+        Workload {
+            name: Some(name.into()),
+            unit: Some(format!("{name}.service")),
+            ..Workload::of(WorkloadKind::Service)
+        }
     }
 
     #[test]
@@ -253,13 +292,31 @@ mod tests {
     fn kubelet_cgroupfs_driver() {
         let (a, b) = (id('a'), id('b'));
         let cases = [
-            (format!("/kubepods/burstable/pod{UID}/{a}"), pod(UID, Some(&a), None, "Burstable", None)),
-            (format!("/kubepods/besteffort/pod{UID}/{a}"), pod(UID, Some(&a), None, "BestEffort", None)),
-            (format!("/kubepods/pod{UID}/{a}"), pod(UID, Some(&a), None, "Guaranteed", None)),
-            (format!("/kubepods/burstable/pod{UID}/crio-{b}"), pod(UID, Some(&b), Some("crio"), "Burstable", None)),
-            (format!("/kubepods/burstable/pod{UID}"), pod(UID, None, None, "Burstable", None)),
+            (
+                format!("/kubepods/burstable/pod{UID}/{a}"),
+                pod(UID, Some(&a), None, "Burstable", None),
+            ),
+            (
+                format!("/kubepods/besteffort/pod{UID}/{a}"),
+                pod(UID, Some(&a), None, "BestEffort", None),
+            ),
+            (
+                format!("/kubepods/pod{UID}/{a}"),
+                pod(UID, Some(&a), None, "Guaranteed", None),
+            ),
+            (
+                format!("/kubepods/burstable/pod{UID}/crio-{b}"),
+                pod(UID, Some(&b), Some("crio"), "Burstable", None),
+            ),
+            (
+                format!("/kubepods/burstable/pod{UID}"),
+                pod(UID, None, None, "Burstable", None),
+            ),
             // kind's cgroupfs nodes nest it under /kubelet.
-            (format!("/kubelet/kubepods/besteffort/pod{UID}/{a}"), pod(UID, Some(&a), None, "BestEffort", None)),
+            (
+                format!("/kubelet/kubepods/besteffort/pod{UID}/{a}"),
+                pod(UID, Some(&a), None, "BestEffort", None),
+            ),
         ];
         for (path, want) in cases {
             assert_eq!(classify(&path), want, "{path}");
@@ -270,20 +327,46 @@ mod tests {
     fn plain_containers() {
         let (a, b) = (id('a'), id('b'));
         let cases = [
-            (format!("/system.slice/docker-{a}.scope"), container("docker", &a, Some(&format!("docker-{a}.scope")))),
-            (format!("/docker/{a}"), container("docker", &a, None)),
-            (format!("/machine.slice/libpod-{b}.scope"), container("podman", &b, Some(&format!("libpod-{b}.scope")))),
-            (format!("/machine.slice/libpod-{b}.scope/container"), container("podman", &b, Some(&format!("libpod-{b}.scope")))),
-            (format!("/machine.slice/libpod-conmon-{b}.scope"), container("podman", &b, Some(&format!("libpod-conmon-{b}.scope")))),
-            (format!("/libpod_parent/libpod-{b}"), container("podman", &b, None)),
             (
-                format!("/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{b}.scope"),
+                format!("/system.slice/docker-{a}.scope"),
+                container("docker", &a, Some(&format!("docker-{a}.scope"))),
+            ),
+            (format!("/docker/{a}"), container("docker", &a, None)),
+            (
+                format!("/machine.slice/libpod-{b}.scope"),
                 container("podman", &b, Some(&format!("libpod-{b}.scope"))),
             ),
-            (format!("/system.slice/cri-containerd-{a}.scope"), container("containerd", &a, Some(&format!("cri-containerd-{a}.scope")))),
-            (format!("/system.slice/crio-{a}.scope"), container("crio", &a, Some(&format!("crio-{a}.scope")))),
+            (
+                format!("/machine.slice/libpod-{b}.scope/container"),
+                container("podman", &b, Some(&format!("libpod-{b}.scope"))),
+            ),
+            (
+                format!("/machine.slice/libpod-conmon-{b}.scope"),
+                container("podman", &b, Some(&format!("libpod-conmon-{b}.scope"))),
+            ),
+            (
+                format!("/libpod_parent/libpod-{b}"),
+                container("podman", &b, None),
+            ),
+            (
+                format!(
+                    "/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{b}.scope"
+                ),
+                container("podman", &b, Some(&format!("libpod-{b}.scope"))),
+            ),
+            (
+                format!("/system.slice/cri-containerd-{a}.scope"),
+                container("containerd", &a, Some(&format!("cri-containerd-{a}.scope"))),
+            ),
+            (
+                format!("/system.slice/crio-{a}.scope"),
+                container("crio", &a, Some(&format!("crio-{a}.scope"))),
+            ),
             // A systemd inside a container: still the container.
-            (format!("/system.slice/docker-{a}.scope/system.slice/nginx.service"), container("docker", &a, Some(&format!("docker-{a}.scope")))),
+            (
+                format!("/system.slice/docker-{a}.scope/system.slice/nginx.service"),
+                container("docker", &a, Some(&format!("docker-{a}.scope"))),
+            ),
         ];
         for (path, want) in cases {
             assert_eq!(classify(&path), want, "{path}");
@@ -293,16 +376,42 @@ mod tests {
     #[test]
     fn systemd_services_and_the_host() {
         assert_eq!(classify("/system.slice/nginx.service"), service("nginx"));
-        assert_eq!(classify("/system.slice/system-getty.slice/getty@tty1.service"), service("getty@tty1"));
-        assert_eq!(classify("/system.slice/system-postgresql.slice/postgresql@15-main.service"), service("postgresql@15-main"));
+        assert_eq!(
+            classify("/system.slice/system-getty.slice/getty@tty1.service"),
+            service("getty@tty1")
+        );
+        assert_eq!(
+            classify("/system.slice/system-postgresql.slice/postgresql@15-main.service"),
+            service("postgresql@15-main")
+        );
         // Sub-cgroups a service delegates are still the service's.
-        assert_eq!(classify("/system.slice/containerd.service/worker"), service("containerd"));
+        assert_eq!(
+            classify("/system.slice/containerd.service/worker"),
+            service("containerd")
+        );
         assert_eq!(classify("/system.slice/docker.service"), service("docker"));
-        assert_eq!(classify("/user.slice/user-1000.slice/user@1000.service/app.slice/app-foo.service"), service("app-foo"));
-        assert_eq!(classify("/user.slice/user-1000.slice/user@1000.service/init.scope"), service("user@1000"));
+        assert_eq!(
+            classify("/user.slice/user-1000.slice/user@1000.service/app.slice/app-foo.service"),
+            service("app-foo")
+        );
+        assert_eq!(
+            classify("/user.slice/user-1000.slice/user@1000.service/init.scope"),
+            service("user@1000")
+        );
         // docker-compose@ is a service, not a container scope.
-        assert_eq!(classify("/system.slice/system-docker\\x2dcompose.slice/docker-compose@web.service"), service("docker-compose@web"));
-        for host in ["/", "", "/init.scope", "/user.slice/user-0.slice/session-3.scope", "/system.slice", "/machine.slice", "/docker"] {
+        assert_eq!(
+            classify("/system.slice/system-docker\\x2dcompose.slice/docker-compose@web.service"),
+            service("docker-compose@web")
+        );
+        for host in [
+            "/",
+            "",
+            "/init.scope",
+            "/user.slice/user-0.slice/session-3.scope",
+            "/system.slice",
+            "/machine.slice",
+            "/docker",
+        ] {
             assert_eq!(classify(host), Workload::of(WorkloadKind::Host), "{host:?}");
         }
     }
@@ -328,7 +437,11 @@ mod tests {
             "/kubepods/burstable/pod\u{e9}\u{e9}/\0".to_string(),
         ];
         for path in unparsable {
-            assert_eq!(classify(&path), Workload::unresolved(WorkloadReason::UnparsablePath, Some(path.clone())), "{path:?}");
+            assert_eq!(
+                classify(&path),
+                Workload::unresolved(WorkloadReason::UnparsablePath, Some(path.clone())),
+                "{path:?}"
+            );
         }
         for path in [
             format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/runsc-{a}.scope"),

@@ -56,7 +56,11 @@ impl Stats {
 
     /// Labels as the metrics and the stats file spell them (snake_case).
     pub fn by_name<const N: usize>(counts: &[u64; N], symbols: &[&str]) -> BTreeMap<String, u64> {
-        symbols.iter().zip(counts).map(|(s, n)| (s.to_ascii_lowercase(), *n)).collect()
+        symbols
+            .iter()
+            .zip(counts)
+            .map(|(s, n)| (s.to_ascii_lowercase(), *n))
+            .collect()
     }
 }
 

@@ -57,7 +57,10 @@ struct Held {
 enum NetnsOwner {
     /// One pod (or container), learned from a flow of `cgroup`; forgotten
     /// when that cgroup goes (the namespace's inode may be reused).
-    One { cgroup: u64, workload: Arc<Workload> },
+    One {
+        cgroup: u64,
+        workload: Arc<Workload>,
+    },
     Shared,
 }
 
@@ -167,7 +170,9 @@ impl Resolver {
                         self.last = Some((id, w.clone()));
                         w
                     }
-                    None if matches!(self.mode, Mode::WalkerGone) => self.unresolved.lookup_failed.clone(),
+                    None if matches!(self.mode, Mode::WalkerGone) => {
+                        self.unresolved.lookup_failed.clone()
+                    }
                     None => return self.hold(flow, id, now),
                 },
             },
@@ -198,7 +203,9 @@ impl Resolver {
         self.poll(Instant::now(), out);
         while !self.held.is_empty() {
             let Mode::Walking(w) = &self.mode else { break };
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
             match w.results.recv_timeout(left) {
                 Ok(r) => self.apply(r),
                 Err(_) => break,
@@ -234,7 +241,12 @@ impl Resolver {
             Some(k) => k,
             None => match self.previous.get_mut(&id) {
                 Some(k) => k,
-                None => return self.not_found.contains(&id).then(|| self.unresolved.not_found.clone()),
+                None => {
+                    return self
+                        .not_found
+                        .contains(&id)
+                        .then(|| self.unresolved.not_found.clone())
+                }
             },
         };
         let w = known.workload.clone();
@@ -251,14 +263,21 @@ impl Resolver {
             None => {
                 // One request per drain, for all its new unknown ids.
                 let next = self.next_seq + 1;
-                let r = self.asking.get_or_insert_with(|| Request { seq: next, wanted: Vec::new() });
+                let r = self.asking.get_or_insert_with(|| Request {
+                    seq: next,
+                    wanted: Vec::new(),
+                });
                 r.wanted.push(id);
                 self.next_seq = r.seq;
                 self.waiting.insert(id, r.seq);
                 r.seq
             }
         };
-        self.held.push_back(Held { flow, seq, since: now });
+        self.held.push_back(Held {
+            flow,
+            seq,
+            since: now,
+        });
     }
 
     fn walker_gone(&mut self) {
@@ -299,14 +318,27 @@ impl Resolver {
                 return;
             }
         };
-        debug!(cgroups = cgroups.len(), took_ms = r.took.as_millis() as u64, seq = r.seq, "cgroup tree walked");
-        let cgroups = cgroups.into_iter().map(|(id, workload)| (id, Known { workload, netns: 0 })).collect();
+        debug!(
+            cgroups = cgroups.len(),
+            took_ms = r.took.as_millis() as u64,
+            seq = r.seq,
+            "cgroup tree walked"
+        );
+        let cgroups = cgroups
+            .into_iter()
+            .map(|(id, workload)| (id, Known { workload, netns: 0 }))
+            .collect();
         self.previous = std::mem::replace(&mut self.current, cgroups);
         self.answered = self.answered.max(r.seq);
         if self.not_found.len() >= MAX_NOT_FOUND {
             self.not_found.clear();
         }
-        let (current, previous, not_found, answered) = (&self.current, &self.previous, &mut self.not_found, self.answered);
+        let (current, previous, not_found, answered) = (
+            &self.current,
+            &self.previous,
+            &mut self.not_found,
+            self.answered,
+        );
         self.waiting.retain(|id, seq| {
             if *seq > answered {
                 return true;
@@ -364,7 +396,14 @@ impl Resolver {
         }
         match self.netns.entry(netns) {
             Entry::Vacant(e) => {
-                e.insert(if own { NetnsOwner::One { cgroup, workload: namespace_owner(w) } } else { NetnsOwner::Shared });
+                e.insert(if own {
+                    NetnsOwner::One {
+                        cgroup,
+                        workload: namespace_owner(w),
+                    }
+                } else {
+                    NetnsOwner::Shared
+                });
             }
             Entry::Occupied(mut e) => {
                 let same = match e.get() {
@@ -428,7 +467,11 @@ mod tests {
         let mut r = Resolver::new(&WorkloadConfig { resolve: false });
         r.mode = Mode::Walking(walker);
         r.host_netns = vec![1];
-        Fake { r, requests, results }
+        Fake {
+            r,
+            requests,
+            results,
+        }
     }
 
     impl Fake {
@@ -440,13 +483,27 @@ mod tests {
                 seq = seq.max(r.seq);
                 wanted.extend(r.wanted);
             }
-            let cgroups = tree.iter().map(|(id, p)| (*id, Arc::new(super::super::cgroup::classify(p)))).collect();
-            self.results.send(WalkResult { seq, cgroups: Ok(cgroups), took: Duration::ZERO }).unwrap();
+            let cgroups = tree
+                .iter()
+                .map(|(id, p)| (*id, Arc::new(super::super::cgroup::classify(p))))
+                .collect();
+            self.results
+                .send(WalkResult {
+                    seq,
+                    cgroups: Ok(cgroups),
+                    took: Duration::ZERO,
+                })
+                .unwrap();
             wanted
         }
         fn admit(&mut self, cgroup: u64, netns: u64, t: Instant) -> Vec<Flow> {
             let mut out = Vec::new();
-            let f = Flow { cgroup_id: cgroup as i64, netns_ino: netns as i64, connection_id: cgroup as i64, ..fixtures::flow() };
+            let f = Flow {
+                cgroup_id: cgroup as i64,
+                netns_ino: netns as i64,
+                connection_id: cgroup as i64,
+                ..fixtures::flow()
+            };
             self.r.admit(f, t, &mut out);
             out
         }
@@ -485,21 +542,42 @@ mod tests {
         assert_eq!(f.r.held(), 3);
         assert!(f.poll(t).is_empty());
         // The walk (asked for both) finds 20 but not 30 (removed meanwhile).
-        assert_eq!(f.walk(&[(1, "/"), (10, "/system.slice/nginx.service"), (20, POD)]), [20, 30]);
+        assert_eq!(
+            f.walk(&[(1, "/"), (10, "/system.slice/nginx.service"), (20, POD)]),
+            [20, 30]
+        );
         let out = f.poll(t);
-        assert_eq!(out.iter().map(|f| f.cgroup_id).collect::<Vec<_>>(), [20, 30, 20]);
+        assert_eq!(
+            out.iter().map(|f| f.cgroup_id).collect::<Vec<_>>(),
+            [20, 30, 20]
+        );
         assert_eq!(kind(&out[0]), (WorkloadKind::Pod, None));
-        assert_eq!(kind(&out[1]), (WorkloadKind::Host, Some(WorkloadReason::CgroupNotFound)));
+        assert_eq!(
+            kind(&out[1]),
+            (WorkloadKind::Host, Some(WorkloadReason::CgroupNotFound))
+        );
         // Gone for good: no new walk, no wait.
-        assert_eq!(kind(&f.admit(30, 1, t)[0]), (WorkloadKind::Host, Some(WorkloadReason::CgroupNotFound)));
+        assert_eq!(
+            kind(&f.admit(30, 1, t)[0]),
+            (WorkloadKind::Host, Some(WorkloadReason::CgroupNotFound))
+        );
         assert!(f.requests.try_recv().is_err());
         // A cgroup removed since the last walk still resolves for a walk more.
         f.walk(&[(1, "/")]);
         f.poll(t);
         assert_eq!(kind(&f.admit(20, 1, t)[0]), (WorkloadKind::Pod, None));
         let s = f.r.stats();
-        assert_eq!((s.flows[WorkloadKind::Pod.index() as usize], s.flows[WorkloadKind::Service.index() as usize]), (3, 2));
-        assert_eq!(s.unresolved[WorkloadReason::CgroupNotFound.index() as usize], 2);
+        assert_eq!(
+            (
+                s.flows[WorkloadKind::Pod.index() as usize],
+                s.flows[WorkloadKind::Service.index() as usize]
+            ),
+            (3, 2)
+        );
+        assert_eq!(
+            s.unresolved[WorkloadReason::CgroupNotFound.index() as usize],
+            2
+        );
     }
 
     #[test]
@@ -508,11 +586,23 @@ mod tests {
         let t = Instant::now();
         assert!(f.admit(20, 1, t).is_empty());
         // A result for an older request (seq 0) that lacks 20: keep waiting.
-        f.results.send(WalkResult { seq: 0, cgroups: Ok(FastMap::default()), took: Duration::ZERO }).unwrap();
+        f.results
+            .send(WalkResult {
+                seq: 0,
+                cgroups: Ok(FastMap::default()),
+                took: Duration::ZERO,
+            })
+            .unwrap();
         assert!(f.poll(t).is_empty());
         // But one that has it releases the flow at once.
         f.results
-            .send(WalkResult { seq: 0, cgroups: Ok([(20, Arc::new(Workload::of(WorkloadKind::Host)))].into_iter().collect()), took: Duration::ZERO })
+            .send(WalkResult {
+                seq: 0,
+                cgroups: Ok([(20, Arc::new(Workload::of(WorkloadKind::Host)))]
+                    .into_iter()
+                    .collect()),
+                took: Duration::ZERO,
+            })
             .unwrap();
         assert_eq!(kind(&f.poll(t)[0]), (WorkloadKind::Host, None));
     }
@@ -522,10 +612,19 @@ mod tests {
         let mut f = fake();
         let t = Instant::now();
         assert!(f.admit(20, 1, t).is_empty());
-        f.results.send(WalkResult { seq: 1, cgroups: Err("EACCES".into()), took: Duration::ZERO }).unwrap();
+        f.results
+            .send(WalkResult {
+                seq: 1,
+                cgroups: Err("EACCES".into()),
+                took: Duration::ZERO,
+            })
+            .unwrap();
         assert!(f.poll(t + Duration::from_millis(10)).is_empty());
         let out = f.poll(t + HOLD_MAX);
-        assert_eq!(kind(&out[0]), (WorkloadKind::Host, Some(WorkloadReason::LookupFailed)));
+        assert_eq!(
+            kind(&out[0]),
+            (WorkloadKind::Host, Some(WorkloadReason::LookupFailed))
+        );
         assert_eq!(f.r.stats().walk_errors, 1);
         // The next flow of that cgroup asks again (at the end of the drain).
         while f.requests.try_recv().is_ok() {}
@@ -535,13 +634,22 @@ mod tests {
         // At exit, whatever is still held goes out.
         let mut out = Vec::new();
         f.r.finish(Duration::from_millis(10), &mut out);
-        assert_eq!(kind(&out[0]), (WorkloadKind::Host, Some(WorkloadReason::LookupFailed)));
+        assert_eq!(
+            kind(&out[0]),
+            (WorkloadKind::Host, Some(WorkloadReason::LookupFailed))
+        );
         // A dead walker: unknown cgroups are not held at all.
         f.requests = std::sync::mpsc::channel().1;
         assert_eq!(f.admit(40, 1, t).len(), 0);
         let out = f.poll(t);
-        assert_eq!(kind(&out[0]), (WorkloadKind::Host, Some(WorkloadReason::LookupFailed)));
-        assert_eq!(kind(&f.admit(50, 1, t)[0]), (WorkloadKind::Host, Some(WorkloadReason::LookupFailed)));
+        assert_eq!(
+            kind(&out[0]),
+            (WorkloadKind::Host, Some(WorkloadReason::LookupFailed))
+        );
+        assert_eq!(
+            kind(&f.admit(50, 1, t)[0]),
+            (WorkloadKind::Host, Some(WorkloadReason::LookupFailed))
+        );
     }
 
     #[test]
@@ -561,28 +669,52 @@ mod tests {
     fn ownerless_flows_fall_back_on_their_pods_network_namespace() {
         let mut f = fake();
         let t = Instant::now();
-        f.walk(&[(1, "/"), (20, POD), (21, POD_SIDECAR), (30, "/system.slice/docker.service")]);
+        f.walk(&[
+            (1, "/"),
+            (20, POD),
+            (21, POD_SIDECAR),
+            (30, "/system.slice/docker.service"),
+        ]);
         f.poll(t);
         // Before any flow of the pod: no owner.
-        assert_eq!(kind(&f.admit(0, 500, t)[0]), (WorkloadKind::Host, Some(WorkloadReason::NoOwner)));
+        assert_eq!(
+            kind(&f.admit(0, 500, t)[0]),
+            (WorkloadKind::Host, Some(WorkloadReason::NoOwner))
+        );
         // Two containers of one pod in namespace 500: the pod's.
         f.admit(20, 500, t);
         f.admit(21, 500, t);
         let out = f.admit(0, 500, t);
         let w = out[0].workload.as_ref().unwrap();
-        assert_eq!((w.kind, w.pod_uid.as_deref(), w.container_id.as_deref()), (WorkloadKind::Pod, Some("7f3e1c2a-9b4d-4e5f-8a6b-0c1d2e3f4a5b"), None));
+        assert_eq!(
+            (w.kind, w.pod_uid.as_deref(), w.container_id.as_deref()),
+            (
+                WorkloadKind::Pod,
+                Some("7f3e1c2a-9b4d-4e5f-8a6b-0c1d2e3f4a5b"),
+                None
+            )
+        );
         assert_eq!(f.r.stats().by_netns, 1);
         // The host's namespace is no one's, even after a pod's flow in it (hostNetwork).
         f.admit(20, 1, t);
-        assert_eq!(kind(&f.admit(0, 1, t)[0]), (WorkloadKind::Host, Some(WorkloadReason::NoOwner)));
+        assert_eq!(
+            kind(&f.admit(0, 1, t)[0]),
+            (WorkloadKind::Host, Some(WorkloadReason::NoOwner))
+        );
         // A namespace with a pod and a service in it is shared.
         f.admit(20, 600, t);
         f.admit(30, 600, t);
-        assert_eq!(kind(&f.admit(0, 600, t)[0]), (WorkloadKind::Host, Some(WorkloadReason::NoOwner)));
+        assert_eq!(
+            kind(&f.admit(0, 600, t)[0]),
+            (WorkloadKind::Host, Some(WorkloadReason::NoOwner))
+        );
         // The pod's cgroups go: its namespace is forgotten.
         f.walk(&[(1, "/")]);
         f.poll(t);
-        assert_eq!(kind(&f.admit(0, 500, t)[0]), (WorkloadKind::Host, Some(WorkloadReason::NoOwner)));
+        assert_eq!(
+            kind(&f.admit(0, 500, t)[0]),
+            (WorkloadKind::Host, Some(WorkloadReason::NoOwner))
+        );
     }
 
     #[test]
@@ -593,6 +725,9 @@ mod tests {
         assert_eq!(out[0].workload, None);
         r.mode = Mode::NoCgroupV2;
         r.admit(fixtures::flow(), Instant::now(), &mut out);
-        assert_eq!(kind(&out[1]), (WorkloadKind::Host, Some(WorkloadReason::NoCgroupV2)));
+        assert_eq!(
+            kind(&out[1]),
+            (WorkloadKind::Host, Some(WorkloadReason::NoCgroupV2))
+        );
     }
 }

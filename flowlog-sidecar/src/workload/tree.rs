@@ -56,22 +56,36 @@ pub struct Mount {
 pub fn find_mount(mountinfo: &str) -> Option<Mount> {
     let mut mounts: Vec<(String, PathBuf)> = Vec::new();
     for line in mountinfo.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else { continue };
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
         if post.split(' ').next() != Some("cgroup2") {
             continue;
         }
         let f: Vec<&str> = pre.split(' ').collect();
-        let (Some(root), Some(dir)) = (f.get(3), f.get(4)) else { continue };
+        let (Some(root), Some(dir)) = (f.get(3), f.get(4)) else {
+            continue;
+        };
         let dir = PathBuf::from(unescape(dir));
         mounts.retain(|(_, d)| *d != dir);
         mounts.push((unescape(root), dir));
     }
     let ups = |root: &str| root.split('/').skip(1).take_while(|s| *s == "..").count();
-    let (root, dir) = mounts.into_iter().rev().max_by_key(|(root, _)| (ups(root), root == "/"))?;
+    let (root, dir) = mounts
+        .into_iter()
+        .rev()
+        .max_by_key(|(root, _)| (ups(root), root == "/"))?;
     // `/../..` is an ancestor of the namespace's root: the host's root when
     // the host's tree is mounted, as it should be.
-    let rest: Vec<&str> = root.split('/').filter(|s| !s.is_empty()).skip(ups(&root)).collect();
-    Some(Mount { dir, root: format!("/{}", rest.join("/")) })
+    let rest: Vec<&str> = root
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .skip(ups(&root))
+        .collect();
+    Some(Mount {
+        dir,
+        root: format!("/{}", rest.join("/")),
+    })
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.
@@ -80,10 +94,15 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let oct = b.get(i + 1..i + 4).filter(|o| b[i] == b'\\' && o.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|o| b[i] == b'\\' && o.iter().all(|c| (b'0'..=b'7').contains(c)));
         match oct {
             Some(o) => {
-                out.push(o.iter().fold(0u8, |v, c| v.wrapping_mul(8).wrapping_add(c - b'0')));
+                out.push(
+                    o.iter()
+                        .fold(0u8, |v, c| v.wrapping_mul(8).wrapping_add(c - b'0')),
+                );
                 i += 4;
             }
             None => {
@@ -112,7 +131,15 @@ pub struct Found {
 pub fn walk(mount: &Mount, list: impl Fn(u64) -> bool) -> io::Result<Vec<Found>> {
     let base = mount.root.trim_end_matches('/').to_string();
     let root_id = std::fs::metadata(&mount.dir)?.ino();
-    let mut out = vec![Found { id: root_id, path: if base.is_empty() { "/".into() } else { base.clone() }, has_children: None }];
+    let mut out = vec![Found {
+        id: root_id,
+        path: if base.is_empty() {
+            "/".into()
+        } else {
+            base.clone()
+        },
+        has_children: None,
+    }];
     let mut stack = vec![(0usize, mount.dir.clone(), 0usize)];
     while let Some((at, dir, depth)) = stack.pop() {
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
@@ -134,11 +161,18 @@ pub fn walk(mount: &Mount, list: impl Fn(u64) -> bool) -> io::Result<Vec<Found>>
             }
             has_children = true;
             if out.len() >= MAX_CGROUPS {
-                tracing::warn!(max = MAX_CGROUPS, "cgroup tree larger than the walk's limit: the rest is not resolved");
+                tracing::warn!(
+                    max = MAX_CGROUPS,
+                    "cgroup tree larger than the walk's limit: the rest is not resolved"
+                );
                 break;
             }
             let name = String::from_utf8_lossy(name);
-            out.push(Found { id: entry.ino(), path: format!("{}/{name}", out[at].path.trim_end_matches('/')), has_children: None });
+            out.push(Found {
+                id: entry.ino(),
+                path: format!("{}/{name}", out[at].path.trim_end_matches('/')),
+                has_children: None,
+            });
             if depth + 1 < MAX_DEPTH && list(entry.ino()) {
                 stack.push((out.len() - 1, dir.join(&*name), depth + 1));
             }
@@ -173,9 +207,19 @@ impl Walker {
     pub fn start(mount: Mount) -> io::Result<Walker> {
         let (req_tx, req_rx) = mpsc::channel();
         let (res_tx, res_rx) = mpsc::channel();
-        std::thread::Builder::new().name("cgroup-walk".into()).spawn(move || walker(mount, req_rx, res_tx))?;
-        req_tx.send(Request { seq: 0, wanted: Vec::new() }).expect("the walker holds its receiver");
-        Ok(Walker { requests: req_tx, results: res_rx })
+        std::thread::Builder::new()
+            .name("cgroup-walk".into())
+            .spawn(move || walker(mount, req_rx, res_tx))?;
+        req_tx
+            .send(Request {
+                seq: 0,
+                wanted: Vec::new(),
+            })
+            .expect("the walker holds its receiver");
+        Ok(Walker {
+            requests: req_tx,
+            results: res_rx,
+        })
     }
 
     /// A walker with no thread: the test plays the thread's part.
@@ -183,7 +227,14 @@ impl Walker {
     pub fn fake() -> (Walker, Receiver<Request>, Sender<WalkResult>) {
         let (req_tx, req_rx) = mpsc::channel();
         let (res_tx, res_rx) = mpsc::channel();
-        (Walker { requests: req_tx, results: res_rx }, req_rx, res_tx)
+        (
+            Walker {
+                requests: req_tx,
+                results: res_rx,
+            },
+            req_rx,
+            res_tx,
+        )
     }
 
     /// Asks for a walk. False when the thread is gone.
@@ -194,15 +245,28 @@ impl Walker {
 
 fn walker(mount: Mount, requests: Receiver<Request>, results: Sender<WalkResult>) {
     let mut tree = Tree::default();
-    while let Ok(Request { mut seq, mut wanted }) = requests.recv() {
+    while let Ok(Request {
+        mut seq,
+        mut wanted,
+    }) = requests.recv()
+    {
         // Requests that queued up meanwhile are answered by the same walk.
         while let Ok(r) = requests.try_recv() {
             seq = seq.max(r.seq);
             wanted.extend(r.wanted);
         }
         let t0 = Instant::now();
-        let cgroups = tree.walk(&mount, &wanted).map_err(|e| format!("reading {}: {e}", mount.dir.display()));
-        if results.send(WalkResult { seq, cgroups, took: t0.elapsed() }).is_err() {
+        let cgroups = tree
+            .walk(&mount, &wanted)
+            .map_err(|e| format!("reading {}: {e}", mount.dir.display()));
+        if results
+            .send(WalkResult {
+                seq,
+                cgroups,
+                took: t0.elapsed(),
+            })
+            .is_err()
+        {
             return;
         }
         std::thread::sleep(MIN_WALK_GAP.saturating_sub(t0.elapsed()));
@@ -274,24 +338,54 @@ mod tests {
                       33 25 0:28 / /sys/fs/cgroup ro - tmpfs tmpfs ro,mode=755\n\
                       34 33 0:29 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n\
                       35 33 0:30 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd\n";
-        assert_eq!(find_mount(hybrid), Some(Mount { dir: "/sys/fs/cgroup/unified".into(), root: "/".into() }));
+        assert_eq!(
+            find_mount(hybrid),
+            Some(Mount {
+                dir: "/sys/fs/cgroup/unified".into(),
+                root: "/".into()
+            })
+        );
         let unified = "30 24 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n";
-        assert_eq!(find_mount(unified), Some(Mount { dir: "/sys/fs/cgroup".into(), root: "/".into() }));
+        assert_eq!(
+            find_mount(unified),
+            Some(Mount {
+                dir: "/sys/fs/cgroup".into(),
+                root: "/".into()
+            })
+        );
         // A container's own sub-tree first, the host's whole tree mounted later.
         let both = "40 30 0:26 /kubepods/pod1/abc /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n\
                     41 30 0:26 / /host/sys\\040fs/cgroup ro - cgroup2 cgroup2 rw\n";
-        assert_eq!(find_mount(both), Some(Mount { dir: "/host/sys fs/cgroup".into(), root: "/".into() }));
+        assert_eq!(
+            find_mount(both),
+            Some(Mount {
+                dir: "/host/sys fs/cgroup".into(),
+                root: "/".into()
+            })
+        );
         let sub = "40 30 0:26 /kubepods/pod1/abc /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
         assert_eq!(find_mount(sub).unwrap().root, "/kubepods/pod1/abc");
         // A pod with its own cgroup namespace: its /sys/fs/cgroup is its own
         // cgroup (`/`); the host's tree, mounted in, is above it.
         let ns = "50 40 0:26 / /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n\
                   51 40 0:26 /../../.. /host/cgroup ro - cgroup2 cgroup2 rw\n";
-        assert_eq!(find_mount(ns), Some(Mount { dir: "/host/cgroup".into(), root: "/".into() }));
+        assert_eq!(
+            find_mount(ns),
+            Some(Mount {
+                dir: "/host/cgroup".into(),
+                root: "/".into()
+            })
+        );
         // The host's tree mounted over the container's own: the later one is visible.
         let shadowed = "50 40 0:26 / /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n\
                         51 50 0:26 /../.. /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
-        assert_eq!(find_mount(shadowed), Some(Mount { dir: "/sys/fs/cgroup".into(), root: "/".into() }));
+        assert_eq!(
+            find_mount(shadowed),
+            Some(Mount {
+                dir: "/sys/fs/cgroup".into(),
+                root: "/".into()
+            })
+        );
         let partial = "51 40 0:26 /../kubepods.slice /host/kp ro - cgroup2 cgroup2 rw\n";
         assert_eq!(find_mount(partial).unwrap().root, "/kubepods.slice");
         assert_eq!(find_mount("25 1 0:23 / /sys rw - sysfs sysfs rw\n"), None);
@@ -308,14 +402,23 @@ mod tests {
         std::fs::create_dir_all(dir.join("kubepods/burstable")).unwrap();
         std::fs::write(dir.join("system.slice/cgroup.procs"), "").unwrap();
         let ino = |p: &str| std::fs::metadata(dir.join(p)).unwrap().ino();
-        let mount = Mount { dir: dir.clone(), root: "/".into() };
+        let mount = Mount {
+            dir: dir.clone(),
+            root: "/".into(),
+        };
         let found = walk(&mount, |_| true).unwrap();
         let by_id = paths(found.clone());
         assert_eq!(by_id.len(), 5, "{by_id:?}");
         assert_eq!(by_id[&ino("")], "/");
-        assert_eq!(by_id[&ino("system.slice/nginx.service")], "/system.slice/nginx.service");
+        assert_eq!(
+            by_id[&ino("system.slice/nginx.service")],
+            "/system.slice/nginx.service"
+        );
         assert_eq!(by_id[&ino("kubepods/burstable")], "/kubepods/burstable");
-        let leaf = found.iter().find(|f| f.id == ino("kubepods/burstable")).unwrap();
+        let leaf = found
+            .iter()
+            .find(|f| f.id == ino("kubepods/burstable"))
+            .unwrap();
         assert_eq!(leaf.has_children, Some(false));
         assert_eq!(found[0].has_children, Some(true));
         // Not listing kubepods: it is named, its children are not.
@@ -323,9 +426,28 @@ mod tests {
         assert_eq!(pruned.len(), 4);
         assert!(!pruned.contains_key(&ino("kubepods/burstable")));
         // A mount of a sub-tree names paths from the real root.
-        let found = paths(walk(&Mount { dir: dir.join("system.slice"), root: "/system.slice".into() }, |_| true).unwrap());
-        assert_eq!(found[&ino("system.slice/nginx.service")], "/system.slice/nginx.service");
-        assert!(walk(&Mount { dir: dir.join("missing"), root: "/".into() }, |_| true).is_err());
+        let found = paths(
+            walk(
+                &Mount {
+                    dir: dir.join("system.slice"),
+                    root: "/system.slice".into(),
+                },
+                |_| true,
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            found[&ino("system.slice/nginx.service")],
+            "/system.slice/nginx.service"
+        );
+        assert!(walk(
+            &Mount {
+                dir: dir.join("missing"),
+                root: "/".into()
+            },
+            |_| true
+        )
+        .is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -339,7 +461,10 @@ mod tests {
         let container = format!("{pod}/{}", "a".repeat(64));
         std::fs::create_dir_all(dir.join(&container)).unwrap();
         let ino = |p: &str| std::fs::metadata(dir.join(p)).unwrap().ino();
-        let mount = Mount { dir: dir.clone(), root: "/".into() };
+        let mount = Mount {
+            dir: dir.clone(),
+            root: "/".into(),
+        };
         let mut tree = Tree::default();
         let first = tree.walk(&mount, &[]).unwrap();
         assert_eq!(first[&ino(&container)].kind, WorkloadKind::Pod);
@@ -350,10 +475,19 @@ mod tests {
         std::fs::create_dir_all(dir.join(&sub)).unwrap();
         std::fs::create_dir_all(dir.join(&other)).unwrap();
         let second = tree.walk(&mount, &[]).unwrap();
-        assert!(second.contains_key(&ino(&other)), "new containers are found");
-        assert!(!second.contains_key(&ino(&sub)), "the known leaf was not listed");
+        assert!(
+            second.contains_key(&ino(&other)),
+            "new containers are found"
+        );
+        assert!(
+            !second.contains_key(&ino(&sub)),
+            "the known leaf was not listed"
+        );
         let wanted = tree.walk(&mount, &[ino(&sub)]).unwrap();
-        assert_eq!(wanted[&ino(&sub)].container_id.as_deref(), Some(&*"a".repeat(64)));
+        assert_eq!(
+            wanted[&ino(&sub)].container_id.as_deref(),
+            Some(&*"a".repeat(64))
+        );
         assert!(!tree.leaves.contains(&ino(&container)), "no longer a leaf");
         std::fs::remove_dir_all(&dir).unwrap();
     }
