@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, path::PathBuf};
 
 use clap::{CommandFactory, Parser};
-use flowlog_settings::Flags;
+use flowlog_settings::Common;
 
 flowlog_settings::settings! {
     /// The settings file. Every field is optional.
@@ -84,23 +84,14 @@ pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `flowlog_enricher=debug`.
     #[arg(long, env = "FLOWLOG_ENRICHER_LOG", default_value = "info")]
     pub log: String,
-    /// Check the configuration (file, environment, flags, and the static map
-    /// it names) and exit: 0 when valid, 1 with the reason when not.
-    #[arg(long)]
-    pub check_config: bool,
-    /// Print every setting (file key, type, default, flag, environment
-    /// variable, meaning) as JSON and exit.
-    #[arg(long)]
-    pub print_config_reference: bool,
-    /// Every setting's flag (and environment variable).
     #[command(flatten)]
-    pub flags: Flags<Config>,
+    pub common: Common<Config>,
 }
 
 impl Config {
     /// Defaults, then the file, then env/flags.
     pub fn load(cli: &Cli) -> anyhow::Result<Config> {
-        let c = flowlog_settings::load(cli.config.as_deref(), &cli.flags)?;
+        let c = flowlog_settings::load(cli.config.as_deref(), &cli.common.flags)?;
         c.validate()?;
         Ok(c)
     }

@@ -34,13 +34,13 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if cli.print_config_reference {
+    if cli.common.print_config_reference {
         println!("{}", flowlog_enricher::config::reference());
         return std::process::ExitCode::SUCCESS;
     }
     flowlog_runtime::logging::init(&cli.log);
     let run_or_check = |cfg: Config| {
-        if !cli.check_config {
+        if !cli.common.check_config {
             return run(cfg);
         }
         check(&cfg)?;

@@ -150,6 +150,24 @@ impl<T: Setting> Setting for BTreeMap<String, T> {
     }
 }
 
+/// The arguments every flowlog binary has besides `--config` and `--log`:
+/// `#[command(flatten)] pub common: Common<Config>`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Common<C: Setting + Send + Sync + 'static> {
+    /// Check the configuration (file, environment, flags, and the files it
+    /// names) and exit: 0 when it is valid, 1 with the reason when not.
+    /// Touches neither the kernel nor Kafka.
+    #[arg(long)]
+    pub check_config: bool,
+    /// Print every setting (file key, type, default, flag, environment
+    /// variable, meaning) and every exported metric as JSON and exit.
+    #[arg(long)]
+    pub print_config_reference: bool,
+    /// Every setting's flag (and environment variable).
+    #[command(flatten)]
+    pub flags: Flags<C>,
+}
+
 /// The flags of every setting of `C` (a [`settings!`] struct), for a clap
 /// `Parser` struct: `#[command(flatten)] pub flags: Flags<Config>`.
 #[derive(Debug, Clone)]

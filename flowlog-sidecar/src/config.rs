@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, ValueEnum};
-use flowlog_settings::{FileError, Flags};
+use flowlog_settings::{Common, FileError};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -107,17 +107,8 @@ pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `flowlog_sidecar=debug`.
     #[arg(long, env = "FLOWLOG_LOG", default_value = "info")]
     pub log: String,
-    /// Check the configuration (file, environment, flags) and exit: 0 when it
-    /// is valid, 1 with the reason when not. Touches neither the kernel nor Kafka.
-    #[arg(long)]
-    pub check_config: bool,
-    /// Print every setting (file key, type, default, flag, environment
-    /// variable, meaning) as JSON and exit.
-    #[arg(long)]
-    pub print_config_reference: bool,
-    /// Every setting's flag (and environment variable).
     #[command(flatten)]
-    pub flags: Flags<Config>,
+    pub common: Common<Config>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +122,7 @@ pub enum ConfigError {
 impl Config {
     /// Defaults, then the file, then env/flags.
     pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
-        let c = flowlog_settings::load(cli.config.as_deref(), &cli.flags)?;
+        let c = flowlog_settings::load(cli.config.as_deref(), &cli.common.flags)?;
         c.validate()?;
         Ok(c)
     }

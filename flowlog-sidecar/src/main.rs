@@ -31,12 +31,12 @@ use crate::{
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if cli.print_config_reference {
+    if cli.common.print_config_reference {
         println!("{}", config::reference());
         return std::process::ExitCode::SUCCESS;
     }
     flowlog_runtime::logging::init(&cli.log);
-    if cli.check_config {
+    if cli.common.check_config {
         let checked = Config::load(&cli).map_err(anyhow::Error::from).and_then(|c| {
             if c.output == config::Output::Kafka {
                 c.kafka.client_config()?;
