@@ -240,8 +240,12 @@ fn failed_connect_is_recorded() {
         return;
     }
     let sc = Sidecar::start(&[]);
-    // A port nobody listens on: bind, learn it, close.
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // A port nobody listens on, held for the whole test: bound but not
+    // listening, so the kernel refuses connections to it and no other
+    // process can take it meanwhile (a closed "free" port could be).
+    let holder = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    holder.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let port = holder.local_addr().unwrap().as_socket().unwrap().port();
     let (tx, rx) = std::sync::mpsc::channel();
     thread::Builder::new()
         .name("fl-refused".into())
