@@ -88,8 +88,10 @@ TOML_TYPES = {  # reference type -> (python types, what the file must give)
 }
 
 
+@functools.lru_cache(maxsize=None)
 def config_reference(binary: str, executable: Path | None) -> dict | None:
-    """The binary's settings: the built binary's own reference, else cargo builds it."""
+    """The binary's settings (and metrics): the built binary's own reference,
+    else cargo builds it. Cached: each binary runs once per check."""
     try:
         return configref.reference(binary, executable)
     except configref.ReferenceError as e:

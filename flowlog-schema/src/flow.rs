@@ -210,11 +210,6 @@ pub struct StatePath(pub u64);
 /// The state of a name this version does not know.
 const UNKNOWN_STATE: u8 = 15;
 
-/// The kernel's name of a TCP state (`UNKNOWN` for anything else).
-pub fn state_name(s: u8) -> &'static str {
-    tcp_state::name(s)
-}
-
 impl StatePath {
     pub fn len(&self) -> usize {
         (64 - self.0.leading_zeros() as usize).div_ceil(4)
@@ -225,7 +220,7 @@ impl StatePath {
     /// The state names, oldest first.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = &'static str> {
         let p = self.0;
-        (0..self.len()).rev().map(move |i| state_name(((p >> (4 * i)) & 0xf) as u8))
+        (0..self.len()).rev().map(move |i| tcp_state::name(((p >> (4 * i)) & 0xf) as u8))
     }
     /// Appends a state (the oldest falls off past 16).
     pub fn push(&mut self, state: u8) {
