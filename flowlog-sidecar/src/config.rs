@@ -159,6 +159,7 @@ impl Config {
         if self.output == Output::Kafka {
             self.kafka.client_config()?;
         }
+        self.workload.validate()?;
         if self.wakeup_bytes >= self.ring_buffer_bytes as u64 {
             return Err(ConfigError::Invalid {
                 name: "wakeup_bytes",
@@ -294,6 +295,10 @@ mod tests {
                 "identity.instance_id --instance-id FLOWLOG_INSTANCE_ID",
                 "identity.workload --workload FLOWLOG_WORKLOAD",
                 "workload.resolve --workload-resolve FLOWLOG_WORKLOAD_RESOLVE",
+                "workload.kubernetes.enabled --workload-kubernetes FLOWLOG_WORKLOAD_KUBERNETES",
+                "workload.kubernetes.node_name --node-name NODE_NAME",
+                "workload.kubernetes.labels --workload-kubernetes-labels FLOWLOG_WORKLOAD_KUBERNETES_LABELS",
+                "workload.kubernetes.api_url --workload-kubernetes-api-url FLOWLOG_WORKLOAD_KUBERNETES_API_URL",
             ]
         );
         assert_eq!(r.command_line_flags(), ["--config", "--log", "--check-config", "--print-config-reference"]);

@@ -1,12 +1,12 @@
 //! Local workload resolution: which pod, container or systemd service on
 //! this host owned each flow, from the cgroup the eBPF program recorded.
 //! [`cgroup`] reads a cgroup path, [`tree`] finds and walks the cgroup v2
-//! tree, [`resolver`] keeps the cache the capture path reads.
-//!
-//! The Kubernetes API (pod names, namespaces, owners) is a later stage: it
-//! will fill `name`/`namespace` of the pods resolved here by `pod_uid`.
+//! tree, [`resolver`] keeps the cache the capture path reads, [`pods`]
+//! names the pods found by their UID from a watch of the Kubernetes API
+//! (`[workload.kubernetes]`).
 
 pub mod cgroup;
+pub mod pods;
 pub mod resolver;
 pub mod tree;
 
@@ -28,6 +28,14 @@ flowlog_settings::settings! {
         /// from its cgroup; false leaves the records' `workload` empty.
         #[flag(long = "workload-resolve", env = "FLOWLOG_WORKLOAD_RESOLVE")]
         pub resolve: bool = true,
+        /// Pod names, namespaces, containers, owners and labels from the Kubernetes API.
+        pub kubernetes: pods::KubernetesConfig = pods::KubernetesConfig::default(),
+    }
+}
+
+impl WorkloadConfig {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        self.kubernetes.validate(self.resolve)
     }
 }
 
@@ -73,6 +81,8 @@ pub struct StatsReport {
     pub cgroup_walks: u64,
     pub cgroup_walk_errors: u64,
     pub cgroups_known: usize,
+    /// Pods the Kubernetes API named (null with workload.kubernetes off).
+    pub kubernetes_pods: Option<usize>,
 }
 
 impl Resolver {
@@ -85,6 +95,7 @@ impl Resolver {
             cgroup_walks: s.walks,
             cgroup_walk_errors: s.walk_errors,
             cgroups_known: self.cgroups_known(),
+            kubernetes_pods: self.pods_named(),
         }
     }
 }
