@@ -97,30 +97,31 @@ async fn run(config: KubernetesConfig, index: Arc<PodIndex>) {
         match event {
             Ok(Event::Init) => listing = Some(FastMap::default()),
             Ok(Event::InitApply(pod)) => {
-                count_event("relist_pod");
                 if let Some((uid, meta)) = owners.named(&pod, &config.labels).await {
                     listing.get_or_insert_default().insert(uid, meta);
                 }
+                count_event("relist_pod");
             }
+            // The index changes first, then the metrics say so.
             Ok(Event::InitDone) => {
-                count_event("relist_done");
                 let pods = listing.take().unwrap_or_default();
                 debug!(pods = pods.len(), "pods listed");
                 index.replace_all(pods);
+                count_event("relist_done");
                 gauge!(m::KUBE_API_UP).set(1.0);
             }
             Ok(Event::Apply(pod)) => {
-                count_event("apply");
                 if let Some((uid, meta)) = owners.named(&pod, &config.labels).await {
                     index.insert(uid, meta);
                 }
+                count_event("apply");
                 gauge!(m::KUBE_API_UP).set(1.0);
             }
             Ok(Event::Delete(pod)) => {
-                count_event("delete");
                 if let Some(uid) = pod.metadata.uid.as_deref() {
                     index.remove(uid);
                 }
+                count_event("delete");
                 gauge!(m::KUBE_API_UP).set(1.0);
             }
             Err(e) => {
