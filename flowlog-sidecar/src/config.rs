@@ -296,7 +296,7 @@ mod tests {
                 "identity.workload --workload FLOWLOG_WORKLOAD",
                 "workload.resolve --workload-resolve FLOWLOG_WORKLOAD_RESOLVE",
                 "workload.kubernetes.enabled --workload-kubernetes FLOWLOG_WORKLOAD_KUBERNETES",
-                "workload.kubernetes.node_name --node-name NODE_NAME",
+                "workload.kubernetes.node_name --node-name FLOWLOG_NODE_NAME",
                 "workload.kubernetes.labels --workload-kubernetes-labels FLOWLOG_WORKLOAD_KUBERNETES_LABELS",
                 "workload.kubernetes.api_url --workload-kubernetes-api-url FLOWLOG_WORKLOAD_KUBERNETES_API_URL",
             ]

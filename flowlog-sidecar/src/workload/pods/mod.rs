@@ -40,7 +40,7 @@ flowlog_settings::settings! {
         pub enabled: bool = false,
         /// This node's name (the pods watched are those with spec.nodeName
         /// equal to it); in a DaemonSet, from the Downward API (spec.nodeName).
-        #[flag(long = "node-name", env = "NODE_NAME")]
+        #[flag(long = "node-name", env = "FLOWLOG_NODE_NAME")]
         pub node_name: Option<String> = None,
         /// The pod label keys copied into records (an allow-list, at most 32;
         /// other labels are left out).
@@ -72,7 +72,7 @@ impl KubernetesConfig {
         if self.node_name.as_deref().is_none_or(|n| n.trim().is_empty()) {
             return invalid(
                 "workload.kubernetes.node_name",
-                "needed with workload.kubernetes.enabled: set NODE_NAME from the Downward API (fieldRef spec.nodeName) or --node-name",
+                "needed with workload.kubernetes.enabled: set FLOWLOG_NODE_NAME from the Downward API (fieldRef spec.nodeName) or --node-name",
             );
         }
         if self.labels.len() > MAX_LABELS {

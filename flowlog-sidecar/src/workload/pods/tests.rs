@@ -154,7 +154,7 @@ fn settings_say_what_is_missing() {
     assert!(!KubernetesConfig::default().enabled);
     let (name, reason) = invalid("[workload.kubernetes]\nenabled = true\n");
     assert_eq!(name, "workload.kubernetes.node_name");
-    assert!(reason.contains("NODE_NAME"), "{reason}");
+    assert!(reason.contains("FLOWLOG_NODE_NAME"), "{reason}");
     assert_eq!(invalid("[workload]\nresolve = false\n[workload.kubernetes]\nenabled = true\nnode_name = \"n\"\n").0, "workload.kubernetes.enabled");
     let many: Vec<String> = (0..=MAX_LABELS).map(|i| format!("\"l{i}\"")).collect();
     let text = format!("[workload.kubernetes]\nenabled = true\nnode_name = \"n\"\nlabels = [{}]\n", many.join(","));
