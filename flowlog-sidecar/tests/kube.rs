@@ -98,6 +98,30 @@ fn connect_until(sc: &Sidecar, cg: &Cgroups, path: &str, server: u16, what: &str
     }
 }
 
+/// What each test starts from: the API fixture, this test's node name, a
+/// metrics address, the cgroups it makes, and a server to connect to.
+struct Setup {
+    api: KubeApi,
+    node: String,
+    metrics: String,
+    cg: Cgroups,
+    sport: u16,
+    _server: Proc,
+}
+
+fn setup() -> Setup {
+    let mut server = Proc::start(None, SERVER, &[]);
+    server.go();
+    Setup {
+        api: KubeApi::start().expect("the Kubernetes API fixture"),
+        node: format!("node-{}", std::process::id()),
+        metrics: format!("127.0.0.1:{}", free_port()),
+        cg: Cgroups::new(),
+        sport: server.port(),
+        _server: server,
+    }
+}
+
 /// The sidecar watching `api` for the pods of `node`, with metrics.
 fn sidecar(api: &KubeApi, node: &str, metrics: &str) -> Sidecar {
     Sidecar::start(&[
@@ -122,9 +146,7 @@ fn pods_are_named_from_the_kubernetes_api() {
     let Some(_one_at_a_time) = cgroup_test() else {
         return;
     };
-    let node = format!("node-{}", std::process::id());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let api = KubeApi::start().expect("the Kubernetes API fixture");
+    let Setup { api, node, metrics, mut cg, sport, _server } = setup();
     let (uid1, uid1_) = pod_uid(100);
     let (c1, c1b) = (container_id(100), container_id(101));
     let labels_v1 = json!({"app": "web", "version": "v1", "tier": "front"});
@@ -136,12 +158,8 @@ fn pods_are_named_from_the_kubernetes_api() {
         pod("elsewhere", &pod_uid(199).0, "other-node", None, &[], json!({})),
     ]))
     .unwrap();
-    let mut cg = Cgroups::new();
     let path1 = pod_cgroup(&uid1_, &c1);
     cg.make(&path1);
-    let mut server = Proc::start(None, SERVER, &[]);
-    server.go();
-    let sport = server.port();
 
     let sc = sidecar(&api, &node, &metrics);
     wait_metric(&metrics, "flowlog_sidecar_kubernetes_pods", WAIT, |n| n == 1.0);
@@ -219,19 +237,13 @@ fn flows_are_reported_while_the_api_is_down_or_garbled() {
     let Some(_one_at_a_time) = cgroup_test() else {
         return;
     };
-    let node = format!("node-{}", std::process::id());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let api = KubeApi::start().expect("the Kubernetes API fixture");
+    let Setup { api, node, metrics, mut cg, sport, _server } = setup();
     let (uid, uid_) = pod_uid(110);
     let cid = container_id(110);
     api.apply(&pod("web-0", &uid, &node, Some(("StatefulSet", "web")), &[("web", &cid)], json!({"app": "web"}))).unwrap();
     api.fault("down", 0.0).unwrap();
-    let mut cg = Cgroups::new();
     let path = pod_cgroup(&uid_, &cid);
     cg.make(&path);
-    let mut server = Proc::start(None, SERVER, &[]);
-    server.go();
-    let sport = server.port();
 
     let sc = sidecar(&api, &node, &metrics);
     let unnamed = pod_wl(&uid, &cid, &[("reason", "no_pod_metadata")], json!({}));
