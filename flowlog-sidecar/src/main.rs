@@ -2,6 +2,7 @@
 //! flow record per TCP connection.
 
 mod capture;
+mod claim;
 mod config;
 mod flow;
 mod identity;
@@ -27,6 +28,7 @@ use crate::{
     output::Printer,
     sink::Sink,
     transport::KafkaSink,
+    workload::addresses::Announcer,
 };
 
 fn main() -> std::process::ExitCode {
@@ -85,12 +87,27 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
         metrics::serve(config.metrics_listen.parse()?)?;
         info!(listen = %config.metrics_listen, "serving Prometheus metrics on /metrics");
     }
+    let scope = workload::scope::Scope::new(&config.scope).map_err(|(name, reason)| anyhow::anyhow!("{name}: {reason}"))?;
+    // Only the identity heartbeats (Kafka) carry the workloads' IPs.
+    let announcer = (config.output == Output::Kafka)
+        .then(|| Announcer::from_config(&config.workload, &scope, config.identity.claim_filter()))
+        .flatten();
     let sink: Box<dyn Sink> = match config.output {
-        Output::Kafka => Box::new(KafkaSink::new(config.kafka.clone(), config.spool.clone(), config.identity.clone())?),
+        Output::Kafka => Box::new(KafkaSink::new(
+            config.kafka.clone(),
+            config.spool.clone(),
+            config.identity.clone(),
+            announcer.as_ref().map(Announcer::listing),
+        )?),
         mode => Box::new(Printer::new(mode, std::io::stdout())),
     };
-    let mut capture = Capture::new(&mut ebpf, sink, workload::Resolver::new(&config.workload))?;
+    let mut resolver = workload::Resolver::new(&config.workload, scope);
+    if let Some(a) = &announcer {
+        resolver.on_new_netns(a.poker());
+    }
+    let mut capture = Capture::new(&mut ebpf, sink, resolver)?;
     capture.prog_id = ebpf.program(attached.program_name()).and_then(|p| p.info().ok()).map(|i| i.id());
+    capture.workload_ips = announcer.as_ref().map(Announcer::listing);
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
