@@ -739,3 +739,98 @@ fn resolution_off_leaves_the_workload_empty() {
     assert_eq!(one(&records, sport, cport)["workload"], Value::Null);
     assert_eq!(stats["workload"], Value::Null);
 }
+
+/// A process in `ns` that connects to itself once told, and prints both ports.
+const SELF_CONNECT: &str = r#"
+wait()
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(1)
+c = socket.create_connection(l.getsockname())
+s, _ = l.accept()
+c.sendall(b"x" * 10)
+c.close()
+assert drain(s) == 10
+s.close()
+print(l.getsockname()[1], flush=True)
+"#;
+
+/// Two sidecars on one kernel, each scoped to its own "host": one to the
+/// cgroup subtree `node1`, the other to `node2` and a network namespace. A
+/// client in node1 talks to a server in node2: each sidecar reports its own
+/// side only; the namespace's flows go to the second; flows of neither
+/// (this test's own) to none. What each drops is counted.
+#[test]
+fn a_scope_captures_its_own_part_of_the_machine() {
+    let Some(_one_at_a_time) = cgroup_test() else {
+        return;
+    };
+    let t = std::process::id();
+    let top = format!("fltest{t}-scope");
+    // node2 is named node10: a sibling whose name starts like node1's.
+    let (node1, node2) = (format!("{top}/node1"), format!("{top}/node10"));
+    let mut cg = Cgroups::new();
+    // A service inside each node's subtree, as on a real host.
+    let (client_cg, server_cg) = (format!("{node1}/system.slice/client.service"), format!("{node2}/system.slice/web.service"));
+    cg.make(&client_cg);
+    cg.make(&server_cg);
+    let ns = Netns::new(format!("fltest-scope-{t}"));
+    let ns_path = format!("/run/netns/{}", ns.0);
+    let m1 = format!("127.0.0.1:{}", free_port());
+    let m2 = format!("127.0.0.1:{}", free_port());
+    let one = Sidecar::start(&["--scope-cgroup", &format!("/{node1}"), "--metrics-listen", &m1, "--stats-interval-secs", "1"]);
+    let two = Sidecar::start(&["--scope-cgroup", &format!("/{node2}/"), "--scope-netns", &ns_path, "--metrics-listen", &m2]);
+
+    // This test's own connection: no one's.
+    let (own_sport, own_cports) = short_connections(1);
+    let own_cport = own_cports[0];
+    // A connection inside the namespace (from a process in neither subtree).
+    let mut in_ns = Proc::start(Some(&ns), SELF_CONNECT, &[]);
+    in_ns.go();
+    let ns_sport = in_ns.port();
+    in_ns.wait_success();
+    // node1's client to node2's server.
+    let mut server = Proc::start(None, SERVER, &[]);
+    cg.enter(&server_cg, server.pid());
+    server.go();
+    let sport = server.port();
+    let mut client = Proc::start(None, CLIENT, &[&sport.to_string()]);
+    cg.enter(&client_cg, client.pid());
+    client.go();
+    let cport = client.port();
+    client.wait_success();
+
+    let from_ns = |r: &[Value]| r.iter().filter(|x| x["local_port"] == ns_sport || x["remote_port"] == ns_sport).count();
+    one.wait_for("node1's client record", WAIT, |r| !by_ports(r, cport, sport).is_empty());
+    two.wait_for("node2's server record and the namespace's two", WAIT, |r| {
+        !by_ports(r, sport, cport).is_empty() && from_ns(r) == 2
+    });
+    // The drops are counted as they happen (published on the stats tick).
+    let t0 = Instant::now();
+    while sample(&scrape(&m1), "flowlog_sidecar_flows_out_of_scope_total") < 5.0 {
+        assert!(t0.elapsed() < WAIT, "node1's sidecar did not count the flows outside its scope");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (r1, s1) = one.stop();
+    let (r2, s2) = two.stop();
+    drop(server);
+
+    let client_rec = by_ports(&r1, cport, sport);
+    assert_eq!(client_rec.len(), 1, "{client_rec:#?}");
+    assert_eq!(client_rec[0]["workload"]["unit"], "client.service");
+    assert!(by_ports(&r1, sport, cport).is_empty(), "node2's server side is not node1's");
+    assert_eq!(from_ns(&r1), 0, "the namespace is not node1's");
+    assert_eq!(by_ports(&r2, sport, cport).len(), 1);
+    assert!(by_ports(&r2, cport, sport).is_empty(), "node1's client side is not node2's");
+    assert_eq!(from_ns(&r2), 2);
+    for r in [&r1, &r2] {
+        assert!(by_ports(r, own_cport, own_sport).is_empty() && by_ports(r, own_sport, own_cport).is_empty());
+    }
+    // Every record of each is in its scope.
+    let node_of = |rec: &Value| rec["workload"]["unit"].as_str().map(str::to_owned);
+    assert!(r1.iter().all(|x| node_of(x).as_deref() == Some("client.service")), "{r1:#?}");
+    assert!(r2.iter().all(|x| node_of(x).as_deref() == Some("web.service") || x["netns_ino"] == inode(&ns_path)), "{r2:#?}");
+    // node1 dropped at least: the server side, the namespace's two, this test's two.
+    assert!(s1["out_of_scope"].as_u64().unwrap() >= 5, "{s1:#}");
+    assert!(s2["out_of_scope"].as_u64().unwrap() >= 3, "{s2:#}");
+}
