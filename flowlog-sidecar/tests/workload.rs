@@ -71,6 +71,17 @@ impl Cgroups {
         std::fs::remove_dir(&dir).unwrap_or_else(|e| panic!("rmdir {}: {e}", dir.display()));
         self.made.retain(|d| *d != dir);
     }
+
+    /// Removes `rel` once the processes just killed in it have left.
+    fn remove_when_empty(&mut self, rel: &str) {
+        let procs = self.root.join(rel).join("cgroup.procs");
+        let t0 = Instant::now();
+        while !std::fs::read_to_string(&procs).unwrap().trim().is_empty() {
+            assert!(t0.elapsed() < WAIT, "{rel} still has processes");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.remove(rel);
+    }
 }
 
 impl Drop for Cgroups {
@@ -833,4 +844,123 @@ fn a_scope_captures_its_own_part_of_the_machine() {
     // node1 dropped at least: the server side, the namespace's two, this test's two.
     assert!(s1["out_of_scope"].as_u64().unwrap() >= 5, "{s1:#}");
     assert!(s2["out_of_scope"].as_u64().unwrap() >= 3, "{s2:#}");
+}
+
+/// Runs `ip` with `args`; panics if it fails.
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().unwrap();
+    assert!(status.success(), "ip {args:?}");
+}
+
+/// A pod's network as a CNI plugin makes it: a namespace whose `eth0` is
+/// one end of a veth pair (the other end, `host_if`, stays in the root
+/// namespace), holding `addr` (with its prefix length). Deleting the
+/// namespace deletes the pair.
+fn pod_network(name: String, host_if: &str, addr: &str) -> Netns {
+    let ns = Netns::new(name);
+    ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.0]);
+    ip(&["link", "set", host_if, "up"]);
+    ip(&["-n", &ns.0, "addr", "add", addr, "dev", "eth0"]);
+    ip(&["-n", &ns.0, "link", "set", "eth0", "up"]);
+    ns
+}
+
+/// Adds a bridge `ifname` (no ports), up, holding `addr`, in `ns`.
+fn bridge(ns: &Netns, ifname: &str, addr: &str) {
+    ip(&["-n", &ns.0, "link", "add", ifname, "type", "bridge"]);
+    ip(&["-n", &ns.0, "addr", "add", addr, "dev", ifname]);
+    ip(&["-n", &ns.0, "link", "set", ifname, "up"]);
+}
+
+/// Waits until the sidecar's metrics at `addr` satisfy `pred`.
+fn wait_metrics(addr: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let t0 = Instant::now();
+    loop {
+        let body = scrape(addr);
+        if pred(&body) {
+            return body;
+        }
+        assert!(t0.elapsed() < WAIT, "timed out waiting for {what}: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Two pods (both cgroup drivers' naming) and a Docker container, each in
+/// a network namespace of its own, are announced with their IPs; the
+/// link-local and shared-interface (`cni0`, `docker0`) addresses in their
+/// namespaces are not, nor an address two namespaces hold at once, nor
+/// anything of a hostNetwork pod or of a pod outside the capture scope. A
+/// deleted pod is no longer announced.
+#[test]
+fn the_workloads_ips_are_announced() {
+    let Some(_one_at_a_time) = cgroup_test() else {
+        return;
+    };
+    if !broker::have_broker() {
+        return;
+    }
+    let t = std::process::id();
+    let broker = flowlog_runtime::testkit::Broker::start(&broker::spec("wlips")).expect("start the broker");
+    let host_id = format!("wlips-{t}");
+    let top = format!("fltest{t}-ips");
+    let mut cg = Cgroups::new();
+    let ((uid1, _), (uid2, uid2_), (uid4, _), (uid5, _)) = (pod_uid(70), pod_uid(71), pod_uid(73), pod_uid(74));
+    let c: Vec<String> = (70..75).map(container_id).collect();
+    let host_if = |i: u32| format!("flv{}{i}", t % 100_000);
+
+    // Pod 1 (cgroupfs naming): its IP, a link-local one, and two bridges'
+    // addresses that every host has.
+    let pod1_cg = format!("{top}/kubepods/besteffort/pod{uid1}/{}", c[0]);
+    let ns1 = pod_network(format!("fltest-ips1-{t}"), &host_if(1), "10.213.1.2/24");
+    ip(&["-n", &ns1.0, "addr", "add", "169.254.7.1/16", "dev", "eth0"]);
+    bridge(&ns1, "cni0", "10.22.0.1/24");
+    bridge(&ns1, "docker0", "172.17.0.1/16");
+    // Pod 2 (systemd naming), and a Docker container: both also hold 10.213.99.9.
+    let pod2_cg = format!(
+        "{top}/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid2_}.slice/cri-containerd-{}.scope",
+        c[1]
+    );
+    let ns2 = pod_network(format!("fltest-ips2-{t}"), &host_if(2), "10.213.2.2/24");
+    ip(&["-n", &ns2.0, "addr", "add", "10.213.99.9/32", "dev", "eth0"]);
+    let ctr_cg = format!("{top}/system.slice/docker-{}.scope", c[2]);
+    let ns3 = pod_network(format!("fltest-ips3-{t}"), &host_if(3), "10.213.3.2/24");
+    ip(&["-n", &ns3.0, "addr", "add", "10.213.99.9/32", "dev", "eth0"]);
+    // A hostNetwork pod (the host's namespace), and a pod outside the scope.
+    let pod4_cg = format!("{top}/kubepods/besteffort/pod{uid4}/{}", c[3]);
+    let pod5_cg = format!("fltest{t}-other/kubepods/besteffort/pod{uid5}/{}", c[4]);
+    let ns5 = pod_network(format!("fltest-ips5-{t}"), &host_if(5), "10.213.5.2/24");
+    let mut procs = Vec::new();
+    for (path, ns) in [(&pod1_cg, Some(&ns1)), (&pod2_cg, Some(&ns2)), (&ctr_cg, Some(&ns3)), (&pod4_cg, None), (&pod5_cg, Some(&ns5))] {
+        cg.make(path);
+        let p = Proc::start(ns, "wait()", &[]);
+        cg.enter(path, p.pid());
+        procs.push(p);
+    }
+
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let spool = std::env::temp_dir().join(format!("flowlog-wlips-spool-{t}"));
+    let sc = Sidecar::start(&[
+        "--output", "kafka", "--kafka-brokers", &broker.addr, "--spool-dir", spool.to_str().unwrap(),
+        "--host-id", &host_id, "--metrics-listen", &metrics_addr, "--shutdown-timeout-secs", "3",
+        "--scope-cgroup", &format!("/{top}"), "--workload-ips-interval-secs", "1",
+    ]);
+    let gauge = |body: &str, name: &str| sample(body, &format!("flowlog_sidecar_workload_{name}"));
+    let unclaimed = |body: &str, reason: &str| gauge(body, &format!("addresses_unclaimed{{reason=\"{reason}\"}}"));
+    let body = wait_metrics(&metrics_addr, "the three namespaces' addresses", |b| {
+        gauge(b, "namespaces") == 3.0 && gauge(b, "addresses") == 3.0 && unclaimed(b, "conflict") == 1.0
+    });
+    assert_eq!(unclaimed(&body, "shared_interface"), 2.0, "{body}");
+    assert!(unclaimed(&body, "link_local") >= 1.0, "{body}");
+    assert_eq!(unclaimed(&body, "shared_namespace"), 0.0, "{body}");
+
+    // Pod 1 is deleted: its process, its cgroup, its namespace.
+    drop(procs.remove(0));
+    cg.remove_when_empty(&pod1_cg);
+    drop(ns1);
+    let body = wait_metrics(&metrics_addr, "pod 1 to be gone", |b| gauge(b, "namespaces") == 2.0);
+    assert_eq!(gauge(&body, "addresses"), 2.0, "{body}");
+    assert_eq!(sample(&body, "flowlog_sidecar_workload_ip_errors_total{error=\"permission\"}"), 0.0);
+    sc.stop();
+    let _ = std::fs::remove_dir_all(&spool);
+    drop(procs);
 }
