@@ -95,7 +95,10 @@ flowlog_settings::settings! {
         pub identity: IdentityConfig = IdentityConfig::default(),
         /// Local workload resolution: which pod, container or service owned each flow.
         pub workload: WorkloadConfig = WorkloadConfig::default(),
-        /// The part of the machine this sidecar captures (default: all of it).
+        /// The part of the machine this sidecar captures (default: all of it):
+        /// a flow is kept when its owning process's cgroup is in `cgroup`'s
+        /// subtree or its network namespace is one of `netns`; the rest is
+        /// dropped, never sent, and counted.
         pub scope: ScopeConfig = ScopeConfig::default(),
     }
 }
