@@ -52,6 +52,12 @@ impl Workload {
         }
     }
 
+    /// The name people know it by: a pod's or service's name, else the
+    /// container id.
+    pub fn display_name(&self) -> Option<&str> {
+        self.name.as_deref().or(self.container_id.as_deref()).or(self.pod_uid.as_deref())
+    }
+
     fn strings(&self) -> [&Option<String>; 8] {
         [
             &self.name,
@@ -69,15 +75,20 @@ impl Workload {
     pub fn write_opt(w: &mut Writer, v: Option<&Workload>) {
         let Some(v) = v else { return w.long(0) };
         w.long(1);
-        v.kind.write(w);
-        match v.reason {
+        v.write(w);
+    }
+
+    /// The `Workload` record (Flow.workload, Identity.workloads).
+    pub fn write(&self, w: &mut Writer) {
+        self.kind.write(w);
+        match self.reason {
             None => w.long(0),
             Some(r) => {
                 w.long(1);
                 r.write(w);
             }
         }
-        for s in v.strings() {
+        for s in self.strings() {
             w.opt_string(s.as_deref());
         }
     }
@@ -98,13 +109,18 @@ impl Workload {
         if r.union_index(2)? == 0 {
             return Ok(None);
         }
+        Workload::read(r).map(|w| Some(Arc::new(w)))
+    }
+
+    /// Reads the `Workload` record.
+    pub fn read(r: &mut Reader) -> Result<Workload, DecodeError> {
         let kind = WorkloadKind::read(r)?;
         let reason = if r.union_index(2)? == 0 {
             None
         } else {
             Some(WorkloadReason::read(r)?)
         };
-        Ok(Some(Arc::new(Workload {
+        Ok(Workload {
             kind,
             reason,
             name: r.opt_string()?,
@@ -115,6 +131,6 @@ impl Workload {
             qos_class: r.opt_string()?,
             unit: r.opt_string()?,
             cgroup_path: r.opt_string()?,
-        })))
+        })
     }
 }
