@@ -92,6 +92,12 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
     let announcer = (config.output == Output::Kafka)
         .then(|| Announcer::from_config(&config.workload, &scope, config.identity.claim_filter()))
         .flatten();
+    // Changes from the listing START carries on are announced at once.
+    let ips_changes = announcer.as_ref().map(|a| {
+        let mut rx = a.listing();
+        rx.borrow_and_update();
+        rx
+    });
     let sink: Box<dyn Sink> = match config.output {
         Output::Kafka => Box::new(KafkaSink::new(
             config.kafka.clone(),
@@ -107,7 +113,7 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
     }
     let mut capture = Capture::new(&mut ebpf, sink, resolver)?;
     capture.prog_id = ebpf.program(attached.program_name()).and_then(|p| p.info().ok()).map(|i| i.id());
-    capture.workload_ips = announcer.as_ref().map(Announcer::listing);
+    capture.workload_ips = ips_changes;
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use apache_avro::types::Value as AvroValue;
 use common::*;
 use flowlog_runtime::testkit::{free_port, sample};
 use serde_json::{json, Value};
@@ -963,4 +964,76 @@ fn the_workloads_ips_are_announced() {
     sc.stop();
     let _ = std::fs::remove_dir_all(&spool);
     drop(procs);
+
+    // What the identity heartbeats said, in order.
+    let stopped = |r: &[broker::Consumed]| {
+        r.iter().any(|c| broker::field(broker::field(&c.value, "host"), "host_id") == &AvroValue::String(host_id.clone())
+            && broker::enum_sym(&c.value, "reason") == "STOP")
+    };
+    let heartbeats: Vec<(String, Vec<(Value, Vec<String>)>)> =
+        broker::consume(&broker.addr, broker::IDENTITY, flowlog_schema::schemas::IDENTITY.json, WAIT, stopped)
+            .into_iter()
+            .filter(|c| broker::field(broker::field(&c.value, "host"), "host_id") == &AvroValue::String(host_id.clone()))
+            .map(|c| (broker::enum_sym(&c.value, "reason"), listed(&c.value)))
+            .collect();
+    let pod = |uid: &str, qos: &str, runtime: Option<&str>| {
+        let mut fields = vec![("pod_uid", uid), ("qos_class", qos)];
+        fields.extend(runtime.map(|r| ("runtime", r)));
+        avro_wl("POD", &fields)
+    };
+    let pod1 = (pod(&uid1, "BestEffort", None), vec!["10.213.1.2".to_string()]);
+    let pod2 = (pod(&uid2, "Burstable", Some("containerd")), vec!["10.213.2.2".to_string()]);
+    let unit = format!("docker-{}.scope", c[2]);
+    let ctr = (
+        avro_wl("CONTAINER", &[("container_id", &c[2]), ("runtime", "docker"), ("unit", &unit)]),
+        vec!["10.213.3.2".to_string()],
+    );
+    let sort = |mut l: Vec<(Value, Vec<String>)>| {
+        l.sort_by_key(|(w, _)| w.to_string());
+        l
+    };
+    let all3 = sort(vec![pod1.clone(), pod2.clone(), ctr.clone()]);
+    let two = sort(vec![pod2, ctr]);
+    let lists: Vec<&Vec<(Value, Vec<String>)>> = heartbeats.iter().map(|(_, l)| l).collect();
+    // Announced at once when found (in START if the first listing was
+    // done by then, else in an IP_CHANGE), then at once without pod 1
+    // (IP_CHANGE), until the STOP; each listing only ever one of these
+    // (never pod 5's, never a shared or link-local address, never 10.213.99.9).
+    let first = heartbeats.iter().position(|(_, l)| !l.is_empty()).expect("a heartbeat with workloads");
+    assert!(["START", "IP_CHANGE"].contains(&heartbeats[first].0.as_str()), "{heartbeats:#?}");
+    let all_at = lists.iter().position(|l| sort((*l).clone()) == all3).expect("a heartbeat with all three");
+    let without = all_at + lists[all_at..].iter().position(|l| sort((*l).clone()) == two).expect("a heartbeat without pod 1");
+    assert_eq!(heartbeats[without].0, "IP_CHANGE", "{heartbeats:#?}");
+    assert_eq!(heartbeats.last().map(|(r, l)| (r.as_str(), sort(l.clone()))), Some(("STOP", two.clone())));
+    assert!(lists[first..].iter().all(|l| l.iter().all(|w| all3.contains(w))), "{heartbeats:#?}");
+    assert!(heartbeats[without..].iter().all(|(_, l)| !l.contains(&pod1)), "pod 1 never comes back");
+}
+
+/// Identity.workloads as (workload as JSON, ips).
+fn listed(identity: &AvroValue) -> Vec<(Value, Vec<String>)> {
+    let AvroValue::Array(items) = broker::field(identity, "workloads") else {
+        panic!("workloads is not an array")
+    };
+    items
+        .iter()
+        .map(|w| {
+            let workload = Value::try_from(broker::field(w, "workload").clone()).unwrap();
+            let AvroValue::Array(ips) = broker::field(w, "ips") else { panic!("ips is not an array") };
+            let ips = ips
+                .iter()
+                .map(|ip| match ip {
+                    AvroValue::String(s) => s.clone(),
+                    other => panic!("ip {other:?}"),
+                })
+                .collect();
+            (workload, ips)
+        })
+        .collect()
+}
+
+/// A workload as the identity record spells it (enum symbols upper case).
+fn avro_wl(kind: &str, fields: &[(&str, &str)]) -> Value {
+    let mut v = wl(&kind.to_lowercase(), fields);
+    v["kind"] = json!(kind);
+    v
 }

@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use flowlog_schema::{Workload, WorkloadKind};
+use flowlog_schema::{Workload, WorkloadIps, WorkloadKind};
 use metrics::{counter, gauge};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -50,17 +50,10 @@ use crate::{
 /// Rounds are at least this far apart, however often they are asked for.
 const MIN_ROUND_GAP: Duration = Duration::from_millis(250);
 
-/// One workload's network namespace and the addresses announced for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkloadIps {
-    /// The namespace's owner: a pod (without a container: all of a pod's
-    /// containers share it) or a container.
-    pub workload: Arc<Workload>,
-    /// Sorted, never empty.
-    pub ips: Vec<IpAddr>,
-}
-
-/// Every workload with addresses, in the order of their namespaces' inodes.
+/// Every workload with addresses, in the order of their namespaces' inodes,
+/// as the identity heartbeat carries them: each namespace's owner (a pod,
+/// without a container: all of a pod's containers share it; or a
+/// container) and its IPs (text, sorted, never empty).
 pub type Listing = Arc<Vec<WorkloadIps>>;
 
 /// Why an address found in a workload's namespace is not announced.
@@ -130,7 +123,12 @@ pub fn claim(found: Vec<Found>, filter: &ClaimFilter) -> (Vec<WorkloadIps>, BTre
     let listing = kept
         .into_values()
         .filter(|(_, ips)| !ips.is_empty())
-        .map(|(workload, ips)| WorkloadIps { workload, ips })
+        .map(|(workload, ips)| {
+            // Sorted as text, like the host's own.
+            let mut ips: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+            ips.sort();
+            WorkloadIps { workload, ips }
+        })
         .collect();
     (listing, unclaimed)
 }
@@ -320,8 +318,8 @@ mod tests {
         list.iter().map(|(ifname, ip)| IfAddr { ifname: ifname.to_string(), ip: ip.parse().unwrap() }).collect()
     }
 
-    fn ips(list: &[&str]) -> Vec<IpAddr> {
-        list.iter().map(|ip| ip.parse().unwrap()).collect()
+    fn ips(list: &[&str]) -> Vec<String> {
+        list.iter().map(|ip| ip.to_string()).collect()
     }
 
     fn filter() -> ClaimFilter {
@@ -334,7 +332,7 @@ mod tests {
             Found {
                 ino: 20,
                 owner: pod("b"),
-                addresses: addrs(&[("lo", "127.0.0.1"), ("lo", "::1"), ("eth0", "10.0.1.7"), ("eth0", "fe80::1"), ("eth0", "fd00::7")]),
+                addresses: addrs(&[("lo", "127.0.0.1"), ("lo", "::1"), ("eth0", "10.0.1.7"), ("eth0", "fe80::1"), ("eth0", "fd00::7"), ("eth1", "10.0.1.10")]),
             },
             Found {
                 ino: 10,
@@ -347,9 +345,9 @@ mod tests {
             listing,
             [
                 WorkloadIps { workload: pod("a").unwrap(), ips: ips(&["10.0.1.5"]) },
-                WorkloadIps { workload: pod("b").unwrap(), ips: ips(&["10.0.1.7", "fd00::7"]) },
+                WorkloadIps { workload: pod("b").unwrap(), ips: ips(&["10.0.1.10", "10.0.1.7", "fd00::7"]) },
             ],
-            "by namespace, addresses sorted"
+            "by namespace, addresses sorted as text"
         );
         assert_eq!(
             unclaimed,
@@ -368,7 +366,7 @@ mod tests {
             Found { ino: 4, owner: pod("d"), addresses: addrs(&[("eth0", "10.0.0.4"), ("eth1", "10.0.0.4")]) },
         ];
         let (listing, unclaimed) = claim(found, &filter());
-        let got: Vec<(&str, Vec<IpAddr>)> =
+        let got: Vec<(&str, Vec<String>)> =
             listing.iter().map(|w| (w.workload.pod_uid.as_deref().unwrap(), w.ips.clone())).collect();
         assert_eq!(got, [("a", ips(&["10.0.0.1"])), ("b", ips(&["10.0.0.2"])), ("d", ips(&["10.0.0.4"]))]);
         assert_eq!(unclaimed, [(Reason::Conflict, 1)].into_iter().collect());
