@@ -269,6 +269,27 @@ mod tests {
     }
 
     #[test]
+    fn scope_and_address_settings_are_checked() {
+        let c = parse("[scope]\ncgroup = \"/node1\"\nnetns = [\"/proc/self/ns/net\", \"4026531840\"]").unwrap();
+        assert_eq!((c.scope.cgroup.as_deref(), c.scope.netns.len()), (Some("/node1"), 2));
+        let invalid = |text: &str| match parse(text) {
+            Err(ConfigError::Invalid { name, .. }) => name,
+            other => panic!("{text}: {other:?}"),
+        };
+        assert_eq!(invalid("[scope]\ncgroup = \"node1\""), "scope.cgroup");
+        assert_eq!(invalid("[scope]\nnetns = [\"/run/netns/flowlog-no-such-namespace\"]"), "scope.netns");
+        assert_eq!(invalid("[workload]\nresolve = false\n[scope]\ncgroup = \"/node1\""), "scope.cgroup");
+        assert_eq!(invalid("[identity]\nshared_interfaces = [\"br-[\"]"), "identity.shared_interfaces");
+        assert_eq!(invalid("[workload]\nips_interval_secs = 0"), "workload.ips_interval_secs");
+        // Without resolution, a namespace scope still works.
+        assert!(parse("[workload]\nresolve = false\n[scope]\nnetns = [\"1\"]").is_ok());
+        let cli = Cli::parse_from(["x", "--scope-netns", "1,2", "--shared-interfaces", "cni*,weave", "--workload-announce-ips", "false"]);
+        let c = Config::load(&cli).unwrap();
+        assert_eq!((c.scope.netns, c.identity.shared_interfaces), (vec!["1".to_string(), "2".into()], vec!["cni*".to_string(), "weave".into()]));
+        assert!(!c.workload.announce_ips);
+    }
+
+    #[test]
     fn flags_override_file() {
         let file = flowlog_settings::TempFile::new("flowlog-cfg", "output = \"table\"\nmax_sockets = 10\n[kafka]\nbrokers = \"file:9092\"\n");
         let cli = Cli::parse_from([

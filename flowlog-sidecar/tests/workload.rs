@@ -970,7 +970,7 @@ fn the_workloads_ips_are_announced() {
         r.iter().any(|c| broker::field(broker::field(&c.value, "host"), "host_id") == &AvroValue::String(host_id.clone())
             && broker::enum_sym(&c.value, "reason") == "STOP")
     };
-    let heartbeats: Vec<(String, Vec<(Value, Vec<String>)>)> =
+    let heartbeats: Vec<(String, Listed)> =
         broker::consume(&broker.addr, broker::IDENTITY, flowlog_schema::schemas::IDENTITY.json, WAIT, stopped)
             .into_iter()
             .filter(|c| broker::field(broker::field(&c.value, "host"), "host_id") == &AvroValue::String(host_id.clone()))
@@ -988,13 +988,13 @@ fn the_workloads_ips_are_announced() {
         avro_wl("CONTAINER", &[("container_id", &c[2]), ("runtime", "docker"), ("unit", &unit)]),
         vec!["10.213.3.2".to_string()],
     );
-    let sort = |mut l: Vec<(Value, Vec<String>)>| {
+    let sort = |mut l: Listed| {
         l.sort_by_key(|(w, _)| w.to_string());
         l
     };
     let all3 = sort(vec![pod1.clone(), pod2.clone(), ctr.clone()]);
     let two = sort(vec![pod2, ctr]);
-    let lists: Vec<&Vec<(Value, Vec<String>)>> = heartbeats.iter().map(|(_, l)| l).collect();
+    let lists: Vec<&Listed> = heartbeats.iter().map(|(_, l)| l).collect();
     // Announced at once when found (in START if the first listing was
     // done by then, else in an IP_CHANGE), then at once without pod 1
     // (IP_CHANGE), until the STOP; each listing only ever one of these
@@ -1010,7 +1010,9 @@ fn the_workloads_ips_are_announced() {
 }
 
 /// Identity.workloads as (workload as JSON, ips).
-fn listed(identity: &AvroValue) -> Vec<(Value, Vec<String>)> {
+type Listed = Vec<(Value, Vec<String>)>;
+
+fn listed(identity: &AvroValue) -> Listed {
     let AvroValue::Array(items) = broker::field(identity, "workloads") else {
         panic!("workloads is not an array")
     };

@@ -304,7 +304,13 @@ impl KafkaSink {
             sequence_epoch: self.encoder.epoch,
             next_sequence: self.encoder.next_sequence,
             version: env!("CARGO_PKG_VERSION").into(),
-            workloads: self.workload_ips.as_ref().map(|l| l.borrow().to_vec()).unwrap_or_default(),
+            // A listing whose thread is gone (it panicked) is not announced.
+            workloads: self
+                .workload_ips
+                .as_ref()
+                .filter(|l| l.has_changed().is_ok())
+                .map(|l| l.borrow().to_vec())
+                .unwrap_or_default(),
         }
         .to_message();
         let headers = OwnedHeaders::new().insert(Header { key: FINGERPRINT_HEADER, value: Some(self.identity_fp.as_str()) });

@@ -32,7 +32,7 @@ use std::{
 use flowlog_schema::{Workload, WorkloadIps, WorkloadKind};
 use metrics::{counter, gauge};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{
     cgroup,
@@ -176,7 +176,7 @@ impl Announcer {
                 tx.send_if_modified(|cur| {
                     let changed = **cur != listing;
                     if changed {
-                        info!(workloads = listing.len(), "workload addresses changed");
+                        debug!(workloads = listing.len(), "workload addresses changed");
                         *cur = Arc::new(listing);
                     }
                     changed
@@ -243,6 +243,11 @@ impl Discovery {
             });
             known.insert(c.id, owner.clone());
             let Some(owner) = owner else { continue };
+            let cgroup_in_scope = self.scope.cgroup_in(&c.path);
+            // Another scope's workloads' namespaces are not even opened.
+            if !cgroup_in_scope && !self.scope.has_netns() {
+                continue;
+            }
             let ns = match netns::of_cgroup(&self.mount.dir_of(&c.path)) {
                 Ok(Some(ns)) => ns,
                 Ok(None) => continue,
@@ -251,7 +256,7 @@ impl Discovery {
                     continue;
                 }
             };
-            if self.host_netns.contains(&ns.ino) || !(self.scope.cgroup_in(&c.path) || self.scope.netns_in(ns.ino)) {
+            if self.host_netns.contains(&ns.ino) || !(cgroup_in_scope || self.scope.netns_in(ns.ino)) {
                 continue;
             }
             match spaces.get_mut(&ns.ino) {

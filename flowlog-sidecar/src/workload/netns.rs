@@ -92,6 +92,9 @@ pub fn of_cgroup(dir: &Path) -> Result<Option<Netns>, NetnsError> {
 /// The addresses of the interfaces that are up in each namespace, in
 /// order, listed from one short-lived thread (see the module docs).
 pub fn addresses_in(namespaces: &[&OwnedFd]) -> Vec<Result<Vec<IfAddr>, NetnsError>> {
+    if namespaces.is_empty() {
+        return Vec::new();
+    }
     let list = || -> Vec<Result<Vec<IfAddr>, NetnsError>> {
         namespaces
             .iter()

@@ -128,6 +128,9 @@ impl Resolver {
             match tree::find_mount(&mountinfo) {
                 None => {
                     warn!("no cgroup v2 hierarchy mounted: every flow is attributed to the host (NO_CGROUP_V2)");
+                    if scope.has_cgroup() {
+                        warn!("scope.cgroup cannot apply without cgroup v2: only flows of scope.netns are captured");
+                    }
                     Mode::NoCgroupV2
                 }
                 Some(mount) => {

@@ -78,6 +78,10 @@ impl Scope {
         self.cgroup.is_some()
     }
 
+    pub fn has_netns(&self) -> bool {
+        !self.netns.is_empty()
+    }
+
     /// Whether the cgroup at `path` (from the cgroup v2 root) is in the
     /// scope's subtree (true with no cgroup scope only if nothing is scoped).
     pub fn cgroup_in(&self, path: &str) -> bool {
@@ -106,7 +110,7 @@ mod tests {
     #[test]
     fn no_scope_is_everything() {
         let s = scope(None, &[]).unwrap();
-        assert!(s.is_all() && s.cgroup_in("/anything") && s.netns_in(42) && !s.has_cgroup());
+        assert!(s.is_all() && s.cgroup_in("/anything") && s.netns_in(42) && !s.has_cgroup() && !s.has_netns());
     }
 
     #[test]
@@ -126,7 +130,7 @@ mod tests {
     fn namespaces_by_inode_or_path() {
         let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
         let s = scope(None, &["/proc/self/ns/net", "12345"]).unwrap();
-        assert!(s.netns_in(own) && s.netns_in(12345) && !s.netns_in(1));
+        assert!(s.netns_in(own) && s.netns_in(12345) && !s.netns_in(1) && s.has_netns());
         assert!(!s.cgroup_in("/"), "a netns scope alone takes no cgroup");
         let (name, reason) = scope(None, &["/run/netns/flowlog-no-such-namespace"]).unwrap_err();
         assert!(name == "scope.netns" && reason.contains("flowlog-no-such-namespace"), "{reason}");
