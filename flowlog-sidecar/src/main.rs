@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser as _;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     capture::{Capture, Timers},
@@ -88,6 +88,9 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
         info!(listen = %config.metrics_listen, "serving Prometheus metrics on /metrics");
     }
     let scope = workload::scope::Scope::new(&config.scope).map_err(|(name, reason)| anyhow::anyhow!("{name}: {reason}"))?;
+    if !scope.is_all() && config.output == Output::Kafka && config.identity.ips.is_none() {
+        warn!("a capture scope is set but identity.ips is not: the machine's addresses are announced as this scope's host's");
+    }
     // Only the identity heartbeats (Kafka) carry the workloads' IPs.
     let announcer = (config.output == Output::Kafka)
         .then(|| Announcer::from_config(&config.workload, &scope, config.identity.claim_filter()))
