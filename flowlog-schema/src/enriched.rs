@@ -37,6 +37,10 @@ pub struct Attrs {
     pub eni_id: Option<String>,
     pub vpc_id: Option<String>,
     pub subnet_id: Option<String>,
+    /// The workload that held the IP (Attribution.held_by): a pod or
+    /// container its sidecar announced, or a Kubernetes Service.
+    #[serde(skip)]
+    pub held_by: Option<Arc<Workload>>,
 }
 
 impl Attrs {
@@ -60,7 +64,15 @@ impl Attrs {
             vpc_id: label("vpc_id"),
             subnet_id: label("subnet_id"),
             labels: h.labels.clone(),
+            held_by: None,
         }
+    }
+
+    /// A workload of sidecar host `h` as an owner: the host's attributes
+    /// (zone, cluster, ... apply to its workloads too), named after the
+    /// workload, which is `held_by`.
+    pub fn of_workload(h: &HostIdentity, w: Arc<Workload>) -> Attrs {
+        Attrs { workload: w.display_name().map(str::to_string).or_else(|| h.workload.clone()), held_by: Some(w), ..Attrs::of_host(h) }
     }
 
     fn write(&self, w: &mut Writer) {
@@ -100,7 +112,7 @@ impl Attribution {
     pub fn of(owner: &Arc<Attrs>, source: Source) -> Attribution {
         let confidence = match source {
             Source::Sidecar => 1.0,
-            Source::Ec2 => 0.9,
+            Source::Ec2 | Source::Kubernetes => 0.9,
             _ => 0.7,
         };
         Attribution { source, reason: None, owner: Some(owner.clone()), confidence }
@@ -123,6 +135,7 @@ impl Attribution {
             None => Attrs::default().write(w),
         }
         w.float(self.confidence);
+        Workload::write_opt_text(w, self.owner.as_ref().and_then(|o| o.held_by.as_deref()));
     }
 }
 

@@ -106,7 +106,7 @@ avro_enum! {
 
 avro_enum! {
     /// Which metadata source attributed a side of a flow.
-    Source in "Attribution.source" { Sidecar = "SIDECAR", Ec2 = "EC2", Static = "STATIC", None = "NONE" }
+    Source in "Attribution.source" { Sidecar = "SIDECAR", Ec2 = "EC2", Static = "STATIC", Kubernetes = "KUBERNETES", None = "NONE" }
 }
 
 avro_enum! {
@@ -125,6 +125,9 @@ avro_enum! {
         Container = "CONTAINER",
         /// A systemd service.
         Service = "SERVICE",
+        /// A Kubernetes Service's virtual IP (only in the enricher's
+        /// `Attribution.held_by`).
+        ClusterIp = "CLUSTER_IP",
     }
 }
 

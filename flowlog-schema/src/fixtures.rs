@@ -116,6 +116,7 @@ pub fn identity(host: &HostIdentity, time_ns: i64, reason: IdentityReason) -> Id
         sequence_epoch: 1,
         next_sequence: 0,
         version: "test".into(),
+        workloads: Vec::new(),
     }
 }
 

@@ -30,6 +30,6 @@ pub use enums::{
 };
 pub use flow::{decode_flow, Flow, StatePath};
 pub use host::{Host, HostIdentity};
-pub use identity::Identity;
+pub use identity::{Identity, WorkloadIps};
 pub use schemas::{SchemaDef, ENRICHED_FLOW, FLOW, IDENTITY};
 pub use workload::Workload;

@@ -69,6 +69,12 @@ impl Workload {
         }
     }
 
+    /// The name people know it by: a pod's or service's name, else the
+    /// container id.
+    pub fn display_name(&self) -> Option<&str> {
+        self.name.as_deref().or(self.container_id.as_deref()).or(self.pod_uid.as_deref())
+    }
+
     /// The optional strings from `name` to `cgroup_path`, in the schema's order.
     fn strings(&self) -> [&Option<String>; 8] {
         [
@@ -95,18 +101,23 @@ impl Workload {
     pub fn write_opt(w: &mut Writer, v: Option<&Workload>) {
         let Some(v) = v else { return w.long(0) };
         w.long(1);
-        v.kind.write(w);
-        match v.reason {
+        v.write(w);
+    }
+
+    /// The `Workload` record (Flow.workload, Identity.workloads).
+    pub fn write(&self, w: &mut Writer) {
+        self.kind.write(w);
+        match self.reason {
             None => w.long(0),
             Some(r) => {
                 w.long(1);
                 r.write(w);
             }
         }
-        for s in v.strings() {
+        for s in self.strings() {
             w.opt_string(s.as_deref());
         }
-        v.write_metadata(w);
+        self.write_metadata(w);
     }
 
     /// `["null", WorkloadInfo]` as in schemas/enriched_flow.avsc (enums as text).
@@ -126,6 +137,15 @@ impl Workload {
         if r.union_index(2)? == 0 {
             return Ok(None);
         }
+        Workload::read_version(r, version).map(|w| Some(Arc::new(w)))
+    }
+
+    /// Reads the `Workload` record (current form).
+    pub fn read(r: &mut Reader) -> Result<Workload, DecodeError> {
+        Workload::read_version(r, WorkloadVersion::Current)
+    }
+
+    fn read_version(r: &mut Reader, version: WorkloadVersion) -> Result<Workload, DecodeError> {
         let kind = WorkloadKind::read(r)?;
         let reason = if r.union_index(2)? == 0 {
             None
@@ -155,6 +175,6 @@ impl Workload {
                 Ok(())
             })?;
         }
-        Ok(Some(Arc::new(w)))
+        Ok(w)
     }
 }

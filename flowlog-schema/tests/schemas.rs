@@ -13,7 +13,7 @@ use flowlog_schema::{
     decode_flow, fixtures,
     schemas::{ALL, ENRICHED_FLOW, FLOW, FLOW_V1, FLOW_V2, IDENTITY},
     Attribution, Attrs, DecodeError, Direction, EndReason, EnrichedFlow, Family, Flow, Host, HostIdentity,
-    Identity, IdentityReason, OwnerSource, RecordType, Source, Unattributed, Workload, WorkloadKind, WorkloadReason,
+    Identity, IdentityReason, WorkloadIps, OwnerSource, RecordType, Source, Unattributed, Workload, WorkloadKind, WorkloadReason,
     Writer,
 };
 use serde_json::Value as Json;
@@ -45,6 +45,23 @@ fn named_types(j: &Json, out: &mut BTreeMap<String, Json>) {
         }
         Json::Array(a) => a.iter().for_each(|v| named_types(v, out)),
         _ => {}
+    }
+}
+
+/// A record or enum that several schemas define (each .avsc must stand
+/// alone) is defined the same in each: one definition, copied.
+#[test]
+fn shared_types_are_defined_alike() {
+    let mut seen: BTreeMap<String, (&str, Json)> = BTreeMap::new();
+    for def in ALL {
+        let mut types = BTreeMap::new();
+        named_types(&serde_json::from_str(def.json).unwrap(), &mut types);
+        for (name, t) in types {
+            match seen.get(&name) {
+                Some((first, t0)) => assert_eq!(t0, &t, "{name} differs between {first}.avsc and {}.avsc", def.name),
+                None => drop(seen.insert(name, (def.name, t))),
+            }
+        }
     }
 }
 
@@ -284,7 +301,11 @@ fn flow_v2_still_decodes() {
 #[test]
 fn identity_matches_apache_avro_field_by_field() {
     let h = fixtures::host();
-    let id = Identity { next_sequence: 1000, ..fixtures::identity(&h, 123, IdentityReason::IpChange) };
+    let workloads = vec![
+        WorkloadIps { workload: Arc::new(every_workload_field()), ips: vec!["10.1.0.5".into(), "fd00::5".into()] },
+        WorkloadIps { workload: Arc::new(Workload::of(WorkloadKind::Container)), ips: vec![] },
+    ];
+    let id = Identity { next_sequence: 1000, workloads, ..fixtures::identity(&h, 123, IdentityReason::IpChange) };
     let msg = id.to_message();
     let schema = IDENTITY.parse();
     let v = GenericSingleObjectReader::new(schema.clone()).unwrap().read_value(&mut &msg[..]).unwrap();
@@ -294,7 +315,14 @@ fn identity_matches_apache_avro_field_by_field() {
     assert_eq!(field(&v, "next_sequence"), &Value::Long(1000));
     assert_eq!(field(&v, "version"), &s("test"));
     assert_eq!(field(field(&v, "host"), "host_id"), &s("h1"));
-    assert_eq!(apache_avro::to_avro_datum(&schema, v).unwrap(), msg[10..]);
+    let Value::Array(workloads) = field(&v, "workloads") else { panic!() };
+    assert_eq!(workloads.len(), 2);
+    check_workload(&Value::Union(1, Box::new(field(&workloads[0], "workload").clone())), Value::Enum(1, "POD".into()), some(Value::Enum(4, "UNKNOWN_RUNTIME".into())));
+    assert_eq!(field(&workloads[0], "ips"), &Value::Array(vec![s("10.1.0.5"), s("fd00::5")]));
+    assert_eq!(field(&workloads[1], "ips"), &Value::Array(vec![]));
+    let Value::Record(fields) = &v else { panic!() };
+    assert_eq!(fields.len(), 7, "a field of Identity is not checked here");
+    assert_eq!(apache_avro::to_avro_datum(&schema, v.clone()).unwrap(), msg[10..]);
     assert_eq!(Identity::decode(&msg).unwrap(), id);
 }
 
@@ -329,6 +357,7 @@ fn enriched_container_is_read_by_apache_avro() {
         enriched(Attribution::of(&db_owner(&[("tier", "gold"), ("zz", "é")]), Source::Static), false),
         enriched(Attribution::none(Unattributed::UnknownIp), false),
         enriched(Attribution::none(Unattributed::NoOwnerAtTime), true),
+        enriched(Attribution::of(&Arc::new(Attrs::of_workload(&fixtures::host(), Arc::new(every_workload_field()))), Source::Sidecar), false),
     ];
     let mut w = ContainerWriter::new(Vec::new()).unwrap();
     for r in &recs {
@@ -336,7 +365,7 @@ fn enriched_container_is_read_by_apache_avro() {
     }
     let bytes = w.finish().unwrap();
     let read: Vec<Value> = apache_avro::Reader::new(&bytes[..]).unwrap().map(|r| r.unwrap()).collect();
-    assert_eq!(read.len(), 3);
+    assert_eq!(read.len(), 4);
     let v = &read[0];
     let want = [
         ("flow_id", s("00abcdef01234567")),
@@ -405,11 +434,18 @@ fn enriched_container_is_read_by_apache_avro() {
         ("vpc_id", some(s("vpc-1"))),
         ("subnet_id", null()),
         ("confidence", Value::Float(0.7)),
+        ("held_by", null()),
     ] {
         assert_eq!(field(remote, name), &value, "remote.{name}");
     }
     let Value::Record(fields) = remote else { panic!() };
-    assert_eq!(fields.len(), 19, "a field of Attribution is not checked here");
+    assert_eq!(fields.len(), 20, "a field of Attribution is not checked here");
+    // A pod its sidecar announced: named after the pod, on its host.
+    let pod = field(&read[3], "remote");
+    assert_eq!(field(pod, "workload"), &some(s("web-0")));
+    assert_eq!(field(pod, "host_id"), &some(s("h1")));
+    assert_eq!(field(pod, "team"), &some(s("net")));
+    check_workload(field(pod, "held_by"), s("POD"), some(s("UNKNOWN_RUNTIME")));
     let miss = field(&read[1], "remote");
     assert_eq!(field(miss, "attributed"), &Value::Boolean(false));
     assert_eq!(field(miss, "source"), &s("NONE"));

@@ -66,6 +66,17 @@ impl Cgroups {
         std::fs::remove_dir(&dir).unwrap_or_else(|e| panic!("rmdir {}: {e}", dir.display()));
         self.made.retain(|d| *d != dir);
     }
+
+    /// Removes `rel` once the processes just killed in it have left.
+    pub fn remove_when_empty(&mut self, rel: &str) {
+        let procs = self.root.join(rel).join("cgroup.procs");
+        let t0 = Instant::now();
+        while !std::fs::read_to_string(&procs).unwrap().trim().is_empty() {
+            assert!(t0.elapsed() < WAIT, "{rel} still has processes");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.remove(rel);
+    }
 }
 
 impl Drop for Cgroups {

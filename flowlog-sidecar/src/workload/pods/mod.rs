@@ -17,7 +17,7 @@ use std::{
     },
 };
 
-use flowlog_schema::{Workload, WorkloadReason};
+use flowlog_schema::{Workload, WorkloadKind, WorkloadReason};
 use k8s_openapi::{
     api::core::v1::{ContainerStatus, Pod},
     apimachinery::pkg::apis::meta::v1::OwnerReference,
@@ -161,6 +161,25 @@ impl PodMeta {
             labels: self.labels.clone(),
             ..base.clone()
         }
+    }
+}
+
+/// Starts the watch of this node's pods when `workload.kubernetes` is on
+/// (and workloads are resolved); its index names pods for the resolver
+/// and the workload-IP announcements.
+pub fn start(config: &super::WorkloadConfig) -> Option<Arc<PodIndex>> {
+    (config.resolve && config.kubernetes.enabled).then(|| watch::start(&config.kubernetes))
+}
+
+/// A pod's workload (`w`, kind POD, from its cgroup path) as `index` names
+/// it now; any other workload as it is.
+pub fn name_now(index: &PodIndex, w: &Arc<Workload>) -> Arc<Workload> {
+    if w.kind != WorkloadKind::Pod || w.reason.is_some() {
+        return w.clone();
+    }
+    match index.get(w.pod_uid.as_deref().unwrap_or_default()) {
+        Some(meta) => Arc::new(meta.name(w)),
+        None => Arc::new(unnamed(w)),
     }
 }
 

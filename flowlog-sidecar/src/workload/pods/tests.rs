@@ -167,3 +167,19 @@ fn settings_say_what_is_missing() {
     // Off: nothing is checked.
     parse("[workload.kubernetes]\napi_url = \"nonsense\"\n").unwrap();
 }
+
+/// What the workload-IP announcements carry: a pod named as the index has
+/// it now, unnamed (with the reason) when it has not; anything else as is.
+#[test]
+fn announced_pods_are_named_now() {
+    let index = PodIndex::default();
+    let owner = Arc::new(Workload { container_id: None, unit: None, ..fixtures::pod_workload() });
+    let w = name_now(&index, &owner);
+    assert_eq!((w.kind, w.reason, w.name.clone()), (WorkloadKind::Pod, Some(WorkloadReason::NoPodMetadata), None));
+    let (uid, m) = PodMeta::of(&pod(), &["app".to_string()]).unwrap();
+    index.insert(uid, m);
+    let w = name_now(&index, &owner);
+    assert_eq!((w.reason, w.name.as_deref(), w.namespace.as_deref(), w.container_name.as_deref()), (None, Some("web-7d9f8b6c5-x2x9z"), Some("shop"), None));
+    let container = Arc::new(Workload::of(WorkloadKind::Container));
+    assert!(Arc::ptr_eq(&name_now(&index, &container), &container));
+}
