@@ -231,7 +231,7 @@ fn pods_are_named_from_the_kubernetes_api() {
 
 /// The API down at start, then answering garbage: every flow is still
 /// reported (the pod by its UID, reason NO_POD_METADATA) and counted, the
-/// sidecar keeps running; once the API answers, the pod is named.
+/// sidecar keeps running; once the API answers (slowly), the pod is named.
 #[test]
 fn flows_are_reported_while_the_api_is_down_or_garbled() {
     let Some(_one_at_a_time) = cgroup_test() else {
@@ -267,14 +267,15 @@ fn flows_are_reported_while_the_api_is_down_or_garbled() {
     assert_eq!(sc.records(|r| one(r, port, sport))["workload"], unnamed);
     wait_metric(&metrics, unresolved, WAIT, |n| n >= 2.0);
 
-    // The API answers again: the watcher recovers (after its backoff) and
-    // the pod is named.
-    api.fault("ok", 0.0).unwrap();
+    // The API answers again, if slowly (each answer a second late): the
+    // watcher recovers (after its backoff) and the pod is named.
+    api.fault("slow", 1.0).unwrap();
     wait_metric(&metrics, "flowlog_sidecar_kubernetes_pods", RECOVERY, |n| n == 1.0);
     let named = connect_until(&sc, &cg, &path, sport, "the pod named once the API is back", |w| w["reason"].is_null());
     let names = [("name", "web-0"), ("namespace", "shop"), ("container_name", "web"), ("owner_kind", "StatefulSet"), ("owner_name", "web")];
     assert_eq!(named["workload"], pod_wl(&uid, &cid, &names, json!({"app": "web"})));
     assert_eq!(api.requests("get statefulsets"), 0, "a StatefulSet is the top owner: no lookup");
+    assert!(api.requests("fault slow") >= 2, "the list and the watch were slow");
 
     let (records, stats) = sc.stop();
     assert!(stats["workload"]["unresolved"]["no_pod_metadata"].as_u64().unwrap() >= 2);
