@@ -2,7 +2,8 @@
 //! message of the flow topic is decoded, attributed and added to its
 //! partition's batch (or sent to the dead-letter queue); a batch rolls when
 //! full or old, later if it holds young unattributed flows that late
-//! metadata may still attribute; a rolled batch goes through every sink and
+//! metadata may still attribute; a rolled batch's final attribution is
+//! self-checked ([`crate::selfcheck`]), then it goes through every sink and
 //! only then are its offsets committed. Offsets already in files are
 //! skipped (exactly once across restarts and rebalances). Time is passed in
 //! ([`Now`]) so that tests drive it.
@@ -221,10 +222,14 @@ impl Pipeline {
         self.take(due)
     }
 
-    /// Every open batch (when stopping).
+    /// Every open batch (when stopping). Records still waiting for their
+    /// other half are one-sided now: the next process will not know them.
     pub fn drain(&mut self) -> Vec<(i32, Batch)> {
         let all = self.batches.keys().copied().collect();
-        self.take(all)
+        let open = self.take(all);
+        self.selfcheck.expire_all();
+        self.selfcheck.publish();
+        open
     }
 
     /// Partition `p`'s batch through `last` is written and committed.

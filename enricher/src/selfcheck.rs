@@ -10,7 +10,8 @@
 //!   a host (its own IPs, a host-network workload);
 //! - `disagree`: different workloads or hosts;
 //! - `unattributed`: one of the two sides is not attributed;
-//! - `one_sided`: no other half within the window (counted when it expires):
+//! - `one_sided`: no other half within the window (counted when it expires,
+//!   or when the process stops):
 //!   the other end runs no sidecar, or its record went to another enricher
 //!   instance (the check is per instance: halves on partitions another
 //!   instance owns never meet here), or the two ends' start times fell in
@@ -200,6 +201,13 @@ impl SelfCheck {
         }
     }
 
+    /// Every waiting half is one-sided (the process stops).
+    pub fn expire_all(&mut self) {
+        while let Some((_, id, seq)) = self.queue.pop_front() {
+            self.drop_waiting(id, seq, Verdict::OneSided);
+        }
+    }
+
     /// The verdicts since the last call.
     pub fn take(&mut self) -> BTreeMap<(Verdict, &'static str), u64> {
         std::mem::take(&mut self.tally)
@@ -314,6 +322,10 @@ mod tests {
         c.observe(&[record(false, host_attr("b"), host_attr("a"))], t0 + Duration::from_secs(11));
         assert!(c.take().is_empty());
         assert_eq!(c.waiting.len(), 1);
+        // Stopping: what still waits is one-sided.
+        c.expire_all();
+        assert_eq!(c.take(), BTreeMap::from([((Verdict::OneSided, Source::Sidecar.symbol()), 1)]));
+        assert!(c.waiting.is_empty() && c.queue.is_empty());
     }
 
     /// At capacity the oldest waiting half is dropped (evicted); the queue
