@@ -23,10 +23,15 @@ build:
 ## binaries, as this user, for their --print-config-reference); unit tests and
 ## the tests on the real kernel (root) and the real local broker (plain `cargo
 ## test` skips the root-only ones); the deployment files (Helm chart, manifests,
-## systemd units, alert rules, dashboard), checked with the binaries just built.
+## systemd units, alert rules, dashboard), checked with the binaries just built;
+## and the demo as an end-to-end test (three sidecars, the enricher, the broker,
+## the Kubernetes API fixture; its summary's statements asserted), run on the
+## debug binaries the tests just built.
 test:
 	python3 scripts/gen-docs.py --check
 	FLOWLOG_REQUIRE_ROOT_TESTS=1 $(SUDO) env "PATH=$(PATH)" cargo test < /dev/null
+	cargo build -p flowlog-sidecar -p flowlog-enricher -p flowlog-bench --bins < /dev/null
+	FLOWLOG_DEMO_CHECK=1 FLOWLOG_DEMO_BIN=./target/debug FLOWLOG_DEMO_SECONDS=4 FLOWLOG_DEMO_OUT=out/demo-check bash scripts/demo.sh
 	FLOWLOG_DEPLOY_NO_SKIP=1 bash scripts/check-deploy.sh
 
 ## The main job: a few workloads in network namespaces talk while the sidecar

@@ -2,7 +2,9 @@
 """Summary of `make demo`, read back from the enricher's Avro object container
 files with fastavro (an Avro reader this project did not write).
 
-    demo_summary.py ENRICHED_DIR [--traffic DIR] [--svg FILE]
+    demo_summary.py ENRICHED_DIR [--traffic DIR] [--svg FILE] [--metrics FILE]
+                    [--check --stray IP --cluster-ip IP --service NS/NAME
+                     --reused IP=OLD_POD,NEW_POD@T_NS]
 
 A connection between two hosts (or namespaces) that a sidecar watches is seen
 from both ends: a client-side and a server-side record with the same flow_id.
@@ -11,6 +13,19 @@ direction, bytes and RTT; retransmits add up both ends (each end counts the
 segments it re-sent). Counters are deltas across a connection's INTERIM and
 FINAL records, so they are summed per connection first. Exits 1 when the files
 hold no flows.
+
+Workloads are named as the records name them: a pod its sidecar announced by
+its controller (Deployment frontend; a StatefulSet's pods by their own names),
+a Service's ClusterIP as svc:NAMESPACE/NAME, a host by its workload name, and
+the local end of a systemd service as HOST/UNIT.
+
+--metrics reads the enricher's last Prometheus scrape for the attribution
+self-check. --check turns the summary into assertions (make test runs the demo
+so): every side named except the stray address's, no self-check disagreement,
+flows to the ClusterIP named after the Service, the reused IP attributed to the
+old pod before T_NS and to the new one after, no sequence gaps, and the
+traffic generator's connection counts matched by the flow log. Exits 1 when a
+check fails.
 """
 import argparse
 import collections
@@ -41,10 +56,36 @@ def ms(us):
     return "-" if us is None else (f"{us / 1000:.2f}" if us < 10_000 else f"{us / 1000:.1f}")
 
 
-def name(side, ip):
-    if side["attributed"]:
-        return side["workload"] or side["app"] or side["host_id"] or ip
-    return f"? {ip}"
+def held_name(hb):
+    """The name of the workload that held an IP (Attribution.held_by)."""
+    if hb["kind"] == "CLUSTER_IP":
+        return f"svc:{hb['namespace']}/{hb['name']}"
+    if hb["kind"] == "POD" and hb.get("owner_kind") != "StatefulSet":
+        return hb.get("owner_name") or hb["name"] or hb["pod_uid"]
+    return hb["name"] or hb["container_id"] or hb["pod_uid"]
+
+
+def name(side, ip, local_workload=None):
+    if not side["attributed"]:
+        return f"? {ip}"
+    if side.get("held_by"):
+        return held_name(side["held_by"])
+    host = side["workload"] or side["app"] or side["host_id"] or ip
+    # The local end of a systemd service on a host: the host and the unit.
+    if local_workload and local_workload["kind"] == "SERVICE" and local_workload["name"]:
+        return f"{host}/{local_workload['name']}"
+    return host
+
+
+def selfcheck(path):
+    """flowlog_enricher_selfcheck_total by result (summed over sources)."""
+    out = collections.Counter()
+    for line in pathlib.Path(path).read_text().splitlines():
+        if line.startswith("flowlog_enricher_selfcheck_total{"):
+            labels, value = line.rsplit(" ", 1)
+            result = labels.split('result="', 1)[1].split('"', 1)[0]
+            out[result] += int(float(value))
+    return out
 
 
 def load(root):
@@ -79,7 +120,18 @@ def main():
     ap.add_argument("--traffic", help="folder of the traffic generator's JSON summaries")
     ap.add_argument("--svg", help="write the workload graph here")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--metrics", help="the enricher's last Prometheus scrape (for the self-check)")
+    ap.add_argument("--check", action="store_true", help="assert what the demo promises (see above)")
+    ap.add_argument("--stray", help="the one address no sidecar announces")
+    ap.add_argument("--cluster-ip")
+    ap.add_argument("--service", help="NAMESPACE/NAME of the Service at --cluster-ip")
+    ap.add_argument("--reused", help="IP=OLD_POD,NEW_POD@T_NS: the IP went from OLD_POD to NEW_POD at T_NS")
     a = ap.parse_args()
+    failures = []
+
+    def check(ok, what):
+        if a.check and not ok:
+            failures.append(what)
 
     files, recs = load(a.enriched)
     if not recs:
@@ -97,10 +149,10 @@ def main():
         ends.sort(key=lambda c: order.get(c["direction"], 3))
         c = ends[0]
         if c["direction"] == "SERVER":  # only the server end was watched
-            src, dst = name(c["remote"], c["remote_ip"]), name(c["local"], c["local_ip"])
+            src, dst = name(c["remote"], c["remote_ip"]), name(c["local"], c["local_ip"], c["local_workload"])
             c2s, s2c, port = c["bytes_received"], c["bytes_sent"], c["local_port"]
         else:  # CLIENT, or UNKNOWN (opened before the sidecar started): local -> remote
-            src, dst = name(c["local"], c["local_ip"]), name(c["remote"], c["remote_ip"])
+            src, dst = name(c["local"], c["local_ip"], c["local_workload"]), name(c["remote"], c["remote_ip"])
             c2s, s2c, port = c["bytes_sent"], c["bytes_received"], c["remote_port"]
         p = pairs[(src, dst)]
         p["conns"] += 1
@@ -166,6 +218,7 @@ def main():
         seqs[(r["host_id"], r["sequence_epoch"])].add(r["sequence"])
     for (h, e), s in sorted(seqs.items()):
         gaps = max(s) - min(s) + 1 - len(s)
+        check(gaps == 0, f"sidecar {h} epoch {e}: {gaps} records missing")
         print(f"\nSequence check: sidecar {h[:12]}… epoch {e}: records {min(s)}..{max(s)}, {gaps} missing"
               + ("" if min(s) == 0 else f" (starts at {min(s)})"))
 
@@ -184,7 +237,57 @@ def main():
                            if c["direction"] == "CLIENT" and c["remote_ip"] == ip and c["remote_port"] == int(port)
                            and (g.get("source") is None or c["local_ip"] == g["source"]))
                 want = g["connections"] + g["failed_connects"]
+                if g.get("source") == a.stray:
+                    print(f"  {g['name']:<24} generator {want:>5}  (no sidecar at {a.stray}: seen only by the servers)")
+                    continue
+                check(seen == want, f"{g['name']}: the generator made {want} connections, the flow log has {seen}")
                 print(f"  {g['name']:<24} generator {want:>5}  flow log {seen:>5}  {'ok' if seen == want else 'MISMATCH'}")
+
+    if a.metrics:
+        sc = selfcheck(a.metrics)
+        both = sc["agree"] + sc["agree_host"] + sc["disagree"]
+        print(f"\nAttribution self-check (one end's remote attribution vs. the other end's own, joined by flow_id): "
+              f"{both} connections seen from both ends: {sc['agree']} agree on the workload, {sc['agree_host']} agree on the host "
+              f"(the server is a host's service), {sc['disagree']} disagree"
+              f" = {100 * (sc['agree'] + sc['agree_host']) / max(1, both):.1f}% agreement; "
+              f"{sc['one_sided']} one-sided (the other end runs no sidecar, or sees another 5-tuple: a Service's ClusterIP)")
+        check(sc["disagree"] == 0 and sc["agree"] > 0, f"self-check: {dict(sc)}")
+
+    if a.check:
+        for r in recs:
+            for side in ("local", "remote"):
+                ip = r[side + "_ip"]
+                check(r[side]["attributed"] or ip == a.stray,
+                      f"{r['host_id']} #{r['sequence']}: {side} {ip} unattributed ({r[side]['reason']})")
+        svc = [r for r in recs if r["remote_ip"] == a.cluster_ip]
+        check(svc, f"no flow to the ClusterIP {a.cluster_ip}")
+        for r in svc:
+            hb = r["remote"]["held_by"] or {}
+            check(r["remote"]["source"] == "KUBERNETES" and f"{hb.get('namespace')}/{hb.get('name')}" == a.service,
+                  f"flow to {a.cluster_ip} attributed to {r['remote']['source']} {hb} instead of Service {a.service}")
+        if a.reused:
+            ip, rest = a.reused.split("=")
+            pods, t = rest.split("@")
+            old, new = pods.split(",")
+            seen = collections.Counter()
+            for r in recs:
+                for side in ("local", "remote"):
+                    if r[side + "_ip"] != ip:
+                        continue
+                    want = old if (r["start_time_ns"] or r["end_time_ns"]) < int(t) else new
+                    got = (r[side]["held_by"] or {}).get("name")
+                    seen[got] += 1
+                    check(got == want, f"{r['host_id']} #{r['sequence']}: {side} {ip} at {r['start_time_ns']} "
+                                       f"attributed to {got}, not {want}")
+            print(f"\nIP reuse: {ip} attributed to " + ", ".join(f"{k} {v}" for k, v in sorted(seen.items())) + " record sides")
+            check(seen[old] > 0 and seen[new] > 0, f"IP reuse: both pods should have flows: {dict(seen)}")
+        if failures:
+            print(f"\nCHECK FAILED ({len(failures)}):", file=sys.stderr)
+            for f in failures[:20]:
+                print("  " + f, file=sys.stderr)
+            return 1
+        print("\nChecks passed: every side named but the stray address's, the Service named, the reused IP "
+              "attributed at each flow's time, no self-check disagreement, no sequence gaps, generator counts matched.")
 
     if a.svg:
         write_svg(a.svg, pairs)

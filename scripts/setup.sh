@@ -96,7 +96,7 @@ setup_python() {
 }
 
 setup_system() {
-    apt_install iproute2 procps clang pkg-config
+    apt_install iproute2 procps clang pkg-config nftables
 }
 
 case "$WHAT" in

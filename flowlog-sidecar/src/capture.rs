@@ -16,7 +16,7 @@ use aya::{
 };
 use flowlog_common::{stat, FlowEvent, EVENTS_MAP, STATS_MAP};
 use serde::Serialize;
-use tokio::io::unix::AsyncFd;
+use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{debug, error, warn};
 
 use flowlog_schema::{Flow, RecordType};
@@ -26,7 +26,7 @@ use crate::{
     loader::Attached,
     metrics as m,
     sink::{Sink, Tick},
-    workload::{self, Resolver},
+    workload::{self, addresses::Listing, Resolver},
 };
 
 /// Periods of the main loop.
@@ -66,6 +66,8 @@ pub struct FinalStats {
     pub program_run_count: u64,
     /// Local workload resolution (null when `workload.resolve = false`).
     pub workload: Option<workload::StatsReport>,
+    /// Flows dropped as outside the capture scope (`[scope]`).
+    pub out_of_scope: u64,
 }
 
 pub struct Capture {
@@ -82,6 +84,8 @@ pub struct Capture {
     reported: HashMap<i64, Counters>,
     /// Kernel id of the attached program, for its run-time statistics.
     pub prog_id: Option<u32>,
+    /// The workloads' IPs: each change is announced at once (Kafka only).
+    pub workload_ips: Option<watch::Receiver<Listing>>,
 }
 
 impl Capture {
@@ -101,6 +105,7 @@ impl Capture {
             last_reported: KernelCounters::default(),
             reported: HashMap::new(),
             prog_id: None,
+            workload_ips: None,
         })
     }
 
@@ -234,6 +239,13 @@ impl Capture {
                 _ = stats_tick.tick() => self.report_drops(),
                 _ = heartbeat.tick() => self.sink.tick(Tick::Heartbeat),
                 _ = ip_check.tick() => self.sink.tick(Tick::IdentityCheck),
+                changed = changed(&mut self.workload_ips) => {
+                    if changed {
+                        self.sink.tick(Tick::WorkloadIps);
+                    } else {
+                        self.workload_ips = None;
+                    }
+                }
                 _ = interim.tick(), if t.interim.is_some() => {
                     let n = snapshot(false);
                     metrics::counter!(m::INTERIM_RECORDS).increment(n);
@@ -277,7 +289,17 @@ impl Capture {
             program_run_time_ns: run_time,
             program_run_count: run_count,
             workload: self.workloads.enabled().then(|| self.workloads.report()),
+            out_of_scope: self.workloads.stats().out_of_scope,
         }
+    }
+}
+
+/// Waits for the next change of the workloads' IPs: false when no more
+/// will come (the discovery thread is gone); never with none.
+async fn changed(ips: &mut Option<watch::Receiver<Listing>>) -> bool {
+    match ips {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -1,6 +1,7 @@
 //! Sidecar configuration: defaults < TOML file (`--config`) < environment
 //! (`FLOWLOG_*`) < command-line flags. Each setting is declared once below
-//! (and in the `[kafka]`, `[spool]` and `[identity]` sections it includes);
+//! (and in the `[kafka]`, `[spool]`, `[identity]`, `[workload]` and
+//! `[scope]` sections it includes);
 //! `--print-config-reference` lists them all.
 
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     identity::IdentityConfig,
     transport::{KafkaConfig, SpoolConfig},
-    workload::WorkloadConfig,
+    workload::{scope::ScopeConfig, WorkloadConfig},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
@@ -94,6 +95,11 @@ flowlog_settings::settings! {
         pub identity: IdentityConfig = IdentityConfig::default(),
         /// Local workload resolution: which pod, container or service owned each flow.
         pub workload: WorkloadConfig = WorkloadConfig::default(),
+        /// The part of the machine this sidecar captures (default: all of it):
+        /// a flow is kept when its owning process's cgroup is in `cgroup`'s
+        /// subtree or its network namespace is one of `netns`; the rest is
+        /// dropped, never sent, and counted.
+        pub scope: ScopeConfig = ScopeConfig::default(),
     }
 }
 
@@ -158,6 +164,20 @@ impl Config {
         }
         if self.output == Output::Kafka {
             self.kafka.client_config()?;
+        }
+        if let Err(reason) = crate::claim::ClaimFilter::new(&self.identity.shared_interfaces) {
+            return Err(ConfigError::Invalid { name: "identity.shared_interfaces", reason });
+        }
+        if self.workload.ips_interval_secs == 0 {
+            return Err(ConfigError::Invalid { name: "workload.ips_interval_secs", reason: "must be > 0".into() });
+        }
+        let scope = crate::workload::scope::Scope::new(&self.scope)
+            .map_err(|(name, reason)| ConfigError::Invalid { name, reason })?;
+        if scope.has_cgroup() && !self.workload.resolve {
+            return Err(ConfigError::Invalid {
+                name: "scope.cgroup",
+                reason: "needs workload.resolve = true (a flow's cgroup path comes from it)".into(),
+            });
         }
         if self.wakeup_bytes >= self.ring_buffer_bytes as u64 {
             return Err(ConfigError::Invalid {
@@ -249,6 +269,27 @@ mod tests {
     }
 
     #[test]
+    fn scope_and_address_settings_are_checked() {
+        let c = parse("[scope]\ncgroup = \"/node1\"\nnetns = [\"/proc/self/ns/net\", \"4026531840\"]").unwrap();
+        assert_eq!((c.scope.cgroup.as_deref(), c.scope.netns.len()), (Some("/node1"), 2));
+        let invalid = |text: &str| match parse(text) {
+            Err(ConfigError::Invalid { name, .. }) => name,
+            other => panic!("{text}: {other:?}"),
+        };
+        assert_eq!(invalid("[scope]\ncgroup = \"node1\""), "scope.cgroup");
+        assert_eq!(invalid("[scope]\nnetns = [\"/run/netns/flowlog-no-such-namespace\"]"), "scope.netns");
+        assert_eq!(invalid("[workload]\nresolve = false\n[scope]\ncgroup = \"/node1\""), "scope.cgroup");
+        assert_eq!(invalid("[identity]\nshared_interfaces = [\"br-[\"]"), "identity.shared_interfaces");
+        assert_eq!(invalid("[workload]\nips_interval_secs = 0"), "workload.ips_interval_secs");
+        // Without resolution, a namespace scope still works.
+        assert!(parse("[workload]\nresolve = false\n[scope]\nnetns = [\"1\"]").is_ok());
+        let cli = Cli::parse_from(["x", "--scope-netns", "1,2", "--shared-interfaces", "cni*,weave", "--workload-announce-ips", "false"]);
+        let c = Config::load(&cli).unwrap();
+        assert_eq!((c.scope.netns, c.identity.shared_interfaces), (vec!["1".to_string(), "2".into()], vec!["cni*".to_string(), "weave".into()]));
+        assert!(!c.workload.announce_ips);
+    }
+
+    #[test]
     fn flags_override_file() {
         let file = flowlog_settings::TempFile::new("flowlog-cfg", "output = \"table\"\nmax_sockets = 10\n[kafka]\nbrokers = \"file:9092\"\n");
         let cli = Cli::parse_from([
@@ -293,7 +334,12 @@ mod tests {
                 "identity.host_id --host-id FLOWLOG_HOST_ID",
                 "identity.instance_id --instance-id FLOWLOG_INSTANCE_ID",
                 "identity.workload --workload FLOWLOG_WORKLOAD",
+                "identity.shared_interfaces --shared-interfaces FLOWLOG_SHARED_INTERFACES",
                 "workload.resolve --workload-resolve FLOWLOG_WORKLOAD_RESOLVE",
+                "workload.announce_ips --workload-announce-ips FLOWLOG_WORKLOAD_ANNOUNCE_IPS",
+                "workload.ips_interval_secs --workload-ips-interval-secs FLOWLOG_WORKLOAD_IPS_INTERVAL_SECS",
+                "scope.cgroup --scope-cgroup FLOWLOG_SCOPE_CGROUP",
+                "scope.netns --scope-netns FLOWLOG_SCOPE_NETNS",
             ]
         );
         assert_eq!(r.command_line_flags(), ["--config", "--log", "--check-config", "--print-config-reference"]);

@@ -1,6 +1,8 @@
 //! Who this host is: ids from config, host name, and its current IPs.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::collections::BTreeMap;
+
+use crate::claim::{interface_addresses, ClaimFilter};
 
 flowlog_settings::settings! {
     /// Identity settings (`[identity]` in the config file).
@@ -16,8 +18,15 @@ flowlog_settings::settings! {
         pub workload: Option<String> = None,
         /// Free-form workload labels.
         pub labels: BTreeMap<String, String> = BTreeMap::new(),
-        /// Fixed IP list; default: the host's non-loopback interface addresses.
+        /// Fixed IP list; default: the addresses of the host's interfaces
+        /// that are up, except loopback, link-local (169.254.0.0/16,
+        /// fe80::/10) and those on `shared_interfaces`.
         pub ips: Option<Vec<String>> = None,
+        /// Interfaces whose addresses are the same on every host (bridges,
+        /// dummy interfaces): never announced, for the host or its workloads.
+        /// Glob patterns (`*`, `?`, `[...]`).
+        #[flag(long = "shared-interfaces", env = "FLOWLOG_SHARED_INTERFACES")]
+        pub shared_interfaces: Vec<String> = crate::claim::default_shared_interfaces(),
     }
 }
 
@@ -27,26 +36,15 @@ pub fn hostname() -> String {
     nix::unistd::gethostname().map_or_else(|_| "unknown".into(), |h| h.to_string_lossy().into_owned())
 }
 
-/// An address others can reach this host on: not loopback, not unspecified,
-/// not IPv6 link-local (fe80::/10, the same on every link).
-fn is_host_address(ip: &IpAddr) -> bool {
-    let link_local = matches!(ip, IpAddr::V6(a) if a.is_unicast_link_local());
-    !ip.is_loopback() && !link_local && !ip.is_unspecified()
-}
-
-/// Non-loopback, non-link-local addresses of this host's interfaces, sorted.
-pub fn local_ips() -> Vec<String> {
-    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
+/// The addresses of this host's interfaces it may announce (see
+/// [`crate::claim`]), sorted.
+pub fn local_ips(filter: &ClaimFilter) -> Vec<String> {
+    let Ok(addresses) = interface_addresses() else {
         return Vec::new();
     };
-    let mut out: Vec<String> = interfaces
-        .filter_map(|i| i.address)
-        .filter_map(|a| match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
-            (Some(v4), _) => Some(IpAddr::V4(v4.ip())),
-            (_, Some(v6)) => Some(IpAddr::V6(v6.ip())),
-            _ => None,
-        })
-        .filter(is_host_address)
+    let mut out: Vec<String> = addresses
+        .into_iter()
+        .filter_map(|a| filter.judge(&a.ifname, a.ip).ok())
         .map(|ip| ip.to_string())
         .collect();
     out.sort();
@@ -55,6 +53,11 @@ pub fn local_ips() -> Vec<String> {
 }
 
 impl IdentityConfig {
+    /// `shared_interfaces` compiled (checked by `Config::validate`).
+    pub fn claim_filter(&self) -> ClaimFilter {
+        ClaimFilter::new(&self.shared_interfaces).unwrap_or_default()
+    }
+
     pub fn current(&self) -> HostIdentity {
         let host_id = self.host_id.clone().unwrap_or_else(|| {
             std::fs::read_to_string("/etc/machine-id")
@@ -69,7 +72,7 @@ impl IdentityConfig {
             instance_id: self.instance_id.clone(),
             workload: self.workload.clone(),
             labels: self.labels.clone(),
-            ips: self.ips.clone().unwrap_or_else(local_ips),
+            ips: self.ips.clone().unwrap_or_else(|| local_ips(&self.claim_filter())),
         }
     }
 }
@@ -79,21 +82,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_addresses_others_can_reach_count() {
-        let ok = |s: &str| is_host_address(&s.parse().unwrap());
-        assert!(ok("10.1.2.3") && ok("2001:db8::1") && ok("fec0::1"));
-        assert!(!ok("127.0.0.1") && !ok("::1") && !ok("0.0.0.0") && !ok("::"));
-        assert!(!ok("fe80::1") && !ok("febf::1"));
-    }
-
-    #[test]
     fn local_ips_are_sorted_unique_host_addresses() {
-        let ips = local_ips();
+        let filter = IdentityConfig::default().claim_filter();
+        let ips = local_ips(&filter);
         let mut sorted = ips.clone();
         sorted.sort();
         sorted.dedup();
         assert_eq!(ips, sorted);
-        assert!(ips.iter().all(|ip| is_host_address(&ip.parse().unwrap())), "{ips:?}");
+        let all = interface_addresses().unwrap();
+        for ip in &ips {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert!(all.iter().any(|a| a.ip == ip && filter.judge(&a.ifname, ip).is_ok()), "{ip}");
+        }
         // Each is this host's own: a socket can bind to it.
         for ip in ips.iter().filter(|ip| !ip.contains(':')) {
             std::net::TcpListener::bind((ip.as_str(), 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));

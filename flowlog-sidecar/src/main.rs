@@ -2,6 +2,7 @@
 //! flow record per TCP connection.
 
 mod capture;
+mod claim;
 mod config;
 mod flow;
 mod identity;
@@ -19,7 +20,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser as _;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     capture::{Capture, Timers},
@@ -27,6 +28,7 @@ use crate::{
     output::Printer,
     sink::Sink,
     transport::KafkaSink,
+    workload::addresses::Announcer,
 };
 
 fn main() -> std::process::ExitCode {
@@ -85,12 +87,36 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
         metrics::serve(config.metrics_listen.parse()?)?;
         info!(listen = %config.metrics_listen, "serving Prometheus metrics on /metrics");
     }
+    let scope = workload::scope::Scope::new(&config.scope).map_err(|(name, reason)| anyhow::anyhow!("{name}: {reason}"))?;
+    if !scope.is_all() && config.output == Output::Kafka && config.identity.ips.is_none() {
+        warn!("a capture scope is set but identity.ips is not: the machine's addresses are announced as this scope's host's");
+    }
+    // Only the identity heartbeats (Kafka) carry the workloads' IPs.
+    let announcer = (config.output == Output::Kafka)
+        .then(|| Announcer::from_config(&config.workload, &scope, config.identity.claim_filter()))
+        .flatten();
+    // Changes from the listing START carries on are announced at once.
+    let ips_changes = announcer.as_ref().map(|a| {
+        let mut rx = a.listing();
+        rx.borrow_and_update();
+        rx
+    });
     let sink: Box<dyn Sink> = match config.output {
-        Output::Kafka => Box::new(KafkaSink::new(config.kafka.clone(), config.spool.clone(), config.identity.clone())?),
+        Output::Kafka => Box::new(KafkaSink::new(
+            config.kafka.clone(),
+            config.spool.clone(),
+            config.identity.clone(),
+            announcer.as_ref().map(Announcer::listing),
+        )?),
         mode => Box::new(Printer::new(mode, std::io::stdout())),
     };
-    let mut capture = Capture::new(&mut ebpf, sink, workload::Resolver::new(&config.workload))?;
+    let mut resolver = workload::Resolver::new(&config.workload, scope);
+    if let Some(a) = &announcer {
+        resolver.on_new_netns(a.poker());
+    }
+    let mut capture = Capture::new(&mut ebpf, sink, resolver)?;
     capture.prog_id = ebpf.program(attached.program_name()).and_then(|p| p.info().ok()).map(|i| i.id());
+    capture.workload_ips = ips_changes;
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

@@ -37,6 +37,15 @@ pub const WORKLOAD_HELD: &str = "flowlog_sidecar_workload_held_flows";
 pub const CGROUP_WALKS: &str = "flowlog_sidecar_cgroup_walks_total";
 pub const CGROUP_WALK_ERRORS: &str = "flowlog_sidecar_cgroup_walk_errors_total";
 pub const CGROUPS_KNOWN: &str = "flowlog_sidecar_cgroups_known";
+/// Flows outside the capture scope (`[scope]`): dropped, never sent.
+pub const FLOWS_OUT_OF_SCOPE: &str = "flowlog_sidecar_flows_out_of_scope_total";
+pub const WORKLOAD_IP_ROUNDS: &str = "flowlog_sidecar_workload_ip_rounds_total";
+pub const WORKLOAD_NAMESPACES: &str = "flowlog_sidecar_workload_namespaces";
+pub const WORKLOAD_ADDRESSES: &str = "flowlog_sidecar_workload_addresses";
+/// Label `reason`: shared_interface, link_local, conflict, shared_namespace.
+pub const WORKLOAD_ADDRESSES_UNCLAIMED: &str = "flowlog_sidecar_workload_addresses_unclaimed";
+/// Label `error`: permission, walk, list.
+pub const WORKLOAD_IP_ERRORS: &str = "flowlog_sidecar_workload_ip_errors_total";
 /// Prefix of the process gauges `flowlog_sidecar_process_cpu_seconds_total`
 /// and `flowlog_sidecar_process_resident_memory_bytes` (flowlog_runtime::process).
 const PREFIX: &str = "flowlog_sidecar";
@@ -69,6 +78,12 @@ pub fn describe() {
     describe_counter!(CGROUP_WALKS, "Walks of the cgroup v2 tree (one per batch of new cgroups, at most 4 a second).");
     describe_counter!(CGROUP_WALK_ERRORS, "Walks of the cgroup v2 tree that could not read it.");
     describe_gauge!(CGROUPS_KNOWN, "Cgroups found by the last walk.");
+    describe_counter!(FLOWS_OUT_OF_SCOPE, "Flow records outside the capture scope ([scope]): dropped, never sent.");
+    describe_counter!(WORKLOAD_IP_ROUNDS, "Listings of the local workloads' IP addresses (workload.announce_ips).");
+    describe_gauge!(WORKLOAD_NAMESPACES, "Network namespaces of local pods and containers found by the last listing (the host's own not counted).");
+    describe_gauge!(WORKLOAD_ADDRESSES, "IP addresses announced for local workloads, by the last listing.");
+    describe_gauge!(WORKLOAD_ADDRESSES_UNCLAIMED, "Addresses found in workloads' namespaces but not announced, by reason (shared_interface, link_local, conflict: in two namespaces at once, shared_namespace: in a namespace two workloads share).");
+    describe_counter!(WORKLOAD_IP_ERRORS, "Errors listing workloads' addresses, by kind (permission: CAP_SYS_ADMIN/CAP_SYS_PTRACE missing, walk, list).");
     flowlog_runtime::process::describe(PREFIX, "Sidecar");
 }
 
@@ -88,10 +103,11 @@ pub fn spooled(reason: &'static str, n: u64) {
 /// capture path itself touches no metric per flow).
 pub fn record_workloads(r: &crate::workload::Resolver) {
     use flowlog_schema::{WorkloadKind, WorkloadReason};
+    let s = r.stats();
+    counter!(FLOWS_OUT_OF_SCOPE).absolute(s.out_of_scope);
     if !r.enabled() {
         return;
     }
-    let s = r.stats();
     for (kind, n) in WorkloadKind::SYMBOLS.iter().zip(s.flows) {
         counter!(WORKLOAD_FLOWS, "kind" => kind.to_ascii_lowercase()).absolute(n);
     }

@@ -14,6 +14,8 @@ pub enum Tick {
     IdentityCheck,
     /// Time to refresh gauges.
     Stats,
+    /// The workloads' IPs changed (announce them at once).
+    WorkloadIps,
 }
 
 pub trait Sink {

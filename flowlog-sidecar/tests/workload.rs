@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use apache_avro::types::Value as AvroValue;
 use common::*;
 use flowlog_runtime::testkit::{free_port, sample};
 use serde_json::{json, Value};
@@ -70,6 +71,17 @@ impl Cgroups {
         let dir = self.root.join(rel);
         std::fs::remove_dir(&dir).unwrap_or_else(|e| panic!("rmdir {}: {e}", dir.display()));
         self.made.retain(|d| *d != dir);
+    }
+
+    /// Removes `rel` once the processes just killed in it have left.
+    fn remove_when_empty(&mut self, rel: &str) {
+        let procs = self.root.join(rel).join("cgroup.procs");
+        let t0 = Instant::now();
+        while !std::fs::read_to_string(&procs).unwrap().trim().is_empty() {
+            assert!(t0.elapsed() < WAIT, "{rel} still has processes");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.remove(rel);
     }
 }
 
@@ -738,4 +750,292 @@ fn resolution_off_leaves_the_workload_empty() {
     assert_eq!(client["workload"], Value::Null);
     assert_eq!(one(&records, sport, cport)["workload"], Value::Null);
     assert_eq!(stats["workload"], Value::Null);
+}
+
+/// A process in `ns` that connects to itself once told, and prints both ports.
+const SELF_CONNECT: &str = r#"
+wait()
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(1)
+c = socket.create_connection(l.getsockname())
+s, _ = l.accept()
+c.sendall(b"x" * 10)
+c.close()
+assert drain(s) == 10
+s.close()
+print(l.getsockname()[1], flush=True)
+"#;
+
+/// Two sidecars on one kernel, each scoped to its own "host": one to the
+/// cgroup subtree `node1`, the other to `node2` and a network namespace. A
+/// client in node1 talks to a server in node2: each sidecar reports its own
+/// side only; the namespace's flows go to the second; flows of neither
+/// (this test's own) to none. What each drops is counted.
+#[test]
+fn a_scope_captures_its_own_part_of_the_machine() {
+    let Some(_one_at_a_time) = cgroup_test() else {
+        return;
+    };
+    let t = std::process::id();
+    let top = format!("fltest{t}-scope");
+    // node2 is named node10: a sibling whose name starts like node1's.
+    let (node1, node2) = (format!("{top}/node1"), format!("{top}/node10"));
+    let mut cg = Cgroups::new();
+    // A service inside each node's subtree, as on a real host.
+    let (client_cg, server_cg) = (format!("{node1}/system.slice/client.service"), format!("{node2}/system.slice/web.service"));
+    cg.make(&client_cg);
+    cg.make(&server_cg);
+    let ns = Netns::new(format!("fltest-scope-{t}"));
+    let ns_path = format!("/run/netns/{}", ns.0);
+    let m1 = format!("127.0.0.1:{}", free_port());
+    let m2 = format!("127.0.0.1:{}", free_port());
+    let one = Sidecar::start(&["--scope-cgroup", &format!("/{node1}"), "--metrics-listen", &m1, "--stats-interval-secs", "1"]);
+    let two = Sidecar::start(&["--scope-cgroup", &format!("/{node2}/"), "--scope-netns", &ns_path, "--metrics-listen", &m2]);
+
+    // This test's own connection: no one's.
+    let (own_sport, own_cports) = short_connections(1);
+    let own_cport = own_cports[0];
+    // A connection inside the namespace (from a process in neither subtree).
+    let mut in_ns = Proc::start(Some(&ns), SELF_CONNECT, &[]);
+    in_ns.go();
+    let ns_sport = in_ns.port();
+    in_ns.wait_success();
+    // node1's client to node2's server.
+    let mut server = Proc::start(None, SERVER, &[]);
+    cg.enter(&server_cg, server.pid());
+    server.go();
+    let sport = server.port();
+    let mut client = Proc::start(None, CLIENT, &[&sport.to_string()]);
+    cg.enter(&client_cg, client.pid());
+    client.go();
+    let cport = client.port();
+    client.wait_success();
+
+    let from_ns = |r: &[Value]| r.iter().filter(|x| x["local_port"] == ns_sport || x["remote_port"] == ns_sport).count();
+    one.wait_for("node1's client record", WAIT, |r| !by_ports(r, cport, sport).is_empty());
+    two.wait_for("node2's server record and the namespace's two", WAIT, |r| {
+        !by_ports(r, sport, cport).is_empty() && from_ns(r) == 2
+    });
+    // The drops are counted as they happen (published on the stats tick).
+    let t0 = Instant::now();
+    while sample(&scrape(&m1), "flowlog_sidecar_flows_out_of_scope_total") < 5.0 {
+        assert!(t0.elapsed() < WAIT, "node1's sidecar did not count the flows outside its scope");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (r1, s1) = one.stop();
+    let (r2, s2) = two.stop();
+    drop(server);
+
+    let client_rec = by_ports(&r1, cport, sport);
+    assert_eq!(client_rec.len(), 1, "{client_rec:#?}");
+    assert_eq!(client_rec[0]["workload"]["unit"], "client.service");
+    assert!(by_ports(&r1, sport, cport).is_empty(), "node2's server side is not node1's");
+    assert_eq!(from_ns(&r1), 0, "the namespace is not node1's");
+    assert_eq!(by_ports(&r2, sport, cport).len(), 1);
+    assert!(by_ports(&r2, cport, sport).is_empty(), "node1's client side is not node2's");
+    assert_eq!(from_ns(&r2), 2);
+    for r in [&r1, &r2] {
+        assert!(by_ports(r, own_cport, own_sport).is_empty() && by_ports(r, own_sport, own_cport).is_empty());
+    }
+    // Every record of each is in its scope.
+    let node_of = |rec: &Value| rec["workload"]["unit"].as_str().map(str::to_owned);
+    assert!(r1.iter().all(|x| node_of(x).as_deref() == Some("client.service")), "{r1:#?}");
+    assert!(r2.iter().all(|x| node_of(x).as_deref() == Some("web.service") || x["netns_ino"] == inode(&ns_path)), "{r2:#?}");
+    // node1 dropped at least: the server side, the namespace's two, this test's two.
+    assert!(s1["out_of_scope"].as_u64().unwrap() >= 5, "{s1:#}");
+    assert!(s2["out_of_scope"].as_u64().unwrap() >= 3, "{s2:#}");
+}
+
+/// Runs `ip` with `args`; panics if it fails.
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().unwrap();
+    assert!(status.success(), "ip {args:?}");
+}
+
+/// A pod's network as a CNI plugin makes it: a namespace whose `eth0` is
+/// one end of a veth pair (the other end, `host_if`, stays in the root
+/// namespace), holding `addr` (with its prefix length). Deleting the
+/// namespace deletes the pair.
+fn pod_network(name: String, host_if: &str, addr: &str) -> Netns {
+    let ns = Netns::new(name);
+    ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.0]);
+    ip(&["link", "set", host_if, "up"]);
+    ip(&["-n", &ns.0, "addr", "add", addr, "dev", "eth0"]);
+    ip(&["-n", &ns.0, "link", "set", "eth0", "up"]);
+    ns
+}
+
+/// Adds a bridge `ifname` (no ports), up, holding `addr`, in `ns`.
+fn bridge(ns: &Netns, ifname: &str, addr: &str) {
+    ip(&["-n", &ns.0, "link", "add", ifname, "type", "bridge"]);
+    ip(&["-n", &ns.0, "addr", "add", addr, "dev", ifname]);
+    ip(&["-n", &ns.0, "link", "set", ifname, "up"]);
+}
+
+/// Waits until the sidecar's metrics at `addr` satisfy `pred`.
+fn wait_metrics(addr: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let t0 = Instant::now();
+    loop {
+        let body = scrape(addr);
+        if pred(&body) {
+            return body;
+        }
+        assert!(t0.elapsed() < WAIT, "timed out waiting for {what}: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Two pods (both cgroup drivers' naming) and a Docker container, each in
+/// a network namespace of its own, are announced with their IPs; the
+/// link-local and shared-interface (`cni0`, `docker0`) addresses in their
+/// namespaces are not, nor an address two namespaces hold at once, nor
+/// anything of a hostNetwork pod or of a pod outside the capture scope. A
+/// deleted pod is no longer announced.
+#[test]
+fn the_workloads_ips_are_announced() {
+    let Some(_one_at_a_time) = cgroup_test() else {
+        return;
+    };
+    if !broker::have_broker() {
+        return;
+    }
+    let t = std::process::id();
+    let broker = flowlog_runtime::testkit::Broker::start(&broker::spec("wlips")).expect("start the broker");
+    let host_id = format!("wlips-{t}");
+    let top = format!("fltest{t}-ips");
+    let mut cg = Cgroups::new();
+    let ((uid1, _), (uid2, uid2_), (uid4, _), (uid5, _)) = (pod_uid(70), pod_uid(71), pod_uid(73), pod_uid(74));
+    let c: Vec<String> = (70..75).map(container_id).collect();
+    let host_if = |i: u32| format!("flv{}{i}", t % 100_000);
+
+    // Pod 1 (cgroupfs naming): its IP, a link-local one, and two bridges'
+    // addresses that every host has.
+    let pod1_cg = format!("{top}/kubepods/besteffort/pod{uid1}/{}", c[0]);
+    let ns1 = pod_network(format!("fltest-ips1-{t}"), &host_if(1), "10.213.1.2/24");
+    ip(&["-n", &ns1.0, "addr", "add", "169.254.7.1/16", "dev", "eth0"]);
+    bridge(&ns1, "cni0", "10.22.0.1/24");
+    bridge(&ns1, "docker0", "172.17.0.1/16");
+    // Pod 2 (systemd naming), and a Docker container: both also hold 10.213.99.9.
+    let pod2_cg = format!(
+        "{top}/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid2_}.slice/cri-containerd-{}.scope",
+        c[1]
+    );
+    let ns2 = pod_network(format!("fltest-ips2-{t}"), &host_if(2), "10.213.2.2/24");
+    ip(&["-n", &ns2.0, "addr", "add", "10.213.99.9/32", "dev", "eth0"]);
+    let ctr_cg = format!("{top}/system.slice/docker-{}.scope", c[2]);
+    let ns3 = pod_network(format!("fltest-ips3-{t}"), &host_if(3), "10.213.3.2/24");
+    ip(&["-n", &ns3.0, "addr", "add", "10.213.99.9/32", "dev", "eth0"]);
+    // A hostNetwork pod (the host's namespace), and a pod outside the scope.
+    let pod4_cg = format!("{top}/kubepods/besteffort/pod{uid4}/{}", c[3]);
+    let pod5_cg = format!("fltest{t}-other/kubepods/besteffort/pod{uid5}/{}", c[4]);
+    let ns5 = pod_network(format!("fltest-ips5-{t}"), &host_if(5), "10.213.5.2/24");
+    let mut procs = Vec::new();
+    for (path, ns) in [(&pod1_cg, Some(&ns1)), (&pod2_cg, Some(&ns2)), (&ctr_cg, Some(&ns3)), (&pod4_cg, None), (&pod5_cg, Some(&ns5))] {
+        cg.make(path);
+        let p = Proc::start(ns, "wait()", &[]);
+        cg.enter(path, p.pid());
+        procs.push(p);
+    }
+
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let spool = std::env::temp_dir().join(format!("flowlog-wlips-spool-{t}"));
+    let sc = Sidecar::start(&[
+        "--output", "kafka", "--kafka-brokers", &broker.addr, "--spool-dir", spool.to_str().unwrap(),
+        "--host-id", &host_id, "--metrics-listen", &metrics_addr, "--shutdown-timeout-secs", "3",
+        "--scope-cgroup", &format!("/{top}"), "--workload-ips-interval-secs", "1",
+    ]);
+    let gauge = |body: &str, name: &str| sample(body, &format!("flowlog_sidecar_workload_{name}"));
+    let unclaimed = |body: &str, reason: &str| gauge(body, &format!("addresses_unclaimed{{reason=\"{reason}\"}}"));
+    let body = wait_metrics(&metrics_addr, "the three namespaces' addresses", |b| {
+        gauge(b, "namespaces") == 3.0 && gauge(b, "addresses") == 3.0 && unclaimed(b, "conflict") == 1.0
+    });
+    assert_eq!(unclaimed(&body, "shared_interface"), 2.0, "{body}");
+    assert!(unclaimed(&body, "link_local") >= 1.0, "{body}");
+    assert_eq!(unclaimed(&body, "shared_namespace"), 0.0, "{body}");
+
+    // Pod 1 is deleted: its process, its cgroup, its namespace.
+    drop(procs.remove(0));
+    cg.remove_when_empty(&pod1_cg);
+    drop(ns1);
+    let body = wait_metrics(&metrics_addr, "pod 1 to be gone", |b| gauge(b, "namespaces") == 2.0);
+    assert_eq!(gauge(&body, "addresses"), 2.0, "{body}");
+    assert_eq!(sample(&body, "flowlog_sidecar_workload_ip_errors_total{error=\"permission\"}"), 0.0);
+    sc.stop();
+    let _ = std::fs::remove_dir_all(&spool);
+    drop(procs);
+
+    // What the identity heartbeats said, in order.
+    let stopped = |r: &[broker::Consumed]| {
+        r.iter().any(|c| broker::field(broker::field(&c.value, "host"), "host_id") == &AvroValue::String(host_id.clone())
+            && broker::enum_sym(&c.value, "reason") == "STOP")
+    };
+    let heartbeats: Vec<(String, Listed)> =
+        broker::consume(&broker.addr, broker::IDENTITY, flowlog_schema::schemas::IDENTITY.json, WAIT, stopped)
+            .into_iter()
+            .filter(|c| broker::field(broker::field(&c.value, "host"), "host_id") == &AvroValue::String(host_id.clone()))
+            .map(|c| (broker::enum_sym(&c.value, "reason"), listed(&c.value)))
+            .collect();
+    let pod = |uid: &str, qos: &str, runtime: Option<&str>| {
+        let mut fields = vec![("pod_uid", uid), ("qos_class", qos)];
+        fields.extend(runtime.map(|r| ("runtime", r)));
+        avro_wl("POD", &fields)
+    };
+    let pod1 = (pod(&uid1, "BestEffort", None), vec!["10.213.1.2".to_string()]);
+    let pod2 = (pod(&uid2, "Burstable", Some("containerd")), vec!["10.213.2.2".to_string()]);
+    let unit = format!("docker-{}.scope", c[2]);
+    let ctr = (
+        avro_wl("CONTAINER", &[("container_id", &c[2]), ("runtime", "docker"), ("unit", &unit)]),
+        vec!["10.213.3.2".to_string()],
+    );
+    let sort = |mut l: Listed| {
+        l.sort_by_key(|(w, _)| w.to_string());
+        l
+    };
+    let all3 = sort(vec![pod1.clone(), pod2.clone(), ctr.clone()]);
+    let two = sort(vec![pod2, ctr]);
+    let lists: Vec<&Listed> = heartbeats.iter().map(|(_, l)| l).collect();
+    // Announced at once when found (in START if the first listing was
+    // done by then, else in an IP_CHANGE), then at once without pod 1
+    // (IP_CHANGE), until the STOP; each listing only ever one of these
+    // (never pod 5's, never a shared or link-local address, never 10.213.99.9).
+    let first = heartbeats.iter().position(|(_, l)| !l.is_empty()).expect("a heartbeat with workloads");
+    assert!(["START", "IP_CHANGE"].contains(&heartbeats[first].0.as_str()), "{heartbeats:#?}");
+    let all_at = lists.iter().position(|l| sort((*l).clone()) == all3).expect("a heartbeat with all three");
+    let without = all_at + lists[all_at..].iter().position(|l| sort((*l).clone()) == two).expect("a heartbeat without pod 1");
+    assert_eq!(heartbeats[without].0, "IP_CHANGE", "{heartbeats:#?}");
+    assert_eq!(heartbeats.last().map(|(r, l)| (r.as_str(), sort(l.clone()))), Some(("STOP", two.clone())));
+    assert!(lists[first..].iter().all(|l| l.iter().all(|w| all3.contains(w))), "{heartbeats:#?}");
+    assert!(heartbeats[without..].iter().all(|(_, l)| !l.contains(&pod1)), "pod 1 never comes back");
+}
+
+/// Identity.workloads as (workload as JSON, ips).
+type Listed = Vec<(Value, Vec<String>)>;
+
+fn listed(identity: &AvroValue) -> Listed {
+    let AvroValue::Array(items) = broker::field(identity, "workloads") else {
+        panic!("workloads is not an array")
+    };
+    items
+        .iter()
+        .map(|w| {
+            let workload = Value::try_from(broker::field(w, "workload").clone()).unwrap();
+            let AvroValue::Array(ips) = broker::field(w, "ips") else { panic!("ips is not an array") };
+            let ips = ips
+                .iter()
+                .map(|ip| match ip {
+                    AvroValue::String(s) => s.clone(),
+                    other => panic!("ip {other:?}"),
+                })
+                .collect();
+            (workload, ips)
+        })
+        .collect()
+}
+
+/// A workload as the identity record spells it (enum symbols upper case).
+fn avro_wl(kind: &str, fields: &[(&str, &str)]) -> Value {
+    let mut v = wl(&kind.to_lowercase(), fields);
+    v["kind"] = json!(kind);
+    v
 }

@@ -21,6 +21,7 @@ use std::{
 };
 
 use metrics::{counter, gauge, histogram};
+use tokio::sync::watch;
 use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
@@ -35,6 +36,7 @@ use crate::{
     identity::IdentityConfig,
     metrics as m,
     sink::{Sink, Tick},
+    workload::addresses::Listing,
 };
 
 pub use kafka::KafkaConfig;
@@ -182,6 +184,8 @@ pub struct KafkaSink {
     /// Where the host's identity comes from (re-read for IP changes).
     identity: IdentityConfig,
     host: HostIdentity,
+    /// The local workloads' IPs (workload::addresses), announced with the host's.
+    workload_ips: Option<watch::Receiver<Listing>>,
     encoder: FlowEncoder,
     replayer: Option<thread::JoinHandle<()>>,
     produced: metrics::Counter,
@@ -189,7 +193,12 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     /// Starts the producer and the replay thread, and announces the host (START).
-    pub fn new(cfg: KafkaConfig, spool_cfg: SpoolConfig, identity: IdentityConfig) -> anyhow::Result<KafkaSink> {
+    pub fn new(
+        cfg: KafkaConfig,
+        spool_cfg: SpoolConfig,
+        identity: IdentityConfig,
+        workload_ips: Option<watch::Receiver<Listing>>,
+    ) -> anyhow::Result<KafkaSink> {
         let host = identity.current();
         info!(host_id = %host.host_id, ips = ?host.ips, brokers = %cfg.brokers, "producing to Kafka");
         gauge!(m::SPOOL_MAX_BYTES).set(spool_cfg.max_bytes as f64);
@@ -226,6 +235,7 @@ impl KafkaSink {
             encoder: FlowEncoder::new(epoch, &host),
             host,
             identity,
+            workload_ips,
             producer,
             shared,
             flow_fp: FLOW.fingerprint_hex(),
@@ -294,7 +304,13 @@ impl KafkaSink {
             sequence_epoch: self.encoder.epoch,
             next_sequence: self.encoder.next_sequence,
             version: env!("CARGO_PKG_VERSION").into(),
-            workloads: Vec::new(),
+            // A listing whose thread is gone (it panicked) is not announced.
+            workloads: self
+                .workload_ips
+                .as_ref()
+                .filter(|l| l.has_changed().is_ok())
+                .map(|l| l.borrow().to_vec())
+                .unwrap_or_default(),
         }
         .to_message();
         let headers = OwnedHeaders::new().insert(Header { key: FINGERPRINT_HEADER, value: Some(self.identity_fp.as_str()) });
@@ -355,6 +371,7 @@ impl Sink for KafkaSink {
         match tick {
             Tick::Heartbeat => self.send_identity(IdentityReason::Heartbeat),
             Tick::IdentityCheck => self.check_identity(),
+            Tick::WorkloadIps => self.send_identity(IdentityReason::IpChange),
             Tick::Stats => gauge!(m::KAFKA_QUEUE).set(self.producer.in_flight_count() as f64),
         }
     }

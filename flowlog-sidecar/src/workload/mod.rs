@@ -1,13 +1,18 @@
 //! Local workload resolution: which pod, container or systemd service on
 //! this host owned each flow, from the cgroup the eBPF program recorded.
 //! [`cgroup`] reads a cgroup path, [`tree`] finds and walks the cgroup v2
-//! tree, [`resolver`] keeps the cache the capture path reads.
+//! tree, [`resolver`] keeps the cache the capture path reads, [`scope`]
+//! limits capture to part of the machine. [`addresses`] (with [`netns`])
+//! lists the IPs the workloads hold, for the identity heartbeats.
 //!
 //! The Kubernetes API (pod names, namespaces, owners) is a later stage: it
 //! will fill `name`/`namespace` of the pods resolved here by `pod_uid`.
 
+pub mod addresses;
 pub mod cgroup;
+pub mod netns;
 pub mod resolver;
+pub mod scope;
 pub mod tree;
 
 use std::collections::BTreeMap;
@@ -28,6 +33,17 @@ flowlog_settings::settings! {
         /// from its cgroup; false leaves the records' `workload` empty.
         #[flag(long = "workload-resolve", env = "FLOWLOG_WORKLOAD_RESOLVE")]
         pub resolve: bool = true,
+        /// Announce the IPs of local pods and containers (those in a network
+        /// namespace of their own) in the identity heartbeats (with
+        /// `output = "kafka"`). Needs CAP_SYS_ADMIN and CAP_SYS_PTRACE (root
+        /// has both) to enter their namespaces; without them nothing is
+        /// announced and the errors are counted.
+        #[flag(long = "workload-announce-ips", env = "FLOWLOG_WORKLOAD_ANNOUNCE_IPS")]
+        pub announce_ips: bool = true,
+        /// How often the workloads' IPs are listed again, seconds (also soon
+        /// after a flow shows a pod's network namespace for the first time).
+        #[flag(long = "workload-ips-interval-secs", env = "FLOWLOG_WORKLOAD_IPS_INTERVAL_SECS")]
+        pub ips_interval_secs: u64 = 5,
     }
 }
 
@@ -41,6 +57,8 @@ pub struct Stats {
     pub unresolved: [u64; WorkloadReason::SYMBOLS.len()],
     /// Ownerless flows resolved by their network namespace.
     pub by_netns: u64,
+    /// Flows dropped: outside the capture scope.
+    pub out_of_scope: u64,
     pub walks: u64,
     pub walk_errors: u64,
 }

@@ -12,6 +12,9 @@
 //! namespace: a namespace whose flows so far all came from one pod (or one
 //! container) is that pod's. The host's own namespaces, and any namespace
 //! seen with two owners, are no one's.
+//!
+//! With a capture scope ([`Scope`]) set, flows outside it are dropped here,
+//! once their cgroup is known, and counted.
 
 use std::{
     collections::{hash_map::Entry, HashSet, VecDeque},
@@ -23,7 +26,8 @@ use flowlog_schema::{Flow, Workload, WorkloadKind, WorkloadReason};
 use tracing::{debug, error, warn};
 
 use super::{
-    tree::{self, Request, WalkResult, Walker},
+    scope::Scope,
+    tree::{self, Cgroup, Request, WalkResult, Walker},
     FastMap, Stats, WorkloadConfig,
 };
 
@@ -60,6 +64,8 @@ enum NetnsOwner {
     One {
         cgroup: u64,
         workload: Arc<Workload>,
+        /// The owner's cgroup is in the capture scope.
+        in_scope: bool,
     },
     Shared,
 }
@@ -69,6 +75,7 @@ enum NetnsOwner {
 struct Known {
     workload: Arc<Workload>,
     netns: u64,
+    in_scope: bool,
 }
 
 /// The workloads given to flows for each reason, shared.
@@ -88,8 +95,8 @@ pub struct Resolver {
     /// Ids a walk that started after their flow did not find: they never
     /// will be (cgroup ids are not reused).
     not_found: HashSet<u64, foldhash::fast::RandomState>,
-    /// The last cgroup resolved, and its workload.
-    last: Option<(u64, Arc<Workload>)>,
+    /// The last cgroup resolved, its workload, and whether it is in scope.
+    last: Option<(u64, Arc<Workload>, bool)>,
     held: VecDeque<Held>,
     /// Unknown cgroup ids being looked up, with the request that will answer.
     waiting: FastMap<u64, u64>,
@@ -102,13 +109,18 @@ pub struct Resolver {
     netns: FastMap<u64, NetnsOwner>,
     /// One or two inodes: a list is quicker to search than a hash set.
     host_netns: Vec<u64>,
+    scope: Scope,
+    /// Told of each pod's or container's network namespace the first time
+    /// one of its flows is seen there (workload-IP discovery looks then).
+    new_netns: Option<Box<dyn Fn() + Send>>,
     unresolved: Unresolved,
     stats: Stats,
 }
 
 impl Resolver {
-    /// Finds the cgroup v2 tree and starts its walker (unless resolution is off).
-    pub fn new(config: &WorkloadConfig) -> Resolver {
+    /// Finds the cgroup v2 tree and starts its walker (unless resolution is
+    /// off). Flows outside `scope` are dropped.
+    pub fn new(config: &WorkloadConfig, scope: Scope) -> Resolver {
         let mode = if !config.resolve {
             Mode::Off
         } else {
@@ -116,11 +128,14 @@ impl Resolver {
             match tree::find_mount(&mountinfo) {
                 None => {
                     warn!("no cgroup v2 hierarchy mounted: every flow is attributed to the host (NO_CGROUP_V2)");
+                    if scope.has_cgroup() {
+                        warn!("scope.cgroup cannot apply without cgroup v2: only flows of scope.netns are captured");
+                    }
                     Mode::NoCgroupV2
                 }
                 Some(mount) => {
                     debug!(dir = %mount.dir.display(), root = %mount.root, "resolving workloads from the cgroup v2 tree");
-                    match Walker::start(mount) {
+                    match Walker::start(mount, scope.clone()) {
                         Ok(w) => Mode::Walking(w),
                         Err(e) => {
                             error!("starting the cgroup walker: {e}; unknown cgroups get LOOKUP_FAILED");
@@ -144,6 +159,8 @@ impl Resolver {
             asking: None,
             netns: FastMap::default(),
             host_netns: tree::host_netns(),
+            scope,
+            new_netns: None,
             unresolved: Unresolved {
                 no_owner: reason(WorkloadReason::NoOwner),
                 not_found: reason(WorkloadReason::CgroupNotFound),
@@ -154,29 +171,54 @@ impl Resolver {
         }
     }
 
-    /// Gives `flow` its workload and appends it to `out`, or holds it until
-    /// its cgroup is known ([`Resolver::poll`] releases it).
+    /// Calls `f` (it must not block) when a flow shows a pod's or
+    /// container's network namespace for the first time.
+    pub fn on_new_netns(&mut self, f: impl Fn() + Send + 'static) {
+        self.new_netns = Some(Box::new(f));
+    }
+
+    /// Gives `flow` its workload and appends it to `out` (unless it is out
+    /// of scope), or holds it until its cgroup is known ([`Resolver::poll`]
+    /// releases it).
     #[inline]
-    pub fn admit(&mut self, mut flow: Flow, now: Instant, out: &mut Vec<Flow>) {
+    pub fn admit(&mut self, flow: Flow, now: Instant, out: &mut Vec<Flow>) {
         let id = flow.cgroup_id as u64;
-        let w = match &self.mode {
-            Mode::Off => return out.push(flow),
-            Mode::NoCgroupV2 => self.unresolved.no_cgroup_v2.clone(),
+        let (w, in_scope) = match &self.mode {
+            Mode::Off => {
+                if self.scope.netns_in(flow.netns_ino as u64) {
+                    out.push(flow);
+                } else {
+                    self.stats.out_of_scope += 1;
+                }
+                return;
+            }
+            Mode::NoCgroupV2 => (self.unresolved.no_cgroup_v2.clone(), false),
             _ if id == 0 => self.by_netns(flow.netns_ino as u64),
             _ => match &self.last {
-                Some((last, w)) if *last == id => w.clone(),
+                Some((last, w, in_scope)) if *last == id => (w.clone(), *in_scope),
                 _ => match self.resolve(id, flow.netns_ino as u64) {
-                    Some(w) => {
-                        self.last = Some((id, w.clone()));
-                        w
+                    Some((w, in_scope)) => {
+                        self.last = Some((id, w.clone(), in_scope));
+                        (w, in_scope)
                     }
                     None if matches!(self.mode, Mode::WalkerGone) => {
-                        self.unresolved.lookup_failed.clone()
+                        (self.unresolved.lookup_failed.clone(), false)
                     }
                     None => return self.hold(flow, id, now),
                 },
             },
         };
+        self.deliver(flow, w, in_scope, out);
+    }
+
+    /// Appends `flow` with its workload to `out` if it is in scope: its
+    /// cgroup is (`in_scope`), or its network namespace.
+    #[inline]
+    fn deliver(&mut self, mut flow: Flow, w: Arc<Workload>, in_scope: bool, out: &mut Vec<Flow>) {
+        if !in_scope && !self.scope.netns_in(flow.netns_ino as u64) {
+            self.stats.out_of_scope += 1;
+            return;
+        }
         self.stats.count(&w);
         flow.workload = Some(w);
         out.push(flow);
@@ -234,9 +276,10 @@ impl Resolver {
         self.current.len()
     }
 
-    /// The workload of a known cgroup (learning, the first time a flow of it
-    /// is seen in a namespace, who owns that namespace); None if unknown.
-    fn resolve(&mut self, id: u64, netns: u64) -> Option<Arc<Workload>> {
+    /// The workload of a known cgroup and whether it is in scope (learning,
+    /// the first time a flow of it is seen in a namespace, who owns that
+    /// namespace); None if unknown.
+    fn resolve(&mut self, id: u64, netns: u64) -> Option<(Arc<Workload>, bool)> {
         let known = match self.current.get_mut(&id) {
             Some(k) => k,
             None => match self.previous.get_mut(&id) {
@@ -245,16 +288,16 @@ impl Resolver {
                     return self
                         .not_found
                         .contains(&id)
-                        .then(|| self.unresolved.not_found.clone())
+                        .then(|| (self.unresolved.not_found.clone(), false))
                 }
             },
         };
-        let w = known.workload.clone();
+        let (w, in_scope) = (known.workload.clone(), known.in_scope);
         if known.netns != netns {
             known.netns = netns;
-            self.learn(netns, id, &w);
+            self.learn(netns, id, &w, in_scope);
         }
-        Some(w)
+        Some((w, in_scope))
     }
 
     fn hold(&mut self, flow: Flow, id: u64, now: Instant) {
@@ -326,7 +369,7 @@ impl Resolver {
         );
         let cgroups = cgroups
             .into_iter()
-            .map(|(id, workload)| (id, Known { workload, netns: 0 }))
+            .map(|(id, Cgroup { workload, in_scope })| (id, Known { workload, netns: 0, in_scope }))
             .collect();
         self.previous = std::mem::replace(&mut self.current, cgroups);
         self.answered = self.answered.max(r.seq);
@@ -365,27 +408,24 @@ impl Resolver {
         let gone = !matches!(self.mode, Mode::Walking(_));
         for (i, h) in std::mem::take(&mut self.held).into_iter().enumerate() {
             let id = h.flow.cgroup_id as u64;
-            let w = match self.resolve(id, h.flow.netns_ino as u64) {
-                Some(w) => w,
+            let (w, in_scope) = match self.resolve(id, h.flow.netns_ino as u64) {
+                Some(known) => known,
                 // Answered by a walk that started after the flow: not in the tree.
-                None if h.seq <= self.answered => self.unresolved.not_found.clone(),
+                None if h.seq <= self.answered => (self.unresolved.not_found.clone(), false),
                 None if all || gone || i < overflow || now.duration_since(h.since) >= HOLD_MAX => {
-                    self.unresolved.lookup_failed.clone()
+                    (self.unresolved.lookup_failed.clone(), false)
                 }
                 None => {
                     self.held.push_back(h);
                     continue;
                 }
             };
-            let mut flow = h.flow;
-            self.stats.count(&w);
-            flow.workload = Some(w);
-            out.push(flow);
+            self.deliver(h.flow, w, in_scope, out);
         }
     }
 
     /// Remembers who owns the network namespace of a resolved flow.
-    fn learn(&mut self, netns: u64, cgroup: u64, w: &Arc<Workload>) {
+    fn learn(&mut self, netns: u64, cgroup: u64, w: &Arc<Workload>, in_scope: bool) {
         // The host's namespaces are no one's; an unresolved flow says nothing.
         if netns == 0 || self.host_netns.contains(&netns) || w.reason.is_some() {
             return;
@@ -397,9 +437,13 @@ impl Resolver {
         match self.netns.entry(netns) {
             Entry::Vacant(e) => {
                 e.insert(if own {
+                    if let Some(tell) = &self.new_netns {
+                        tell();
+                    }
                     NetnsOwner::One {
                         cgroup,
                         workload: namespace_owner(w),
+                        in_scope,
                     }
                 } else {
                     NetnsOwner::Shared
@@ -417,20 +461,22 @@ impl Resolver {
         }
     }
 
-    fn by_netns(&mut self, netns: u64) -> Arc<Workload> {
+    /// An ownerless flow's workload: its namespace's, and whether that
+    /// owner is in scope.
+    fn by_netns(&mut self, netns: u64) -> (Arc<Workload>, bool) {
         match self.netns.get(&netns) {
-            Some(NetnsOwner::One { workload, .. }) => {
+            Some(NetnsOwner::One { workload, in_scope, .. }) => {
                 self.stats.by_netns += 1;
-                workload.clone()
+                (workload.clone(), *in_scope)
             }
-            _ => self.unresolved.no_owner.clone(),
+            _ => (self.unresolved.no_owner.clone(), false),
         }
     }
 }
 
 /// What owns a namespace a workload's flow was in: the pod (all its
 /// containers share it), or the container.
-fn namespace_owner(w: &Arc<Workload>) -> Arc<Workload> {
+pub(super) fn namespace_owner(w: &Arc<Workload>) -> Arc<Workload> {
     if w.kind != WorkloadKind::Pod {
         return w.clone();
     }
@@ -442,7 +488,7 @@ fn namespace_owner(w: &Arc<Workload>) -> Arc<Workload> {
     })
 }
 
-fn same_owner(a: &Workload, b: &Workload) -> bool {
+pub(super) fn same_owner(a: &Workload, b: &Workload) -> bool {
     a.kind == b.kind
         && match a.kind {
             WorkloadKind::Pod => a.pod_uid == b.pod_uid,
@@ -453,6 +499,7 @@ fn same_owner(a: &Workload, b: &Workload) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workload::scope::ScopeConfig;
     use flowlog_schema::fixtures;
 
     /// A resolver on a fake tree: `tree` is what the next walk finds.
@@ -464,7 +511,7 @@ mod tests {
 
     fn fake() -> Fake {
         let (walker, requests, results) = Walker::fake();
-        let mut r = Resolver::new(&WorkloadConfig { resolve: false });
+        let mut r = Resolver::new(&WorkloadConfig { resolve: false, ..Default::default() }, Scope::default());
         r.mode = Mode::Walking(walker);
         r.host_netns = vec![1];
         Fake {
@@ -485,7 +532,10 @@ mod tests {
             }
             let cgroups = tree
                 .iter()
-                .map(|(id, p)| (*id, Arc::new(super::super::cgroup::classify(p))))
+                .map(|(id, p)| {
+                    let workload = Arc::new(super::super::cgroup::classify(p));
+                    (*id, Cgroup { workload, in_scope: self.r.scope.cgroup_in(p) })
+                })
                 .collect();
             self.results
                 .send(WalkResult {
@@ -598,7 +648,7 @@ mod tests {
         f.results
             .send(WalkResult {
                 seq: 0,
-                cgroups: Ok([(20, Arc::new(Workload::of(WorkloadKind::Host)))]
+                cgroups: Ok([(20, Cgroup { workload: Arc::new(Workload::of(WorkloadKind::Host)), in_scope: true })]
                     .into_iter()
                     .collect()),
                 took: Duration::ZERO,
@@ -717,9 +767,61 @@ mod tests {
         );
     }
 
+    /// With a scope: flows of cgroups outside its subtree are dropped and
+    /// counted, also when they were held; ownerless flows go by their
+    /// namespace (named by the scope, or owned by a pod in scope).
+    #[test]
+    fn flows_outside_the_scope_are_dropped_and_counted() {
+        let mut f = fake();
+        f.r.scope = Scope::new(&ScopeConfig { cgroup: Some("/node1".into()), netns: vec!["700".into()] }).unwrap();
+        let t = Instant::now();
+        let pod1 = format!("/node1{POD}");
+        let pod2 = format!("/node2{POD_SIDECAR}");
+        f.walk(&[(1, "/"), (10, "/node1/system.slice/a.service"), (20, &pod1), (30, &pod2)]);
+        f.poll(t);
+        assert_eq!(kind(&f.admit(10, 1, t)[0]), (WorkloadKind::Service, None));
+        assert!(f.admit(30, 1, t).is_empty(), "node2's");
+        assert!(f.admit(30, 1, t).is_empty(), "node2's, from the memo");
+        assert_eq!(kind(&f.admit(20, 500, t)[0]), (WorkloadKind::Pod, None));
+        // Out of the subtree but in a namespace the scope names.
+        assert_eq!(f.admit(30, 700, t).len(), 1);
+        // Held until the walk finds it, then judged.
+        assert!(f.admit(40, 1, t).is_empty() && f.admit(41, 1, t).is_empty());
+        assert!(f.poll(t).is_empty());
+        f.walk(&[(1, "/"), (20, &pod1), (30, &pod2), (40, "/node1/x.service"), (41, "/node2/x.service")]);
+        let out = f.poll(t);
+        assert_eq!(out.iter().map(|f| f.cgroup_id).collect::<Vec<_>>(), [40]);
+        // Ownerless: the pod in scope owns namespace 500; 600 is node2's pod's; 1 is the host's.
+        f.admit(30, 600, t);
+        assert_eq!(kind(&f.admit(0, 500, t)[0]), (WorkloadKind::Pod, None));
+        assert!(f.admit(0, 600, t).is_empty() && f.admit(0, 1, t).is_empty());
+        assert_eq!(f.admit(0, 700, t).len(), 1);
+        // Gone before any walk saw it: not known to be in scope.
+        assert!(f.admit(50, 1, t).is_empty());
+        assert!(f.poll(t).is_empty());
+        f.walk(&[(1, "/")]);
+        assert!(f.poll(t).is_empty());
+        assert_eq!(f.r.held(), 0);
+        assert_eq!(f.r.stats().out_of_scope, 7);
+        assert_eq!(f.r.stats().flows.iter().sum::<u64>(), 6, "only flows in scope are counted by kind");
+    }
+
+    #[test]
+    fn without_resolution_the_scope_is_by_namespace() {
+        let mut r = Resolver::new(
+            &WorkloadConfig { resolve: false, ..Default::default() },
+            Scope::new(&ScopeConfig { cgroup: None, netns: vec!["700".into()] }).unwrap(),
+        );
+        let mut out = Vec::new();
+        for netns in [700, 1, 700] {
+            r.admit(Flow { netns_ino: netns, ..fixtures::flow() }, Instant::now(), &mut out);
+        }
+        assert_eq!((out.len(), r.stats().out_of_scope), (2, 1));
+    }
+
     #[test]
     fn off_and_without_cgroup_v2() {
-        let mut r = Resolver::new(&WorkloadConfig { resolve: false });
+        let mut r = Resolver::new(&WorkloadConfig { resolve: false, ..Default::default() }, Scope::default());
         let mut out = Vec::new();
         r.admit(fixtures::flow(), Instant::now(), &mut out);
         assert_eq!(out[0].workload, None);

@@ -24,7 +24,7 @@ use nix::{
     sys::stat::Mode,
 };
 
-use super::{cgroup, FastMap};
+use super::{cgroup, scope::Scope, FastMap};
 
 /// Walks are at least this far apart: requests in between are answered by
 /// one walk. A new cgroup's first flows wait at most about this long.
@@ -45,6 +45,15 @@ pub struct Mount {
     /// sub-tree, as in a container with its own cgroup namespace): paths
     /// are given from the real root.
     pub root: String,
+}
+
+impl Mount {
+    /// The directory of the cgroup at `path` (from the real root, as walks
+    /// name them).
+    pub fn dir_of(&self, path: &str) -> PathBuf {
+        let below = path.strip_prefix(self.root.trim_end_matches('/')).unwrap_or(path);
+        self.dir.join(below.trim_start_matches('/'))
+    }
 }
 
 /// The cgroup v2 mount in a `/proc/self/mountinfo` text that shows the
@@ -188,11 +197,19 @@ pub struct Request {
     pub wanted: Vec<u64>,
 }
 
+/// What a walk knows of one cgroup.
+#[derive(Debug, Clone)]
+pub struct Cgroup {
+    pub workload: Arc<Workload>,
+    /// In the capture scope's cgroup subtree (always, with no scope).
+    pub in_scope: bool,
+}
+
 /// One walk's answer to every request numbered up to `seq`.
 pub struct WalkResult {
     pub seq: u64,
     /// Every cgroup by id, or why the tree could not be read.
-    pub cgroups: Result<FastMap<u64, Arc<Workload>>, String>,
+    pub cgroups: Result<FastMap<u64, Cgroup>, String>,
     pub took: Duration,
 }
 
@@ -204,12 +221,12 @@ pub struct Walker {
 
 impl Walker {
     /// Starts the thread; it walks once at once (request 0), to warm the cache.
-    pub fn start(mount: Mount) -> io::Result<Walker> {
+    pub fn start(mount: Mount, scope: Scope) -> io::Result<Walker> {
         let (req_tx, req_rx) = mpsc::channel();
         let (res_tx, res_rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("cgroup-walk".into())
-            .spawn(move || walker(mount, req_rx, res_tx))?;
+            .spawn(move || walker(mount, scope, req_rx, res_tx))?;
         req_tx
             .send(Request {
                 seq: 0,
@@ -243,8 +260,8 @@ impl Walker {
     }
 }
 
-fn walker(mount: Mount, requests: Receiver<Request>, results: Sender<WalkResult>) {
-    let mut tree = Tree::default();
+fn walker(mount: Mount, scope: Scope, requests: Receiver<Request>, results: Sender<WalkResult>) {
+    let mut tree = Tree { scope, ..Tree::default() };
     while let Ok(Request {
         mut seq,
         mut wanted,
@@ -276,17 +293,18 @@ fn walker(mount: Mount, requests: Receiver<Request>, results: Sender<WalkResult>
 /// What the walker remembers between walks.
 #[derive(Default)]
 struct Tree {
-    /// Workloads by cgroup id from the last walk: a cgroup id is never
-    /// reused, so a known id's path (and workload) need not be parsed again.
-    known: FastMap<u64, Arc<Workload>>,
+    /// Cgroups by id from the last walk: a cgroup id is never reused, so a
+    /// known id's path (workload, scope) need not be parsed again.
+    known: FastMap<u64, Cgroup>,
     /// Containers' cgroups with no sub-cgroups: most of a busy host's tree,
     /// and nothing new appears in them but the odd runtime's sub-cgroup, so
     /// a walk does not list them again (unless it misses a wanted id).
     leaves: HashSet<u64, foldhash::fast::RandomState>,
+    scope: Scope,
 }
 
 impl Tree {
-    fn walk(&mut self, mount: &Mount, wanted: &[u64]) -> io::Result<FastMap<u64, Arc<Workload>>> {
+    fn walk(&mut self, mount: &Mount, wanted: &[u64]) -> io::Result<FastMap<u64, Cgroup>> {
         let mut found = walk(mount, |id| !self.leaves.contains(&id))?;
         if wanted.iter().any(|id| !found.iter().any(|f| f.id == *id)) {
             found = walk(mount, |_| true)?;
@@ -296,18 +314,17 @@ impl Tree {
         let mut map = FastMap::with_capacity_and_hasher(found.len(), Default::default());
         let mut leaves = HashSet::with_capacity_and_hasher(self.leaves.len(), Default::default());
         for f in found {
-            let w = self.known.get(&f.id).cloned().unwrap_or_else(|| {
+            let c = self.known.get(&f.id).cloned().unwrap_or_else(|| {
                 let w = cgroup::classify(&f.path);
-                if w == *host {
-                    host.clone()
-                } else {
-                    Arc::new(w)
+                Cgroup {
+                    workload: if w == *host { host.clone() } else { Arc::new(w) },
+                    in_scope: self.scope.cgroup_in(&f.path),
                 }
             });
-            if w.container_id.is_some() && f.has_children != Some(true) {
+            if c.workload.container_id.is_some() && f.has_children != Some(true) {
                 leaves.insert(f.id);
             }
-            map.insert(f.id, w);
+            map.insert(f.id, c);
         }
         self.known = map.clone();
         self.leaves = leaves;
@@ -467,7 +484,7 @@ mod tests {
         };
         let mut tree = Tree::default();
         let first = tree.walk(&mount, &[]).unwrap();
-        assert_eq!(first[&ino(&container)].kind, WorkloadKind::Pod);
+        assert_eq!(first[&ino(&container)].workload.kind, WorkloadKind::Pod);
         assert!(tree.leaves.contains(&ino(&container)));
         // A runtime's sub-cgroup appears inside the container, and a new container beside it.
         let sub = format!("{container}/container");
@@ -485,10 +502,38 @@ mod tests {
         );
         let wanted = tree.walk(&mount, &[ino(&sub)]).unwrap();
         assert_eq!(
-            wanted[&ino(&sub)].container_id.as_deref(),
+            wanted[&ino(&sub)].workload.container_id.as_deref(),
             Some(&*"a".repeat(64))
         );
         assert!(!tree.leaves.contains(&ino(&container)), "no longer a leaf");
+        assert!(wanted.values().all(|c| c.in_scope), "no scope: everything is in it");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cgroups_in_the_scopes_subtree_are_marked() {
+        let dir = std::env::temp_dir().join(format!("flowlog-walk-scope-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for d in ["node1/system.slice/a.service", "node10/b.service", "node2"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let ino = |p: &str| std::fs::metadata(dir.join(p)).unwrap().ino();
+        let scope = Scope::new(&super::super::scope::ScopeConfig { cgroup: Some("/node1".into()), netns: vec![] }).unwrap();
+        let mut tree = Tree { scope, ..Tree::default() };
+        let found = tree.walk(&Mount { dir: dir.clone(), root: "/".into() }, &[]).unwrap();
+        let in_scope = |p: &str| found[&ino(p)].in_scope;
+        assert!(in_scope("node1") && in_scope("node1/system.slice") && in_scope("node1/system.slice/a.service"));
+        assert!(!in_scope("") && !in_scope("node10") && !in_scope("node10/b.service") && !in_scope("node2"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_cgroups_directory_below_the_mount() {
+        let m = Mount { dir: "/sys/fs/cgroup".into(), root: "/".into() };
+        assert_eq!(m.dir_of("/a/b.service"), Path::new("/sys/fs/cgroup/a/b.service"));
+        assert_eq!(m.dir_of("/"), Path::new("/sys/fs/cgroup"));
+        let sub = Mount { dir: "/host/cg".into(), root: "/kubepods.slice".into() };
+        assert_eq!(sub.dir_of("/kubepods.slice/pod1"), Path::new("/host/cg/pod1"));
+        assert_eq!(sub.dir_of("/kubepods.slice"), Path::new("/host/cg"));
     }
 }
