@@ -77,12 +77,12 @@ impl Heartbeats {
         }
         let owner = Arc::new(Attrs::of_host(h));
         events.push(event(h.host_id.clone(), Change::Holds { owner, ips: parse(&h.ips) }));
-        for (key, (w, ips)) in &now {
-            let owner = Arc::new(Attrs::of_workload(h, w.clone()));
-            events.push(event(key.clone(), Change::Holds { owner, ips: ips.clone() }));
-        }
         if !now.is_empty() {
-            self.listed.insert(h.host_id.clone(), now.into_keys().collect());
+            self.listed.insert(h.host_id.clone(), now.keys().cloned().collect());
+        }
+        for (key, (w, ips)) in now {
+            let owner = Arc::new(Attrs::of_workload(h, w));
+            events.push(event(key, Change::Holds { owner, ips }));
         }
         events
     }
@@ -250,7 +250,7 @@ mod tests {
         assert_eq!(summary(&hb.events(&fixtures::identity(&other, 250, IdentityReason::Heartbeat))).len(), 1);
         let stop = hb.events(&beat(300, IdentityReason::Stop, vec![listing(&c, &["10.1.0.6"])]));
         assert_eq!(summary(&stop), [(kc, 300, None), ("h1".into(), 300, None)]);
-        assert!(hb.listed.get("h1").is_none(), "forgotten after STOP");
+        assert!(!hb.listed.contains_key("h1"), "forgotten after STOP");
     }
 
     /// Through the ownership history: pod B's IP goes to pod C of another
