@@ -121,10 +121,8 @@ impl Config {
         if !self.metrics_listen.is_empty() && self.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
             anyhow::bail!("invalid setting metrics_listen: {:?} is not an address:port", self.metrics_listen);
         }
-        if let Some(url) = &self.kubernetes.api_url {
-            if url.parse::<http::Uri>().map_or(true, |u| u.scheme().is_none() || u.host().is_none()) {
-                anyhow::bail!("invalid setting kubernetes.api_url: {url:?} is not a URL (http://host:port)");
-            }
+        if let Some(url) = self.kubernetes.api_url.as_deref().filter(|u| !flowlog_runtime::kube::api_url_ok(u)) {
+            anyhow::bail!("invalid setting kubernetes.api_url: {url:?} is not a plain http URL (http://host:port)");
         }
         Ok(())
     }

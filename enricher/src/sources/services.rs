@@ -14,8 +14,8 @@
 //! kube-runtime's `watcher` lists, then watches from the list's
 //! resourceVersion; lists again on 410 Gone; retries errors with
 //! exponential backoff (`default_backoff`). The watch runs on its own
-//! thread with its own tokio runtime: nothing here ever stops the
-//! enricher. While the API is down, slow or answering garbage, what is
+//! thread with its own tokio runtime (`flowlog_runtime::kube`, as the
+//! sidecar's pod watch): nothing here ever stops the enricher. While the API is down, slow or answering garbage, what is
 //! known stays in force, and flows to unknown ClusterIPs fall back to the
 //! other sources (the errors and `api_up` say so).
 
@@ -29,12 +29,13 @@ use std::{
 use flowlog_schema::{Workload, WorkloadKind};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Service;
-use kube::{
+use flowlog_runtime::kube::{self, WatchMetrics};
+use ::kube::{
     runtime::{
         watcher::{self, watcher},
         WatchStreamExt,
     },
-    Api, Client,
+    Api,
 };
 use tracing::{error, info, warn};
 
@@ -48,11 +49,6 @@ use crate::metrics;
 
 /// A Service's labels copied into records, at most (the first, by key).
 pub const MAX_LABELS: usize = 32;
-/// The API server ends each watch after this long and the watcher resumes
-/// it; with the read timeout above it, a quiet but healthy watch is never
-/// cut, and a server that stops answering is given up on.
-const WATCH_TIMEOUT_SECS: u32 = 55;
-const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the enricher waits at start for the first list (so attribution
 /// starts complete), before it goes on without it.
 const FIRST_LIST_WAIT: Duration = Duration::from_secs(10);
@@ -157,6 +153,11 @@ fn now_ns() -> i64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
+/// The Services watch's metrics.
+const WATCH_METRICS: WatchMetrics = WatchMetrics { up: metrics::KUBE_API_UP, errors: metrics::KUBE_WATCH_ERRORS };
+/// What stays in force while the watch does not work.
+const MEANWHILE: &str = "the Services known stay in force; ClusterIPs of others are not attributed to them";
+
 /// Starts the watch (when `[kubernetes] services` is on) and waits up to
 /// [`FIRST_LIST_WAIT`] for its first list. Never fails: a client that
 /// cannot be built is retried on the watch's thread (logged and counted).
@@ -167,67 +168,24 @@ pub fn start(settings: &KubernetesSettings, store: Arc<RwLock<IdentityStore>>) {
     ::metrics::gauge!(metrics::KUBE_API_UP).set(0.0);
     ::metrics::gauge!(metrics::KUBE_SERVICES).set(0.0);
     let (listed, first_list) = mpsc::sync_channel(1);
-    let settings = settings.clone();
-    let spawned = std::thread::Builder::new().name("kube-services".into()).spawn(move || {
-        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt.block_on(run(settings, store, listed)),
-            Err(e) => error!("starting the Services watch's runtime: {e}; ClusterIPs stay unattributed"),
-        }
-    });
-    if let Err(e) = spawned {
-        error!("starting the Services watch thread: {e}; ClusterIPs stay unattributed");
-        return;
-    }
-    match first_list.recv_timeout(FIRST_LIST_WAIT) {
-        Ok(()) => {}
-        Err(_) => warn!("the Kubernetes API has not listed Services in {FIRST_LIST_WAIT:?}; going on, Services are attributed once it does"),
+    let api_url = settings.api_url.clone();
+    kube::spawn("kube-services", MEANWHILE, move || run(api_url, store, listed));
+    if first_list.recv_timeout(FIRST_LIST_WAIT).is_err() {
+        warn!("the Kubernetes API has not listed Services in {FIRST_LIST_WAIT:?}; going on, Services are attributed once it does");
     }
 }
 
-/// The client: `api_url` as given (plain http, no auth), else what kube-rs
-/// infers (in-cluster service account, else the kubeconfig).
-async fn client(settings: &KubernetesSettings) -> Result<Client, String> {
-    let mut c = match &settings.api_url {
-        Some(url) => kube::Config::new(url.parse::<http::Uri>().map_err(|e| format!("api_url {url:?}: {e}"))?),
-        None => kube::Config::infer().await.map_err(|e| e.to_string())?,
-    };
-    c.read_timeout = Some(READ_TIMEOUT);
-    // The read timeout counts from each request, not from when its pooled
-    // connection went idle.
-    c.reset_reader_on_write = true;
-    Client::try_from(c).map_err(|e| e.to_string())
-}
-
-async fn run(settings: KubernetesSettings, store: Arc<RwLock<IdentityStore>>, listed: mpsc::SyncSender<()>) {
-    let mut retry = Duration::from_secs(1);
-    let client = loop {
-        match client(&settings).await {
-            Ok(c) => break c,
-            Err(e) => {
-                error!("Kubernetes API client: {e}; retrying in {retry:?}");
-                ::metrics::counter!(metrics::KUBE_WATCH_ERRORS, "error" => "client").increment(1);
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(Duration::from_secs(60));
-            }
-        }
-    };
+async fn run(api_url: Option<String>, store: Arc<RwLock<IdentityStore>>, listed: mpsc::SyncSender<()>) {
+    let client = kube::connect(api_url.as_deref(), &WATCH_METRICS, MEANWHILE).await;
     info!("watching the Kubernetes API's Services");
-    let wc = watcher::Config::default().timeout(WATCH_TIMEOUT_SECS);
+    let wc = watcher::Config::default().timeout(kube::WATCH_TIMEOUT_SECS);
     let mut services = Services::default();
     let mut events = std::pin::pin!(watcher(Api::<Service>::all(client), wc).default_backoff());
     while let Some(event) = events.next().await {
         let event = match event {
             Ok(e) => e,
             Err(e) => {
-                let kind = error_kind(&e);
-                ::metrics::counter!(metrics::KUBE_WATCH_ERRORS, "error" => kind).increment(1);
-                // A compacted history is routine: the watcher lists again.
-                if kind == "expired" {
-                    info!("Services watch: {e}; listing again");
-                } else {
-                    ::metrics::gauge!(metrics::KUBE_API_UP).set(0.0);
-                    warn!("Services watch: {e}; retrying with backoff (the Services known stay in force)");
-                }
+                kube::watch_error(&e, &WATCH_METRICS, "Services watch", MEANWHILE);
                 continue;
             }
         };
@@ -251,20 +209,10 @@ async fn run(settings: KubernetesSettings, store: Arc<RwLock<IdentityStore>>, li
     error!("the Services watch ended: Services changed from now on are not seen");
 }
 
-/// The `error` label of a watch error.
-fn error_kind(e: &watcher::Error) -> &'static str {
-    match e {
-        watcher::Error::InitialListFailed(_) => "list",
-        watcher::Error::WatchError(s) if s.code == 410 => "expired",
-        watcher::Error::WatchError(_) => "watch_status",
-        watcher::Error::WatchStartFailed(_) | watcher::Error::WatchFailed(_) | watcher::Error::NoResourceVersion => "watch",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{api::core::v1::ServiceSpec, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
-    use kube::api::ObjectMeta;
+    use ::kube::api::ObjectMeta;
 
     use super::*;
 
