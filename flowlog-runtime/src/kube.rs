@@ -35,6 +35,11 @@ pub fn api_url_ok(url: &str) -> bool {
 /// fails: a thread or runtime that cannot start is logged, with what that
 /// means (`meanwhile`).
 pub fn spawn<F: Future<Output = ()>>(name: &str, meanwhile: &'static str, watch: impl FnOnce() -> F + Send + 'static) {
+    // rustls needs one crypto provider for the process; with both ring and
+    // aws-lc-rs linked (the enricher's EC2 source brings the latter) it
+    // cannot choose by itself and the client would panic. Already installed
+    // (the other watch, or the EC2 client) is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
         match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt.block_on(watch()),
