@@ -227,6 +227,7 @@ pub struct Ctx {
     /// Handles resolved once: the delivery callback runs per message.
     delivered: metrics::Counter,
     latency: metrics::Histogram,
+    broker_up: metrics::Gauge,
 }
 
 impl ClientContext for Ctx {
@@ -234,6 +235,9 @@ impl ClientContext for Ctx {
         if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
             // Stop filling the in-memory queue; new records go to the spool.
             self.shared.set_healthy(false);
+            // Repeated at every reconnection attempt while the broker is away.
+            self.shared.warn_once("all_brokers_down", format_args!("kafka: {error}: {reason}"));
+            return;
         }
         warn!("kafka: {error}: {reason}");
     }
@@ -254,6 +258,7 @@ impl ProducerContext for Ctx {
         let outcome = match result {
             Ok(_) => {
                 self.delivered.increment(1);
+                self.broker_up.set(1.0);
                 if let Some(latency) = sent_latency(sent) {
                     self.latency.record(latency);
                 }
@@ -358,6 +363,7 @@ impl KafkaSink {
             shared: shared.clone(),
             delivered: counter!(m::FLOWS_DELIVERED),
             latency: histogram!(m::DELIVERY_LATENCY),
+            broker_up: gauge!(m::BROKER_UP),
         })?;
         let producer = Arc::new(producer);
         let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i64;
@@ -502,6 +508,15 @@ impl KafkaSink {
 impl Sink for KafkaSink {
     fn send(&mut self, flow: &mut Flow) -> std::io::Result<()> {
         self.send_flow(flow);
+        Ok(())
+    }
+
+    /// After each drain of the ring buffer: what it spooled leaves the
+    /// process's buffer (one write per batch), so a crash cannot lose it.
+    fn flush(&mut self) -> std::io::Result<()> {
+        if let Err(e) = self.shared.with_spool(Spool::write_out) {
+            self.shared.warn_once("spool_error", format_args!("spool write failed, records lost (counted): {e}"));
+        }
         Ok(())
     }
 

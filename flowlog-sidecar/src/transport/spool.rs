@@ -15,9 +15,11 @@
 //! - **Bounded.** Past `max_bytes` whole oldest segments (never the leased
 //!   one) are dropped and their records counted ([`Drops::full`]). A torn
 //!   tail (crash mid-write) is detected by its CRC and counted once.
-//! - **Synced on a timer.** With `fsync = "interval"` the owner calls
-//!   [`Spool::sync_due`] periodically, so a quiet spool reaches the disk
-//!   within `fsync_interval_ms` without waiting for the next append.
+//! - **Written per batch, synced on a timer.** Appends are buffered; the
+//!   owner calls [`Spool::write_out`] after each batch (so a process crash
+//!   loses nothing handed over before it) and [`Spool::sync_due`]
+//!   periodically, so with `fsync = "interval"` a quiet spool reaches the
+//!   disk within `fsync_interval_ms` without waiting for the next append.
 
 use std::{
     collections::VecDeque,
@@ -38,8 +40,7 @@ pub enum Fsync {
     /// Write out and fsync every `fsync_interval_ms` (also when no more
     /// records come) and at shutdown.
     Interval,
-    /// Leave it to the OS (appends still leave the process's buffer every
-    /// `fsync_interval_ms`).
+    /// Leave it to the OS.
     Never,
 }
 
@@ -60,8 +61,8 @@ flowlog_settings::settings! {
         pub segment_bytes: u64 = 8 << 20,
         /// When the spool is fsync'd.
         pub fsync: Fsync = Fsync::Interval,
-        /// The longest time a spooled record stays in the process's buffer
-        /// (and, with `fsync = "interval"`, unsynced), ms.
+        /// With `fsync = "interval"`: the longest time a spooled record
+        /// stays unsynced, ms.
         pub fsync_interval_ms: u64 = 1000,
     }
 }
@@ -234,10 +235,11 @@ impl Spool {
         }
     }
 
-    /// Writes the buffered frames. On failure the file is cut back to its
-    /// last whole frame and the buffered records are counted as dropped, so
-    /// no torn frame is ever followed by more records.
-    fn write_out(&mut self) -> io::Result<()> {
+    /// Writes the buffered frames (no fsync): once written, a crash of the
+    /// process (kill -9, OOM) no longer loses them. On failure the file is
+    /// cut back to its last whole frame and the buffered records are counted
+    /// as dropped, so no torn frame is ever followed by more records.
+    pub fn write_out(&mut self) -> io::Result<()> {
         let Some(w) = self.writer.as_mut().filter(|w| !w.buf.is_empty()) else { return Ok(()) };
         let result = w.file.write_all(&w.buf);
         if result.is_ok() {
