@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 pub enum Fsync {
     /// fsync after every append (safest, slowest).
     Always,
-    /// Write out and fsync every `fsync_interval_ms` (also when no more
+    /// fsync every `fsync_interval_ms` (on a timer, so also when no more
     /// records come) and at shutdown.
     Interval,
     /// Leave it to the OS.
