@@ -250,7 +250,8 @@ def main():
               f"{both} connections seen from both ends: {sc['agree']} agree on the workload, {sc['agree_host']} agree on the host "
               f"(the server is a host's service), {sc['disagree']} disagree"
               f" = {100 * (sc['agree'] + sc['agree_host']) / max(1, both):.1f}% agreement; "
-              f"{sc['one_sided']} one-sided (the other end runs no sidecar, or sees another 5-tuple: a Service's ClusterIP)")
+              f"{sc['one_sided']} one-sided (the other end runs no sidecar, or sees another 5-tuple: a Service's ClusterIP)"
+              + (f", {sc['unattributed']} with the remote side unattributed" if sc["unattributed"] else ""))
         check(sc["disagree"] == 0 and sc["agree"] > 0, f"self-check: {dict(sc)}")
 
     if a.check:

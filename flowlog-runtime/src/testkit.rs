@@ -1,6 +1,9 @@
 //! For test suites and benchmarks: the tools `make setup` installs, a real
 //! local Kafka-protocol broker (tansu, through `scripts/broker.sh`, the same
-//! script the demo uses) and reading a Prometheus endpoint.
+//! script the demo uses), the local Kubernetes API fixture ([`kube_api`])
+//! and reading a Prometheus endpoint.
+
+pub mod kube_api;
 
 use std::{
     io,
@@ -184,13 +187,23 @@ impl Drop for Broker {
 
 /// The text of a Prometheus endpoint's `GET /metrics`.
 pub fn scrape(addr: &str) -> io::Result<String> {
+    http(addr, "GET", "/metrics", "").map(|(_, body)| body)
+}
+
+/// One HTTP/1.0 request to `addr` (`host:port`); the status code and body.
+pub fn http(addr: &str, method: &str, path: &str, body: &str) -> io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
+    let head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+    s.write_all(head.as_bytes())?;
+    s.write_all(body.as_bytes())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("{method} {path}: not an HTTP answer"));
+    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(bad)?;
+    let (_, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    Ok((code, body.to_string()))
 }
 
 /// The value of one sample, by its exact series (`name` or `name{labels}`);

@@ -132,7 +132,8 @@ avro_enum! {
 }
 
 avro_enum! {
-    /// Why a flow is attributed to the host although it may belong to a workload.
+    /// Why a flow is attributed to the host although it may belong to a
+    /// workload, or (`NoPodMetadata`, kind POD) why a pod's names are missing.
     WorkloadReason in "WorkloadReason" {
         /// A reason this version does not know (the schema's default; never written).
         Other = "OTHER",
@@ -148,6 +149,9 @@ avro_enum! {
         NoCgroupV2 = "NO_CGROUP_V2",
         /// The cgroup tree could not be read in time.
         LookupFailed = "LOOKUP_FAILED",
+        /// A pod known by its UID (kind stays POD) that the Kubernetes API has
+        /// not named: API unreachable, slow or garbled, or no such pod listed.
+        NoPodMetadata = "NO_POD_METADATA",
     }
 }
 

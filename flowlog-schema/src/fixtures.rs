@@ -86,6 +86,20 @@ pub fn pod_workload() -> Workload {
     }
 }
 
+/// The same pod's container as the Kubernetes API names it (the sidecar's
+/// `workload.kubernetes`): pod shop/web-7d9f8b6c5-x2x9z of Deployment web.
+pub fn named_pod_workload() -> Workload {
+    Workload {
+        name: Some("web-7d9f8b6c5-x2x9z".into()),
+        namespace: Some("shop".into()),
+        container_name: Some("web".into()),
+        owner_kind: Some("Deployment".into()),
+        owner_name: Some("web".into()),
+        labels: BTreeMap::from([("app".to_string(), "web".to_string())]),
+        ..pod_workload()
+    }
+}
+
 /// A whole Flow message.
 pub fn flow_message(host: &HostIdentity, flow: &Flow) -> Vec<u8> {
     let mut out = Vec::new();

@@ -11,8 +11,8 @@ use crate::{
     avro::{DecodeError, Reader, Writer},
     enums::{Direction, EndReason, Family, OwnerSource, RecordType},
     host::HostIdentity,
-    schemas::{FLOW, FLOW_V1},
-    workload::Workload,
+    schemas::{SchemaDef, FLOW, FLOW_V1, FLOW_V2},
+    workload::{Workload, WorkloadVersion},
 };
 
 /// The fields of schemas/flow.avsc after `host`, in the schema's order (see
@@ -115,13 +115,22 @@ impl Flow {
 
     /// Reads the fields after the host block (current version).
     pub fn read(r: &mut Reader) -> Result<Flow, DecodeError> {
+        Flow::read_version(r, Some(WorkloadVersion::Current))
+    }
+
+    /// Reads the fields after the host block as a version wrote them: v1
+    /// (`workload` None) ends at netns_ino; v2 appended `workload`, v3
+    /// appended the Kubernetes API's fields to it (defaults: null, empty).
+    fn read_version(r: &mut Reader, workload: Option<WorkloadVersion>) -> Result<Flow, DecodeError> {
         let mut f = Flow::read_v1(r)?;
-        f.workload = Workload::read_opt(r)?;
+        if let Some(v) = workload {
+            f.workload = Workload::read_opt(r, v)?;
+        }
         Ok(f)
     }
 
     /// Reads the fields of history/flow.v1.avsc after the host block: the
-    /// current fields up to netns_ino (v2 appended `workload`, default null).
+    /// current fields up to netns_ino.
     fn read_v1(r: &mut Reader) -> Result<Flow, DecodeError> {
         let sequence_epoch = r.long()?;
         let sequence = r.long()?;
@@ -180,21 +189,27 @@ impl Flow {
 
 /// Decodes one Flow message: header, host block (handed to `host`, which
 /// may decode it or find it in a cache), fields, checks. Messages of the
-/// previous version (history/flow.v1.avsc: sidecars not yet upgraded, and
-/// their spools) are read too, with no workload.
+/// previous versions (history/flow.v1.avsc and v2: sidecars not yet
+/// upgraded, and their spools) are read too, their missing fields empty.
 pub fn decode_flow<H>(
     msg: &[u8],
     host: impl FnOnce(&[u8]) -> Result<H, DecodeError>,
 ) -> Result<(H, Flow), DecodeError> {
-    let (datum, v1) = match FLOW.datum(msg) {
-        Ok(d) => (d, false),
-        Err(DecodeError::UnknownFingerprint(fp)) => (FLOW_V1.datum(msg).map_err(|_| DecodeError::UnknownFingerprint(fp))?, true),
-        Err(e) => return Err(e),
-    };
+    /// Each version's schema and the workload form it wrote, newest first.
+    const VERSIONS: [(&SchemaDef, Option<WorkloadVersion>); 3] =
+        [(&FLOW, Some(WorkloadVersion::Current)), (&FLOW_V2, Some(WorkloadVersion::V2)), (&FLOW_V1, None)];
+    let mut found = Err(DecodeError::NotSingleObject);
+    for (schema, workload) in VERSIONS {
+        found = schema.datum(msg).map(|d| (d, workload));
+        if !matches!(found, Err(DecodeError::UnknownFingerprint(_))) {
+            break;
+        }
+    }
+    let (datum, workload) = found?;
     let mut r = Reader::new(datum);
     let block = HostIdentity::skip(&mut r)?;
     let h = host(block)?;
-    let f = if v1 { Flow::read_v1(&mut r)? } else { Flow::read(&mut r)? };
+    let f = Flow::read_version(&mut r, workload)?;
     r.finish()?;
     f.validate()?;
     Ok((h, f))

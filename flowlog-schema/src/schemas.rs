@@ -21,9 +21,11 @@ pub static FLOW: SchemaDef = SchemaDef::new("flow", include_str!("../../schemas/
 pub static IDENTITY: SchemaDef = SchemaDef::new("identity", include_str!("../../schemas/identity.avsc"));
 pub static ENRICHED_FLOW: SchemaDef = SchemaDef::new("enriched_flow", include_str!("../../schemas/enriched_flow.avsc"));
 
-/// The previous Flow version, still decoded (sidecars not yet upgraded and
-/// their spools send it). Not in [`ALL`]: docs and new data use the current one.
+/// The previous Flow versions, still decoded (sidecars not yet upgraded and
+/// their spools send them). Not in [`ALL`]: docs and new data use the current one.
 pub static FLOW_V1: SchemaDef = SchemaDef::new("flow", include_str!("../../schemas/history/flow.v1.avsc"));
+/// v2 added `workload` (without the Kubernetes API's fields v3 added).
+pub static FLOW_V2: SchemaDef = SchemaDef::new("flow", include_str!("../../schemas/history/flow.v2.avsc"));
 
 /// Every schema, for tests and docs.
 pub static ALL: [&SchemaDef; 3] = [&FLOW, &IDENTITY, &ENRICHED_FLOW];

@@ -3,7 +3,7 @@
 //! enums as text): which pod, container or systemd service on the sidecar's
 //! host owned a connection.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use crate::{
     avro::{DecodeError, Reader, Writer},
@@ -24,6 +24,19 @@ pub struct Workload {
     pub qos_class: Option<String>,
     pub unit: Option<String>,
     pub cgroup_path: Option<String>,
+    pub container_name: Option<String>,
+    pub owner_kind: Option<String>,
+    pub owner_name: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Which Flow schema a workload was written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadVersion {
+    /// history/flow.v2.avsc: up to `cgroup_path`.
+    V2,
+    /// The current schema: with the Kubernetes API's names, owner and labels.
+    Current,
 }
 
 impl Workload {
@@ -40,6 +53,10 @@ impl Workload {
             qos_class: None,
             unit: None,
             cgroup_path: None,
+            container_name: None,
+            owner_kind: None,
+            owner_name: None,
+            labels: BTreeMap::new(),
         }
     }
 
@@ -58,6 +75,7 @@ impl Workload {
         self.name.as_deref().or(self.container_id.as_deref()).or(self.pod_uid.as_deref())
     }
 
+    /// The optional strings from `name` to `cgroup_path`, in the schema's order.
     fn strings(&self) -> [&Option<String>; 8] {
         [
             &self.name,
@@ -69,6 +87,14 @@ impl Workload {
             &self.unit,
             &self.cgroup_path,
         ]
+    }
+
+    /// The fields after `cgroup_path`, in the schema's order (both forms).
+    fn write_metadata(&self, w: &mut Writer) {
+        for s in [&self.container_name, &self.owner_kind, &self.owner_name] {
+            w.opt_string(s.as_deref());
+        }
+        w.string_map(self.labels.iter());
     }
 
     /// `["null", Workload]` as in schemas/flow.avsc (Avro enums).
@@ -91,6 +117,7 @@ impl Workload {
         for s in self.strings() {
             w.opt_string(s.as_deref());
         }
+        self.write_metadata(w);
     }
 
     /// `["null", WorkloadInfo]` as in schemas/enriched_flow.avsc (enums as text).
@@ -102,25 +129,30 @@ impl Workload {
         for s in v.strings() {
             w.opt_string(s.as_deref());
         }
+        v.write_metadata(w);
     }
 
-    /// Reads `["null", Workload]` (the Flow form).
-    pub fn read_opt(r: &mut Reader) -> Result<Option<Arc<Workload>>, DecodeError> {
+    /// Reads `["null", Workload]` (the Flow form) as `version` wrote it.
+    pub fn read_opt(r: &mut Reader, version: WorkloadVersion) -> Result<Option<Arc<Workload>>, DecodeError> {
         if r.union_index(2)? == 0 {
             return Ok(None);
         }
-        Workload::read(r).map(|w| Some(Arc::new(w)))
+        Workload::read_version(r, version).map(|w| Some(Arc::new(w)))
     }
 
-    /// Reads the `Workload` record.
+    /// Reads the `Workload` record (current form).
     pub fn read(r: &mut Reader) -> Result<Workload, DecodeError> {
+        Workload::read_version(r, WorkloadVersion::Current)
+    }
+
+    fn read_version(r: &mut Reader, version: WorkloadVersion) -> Result<Workload, DecodeError> {
         let kind = WorkloadKind::read(r)?;
         let reason = if r.union_index(2)? == 0 {
             None
         } else {
             Some(WorkloadReason::read(r)?)
         };
-        Ok(Workload {
+        let mut w = Workload {
             kind,
             reason,
             name: r.opt_string()?,
@@ -131,6 +163,18 @@ impl Workload {
             qos_class: r.opt_string()?,
             unit: r.opt_string()?,
             cgroup_path: r.opt_string()?,
-        })
+            ..Workload::of(kind)
+        };
+        if version == WorkloadVersion::Current {
+            w.container_name = r.opt_string()?;
+            w.owner_kind = r.opt_string()?;
+            w.owner_name = r.opt_string()?;
+            r.blocks(|r| {
+                let k = r.string()?;
+                w.labels.insert(k, r.string()?);
+                Ok(())
+            })?;
+        }
+        Ok(w)
     }
 }

@@ -165,6 +165,7 @@ impl Config {
         if self.output == Output::Kafka {
             self.kafka.client_config()?;
         }
+        self.workload.validate()?;
         if let Err(reason) = crate::claim::ClaimFilter::new(&self.identity.shared_interfaces) {
             return Err(ConfigError::Invalid { name: "identity.shared_interfaces", reason });
         }
@@ -338,6 +339,10 @@ mod tests {
                 "workload.resolve --workload-resolve FLOWLOG_WORKLOAD_RESOLVE",
                 "workload.announce_ips --workload-announce-ips FLOWLOG_WORKLOAD_ANNOUNCE_IPS",
                 "workload.ips_interval_secs --workload-ips-interval-secs FLOWLOG_WORKLOAD_IPS_INTERVAL_SECS",
+                "workload.kubernetes.enabled --workload-kubernetes FLOWLOG_WORKLOAD_KUBERNETES",
+                "workload.kubernetes.node_name --node-name FLOWLOG_NODE_NAME",
+                "workload.kubernetes.labels --workload-kubernetes-labels FLOWLOG_WORKLOAD_KUBERNETES_LABELS",
+                "workload.kubernetes.api_url --workload-kubernetes-api-url FLOWLOG_WORKLOAD_KUBERNETES_API_URL",
                 "scope.cgroup --scope-cgroup FLOWLOG_SCOPE_CGROUP",
                 "scope.netns --scope-netns FLOWLOG_SCOPE_NETNS",
             ]

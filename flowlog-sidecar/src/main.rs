@@ -91,9 +91,11 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
     if !scope.is_all() && config.output == Output::Kafka && config.identity.ips.is_none() {
         warn!("a capture scope is set but identity.ips is not: the machine's addresses are announced as this scope's host's");
     }
+    // Pod names from the Kubernetes API, for flows and announced workloads.
+    let pods = workload::pods::start(&config.workload);
     // Only the identity heartbeats (Kafka) carry the workloads' IPs.
     let announcer = (config.output == Output::Kafka)
-        .then(|| Announcer::from_config(&config.workload, &scope, config.identity.claim_filter()))
+        .then(|| Announcer::from_config(&config.workload, &scope, config.identity.claim_filter(), pods.clone()))
         .flatten();
     // Changes from the listing START carries on are announced at once.
     let ips_changes = announcer.as_ref().map(|a| {
@@ -110,7 +112,7 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
         )?),
         mode => Box::new(Printer::new(mode, std::io::stdout())),
     };
-    let mut resolver = workload::Resolver::new(&config.workload, scope);
+    let mut resolver = workload::Resolver::new(&config.workload, scope, pods);
     if let Some(a) = &announcer {
         resolver.on_new_netns(a.poker());
     }

@@ -33,7 +33,8 @@ pub const BPF_RUN_COUNT: &str = "flowlog_sidecar_bpf_runs_total";
 /// Label `kind`: host, pod, container, service.
 pub const WORKLOAD_FLOWS: &str = "flowlog_sidecar_workload_flows_total";
 /// Label `reason`: no_owner, cgroup_not_found, unparsable_path,
-/// unknown_runtime, no_cgroup_v2, lookup_failed (other is never counted).
+/// unknown_runtime, no_cgroup_v2, lookup_failed, no_pod_metadata (kind
+/// pod, not named by the Kubernetes API); other is never counted.
 pub const WORKLOAD_UNRESOLVED: &str = "flowlog_sidecar_workload_unresolved_total";
 pub const WORKLOAD_HELD: &str = "flowlog_sidecar_workload_held_flows";
 pub const CGROUP_WALKS: &str = "flowlog_sidecar_cgroup_walks_total";
@@ -48,6 +49,18 @@ pub const WORKLOAD_ADDRESSES: &str = "flowlog_sidecar_workload_addresses";
 pub const WORKLOAD_ADDRESSES_UNCLAIMED: &str = "flowlog_sidecar_workload_addresses_unclaimed";
 /// Label `error`: permission, walk, list.
 pub const WORKLOAD_IP_ERRORS: &str = "flowlog_sidecar_workload_ip_errors_total";
+/// The Kubernetes pod watch (`workload.kubernetes`), updated by its thread.
+pub const KUBE_PODS: &str = "flowlog_sidecar_kubernetes_pods";
+pub const KUBE_API_UP: &str = "flowlog_sidecar_kubernetes_api_up";
+/// Label `type`: apply, delete (watch events), relist_pod (a pod of a
+/// list), relist_done (a whole list: at start and after 410 Gone).
+pub const KUBE_WATCH_EVENTS: &str = "flowlog_sidecar_kubernetes_watch_events_total";
+/// Label `error`: client (no API client: config), list, watch (starting or
+/// reading a watch), watch_status (an error status on the watch), expired
+/// (410 Gone: history compacted, listing again).
+pub const KUBE_WATCH_ERRORS: &str = "flowlog_sidecar_kubernetes_watch_errors_total";
+/// Label `result`: ok, not_found, error (the pod keeps its direct owner).
+pub const KUBE_OWNER_LOOKUPS: &str = "flowlog_sidecar_kubernetes_owner_lookups_total";
 /// Prefix of the process gauges `flowlog_sidecar_process_cpu_seconds_total`
 /// and `flowlog_sidecar_process_resident_memory_bytes` (flowlog_runtime::process).
 const PREFIX: &str = "flowlog_sidecar";
@@ -75,7 +88,7 @@ pub fn describe() {
     describe_gauge!(BPF_RUN_TIME, Unit::Seconds, "Time spent in the eBPF program (kernel.bpf_stats_enabled=1 only).");
     describe_counter!(BPF_RUN_COUNT, "eBPF program runs (kernel.bpf_stats_enabled=1 only).");
     describe_counter!(WORKLOAD_FLOWS, "Flow records by the kind of local workload that owned them.");
-    describe_counter!(WORKLOAD_UNRESOLVED, "Flow records attributed to the host although they may belong to a workload, by reason.");
+    describe_counter!(WORKLOAD_UNRESOLVED, "Flow records attributed to the host although they may belong to a workload, or (no_pod_metadata) of a pod the Kubernetes API has not named, by reason.");
     describe_gauge!(WORKLOAD_HELD, "Flow records waiting for their cgroup to be looked up.");
     describe_counter!(CGROUP_WALKS, "Walks of the cgroup v2 tree (one per batch of new cgroups, at most 4 a second).");
     describe_counter!(CGROUP_WALK_ERRORS, "Walks of the cgroup v2 tree that could not read it.");
@@ -86,6 +99,11 @@ pub fn describe() {
     describe_gauge!(WORKLOAD_ADDRESSES, "IP addresses announced for local workloads, by the last listing.");
     describe_gauge!(WORKLOAD_ADDRESSES_UNCLAIMED, "Addresses found in workloads' namespaces but not announced, by reason (shared_interface, link_local, conflict: in two namespaces at once, shared_namespace: in a namespace two workloads share).");
     describe_counter!(WORKLOAD_IP_ERRORS, "Errors listing workloads' addresses, by kind (permission: CAP_SYS_ADMIN/CAP_SYS_PTRACE missing, walk, list).");
+    describe_gauge!(KUBE_PODS, "Pods of this node named by the Kubernetes API (workload.kubernetes).");
+    describe_gauge!(KUBE_API_UP, "1 while the pod watch of the Kubernetes API works; 0 after an error, until it recovers.");
+    describe_counter!(KUBE_WATCH_EVENTS, "Pod watch events, by type (apply, delete; relist_pod and relist_done for lists).");
+    describe_counter!(KUBE_WATCH_ERRORS, "Pod watch errors, by kind (client, list, watch, watch_status, expired); each is retried with backoff.");
+    describe_counter!(KUBE_OWNER_LOOKUPS, "Lookups of a pod's ReplicaSet or Job for its top owner, by result (ok, not_found, error).");
     flowlog_runtime::process::describe(PREFIX, "Sidecar");
 }
 

@@ -37,6 +37,7 @@ use tracing::{debug, warn};
 use super::{
     cgroup,
     netns::{self, NetnsError},
+    pods::{self, PodIndex},
     resolver::{namespace_owner, same_owner},
     scope::Scope,
     tree::{self, Mount},
@@ -142,7 +143,8 @@ pub struct Announcer {
 impl Announcer {
     /// Starts discovery as `config` says, if it can: None when it is off or
     /// there is no cgroup v2 tree to find workloads in (logged).
-    pub fn from_config(config: &WorkloadConfig, scope: &Scope, filter: ClaimFilter) -> Option<Announcer> {
+    /// `pods` (the Kubernetes API's) names the pods announced.
+    pub fn from_config(config: &WorkloadConfig, scope: &Scope, filter: ClaimFilter, pods: Option<Arc<PodIndex>>) -> Option<Announcer> {
         if !config.announce_ips {
             return None;
         }
@@ -152,13 +154,19 @@ impl Announcer {
             return None;
         };
         let interval = Duration::from_secs(config.ips_interval_secs);
-        Announcer::start(mount, scope.clone(), filter, interval)
+        Announcer::start(mount, scope.clone(), filter, interval, pods)
             .inspect_err(|e| warn!("starting the workload-IP thread: {e}; workload IPs are not announced"))
             .ok()
     }
 
     /// Starts the thread (its first round runs at once).
-    pub fn start(mount: Mount, scope: Scope, filter: ClaimFilter, interval: Duration) -> std::io::Result<Announcer> {
+    pub fn start(
+        mount: Mount,
+        scope: Scope,
+        filter: ClaimFilter,
+        interval: Duration,
+        pods: Option<Arc<PodIndex>>,
+    ) -> std::io::Result<Announcer> {
         let (tx, rx) = watch::channel(Listing::default());
         // One pending request is enough: a round answers all that came before it.
         let (poke, pokes) = mpsc::sync_channel(1);
@@ -169,6 +177,7 @@ impl Announcer {
             host_netns: tree::host_netns(),
             known: FastMap::default(),
             warned: false,
+            pods,
         };
         std::thread::Builder::new().name("workload-ips".into()).spawn(move || loop {
             let t0 = Instant::now();
@@ -218,6 +227,8 @@ struct Discovery {
     known: FastMap<u64, Option<Arc<Workload>>>,
     /// A missing privilege was logged (once, then only counted).
     warned: bool,
+    /// Names pods (with `workload.kubernetes`) as the flows name them.
+    pods: Option<Arc<PodIndex>>,
 }
 
 impl Discovery {
@@ -281,7 +292,12 @@ impl Discovery {
             }
         }
         let namespaces = found.len();
-        let (listing, unclaimed) = claim(found, &self.filter);
+        let (mut listing, unclaimed) = claim(found, &self.filter);
+        if let Some(index) = &self.pods {
+            for w in &mut listing {
+                w.workload = pods::name_now(index, &w.workload);
+            }
+        }
         gauge!(m::WORKLOAD_NAMESPACES).set(namespaces as f64);
         gauge!(m::WORKLOAD_ADDRESSES).set(listing.iter().map(|w| w.ips.len()).sum::<usize>() as f64);
         for (reason, label) in Reason::LABELS {

@@ -1,16 +1,16 @@
 //! Local workload resolution: which pod, container or systemd service on
 //! this host owned each flow, from the cgroup the eBPF program recorded.
 //! [`cgroup`] reads a cgroup path, [`tree`] finds and walks the cgroup v2
-//! tree, [`resolver`] keeps the cache the capture path reads, [`scope`]
-//! limits capture to part of the machine. [`addresses`] (with [`netns`])
-//! lists the IPs the workloads hold, for the identity heartbeats.
-//!
-//! The Kubernetes API (pod names, namespaces, owners) is a later stage: it
-//! will fill `name`/`namespace` of the pods resolved here by `pod_uid`.
+//! tree, [`resolver`] keeps the cache the capture path reads, [`pods`]
+//! names the pods found by their UID from a watch of the Kubernetes API
+//! (`[workload.kubernetes]`), [`scope`] limits capture to part of the
+//! machine. [`addresses`] (with [`netns`]) lists the IPs the workloads
+//! hold, for the identity heartbeats.
 
 pub mod addresses;
 pub mod cgroup;
 pub mod netns;
+pub mod pods;
 pub mod resolver;
 pub mod scope;
 pub mod tree;
@@ -44,6 +44,14 @@ flowlog_settings::settings! {
         /// after a flow shows a pod's network namespace for the first time).
         #[flag(long = "workload-ips-interval-secs", env = "FLOWLOG_WORKLOAD_IPS_INTERVAL_SECS")]
         pub ips_interval_secs: u64 = 5,
+        /// Pod names, namespaces, containers, owners and labels from the Kubernetes API.
+        pub kubernetes: pods::KubernetesConfig = pods::KubernetesConfig::default(),
+    }
+}
+
+impl WorkloadConfig {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        self.kubernetes.validate(self.resolve)
     }
 }
 
@@ -91,6 +99,8 @@ pub struct StatsReport {
     pub cgroup_walks: u64,
     pub cgroup_walk_errors: u64,
     pub cgroups_known: usize,
+    /// Pods the Kubernetes API named (null with workload.kubernetes off).
+    pub kubernetes_pods: Option<usize>,
 }
 
 impl Resolver {
@@ -103,6 +113,7 @@ impl Resolver {
             cgroup_walks: s.walks,
             cgroup_walk_errors: s.walk_errors,
             cgroups_known: self.cgroups_known(),
+            kubernetes_pods: self.pods_named(),
         }
     }
 }

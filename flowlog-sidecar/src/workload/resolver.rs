@@ -15,6 +15,12 @@
 //!
 //! With a capture scope ([`Scope`]) set, flows outside it are dropped here,
 //! once their cgroup is known, and counted.
+//!
+//! With the Kubernetes API on, a pod's workload is named (pod name,
+//! namespace, container name, owner, labels) from the [`PodIndex`] when its
+//! cgroup is learned, and again when the index changes (checked once per
+//! drain): never per flow, and no flow waits for the API. A pod the index
+//! does not have yet goes out with reason NO_POD_METADATA.
 
 use std::{
     collections::{hash_map::Entry, HashSet, VecDeque},
@@ -26,6 +32,7 @@ use flowlog_schema::{Flow, Workload, WorkloadKind, WorkloadReason};
 use tracing::{debug, error, warn};
 
 use super::{
+    pods::{self, PodIndex, PodMeta},
     scope::Scope,
     tree::{self, Cgroup, Request, WalkResult, Walker},
     FastMap, Stats, WorkloadConfig,
@@ -72,10 +79,40 @@ enum NetnsOwner {
 
 /// A cgroup's workload, and the network namespace its flows were last
 /// seen in: a flow in the same namespace again has nothing to teach.
+#[derive(Clone)]
 struct Known {
     workload: Arc<Workload>,
     netns: u64,
     in_scope: bool,
+    /// What the cgroup path alone says (`workload` before a pod is named).
+    base: Arc<Workload>,
+    /// The API's metadata a pod's `workload` was named with.
+    meta: Option<Arc<PodMeta>>,
+}
+
+impl Known {
+    fn of(Cgroup { workload, in_scope }: Cgroup) -> Known {
+        Known { workload: workload.clone(), netns: 0, in_scope, base: workload, meta: None }
+    }
+
+    /// A pod's cgroup (parsed), whose workload the API names.
+    fn is_pod(&self) -> bool {
+        self.base.kind == WorkloadKind::Pod && self.base.reason.is_none()
+    }
+
+    /// This pod's entry named from `index`: unchanged while its metadata
+    /// is; renamed when the metadata changed; kept as it was when the API
+    /// no longer lists the pod (deleted while its cgroup lingers); else
+    /// unnamed (NO_POD_METADATA).
+    fn named(&self, index: &PodIndex) -> Known {
+        let uid = self.base.pod_uid.as_deref().unwrap_or_default();
+        match (index.get(uid), &self.meta) {
+            (Some(m), Some(had)) if Arc::ptr_eq(&m, had) => self.clone(),
+            (Some(m), _) => Known { workload: Arc::new(m.name(&self.base)), meta: Some(m), ..self.clone() },
+            (None, Some(_)) => self.clone(),
+            (None, None) => Known { workload: Arc::new(pods::unnamed(&self.base)), ..self.clone() },
+        }
+    }
 }
 
 /// The workloads given to flows for each reason, shared.
@@ -115,12 +152,17 @@ pub struct Resolver {
     new_netns: Option<Box<dyn Fn() + Send>>,
     unresolved: Unresolved,
     stats: Stats,
+    /// The Kubernetes API's pods (`workload.kubernetes`), and the index
+    /// generation the known pods were last named at.
+    pods: Option<Arc<PodIndex>>,
+    pods_generation: u64,
 }
 
 impl Resolver {
     /// Finds the cgroup v2 tree and starts its walker (unless resolution is
-    /// off). Flows outside `scope` are dropped.
-    pub fn new(config: &WorkloadConfig, scope: Scope) -> Resolver {
+    /// off). Flows outside `scope` are dropped; `pods` (the Kubernetes
+    /// API's, [`pods::start`]) names pods.
+    pub fn new(config: &WorkloadConfig, scope: Scope, pods: Option<Arc<PodIndex>>) -> Resolver {
         let mode = if !config.resolve {
             Mode::Off
         } else {
@@ -168,6 +210,8 @@ impl Resolver {
                 no_cgroup_v2: reason(WorkloadReason::NoCgroupV2),
             },
             stats: Stats::default(),
+            pods,
+            pods_generation: 0,
         }
     }
 
@@ -235,6 +279,7 @@ impl Resolver {
             }
         }
         self.take_results();
+        self.rename_pods();
         self.release(now, out, false);
     }
 
@@ -274,6 +319,36 @@ impl Resolver {
     /// Cgroups known from the last walk.
     pub fn cgroups_known(&self) -> usize {
         self.current.len()
+    }
+
+    /// Pods the Kubernetes API named; None with `workload.kubernetes` off.
+    pub fn pods_named(&self) -> Option<usize> {
+        self.pods.as_ref().map(|p| p.len())
+    }
+
+    /// When the pod index changed: names the known pods again (those the
+    /// API has just named, or renamed), and the namespaces learned from them.
+    fn rename_pods(&mut self) {
+        let Some(index) = &self.pods else { return };
+        let generation = index.generation();
+        if generation == self.pods_generation {
+            return;
+        }
+        self.pods_generation = generation;
+        for k in self.current.values_mut().chain(self.previous.values_mut()) {
+            if k.is_pod() {
+                *k = k.named(index);
+            }
+        }
+        self.last = None;
+        let current = &self.current;
+        for owner in self.netns.values_mut() {
+            if let NetnsOwner::One { cgroup, workload, .. } = owner {
+                if let Some(k) = current.get(cgroup).filter(|k| k.is_pod()) {
+                    *workload = namespace_owner(&k.workload);
+                }
+            }
+        }
     }
 
     /// The workload of a known cgroup and whether it is in scope (learning,
@@ -367,9 +442,20 @@ impl Resolver {
             seq = r.seq,
             "cgroup tree walked"
         );
+        // A pod's cgroup already known keeps its names (and namespace); a
+        // new one is named from the pod index.
         let cgroups = cgroups
             .into_iter()
-            .map(|(id, Cgroup { workload, in_scope })| (id, Known { workload, netns: 0, in_scope }))
+            .map(|(id, cgroup)| {
+                let k = match self.current.get(&id) {
+                    Some(before) => Known { netns: 0, ..before.clone() },
+                    None => match (Known::of(cgroup), &self.pods) {
+                        (k, Some(index)) if k.is_pod() => k.named(index),
+                        (k, _) => k,
+                    },
+                };
+                (id, k)
+            })
             .collect();
         self.previous = std::mem::replace(&mut self.current, cgroups);
         self.answered = self.answered.max(r.seq);
@@ -426,8 +512,10 @@ impl Resolver {
 
     /// Remembers who owns the network namespace of a resolved flow.
     fn learn(&mut self, netns: u64, cgroup: u64, w: &Arc<Workload>, in_scope: bool) {
-        // The host's namespaces are no one's; an unresolved flow says nothing.
-        if netns == 0 || self.host_netns.contains(&netns) || w.reason.is_some() {
+        // The host's namespaces are no one's; an unresolved flow says
+        // nothing (a pod not named yet is still known by its UID).
+        let unresolved = w.reason.is_some_and(|r| r != WorkloadReason::NoPodMetadata);
+        if netns == 0 || self.host_netns.contains(&netns) || unresolved {
             return;
         }
         let own = matches!(w.kind, WorkloadKind::Pod | WorkloadKind::Container);
@@ -481,9 +569,15 @@ pub(super) fn namespace_owner(w: &Arc<Workload>) -> Arc<Workload> {
         return w.clone();
     }
     Arc::new(Workload {
+        reason: w.reason,
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
         pod_uid: w.pod_uid.clone(),
         runtime: w.runtime.clone(),
         qos_class: w.qos_class.clone(),
+        owner_kind: w.owner_kind.clone(),
+        owner_name: w.owner_name.clone(),
+        labels: w.labels.clone(),
         ..Workload::of(WorkloadKind::Pod)
     })
 }
@@ -511,7 +605,7 @@ mod tests {
 
     fn fake() -> Fake {
         let (walker, requests, results) = Walker::fake();
-        let mut r = Resolver::new(&WorkloadConfig { resolve: false, ..Default::default() }, Scope::default());
+        let mut r = Resolver::new(&WorkloadConfig { resolve: false, ..Default::default() }, Scope::default(), None);
         r.mode = Mode::Walking(walker);
         r.host_netns = vec![1];
         Fake {
@@ -811,6 +905,7 @@ mod tests {
         let mut r = Resolver::new(
             &WorkloadConfig { resolve: false, ..Default::default() },
             Scope::new(&ScopeConfig { cgroup: None, netns: vec!["700".into()] }).unwrap(),
+            None,
         );
         let mut out = Vec::new();
         for netns in [700, 1, 700] {
@@ -819,9 +914,72 @@ mod tests {
         assert_eq!((out.len(), r.stats().out_of_scope), (2, 1));
     }
 
+    /// What the API says of the pod of POD: one container named.
+    fn pod_meta(name: &str) -> PodMeta {
+        PodMeta {
+            namespace: "shop".into(),
+            name: name.into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            containers: [("a".repeat(64), "web".to_string())].into(),
+            owner: Some(pods::Owner { kind: "Deployment".into(), name: "web".into() }),
+        }
+    }
+
+    #[test]
+    fn pods_are_named_once_the_api_knows_them_and_never_wait_for_it() {
+        const UID: &str = "7f3e1c2a-9b4d-4e5f-8a6b-0c1d2e3f4a5b";
+        const OTHER_POD: &str = "/kubepods/besteffort/pod11111111-2222-3333-4444-555555555555/\
+                                 cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
+        let mut f = fake();
+        let index = Arc::new(PodIndex::default());
+        f.r.pods = Some(index.clone());
+        let t = Instant::now();
+        let tree = [(1, "/"), (20, POD), (21, POD_SIDECAR)];
+        f.walk(&tree);
+        f.poll(t);
+        let workload = |out: Vec<Flow>| out[0].workload.clone().unwrap();
+        // Not named yet: the pod by its UID, with the reason, at once.
+        let w = workload(f.admit(20, 500, t));
+        assert_eq!((w.kind, w.reason, w.pod_uid.as_deref(), w.name.as_deref()), (WorkloadKind::Pod, Some(WorkloadReason::NoPodMetadata), Some(UID), None));
+        // Its namespace is still learned: ownerless flows in it are the pod's.
+        assert_eq!(kind(&f.admit(0, 500, t)[0]), (WorkloadKind::Pod, Some(WorkloadReason::NoPodMetadata)));
+        // The API names it: the next drain renames what is known.
+        index.insert(UID.into(), pod_meta("web-0"));
+        f.poll(t);
+        let w = workload(f.admit(20, 500, t));
+        assert_eq!((w.reason, w.name.as_deref(), w.namespace.as_deref()), (None, Some("web-0"), Some("shop")));
+        assert_eq!((w.container_name.as_deref(), w.owner_kind.as_deref(), w.owner_name.as_deref()), (Some("web"), Some("Deployment"), Some("web")));
+        assert_eq!(w.labels["app"], "web");
+        // A container the pod's status does not list: the pod's names only.
+        let w = workload(f.admit(21, 500, t));
+        assert_eq!((w.name.as_deref(), w.container_name.as_deref()), (Some("web-0"), None));
+        // The namespace's owner too, without a container.
+        let w = workload(f.admit(0, 500, t));
+        assert_eq!((w.reason, w.name.as_deref(), w.container_id.as_deref(), w.owner_name.as_deref()), (None, Some("web-0"), None, Some("web")));
+        // Renamed, and still named after a walk.
+        index.insert(UID.into(), pod_meta("web-1"));
+        f.poll(t);
+        f.walk(&tree);
+        f.poll(t);
+        assert_eq!(workload(f.admit(20, 500, t)).name.as_deref(), Some("web-1"));
+        // Gone from the API while its cgroup is still here: the names stay.
+        index.remove(UID);
+        f.poll(t);
+        assert_eq!(workload(f.admit(20, 500, t)).name.as_deref(), Some("web-1"));
+        // A new cgroup of a pod the API already has: named when learned.
+        index.insert("11111111-2222-3333-4444-555555555555".into(), pod_meta("db-0"));
+        assert!(f.admit(30, 1, t).is_empty());
+        f.poll(t);
+        f.walk(&[(1, "/"), (20, POD), (21, POD_SIDECAR), (30, OTHER_POD)]);
+        let w = workload(f.poll(t));
+        assert_eq!((w.reason, w.name.as_deref(), w.container_name.as_deref()), (None, Some("db-0"), None));
+        assert_eq!(f.r.stats().unresolved[WorkloadReason::NoPodMetadata.index() as usize], 2);
+        assert_eq!(f.r.pods_named(), Some(1));
+    }
+
     #[test]
     fn off_and_without_cgroup_v2() {
-        let mut r = Resolver::new(&WorkloadConfig { resolve: false, ..Default::default() }, Scope::default());
+        let mut r = Resolver::new(&WorkloadConfig { resolve: false, ..Default::default() }, Scope::default(), None);
         let mut out = Vec::new();
         r.admit(fixtures::flow(), Instant::now(), &mut out);
         assert_eq!(out[0].workload, None);

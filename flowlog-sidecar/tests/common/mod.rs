@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod workloads;
 
 use std::{
     io::{BufRead, BufReader},
@@ -89,6 +90,11 @@ impl Sidecar {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `f` of the records seen so far.
+    pub fn records<T>(&self, f: impl FnOnce(&[Value]) -> T) -> T {
+        f(&self.records.lock().unwrap())
     }
 
     /// SIGTERM, wait for a clean exit, return every record and the final stats.

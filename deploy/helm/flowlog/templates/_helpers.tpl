@@ -111,6 +111,12 @@ integers, strings JSON-quoted (a subset of TOML basic strings), null dropped.
 {{- $_ := set $s "dir" "/var/lib/flowlog/spool" -}}
 {{- $_ := set $c "spool" $s -}}
 {{- $_ := set $c "metrics_listen" (printf "%s:%d" .Values.sidecar.metrics.bindAddress (int .Values.sidecar.metrics.port)) -}}
+{{- /* workload.kubernetes.enabled and node_name come from the pod's environment (the node's name is only known there). */ -}}
+{{- $w := deepCopy (default dict $c.workload) -}}
+{{- $kube := deepCopy (default dict $w.kubernetes) -}}
+{{- $_ := set $kube "labels" .Values.sidecar.kubernetes.labels -}}
+{{- $_ := set $w "kubernetes" $kube -}}
+{{- $_ := set $c "workload" $w -}}
 # flowlog-sidecar settings, rendered by the flowlog Helm chart (sidecar.config in values.yaml).
 {{- include "flowlog.toml.table" (dict "path" "" "table" $c) }}
 {{- end -}}
