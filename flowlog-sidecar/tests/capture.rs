@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use common::*;
+use common::{workloads::Netns, *};
 use serde_json::Value;
 
 const CLIENT_BYTES: usize = 12_345;
@@ -188,7 +188,7 @@ fn network_namespace_inode() {
     if !have_root() {
         return;
     }
-    let ns = Netns::new(&format!("flowlog-t{}", std::process::id()));
+    let ns = Netns::new(format!("flowlog-t{}", std::process::id()));
     let want = inode(&ns.path());
     assert_ne!(want, netns_self());
 

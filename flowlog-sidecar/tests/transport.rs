@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 use apache_avro::types::Value;
 use flowlog_schema::schemas;
-use common::{broker::*, *};
+use common::{broker::*, workloads::Netns, *};
 use flowlog_runtime::testkit::{free_port, sample, Broker};
 
 
@@ -291,7 +291,7 @@ fn kill_9_during_replay_loses_nothing() {
     let Some(Setup { spool, metrics_addr, host_id }) = setup("kill9") else { return };
     // Only this test's flows are in scope: the first run's records are
     // exactly those of its connections.
-    let ns = Netns::new(&format!("flowlog-k9-{}", std::process::id()));
+    let ns = Netns::new(format!("flowlog-k9-{}", std::process::id()));
     let port = free_port();
     let brokers = format!("127.0.0.1:{port}");
     let cfg = spool.join("sidecar.toml");
@@ -383,7 +383,7 @@ fn kill_9_during_replay_loses_nothing() {
 #[test]
 fn undeliverable_records_are_counted_not_retried() {
     let Some(Setup { spool, metrics_addr, host_id }) = setup("undeliverable") else { return };
-    let ns = Netns::new(&format!("flowlog-ud-{}", std::process::id()));
+    let ns = Netns::new(format!("flowlog-ud-{}", std::process::id()));
     let broker = Broker::start(&spec("undeliverable")).expect("start the broker");
     let cfg = spool.join("sidecar.toml");
     // librdkafka calls a topic unknown once its metadata has said so for

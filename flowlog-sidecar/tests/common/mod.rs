@@ -181,47 +181,6 @@ pub fn raise_nofile() {
     }
 }
 
-/// A network namespace made by the test (loopback up), deleted on drop.
-pub struct Netns(pub String);
-
-impl Netns {
-    pub fn new(name: &str) -> Netns {
-        let ip = |args: &[&str]| {
-            let st = Command::new("ip").args(args).status().expect("run ip");
-            assert!(st.success(), "ip {args:?} failed");
-        };
-        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
-        ip(&["netns", "add", name]);
-        ip(&["-n", name, "link", "set", "lo", "up"]);
-        Netns(name.to_string())
-    }
-
-    pub fn path(&self) -> String {
-        format!("/var/run/netns/{}", self.0)
-    }
-
-    /// Runs `f` on a thread inside the namespace. setns() changes only the
-    /// calling thread; threads `f` spawns inherit the namespace.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = self.path();
-        std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let ns = std::fs::File::open(&path).unwrap();
-            // SAFETY: valid fd of a netns file.
-            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 /// Reads the Prometheus endpoint.
 pub fn scrape(addr: &str) -> String {
     flowlog_runtime::testkit::scrape(addr).expect("metrics endpoint")
