@@ -7,13 +7,15 @@ pub const FLOWS_PRODUCED: &str = "flowlog_sidecar_flows_produced_total";
 pub const FLOWS_DELIVERED: &str = "flowlog_sidecar_flows_delivered_total";
 pub const FLOWS_FAILED: &str = "flowlog_sidecar_flows_failed_total";
 /// Flows lost. Label `reason`: ringbuf_full, decode_error, spool_full,
-/// spool_error, spool_corrupt.
+/// spool_error, spool_corrupt, and the undeliverable ones
+/// (transport::kafka::undeliverable): message_too_large, invalid_record,
+/// unknown_topic, not_authorized.
 pub const FLOWS_DROPPED: &str = "flowlog_sidecar_flows_dropped_total";
 /// Flows still reported, but with less in them. Label `reason`:
 /// sock_map_full (no start time / opening process: the socket was not tracked).
 pub const FLOWS_DEGRADED: &str = "flowlog_sidecar_flows_degraded_total";
-/// Label `reason`: broker_down, backlog, queue_full, produce_error, shutdown.
-/// (A failed delivery is retried from memory first; spooled only at shutdown.)
+/// Label `reason`: broker_down, backlog, queue_full, produce_error,
+/// delivery_failed (written in front of the spool), shutdown.
 pub const FLOWS_SPOOLED: &str = "flowlog_sidecar_flows_spooled_total";
 pub const FLOWS_REPLAYED: &str = "flowlog_sidecar_flows_replayed_total";
 pub const INTERIM_RECORDS: &str = "flowlog_sidecar_interim_records_total";
@@ -68,15 +70,15 @@ pub fn describe() {
     describe_counter!(EVENTS_READ, "Flow events read from the kernel ring buffer.");
     describe_counter!(FLOWS_PRODUCED, "Flow records handed to the Kafka producer (live and replayed).");
     describe_counter!(FLOWS_DELIVERED, "Flow records acknowledged by the broker.");
-    describe_counter!(FLOWS_FAILED, "Flow record deliveries that failed (each is spooled for replay).");
-    describe_counter!(FLOWS_DROPPED, "Flow records lost, by reason.");
+    describe_counter!(FLOWS_FAILED, "Flow record deliveries that failed: kept in the spool and sent again, or, if they can never be delivered, dropped (flows_dropped_total by reason).");
+    describe_counter!(FLOWS_DROPPED, "Flow records lost, by reason (ringbuf_full, decode_error, spool_full, spool_error, spool_corrupt; never deliverable: message_too_large, invalid_record, unknown_topic, not_authorized).");
     describe_counter!(FLOWS_DEGRADED, "Flow records reported with fields missing, by reason (sock_map_full: no start time or opening process).");
     describe_counter!(FLOWS_SPOOLED, "Flow records written to the on-disk spool, by reason.");
-    describe_counter!(FLOWS_REPLAYED, "Flow records read back from the spool and produced.");
+    describe_counter!(FLOWS_REPLAYED, "Flow records read back from the spool and produced (again after a crash during replay).");
     describe_counter!(INTERIM_RECORDS, "Interim records for long-lived connections.");
     describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes in the on-disk spool.");
     describe_gauge!(SPOOL_MAX_BYTES, Unit::Bytes, "spool.max_bytes: past it the oldest spooled records are dropped.");
-    describe_gauge!(SPOOL_RECORDS, "Records in the on-disk spool.");
+    describe_gauge!(SPOOL_RECORDS, "Records in the on-disk spool not yet acknowledged by the broker (the segment being replayed included).");
     describe_gauge!(KAFKA_QUEUE, "Messages in the producer's queue or in flight.");
     describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "From handing a record to the producer to the broker's ack.");
     describe_gauge!(BROKER_UP, "1 when the last delivery or metadata probe succeeded.");

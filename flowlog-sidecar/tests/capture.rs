@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use common::*;
+use common::{workloads::Netns, *};
 use serde_json::Value;
 
 const CLIENT_BYTES: usize = 12_345;
@@ -188,38 +188,17 @@ fn network_namespace_inode() {
     if !have_root() {
         return;
     }
-    let ns = format!("flowlog-t{}", std::process::id());
-    let ip = |args: &[&str]| {
-        let st = std::process::Command::new("ip").args(args).status().expect("run ip");
-        assert!(st.success(), "ip {args:?} failed");
-    };
-    let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).status();
-    ip(&["netns", "add", &ns]);
-    struct Del(String);
-    impl Drop for Del {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    let _del = Del(ns.clone());
-    ip(&["-n", &ns, "link", "set", "lo", "up"]);
-    let ns_path = format!("/var/run/netns/{ns}");
-    let want = inode(&ns_path);
+    let ns = Netns::new(format!("flowlog-t{}", std::process::id()));
+    let want = inode(&ns.path());
     assert_ne!(want, netns_self());
 
     let sc = Sidecar::start(&[]);
-    // setns() changes only the calling thread: run the whole exchange from a
-    // thread inside the namespace, whose own client/server threads inherit it.
-    let ex = thread::spawn(move || {
-        let f = std::fs::File::open(&ns_path).unwrap();
-        use std::os::fd::AsRawFd;
-        // SAFETY: valid fd of a netns file.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+    // The whole exchange runs from a thread inside the namespace, whose own
+    // client/server threads inherit it.
+    let ex = ns.run(move || {
         assert_eq!(inode("/proc/thread-self/ns/net"), want);
         exchange_in_ns()
-    })
-    .join()
-    .unwrap();
+    });
     wait_pair(&sc, &ex);
     let (records, _) = sc.stop();
     // Same loopback ports may exist in the root namespace; select ours by inode.

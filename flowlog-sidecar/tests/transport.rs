@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 use apache_avro::types::Value;
 use flowlog_schema::schemas;
-use common::{broker::*, *};
+use common::{broker::*, workloads::Netns, *};
 use flowlog_runtime::testkit::{free_port, sample, Broker};
 
 
@@ -243,4 +243,171 @@ fn spool_survives_restart() {
     let first_epoch = values.iter().map(|v| long(v, "sequence_epoch")).min().unwrap();
     let n = assert_gap_free(&values, first_epoch, None);
     assert!(n >= 40, "first run produced {n} records");
+}
+
+/// Waits until `series` on the sidecar's metrics endpoint satisfies `ok`;
+/// returns its value.
+fn wait_metric(addr: &str, series: &str, timeout: Duration, ok: impl Fn(f64) -> bool) -> f64 {
+    let t0 = std::time::Instant::now();
+    loop {
+        let body = scrape(addr);
+        let v = sample(&body, series);
+        if ok(v) {
+            return v;
+        }
+        assert!(t0.elapsed() < timeout, "{series} stuck at {v} after {timeout:?}:\n{body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `[1, 2, 3, 7]` as `[(1, 3), (7, 7)]`.
+fn ranges(v: &[i64]) -> Vec<(i64, i64)> {
+    let mut out: Vec<(i64, i64)> = Vec::new();
+    for &x in v {
+        match out.last_mut() {
+            Some((_, hi)) if *hi + 1 == x => *hi = x,
+            _ => out.push((x, x)),
+        }
+    }
+    out
+}
+
+fn segment_files(spool: &std::path::Path) -> Vec<PathBuf> {
+    std::fs::read_dir(spool)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("seg-"))
+        .collect()
+}
+
+/// kill -9 of the sidecar in the middle of replaying a multi-segment
+/// outage, then a restart on the same spool: every record of the first run
+/// reaches the topic (those acknowledged before the kill may come twice),
+/// none is lost. The segment being replayed stays on disk until the broker
+/// has acknowledged all of it.
+#[test]
+fn kill_9_during_replay_loses_nothing() {
+    let Some(Setup { spool, metrics_addr, host_id }) = setup("kill9") else { return };
+    // Only this test's flows are in scope: the first run's records are
+    // exactly those of its connections.
+    let ns = Netns::new(format!("flowlog-k9-{}", std::process::id()));
+    let port = free_port();
+    let brokers = format!("127.0.0.1:{port}");
+    let cfg = spool.join("sidecar.toml");
+    // Small segments, so the outage spans several; a small producer queue,
+    // so replay goes in small batches and the kill lands inside a segment.
+    std::fs::write(&cfg, "[kafka]\nmessage_timeout_ms = 2000\nqueue_max_messages = 100\n[spool]\nsegment_bytes = 262144\n").unwrap();
+    let ns_path = ns.path();
+    let args = |metrics: &str| {
+        let mut a: Vec<String> = kafka_args(&brokers, spool.to_str().unwrap(), metrics, &host_id).into_iter().map(String::from).collect();
+        a.extend(["--config".into(), cfg.to_str().unwrap().into(), "--scope-netns".into(), ns_path.clone()]);
+        a
+    };
+    let a1 = args(&metrics_addr);
+    let sc = Sidecar::start(&a1.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // The outage: the broker is not there; both ends of each connection spooled.
+    const CONNS: usize = 3000;
+    let n = 2 * CONNS as i64;
+    ns.run(|| short_connections(CONNS));
+    let spooled = wait_metric(&metrics_addr, "flowlog_sidecar_spool_records", Duration::from_secs(60), |v| v >= n as f64);
+    assert_eq!(spooled, n as f64, "only the test's connections are in scope");
+    // Handed to the spool is in its files (written after each batch; the
+    // fsync is what `fsync_interval_ms` delays, and kill -9 does not need it).
+    let on_disk = || segment_files(&spool).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum::<u64>() as f64;
+    let spool_bytes = sample(&scrape(&metrics_addr), "flowlog_sidecar_spool_bytes");
+    assert_eq!(on_disk(), spool_bytes, "spooled records still in the process's buffer");
+    let segments = segment_files(&spool).len();
+    assert!(segments >= 3, "the outage spans {segments} segments");
+
+    // The broker comes back; kill -9 once the topic holds a third of the
+    // records (past the first segment) but not all.
+    let _broker = Broker::start_on(port, &spec("kill9")).expect("start the broker");
+    let watch: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let t0 = std::time::Instant::now();
+    let killed_at = loop {
+        let (_, end) = rdkafka::consumer::Consumer::fetch_watermarks(&watch, FLOWS, 0, Duration::from_secs(5)).unwrap_or((0, 0));
+        if end >= n / 3 {
+            assert!(end < n, "replay finished before the kill could land");
+            break end;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "replay never started");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    sc.kill9();
+    let left_on_disk = segment_files(&spool).len();
+
+    // The restart replays what the broker had not acknowledged.
+    let m2 = format!("127.0.0.1:{}", free_port());
+    let a2 = args(&m2);
+    let sc = Sidecar::start(&a2.iter().map(String::as_str).collect::<Vec<_>>());
+    // Done when no segment is left on disk (each is deleted once delivered).
+    let t0 = std::time::Instant::now();
+    while !segment_files(&spool).is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "spool never drained: {}", scrape(&m2));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_metric(&m2, "flowlog_sidecar_spool_records", Duration::from_secs(10), |v| v == 0.0);
+    let body = scrape(&m2);
+    let replayed = sample(&body, "flowlog_sidecar_flows_replayed_total") as i64;
+    sc.stop();
+
+    // The first run's epoch: every sequence 0..n on the topic, at least once.
+    let seen = std::cell::RefCell::new((0usize, BTreeSet::new()));
+    let all = consume(&brokers, FLOWS, schemas::FLOW.json, Duration::from_secs(60), |r| {
+        let (done, set) = &mut *seen.borrow_mut();
+        set.extend(r[*done..].iter().filter(|c| is_host(c, &host_id)).map(|c| (long(&c.value, "sequence_epoch"), long(&c.value, "sequence"))));
+        *done = r.len();
+        set.len() as i64 >= n
+    });
+    let mine: Vec<&Value> = all.iter().filter(|c| is_host(c, &host_id)).map(|c| &c.value).collect();
+    let epoch = mine.iter().map(|v| long(v, "sequence_epoch")).min().expect("records on the topic");
+    let seqs: Vec<i64> = mine.iter().filter(|v| long(v, "sequence_epoch") == epoch).map(|v| long(v, "sequence")).collect();
+    let set: BTreeSet<i64> = seqs.iter().copied().collect();
+    let missing: Vec<i64> = (0..n).filter(|s| !set.contains(s)).collect();
+    let lost = missing.len();
+    let duplicates = seqs.len() - set.len();
+    eprintln!(
+        "kill -9 during replay: {n} records spooled in {segments} segments; killed at topic end offset {killed_at} \
+         ({left_on_disk} segment files left); {replayed} replayed after the restart; {duplicates} duplicates; {lost} lost"
+    );
+    assert!(missing.is_empty(), "{lost} records of the first run never reached the topic: {:?}", ranges(&missing));
+    assert_eq!(set, (0..n).collect::<BTreeSet<_>>());
+    assert!(replayed >= n - killed_at, "the restart replayed {replayed}, fewer than the {} unacknowledged", n - killed_at);
+    assert_eq!(sample(&body, "flowlog_sidecar_flows_dropped_total{reason=\"spool_corrupt\"}"), 0.0);
+}
+
+/// Records that can never be delivered (here: their topic does not exist)
+/// are dropped and counted by reason, not spooled and retried for ever.
+#[test]
+fn undeliverable_records_are_counted_not_retried() {
+    let Some(Setup { spool, metrics_addr, host_id }) = setup("undeliverable") else { return };
+    let ns = Netns::new(format!("flowlog-ud-{}", std::process::id()));
+    let broker = Broker::start(&spec("undeliverable")).expect("start the broker");
+    let cfg = spool.join("sidecar.toml");
+    // librdkafka calls a topic unknown once its metadata has said so for
+    // topic.metadata.propagation.max.ms.
+    std::fs::write(
+        &cfg,
+        "[kafka]\nflow_topic = \"flowlog.no-such-topic\"\n[kafka.properties]\n\"topic.metadata.propagation.max.ms\" = \"500\"\n",
+    )
+    .unwrap();
+    let ns_path = ns.path();
+    let mut args = kafka_args(&broker.addr, spool.to_str().unwrap(), &metrics_addr, &host_id);
+    args.extend(["--config", cfg.to_str().unwrap(), "--scope-netns", &ns_path]);
+    let sc = Sidecar::start(&args);
+    const CONNS: usize = 20;
+    let n = 2.0 * CONNS as f64;
+    ns.run(|| short_connections(CONNS));
+    let series = "flowlog_sidecar_flows_dropped_total{reason=\"unknown_topic\"}";
+    wait_metric(&metrics_addr, series, Duration::from_secs(60), |v| v >= n);
+    let body = scrape(&metrics_addr);
+    assert_eq!(sample(&body, series), n, "{body}");
+    assert_eq!(sample(&body, "flowlog_sidecar_spool_records"), 0.0, "{body}");
+    assert_eq!(sample(&body, "flowlog_sidecar_flows_delivered_total"), 0.0, "{body}");
+    sc.stop();
+    // Nothing left for the next run to retry.
+    let left: u64 = segment_files(&spool).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    assert_eq!(left, 0, "records left in the spool");
 }

@@ -1,8 +1,12 @@
-//! Kafka settings and the one place they become an rdkafka `ClientConfig`.
+//! Kafka settings, the one place they become an rdkafka `ClientConfig`, and
+//! which produce errors no retry can fix.
 
 use std::collections::BTreeMap;
 
-use rdkafka::ClientConfig;
+use rdkafka::{
+    error::{KafkaError, RDKafkaErrorCode},
+    ClientConfig,
+};
 
 use crate::config::ConfigError;
 
@@ -85,9 +89,49 @@ impl KafkaConfig {
     }
 }
 
+/// The `reason` (of `flows_dropped_total`) a record is dropped for when its
+/// produce or delivery failed in a way no retry fixes; None when it may pass
+/// (broker down, timeout, leader change, queue full: keep the record).
+/// Retrying these would keep the record, and every record behind it, in the
+/// spool for ever. The list follows Vector's Kafka sink's non-retriable codes.
+pub fn undeliverable(e: &KafkaError) -> Option<&'static str> {
+    use RDKafkaErrorCode::*;
+    let KafkaError::MessageProduction(code) = e else { return None };
+    Some(match code {
+        MessageSizeTooLarge | InvalidMessageSize | MessageBatchTooLarge => "message_too_large",
+        InvalidMessage | InvalidRecord | UnsupportedForMessageFormat => "invalid_record",
+        // librdkafka reports these only once its metadata says the topic
+        // does not exist (after topic.metadata.propagation.max.ms).
+        UnknownTopic | UnknownTopicOrPartition | InvalidTopic => "unknown_topic",
+        TopicAuthorizationFailed | ClusterAuthorizationFailed => "not_authorized",
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn permanent_errors_are_told_from_passing_ones() {
+        let produce = |c| KafkaError::MessageProduction(c);
+        assert_eq!(undeliverable(&produce(RDKafkaErrorCode::MessageSizeTooLarge)), Some("message_too_large"));
+        assert_eq!(undeliverable(&produce(RDKafkaErrorCode::InvalidRecord)), Some("invalid_record"));
+        assert_eq!(undeliverable(&produce(RDKafkaErrorCode::UnknownTopic)), Some("unknown_topic"));
+        assert_eq!(undeliverable(&produce(RDKafkaErrorCode::TopicAuthorizationFailed)), Some("not_authorized"));
+        for passing in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::QueueFull,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::RequestTimedOut,
+            RDKafkaErrorCode::PurgeQueue,
+            RDKafkaErrorCode::PurgeInflight,
+        ] {
+            assert_eq!(undeliverable(&produce(passing)), None, "{passing:?}");
+        }
+        assert_eq!(undeliverable(&KafkaError::Flush(RDKafkaErrorCode::MessageSizeTooLarge)), None);
+    }
 
     #[test]
     fn passthrough_and_conflicts() {

@@ -1,20 +1,27 @@
-//! Flow records to Kafka with no silent loss.
+//! Flow records to Kafka, at least once, with no silent loss.
 //!
 //! Records are Avro single-object encoded, keyed by host id (so one host's
 //! records stay in one partition, in order) and handed to an idempotent
 //! librdkafka producer, whose bounded queue is the in-memory buffer. When the
-//! broker is down, the queue is full, or a delivery fails, records go to the
-//! bounded on-disk [`spool::Spool`]; a replay thread sends them back in order
-//! once the broker answers. While anything is spooled, new records queue
-//! behind it. Only what the spool cannot hold is dropped, and counted.
+//! broker is down or the queue is full, records go to the bounded on-disk
+//! [`spool::Spool`]; deliveries that fail (for a reason that may pass) are
+//! written in front of it. A replay thread sends the spool back, a segment
+//! at a time, once the broker answers, and deletes a segment only when the
+//! broker has acknowledged all its records: a crash during replay sends some
+//! again (same host, epoch and sequence), never fewer. While anything is
+//! spooled, new records queue behind it. What is lost is counted in
+//! `flows_dropped_total{reason}`: what the spool cannot hold or write, and
+//! records no retry can deliver ([`kafka::undeliverable`]).
 
 pub mod kafka;
 pub mod spool;
 
 use std::{
+    collections::{HashMap, VecDeque},
+    fmt::Display,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc, Condvar, Mutex, OnceLock,
     },
     thread,
     time::{Duration, Instant},
@@ -43,57 +50,175 @@ pub use kafka::KafkaConfig;
 pub use spool::{Spool, SpoolConfig};
 
 /// What rides with each message to its delivery report, packed in a usize
-/// so that producing allocates nothing for it: 0 for identity records, else
-/// 1 + the send time in µs since the sink started (only every 8th flow record
-/// is timed; the others carry 1).
+/// so that producing allocates nothing for it: 0 for identity records;
+/// [`REPLAYED`] + the record's index in its segment for replayed ones; else
+/// 1 + the send time in µs since the sink started (only every 8th live flow
+/// record is timed; the others carry 1).
 type Sent = usize;
 const SENT_IDENTITY: usize = 0;
 const SENT_UNTIMED: usize = 1;
+const REPLAYED: usize = 1 << (usize::BITS - 1);
 
-static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+static START: OnceLock<Instant> = OnceLock::new();
 
 fn sent_timed() -> Sent {
     2 + START.get_or_init(Instant::now).elapsed().as_micros() as usize
 }
 
 fn sent_latency(sent: Sent) -> Option<f64> {
-    (sent >= 2).then(|| {
+    (sent >= 2 && sent & REPLAYED == 0).then(|| {
         let start = *START.get_or_init(Instant::now);
         start.elapsed().as_secs_f64() - (sent - 2) as f64 / 1e6
     })
 }
 
+/// The index of a replayed record in its segment.
+fn replayed_index(sent: Sent) -> Option<usize> {
+    (sent & REPLAYED != 0).then_some(sent & !REPLAYED)
+}
+
+/// A drop reason, or another trouble, is logged at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// What became of a replayed record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Not sent, or no delivery report yet.
+    Pending,
+    Delivered,
+    /// May pass: kept in the spool.
+    Failed,
+    /// Can never be delivered: counted and let go.
+    Dropped,
+}
+
+/// The delivery reports of the segment being replayed, by record index.
+#[derive(Default)]
+struct Acks {
+    outcome: Vec<Outcome>,
+    reported: usize,
+}
+
 struct Shared {
     spool: Mutex<Spool>,
-    /// Records whose delivery failed, in the order they were produced. They
-    /// are older than anything in the spool, so they are replayed first (and
-    /// written in front of the spool at shutdown).
-    retry: Mutex<std::collections::VecDeque<Vec<u8>>>,
+    /// Live records whose delivery failed for a reason that may pass, in the
+    /// order they were produced. They are older than anything spooled (live
+    /// records are produced only while the spool is empty), so the replay
+    /// thread writes them in front of the spool.
+    retry: Mutex<VecDeque<Vec<u8>>>,
     /// Cleared by a failed delivery, set by a successful one or a metadata probe.
     healthy: AtomicBool,
-    /// True while the replay thread holds records taken off the spool.
-    replaying: AtomicBool,
-    stop: AtomicBool,
+    /// True while the replay thread holds failed records not yet in the spool.
+    in_hand: AtomicBool,
+    /// Set at shutdown: when the replay thread must let go.
+    stop: OnceLock<Instant>,
+    acks: Mutex<Acks>,
+    /// Signalled on each delivery report of a replayed record.
+    acked: Condvar,
+    /// When each trouble was last logged.
+    logged: Mutex<HashMap<&'static str, Instant>>,
 }
 
 impl Shared {
+    fn stopping(&self) -> bool {
+        self.stop.get().is_some()
+    }
+
+    /// Anything older than a new record still waits to be sent: the new
+    /// record must queue behind it.
+    fn backlog(&self) -> bool {
+        self.in_hand.load(Ordering::Relaxed)
+            || !self.retry.lock().unwrap().is_empty()
+            || !self.spool.lock().unwrap().is_empty()
+    }
+
+    fn set_healthy(&self, up: bool) {
+        self.healthy.store(up, Ordering::Relaxed);
+        gauge!(m::BROKER_UP).set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Logs `what` at most once a minute per `key` (a full disk or a bad
+    /// topic would otherwise log every record; the counters count them all).
+    fn warn_once(&self, key: &'static str, what: impl Display) {
+        let now = Instant::now();
+        let mut logged = self.logged.lock().unwrap();
+        if logged.get(key).is_none_or(|t| now.duration_since(*t) >= LOG_EVERY) {
+            logged.insert(key, now);
+            warn!(key, "{what} (logged at most once a minute)");
+        }
+    }
+
+    /// A record no retry can deliver: counted under `reason`, let go.
+    fn undeliverable(&self, reason: &'static str, e: &KafkaError) {
+        m::dropped(reason, 1);
+        self.warn_once(reason, format_args!("record dropped, it can never be delivered: {e}"));
+    }
+
+    /// Runs `f` on the spool, then counts what it dropped and updates the gauges.
+    fn with_spool<R>(&self, f: impl FnOnce(&mut Spool) -> R) -> R {
+        let (r, drops, bytes, records) = {
+            let mut sp = self.spool.lock().unwrap();
+            let r = f(&mut sp);
+            (r, sp.take_drops(), sp.bytes(), sp.records())
+        };
+        gauge!(m::SPOOL_BYTES).set(bytes as f64);
+        gauge!(m::SPOOL_RECORDS).set(records as f64);
+        if drops.full > 0 {
+            m::dropped("spool_full", drops.full);
+            self.warn_once("spool_full", format_args!("spool full: dropped {} of its oldest records", drops.full));
+        }
+        if drops.error > 0 {
+            // Logged by the caller, with the error.
+            m::dropped("spool_error", drops.error);
+        }
+        r
+    }
+
     fn spool(&self, payload: &[u8], reason: &'static str) {
-        let mut sp = self.spool.lock().unwrap();
-        match sp.append(payload) {
-            Ok(dropped) => {
-                m::spooled(reason, 1);
-                if dropped > 0 {
-                    m::dropped("spool_full", dropped);
-                    warn!(dropped, "spool full: dropped its oldest records");
-                }
+        m::spooled(reason, 1);
+        if let Err(e) = self.with_spool(|sp| sp.append(payload)) {
+            self.warn_once("spool_error", format_args!("spool write failed, records lost (counted): {e}"));
+        }
+    }
+
+    /// The spool's fsync timer; the fsync itself runs without the lock.
+    fn sync_spool(&self) {
+        let synced = self.with_spool(|sp| sp.sync_due(Instant::now())).and_then(|f| f.map_or(Ok(()), |f| f.sync_data()));
+        if let Err(e) = synced {
+            self.warn_once("spool_error", format_args!("spool write or fsync failed: {e}"));
+        }
+    }
+
+    /// Writes failed deliveries in front of the spool, durably.
+    fn spool_retries(&self) {
+        if self.retry.lock().unwrap().is_empty() {
+            return;
+        }
+        self.in_hand.store(true, Ordering::Relaxed);
+        let records: Vec<Vec<u8>> = self.retry.lock().unwrap().drain(..).collect();
+        let n = records.len() as u64;
+        let front = self.spool.lock().unwrap().front_slot();
+        match front.write(&records) {
+            Ok(bytes) => {
+                m::spooled("delivery_failed", n);
+                self.with_spool(|sp| sp.add_front(front, n, bytes));
             }
             Err(e) => {
-                m::dropped("spool_error", 1);
-                warn!("spool write failed, record lost: {e}");
+                m::dropped("spool_error", n);
+                self.warn_once("spool_error", format_args!("spooling {n} failed deliveries failed, they are lost: {e}"));
             }
         }
-        gauge!(m::SPOOL_BYTES).set(sp.bytes() as f64);
-        gauge!(m::SPOOL_RECORDS).set(sp.records() as f64);
+        self.in_hand.store(false, Ordering::Relaxed);
+    }
+
+    /// The delivery report of record `i` of the segment being replayed.
+    fn report(&self, i: usize, outcome: Outcome) {
+        let mut acks = self.acks.lock().unwrap();
+        if let Some(o) = acks.outcome.get_mut(i).filter(|o| **o == Outcome::Pending) {
+            *o = outcome;
+            acks.reported += 1;
+            self.acked.notify_one();
+        }
     }
 }
 
@@ -109,8 +234,10 @@ impl ClientContext for Ctx {
     fn error(&self, error: KafkaError, reason: &str) {
         if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
             // Stop filling the in-memory queue; new records go to the spool.
-            self.shared.healthy.store(false, Ordering::Relaxed);
-            gauge!(m::BROKER_UP).set(0.0);
+            self.shared.set_healthy(false);
+            // Repeated at every reconnection attempt while the broker is away.
+            self.shared.warn_once("all_brokers_down", format_args!("kafka: {error}: {reason}"));
+            return;
         }
         warn!("kafka: {error}: {reason}");
     }
@@ -120,31 +247,45 @@ impl ProducerContext for Ctx {
     type DeliveryOpaque = Sent;
 
     fn delivery(&self, result: &DeliveryResult<'_>, sent: Sent) {
-        match (result, sent == SENT_IDENTITY) {
-            (Ok(_), false) => {
+        if sent == SENT_IDENTITY {
+            // A lost heartbeat is replaced by the next one.
+            if let Err((e, _)) = result {
+                warn!("identity heartbeat not delivered: {e}");
+            }
+            return;
+        }
+        let replayed = replayed_index(sent);
+        let outcome = match result {
+            Ok(_) => {
                 self.delivered.increment(1);
+                self.broker_up.set(1.0);
                 if let Some(latency) = sent_latency(sent) {
                     self.latency.record(latency);
-                    self.broker_up.set(1.0);
                 }
                 if !self.shared.healthy.load(Ordering::Relaxed) {
-                    self.shared.healthy.store(true, Ordering::Relaxed);
-                    self.broker_up.set(1.0);
+                    self.shared.set_healthy(true);
                 }
+                Outcome::Delivered
             }
-            (Ok(_), true) => {}
-            (Err((e, msg)), false) => {
+            Err((e, msg)) => {
                 counter!(m::FLOWS_FAILED).increment(1);
-                if !matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)) {
-                    self.shared.healthy.store(false, Ordering::Relaxed);
-                    gauge!(m::BROKER_UP).set(0.0);
-                }
-                if let Some(p) = msg.payload() {
-                    self.shared.retry.lock().unwrap().push_back(p.to_vec());
+                if let Some(reason) = kafka::undeliverable(e) {
+                    self.shared.undeliverable(reason, e);
+                    Outcome::Dropped
+                } else {
+                    if !matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)) {
+                        self.shared.set_healthy(false);
+                    }
+                    // A replayed record is still in its segment.
+                    if let (None, Some(p)) = (replayed, msg.payload()) {
+                        self.shared.retry.lock().unwrap().push_back(p.to_vec());
+                    }
+                    Outcome::Failed
                 }
             }
-            // A lost heartbeat is replaced by the next one.
-            (Err((e, _)), true) => warn!("identity heartbeat not delivered: {e}"),
+        };
+        if let Some(i) = replayed {
+            self.shared.report(i, outcome);
         }
     }
 }
@@ -211,26 +352,29 @@ impl KafkaSink {
             spool: Mutex::new(spool),
             retry: Mutex::new(Default::default()),
             healthy: AtomicBool::new(true),
-            replaying: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
+            in_hand: AtomicBool::new(false),
+            stop: OnceLock::new(),
+            acks: Mutex::new(Acks::default()),
+            acked: Condvar::new(),
+            logged: Mutex::new(HashMap::new()),
         });
-        let producer: ThreadedProducer<Ctx> =
-            cfg.client_config()?.create_with_context(Ctx {
-                shared: shared.clone(),
-                delivered: counter!(m::FLOWS_DELIVERED),
-                latency: histogram!(m::DELIVERY_LATENCY),
-                broker_up: gauge!(m::BROKER_UP),
-            })?;
+        shared.with_spool(|_| ());
+        let producer: ThreadedProducer<Ctx> = cfg.client_config()?.create_with_context(Ctx {
+            shared: shared.clone(),
+            delivered: counter!(m::FLOWS_DELIVERED),
+            latency: histogram!(m::DELIVERY_LATENCY),
+            broker_up: gauge!(m::BROKER_UP),
+        })?;
         let producer = Arc::new(producer);
         let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i64;
-        let replayer = {
-            let (producer, shared, topic) = (producer.clone(), shared.clone(), cfg.flow_topic.clone());
-            let key = host.host_id.clone();
-            let fp = FLOW.fingerprint_hex();
-            thread::Builder::new()
-                .name("flowlog-replay".into())
-                .spawn(move || replay_loop(&producer, &shared, &topic, &key, &fp))?
+        let replayer = Replayer {
+            producer: producer.clone(),
+            shared: shared.clone(),
+            topic: cfg.flow_topic.clone(),
+            key: host.host_id.clone(),
+            fp: FLOW.fingerprint_hex(),
         };
+        let replayer = thread::Builder::new().name("flowlog-replay".into()).spawn(move || replayer.run())?;
         let mut sink = KafkaSink {
             encoder: FlowEncoder::new(epoch, &host),
             host,
@@ -265,10 +409,7 @@ impl KafkaSink {
         let timed = (self.encoder.next_sequence + 1) % 8 == 0;
         let msg = self.encoder.encode(r);
         // Keep order: while anything is spooled (or being replayed), queue behind it.
-        let backlog = self.shared.replaying.load(Ordering::Relaxed)
-            || !self.shared.retry.lock().unwrap().is_empty()
-            || !self.shared.spool.lock().unwrap().is_empty();
-        if backlog {
+        if self.shared.backlog() {
             self.shared.spool(msg, "backlog");
             return;
         }
@@ -284,13 +425,11 @@ impl KafkaSink {
             .headers(headers);
         match self.producer.send(rec) {
             Ok(()) => self.produced.increment(1),
-            Err((e, _)) => {
-                let reason = match e {
-                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => "queue_full",
-                    _ => "produce_error",
-                };
-                self.shared.spool(msg, reason);
-            }
+            Err((e, _)) => match (kafka::undeliverable(&e), e) {
+                (Some(reason), e) => self.shared.undeliverable(reason, &e),
+                (None, KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => self.shared.spool(msg, "queue_full"),
+                (None, _) => self.shared.spool(msg, "produce_error"),
+            },
         }
     }
 
@@ -330,33 +469,38 @@ impl KafkaSink {
         }
     }
 
-    /// Delivers what it can within `timeout`; the rest goes to the spool.
+    /// Delivers what it can within `timeout`; the rest stays in (or goes to) the spool.
     fn shutdown(mut self, timeout: Duration) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + timeout;
+        let _ = self.shared.stop.set(deadline);
         if let Some(r) = self.replayer.take() {
             let _ = r.join();
         }
-        if self.producer.flush(timeout).is_err() {
+        if self.producer.flush(deadline.saturating_duration_since(Instant::now())).is_err() {
             let left = self.producer.in_flight_count();
             warn!(left, "broker did not take everything before shutdown; spooling the rest");
             self.producer.purge(PurgeConfig::default().queue().inflight());
-            // Purged messages come back through delivery reports, which spool them.
+            // Purged messages come back through delivery reports: live ones
+            // to `retry`; replayed ones are still in their segment.
             let _ = self.producer.flush(Duration::from_secs(2));
         }
         let retry: Vec<Vec<u8>> = self.shared.retry.lock().unwrap().drain(..).collect();
-        let mut sp = self.shared.spool.lock().unwrap();
-        if !retry.is_empty() {
-            m::spooled("shutdown", retry.len() as u64);
-            if let Err(e) = sp.prepend(&retry) {
+        let (prepended, sealed, left) = self.shared.with_spool(|sp| {
+            let prepended = if retry.is_empty() { Ok(()) } else { sp.prepend(&retry) };
+            (prepended, sp.seal(), sp.records())
+        });
+        match prepended {
+            Ok(()) => m::spooled("shutdown", retry.len() as u64),
+            Err(e) => {
                 m::dropped("spool_error", retry.len() as u64);
                 warn!(records = retry.len(), "spooling undelivered records failed, they are lost: {e}");
             }
         }
-        if let Err(e) = sp.seal() {
-            warn!("syncing the spool: {e}");
+        if let Err(e) = sealed {
+            warn!("writing the spool at shutdown: {e}");
         }
-        if !sp.is_empty() {
-            info!(records = sp.records(), "records left in the spool for the next run");
+        if left > 0 {
+            info!(records = left, "records left in the spool for the next run");
         }
     }
 }
@@ -364,6 +508,15 @@ impl KafkaSink {
 impl Sink for KafkaSink {
     fn send(&mut self, flow: &mut Flow) -> std::io::Result<()> {
         self.send_flow(flow);
+        Ok(())
+    }
+
+    /// After each drain of the ring buffer: what it spooled leaves the
+    /// process's buffer (one write per batch), so a crash cannot lose it.
+    fn flush(&mut self) -> std::io::Result<()> {
+        if let Err(e) = self.shared.with_spool(Spool::write_out) {
+            self.shared.warn_once("spool_error", format_args!("spool write failed, records lost (counted): {e}"));
+        }
         Ok(())
     }
 
@@ -383,81 +536,150 @@ impl Sink for KafkaSink {
     }
 }
 
-/// Sends spooled records back, oldest first, whenever the broker answers.
-fn replay_loop(producer: &ThreadedProducer<Ctx>, shared: &Shared, topic: &str, key: &str, fp: &str) {
-    let mut last_probe = Instant::now() - Duration::from_secs(60);
-    while !shared.stop.load(Ordering::Relaxed) {
-        thread::sleep(Duration::from_millis(100));
-        if shared.spool.lock().unwrap().is_empty() && shared.retry.lock().unwrap().is_empty() {
-            continue;
-        }
-        if !shared.healthy.load(Ordering::Relaxed) {
-            if last_probe.elapsed() < Duration::from_secs(1) {
+/// The replay thread: sends the spool back, oldest segment first, whenever
+/// the broker answers; also the spool's fsync timer.
+struct Replayer {
+    producer: Arc<ThreadedProducer<Ctx>>,
+    shared: Arc<Shared>,
+    topic: String,
+    key: String,
+    fp: String,
+}
+
+impl Replayer {
+    fn run(self) {
+        let mut last_probe: Option<Instant> = None;
+        while !self.shared.stopping() {
+            self.shared.sync_spool();
+            self.shared.spool_retries();
+            if !self.ready(&mut last_probe) {
+                thread::sleep(Duration::from_millis(100));
                 continue;
             }
-            last_probe = Instant::now();
-            if producer.client().fetch_metadata(Some(topic), Duration::from_secs(2)).is_err() {
-                continue;
+            match self.shared.with_spool(|sp| sp.lease()) {
+                Ok(Some(lease)) => self.replay(lease),
+                Ok(None) => thread::sleep(Duration::from_millis(100)),
+                Err(e) => {
+                    self.shared.warn_once("spool_error", format_args!("spool write failed, records lost (counted): {e}"));
+                    thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Something is spooled, the broker answers, and nothing older is in flight.
+    fn ready(&self, last_probe: &mut Option<Instant>) -> bool {
+        if self.shared.spool.lock().unwrap().is_empty() {
+            return false;
+        }
+        if !self.shared.healthy.load(Ordering::Relaxed) {
+            if last_probe.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return false;
+            }
+            *last_probe = Some(Instant::now());
+            if self.producer.client().fetch_metadata(Some(&self.topic), Duration::from_secs(2)).is_err() {
+                return false;
             }
             info!("broker reachable again; replaying the spool");
-            shared.healthy.store(true, Ordering::Relaxed);
-            gauge!(m::BROKER_UP).set(1.0);
+            self.shared.set_healthy(true);
         }
         // Everything older must be settled first, or replayed records could
         // overtake it.
-        if producer.in_flight_count() > 0 {
-            continue;
-        }
-        shared.replaying.store(true, Ordering::Relaxed);
-        let retried: Vec<Vec<u8>> = shared.retry.lock().unwrap().drain(..).collect();
-        let batch = if !retried.is_empty() {
-            Ok(Some(retried))
-        } else {
-            let mut sp = shared.spool.lock().unwrap();
-            let b = sp.take_oldest();
-            gauge!(m::SPOOL_BYTES).set(sp.bytes() as f64);
-            gauge!(m::SPOOL_RECORDS).set(sp.records() as f64);
-            let corrupt = std::mem::take(&mut sp.corrupt_records);
-            if corrupt > 0 {
-                m::dropped("spool_corrupt", corrupt);
-            }
-            b
-        };
-        let records = match batch {
-            Ok(Some(r)) => r,
-            Ok(None) => Vec::new(),
+        self.producer.in_flight_count() == 0
+    }
+
+    /// Sends one leased segment and settles it: its file is deleted once
+    /// every record is acknowledged (or can never be), else cut down to the
+    /// records still unacknowledged.
+    fn replay(&self, mut lease: spool::Lease) {
+        // Read without the spool's lock: capture never waits on this.
+        let (records, corrupt) = match lease.read() {
+            Ok(r) => r,
             Err(e) => {
-                warn!("reading the spool: {e}");
-                Vec::new()
+                // Unreadable: its records are lost (counted), not retried for ever.
+                m::dropped("spool_error", lease.records);
+                self.shared.warn_once("spool_error", format_args!("reading a spool segment failed, {} records lost: {e}", lease.records));
+                let _ = lease.keep([]);
+                self.shared.with_spool(|sp| sp.settle(lease, 0, 0));
+                return;
             }
         };
-        for pending in records {
+        if corrupt > 0 {
+            m::dropped("spool_corrupt", corrupt);
+            self.shared.warn_once("spool_corrupt", "a spool segment ends in a torn or corrupt record (crash mid-write); skipped");
+        }
+        *self.shared.acks.lock().unwrap() = Acks { outcome: vec![Outcome::Pending; records.len()], reported: 0 };
+        let sent = self.send(&records);
+        let outcome = self.wait_for(sent);
+        let left: Vec<&[u8]> = records
+            .iter()
+            .zip(&outcome)
+            .filter(|(_, o)| matches!(o, Outcome::Pending | Outcome::Failed))
+            .map(|(r, _)| &r[..])
+            .collect();
+        let (n, bytes) = match lease.keep(left.iter().copied()) {
+            Ok(bytes) => (left.len() as u64, bytes),
+            Err(e) => {
+                // The old file is still whole: all of it is sent again.
+                self.shared.warn_once("spool_error", format_args!("updating a replayed spool segment failed (its records will be sent again): {e}"));
+                (records.len() as u64, lease.bytes)
+            }
+        };
+        self.shared.with_spool(|sp| sp.settle(lease, n, bytes));
+    }
+
+    /// Produces `records` in order, each tagged with its index; returns how
+    /// many it handled. It stops early at shutdown, or when the producer
+    /// refuses one for a reason that may pass (the rest stay spooled).
+    fn send(&self, records: &[Vec<u8>]) -> usize {
+        for (i, r) in records.iter().enumerate() {
             loop {
-                let headers = OwnedHeaders::new().insert(Header { key: FINGERPRINT_HEADER, value: Some(fp) });
-                let rec = BaseRecord::with_opaque_to(topic, SENT_UNTIMED)
-                    .key(key)
-                    .payload(&pending[..])
-                    .headers(headers);
-                match producer.send(rec) {
+                if self.shared.stopping() {
+                    return i;
+                }
+                let headers = OwnedHeaders::new().insert(Header { key: FINGERPRINT_HEADER, value: Some(self.fp.as_str()) });
+                let rec = BaseRecord::with_opaque_to(&self.topic, REPLAYED | i).key(self.key.as_str()).payload(&r[..]).headers(headers);
+                match self.producer.send(rec) {
                     Ok(()) => {
                         counter!(m::FLOWS_PRODUCED).increment(1);
                         counter!(m::FLOWS_REPLAYED).increment(1);
                         break;
                     }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
-                        if !shared.stop.load(Ordering::Relaxed) =>
-                    {
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        self.shared.sync_spool();
                         thread::sleep(Duration::from_millis(10));
                     }
-                    Err((_, rec)) => {
-                        drop(rec);
-                        shared.spool(&pending, "shutdown");
-                        break;
-                    }
+                    Err((e, _)) => match kafka::undeliverable(&e) {
+                        Some(reason) => {
+                            self.shared.undeliverable(reason, &e);
+                            self.shared.report(i, Outcome::Dropped);
+                            break;
+                        }
+                        None => {
+                            self.shared.warn_once("replay", format_args!("replay paused, the producer refused a record: {e}"));
+                            self.shared.set_healthy(false);
+                            return i;
+                        }
+                    },
                 }
             }
         }
-        shared.replaying.store(false, Ordering::Relaxed);
+        records.len()
+    }
+
+    /// Waits for the delivery reports of the first `sent` records (at
+    /// shutdown, until its deadline at most); returns every record's outcome.
+    fn wait_for(&self, sent: usize) -> Vec<Outcome> {
+        loop {
+            let mut acks = self.shared.acks.lock().unwrap();
+            let past_deadline = self.shared.stop.get().is_some_and(|d| Instant::now() >= *d);
+            if acks.reported >= sent || past_deadline {
+                // Reports still to come (at shutdown) find nothing to mark.
+                return std::mem::take(&mut *acks).outcome;
+            }
+            drop(self.shared.acked.wait_timeout(acks, Duration::from_millis(100)).unwrap());
+            self.shared.sync_spool();
+        }
     }
 }
 

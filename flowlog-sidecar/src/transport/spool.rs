@@ -2,13 +2,29 @@
 //! records, read back oldest first. Used while the broker is unreachable or
 //! slow, and at shutdown for whatever could not be delivered in time.
 //!
-//! Past `max_bytes` whole oldest segments are dropped and their records
-//! counted. A torn tail (crash mid-write) is detected by its CRC and skipped.
+//! - **Delete after ack.** The replay thread *leases* the oldest segment,
+//!   reads it without holding the spool's lock ([`Lease::read`]) and, once
+//!   the broker has acknowledged its records, deletes the file or replaces
+//!   it by the records still unacknowledged ([`Lease::keep`], an atomic
+//!   rename). A crash during replay replays the segment again: duplicates
+//!   (the same host, epoch and sequence), never losses.
+//! - **No torn frames mid-segment.** Appends are buffered as whole frames
+//!   and written together; when a write fails (ENOSPC, EIO) the file is cut
+//!   back to its last whole frame and the buffered records are counted as
+//!   dropped ([`Drops::error`]). Later appends go after that whole frame.
+//! - **Bounded.** Past `max_bytes` whole oldest segments (never the leased
+//!   one) are dropped and their records counted ([`Drops::full`]). A torn
+//!   tail (crash mid-write) is detected by its CRC and counted once.
+//! - **Written per batch, synced on a timer.** Appends are buffered; the
+//!   owner calls [`Spool::write_out`] after each batch (so a process crash
+//!   loses nothing handed over before it) and [`Spool::sync_due`]
+//!   periodically, so with `fsync = "interval"` a quiet spool reaches the
+//!   disk within `fsync_interval_ms` without waiting for the next append.
 
 use std::{
     collections::VecDeque,
     fs::{self, File, OpenOptions},
-    io::{self, BufWriter, Read, Write},
+    io::{self, Read, Write},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -21,7 +37,8 @@ use serde::{Deserialize, Serialize};
 pub enum Fsync {
     /// fsync after every append (safest, slowest).
     Always,
-    /// fsync at most every `fsync_interval_ms` and at shutdown.
+    /// fsync every `fsync_interval_ms` (on a timer, so also when no more
+    /// records come) and at shutdown.
     Interval,
     /// Leave it to the OS.
     Never,
@@ -38,13 +55,26 @@ flowlog_settings::settings! {
         /// Total bytes on disk before the oldest segments are dropped.
         #[flag(long = "spool-max-bytes", env = "FLOWLOG_SPOOL_MAX_BYTES")]
         pub max_bytes: u64 = 1 << 30,
-        /// A segment is closed and a new one started past this size.
+        /// A segment is closed and a new one started past this size. A
+        /// segment is deleted once all its records are acknowledged, so a
+        /// crash during replay sends at most this much again.
         pub segment_bytes: u64 = 8 << 20,
         /// When the spool is fsync'd.
         pub fsync: Fsync = Fsync::Interval,
-        /// With `fsync = "interval"`: the longest time between fsyncs, ms.
+        /// With `fsync = "interval"`: the longest time a spooled record
+        /// stays unsynced, ms.
         pub fsync_interval_ms: u64 = 1000,
     }
+}
+
+/// Records the spool lost, by cause; taken (and reset) with [`Spool::take_drops`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Drops {
+    /// Dropped to stay within `max_bytes` (whole oldest segments, or a
+    /// record even an empty spool cannot hold).
+    pub full: u64,
+    /// Not written: the write failed (ENOSPC, EIO) and was rolled back.
+    pub error: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -52,176 +82,366 @@ struct Segment {
     id: u64,
     bytes: u64,
     records: u64,
+    /// Being replayed: not dropped to make room, deleted only on [`Spool::settle`].
+    leased: bool,
+}
+
+/// The segment being appended to (always the last one).
+struct Writer {
+    file: File,
+    /// Bytes of whole frames in the file.
+    len: u64,
+    /// Whole frames not yet written, and how many records they hold.
+    buf: Vec<u8>,
+    buffered: u64,
+    /// Written since the last fsync.
+    unsynced: bool,
+    last_sync: Instant,
 }
 
 pub struct Spool {
     cfg: SpoolConfig,
     /// Oldest first; the last one is open for appends when `writer` is Some.
     segments: VecDeque<Segment>,
-    writer: Option<BufWriter<File>>,
+    writer: Option<Writer>,
     next_id: u64,
-    last_sync: Instant,
-    pub dropped_records: u64,
-    pub corrupt_records: u64,
+    drops: Drops,
 }
 
+/// Frame header: length (u32 LE) and CRC-32 of the payload (u32 LE).
 const HEADER: usize = 8;
+/// Buffered appends are written out past this many bytes.
+const BUF_BYTES: usize = 64 * 1024;
 
 fn seg_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("seg-{id:016}.log"))
 }
 
+fn frame(out: &mut Vec<u8>, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+fn frame_len(payload: &[u8]) -> u64 {
+    (payload.len() + HEADER) as u64
+}
+
 impl Spool {
-    /// Opens the spool, indexing segments left by a previous run.
+    /// Opens the spool, indexing segments left by a previous run (all of
+    /// them unacknowledged: a segment is deleted only once delivered).
     pub fn open(cfg: SpoolConfig) -> io::Result<Spool> {
         fs::create_dir_all(&cfg.dir)?;
-        let mut ids: Vec<u64> = fs::read_dir(&cfg.dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                name.strip_prefix("seg-")?.strip_suffix(".log")?.parse().ok()
-            })
-            .collect();
+        let mut ids = Vec::new();
+        for e in fs::read_dir(&cfg.dir)?.filter_map(|e| e.ok()) {
+            let Ok(name) = e.file_name().into_string() else { continue };
+            if name.starts_with("seg-") && name.ends_with(".tmp") {
+                // A replacement cut short by a crash; the segment it was to
+                // replace is still there, whole.
+                fs::remove_file(e.path())?;
+            } else if let Some(id) = name.strip_prefix("seg-").and_then(|n| n.strip_suffix(".log")).and_then(|n| n.parse().ok()) {
+                ids.push(id);
+            }
+        }
         ids.sort_unstable();
         let mut segments = VecDeque::new();
         for id in ids {
             let path = seg_path(&cfg.dir, id);
             let bytes = fs::metadata(&path)?.len();
             let records = read_segment(&path)?.0.len() as u64;
-            segments.push_back(Segment { id, bytes, records });
+            segments.push_back(Segment { id, bytes, records, leased: false });
         }
-        // Ids start high so that `prepend` can always go below the oldest.
+        // Ids start high so that new segments can always go in front.
         let next_id = segments.back().map(|s| s.id + 1).unwrap_or(1 << 40);
-        Ok(Spool {
-            cfg,
-            segments,
-            writer: None,
-            next_id,
-            last_sync: Instant::now(),
-            dropped_records: 0,
-            corrupt_records: 0,
-        })
+        Ok(Spool { cfg, segments, writer: None, next_id, drops: Drops::default() })
     }
 
     pub fn is_empty(&self) -> bool {
         self.segments.iter().all(|s| s.records == 0)
     }
 
+    /// Bytes spooled, including the leased segment's.
     pub fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.bytes).sum()
     }
 
+    /// Records spooled and not yet acknowledged (the leased segment's too).
     pub fn records(&self) -> u64 {
         self.segments.iter().map(|s| s.records).sum()
     }
 
-    /// Appends one record. Returns how many old records were dropped to make room.
-    pub fn append(&mut self, payload: &[u8]) -> io::Result<u64> {
-        let need = (payload.len() + HEADER) as u64;
-        let mut dropped = 0;
-        // Make room: drop whole oldest segments, never the one being written.
-        while self.bytes() + need > self.cfg.max_bytes && self.segments.len() > usize::from(self.writer.is_some()) {
-            let old = self.segments.pop_front().unwrap();
-            let _ = fs::remove_file(seg_path(&self.cfg.dir, old.id));
-            dropped += old.records;
-        }
+    /// What was lost since the last call.
+    pub fn take_drops(&mut self) -> Drops {
+        std::mem::take(&mut self.drops)
+    }
+
+    /// Appends one record. Past `max_bytes` the oldest segments go, or this
+    /// record if even that is not enough ([`Drops::full`]). An error means
+    /// a write failed: the records it held (buffered ones, maybe this one)
+    /// were dropped ([`Drops::error`]), and the file holds only whole frames.
+    pub fn append(&mut self, payload: &[u8]) -> io::Result<()> {
+        let need = frame_len(payload);
+        self.make_room(need);
         if self.bytes() + need > self.cfg.max_bytes {
-            // Even an empty spool cannot hold it: drop the record itself.
-            self.dropped_records += dropped + 1;
-            return Ok(dropped + 1);
+            self.drops.full += 1;
+            return Ok(());
         }
         let roll = match self.segments.back() {
             Some(s) => self.writer.is_none() || s.bytes + need > self.cfg.segment_bytes,
             None => true,
         };
+        let mut sealed = Ok(());
         if roll {
-            self.seal()?;
+            sealed = self.seal();
             let id = self.next_id;
             self.next_id += 1;
-            let f = OpenOptions::new().create(true).append(true).open(seg_path(&self.cfg.dir, id))?;
-            self.writer = Some(BufWriter::with_capacity(64 * 1024, f));
-            self.segments.push_back(Segment { id, bytes: 0, records: 0 });
+            let file = match OpenOptions::new().create(true).append(true).open(seg_path(&self.cfg.dir, id)) {
+                Ok(f) => f,
+                Err(e) => {
+                    self.drops.error += 1;
+                    return Err(e);
+                }
+            };
+            self.writer = Some(Writer { file, len: 0, buf: Vec::new(), buffered: 0, unsynced: false, last_sync: Instant::now() });
+            self.segments.push_back(Segment { id, bytes: 0, records: 0, leased: false });
         }
-        let w = self.writer.as_mut().unwrap();
-        w.write_all(&(payload.len() as u32).to_le_bytes())?;
-        w.write_all(&crc32fast::hash(payload).to_le_bytes())?;
-        w.write_all(payload)?;
-        let seg = self.segments.back_mut().unwrap();
+        let (w, seg) = (self.writer.as_mut().unwrap(), self.segments.back_mut().unwrap());
+        frame(&mut w.buf, payload);
+        w.buffered += 1;
         seg.bytes += need;
         seg.records += 1;
-        match self.cfg.fsync {
-            Fsync::Always => self.sync()?,
-            Fsync::Interval if self.last_sync.elapsed() >= Duration::from_millis(self.cfg.fsync_interval_ms) => self.sync()?,
-            _ => {}
-        }
-        self.dropped_records += dropped;
-        Ok(dropped)
+        let written = if self.cfg.fsync == Fsync::Always {
+            self.write_out().and_then(|()| self.sync_writer())
+        } else if w.buf.len() >= BUF_BYTES {
+            self.write_out()
+        } else {
+            Ok(())
+        };
+        sealed.and(written)
     }
 
-    /// Flushes buffered appends and fsyncs the open segment.
-    pub fn sync(&mut self) -> io::Result<()> {
-        if let Some(w) = self.writer.as_mut() {
-            w.flush()?;
-            if self.cfg.fsync != Fsync::Never {
-                w.get_ref().sync_data()?;
+    /// Drops whole oldest segments until `need` more bytes fit, but never
+    /// the one being replayed (its records may be on their way).
+    fn make_room(&mut self, need: u64) {
+        while self.bytes() + need > self.cfg.max_bytes {
+            let Some(i) = self.segments.iter().position(|s| !s.leased) else { break };
+            if i + 1 == self.segments.len() {
+                // The open one: its buffered records go with it.
+                self.writer = None;
+            }
+            let old = self.segments.remove(i).unwrap();
+            let _ = fs::remove_file(seg_path(&self.cfg.dir, old.id));
+            self.drops.full += old.records;
+        }
+    }
+
+    /// Writes the buffered frames (no fsync): once written, a crash of the
+    /// process (kill -9, OOM) no longer loses them. On failure the file is
+    /// cut back to its last whole frame and the buffered records are counted
+    /// as dropped, so no torn frame is ever followed by more records.
+    pub fn write_out(&mut self) -> io::Result<()> {
+        let Some(w) = self.writer.as_mut().filter(|w| !w.buf.is_empty()) else { return Ok(()) };
+        let result = w.file.write_all(&w.buf);
+        if result.is_ok() {
+            w.len += w.buf.len() as u64;
+            w.unsynced = true;
+        } else {
+            let seg = self.segments.back_mut().unwrap();
+            seg.bytes -= w.buf.len() as u64;
+            seg.records -= w.buffered;
+            self.drops.error += w.buffered;
+            if w.file.set_len(w.len).is_err() {
+                // Could not cut it: close the segment so nothing follows the
+                // torn frame (replay counts it as a torn tail).
+                self.writer = None;
             }
         }
-        self.last_sync = Instant::now();
+        if let Some(w) = self.writer.as_mut() {
+            w.buf.clear();
+            w.buffered = 0;
+        }
+        result
+    }
+
+    fn sync_writer(&mut self) -> io::Result<()> {
+        let Some(w) = self.writer.as_mut() else { return Ok(()) };
+        w.last_sync = Instant::now();
+        if std::mem::take(&mut w.unsynced) && self.cfg.fsync != Fsync::Never {
+            w.file.sync_data()?;
+        }
         Ok(())
     }
 
-    /// Closes the open segment so it can be replayed.
+    /// The timer: once `fsync_interval_ms` has passed since the last time,
+    /// writes out buffered appends and returns the file to fsync, which the
+    /// caller does after releasing the spool's lock (None with `fsync =
+    /// "never"`, or when nothing is pending).
+    pub fn sync_due(&mut self, now: Instant) -> io::Result<Option<File>> {
+        let interval = Duration::from_millis(self.cfg.fsync_interval_ms);
+        let Some(w) = self.writer.as_mut() else { return Ok(None) };
+        if now.saturating_duration_since(w.last_sync) < interval {
+            return Ok(None);
+        }
+        w.last_sync = now;
+        self.write_out()?;
+        let Some(w) = self.writer.as_mut() else { return Ok(None) };
+        if self.cfg.fsync != Fsync::Interval || !std::mem::take(&mut w.unsynced) {
+            return Ok(None);
+        }
+        w.file.try_clone().map(Some)
+    }
+
+    /// Writes out, fsyncs (unless `fsync = "never"`) and closes the open segment.
     pub fn seal(&mut self) -> io::Result<()> {
-        self.sync()?;
+        let written = self.write_out();
+        let synced = self.sync_writer();
         self.writer = None;
-        Ok(())
+        written.and(synced)
     }
 
-    /// Writes `records` as a new segment in front of everything spooled (they
-    /// are older than what the spool holds).
-    pub fn prepend(&mut self, records: &[Vec<u8>]) -> io::Result<()> {
+    /// Leases the oldest segment for replay (None if there is none, or it
+    /// is leased already). If it is the open one, it is closed first.
+    pub fn lease(&mut self) -> io::Result<Option<Lease>> {
+        match self.segments.front() {
+            None => return Ok(None),
+            Some(s) if s.leased => return Ok(None),
+            Some(_) => {}
+        }
+        let mut unsynced = None;
+        if self.segments.len() == 1 && self.writer.is_some() {
+            let written = self.write_out();
+            if let Some(w) = self.writer.take() {
+                // fsync'd by the reader, outside the lock.
+                unsynced = (w.unsynced && self.cfg.fsync != Fsync::Never).then_some(w.file);
+            }
+            written?;
+        }
+        let seg = self.segments.front_mut().unwrap();
+        seg.leased = true;
+        Ok(Some(Lease { id: seg.id, records: seg.records, bytes: seg.bytes, path: seg_path(&self.cfg.dir, seg.id), sync: self.cfg.fsync != Fsync::Never, unsynced }))
+    }
+
+    /// Records the outcome of a lease: its file now holds `left` records in
+    /// `left_bytes` (0: it was deleted).
+    pub fn settle(&mut self, lease: Lease, left: u64, left_bytes: u64) {
+        let Some(i) = self.segments.iter().position(|s| s.id == lease.id) else { return };
+        if left == 0 {
+            self.segments.remove(i);
+        } else {
+            let s = &mut self.segments[i];
+            (s.records, s.bytes, s.leased) = (left, left_bytes, false);
+        }
+    }
+
+    /// A new segment in front of all others, for records older than
+    /// everything spooled (deliveries that failed). Write it with
+    /// [`Front::write`] (no lock needed), then add it with [`Spool::add_front`].
+    pub fn front_slot(&mut self) -> Front {
         let id = match self.segments.front() {
-            Some(s) if s.id > 0 => s.id - 1,
-            Some(_) => return records.iter().try_for_each(|r| self.append(r).map(|_| ())),
+            Some(s) => s.id - 1,
             None => {
                 self.next_id += 1;
                 self.next_id - 1
             }
         };
-        let mut w = BufWriter::new(File::create(seg_path(&self.cfg.dir, id))?);
-        let mut bytes = 0;
-        for r in records {
-            w.write_all(&(r.len() as u32).to_le_bytes())?;
-            w.write_all(&crc32fast::hash(r).to_le_bytes())?;
-            w.write_all(r)?;
-            bytes += (r.len() + HEADER) as u64;
-        }
-        w.flush()?;
-        w.get_ref().sync_data()?;
-        self.segments.push_front(Segment { id, bytes, records: records.len() as u64 });
-        Ok(())
+        Front { id, path: seg_path(&self.cfg.dir, id), sync: self.cfg.fsync != Fsync::Never }
     }
 
-    /// Takes the oldest segment's records off the spool, oldest first, and
-    /// deletes its file. The caller re-appends whatever it fails to deliver.
-    pub fn take_oldest(&mut self) -> io::Result<Option<Vec<Vec<u8>>>> {
-        if self.segments.is_empty() {
-            return Ok(None);
-        }
-        if self.segments.len() == 1 && self.writer.is_some() {
-            self.seal()?;
-        }
-        let seg = self.segments.pop_front().unwrap();
-        let path = seg_path(&self.cfg.dir, seg.id);
-        let (records, corrupt) = read_segment(&path)?;
-        self.corrupt_records += corrupt;
-        fs::remove_file(&path)?;
-        Ok(Some(records))
+    pub fn add_front(&mut self, front: Front, records: u64, bytes: u64) {
+        self.segments.push_front(Segment { id: front.id, bytes, records, leased: false });
+    }
+
+    /// Writes `records` as a new segment in front of everything spooled
+    /// (at shutdown: failed deliveries).
+    pub fn prepend(&mut self, records: &[Vec<u8>]) -> io::Result<()> {
+        let front = self.front_slot();
+        let bytes = front.write(records)?;
+        self.add_front(front, records.len() as u64, bytes);
+        Ok(())
     }
 }
 
-/// Reads every intact record of a segment; returns them and how many
-/// trailing bytes-worth of records were corrupt (counted as 1 if any).
+/// A segment to be written in front of the spool ([`Spool::front_slot`]).
+pub struct Front {
+    id: u64,
+    path: PathBuf,
+    sync: bool,
+}
+
+impl Front {
+    /// Writes the segment file, durably; returns its size.
+    pub fn write(&self, records: &[Vec<u8>]) -> io::Result<u64> {
+        write_segment(&self.path, records.iter().map(|r| &r[..]), self.sync)
+    }
+}
+
+/// The oldest segment, handed to the replay thread: nothing else touches
+/// its file until [`Spool::settle`].
+pub struct Lease {
+    id: u64,
+    /// As indexed (what is lost if the file cannot be read).
+    pub records: u64,
+    pub bytes: u64,
+    path: PathBuf,
+    sync: bool,
+    unsynced: Option<File>,
+}
+
+impl Lease {
+    /// Every intact record, oldest first, and 1 if a torn or corrupt tail
+    /// was skipped. Reads the whole file: call it without the spool's lock.
+    pub fn read(&mut self) -> io::Result<(Vec<Vec<u8>>, u64)> {
+        if let Some(f) = self.unsynced.take() {
+            f.sync_data()?;
+        }
+        read_segment(&self.path)
+    }
+
+    /// Deletes the segment's file when nothing is `left`, else replaces it
+    /// by `left` (atomically: a crash leaves the old file or the new one).
+    /// Returns the new file's size. Disk I/O: call it without the lock.
+    pub fn keep<'a>(&self, left: impl IntoIterator<Item = &'a [u8]>) -> io::Result<u64> {
+        let mut left = left.into_iter().peekable();
+        if left.peek().is_none() {
+            return match fs::remove_file(&self.path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(0),
+            };
+        }
+        write_segment(&self.path, left, self.sync)
+    }
+}
+
+/// Writes `records` as the segment file `path`, replacing any: a temporary
+/// file, fsync'd (if `sync`), renamed over `path`. Returns its size.
+fn write_segment<'a>(path: &Path, records: impl IntoIterator<Item = &'a [u8]>, sync: bool) -> io::Result<u64> {
+    let tmp = path.with_extension("log.tmp");
+    let mut data = Vec::new();
+    for r in records {
+        frame(&mut data, r);
+    }
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&data)?;
+        if sync {
+            f.sync_data()?;
+        }
+        fs::rename(&tmp, path)?;
+        if sync {
+            if let Some(dir) = path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+        }
+        Ok(data.len() as u64)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Reads every intact record of a segment; returns them and 1 if a torn
+/// or corrupt tail was skipped (how many records it held is unknown).
 fn read_segment(path: &Path) -> io::Result<(Vec<Vec<u8>>, u64)> {
     let mut data = Vec::new();
     File::open(path)?.read_to_end(&mut data)?;
@@ -248,20 +468,36 @@ mod tests {
         SpoolConfig { dir: dir.to_path_buf(), max_bytes: max, segment_bytes: seg, fsync: Fsync::Never, fsync_interval_ms: 1000 }
     }
 
-    /// Every record left, oldest first.
     /// A spool in `dir` that one segment of 1 MiB fills: nothing is dropped.
     fn roomy(dir: &Path) -> Spool {
         Spool::open(cfg(dir, 1 << 20, 1 << 20)).unwrap()
     }
 
+    /// Replays one segment as the transport does when the broker takes all
+    /// of it: lease, read, delete, settle.
+    fn replay_one(s: &mut Spool) -> Option<(Vec<Vec<u8>>, u64)> {
+        let mut lease = s.lease().unwrap()?;
+        let got = lease.read().unwrap();
+        lease.keep([]).unwrap();
+        s.settle(lease, 0, 0);
+        Some(got)
+    }
+
+    /// Every record left, oldest first.
     fn drain(s: &mut Spool) -> Vec<Vec<u8>> {
-        std::iter::from_fn(|| s.take_oldest().unwrap()).flatten().collect()
+        std::iter::from_fn(|| replay_one(s)).flat_map(|(r, _)| r).collect()
     }
 
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("flowlog-spool-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         d
+    }
+
+    fn segment_files(d: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(d).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect();
+        v.sort();
+        v
     }
 
     #[test]
@@ -289,13 +525,33 @@ mod tests {
         let d = tmp("bound");
         // 28-byte records (20 + 8), 2 per segment, at most 4 on disk.
         let mut s = Spool::open(cfg(&d, 4 * 28, 56)).unwrap();
-        let mut dropped = 0;
         for i in 0..10u8 {
-            dropped += s.append(&[i; 20]).unwrap();
+            s.append(&[i; 20]).unwrap();
         }
-        assert_eq!(dropped, 6);
-        assert_eq!(s.dropped_records, 6);
+        assert_eq!(s.take_drops(), Drops { full: 6, error: 0 });
         assert_eq!(drain(&mut s), (6..10u8).map(|i| vec![i; 20]).collect::<Vec<_>>());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    /// The segment being replayed is never dropped to make room (its records
+    /// may be on their way to the broker): the next oldest goes instead.
+    #[test]
+    fn the_leased_segment_is_not_dropped_for_room() {
+        let d = tmp("leased-room");
+        let mut s = Spool::open(cfg(&d, 4 * 28, 56)).unwrap();
+        for i in 0..4u8 {
+            s.append(&[i; 20]).unwrap();
+        }
+        let mut lease = s.lease().unwrap().unwrap();
+        for i in 4..8u8 {
+            s.append(&[i; 20]).unwrap();
+        }
+        // Segments [0,1] (leased), [2,3], [4,5], [6,7]: [2,3] and [4,5] went.
+        assert_eq!(s.take_drops().full, 4);
+        assert_eq!(lease.read().unwrap().0, vec![vec![0u8; 20], vec![1u8; 20]]);
+        lease.keep([]).unwrap();
+        s.settle(lease, 0, 0);
+        assert_eq!(drain(&mut s), (6..8u8).map(|i| vec![i; 20]).collect::<Vec<_>>());
         fs::remove_dir_all(d).unwrap();
     }
 
@@ -305,6 +561,7 @@ mod tests {
         let mut s = roomy(&d);
         s.append(b"new").unwrap();
         s.prepend(&[b"old1".to_vec(), b"old2".to_vec()]).unwrap();
+        s.seal().unwrap();
         drop(s);
         assert_eq!(drain(&mut roomy(&d)), vec![b"old1".to_vec(), b"old2".to_vec(), b"new".to_vec()]);
         fs::remove_dir_all(d).unwrap();
@@ -323,8 +580,159 @@ mod tests {
         data.truncate(data.len() - 2);
         fs::write(&path, data).unwrap();
         let mut s = roomy(&d);
-        assert_eq!(s.take_oldest().unwrap().unwrap(), vec![b"first".to_vec()]);
-        assert_eq!(s.corrupt_records, 1);
+        assert_eq!(replay_one(&mut s).unwrap(), (vec![b"first".to_vec()], 1));
         fs::remove_dir_all(d).unwrap();
+    }
+
+    /// A leased segment stays on disk, whole, until it is settled: a crash
+    /// (here: dropping the spool without settling) replays all of it. A
+    /// partly acknowledged segment is cut down to the rest, atomically.
+    #[test]
+    fn a_segment_is_deleted_only_once_delivered() {
+        let d = tmp("lease");
+        let mut s = Spool::open(cfg(&d, 1 << 20, 3 * 13)).unwrap();
+        for i in 0..6u8 {
+            s.append(&[i; 5]).unwrap();
+        }
+        let mut lease = s.lease().unwrap().unwrap();
+        assert_eq!(lease.read().unwrap().0, (0..3u8).map(|i| vec![i; 5]).collect::<Vec<_>>());
+        assert!(s.lease().unwrap().is_none(), "one lease at a time");
+        assert_eq!(s.records(), 6, "leased records count until delivered");
+        // Crash before any acknowledgement: everything is still there.
+        s.seal().unwrap();
+        drop((s, lease));
+        let mut s = Spool::open(cfg(&d, 1 << 20, 3 * 13)).unwrap();
+        assert_eq!(s.records(), 6);
+        // Records 0 and 2 acknowledged, 1 not: the file keeps only 1.
+        let mut lease = s.lease().unwrap().unwrap();
+        let (got, _) = lease.read().unwrap();
+        let bytes = lease.keep([&got[1][..]]).unwrap();
+        s.settle(lease, 1, bytes);
+        assert_eq!(s.records(), 4);
+        assert_eq!(segment_files(&d).len(), 2);
+        drop(s);
+        let mut s = Spool::open(cfg(&d, 1 << 20, 3 * 13)).unwrap();
+        assert_eq!(drain(&mut s), [1u8, 3, 4, 5].iter().map(|&i| vec![i; 5]).collect::<Vec<_>>());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    /// A replacement cut short by a crash (its `.tmp` file) is discarded on
+    /// open; the segment it was to replace is replayed whole.
+    #[test]
+    fn a_half_written_replacement_is_discarded() {
+        let d = tmp("tmp");
+        let mut s = roomy(&d);
+        s.append(b"a").unwrap();
+        s.seal().unwrap();
+        drop(s);
+        let seg = seg_path(&d, 1 << 40);
+        fs::write(seg.with_extension("log.tmp"), b"\x05\0\0").unwrap();
+        let mut s = roomy(&d);
+        assert_eq!(drain(&mut s), vec![b"a".to_vec()]);
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    /// fsync = "interval": one record and then silence. The timer, once the
+    /// interval has passed, puts the record on disk (before, it sat in the
+    /// process's buffer until the next append).
+    #[test]
+    fn the_timer_writes_out_a_quiet_spool() {
+        let d = tmp("timer");
+        let mut s = Spool::open(SpoolConfig { fsync: Fsync::Interval, fsync_interval_ms: 1000, ..cfg(&d, 1 << 20, 1 << 20) }).unwrap();
+        s.append(b"quiet").unwrap();
+        let t0 = Instant::now();
+        let path = seg_path(&d, 1 << 40);
+        assert_eq!(fs::metadata(&path).unwrap().len(), 0, "buffered until due");
+        assert!(s.sync_due(t0).unwrap().is_none(), "not due yet");
+        let file = s.sync_due(t0 + Duration::from_millis(1000)).unwrap().expect("due: a file to fsync");
+        file.sync_data().unwrap();
+        assert_eq!(read_segment(&path).unwrap(), (vec![b"quiet".to_vec()], 0));
+        // Nothing new: nothing to fsync.
+        assert!(s.sync_due(t0 + Duration::from_millis(2000)).unwrap().is_none());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    /// A filesystem mounted by the test (root only), unmounted on drop,
+    /// also when the test panics.
+    struct TinyFs(PathBuf);
+
+    impl TinyFs {
+        fn mount(name: &str, size: &str) -> Option<TinyFs> {
+            // SAFETY: plain syscall.
+            if unsafe { libc::geteuid() } != 0 {
+                assert_ne!(std::env::var("FLOWLOG_REQUIRE_ROOT_TESTS").as_deref(), Ok("1"), "needs root to mount a tmpfs");
+                eprintln!("skipping: needs root to mount a tmpfs");
+                return None;
+            }
+            let d = tmp(name);
+            fs::create_dir_all(&d).unwrap();
+            let opts = format!("size={size}");
+            nix::mount::mount(Some("tmpfs"), &d, Some("tmpfs"), nix::mount::MsFlags::empty(), Some(opts.as_str())).expect("mount tmpfs");
+            Some(TinyFs(d))
+        }
+    }
+
+    impl Drop for TinyFs {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// ENOSPC: a 256 KiB tmpfs fills up. Every record is either read back or
+    /// counted as dropped; once space is freed, new records are appended and
+    /// read back (no torn frame hides them). With `always` each failing
+    /// record is rolled back alone, with `interval` a whole buffer.
+    #[test]
+    fn a_full_disk_loses_only_what_it_counts() {
+        for fsync in [Fsync::Always, Fsync::Interval] {
+            let Some(fs_) = TinyFs::mount(&format!("enospc-{fsync:?}"), "256k") else { return };
+            let filler = fs_.0.join("filler");
+            fs::write(&filler, vec![0u8; 64 << 10]).unwrap();
+            let dir = fs_.0.join("spool");
+            // Bounds far above the filesystem: only the disk says no.
+            let mut s = Spool::open(SpoolConfig { fsync, ..cfg(&dir, 16 << 20, 48 << 10) }).unwrap();
+            // Records of varied sizes (300..1300 bytes) so frames straddle
+            // the last free block; each carries its number.
+            let record = |i: u32| {
+                let mut r = i.to_le_bytes().to_vec();
+                r.resize(300 + (i as usize * 37) % 1000, i as u8);
+                r
+            };
+            // About 500 KB: twice what the filesystem holds.
+            let (mut appended, mut failures) = (0u32, 0);
+            while appended < 600 {
+                failures += u32::from(s.append(&record(appended)).is_err());
+                appended += 1;
+            }
+            failures += u32::from(s.seal().is_err());
+            let full = s.take_drops();
+            assert_eq!(full.full, 0);
+            assert!(full.error > 0 && failures > 0, "{fsync:?}: the disk never filled");
+            // Space again: later records must all come back.
+            fs::remove_file(&filler).unwrap();
+            let first_after = appended;
+            for _ in 0..20 {
+                s.append(&record(appended)).unwrap();
+                appended += 1;
+            }
+            s.seal().unwrap();
+            assert_eq!(s.take_drops(), Drops::default());
+            let (mut got, mut corrupt) = (Vec::new(), 0);
+            while let Some((r, c)) = replay_one(&mut s) {
+                got.extend(r);
+                corrupt += c;
+            }
+            let ids: Vec<u32> = got.iter().map(|r| u32::from_le_bytes(r[..4].try_into().unwrap())).collect();
+            for (r, &i) in got.iter().zip(&ids) {
+                assert_eq!(r, &record(i), "{fsync:?}: record {i} intact");
+            }
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "{fsync:?}: in order, once each: {ids:?}");
+            assert_eq!(corrupt, 0, "{fsync:?}: no torn frame");
+            assert_eq!(got.len() as u64 + full.error, appended as u64, "{fsync:?}: read back + dropped = appended");
+            assert!((first_after..appended).all(|i| ids.contains(&i)), "{fsync:?}: records after the disk freed up are all there");
+            eprintln!("{fsync:?}: {appended} appended, {} read back, {} dropped (counted)", got.len(), full.error);
+        }
     }
 }

@@ -111,6 +111,15 @@ impl Sidecar {
     }
 }
 
+impl Sidecar {
+    /// SIGKILL, as the OOM killer or a crash would: nothing is flushed.
+    /// Returns once the process is gone.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL the sidecar");
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Sidecar {
     fn drop(&mut self) {
         let _ = self.child.kill();

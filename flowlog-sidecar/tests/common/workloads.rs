@@ -121,6 +121,25 @@ impl Netns {
         ip(&["-n", &name, "link", "set", "lo", "up"]);
         Netns(name)
     }
+
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.0)
+    }
+
+    /// Runs `f` on a thread inside the namespace. setns() changes only the
+    /// calling thread; threads `f` spawns inherit the namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let ns = std::fs::File::open(&path).unwrap();
+            // SAFETY: valid fd of a netns file.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            f()
+        })
+        .join()
+        .unwrap()
+    }
 }
 
 impl Drop for Netns {
