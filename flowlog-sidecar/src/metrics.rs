@@ -97,7 +97,7 @@ pub fn describe() {
     describe_gauge!(WORKLOAD_NAMESPACES, "Network namespaces of local pods and containers found by the last listing (the host's own not counted).");
     describe_gauge!(WORKLOAD_ADDRESSES, "IP addresses announced for local workloads, by the last listing.");
     describe_gauge!(WORKLOAD_API_PODS, "Pods whose IPs the last listing took from the Kubernetes API (workload.kubernetes), without entering their network namespaces.");
-    describe_gauge!(WORKLOAD_ADDRESSES_UNCLAIMED, "Addresses found in workloads' namespaces but not announced, by reason (shared_interface, link_local, conflict: in two namespaces at once, shared_namespace: in a namespace two workloads share).");
+    describe_gauge!(WORKLOAD_ADDRESSES_UNCLAIMED, "Addresses found (in workloads' namespaces or the Kubernetes API's pods) but not announced, by reason (shared_interface, link_local, conflict: held by two workloads at once, shared_namespace: in a namespace two workloads share).");
     describe_counter!(WORKLOAD_IP_ERRORS, "Errors listing workloads' addresses, by kind (permission: CAP_SYS_ADMIN/CAP_SYS_PTRACE missing to enter a namespace the Kubernetes API does not cover, walk, list).");
     describe_gauge!(KUBE_PODS, "Pods of this node named by the Kubernetes API (workload.kubernetes).");
     describe_gauge!(KUBE_API_UP, "1 while the pod watch of the Kubernetes API works; 0 after an error, until it recovers.");
