@@ -9,7 +9,6 @@ mod common;
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    process::Command,
     time::{Duration, Instant},
 };
 

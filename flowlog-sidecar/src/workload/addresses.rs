@@ -73,11 +73,11 @@ const MIN_ROUND_GAP: Duration = Duration::from_millis(250);
 /// IPs (text, sorted, never empty).
 pub type Listing = Arc<Vec<WorkloadIps>>;
 
-/// Why an address found in a workload's namespace is not announced.
+/// Why an address found for a workload is not announced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reason {
     Rule(Unclaimed),
-    /// Held by two namespaces at once.
+    /// Held by two workloads at once.
     Conflict,
     /// In a namespace two workloads share.
     SharedNamespace,
@@ -244,6 +244,11 @@ impl Announcer {
                 });
             }
             debug!(took_ms = t0.elapsed().as_millis() as u64, "workload addresses listed");
+            // Nobody reads the listings any more (the pod index may still
+            // poke, for as long as it lives).
+            if tx.is_closed() {
+                return;
+            }
             std::thread::sleep(MIN_ROUND_GAP.saturating_sub(t0.elapsed()));
             match pokes.recv_timeout(interval) {
                 Ok(()) | Err(RecvTimeoutError::Timeout) => {}
