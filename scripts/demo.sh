@@ -411,6 +411,11 @@ wait_announced node-2 "${POD_UID[cache-0]}" no
 kube_objects "$(pod_spec cache-1)" | curl -sf -X POST --data-binary @- "$KUBE_API/admin/objects" > /dev/null \
     || fail "the fixture did not take cache-1" "$OUT/kube-api.log"
 add_pod cache-1
+# The address now answers from another MAC: peers forget the old one at once
+# (as a CNI's gratuitous ARP makes them), not after their neighbour entries age out.
+for ns in $(ip netns list | awk '{print $1}' | grep "^$NS_PREFIX"); do
+    ip -n "$ns" neigh flush to "${POD_IP[cache-1]}" 2>/dev/null || true
+done
 serve_pod cache-1 6379
 wait_announced node-2 "${POD_UID[cache-1]}" yes
 client in_pod api "api->cache-1" "$A" "${POD_IP[cache-1]}" 6379 --rate 20 --requests 2 --request-bytes 64-512 --response-bytes 100-8k

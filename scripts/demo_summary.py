@@ -231,27 +231,38 @@ def main():
                 pass
         if gen:
             print("\nTraffic generator vs. flow log (connections attempted by the generator / seen in the files):")
+            # Generators aimed at the same address (a pod's IP given to the
+            # next pod) are compared together.
+            groups = collections.defaultdict(list)
             for g in gen:
-                ip, port = g["target"].rsplit(":", 1)
+                groups[(g.get("source"), g["target"])].append(g)
+            for (source, target), gs in groups.items():
+                ip, port = target.rsplit(":", 1)
+                label = " + ".join(g["name"] for g in gs)
+                want = sum(g["connections"] + g["failed_connects"] for g in gs)
+                if source == a.stray:
+                    print(f"  {label:<28} generator {want:>5}  (no sidecar at {a.stray}: seen only by the servers)")
+                    continue
                 seen = sum(1 for ends in by_flow.values() for c in ends[:1]
                            if c["direction"] == "CLIENT" and c["remote_ip"] == ip and c["remote_port"] == int(port)
-                           and (g.get("source") is None or c["local_ip"] == g["source"]))
-                want = g["connections"] + g["failed_connects"]
-                if g.get("source") == a.stray:
-                    print(f"  {g['name']:<24} generator {want:>5}  (no sidecar at {a.stray}: seen only by the servers)")
-                    continue
-                check(seen == want, f"{g['name']}: the generator made {want} connections, the flow log has {seen}")
-                print(f"  {g['name']:<24} generator {want:>5}  flow log {seen:>5}  {'ok' if seen == want else 'MISMATCH'}")
+                           and (source is None or c["local_ip"] == source))
+                check(seen == want, f"{label}: the generator made {want} connections, the flow log has {seen}")
+                print(f"  {label:<28} generator {want:>5}  flow log {seen:>5}  {'ok' if seen == want else 'MISMATCH'}")
 
     if a.metrics:
         sc = selfcheck(a.metrics)
+        check(sc["disagree"] == 0 and sc["agree"] > 0, f"self-check: {dict(sc)}")
+        # Each end of a pair is checked (its remote side against the other's
+        # own): a connection seen from both ends counts twice.
+        for k in ("agree", "agree_host", "disagree"):
+            sc[k] = (sc[k] + 1) // 2
         both = sc["agree"] + sc["agree_host"] + sc["disagree"]
         print(f"\nAttribution self-check (one end's remote attribution vs. the other end's own, joined by flow_id): "
               f"{both} connections seen from both ends: {sc['agree']} agree on the workload, {sc['agree_host']} agree on the host "
               f"(the server is a host's service), {sc['disagree']} disagree"
               f" = {100 * (sc['agree'] + sc['agree_host']) / max(1, both):.1f}% agreement; "
-              f"{sc['one_sided']} one-sided (the other end runs no sidecar, or sees another 5-tuple: a Service's ClusterIP)")
-        check(sc["disagree"] == 0 and sc["agree"] > 0, f"self-check: {dict(sc)}")
+              f"{sc['one_sided']} one-sided (the other end runs no sidecar, or sees another 5-tuple: a Service's ClusterIP)"
+              + (f", {sc['unattributed']} with the remote side unattributed" if sc["unattributed"] else ""))
 
     if a.check:
         for r in recs:

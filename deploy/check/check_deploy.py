@@ -370,19 +370,42 @@ def kubernetes_access(docs: list[dict], ds: dict, c: dict, sidecar_ref) -> str |
         problems.append("the pod watch needs the node's name from fieldRef spec.nodeName")
     if spec.get("automountServiceAccountToken") is not True:
         problems.append("the pod watch needs the service account token mounted")
-    sa = spec.get("serviceAccountName")
+    needed = {("", "pods", v) for v in ("get", "list", "watch")} | {("apps", "replicasets", "get"), ("batch", "jobs", "get")}
+    problems += rbac_problems(docs, spec.get("serviceAccountName"), needed, "the pod watch")
+    return problems or "pod watch with the node's name, its token, and exactly its RBAC"
+
+
+def rbac_problems(docs: list[dict], sa: str, needed: set, what: str) -> list[str]:
+    """What the ClusterRoles bound to ServiceAccount `sa` grant, against exactly `needed`."""
     roles = {r["metadata"]["name"]: r for r in by_kind(docs, "ClusterRole")}
     granted = set()
     for b in by_kind(docs, "ClusterRoleBinding"):
         if any(s.get("kind") == "ServiceAccount" and s.get("name") == sa for s in b.get("subjects", [])):
             for rule in roles.get(b["roleRef"]["name"], {}).get("rules", []):
                 granted |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-    needed = {("", "pods", v) for v in ("get", "list", "watch")} | {("apps", "replicasets", "get"), ("batch", "jobs", "get")}
+    problems = []
     if needed - granted:
         problems.append(f"ServiceAccount {sa} lacks {sorted(needed - granted)}")
     if granted - needed:
-        problems.append(f"ServiceAccount {sa} is granted more than the pod watch needs: {sorted(granted - needed)}")
-    return problems or "pod watch with the node's name, its token, and exactly its RBAC"
+        problems.append(f"ServiceAccount {sa} is granted more than {what} needs: {sorted(granted - needed)}")
+    return problems
+
+
+def services_watch_access(docs: list[dict], dep: dict, c: dict, enricher_ref) -> str | list[str]:
+    """With the enricher's Services watch on (kubernetes.services in the
+    environment): the token mounted and exactly list/watch on services bound
+    to the Deployment's ServiceAccount; with it off, no token. A description
+    when right, the problems when not."""
+    env_name = setting(enricher_ref, "kubernetes.services")["env"] if enricher_ref else "FLOWLOG_ENRICHER_KUBERNETES_SERVICES"
+    env = {e["name"]: e for e in c.get("env", [])}
+    spec = dep["spec"]["template"]["spec"]
+    if env.get(env_name, {}).get("value") != "true":
+        if spec.get("automountServiceAccountToken") is not False:
+            return ["no Services watch, yet the service account token is mounted"]
+        return "no Kubernetes API access"
+    problems = [] if spec.get("automountServiceAccountToken") is True else ["the Services watch needs the service account token mounted"]
+    problems += rbac_problems(docs, spec.get("serviceAccountName"), {("", "services", v) for v in ("list", "watch")}, "the Services watch")
+    return problems or "Services watch with its token and exactly its RBAC"
 
 
 def semantic_checks(where: str, docs: list[dict], sidecar_ref, enricher_ref) -> None:
@@ -475,10 +498,13 @@ def semantic_checks(where: str, docs: list[dict], sidecar_ref, enricher_ref) -> 
         pvcs = {p["metadata"]["name"]: p for p in by_kind(docs, "PersistentVolumeClaim")}
         if claim and claim in pvcs and "ReadWriteMany" not in pvcs[claim]["spec"]["accessModes"]:
             problems.append("the shared output PVC must be ReadWriteMany")
+        kube = services_watch_access(docs, dep, c, enricher_ref)
+        if isinstance(kube, list):
+            problems += kube
         if problems:
             fail(f"{where}: Deployment {dep['metadata']['name']}: " + "; ".join(problems))
         else:
-            ok(f"{where}: Deployment {dep['metadata']['name']}: no capabilities, shared output volume")
+            ok(f"{where}: Deployment {dep['metadata']['name']}: no capabilities, shared output volume; {kube}")
     for rule in by_kind(docs, "PrometheusRule"):
         mine = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
         if rule["spec"] != mine:

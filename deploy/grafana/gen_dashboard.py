@@ -120,6 +120,16 @@ panel("Enricher CPU (cores) / memory (GB)", [
     (f"max by (instance) (flowlog_enricher_process_resident_memory_bytes{{{EN}}}) / 1e9", "{{instance}} memory GB")], "short",
       "The enricher's own process metrics (user+system CPU, resident memory).")
 endrow()
+panel("Attribution self-check / s (by result)", [(f"sum by (result) (rate(flowlog_enricher_selfcheck_total{{{EN}}}[{RI}]))", "{{result}}")], "ops",
+      "Connections seen from both ends: one end's remote attribution against the other end's own (a pair counts twice). "
+      "disagree should stay near 0; one_sided is normal for peers without a sidecar and Service (ClusterIP) traffic. Per instance.", stack=True)
+panel("Kubernetes Services watch", [(f"max(flowlog_enricher_kubernetes_services{{{EN}}})", "Services with a ClusterIP"),
+                                    (f"count(flowlog_enricher_kubernetes_api_up{{{EN}}} == 0) or vector(0)", "instances with the API down"),
+                                    (f"sum by (error) (increase(flowlog_enricher_kubernetes_watch_errors_total{{{EN}}}[{RI}]))", "errors {{error}}")], "short",
+      "[kubernetes] services: Services known, instances whose watch is failing, watch errors (expired = 410 Gone, listed again).")
+panel("IP conflicts / s (by source)", [(f"sum by (source) (rate(flowlog_enricher_ip_conflicts_total{{{EN}}}[{RI}]))", "{{source}}")], "ops",
+      "Announcements of an IP another announcer claimed since (an address held by two at once; the later claim keeps it).")
+endrow()
 
 dash = {
     "title": "flowlog", "uid": "flowlog", "tags": ["flowlog", "ebpf", "kafka"], "timezone": "browser",

@@ -51,10 +51,12 @@ pub fn flow_id(f: &Flow) -> u64 {
     h
 }
 
-/// Sources in order of authority: the sidecars' own heartbeats, EC2
-/// network interfaces, the static map.
+/// Sources in order of authority: the sidecars' own heartbeats (hosts and
+/// their workloads), Kubernetes Services' ClusterIPs, EC2 network
+/// interfaces, the static map.
 pub struct Attributor<'a> {
     pub identity: &'a IdentityStore,
+    pub kubernetes: &'a IdentityStore,
     pub ec2: &'a IdentityStore,
     pub cidr: &'a CidrMap,
 }
@@ -65,15 +67,18 @@ impl Attributor<'_> {
         if ip.is_loopback() || is_local && host.ips.contains(&ip) {
             return Attribution::of(&host.owner, Source::Sidecar);
         }
-        let miss = match self.identity.owner_at(ip, t) {
+        let mut miss = match self.identity.owner_at(ip, t) {
             Ok(o) => return Attribution::of(o, Source::Sidecar),
             Err(m) => m,
         };
-        let miss = match self.ec2.owner_at(ip, t) {
-            Ok(o) => return Attribution::of(o, Source::Ec2),
-            Err(Miss::NoOwnerAtTime) => Miss::NoOwnerAtTime,
-            Err(Miss::UnknownIp) => miss,
-        };
+        // A source that knew the IP but not then makes it NO_OWNER_AT_TIME.
+        for (store, source) in [(self.kubernetes, Source::Kubernetes), (self.ec2, Source::Ec2)] {
+            match store.owner_at(ip, t) {
+                Ok(o) => return Attribution::of(o, source),
+                Err(Miss::NoOwnerAtTime) => miss = Miss::NoOwnerAtTime,
+                Err(Miss::UnknownIp) => {}
+            }
+        }
         match self.cidr.lookup(ip) {
             Some(o) => Attribution::of(o, Source::Static),
             None => Attribution::none(match miss {
@@ -106,8 +111,9 @@ impl Attributor<'_> {
 impl Sources {
     /// Runs `f` with an attributor over the sources as they are now.
     pub fn attribute<R>(&self, f: impl FnOnce(&Attributor) -> R) -> R {
-        let (identity, ec2, cidr) = (self.identity.read().unwrap(), self.ec2.read().unwrap(), self.cidr.read().unwrap());
-        f(&Attributor { identity: &identity, ec2: &ec2, cidr: &cidr })
+        let (identity, kubernetes) = (self.identity.read().unwrap(), self.kubernetes.read().unwrap());
+        let (ec2, cidr) = (self.ec2.read().unwrap(), self.cidr.read().unwrap());
+        f(&Attributor { identity: &identity, kubernetes: &kubernetes, ec2: &ec2, cidr: &cidr })
     }
 }
 

@@ -54,8 +54,26 @@ flowlog_settings::settings! {
         /// `enable.auto.commit`, `auto.offset.reset`,
         /// `partition.assignment.strategy`, ...) are applied after them and win.
         pub kafka_properties: BTreeMap<String, String> = BTreeMap::new(),
+        /// The Kubernetes Services source (`[kubernetes]`).
+        pub kubernetes: KubernetesSettings = KubernetesSettings::default(),
         /// The EC2 network-interface source (`[ec2]`).
         pub ec2: Ec2Settings = Ec2Settings::default(),
+    }
+}
+
+flowlog_settings::settings! {
+    /// The Kubernetes Services source (`[kubernetes]` in the config file).
+    pub struct KubernetesSettings {
+        /// Attribute Services' ClusterIPs (source KUBERNETES, held_by the
+        /// Service) from a watch of every Service in the cluster (RBAC: list
+        /// and watch services, cluster-wide).
+        #[flag(long = "kubernetes-services", env = "FLOWLOG_ENRICHER_KUBERNETES_SERVICES")]
+        pub services: bool = false,
+        /// The API server's URL, plain http without authentication (tests, a
+        /// local proxy); unset: the in-cluster service account (else
+        /// ~/.kube/config), as kube-rs infers it.
+        #[flag(long = "kubernetes-api-url", env = "FLOWLOG_ENRICHER_KUBERNETES_API_URL")]
+        pub api_url: Option<String> = None,
     }
 }
 
@@ -103,6 +121,9 @@ impl Config {
         if !self.metrics_listen.is_empty() && self.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
             anyhow::bail!("invalid setting metrics_listen: {:?} is not an address:port", self.metrics_listen);
         }
+        if let Some(url) = self.kubernetes.api_url.as_deref().filter(|u| !flowlog_runtime::kube::api_url_ok(u)) {
+            anyhow::bail!("invalid setting kubernetes.api_url: {url:?} is not a plain http URL (http://host:port)");
+        }
         Ok(())
     }
 }
@@ -141,6 +162,9 @@ mod tests {
         assert_eq!(c.batch_max_records, 5);
         assert_eq!(c.kafka_properties["security.protocol"], "SSL");
         assert_eq!((c.ec2.regions.as_slice(), c.ec2.refresh_secs), (["eu-west-1".to_string()].as_slice(), 60));
+        let k = parse("[kubernetes]\nservices = true\napi_url = \"http://127.0.0.1:8001\"").unwrap().kubernetes;
+        assert_eq!((k.services, k.api_url.as_deref()), (true, Some("http://127.0.0.1:8001")));
+        assert!(!Config::default().kubernetes.services);
     }
 
     #[test]
@@ -152,11 +176,14 @@ mod tests {
         assert_eq!(file_error("static_map = 3").0, "static_map");
         assert_eq!(file_error("[ec2]\nregions = \"us-east-1\"").0, "ec2.regions");
         assert_eq!(file_error("[ec2]\nrefresh = 5").0, "ec2.refresh");
+        assert_eq!(file_error("[kubernetes]\nservices = \"yes\"").0, "kubernetes.services");
         assert_eq!(file_error("[kafka_properties]\n\"fetch.max.bytes\" = 1").0, "kafka_properties.fetch.max.bytes");
         let zero = Config { batch_max_records: 0, ..Config::default() };
         assert!(zero.validate().unwrap_err().to_string().contains("batch_max_records"));
         let bad = Config { metrics_listen: "nope".into(), ..Config::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("metrics_listen"));
+        let bad = Config { kubernetes: KubernetesSettings { api_url: Some("127.0.0.1:8001".into()), ..Default::default() }, ..Config::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("kubernetes.api_url"));
     }
 
     #[test]
@@ -192,6 +219,8 @@ mod tests {
                 "batch_max_age_secs --batch-max-age-secs FLOWLOG_ENRICHER_BATCH_MAX_AGE_SECS",
                 "late_window_secs --late-window-secs FLOWLOG_ENRICHER_LATE_WINDOW_SECS",
                 "metrics_listen --metrics-listen FLOWLOG_ENRICHER_METRICS_LISTEN",
+                "kubernetes.services --kubernetes-services FLOWLOG_ENRICHER_KUBERNETES_SERVICES",
+                "kubernetes.api_url --kubernetes-api-url FLOWLOG_ENRICHER_KUBERNETES_API_URL",
                 "ec2.regions --ec2-regions FLOWLOG_ENRICHER_EC2_REGIONS",
                 "ec2.endpoint_url --ec2-endpoint-url FLOWLOG_ENRICHER_EC2_ENDPOINT_URL",
                 "ec2.refresh_secs --ec2-refresh-secs FLOWLOG_ENRICHER_EC2_REFRESH_SECS",

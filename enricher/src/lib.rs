@@ -7,5 +7,6 @@ pub mod decode;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod selfcheck;
 pub mod sink;
 pub mod sources;

@@ -4,7 +4,7 @@
 //! do not decode go to a dead-letter topic and never stop the consumer.
 //!
 //! This file only wires the stages: sources (static map, identity topic,
-//! EC2) -> the flow topic through the pipeline (decode, attribute, batch)
+//! Kubernetes Services, EC2) -> the flow topic through the pipeline (decode, attribute, batch)
 //! -> sinks (dead-letter topic, enriched topic, files) -> commit.
 
 use std::{
@@ -23,7 +23,7 @@ use flowlog_enricher::{
     consumer, kafka, metrics,
     pipeline::{Pipeline, Settings},
     sink::{dlq::DeadLetterTopic, files::FileSink, topic::EnrichedTopic, Sink},
-    sources::{cidr::CidrMap, heartbeats, static_map, Sources},
+    sources::{cidr::CidrMap, heartbeats, services, static_map, Sources},
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -89,6 +89,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let sources = Sources::default();
     static_map::start(cfg.static_map.as_deref(), sources.cidr.clone())?;
     heartbeats::follow(&cfg, sources.identity.clone(), &STOP)?;
+    services::start(&cfg.kubernetes, sources.kubernetes.clone());
     if !cfg.ec2.regions.is_empty() {
         #[cfg(feature = "ec2")]
         flowlog_enricher::sources::ec2::start(cfg.ec2.clone(), sources.ec2.clone())?;

@@ -25,6 +25,23 @@ pub const HOST_CACHE: &str = "flowlog_enricher_host_cache_lookups_total";
 /// same names and meaning as the sidecar's, one dashboard query shape for both).
 const PREFIX: &str = "flowlog_enricher";
 pub const IDENTITY_LAST_SEEN: &str = "flowlog_enricher_identity_last_seen_timestamp_seconds";
+/// Listings of an IP another announcer had claimed since (`source` =
+/// sidecar/kubernetes/ec2): shared addresses; see sources::identity.
+pub const IP_CONFLICTS: &str = "flowlog_enricher_ip_conflicts_total";
+/// The attribution self-check (`result`, `source`): see selfcheck.rs.
+pub const SELFCHECK: &str = "flowlog_enricher_selfcheck_total";
+pub const SELFCHECK_PENDING: &str = "flowlog_enricher_selfcheck_pending";
+/// The Kubernetes Services watch (`[kubernetes] services`).
+pub const KUBE_SERVICES: &str = "flowlog_enricher_kubernetes_services";
+pub const KUBE_API_UP: &str = "flowlog_enricher_kubernetes_api_up";
+pub const KUBE_WATCH_ERRORS: &str = "flowlog_enricher_kubernetes_watch_errors_total";
+
+/// Counts the conflicts an ownership source's events met.
+pub fn count_conflicts(source: &'static str, n: usize) {
+    if n > 0 {
+        metrics::counter!(IP_CONFLICTS, "source" => source).increment(n as u64);
+    }
+}
 
 /// Counts the final attribution of a written batch (after held-back records
 /// had their second chance), one counter update per label set, not per record.
@@ -115,5 +132,29 @@ pub fn describe() {
         IDENTITY_LAST_SEEN,
         Unit::Seconds,
         "Time of the newest identity heartbeat applied."
+    );
+    describe_counter!(
+        IP_CONFLICTS,
+        "Announcements of an IP that another announcer claimed since (an address held by two at once: the later claim keeps it), by source (sidecar/kubernetes/ec2)."
+    );
+    describe_counter!(
+        SELFCHECK,
+        "Self-check of written records whose connection's other end also has a record: one side's remote attribution against the other record's local one, by result (agree/agree_host/disagree/unattributed; one_sided: no other half within the window; evicted: dropped at capacity) and source (the remote side's)."
+    );
+    describe_gauge!(
+        SELFCHECK_PENDING,
+        "Records waiting for their connection's other half (self-check)."
+    );
+    describe_gauge!(
+        KUBE_SERVICES,
+        "Kubernetes Services with a ClusterIP known to the Services watch."
+    );
+    describe_gauge!(
+        KUBE_API_UP,
+        "1 while the Services watch of the Kubernetes API works; 0 after an error, until it recovers."
+    );
+    describe_counter!(
+        KUBE_WATCH_ERRORS,
+        "Services watch errors, by kind (client, list, watch, watch_status, expired); each is retried with backoff."
     );
 }

@@ -2,7 +2,8 @@
 //! message of the flow topic is decoded, attributed and added to its
 //! partition's batch (or sent to the dead-letter queue); a batch rolls when
 //! full or old, later if it holds young unattributed flows that late
-//! metadata may still attribute; a rolled batch goes through every sink and
+//! metadata may still attribute; a rolled batch's final attribution is
+//! self-checked ([`crate::selfcheck`]), then it goes through every sink and
 //! only then are its offsets committed. Offsets already in files are
 //! skipped (exactly once across restarts and rebalances). Time is passed in
 //! ([`Now`]) so that tests drive it.
@@ -17,6 +18,7 @@ use crate::{
     config::Config,
     decode::Decoder,
     metrics,
+    selfcheck::{self, SelfCheck},
     sink::{Batch, DeadLetters, Message, Sink},
     sources::Sources,
 };
@@ -39,6 +41,13 @@ impl Settings {
             max_age: Duration::from_secs(cfg.batch_max_age_secs),
             late_window: Duration::from_secs(cfg.late_window_secs),
         }
+    }
+
+    /// How long a record waits for its connection's other half (the
+    /// self-check): a few times the longest a batch stays open, so two
+    /// halves read at about the same time from different partitions meet.
+    pub fn selfcheck_window(&self) -> Duration {
+        3 * (self.max_age + self.late_window)
     }
 }
 
@@ -99,6 +108,9 @@ pub struct Pipeline {
     /// Offsets at or below this are already in files (exactly-once resume).
     done_through: HashMap<i32, i64>,
     gaps: SequenceGaps,
+    selfcheck: SelfCheck,
+    /// The latest time seen (for batches taken without one: revoke, drain).
+    now: Instant,
 }
 
 impl Pipeline {
@@ -107,6 +119,7 @@ impl Pipeline {
         sources: Sources,
         dead_letters: Arc<dyn DeadLetters>,
     ) -> Pipeline {
+        let selfcheck = SelfCheck::new(settings.selfcheck_window(), selfcheck::MAX_PENDING);
         Pipeline {
             settings,
             decoder: Decoder::new(),
@@ -115,6 +128,8 @@ impl Pipeline {
             batches: HashMap::new(),
             done_through: HashMap::new(),
             gaps: SequenceGaps::default(),
+            selfcheck,
+            now: Instant::now(),
         }
     }
 
@@ -127,9 +142,8 @@ impl Pipeline {
     /// Partition `p` is taken away: its open batch, to be written now.
     pub fn revoke(&mut self, p: i32) -> Option<Batch> {
         self.done_through.remove(&p);
-        let mut b = self.batches.remove(&p)?;
-        self.settle(&mut b);
-        Some(b)
+        let b = self.batches.remove(&p)?;
+        Some(self.finalize(b))
     }
 
     /// The last offset of `p` in files, as far as this process knows.
@@ -143,6 +157,7 @@ impl Pipeline {
     /// message must not be committed: the process stops).
     pub fn consume(&mut self, m: &Message, now: Now) -> anyhow::Result<()> {
         let (p, off) = (m.partition, m.offset);
+        self.now = now.instant;
         if self.done_through(p).is_some_and(|d| off <= d) {
             return Ok(()); // already in a file from before a restart
         }
@@ -179,11 +194,14 @@ impl Pipeline {
         Ok(())
     }
 
-    /// The periodic work: publishes the decoder's cache figures and takes
-    /// the batches due to roll: full (max records or max age) and not
-    /// waiting for late metadata, which they never do past max age + the
-    /// late window.
+    /// The periodic work: publishes the decoder's cache figures and the
+    /// self-check's, and takes the batches due to roll: full (max records
+    /// or max age) and not waiting for late metadata, which they never do
+    /// past max age + the late window.
     pub fn due(&mut self, now: Now) -> Vec<(i32, Batch)> {
+        self.now = now.instant;
+        self.selfcheck.expire(now.instant);
+        self.selfcheck.publish();
         let cache = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
         ::metrics::counter!(metrics::HOST_CACHE, "result" => "hit")
             .absolute(cache(&self.decoder.host_hits));
@@ -204,10 +222,14 @@ impl Pipeline {
         self.take(due)
     }
 
-    /// Every open batch (when stopping).
+    /// Every open batch (when stopping). Records still waiting for their
+    /// other half are one-sided now: the next process will not know them.
     pub fn drain(&mut self) -> Vec<(i32, Batch)> {
         let all = self.batches.keys().copied().collect();
-        self.take(all)
+        let open = self.take(all);
+        self.selfcheck.expire_all();
+        self.selfcheck.publish();
+        open
     }
 
     /// Partition `p`'s batch through `last` is written and committed.
@@ -218,12 +240,19 @@ impl Pipeline {
     fn take(&mut self, partitions: Vec<i32>) -> Vec<(i32, Batch)> {
         let mut out = Vec::with_capacity(partitions.len());
         for p in partitions {
-            if let Some(mut b) = self.batches.remove(&p) {
-                self.settle(&mut b);
-                out.push((p, b));
+            if let Some(b) = self.batches.remove(&p) {
+                out.push((p, self.finalize(b)));
             }
         }
         out
+    }
+
+    /// A batch about to be written: its held-back records attributed again,
+    /// then every record's final attribution self-checked.
+    fn finalize(&mut self, mut b: Batch) -> Batch {
+        self.settle(&mut b);
+        self.selfcheck.observe(&b.records, self.now);
+        b
     }
 
     /// Attributes the held-back records again, now that more metadata may be in.

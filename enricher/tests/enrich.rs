@@ -2,150 +2,23 @@
 //! files by fastavro: time-aware attribution (IP reuse), the static map, the
 //! dead-letter topic, and exactly-once files across a crash.
 
+mod common;
+
 use std::{
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use apache_avro::types::Value;
-use flowlog_runtime::testkit::{self, free_port, Broker, BrokerSpec};
-use flowlog_schema::{fixtures, Flow, HostIdentity, IdentityReason, ENRICHED_FLOW};
+use common::*;
+use flowlog_runtime::testkit::{self, free_port};
+use flowlog_schema::{fixtures, Flow, IdentityReason, ENRICHED_FLOW};
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     message::Headers,
-    producer::{BaseProducer, BaseRecord, Producer},
     ClientConfig, Message, TopicPartitionList,
 };
 use serde_json::Value as Json;
-
-const S: i64 = 1_000_000_000;
-/// 2026-01-01T00:00:00Z, so files land in a known dt=/hr= folder.
-const T0: i64 = 1_767_225_600 * S;
-
-fn ready() -> bool {
-    testkit::have_tools(&[testkit::TANSU, testkit::PYTHON])
-}
-
-/// A broker with the enricher's four topics; `None` (the test is skipped)
-/// without the tools.
-fn start_broker(name: &str, partitions: u32) -> Option<Broker> {
-    if !ready() {
-        return None;
-    }
-    let topics = ["flowlog.flows", "flowlog.identity", "flowlog.dlq", "flowlog.enriched"];
-    Broker::start(&BrokerSpec { name, topics: &topics, partitions, memory: false }).expect("start the broker").into()
-}
-
-/// An empty output directory for one test (what an earlier run left is removed).
-fn out_dir(name: &str) -> std::path::PathBuf {
-    let out = std::env::temp_dir().join(format!("flowlog-enr-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
-    out
-}
-
-fn host(host: &str, workload: &str, ips: &[&str]) -> HostIdentity {
-    let mut h = fixtures::host_with(host, workload, ips);
-    h.labels.insert("team".into(), format!("{workload}-team"));
-    h
-}
-
-/// An identity heartbeat.
-fn identity(host_id: &str, workload: &str, ips: &[&str], t: i64, reason: IdentityReason) -> Vec<u8> {
-    fixtures::identity_message(&host(host_id, workload, ips), t, reason)
-}
-
-/// A flow from host "client-host" (10.0.0.1) to `remote`, starting at `start`.
-fn flow(seq: i64, remote: [u8; 4], start: i64, bytes: i64) -> Vec<u8> {
-    flow_message(&flow_record(seq, remote, start, bytes))
-}
-
-fn flow_message(f: &Flow) -> Vec<u8> {
-    fixtures::flow_message(&host("client-host", "frontend", &["10.0.0.1"]), f)
-}
-
-fn flow_record(seq: i64, remote: [u8; 4], start: i64, bytes: i64) -> Flow {
-    Flow {
-        sequence_epoch: 7,
-        sequence: seq,
-        connection_id: seq * 11,
-        local_port: 40_000 + seq as u16,
-        remote_addr: remote.into(),
-        start_time_ns: Some(start),
-        end_time_ns: start + S,
-        bytes_sent: bytes,
-        bytes_received: bytes * 2 + 1,
-        ..fixtures::flow()
-    }
-}
-
-fn produce(brokers: &str, topic: &str, msgs: &[(String, Vec<u8>)]) {
-    let p: BaseProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
-    for (k, v) in msgs {
-        loop {
-            match p.send(BaseRecord::to(topic).key(k.as_str()).payload(v.as_slice())) {
-                Ok(()) => break,
-                Err(_) => {
-                    p.poll(Duration::from_millis(10));
-                }
-            }
-        }
-    }
-    p.flush(Duration::from_secs(30)).unwrap();
-}
-
-fn start_enricher(brokers: &str, out: &std::path::Path, extra: &[&str]) -> Child {
-    let metrics_off: &[&str] = if extra.contains(&"--metrics-listen") { &[] } else { &["--metrics-listen", ""] };
-    Command::new(env!("CARGO_BIN_EXE_flowlog-enricher"))
-        .args(["--brokers", brokers, "--output-dir", out.to_str().unwrap(), "--batch-max-age-secs", "1"])
-        .args(metrics_off)
-        .args(extra)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
-/// Every record in the output files, read by fastavro.
-fn read_files(out: &std::path::Path) -> Vec<Json> {
-    let o = Command::new(testkit::tool(testkit::PYTHON))
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_avro.py"))
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
-fn wait_files(out: &std::path::Path, n: usize, timeout: Duration) -> Vec<Json> {
-    let t0 = Instant::now();
-    loop {
-        let recs = read_files(out);
-        if recs.len() >= n || t0.elapsed() > timeout {
-            return recs;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// The value of one Prometheus sample (exact name and labels), polled until
-/// it equals `want` or 15 s pass.
-fn wait_metric(port: u16, sample: &str, want: f64) -> f64 {
-    let t0 = Instant::now();
-    loop {
-        let body = testkit::scrape(&format!("127.0.0.1:{port}")).unwrap_or_default();
-        let v = testkit::sample(&body, sample);
-        if v == want || t0.elapsed() > Duration::from_secs(15) {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn stop(mut c: Child) {
-    // SAFETY: our child.
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    let st = c.wait().unwrap();
-    assert!(st.success(), "enricher exited with {st}");
-}
 
 #[test]
 fn attributes_by_time_with_static_map_and_dead_letters() {

@@ -14,7 +14,7 @@ use flowlog_common::tcp_state;
 use flowlog_enricher::{
     attribute::Attributor,
     decode,
-    sources::{cidr::CidrMap, heartbeats::event_from_heartbeat, identity::IdentityStore},
+    sources::{cidr::CidrMap, heartbeats::Heartbeats, identity::IdentityStore},
 };
 use flowlog_schema::{container::ContainerWriter, fixtures, Flow, IdentityReason, StatePath, ENRICHED_FLOW, FLOW};
 use flowlog_runtime::process::Usage;
@@ -101,14 +101,16 @@ fn messages(n: usize) -> Vec<Vec<u8>> {
 }
 
 fn identity_store(ips: usize, hosts: usize) -> IdentityStore {
-    let mut s = IdentityStore::default();
+    let (mut s, mut heartbeats) = (IdentityStore::default(), Heartbeats::default());
     let per = ips.div_ceil(hosts);
     for h in 0..hosts {
         let ips: Vec<String> = (h * per..((h + 1) * per).min(ips)).map(|i| ip(i).to_string()).collect();
         let mut host = fixtures::host_with(&format!("owner-{h}"), &format!("svc-{h}"), &[]);
         host.hostname.clear();
         host.ips = ips;
-        s.apply(event_from_heartbeat(&fixtures::identity(&host, 1, IdentityReason::Start)));
+        for e in heartbeats.events(&fixtures::identity(&host, 1, IdentityReason::Start)) {
+            s.apply(e);
+        }
     }
     s
 }
@@ -241,6 +243,7 @@ fn main() -> anyhow::Result<()> {
     let no_ec2 = IdentityStore::default();
     let attributor = Attributor {
         identity: &store,
+        kubernetes: &no_ec2,
         ec2: &no_ec2,
         cidr: &cidr,
     };

@@ -72,9 +72,8 @@ pub fn diff(prev: &mut HashMap<String, Eni>, snap: Vec<Eni>, t: i64, first: bool
 fn apply_snapshot(store: &RwLock<IdentityStore>, prev: &mut HashMap<String, Eni>, snap: Vec<Eni>, t: i64, first: bool) {
     let events = diff(prev, snap, t, first);
     let mut store = store.write().unwrap();
-    for e in events {
-        store.apply(e);
-    }
+    let conflicts = events.into_iter().map(|e| store.apply(e)).sum();
+    metrics::count_conflicts("ec2", conflicts);
 }
 
 /// Loads once (so attribution starts complete), then refreshes in the background.

@@ -1,7 +1,21 @@
-//! IP ownership history built from [`Event`]s (the sidecars' heartbeats,
-//! EC2 network interfaces): each IP maps to the intervals during which some
-//! owner held it. A flow is attributed to the owner at its start time, never
-//! to a later owner.
+//! IP ownership history built from [`Event`]s (the sidecars' heartbeats and
+//! their workloads, Kubernetes Services, EC2 network interfaces): each IP
+//! maps to the intervals during which some announcer held it. A flow is
+//! attributed to the owner at its start time, never to a later owner.
+//!
+//! Each announcer's own events come in order (one host's heartbeats share a
+//! partition), but different announcers' events may not: a new owner's
+//! claim of an IP can be read before the old owner's release. So claims
+//! never rewrite history by the order they are read in: an IP's intervals
+//! of different announcers never overlap, each claim ending another
+//! announcer's interval that spans it, and a claim read after a later one
+//! ending where that one starts; a release read late still ends its own
+//! interval at its own time.
+//!
+//! An IP two announcers list at once (a shared address that slipped
+//! through) goes to the one that claimed it last, and stays there: the
+//! other one's later listings of it do not take it back (no flapping), but
+//! are counted ([`IdentityStore::apply`] returns them).
 
 use std::net::IpAddr;
 
@@ -15,23 +29,19 @@ use super::{
 
 /// Intervals kept per IP; older ones are forgotten (bounded memory).
 const MAX_INTERVALS_PER_IP: usize = 32;
+/// `to_ns` of an interval still held.
+const OPEN: i64 = i64::MAX;
 
-/// 24 bytes: the owner is shared by all the IPs of one event, so memory per
+/// 32 bytes: the owner is shared by all the IPs of one event, so memory per
 /// tracked IP stays small.
 #[derive(Debug, Clone)]
 struct Interval {
     from_ns: i64,
-    /// i64::MAX while the owner still holds the IP.
+    /// [`OPEN`] while the announcer still holds the IP.
     to_ns: i64,
+    /// The announcer's [`Holding::id`].
+    holder: u64,
     owner: Owner,
-}
-
-impl Interval {
-    /// Still held by the announcer whose current owner is `owner` (every open
-    /// interval of a key shares the key's latest owner, see `apply`).
-    fn open_by(&self, owner: &Owner) -> bool {
-        self.to_ns == i64::MAX && std::sync::Arc::ptr_eq(&self.owner, owner)
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +54,8 @@ pub enum Miss {
 
 /// What one announcer holds now.
 struct Holding {
-    owner: Owner,
+    /// Names its intervals (a number, not the key: 8 bytes per interval).
+    id: u64,
     /// Sorted.
     ips: Box<[IpAddr]>,
 }
@@ -53,8 +64,10 @@ struct Holding {
 pub struct IdentityStore {
     /// Most IPs only ever had one owner: that interval is stored inline.
     by_ip: HashMap<IpAddr, SmallVec<[Interval; 1]>>,
-    /// By announcer key: its latest owner and IPs.
+    /// By announcer key: what it holds.
     holders: HashMap<String, Holding>,
+    /// The last [`Holding::id`] given out.
+    last_id: u64,
 }
 
 impl IdentityStore {
@@ -62,16 +75,15 @@ impl IdentityStore {
         self.by_ip.len()
     }
 
-    fn close(&mut self, ip: IpAddr, owner: &Owner, at: i64) {
-        if let Some(iv) = self.by_ip.get_mut(&ip) {
-            for i in iv.iter_mut().filter(|i| i.open_by(owner)) {
-                i.to_ns = at.max(i.from_ns);
-            }
-        }
+    /// Announcers holding IPs now.
+    pub fn holders(&self) -> usize {
+        self.holders.len()
     }
 
-    /// Applies one event.
-    pub fn apply(&mut self, e: Event) {
+    /// Applies one event. Returns how many of its IPs another announcer
+    /// had claimed since this one did (shared addresses: see the module
+    /// docs); the caller counts them.
+    pub fn apply(&mut self, e: Event) -> usize {
         let before = self.holders.remove(&e.key);
         let (owner, mut ips) = match e.change {
             Change::Holds { owner, ips } => (Some(owner), ips),
@@ -79,40 +91,52 @@ impl IdentityStore {
         };
         ips.sort();
         ips.dedup();
+        let t = e.time_ns;
+        let id = match &before {
+            Some(b) => b.id,
+            None => {
+                self.last_id += 1;
+                self.last_id
+            }
+        };
+        let listed = |ip: &IpAddr| before.as_ref().is_some_and(|b| b.ips.binary_search(ip).is_ok());
         if let Some(b) = &before {
             for ip in b.ips.iter().filter(|ip| ips.binary_search(ip).is_err()) {
-                self.close(*ip, &b.owner, e.time_ns);
+                self.release(*ip, id, t);
             }
         }
         let Some(owner) = owner.filter(|_| !ips.is_empty()) else {
-            return;
+            return 0;
         };
+        let mut conflicts = 0;
         for ip in &ips {
             let iv = self.by_ip.entry(*ip).or_default();
-            let open = before
-                .as_ref()
-                .and_then(|b| iv.iter_mut().rev().find(|i| i.open_by(&b.owner)));
-            if let Some(i) = open {
-                // Keep the interval; refresh attributes (workload/labels may change).
-                i.owner = owner.clone();
+            if !listed(ip) {
+                claim(iv, id, &owner, t);
                 continue;
             }
-            // The IP moved here: whoever held it stops holding it now.
-            for i in iv.iter_mut().filter(|i| i.to_ns == i64::MAX) {
-                i.to_ns = e.time_ns.max(i.from_ns);
-            }
-            iv.push(Interval {
-                from_ns: e.time_ns,
-                to_ns: i64::MAX,
-                owner: owner.clone(),
-            });
-            iv.sort_by_key(|i| i.from_ns);
-            if iv.len() > MAX_INTERVALS_PER_IP {
-                iv.remove(0);
+            // Listed again: keep the interval and refresh its attributes
+            // (workload, labels may change), unless another announcer has
+            // claimed the IP since.
+            match iv.iter_mut().filter(|i| i.holder == id).max_by_key(|i| i.from_ns) {
+                Some(i) if i.to_ns == OPEN => i.owner = owner.clone(),
+                Some(i) if i.to_ns <= t => conflicts += 1,
+                _ => {}
             }
         }
         let ips = ips.into_boxed_slice();
-        self.holders.insert(e.key, Holding { owner, ips });
+        self.holders.insert(e.key, Holding { id, ips });
+        conflicts
+    }
+
+    /// Announcer `id` no longer holds `ip` from `t` on (nor later, if
+    /// another announcer's claim already ended its interval).
+    fn release(&mut self, ip: IpAddr, id: u64, t: i64) {
+        if let Some(iv) = self.by_ip.get_mut(&ip) {
+            for i in iv.iter_mut().filter(|i| i.holder == id) {
+                i.to_ns = i.to_ns.min(t.max(i.from_ns));
+            }
+        }
     }
 
     /// The owner of `ip` at `t_ns`.
@@ -123,6 +147,25 @@ impl IdentityStore {
             .find(|i| i.from_ns <= t_ns && t_ns < i.to_ns)
             .map(|i| &i.owner)
             .ok_or(Miss::NoOwnerAtTime)
+    }
+}
+
+/// Announcer `id` claims an IP (intervals `iv`) at `t`: another announcer's
+/// interval that spans `t` ends there (the IP moved); one that starts after
+/// `t` (read before this claim) ends this one.
+fn claim(iv: &mut SmallVec<[Interval; 1]>, id: u64, owner: &Owner, t: i64) {
+    let mut to_ns = OPEN;
+    for i in iv.iter_mut().filter(|i| i.holder != id) {
+        if i.from_ns <= t && t < i.to_ns {
+            i.to_ns = t;
+        } else if i.from_ns > t {
+            to_ns = to_ns.min(i.from_ns);
+        }
+    }
+    iv.push(Interval { from_ns: t, to_ns, holder: id, owner: owner.clone() });
+    iv.sort_by_key(|i| i.from_ns);
+    if iv.len() > MAX_INTERVALS_PER_IP {
+        iv.remove(0);
     }
 }
 
@@ -222,5 +265,61 @@ mod tests {
         s.apply(released("h", 400));
         assert_eq!(s.owner_at(a, 450).unwrap_err(), Miss::NoOwnerAtTime);
         assert_eq!(s.owner_at(b, 450).unwrap().workload.as_deref(), Some("new"));
+    }
+
+    /// Pod B holds the IP until 200, pod C from 300 (another host): by
+    /// time, whichever of the two hosts' heartbeats is read first.
+    #[test]
+    fn a_handover_read_in_either_order_is_attributed_by_time() {
+        let b_holds = || holds("h1/pod-b", "b", &["10.1.0.5"], 100);
+        let b_leaves = || released("h1/pod-b", 200);
+        let c_holds = || holds("h2/pod-c", "c", &["10.1.0.5"], 300);
+        let in_order = store([b_holds(), b_leaves(), c_holds()]);
+        let c_first = store([b_holds(), c_holds(), b_leaves()]);
+        let c_before_all = store([c_holds(), b_holds(), b_leaves()]);
+        let ip: IpAddr = "10.1.0.5".parse().unwrap();
+        for s in [&in_order, &c_first, &c_before_all] {
+            let wl = |t| s.owner_at(ip, t).map(|o| o.workload.clone().unwrap());
+            assert_eq!(wl(150), Ok("b".into()));
+            assert_eq!(wl(250), Err(Miss::NoOwnerAtTime), "nobody held it between");
+            assert_eq!(wl(350), Ok("c".into()));
+            assert_eq!(wl(50), Err(Miss::NoOwnerAtTime));
+        }
+        // B's heartbeats from before it left, read after C's claim: no conflict.
+        let mut s = store([b_holds(), c_holds()]);
+        assert_eq!(s.apply(holds("h1/pod-b", "b", &["10.1.0.5"], 150)), 0);
+        assert_eq!(s.owner_at(ip, 350).unwrap().workload.as_deref(), Some("c"));
+    }
+
+    /// A claim read after a later claim of the same IP ends where that one
+    /// starts: the later claimant keeps it.
+    #[test]
+    fn a_claim_read_late_does_not_take_a_later_claim_over() {
+        let s = store([holds("d", "d", &["10.0.0.9"], 500), holds("c", "c", &["10.0.0.9"], 300), released("d", 600)]);
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let wl = |t| s.owner_at(ip, t).map(|o| o.workload.clone().unwrap());
+        assert_eq!(wl(400), Ok("c".into()));
+        assert_eq!(wl(550), Ok("d".into()));
+        assert_eq!(wl(650), Err(Miss::NoOwnerAtTime), "c was superseded at 500");
+    }
+
+    /// Two announcers list one IP at once: the later claimant keeps it,
+    /// the other's listings do not take it back and are counted.
+    #[test]
+    fn a_shared_address_does_not_flap_and_is_counted() {
+        let mut s = store([holds("a", "a", &["10.0.0.9", "10.0.0.1"], 100), holds("b", "b", &["10.0.0.9"], 200)]);
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        for t in [300, 400] {
+            assert_eq!(s.apply(holds("a", "a", &["10.0.0.9", "10.0.0.1"], t)), 1);
+            assert_eq!(s.apply(holds("b", "b", &["10.0.0.9"], t + 1)), 0);
+        }
+        let wl = |s: &IdentityStore, t| s.owner_at(ip, t).map(|o| o.workload.clone().unwrap());
+        assert_eq!(wl(&s, 150), Ok("a".into()));
+        assert_eq!(wl(&s, 450), Ok("b".into()));
+        assert_eq!(s.owner_at("10.0.0.1".parse().unwrap(), 450).unwrap().workload.as_deref(), Some("a"));
+        // b lets go: nobody holds it (a stopped holding it when b claimed it).
+        s.apply(released("b", 500));
+        assert_eq!(wl(&s, 550), Err(Miss::NoOwnerAtTime));
+        assert_eq!(s.holders(), 1);
     }
 }

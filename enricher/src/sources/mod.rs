@@ -1,6 +1,7 @@
-//! Metadata sources: who owned an IP, and when. The sidecars' heartbeats
-//! and EC2 feed ownership histories ([`identity::IdentityStore`]) with
-//! [`ownership::Event`]s; the static map is a fixed CIDR table.
+//! Metadata sources: who owned an IP, and when. The sidecars' heartbeats,
+//! the Kubernetes Services watch and EC2 feed ownership histories
+//! ([`identity::IdentityStore`]) with [`ownership::Event`]s; the static map
+//! is a fixed CIDR table.
 
 pub mod cidr;
 #[cfg(feature = "ec2")]
@@ -8,6 +9,7 @@ pub mod ec2;
 pub mod heartbeats;
 pub mod identity;
 pub mod ownership;
+pub mod services;
 pub mod static_map;
 
 use std::sync::{Arc, RwLock};
@@ -21,10 +23,11 @@ pub use flowlog_schema::Attrs;
 pub type Owner = Arc<Attrs>;
 
 /// The metadata attribution reads, each updated in the background by its
-/// source (identity topic, EC2, static-map file).
+/// source (identity topic, Kubernetes API, EC2, static-map file).
 #[derive(Clone, Default)]
 pub struct Sources {
     pub identity: Arc<RwLock<IdentityStore>>,
+    pub kubernetes: Arc<RwLock<IdentityStore>>,
     pub ec2: Arc<RwLock<IdentityStore>>,
     pub cidr: Arc<RwLock<cidr::CidrMap>>,
 }

@@ -87,11 +87,8 @@ impl KubernetesConfig {
         if let Some(bad) = self.labels.iter().find(|k| k.is_empty() || k.len() > 317 || k.contains(char::is_whitespace)) {
             return invalid("workload.kubernetes.labels", &format!("{bad:?} is not a label key"));
         }
-        if let Some(url) = &self.api_url {
-            let ok = url.parse::<http::Uri>().is_ok_and(|u| u.host().is_some() && u.scheme_str() == Some("http"));
-            if !ok {
-                return invalid("workload.kubernetes.api_url", &format!("{url:?} is not an http://host:port URL"));
-            }
+        if let Some(url) = self.api_url.as_deref().filter(|u| !flowlog_runtime::kube::api_url_ok(u)) {
+            return invalid("workload.kubernetes.api_url", &format!("{url:?} is not an http://host:port URL"));
         }
         Ok(())
     }

@@ -1,5 +1,6 @@
 //! The watch of this node's pods, on its own thread with its own tokio
-//! runtime (the capture path is synchronous and must never wait for it).
+//! runtime (the capture path is synchronous and must never wait for it;
+//! `flowlog_runtime::kube`, as the enricher's Services watch).
 //!
 //! kube-runtime's `watcher` gives the semantics: a paginated list, then a
 //! watch from its resourceVersion with bookmarks; on 410 Gone (history
@@ -9,13 +10,14 @@
 //! one pod each. A pod's top owner is looked up once per ReplicaSet or Job
 //! (cached); a failed lookup leaves the pod's direct owner.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc};
 
 use futures_util::StreamExt;
 use k8s_openapi::{
     api::{apps::v1::ReplicaSet, batch::v1::Job, core::v1::Pod},
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
+use flowlog_runtime::kube::{self as runtime_kube, WatchMetrics};
 use kube::{
     runtime::{
         watcher::{self, watcher, Event},
@@ -30,12 +32,8 @@ use tracing::{debug, error, info, warn};
 use super::{has_parent, top_owner, KubernetesConfig, Owner, PodIndex, PodMeta};
 use crate::{metrics as m, workload::FastMap};
 
-/// The API server ends each watch after this long and the watcher resumes
-/// it from the last resourceVersion: with [`READ_TIMEOUT`] above it, a
-/// quiet but healthy watch is never cut, and a server that stops answering
-/// (a list or get that hangs) is given up on.
-const WATCH_TIMEOUT_SECS: u32 = 55;
-const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The pod watch's metrics.
+const WATCH_METRICS: WatchMetrics = WatchMetrics { up: m::KUBE_API_UP, errors: m::KUBE_WATCH_ERRORS };
 /// Owners remembered (a node has far fewer ReplicaSets and Jobs); past it
 /// the cache starts over.
 const MAX_OWNERS: usize = 4096;
@@ -46,49 +44,16 @@ const MAX_OWNERS: usize = 4096;
 pub fn start(config: &KubernetesConfig) -> Arc<PodIndex> {
     let index = Arc::new(PodIndex::default());
     let (config, shared) = (config.clone(), index.clone());
-    let spawned = std::thread::Builder::new().name("kube-pods".into()).spawn(move || {
-        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt.block_on(run(config, shared)),
-            Err(e) => error!("starting the Kubernetes watch's runtime: {e}; pods stay unnamed (NO_POD_METADATA)"),
-        }
-    });
-    if let Err(e) = spawned {
-        error!("starting the Kubernetes watch thread: {e}; pods stay unnamed (NO_POD_METADATA)");
-    }
+    runtime_kube::spawn("kube-pods", "pods stay unnamed (NO_POD_METADATA)", move || run(config, shared));
     index
-}
-
-/// The client: `api_url` as given (plain http, no auth), else what kube-rs
-/// infers (in-cluster service account, else the kubeconfig).
-async fn client(config: &KubernetesConfig) -> Result<Client, String> {
-    let mut c = match &config.api_url {
-        Some(url) => kube::Config::new(url.parse::<http::Uri>().map_err(|e| format!("api_url {url:?}: {e}"))?),
-        None => kube::Config::infer().await.map_err(|e| e.to_string())?,
-    };
-    c.read_timeout = Some(READ_TIMEOUT);
-    // The read timeout counts from each request, not from when its pooled
-    // connection went idle.
-    c.reset_reader_on_write = true;
-    Client::try_from(c).map_err(|e| e.to_string())
 }
 
 async fn run(config: KubernetesConfig, index: Arc<PodIndex>) {
     gauge!(m::KUBE_API_UP).set(0.0);
-    let mut retry = Duration::from_secs(1);
-    let client = loop {
-        match client(&config).await {
-            Ok(c) => break c,
-            Err(e) => {
-                error!("Kubernetes API client: {e}; retrying in {retry:?} (pods stay unnamed meanwhile)");
-                counter!(m::KUBE_WATCH_ERRORS, "error" => "client").increment(1);
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(Duration::from_secs(60));
-            }
-        }
-    };
+    let client = runtime_kube::connect(config.api_url.as_deref(), &WATCH_METRICS, "pods stay unnamed meanwhile").await;
     let node = config.node_name.clone().unwrap_or_default();
     info!(node, "watching this node's pods in the Kubernetes API");
-    let wc = watcher::Config::default().fields(&format!("spec.nodeName={node}")).timeout(WATCH_TIMEOUT_SECS);
+    let wc = watcher::Config::default().fields(&format!("spec.nodeName={node}")).timeout(runtime_kube::WATCH_TIMEOUT_SECS);
     let mut owners = Owners { client: client.clone(), top: HashMap::new() };
     // The pods of a list in progress; the index keeps the last full one.
     let mut listing: Option<FastMap<String, PodMeta>> = None;
@@ -124,17 +89,7 @@ async fn run(config: KubernetesConfig, index: Arc<PodIndex>) {
                 count_event("delete");
                 gauge!(m::KUBE_API_UP).set(1.0);
             }
-            Err(e) => {
-                let kind = error_kind(&e);
-                counter!(m::KUBE_WATCH_ERRORS, "error" => kind).increment(1);
-                // A compacted history is routine: the watcher lists again.
-                if kind == "expired" {
-                    info!("pod watch: {e}; listing again");
-                } else {
-                    gauge!(m::KUBE_API_UP).set(0.0);
-                    warn!("pod watch: {e}; retrying with backoff (pods already named keep their names)");
-                }
-            }
+            Err(e) => runtime_kube::watch_error(&e, &WATCH_METRICS, "pod watch", "pods already named keep their names"),
         }
         gauge!(m::KUBE_PODS).set(index.len() as f64);
     }
@@ -144,16 +99,6 @@ async fn run(config: KubernetesConfig, index: Arc<PodIndex>) {
 
 fn count_event(kind: &'static str) {
     counter!(m::KUBE_WATCH_EVENTS, "type" => kind).increment(1);
-}
-
-/// The `error` label of a watch error.
-fn error_kind(e: &watcher::Error) -> &'static str {
-    match e {
-        watcher::Error::InitialListFailed(_) => "list",
-        watcher::Error::WatchError(s) if s.code == 410 => "expired",
-        watcher::Error::WatchError(_) => "watch_status",
-        watcher::Error::WatchStartFailed(_) | watcher::Error::WatchFailed(_) | watcher::Error::NoResourceVersion => "watch",
-    }
 }
 
 /// Top owners of ReplicaSets and Jobs, looked up once each.
