@@ -434,8 +434,13 @@ def semantic_checks(where: str, docs: list[dict], sidecar_ref, enricher_ref) -> 
             problems.append("must be privileged: false, allowPrivilegeEscalation: false")
         if caps.get("drop") != ["ALL"] or caps.get("add", [])[:2] != ["BPF", "PERFMON"]:
             problems.append(f"capabilities must drop ALL and add BPF, PERFMON (got {caps})")
-        if "SYS_ADMIN" in caps.get("add", []):
-            problems.append("CAP_SYS_ADMIN added")
+        # Pods' IPs come from the Kubernetes API: entering namespaces
+        # (SYS_ADMIN, SYS_PTRACE) is never granted by the chart's values here.
+        for cap in ("SYS_ADMIN", "SYS_PTRACE"):
+            if cap in caps.get("add", []):
+                problems.append(f"CAP_{cap} added")
+        if where in ("chart[defaults]", "kubernetes/flowlog.yaml") and caps.get("add") != ["BPF", "PERFMON"]:
+            problems.append(f"by default exactly BPF, PERFMON (got {caps.get('add')})")
         res = c.get("resources", {})
         if not (res.get("requests", {}).get("memory") and res.get("limits", {}).get("memory")):
             problems.append("memory request and limit required")
@@ -639,6 +644,18 @@ REQUIRED_HARDENING = {
 }
 
 
+def stage_unit(d: Path, unit: str) -> Path:
+    """deploy/systemd's `unit` copied into `d`, its ExecStart (in
+    /usr/local/bin) pointed at a stub there, for systemd-analyze."""
+    text = (DEPLOY / "systemd" / unit).read_text()
+    binary = re.search(r"^ExecStart=(\S+)", text, re.M).group(1)
+    stub = d / Path(binary).name
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    (d / unit).write_text(text.replace(binary, str(stub)))
+    return d / unit
+
+
 def check_systemd() -> None:
     sdir = DEPLOY / "systemd"
     sa = os.environ.get("SYSTEMD_ANALYZE", "systemd-analyze")
@@ -651,13 +668,7 @@ def check_systemd() -> None:
                 fail(f"systemd/{unit}: missing hardening {missing}")
             else:
                 ok(f"systemd/{unit}: hardening directives present")
-            # ExecStart points at /usr/local/bin; verify against a stub there.
-            binary = re.search(r"^ExecStart=(\S+)", text, re.M).group(1)
-            stub = Path(d) / Path(binary).name
-            stub.write_text("#!/bin/sh\n")
-            stub.chmod(0o755)
-            (Path(d) / unit).write_text(text.replace(binary, str(stub)))
-            units.append(str(Path(d) / unit))
+            units.append(str(stage_unit(Path(d), unit)))
         r = run([sa, "verify", "--man=no", *units])
         out = (r.stdout + r.stderr).strip()
         if r.returncode != 0 or out:
@@ -671,8 +682,52 @@ def check_systemd() -> None:
                 fail(f"systemd-analyze security {Path(u).name}: exposure {score.group(1) if score else '?'} > 2.5")
             else:
                 ok(f"systemd-analyze security {Path(u).name}: exposure {score.group(1) if score else '?'} (<= 2.5)")
-    # The example config files.
-    return
+    check_workload_ips_dropin(sa)
+
+
+# The optional drop-in for the sidecar's namespace path (workload IPs of
+# containers Kubernetes does not run): exactly these, and the root README
+# shows the same.
+WORKLOAD_IPS_DROPIN = ["AmbientCapabilities=CAP_SYS_ADMIN CAP_SYS_PTRACE",
+                       "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SYS_PTRACE", "RestrictNamespaces=net"]
+
+
+def check_workload_ips_dropin(sa: str) -> None:
+    unit = "flowlog-sidecar.service"
+    dropin = DEPLOY / "systemd" / f"{unit}.d" / "workload-ips.conf"
+    text = dropin.read_text()
+    directives = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith(("#", "["))]
+    if directives != WORKLOAD_IPS_DROPIN:
+        fail(f"systemd/{unit}.d/workload-ips.conf: directives {directives}, want {WORKLOAD_IPS_DROPIN}")
+    else:
+        ok(f"systemd/{unit}.d/workload-ips.conf: adds CAP_SYS_ADMIN, CAP_SYS_PTRACE and network namespaces only")
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```ini\n# /etc/systemd/system/flowlog-sidecar\.service\.d/workload-ips\.conf\n(.*?)```", readme, re.S)
+    shown = [ln.strip() for ln in block.group(1).splitlines() if ln.strip() and not ln.startswith("[")] if block else None
+    if shown != WORKLOAD_IPS_DROPIN:
+        fail(f"README.md (Security) does not show the drop-in as deploy/systemd has it: {shown}")
+    else:
+        ok("README.md shows the workload-IPs drop-in as deploy/systemd has it")
+    with tempfile.TemporaryDirectory() as d:
+        staged = stage_unit(Path(d), unit)
+        (Path(d) / f"{unit}.d").mkdir()
+        (Path(d) / f"{unit}.d" / dropin.name).write_text(dropin.read_text())
+        r = run([sa, "verify", "--man=no", str(staged)])
+        out = (r.stdout + r.stderr).strip()
+        if r.returncode != 0 or out:
+            fail(f"systemd-analyze verify (sidecar with workload-ips.conf): {out or r.returncode}")
+            return
+        # What the unit amounts to with the drop-in, read offline.
+        r = run([sa, "security", "--offline=yes", "--no-pager", str(staged)])
+        # Exposed: ✗ (- without UTF-8); restricted: ✓ (+).
+        report = (r.stdout + r.stderr).replace("✗", "-").replace("✓", "+")
+        want = ["- CapabilityBoundingSet=~CAP_SYS_ADMIN", "- CapabilityBoundingSet=~CAP_SYS_PTRACE",
+                "- RestrictNamespaces=~net", "+ RestrictNamespaces=~user", "+ RestrictNamespaces=~mnt"]
+        missing = [w for w in want if w not in report]
+        if missing:
+            fail(f"systemd-analyze security (sidecar with workload-ips.conf): not as meant: {missing}")
+        else:
+            ok("systemd-analyze verify + security: the drop-in merges (CAP_SYS_ADMIN, CAP_SYS_PTRACE, network namespaces only)")
 
 
 def main() -> int:

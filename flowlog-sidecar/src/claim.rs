@@ -50,17 +50,24 @@ impl ClaimFilter {
 
     /// Whether `ip` on interface `ifname` may be announced (Ok) or why not.
     pub fn judge(&self, ifname: &str, ip: IpAddr) -> Result<IpAddr, Unclaimed> {
-        if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
-            return Err(Unclaimed::NotAnAddress);
-        }
-        if is_link_local(ip) {
-            return Err(Unclaimed::LinkLocal);
-        }
+        let ip = judge_ip(ip)?;
         if self.shared.iter().any(|p| p.matches(ifname)) {
             return Err(Unclaimed::SharedInterface);
         }
         Ok(ip)
     }
+}
+
+/// The rules that need no interface name, for addresses known without one
+/// (a pod's IPs from the Kubernetes API): whether `ip` may be announced.
+pub fn judge_ip(ip: IpAddr) -> Result<IpAddr, Unclaimed> {
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+        return Err(Unclaimed::NotAnAddress);
+    }
+    if is_link_local(ip) {
+        return Err(Unclaimed::LinkLocal);
+    }
+    Ok(ip)
 }
 
 /// 169.254.0.0/16 (IPv4 link-local, node-local DNS's 169.254.20.10, cloud
@@ -131,6 +138,10 @@ mod tests {
             assert_eq!(judge("eth0", ip), Err(Unclaimed::LinkLocal), "{ip}");
         }
         assert_eq!(judge("nodelocaldns", "169.254.20.10"), Err(Unclaimed::LinkLocal));
+        // Without an interface name, the same address rules.
+        for (ip, want) in [("169.254.3.3", Err(Unclaimed::LinkLocal)), ("::1", Err(Unclaimed::NotAnAddress)), ("10.1.2.3", Ok(()))] {
+            assert_eq!(judge_ip(ip.parse().unwrap()).map(drop), want, "{ip}");
+        }
     }
 
     #[test]

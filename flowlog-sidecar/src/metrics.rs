@@ -45,6 +45,7 @@ pub const FLOWS_OUT_OF_SCOPE: &str = "flowlog_sidecar_flows_out_of_scope_total";
 pub const WORKLOAD_IP_ROUNDS: &str = "flowlog_sidecar_workload_ip_rounds_total";
 pub const WORKLOAD_NAMESPACES: &str = "flowlog_sidecar_workload_namespaces";
 pub const WORKLOAD_ADDRESSES: &str = "flowlog_sidecar_workload_addresses";
+pub const WORKLOAD_API_PODS: &str = "flowlog_sidecar_workload_pods_from_api";
 /// Label `reason`: shared_interface, link_local, conflict, shared_namespace.
 pub const WORKLOAD_ADDRESSES_UNCLAIMED: &str = "flowlog_sidecar_workload_addresses_unclaimed";
 /// Label `error`: permission, walk, list.
@@ -97,8 +98,9 @@ pub fn describe() {
     describe_counter!(WORKLOAD_IP_ROUNDS, "Listings of the local workloads' IP addresses (workload.announce_ips).");
     describe_gauge!(WORKLOAD_NAMESPACES, "Network namespaces of local pods and containers found by the last listing (the host's own not counted).");
     describe_gauge!(WORKLOAD_ADDRESSES, "IP addresses announced for local workloads, by the last listing.");
-    describe_gauge!(WORKLOAD_ADDRESSES_UNCLAIMED, "Addresses found in workloads' namespaces but not announced, by reason (shared_interface, link_local, conflict: in two namespaces at once, shared_namespace: in a namespace two workloads share).");
-    describe_counter!(WORKLOAD_IP_ERRORS, "Errors listing workloads' addresses, by kind (permission: CAP_SYS_ADMIN/CAP_SYS_PTRACE missing, walk, list).");
+    describe_gauge!(WORKLOAD_API_PODS, "Pods whose IPs the last listing took from the Kubernetes API (workload.kubernetes), without entering their network namespaces.");
+    describe_gauge!(WORKLOAD_ADDRESSES_UNCLAIMED, "Addresses found (in workloads' namespaces or the Kubernetes API's pods) but not announced, by reason (shared_interface, link_local, conflict: held by two workloads at once, shared_namespace: in a namespace two workloads share).");
+    describe_counter!(WORKLOAD_IP_ERRORS, "Errors listing workloads' addresses, by kind (permission: CAP_SYS_ADMIN/CAP_SYS_PTRACE missing to enter a namespace the Kubernetes API does not cover, walk, list).");
     describe_gauge!(KUBE_PODS, "Pods of this node named by the Kubernetes API (workload.kubernetes).");
     describe_gauge!(KUBE_API_UP, "1 while the pod watch of the Kubernetes API works; 0 after an error, until it recovers.");
     describe_counter!(KUBE_WATCH_EVENTS, "Pod watch events, by type (apply, delete; relist_pod and relist_done for lists).");

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{workloads::*, *};
 use flowlog_runtime::testkit::{free_port, kube_api::KubeApi, sample};
@@ -282,4 +282,143 @@ fn flows_are_reported_while_the_api_is_down_or_garbled() {
     let mine: Vec<&Value> = records.iter().filter(|r| r["workload"]["pod_uid"] == uid.as_str()).collect();
     assert!(mine.len() >= 3, "every flow of the pod reported: {mine:#?}");
     assert!(mine.iter().all(|r| r["workload"]["kind"] == "pod"));
+}
+
+/// A pod with IPs and a phase as the API reports them (`ips` as
+/// `status.podIPs` and the first as `status.podIP`), on the node's network
+/// when `host_network`.
+fn pod_with_ips(name: &str, uid: &str, node: &str, owner: Option<(&str, &str)>, ips: &[&str], phase: &str, host_network: bool) -> Value {
+    // The container's id is not announced; its runtime is.
+    let mut p = pod(name, uid, node, owner, &[(name, &container_id(0))], json!({"app": name}));
+    p["spec"]["hostNetwork"] = json!(host_network);
+    p["status"]["phase"] = json!(phase);
+    p["status"]["qosClass"] = json!("Burstable");
+    p["status"]["podIP"] = json!(ips[0]);
+    p["status"]["podIPs"] = json!(ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>());
+    p
+}
+
+/// A pod as announced (the pod, no container, named as its flows are) with its IPs.
+fn announced_pod(uid: &str, name: &str, owner: (&str, &str), ips: &[&str]) -> (Value, Vec<String>) {
+    let fields = [
+        ("pod_uid", uid),
+        ("qos_class", "Burstable"),
+        ("runtime", "containerd"),
+        ("name", name),
+        ("namespace", "shop"),
+        ("owner_kind", owner.0),
+        ("owner_name", owner.1),
+    ];
+    let mut w = avro_wl("POD", &fields);
+    w["labels"] = json!({"app": name});
+    (w, ips.iter().map(|ip| ip.to_string()).collect())
+}
+
+/// How long after `since` a heartbeat was made.
+fn after(h: &Heartbeat, since: SystemTime) -> Duration {
+    let since_ns = since.duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64;
+    Duration::from_nanos((h.time_ns - since_ns).max(0) as u64)
+}
+
+/// Pods' IPs from the Kubernetes API, by a sidecar without CAP_SYS_ADMIN
+/// and CAP_SYS_PTRACE (as the DaemonSet runs it: it cannot enter a
+/// namespace): the pods of its node are announced with their podIPs and
+/// names, a pod being deleted too; a hostNetwork pod's IP (the node's), an
+/// ended pod's, a link-local one and another node's pods' never. A pod
+/// added is announced, and a pod deleted released, within about a second
+/// of the API saying so, though the sidecar lists on its own only every 10
+/// minutes. A plain container's namespace (the API does not cover it) is
+/// skipped and counted.
+#[test]
+fn pod_ips_are_announced_from_the_api_without_cap_sys_admin() {
+    let Some(_one_at_a_time) = cgroup_test() else {
+        return;
+    };
+    if !broker::have_broker() {
+        return;
+    }
+    let Setup { api, node, metrics, mut cg, .. } = setup();
+    let t = std::process::id();
+    let broker = flowlog_runtime::testkit::Broker::start(&broker::spec("podips")).expect("start the broker");
+    let host_id = format!("podips-{t}");
+    let uid = |seed: u64| pod_uid(seed).0;
+    let (web, db, added) = (uid(120), uid(121), uid(122));
+    // db is being deleted: it holds its IP until the API drops it. Its
+    // status has only podIP, as older API servers report it.
+    let mut db_pod = pod_with_ips("db", &db, &node, Some(("StatefulSet", "db")), &["10.215.2.2"], "Running", false);
+    db_pod["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    db_pod["status"].as_object_mut().unwrap().remove("podIPs");
+    api.apply(&json!([
+        controller("ReplicaSet", "apps/v1", "web-6c9f", Some(("Deployment", "web"))),
+        pod_with_ips("web", &web, &node, Some(("ReplicaSet", "web-6c9f")), &["10.215.1.2", "fd00:215::2"], "Running", false),
+        db_pod,
+        // The node's exporter, on the node's network: its IP is the node's.
+        pod_with_ips("exporter", &uid(123), &node, Some(("DaemonSet", "exporter")), &["10.215.9.9"], "Running", true),
+        pod_with_ips("done", &uid(124), &node, Some(("Job", "done")), &["10.215.4.4"], "Succeeded", false),
+        pod_with_ips("odd", &uid(125), &node, None, &["169.254.3.3"], "Running", false),
+        pod_with_ips("elsewhere", &uid(126), "other-node", None, &["10.215.5.5"], "Running", false),
+    ]))
+    .unwrap();
+    // A plain container in a network namespace of its own, holding an
+    // address: only entering its namespace could tell.
+    let ns = pod_network(format!("fltest-podips-{t}"), &format!("flp{}", t % 100_000), "10.215.6.2/24");
+    let ctr_cg = format!("system.slice/docker-{}.scope", container_id(127));
+    cg.make(&ctr_cg);
+    let ctr = Proc::start(Some(&ns), "wait()", &[]);
+    cg.enter(&ctr_cg, ctr.pid());
+
+    let spool = std::env::temp_dir().join(format!("flowlog-podips-spool-{t}"));
+    let without_namespaces = ["setpriv", "--inh-caps=-sys_admin,-sys_ptrace", "--bounding-set=-sys_admin,-sys_ptrace", "--"];
+    let sc = Sidecar::start_under(
+        &without_namespaces,
+        &[
+            "--output", "kafka", "--kafka-brokers", &broker.addr, "--spool-dir", spool.to_str().unwrap(),
+            "--host-id", &host_id, "--metrics-listen", &metrics, "--shutdown-timeout-secs", "3",
+            "--workload-kubernetes", "true", "--node-name", &node, "--workload-kubernetes-api-url", &api.url(),
+            "--workload-ips-interval-secs", "600",
+        ],
+    );
+    let web_w = announced_pod(&web, "web", ("Deployment", "web"), &["10.215.1.2", "fd00:215::2"]);
+    let db_w = announced_pod(&db, "db", ("StatefulSet", "db"), &["10.215.2.2"]);
+    let added_w = announced_pod(&added, "api", ("StatefulSet", "api"), &["10.215.7.2"]);
+    // The first heartbeat that lists exactly `want`.
+    let listing = |want: Listed| {
+        let want = sorted(want);
+        let is = |h: &Heartbeat| sorted(h.workloads.clone()) == want;
+        let all = heartbeats(&broker.addr, &host_id, |all| all.iter().any(is));
+        all.iter().find(|h| is(h)).cloned().unwrap_or_else(|| panic!("no heartbeat lists {want:#?}: {all:#?}"))
+    };
+    listing(vec![web_w.clone(), db_w.clone()]);
+    let body = scrape(&metrics);
+    let gauge = |name: &str| sample(&body, &format!("flowlog_sidecar_workload_{name}"));
+    assert_eq!(gauge("pods_from_api"), 3.0, "web, db and the link-local one: {body}");
+    assert_eq!(gauge("addresses_unclaimed{reason=\"link_local\"}"), 1.0, "{body}");
+    assert_eq!((gauge("namespaces"), gauge("addresses")), (0.0, 3.0), "{body}");
+    assert!(gauge("ip_errors_total{error=\"permission\"}") >= 1.0, "the container's namespace is not entered: {body}");
+
+    // A pod added: announced at once (IP_CHANGE), not at the next round.
+    let at = SystemTime::now();
+    api.apply(&pod_with_ips("api", &added, &node, Some(("StatefulSet", "api")), &["10.215.7.2"], "Running", false)).unwrap();
+    let h = listing(vec![web_w.clone(), db_w.clone(), added_w.clone()]);
+    eprintln!("announced {:?} after the API added the pod", after(&h, at));
+    assert_eq!(h.reason, "IP_CHANGE");
+    assert!(after(&h, at) < Duration::from_secs(2), "{:?}", after(&h, at));
+
+    // A pod deleted: released at once.
+    let at = SystemTime::now();
+    api.delete("Pod", "shop", "web").unwrap();
+    let h = listing(vec![db_w.clone(), added_w.clone()]);
+    eprintln!("released {:?} after the API deleted the pod", after(&h, at));
+    assert_eq!(h.reason, "IP_CHANGE");
+    assert!(after(&h, at) < Duration::from_secs(2), "{:?}", after(&h, at));
+
+    sc.stop();
+    let _ = std::fs::remove_dir_all(&spool);
+    drop(ctr);
+    let all = heartbeats(&broker.addr, &host_id, |all| all.iter().any(|h| h.reason == "STOP"));
+    let last = all.last().map(|h| (h.reason.as_str(), sorted(h.workloads.clone())));
+    assert_eq!(last, Some(("STOP", sorted(vec![db_w.clone(), added_w.clone()]))));
+    // Never anything else: only these three pods, only their own IPs.
+    let allowed = [web_w, db_w, added_w];
+    assert!(all.iter().all(|h| h.workloads.iter().all(|w| allowed.contains(w))), "{all:#?}");
 }

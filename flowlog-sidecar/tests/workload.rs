@@ -9,11 +9,9 @@ mod common;
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    process::Command,
     time::{Duration, Instant},
 };
 
-use apache_avro::types::Value as AvroValue;
 use common::{workloads::*, *};
 use flowlog_runtime::testkit::{free_port, sample};
 use serde_json::{json, Value};
@@ -563,25 +561,6 @@ fn a_scope_captures_its_own_part_of_the_machine() {
     assert!(s2["out_of_scope"].as_u64().unwrap() >= 3, "{s2:#}");
 }
 
-/// Runs `ip` with `args`; panics if it fails.
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().unwrap();
-    assert!(status.success(), "ip {args:?}");
-}
-
-/// A pod's network as a CNI plugin makes it: a namespace whose `eth0` is
-/// one end of a veth pair (the other end, `host_if`, stays in the root
-/// namespace), holding `addr` (with its prefix length). Deleting the
-/// namespace deletes the pair.
-fn pod_network(name: String, host_if: &str, addr: &str) -> Netns {
-    let ns = Netns::new(name);
-    ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.0]);
-    ip(&["link", "set", host_if, "up"]);
-    ip(&["-n", &ns.0, "addr", "add", addr, "dev", "eth0"]);
-    ip(&["-n", &ns.0, "link", "set", "eth0", "up"]);
-    ns
-}
-
 /// Adds a bridge `ifname` (no ports), up, holding `addr`, in `ns`.
 fn bridge(ns: &Netns, ifname: &str, addr: &str) {
     ip(&["-n", &ns.0, "link", "add", ifname, "type", "bridge"]);
@@ -682,16 +661,10 @@ fn the_workloads_ips_are_announced() {
     drop(procs);
 
     // What the identity heartbeats said, in order.
-    let stopped = |r: &[broker::Consumed]| {
-        r.iter().any(|c| broker::field(broker::field(&c.value, "host"), "host_id") == &AvroValue::String(host_id.clone())
-            && broker::enum_sym(&c.value, "reason") == "STOP")
-    };
-    let heartbeats: Vec<(String, Listed)> =
-        broker::consume(&broker.addr, broker::IDENTITY, flowlog_schema::schemas::IDENTITY.json, WAIT, stopped)
-            .into_iter()
-            .filter(|c| broker::field(broker::field(&c.value, "host"), "host_id") == &AvroValue::String(host_id.clone()))
-            .map(|c| (broker::enum_sym(&c.value, "reason"), listed(&c.value)))
-            .collect();
+    let heartbeats: Vec<(String, Listed)> = heartbeats(&broker.addr, &host_id, |h| h.iter().any(|h| h.reason == "STOP"))
+        .into_iter()
+        .map(|h| (h.reason, h.workloads))
+        .collect();
     let pod = |uid: &str, qos: &str, runtime: Option<&str>| {
         let mut fields = vec![("pod_uid", uid), ("qos_class", qos)];
         fields.extend(runtime.map(|r| ("runtime", r)));
@@ -704,12 +677,8 @@ fn the_workloads_ips_are_announced() {
         avro_wl("CONTAINER", &[("container_id", &c[2]), ("runtime", "docker"), ("unit", &unit)]),
         vec!["10.213.3.2".to_string()],
     );
-    let sort = |mut l: Listed| {
-        l.sort_by_key(|(w, _)| w.to_string());
-        l
-    };
-    let all3 = sort(vec![pod1.clone(), pod2.clone(), ctr.clone()]);
-    let two = sort(vec![pod2, ctr]);
+    let all3 = sorted(vec![pod1.clone(), pod2.clone(), ctr.clone()]);
+    let two = sorted(vec![pod2, ctr]);
     let lists: Vec<&Listed> = heartbeats.iter().map(|(_, l)| l).collect();
     // Announced at once when found (in START if the first listing was
     // done by then, else in an IP_CHANGE), then at once without pod 1
@@ -717,41 +686,10 @@ fn the_workloads_ips_are_announced() {
     // (never pod 5's, never a shared or link-local address, never 10.213.99.9).
     let first = heartbeats.iter().position(|(_, l)| !l.is_empty()).expect("a heartbeat with workloads");
     assert!(["START", "IP_CHANGE"].contains(&heartbeats[first].0.as_str()), "{heartbeats:#?}");
-    let all_at = lists.iter().position(|l| sort((*l).clone()) == all3).expect("a heartbeat with all three");
-    let without = all_at + lists[all_at..].iter().position(|l| sort((*l).clone()) == two).expect("a heartbeat without pod 1");
+    let all_at = lists.iter().position(|l| sorted((*l).clone()) == all3).expect("a heartbeat with all three");
+    let without = all_at + lists[all_at..].iter().position(|l| sorted((*l).clone()) == two).expect("a heartbeat without pod 1");
     assert_eq!(heartbeats[without].0, "IP_CHANGE", "{heartbeats:#?}");
-    assert_eq!(heartbeats.last().map(|(r, l)| (r.as_str(), sort(l.clone()))), Some(("STOP", two.clone())));
+    assert_eq!(heartbeats.last().map(|(r, l)| (r.as_str(), sorted(l.clone()))), Some(("STOP", two.clone())));
     assert!(lists[first..].iter().all(|l| l.iter().all(|w| all3.contains(w))), "{heartbeats:#?}");
     assert!(heartbeats[without..].iter().all(|(_, l)| !l.contains(&pod1)), "pod 1 never comes back");
-}
-
-/// Identity.workloads as (workload as JSON, ips).
-type Listed = Vec<(Value, Vec<String>)>;
-
-fn listed(identity: &AvroValue) -> Listed {
-    let AvroValue::Array(items) = broker::field(identity, "workloads") else {
-        panic!("workloads is not an array")
-    };
-    items
-        .iter()
-        .map(|w| {
-            let workload = Value::try_from(broker::field(w, "workload").clone()).unwrap();
-            let AvroValue::Array(ips) = broker::field(w, "ips") else { panic!("ips is not an array") };
-            let ips = ips
-                .iter()
-                .map(|ip| match ip {
-                    AvroValue::String(s) => s.clone(),
-                    other => panic!("ip {other:?}"),
-                })
-                .collect();
-            (workload, ips)
-        })
-        .collect()
-}
-
-/// A workload as the identity record spells it (enum symbols upper case).
-fn avro_wl(kind: &str, fields: &[(&str, &str)]) -> Value {
-    let mut v = wl(&kind.to_lowercase(), fields);
-    v["kind"] = json!(kind);
-    v
 }

@@ -35,13 +35,16 @@ flowlog_settings::settings! {
         pub resolve: bool = true,
         /// Announce the IPs of local pods and containers (those in a network
         /// namespace of their own) in the identity heartbeats (with
-        /// `output = "kafka"`). Needs CAP_SYS_ADMIN and CAP_SYS_PTRACE (root
-        /// has both) to enter their namespaces; without them nothing is
-        /// announced and the errors are counted.
+        /// `output = "kafka"`). Pods the Kubernetes API lists
+        /// (workload.kubernetes) are announced with their podIPs, which needs
+        /// no privilege; other containers' IPs are read inside their
+        /// namespaces, which needs CAP_SYS_ADMIN and CAP_SYS_PTRACE (root has
+        /// both): without them those are skipped and counted.
         #[flag(long = "workload-announce-ips", env = "FLOWLOG_WORKLOAD_ANNOUNCE_IPS")]
         pub announce_ips: bool = true,
-        /// How often the workloads' IPs are listed again, seconds (also soon
-        /// after a flow shows a pod's network namespace for the first time).
+        /// How often the workloads' IPs are listed again, seconds (also at
+        /// once when the Kubernetes API's pods change, and soon after a flow
+        /// shows a pod's network namespace for the first time).
         #[flag(long = "workload-ips-interval-secs", env = "FLOWLOG_WORKLOAD_IPS_INTERVAL_SECS")]
         pub ips_interval_secs: u64 = 5,
         /// Pod names, namespaces, containers, owners and labels from the Kubernetes API.

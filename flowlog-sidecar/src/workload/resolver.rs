@@ -922,6 +922,7 @@ mod tests {
             labels: [("app".to_string(), "web".to_string())].into(),
             containers: [("a".repeat(64), "web".to_string())].into(),
             owner: Some(pods::Owner { kind: "Deployment".into(), name: "web".into() }),
+            ..PodMeta::default()
         }
     }
 

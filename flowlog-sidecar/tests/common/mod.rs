@@ -38,12 +38,27 @@ pub struct Sidecar {
 impl Sidecar {
     /// Starts the sidecar with JSON output and waits until it is attached.
     pub fn start(extra: &[&str]) -> Sidecar {
+        Sidecar::start_under(&[], extra)
+    }
+
+    /// The same, run by `wrapper` (a command and its arguments that execs
+    /// the sidecar's, e.g. `setpriv` dropping capabilities); none: as is.
+    pub fn start_under(wrapper: &[&str], extra: &[&str]) -> Sidecar {
         let stats_file = std::env::temp_dir().join(format!(
             "flowlog-test-stats-{}-{}.json",
             std::process::id(),
             rand_suffix()
         ));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flowlog-sidecar"))
+        let bin = env!("CARGO_BIN_EXE_flowlog-sidecar");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = command
             .args(["--output", "json", "--metrics-listen", "", "--drain-interval-ms", "20", "--stats-file"])
             .arg(&stats_file)
             .args(extra)

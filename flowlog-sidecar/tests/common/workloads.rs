@@ -10,9 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use apache_avro::types::Value as AvroValue;
 use serde_json::{json, Value};
 
-use super::{by_ports, cgroup2_mount, have_root, inode};
+use super::{broker, by_ports, cgroup2_mount, have_root, inode};
 
 /// The tests here create cgroups at the top of the tree (kubepods.slice,
 /// system.slice, ...) and remove them after: one test at a time.
@@ -146,6 +147,25 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
+}
+
+/// Runs `ip` with `args`; panics if it fails.
+pub fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().unwrap();
+    assert!(status.success(), "ip {args:?}");
+}
+
+/// A pod's network as a CNI plugin makes it: a namespace whose `eth0` is
+/// one end of a veth pair (the other end, `host_if`, stays in the root
+/// namespace), holding `addr` (with its prefix length). Deleting the
+/// namespace deletes the pair.
+pub fn pod_network(name: String, host_if: &str, addr: &str) -> Netns {
+    let ns = Netns::new(name);
+    ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.0]);
+    ip(&["link", "set", host_if, "up"]);
+    ip(&["-n", &ns.0, "addr", "add", addr, "dev", "eth0"]);
+    ip(&["-n", &ns.0, "link", "set", "eth0", "up"]);
+    ns
 }
 
 /// A Python process that does nothing until told (a line on its stdin), so
@@ -316,3 +336,67 @@ pub fn one(records: &[Value], local: u16, remote: u16) -> Value {
     r[0].clone()
 }
 
+
+/// Identity.workloads as (workload as JSON, ips).
+pub type Listed = Vec<(Value, Vec<String>)>;
+
+/// One identity heartbeat of a host, as the broker has it.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    pub reason: String,
+    pub time_ns: i64,
+    pub workloads: Listed,
+}
+
+/// The identity heartbeats host `host_id` produced to the broker at
+/// `brokers`, in order, read until `until` holds over them (or `WAIT`
+/// passes).
+pub fn heartbeats(brokers: &str, host_id: &str, until: impl Fn(&[Heartbeat]) -> bool) -> Vec<Heartbeat> {
+    let mine = |all: &[broker::Consumed]| -> Vec<Heartbeat> {
+        all.iter()
+            .filter(|c| broker::field(broker::field(&c.value, "host"), "host_id") == &AvroValue::String(host_id.into()))
+            .map(|c| Heartbeat {
+                reason: broker::enum_sym(&c.value, "reason"),
+                time_ns: broker::long(&c.value, "time_ns"),
+                workloads: listed(&c.value),
+            })
+            .collect()
+    };
+    let schema = flowlog_schema::schemas::IDENTITY.json;
+    mine(&broker::consume(brokers, broker::IDENTITY, schema, WAIT, |all| until(&mine(all))))
+}
+
+/// An identity record's `workloads`.
+pub fn listed(identity: &AvroValue) -> Listed {
+    let AvroValue::Array(items) = broker::field(identity, "workloads") else {
+        panic!("workloads is not an array")
+    };
+    items
+        .iter()
+        .map(|w| {
+            let workload = Value::try_from(broker::field(w, "workload").clone()).unwrap();
+            let AvroValue::Array(ips) = broker::field(w, "ips") else { panic!("ips is not an array") };
+            let ips = ips
+                .iter()
+                .map(|ip| match ip {
+                    AvroValue::String(s) => s.clone(),
+                    other => panic!("ip {other:?}"),
+                })
+                .collect();
+            (workload, ips)
+        })
+        .collect()
+}
+
+/// A workload as the identity record spells it (enum symbols upper case).
+pub fn avro_wl(kind: &str, fields: &[(&str, &str)]) -> Value {
+    let mut v = wl(&kind.to_lowercase(), fields);
+    v["kind"] = json!(kind);
+    v
+}
+
+/// `l` sorted (by workload), to compare listings whatever their order.
+pub fn sorted(mut l: Listed) -> Listed {
+    l.sort_by_key(|(w, _)| w.to_string());
+    l
+}

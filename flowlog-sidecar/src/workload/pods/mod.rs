@@ -6,20 +6,26 @@
 //! flow, and never waits for it: a pod the index does not name yet is
 //! reported with its UID and reason NO_POD_METADATA, and named as soon as
 //! the watch delivers it.
+//!
+//! The index also says which IPs each pod holds ([`PodMeta::held_ips`]):
+//! the workload-IP announcer (`workload::addresses`) takes them from here,
+//! without entering the pods' network namespaces, and is told of every
+//! change ([`PodIndex::on_change`]).
 
 pub mod watch;
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
     },
 };
 
 use flowlog_schema::{Workload, WorkloadKind, WorkloadReason};
 use k8s_openapi::{
-    api::core::v1::{ContainerStatus, Pod},
+    api::core::v1::{ContainerStatus, Pod, PodStatus},
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
 
@@ -96,7 +102,7 @@ pub struct Owner {
 }
 
 /// What the API says about one pod, as records carry it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodMeta {
     pub namespace: String,
     pub name: String,
@@ -107,6 +113,20 @@ pub struct PodMeta {
     pub containers: BTreeMap<String, String>,
     /// The top controller (see [`top_owner`]); None for a bare pod.
     pub owner: Option<Owner>,
+    /// The pod's IPs: `status.podIPs`, else `status.podIP` (unparsable ones
+    /// left out); empty until the pod's network is set up.
+    pub ips: Vec<IpAddr>,
+    /// `spec.hostNetwork`: the pod is in the node's network namespace, and
+    /// its IPs are the node's.
+    pub host_network: bool,
+    /// `status.phase`: Pending, Running, Succeeded, Failed or Unknown.
+    pub phase: Option<String>,
+    /// `status.qosClass` (Guaranteed, Burstable, BestEffort: as kubelet's
+    /// cgroup names spell it).
+    pub qos_class: Option<String>,
+    /// The container runtime, from the scheme of the containers' ids (as
+    /// the cgroup names spell it: containerd, crio, docker).
+    pub runtime: Option<String>,
 }
 
 impl PodMeta {
@@ -142,6 +162,11 @@ impl PodMeta {
             labels,
             containers,
             owner: m.owner_references.as_deref().and_then(controller),
+            ips: status.map(pod_ips).unwrap_or_default(),
+            host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
+            phase: status.and_then(|s| s.phase.clone()),
+            qos_class: status.and_then(|s| s.qos_class.clone()),
+            runtime: statuses.into_iter().flatten().flatten().find_map(|c| runtime_of(c.container_id.as_deref()?)).map(str::to_owned),
         };
         Some((uid, meta))
     }
@@ -158,6 +183,55 @@ impl PodMeta {
             labels: self.labels.clone(),
             ..base.clone()
         }
+    }
+
+    /// The pod as the identity heartbeats announce it, named as its flows
+    /// are: the owner of its network namespace (all its containers share
+    /// it), so no container.
+    pub fn workload(&self, uid: &str) -> Workload {
+        let base = Workload {
+            pod_uid: Some(uid.to_owned()),
+            qos_class: self.qos_class.clone(),
+            runtime: self.runtime.clone(),
+            ..Workload::of(WorkloadKind::Pod)
+        };
+        self.name(&base)
+    }
+
+    /// The IPs the pod holds, as the API says: None while it says none
+    /// (the pod's network is not set up yet, or the API has not caught up:
+    /// the pod's namespace may still be looked in); empty for a hostNetwork
+    /// pod (its IPs are the node's, never the pod's own) and for a pod that
+    /// has ended (Succeeded, Failed: its IP is free for another pod though
+    /// the status still shows it). A pod being deleted (deletionTimestamp
+    /// set) holds its IP until the API no longer lists it: its containers
+    /// may still be answering on it meanwhile.
+    pub fn held_ips(&self) -> Option<&[IpAddr]> {
+        if self.host_network || matches!(self.phase.as_deref(), Some("Succeeded" | "Failed")) {
+            return Some(&[]);
+        }
+        (!self.ips.is_empty()).then_some(&self.ips[..])
+    }
+}
+
+/// `status.podIPs` (every IP family's), else `status.podIP` (older API
+/// servers); what does not parse as an IP is left out.
+fn pod_ips(status: &PodStatus) -> Vec<IpAddr> {
+    let listed: Vec<&str> = status.pod_ips.iter().flatten().map(|p| p.ip.as_str()).collect();
+    let ips = if listed.is_empty() { status.pod_ip.as_deref().into_iter().collect() } else { listed };
+    let mut ips: Vec<IpAddr> = ips.into_iter().filter_map(|ip| ip.trim().parse().ok()).collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// The runtime a status' `containerID` names (`containerd://<id>`), as the
+/// cgroup names spell it (`cri-o` is `crio` there).
+fn runtime_of(container_id: &str) -> Option<&str> {
+    match container_id.split_once("://")?.0 {
+        "" => None,
+        "cri-o" => Some("crio"),
+        scheme => Some(scheme),
     }
 }
 
@@ -215,13 +289,27 @@ pub fn top_owner(direct: Owner, parent_refs: Option<&[OwnerReference]>) -> Owner
     parent_refs.and_then(controller).unwrap_or(direct)
 }
 
+/// Called after each change of the index (from the watch's thread: it
+/// must not block).
+pub type OnChange = Box<dyn Fn() + Send + Sync>;
+
 /// The pods the watch knows, by UID, shared by the watch (writer) and the
-/// resolver (reader, off the capture path).
-#[derive(Debug, Default)]
+/// resolver and the workload-IP announcer (readers, off the capture path).
+#[derive(Default)]
 pub struct PodIndex {
     pods: RwLock<FastMap<String, Arc<PodMeta>>>,
     /// Bumped on every change: the resolver renames its pods when it moves.
     generation: AtomicU64,
+    /// Told of every change: the announcer lists the pods' IPs again at
+    /// once, so a new pod's IP is announced, and a deleted one's released,
+    /// within a moment of the watch seeing it.
+    on_change: Mutex<Vec<OnChange>>,
+}
+
+impl std::fmt::Debug for PodIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodIndex").field("pods", &self.len()).field("generation", &self.generation()).finish()
+    }
 }
 
 impl PodIndex {
@@ -229,8 +317,29 @@ impl PodIndex {
         self.pods.read().unwrap_or_else(|e| e.into_inner()).get(uid).cloned()
     }
 
+    /// Every pod, by UID (sorted).
+    pub fn all(&self) -> Vec<(String, Arc<PodMeta>)> {
+        let mut all: Vec<_> =
+            self.pods.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(u, m)| (u.clone(), m.clone())).collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// Calls `f` after every change from now on.
+    pub fn on_change(&self, f: OnChange) {
+        self.on_change.lock().unwrap_or_else(|e| e.into_inner()).push(f);
+    }
+
+    /// A change is in: the generation moves, then whoever asked is told.
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+        for f in self.on_change.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            f();
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -244,12 +353,14 @@ impl PodIndex {
             return;
         }
         pods.insert(uid, Arc::new(meta));
-        self.generation.fetch_add(1, Ordering::Release);
+        drop(pods);
+        self.changed();
     }
 
     pub fn remove(&self, uid: &str) {
-        if self.pods.write().unwrap_or_else(|e| e.into_inner()).remove(uid).is_some() {
-            self.generation.fetch_add(1, Ordering::Release);
+        let removed = self.pods.write().unwrap_or_else(|e| e.into_inner()).remove(uid).is_some();
+        if removed {
+            self.changed();
         }
     }
 
@@ -265,7 +376,8 @@ impl PodIndex {
                 (uid, meta)
             })
             .collect();
-        self.generation.fetch_add(1, Ordering::Release);
+        drop(pods);
+        self.changed();
     }
 }
 

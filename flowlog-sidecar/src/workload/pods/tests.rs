@@ -22,6 +22,8 @@ fn pod() -> Pod {
         },
         "spec": {"nodeName": "n1", "containers": [{"name": "web"}, {"name": "proxy"}]},
         "status": {
+            "phase": "Running", "qosClass": "Burstable",
+            "podIP": "10.0.1.7", "podIPs": [{"ip": "10.0.1.7"}, {"ip": "fd00::7"}],
             "containerStatuses": [
                 {"name": "web", "containerID": format!("containerd://{cid}"), "image": "", "imageID": "", "ready": true, "restartCount": 0},
                 {"name": "proxy", "containerID": "containerd://bbbb", "image": "", "imageID": "", "ready": true, "restartCount": 0},
@@ -69,11 +71,61 @@ fn a_pods_metadata_keeps_allowed_labels_and_every_containers_name() {
     // up the ReplicaSet's own owner.
     assert_eq!(m.owner, Some(owner("ReplicaSet", "web-7d9f8b6c5")));
     assert!(has_parent(m.owner.as_ref().unwrap()));
+    // What the workload-IP announcements need.
+    assert_eq!(m.ips, ["10.0.1.7".parse::<IpAddr>().unwrap(), "fd00::7".parse().unwrap()]);
+    assert_eq!((m.host_network, m.phase.as_deref(), m.qos_class.as_deref()), (false, Some("Running"), Some("Burstable")));
+    assert_eq!(m.runtime.as_deref(), Some("containerd"), "the first container with an id says it");
     // No labels allowed, no UID: nothing, or no pod.
     assert!(PodMeta::of(&pod(), &[]).unwrap().1.labels.is_empty());
     let mut p = pod();
     p.metadata.uid = None;
     assert_eq!(PodMeta::of(&p, &allowed), None);
+}
+
+/// A pod's IPs: `podIPs` (both families), else `podIP` (older servers);
+/// none before its network is up; garbage left out. The runtime as the
+/// cgroup names spell it.
+#[test]
+fn a_pods_ips_and_runtime_come_from_its_status() {
+    let with = |status: serde_json::Value| {
+        let mut p = pod();
+        p.status = Some(serde_json::from_value(status).unwrap());
+        PodMeta::of(&p, &[]).unwrap().1
+    };
+    let ips = |list: &[&str]| list.iter().map(|s| s.parse::<IpAddr>().unwrap()).collect::<Vec<_>>();
+    assert_eq!(with(json!({"podIP": "10.0.0.1"})).ips, ips(&["10.0.0.1"]));
+    assert_eq!(with(json!({"podIP": "10.0.0.1", "podIPs": [{"ip": "fd00::1"}, {"ip": "10.0.0.1"}]})).ips, ips(&["10.0.0.1", "fd00::1"]));
+    assert_eq!(with(json!({"podIPs": [{"ip": "not-an-ip"}, {"ip": "10.0.0.2"}]})).ips, ips(&["10.0.0.2"]));
+    assert!(with(json!({"phase": "Pending"})).ips.is_empty());
+    let runtime = |id: &str| with(json!({"containerStatuses": [{"name": "c", "containerID": id, "image": "", "imageID": "", "ready": true, "restartCount": 0}]})).runtime;
+    assert_eq!(runtime("cri-o://ab").as_deref(), Some("crio"));
+    assert_eq!(runtime("docker://ab").as_deref(), Some("docker"));
+    assert_eq!(runtime("ab"), None);
+    assert_eq!(with(json!({})).runtime, None);
+}
+
+/// Which IPs a pod holds as the API says: its own, unless it is on the
+/// node's network or has ended; nothing to say before it has any.
+#[test]
+fn a_pod_holds_its_ips_while_it_runs_on_its_own_network() {
+    let (_, m) = PodMeta::of(&pod(), &[]).unwrap();
+    assert_eq!(m.held_ips(), Some(&m.ips[..]));
+    let host = PodMeta { host_network: true, ..m.clone() };
+    assert_eq!(host.held_ips(), Some(&[][..]));
+    for phase in ["Succeeded", "Failed"] {
+        assert_eq!(PodMeta { phase: Some(phase.into()), ..m.clone() }.held_ips(), Some(&[][..]), "{phase}");
+    }
+    for phase in ["Pending", "Running", "Unknown"] {
+        assert_eq!(PodMeta { phase: Some(phase.into()), ..m.clone() }.held_ips(), Some(&m.ips[..]), "{phase}");
+    }
+    assert_eq!(PodMeta { ips: vec![], ..m.clone() }.held_ips(), None);
+    // As announced: the namespace's owner, named as its flows are, from
+    // the API alone.
+    let mut named = m.clone();
+    named.owner = Some(owner("Deployment", "web"));
+    let w = named.workload("7f3e1c2a-9b4d-4e5f-8a6b-0c1d2e3f4a5b");
+    let base = fixtures::named_pod_workload();
+    assert_eq!(w, Workload { container_id: None, container_name: None, unit: None, labels: BTreeMap::new(), ..base });
 }
 
 #[test]
@@ -130,6 +182,27 @@ fn the_index_moves_only_on_real_changes() {
     assert_eq!(index.get(&uid).unwrap().name, "other");
     index.replace_all(FastMap::default());
     assert_eq!((index.get(&uid), index.len()), (None, 0));
+}
+
+/// Whoever asked is told of each change, and only of changes.
+#[test]
+fn the_index_tells_of_its_changes() {
+    let index = PodIndex::default();
+    let told = Arc::new(AtomicU64::new(0));
+    let t = told.clone();
+    index.on_change(Box::new(move || {
+        t.fetch_add(1, Ordering::Relaxed);
+    }));
+    let (uid, m) = PodMeta::of(&pod(), &[]).unwrap();
+    index.insert(uid.clone(), m.clone());
+    index.insert(uid.clone(), m.clone());
+    assert_eq!(told.load(Ordering::Relaxed), 1);
+    index.insert(uid.clone(), PodMeta { ips: vec![], ..m.clone() });
+    index.remove(&uid);
+    index.remove(&uid);
+    assert_eq!(told.load(Ordering::Relaxed), 3);
+    index.replace_all([(uid.clone(), m)].into_iter().collect());
+    assert_eq!((told.load(Ordering::Relaxed), index.all().len()), (4, 1));
 }
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
