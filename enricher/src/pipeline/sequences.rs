@@ -91,14 +91,21 @@ impl Sequences {
     /// says whether it is new.
     pub fn observe(&mut self, p: i32, host: &str, epoch: i64, seq: i64) -> Seen {
         self.tick += 1;
-        if !self.hosts.contains_key(host) && self.hosts.len() >= self.max_hosts {
-            self.evict_host();
+        // (No String allocated for a host already known.)
+        if !self.hosts.contains_key(host) {
+            if self.hosts.len() >= self.max_hosts {
+                self.evict_host();
+            }
+            let new = Host {
+                last_seen: 0,
+                partitions: SmallVec::new(),
+                epochs: BTreeMap::new(),
+            };
+            self.hosts.insert(host.to_owned(), new);
         }
-        let h = self.hosts.entry(host.to_owned()).or_insert_with(|| Host {
-            last_seen: 0,
-            partitions: SmallVec::new(),
-            epochs: BTreeMap::new(),
-        });
+        let Some(h) = self.hosts.get_mut(host) else {
+            return Seen::New { missing: 0 }; // just inserted: never
+        };
         h.last_seen = self.tick;
         if !h.partitions.contains(&p) {
             h.partitions.push(p);
