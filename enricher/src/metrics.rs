@@ -11,6 +11,9 @@ pub const UNATTRIBUTED: &str = "flowlog_enricher_unattributed_total";
 pub const DLQ: &str = "flowlog_enricher_dlq_total";
 pub const FILES_ROLLED: &str = "flowlog_enricher_files_rolled_total";
 pub const SEQUENCE_GAPS: &str = "flowlog_enricher_sequence_gaps_total";
+pub const SEQUENCE_LATE: &str = "flowlog_enricher_sequence_late_total";
+pub const DUPLICATES: &str = "flowlog_enricher_duplicates_total";
+pub const SEQUENCE_EVICTED: &str = "flowlog_enricher_sequence_ranges_evicted_total";
 pub const STATIC_MAP_ENTRIES: &str = "flowlog_enricher_static_map_entries";
 pub const SOURCE_AGE: &str = "flowlog_enricher_source_age_seconds";
 pub const SOURCE_ERRORS: &str = "flowlog_enricher_source_errors_total";
@@ -99,7 +102,19 @@ pub fn describe() {
     );
     describe_counter!(
         SEQUENCE_GAPS,
-        "Flow records missing between consecutive per-host sequence numbers."
+        "Per-host sequence numbers skipped when a newer record arrived (holes opened); minus sequence_late_total: holes still open."
+    );
+    describe_counter!(
+        SEQUENCE_LATE,
+        "Records that arrived after newer ones of their host and filled a hole counted in sequence_gaps_total."
+    );
+    describe_counter!(
+        DUPLICATES,
+        "Flow records dropped as already accepted by this instance (same host, sequence_epoch and sequence: sent again by a sidecar)."
+    );
+    describe_counter!(
+        SEQUENCE_EVICTED,
+        "Ranges of accepted sequence numbers forgotten to bound memory (oldest holes, epochs, hosts): repeats of those records are no longer recognised."
     );
     describe_gauge!(
         STATIC_MAP_ENTRIES,

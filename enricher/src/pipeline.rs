@@ -4,7 +4,8 @@
 //! full or old, later if it holds young unattributed flows that late
 //! metadata may still attribute; a rolled batch's final attribution is
 //! self-checked ([`crate::selfcheck`]), then it goes through every sink and
-//! only then are its offsets committed. Offsets already in files are
+//! only then are its offsets committed. A record the sidecar sent again is
+//! dropped before attribution ([`Sequences`]). Offsets already in files are
 //! skipped (exactly once across restarts and rebalances). Time is passed in
 //! ([`Now`]) so that tests drive it.
 
@@ -22,6 +23,9 @@ use crate::{
     sink::{Batch, DeadLetters, Message, Sink},
     sources::Sources,
 };
+
+mod sequences;
+pub use sequences::{Counts, Seen, Sequences};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -72,33 +76,6 @@ impl Now {
     }
 }
 
-/// Per host: the sequence epoch and the last sequence number seen (the
-/// transport numbers each sidecar's records 0, 1, 2, ... per epoch).
-#[derive(Default)]
-pub struct SequenceGaps(HashMap<String, (i64, i64)>);
-
-impl SequenceGaps {
-    /// Notes record `seq` of `host` and returns how many records are missing
-    /// right before it: none for the first of an epoch, nor for a repeat.
-    pub fn observe(&mut self, host: &str, epoch: i64, seq: i64) -> u64 {
-        match self.0.get_mut(host) {
-            Some((e, prev)) if *e == epoch => {
-                let missing = (seq - *prev - 1).max(0) as u64;
-                *prev = seq;
-                missing
-            }
-            Some(v) => {
-                *v = (epoch, seq);
-                0
-            }
-            None => {
-                self.0.insert(host.to_owned(), (epoch, seq));
-                0
-            }
-        }
-    }
-}
-
 pub struct Pipeline {
     settings: Settings,
     decoder: Decoder,
@@ -107,7 +84,8 @@ pub struct Pipeline {
     batches: HashMap<i32, Batch>,
     /// Offsets at or below this are already in files (exactly-once resume).
     done_through: HashMap<i32, i64>,
-    gaps: SequenceGaps,
+    /// The per-host sequence numbers accepted: duplicates, gaps, late ones.
+    sequences: Sequences,
     selfcheck: SelfCheck,
     /// The latest time seen (for batches taken without one: revoke, drain).
     now: Instant,
@@ -127,7 +105,7 @@ impl Pipeline {
             dead_letters,
             batches: HashMap::new(),
             done_through: HashMap::new(),
-            gaps: SequenceGaps::default(),
+            sequences: Sequences::default(),
             selfcheck,
             now: Instant::now(),
         }
@@ -139,9 +117,12 @@ impl Pipeline {
         self.done_through.insert(p, done_through);
     }
 
-    /// Partition `p` is taken away: its open batch, to be written now.
+    /// Partition `p` is taken away: its open batch, to be written now. Its
+    /// hosts' sequence numbers are forgotten: if that write fails, whoever
+    /// reads the partition next redoes the batch.
     pub fn revoke(&mut self, p: i32) -> Option<Batch> {
         self.done_through.remove(&p);
+        self.sequences.forget_partition(p);
         let b = self.batches.remove(&p)?;
         Some(self.finalize(b))
     }
@@ -175,11 +156,13 @@ impl Pipeline {
                 })
             }
         };
-        let missing = self
-            .gaps
-            .observe(&host.identity.host_id, flow.sequence_epoch, flow.sequence);
-        if missing > 0 {
-            ::metrics::counter!(metrics::SEQUENCE_GAPS).increment(missing);
+        // A record accepted before (the sidecar sent it again) is dropped
+        // here, before attribution; its offset is committed with the batch.
+        let seen = self
+            .sequences
+            .observe(p, &host.identity.host_id, flow.sequence_epoch, flow.sequence);
+        if seen == Seen::Duplicate {
+            return Ok(());
         }
         let e = self.sources.attribute(|a| a.enrich(host, flow));
         // Young and unattributed: hold it back for late metadata.
@@ -207,6 +190,7 @@ impl Pipeline {
             .absolute(cache(&self.decoder.host_hits));
         ::metrics::counter!(metrics::HOST_CACHE, "result" => "miss")
             .absolute(cache(&self.decoder.host_misses));
+        self.publish_sequences();
         let s = &self.settings;
         let due: Vec<i32> = self
             .batches
@@ -229,7 +213,21 @@ impl Pipeline {
         let open = self.take(all);
         self.selfcheck.expire_all();
         self.selfcheck.publish();
+        self.publish_sequences();
         open
+    }
+
+    /// The sequence bookkeeping's totals so far.
+    pub fn sequence_counts(&self) -> Counts {
+        self.sequences.counts
+    }
+
+    fn publish_sequences(&self) {
+        let c = self.sequences.counts;
+        ::metrics::counter!(metrics::SEQUENCE_GAPS).absolute(c.gaps);
+        ::metrics::counter!(metrics::SEQUENCE_LATE).absolute(c.late);
+        ::metrics::counter!(metrics::DUPLICATES).absolute(c.duplicates);
+        ::metrics::counter!(metrics::SEQUENCE_EVICTED).absolute(c.evicted);
     }
 
     /// Partition `p`'s batch through `last` is written and committed.

@@ -1,6 +1,7 @@
 //! The enricher against a real local broker, with records read back from its
 //! files by fastavro: time-aware attribution (IP reuse), the static map, the
-//! dead-letter topic, and exactly-once files across a crash.
+//! dead-letter topic, exactly-once files across a crash, and records a sidecar
+//! sent twice written once.
 
 mod common;
 
@@ -170,6 +171,31 @@ fn kill_9_loses_and_duplicates_nothing() {
         let s = r["sequence"].as_i64().unwrap();
         assert_eq!(r["bytes_sent"].as_i64(), Some(s));
     }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A sidecar sends records again (its spool replayed after a crash) and one
+/// late: the files hold each record once, and the metrics say what happened.
+#[test]
+fn records_sent_twice_are_written_once() {
+    let Some(b) = start_broker("dup", 1) else { return };
+    let out = out_dir("dup");
+    let seqs = [0, 1, 3, 4, 1, 3, 4, 2, 5, 2];
+    let flows: Vec<_> = seqs.iter().map(|&s| ("c".to_string(), flow(s, [10, 0, 0, 9], T0 + s * S, s))).collect();
+    produce(&b.addr, "flowlog.flows", &flows);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let e = start_enricher(&b.addr, &out, &["--metrics-listen", &listen]);
+    assert_eq!(wait_metric(port, "flowlog_enricher_records_in_total", 10.0), 10.0);
+    assert_eq!(wait_metric(port, "flowlog_enricher_duplicates_total", 4.0), 4.0);
+    assert_eq!(wait_metric(port, "flowlog_enricher_sequence_gaps_total", 1.0), 1.0);
+    assert_eq!(wait_metric(port, "flowlog_enricher_sequence_late_total", 1.0), 1.0);
+    let recs = wait_files(&out, 6, Duration::from_secs(30));
+    stop(e);
+    let mut written: Vec<i64> = read_files(&out).iter().map(|r| r["sequence"].as_i64().unwrap()).collect();
+    assert_eq!(recs.len(), 6);
+    written.sort();
+    assert_eq!(written, (0..6).collect::<Vec<_>>());
     let _ = std::fs::remove_dir_all(&out);
 }
 

@@ -197,19 +197,127 @@ fn held_batches_wait_no_longer_than_max_age_plus_the_late_window() {
 
 #[test]
 fn sequence_gaps_are_counted_per_host_and_epoch() {
-    let mut g = SequenceGaps::default();
-    assert_eq!(g.observe("a", 1, 0), 0);
-    assert_eq!(g.observe("a", 1, 1), 0);
-    assert_eq!(g.observe("b", 7, 40), 0, "a host's first record");
-    assert_eq!(g.observe("a", 1, 5), 3);
-    assert_eq!(g.observe("b", 7, 42), 1);
-    // A repeat (redelivery) is no gap, and the count goes on from it.
-    assert_eq!(g.observe("a", 1, 5), 0);
-    assert_eq!(g.observe("a", 1, 3), 0);
-    assert_eq!(g.observe("a", 1, 5), 1);
-    // The sidecar restarted: a new epoch starts afresh.
-    assert_eq!(g.observe("a", 2, 0), 0);
-    assert_eq!(g.observe("a", 2, 2), 1);
+    let mut g = Sequences::default();
+    let new = |missing| Seen::New { missing };
+    assert_eq!(g.observe(0, "a", 1, 0), new(0));
+    assert_eq!(g.observe(0, "a", 1, 1), new(0));
+    assert_eq!(g.observe(0, "b", 7, 40), new(0), "a host's first record");
+    assert_eq!(g.observe(0, "a", 1, 5), new(3));
+    assert_eq!(g.observe(0, "b", 7, 42), new(1));
+    // A repeat is a duplicate, and the high-water mark stays where it was.
+    assert_eq!(g.observe(0, "a", 1, 5), Seen::Duplicate);
+    assert_eq!(g.observe(0, "a", 1, 0), Seen::Duplicate);
+    assert_eq!(g.observe(0, "a", 1, 6), new(0));
+    // Reordered: 3 comes after 6; it fills its hole, and 7 opens none.
+    assert_eq!(g.observe(0, "a", 1, 3), Seen::Late);
+    assert_eq!(g.observe(0, "a", 1, 3), Seen::Duplicate);
+    assert_eq!(g.observe(0, "a", 1, 7), new(0));
+    // The sidecar restarted: a new epoch starts afresh; the old one is kept.
+    assert_eq!(g.observe(0, "a", 2, 0), new(0));
+    assert_eq!(g.observe(0, "a", 2, 2), new(1));
+    assert_eq!(g.observe(0, "a", 1, 7), Seen::Duplicate);
+    // Below the first number seen of an epoch: no hole was counted there.
+    assert_eq!(g.observe(0, "b", 7, 39), new(0));
+    assert_eq!(g.observe(0, "b", 7, 39), Seen::Duplicate);
+    assert_eq!(
+        g.counts,
+        Counts {
+            gaps: 3 + 1 + 1,
+            late: 1,
+            duplicates: 5,
+            evicted: 0
+        }
+    );
+    // Sequences at the ends of the range of i64 do not overflow.
+    assert_eq!(g.observe(0, "c", 0, i64::MIN), new(0));
+    assert_eq!(g.observe(0, "c", 0, i64::MAX), new(u64::MAX - 1));
+    assert_eq!(g.observe(0, "c", 0, i64::MAX), Seen::Duplicate);
+    assert_eq!(g.observe(0, "c", 0, i64::MIN), Seen::Duplicate);
+}
+
+/// Consecutive numbers merge into one range however they arrive, so the
+/// holes only cost memory; past the bounds the oldest are forgotten and
+/// counted (a repeat of a forgotten record is then written again).
+#[test]
+fn sequence_tracking_is_bounded() {
+    let mut g = Sequences::new(2, 5);
+    // 0..=9 in a scrambled order: one range in the end.
+    for seq in [0, 2, 4, 6, 8, 9, 7, 5, 3, 1] {
+        assert_ne!(g.observe(0, "a", 1, seq), Seen::Duplicate, "{seq}");
+    }
+    for seq in 0..=9 {
+        assert_eq!(g.observe(0, "a", 1, seq), Seen::Duplicate, "{seq}");
+    }
+    assert_eq!((g.counts.gaps, g.counts.late, g.counts.evicted), (4, 4, 0));
+    // Holes: ranges [0, 9], [20], [30], [40], [50], then [60] is one too
+    // many: the lowest goes, and with it the knowledge of 0..=9.
+    for seq in [20, 30, 40, 50, 60] {
+        g.observe(0, "a", 1, seq);
+    }
+    assert_eq!(g.counts.evicted, 1);
+    assert_eq!(g.observe(0, "a", 1, 5), Seen::New { missing: 0 }, "forgotten");
+    assert_eq!(g.counts.evicted, 2, "5 went in and out again");
+    assert_eq!(g.observe(0, "a", 1, 21), Seen::Late, "a hole still known");
+    assert_eq!(g.observe(0, "a", 1, 30), Seen::Duplicate);
+    // A third host: the least recently seen one is forgotten.
+    g.observe(0, "b", 1, 0);
+    g.observe(0, "a", 1, 41);
+    g.observe(0, "c", 1, 0);
+    assert_eq!(g.counts.evicted, 2 + 1, "b's one range");
+    assert_eq!(g.observe(0, "a", 1, 41), Seen::Duplicate);
+    assert_eq!(g.observe(0, "b", 1, 0), Seen::New { missing: 0 });
+    // Epochs: at most MAX_EPOCHS per host, the oldest goes first.
+    let mut g = Sequences::default();
+    for epoch in 0..=sequences::MAX_EPOCHS as i64 {
+        g.observe(0, "a", epoch, 0);
+    }
+    assert_eq!(g.counts.evicted, 1);
+    assert_eq!(g.observe(0, "a", 0, 0), Seen::New { missing: 0 }, "not tracked");
+    assert_eq!(g.observe(0, "a", 1, 0), Seen::Duplicate);
+}
+
+/// The sidecar sends records again (a replayed spool) and late (failed
+/// deliveries replayed after newer records): each record is written once,
+/// the repeats' offsets still move the batch on, and a late record is no
+/// gap in the end.
+#[test]
+fn duplicates_are_dropped_and_late_records_written_once() {
+    let mut r = Rig::new(100, 10, 0);
+    let now = r.at(0);
+    let sequences = [0, 1, 2, 5, 6, 3, 4, 5, 6, 7, 0, 1];
+    for (off, seq) in sequences.into_iter().enumerate() {
+        r.consume(0, off as i64, &flow("h", seq, LOOPBACK, T0), now);
+    }
+    let mut due = r.pipeline.due(r.at(10));
+    let (p, b) = due.pop().unwrap();
+    assert_eq!((p, b.first, b.last), (0, 0, 11));
+    let written: Vec<i64> = b.records.iter().map(|e| e.flow.sequence).collect();
+    assert_eq!(written, vec![0, 1, 2, 5, 6, 3, 4, 7]);
+    let c = r.pipeline.sequence_counts();
+    assert_eq!((c.duplicates, c.gaps, c.late), (4, 2, 2));
+    assert_eq!(c.gaps - c.late, 0, "no hole left open");
+    // A batch of duplicates only still commits its offsets.
+    r.consume(0, 12, &flow("h", 7, LOOPBACK, T0), r.at(11));
+    assert_eq!(r.due(r.at(21)), vec![(0, 12, 12, 0)]);
+    assert_eq!(r.pipeline.sequence_counts().duplicates, 5);
+}
+
+/// A partition taken away takes its hosts' sequence numbers with it: if its
+/// batch could not be written then, reading it again (here this process
+/// gets it back) writes the records rather than drop them as repeats.
+#[test]
+fn a_revoked_partition_forgets_its_hosts() {
+    let mut r = Rig::new(100, 10, 0);
+    r.pipeline.assign(0, -1);
+    r.consume(0, 0, &flow("h", 0, LOOPBACK, T0), r.at(0));
+    r.consume(1, 0, &flow("other", 0, LOOPBACK, T0), r.at(0));
+    // Handed over, but its write fails: nothing committed.
+    assert_eq!(r.pipeline.revoke(0).unwrap().records.len(), 1);
+    r.pipeline.assign(0, -1);
+    r.consume(0, 0, &flow("h", 0, LOOPBACK, T0), r.at(1));
+    r.consume(1, 1, &flow("other", 0, LOOPBACK, T0), r.at(1));
+    assert_eq!(r.due(r.at(11)), vec![(0, 0, 0, 1), (1, 0, 1, 1)]);
+    assert_eq!(r.pipeline.sequence_counts().duplicates, 1, "only partition 1's");
 }
 
 /// Resuming a partition: offsets the files already hold are skipped, a
