@@ -353,8 +353,8 @@ setsid "$BIN/flowlog-enricher" --brokers "127.0.0.1:$PORT" --group-id flowlog-de
 echo $! > "$OUT/run/enricher.pid"
 wait_started enricher "enriching"
 
-# Waits until HOST's sidecar has announced the workload IPs WANT (a Python
-# expression over `held`, the pod UIDs with their IPs, e.g. "uid in held").
+# Waits until HOST's sidecar's latest identity record lists (yes) or no
+# longer lists (no) the pod UID among the workloads whose IPs it holds.
 wait_announced() { # HOST UID yes|no
     "$PY" scripts/demo_identity.py "127.0.0.1:$PORT" "$1" "$2" "$3" --timeout 30 \
         || fail "sidecar $1 did not announce pod $2 as ${3/no/gone}" "$OUT/sidecar-$1.log"
@@ -387,8 +387,9 @@ say "generating traffic for ${SECONDS_OF_TRAFFIC}s (flowlog-demo-traffic in each
 serve_pod frontend 80; serve_pod api 8080; serve_pod cache-0 6379
 in_service postgresql serve --listen "${HOST_IP[db-vm]}:5432" > "$OUT/traffic/serve-postgresql.log" 2>&1 &
 wait_listening "$OUT/traffic/serve-postgresql.log" postgresql
-# A pod's IP is announced once its namespace has a process (the servers):
-# wait for it, as its first clients would otherwise find it unannounced.
+# Each sidecar announces its node's pods' IPs (from the API fixture, and from
+# the pods' namespaces): wait until it has, as a pod's first clients would
+# otherwise find its IP unannounced (NO_OWNER_AT_TIME, never guessed).
 for p in "${PODS[@]}"; do wait_announced "${POD_NODE[$p]}" "${POD_UID[$p]}" yes; done
 echo "   every pod's IP is announced by its node's sidecar (identity topic)"
 F=${POD_IP[frontend]} A=${POD_IP[api]} C=${POD_IP[cache-0]} D=${HOST_IP[db-vm]}
