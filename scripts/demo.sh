@@ -346,7 +346,7 @@ for h in "${HOSTS[@]}"; do
 done
 
 say "starting the enricher (no static map: the sidecars' identities and the Services; metrics http://127.0.0.1:$ENRICHER_METRICS/metrics)"
-setsid "$BIN/flowlog-enricher" --brokers "127.0.0.1:$PORT" --group-id flowlog-demo --output-dir "$OUT/enriched" \
+setsid "$BIN/flowlog-enricher" --brokers "127.0.0.1:$PORT" --group-id flowlog-demo --output "$OUT/enriched" \
     --kubernetes-services true --kubernetes-api-url "$KUBE_API" \
     --batch-max-age-secs 2 --late-window-secs 5 \
     --metrics-listen "127.0.0.1:$ENRICHER_METRICS" 2> "$OUT/enricher.log" &
