@@ -72,13 +72,16 @@ class Lake:
     local copy is removed at the end)."""
 
     def __init__(self, root):
-        self.tmp = None
-        root = str(root)
+        self.tmp = self.con = None
+        root = shown = str(root)
         if root.startswith("s3://"):
             self.tmp = tempfile.TemporaryDirectory(prefix="flowlog-lake-")
             self.objects = sync_s3(root, self.tmp.name)
             root = self.tmp.name
         self.root = root
+        if not self.files():
+            self.close()
+            raise LookupError(f"no Parquet files under {shown}")
         self.con = duckdb.connect()
         self.con.execute("SET VARIABLE lake = ?", [root.rstrip("/")])
         self.con.execute((QUERIES / f"{SETUP}.sql").read_text())
@@ -90,7 +93,8 @@ class Lake:
         self.close()
 
     def close(self):
-        self.con.close()
+        if self.con:
+            self.con.close()
         if self.tmp:
             self.tmp.cleanup()
 
@@ -146,10 +150,12 @@ def main():
     if unknown:
         ap.error(f"no such query: {', '.join(sorted(unknown))} (have: {', '.join(query_names())})")
     out = {}
-    with Lake(a.root) as lake:
-        if not lake.files():
-            print(f"no Parquet files under {a.root}", file=sys.stderr)
-            return 1
+    try:
+        lake = Lake(a.root)
+    except LookupError as e:
+        print(e, file=sys.stderr)
+        return 1
+    with lake:
         for n in names:
             missing = set(query_params(n)) - set(params)
             if missing:
