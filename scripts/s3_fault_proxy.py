@@ -60,13 +60,13 @@ import argparse
 import collections
 import http.client
 import json
-import os
 import socket
 import struct
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+from local_server import serve
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
@@ -236,21 +236,17 @@ class Handler(BaseHTTPRequestHandler):
                         yield t
                         if t in (b"\r\n", b"\n", b""):
                             return
-                left = size + 2  # the data and its CRLF
-                while left:
-                    b = self.rfile.read(min(CHUNK, left))
-                    if not b:
-                        raise ClientGone("closed mid-body")
-                    left -= len(b)
-                    yield b
+                yield from self.read_exactly(size + 2)  # the data and its CRLF
         else:
-            left = int(self.headers.get("Content-Length") or 0)
-            while left:
-                b = self.rfile.read(min(CHUNK, left))
-                if not b:
-                    raise ClientGone("closed mid-body")
-                left -= len(b)
-                yield b
+            yield from self.read_exactly(int(self.headers.get("Content-Length") or 0))
+
+    def read_exactly(self, left):
+        while left:
+            b = self.rfile.read(min(CHUNK, left))
+            if not b:
+                raise ClientGone("closed mid-body")
+            left -= len(b)
+            yield b
 
     def skip_body(self):
         for _ in self.body_chunks():
@@ -367,19 +363,7 @@ def main():
     Handler.faults = Faults()
     Handler.verbose = args.verbose
 
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    server.daemon_threads = True
-    port = server.server_address[1]
-    if args.port_file:
-        tmp = args.port_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{port}\n")
-        os.replace(tmp, args.port_file)
-    print(port, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    serve(Handler, args.port, args.port_file)
 
 
 if __name__ == "__main__":
