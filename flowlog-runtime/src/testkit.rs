@@ -5,6 +5,7 @@
 
 pub mod kube_api;
 pub mod s3;
+pub mod script_server;
 
 use std::{
     io,

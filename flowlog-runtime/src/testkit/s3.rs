@@ -5,13 +5,15 @@
 //! fault rules; wrapped below.
 
 use std::{
-    io::{self, BufRead, BufReader},
+    io,
     path::{Path, PathBuf},
-    process::{Child, ChildStdout, Command, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
+
+use super::script_server::ScriptServer;
 
 /// moto's server, relative to [`super::tools_dir`].
 pub const MOTO_SERVER: &str = "venv-py-1/bin/moto_server";
@@ -79,9 +81,7 @@ impl Drop for Moto {
 /// client at [`S3FaultProxy::url`]; requests are forwarded unchanged until a
 /// fault rule matches.
 pub struct S3FaultProxy {
-    child: Child,
-    /// Held open: the script's stdout (it prints nothing after the port).
-    _stdout: BufReader<ChildStdout>,
+    server: ScriptServer,
     /// `127.0.0.1:PORT`.
     pub addr: String,
 }
@@ -89,20 +89,8 @@ pub struct S3FaultProxy {
 impl S3FaultProxy {
     /// Starts the proxy before `upstream` (`http://HOST:PORT`) and waits for its port.
     pub fn start(upstream: &str) -> io::Result<S3FaultProxy> {
-        let mut child = Command::new("python3")
-            .arg(proxy_script())
-            .args(["--port", "0", "--upstream", upstream])
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        let Ok(port) = line.trim().parse::<u16>() else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(io::Error::other(format!("the S3 fault proxy did not print its port: {line:?}")));
-        };
-        Ok(S3FaultProxy { child, _stdout: stdout, addr: format!("127.0.0.1:{port}") })
+        let server = ScriptServer::start(&proxy_script(), &["--upstream", upstream], "the S3 fault proxy")?;
+        Ok(S3FaultProxy { addr: server.addr.clone(), server })
     }
 
     /// The endpoint URL for a client (`http://127.0.0.1:PORT`).
@@ -111,12 +99,7 @@ impl S3FaultProxy {
     }
 
     fn call(&self, method: &str, path: &str, body: &str) -> io::Result<Value> {
-        let (code, text) = super::http(&self.addr, method, path, body)?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        if code != 200 {
-            return Err(io::Error::other(format!("{method} {path}: {code} {v}")));
-        }
-        Ok(v)
+        self.server.call(method, path, body)
     }
 
     /// Arms fault rules (one rule or a JSON list), e.g.
@@ -140,13 +123,6 @@ impl S3FaultProxy {
     /// How many faults of one kind were injected so far ("error 503", "down", ...).
     pub fn injected(&self, kind: &str) -> u64 {
         self.stats().ok().and_then(|s| s["faults"][kind].as_u64()).unwrap_or(0)
-    }
-}
-
-impl Drop for S3FaultProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
