@@ -237,8 +237,8 @@ fn ec2_ip_reuse_against_an_ec2_endpoint() {
     if !ready() {
         return;
     }
-    let moto = Moto::start();
-    let url = moto.url.clone();
+    let moto = testkit::s3::Moto::start().expect("moto");
+    let url = moto.url();
     let py = testkit::tool(testkit::PYTHON);
     let ec2 = |args: &[&str]| -> String {
         let o = Command::new(&py).arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/moto_ec2.py")).arg(&url).args(args).output().unwrap();

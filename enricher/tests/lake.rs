@@ -9,6 +9,7 @@ mod common;
 use std::{os::unix::process::ExitStatusExt as _, time::Duration};
 
 use common::*;
+use flowlog_runtime::testkit::s3::{Moto, S3FaultProxy};
 
 /// `n` flows of one host, ending over about three hours (so that a batch
 /// spans several `dt=/hr=` objects).
@@ -83,34 +84,101 @@ fn two_enrichers_writing_one_partition_write_each_record_once() {
     let _ = std::fs::remove_file(&cfg);
 }
 
+/// An S3 output on moto (through the fault proxy when `proxied`), with
+/// the enricher's S3 settings and credentials.
+struct S3Lake {
+    moto: Moto,
+    proxy: Option<S3FaultProxy>,
+    local: std::path::PathBuf,
+}
+
+impl S3Lake {
+    fn start(name: &str, proxied: bool) -> S3Lake {
+        let moto = Moto::start().expect("moto");
+        s3(&moto.url(), &["create", "flows"]);
+        let proxy = proxied.then(|| S3FaultProxy::start(&moto.url()).expect("the fault proxy"));
+        S3Lake { moto, proxy, local: out_dir(name) }
+    }
+
+    fn endpoint(&self) -> String {
+        self.proxy.as_ref().map_or_else(|| self.moto.url(), |p| p.url())
+    }
+
+    /// The enricher writing to s3://flows/lake/v1.
+    fn enricher(&self, brokers: &str, extra: &[&str]) -> std::process::Command {
+        let endpoint = self.endpoint();
+        let args: Vec<&str> = ["--s3-endpoint-url", endpoint.as_str(), "--s3-region", "us-east-1"].into_iter().chain(extra.iter().copied()).collect();
+        let mut c = enricher(brokers, "s3://flows/lake/v1", &args);
+        c.envs([("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test")]);
+        c
+    }
+
+    /// Every record in the bucket (copied down, read by fastavro).
+    fn records(&self) -> Vec<serde_json::Value> {
+        let _ = std::fs::remove_dir_all(&self.local);
+        s3(&self.moto.url(), &["sync", "flows", "lake/v1", self.local.to_str().unwrap()]);
+        read_files(&self.local)
+    }
+}
+
+impl Drop for S3Lake {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.local);
+    }
+}
+
 /// The same on S3 (moto): killed while writing an object and after a
 /// commit, restarted; every record once in the bucket.
 #[test]
 fn s3_output_killed_and_restarted_writes_each_record_once() {
     let Some(b) = start_broker("s3", 1) else { return };
-    let moto = Moto::start();
-    moto.s3(&["create", "flows"]);
-    let output = "s3://flows/lake/v1";
-    let s3 = ["--s3-endpoint-url", moto.url.as_str(), "--s3-region", "us-east-1"];
-    let env = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test")];
+    let lake = S3Lake::start("s3-kill", false);
     produce(&b.addr, "flowlog.flows", &flows(0, 600));
     for (step, size) in [("object", "50"), ("committed", "80")] {
-        let extra: Vec<&str> = s3.iter().copied().chain(["--batch-max-records", size]).collect();
-        run_until_killed(&b.addr, output, step, &extra, &env);
+        let mut c = lake.enricher(&b.addr, &["--batch-max-records", size]);
+        c.env("FLOWLOG_ENRICHER_FAILPOINT", format!("{step}:2"));
+        let st = wait_exit(&mut c.spawn().unwrap(), Duration::from_secs(90));
+        assert_eq!(st.signal(), Some(libc::SIGKILL), "not killed at {step}: {st}");
     }
-    let mut c = enricher(&b.addr, output, &s3);
-    c.envs(env);
-    let e = c.spawn().unwrap();
-    let local = out_dir("s3-sync");
-    let sync = || {
-        let _ = std::fs::remove_dir_all(&local);
-        moto.s3(&["sync", "flows", "lake/v1", local.to_str().unwrap()]);
-        read_files(&local)
-    };
-    wait_until("600 records in the bucket", Duration::from_secs(60), || sync().len() >= 600);
+    let e = lake.enricher(&b.addr, &[]).spawn().unwrap();
+    wait_until("600 records in the bucket", Duration::from_secs(60), || lake.records().len() >= 600);
     stop(e);
-    let recs = sync();
+    let recs = lake.records();
     assert_exactly_once(&recs, 600);
     assert!(recs.iter().all(|r| r["_file"].as_str().unwrap().starts_with("dt=")));
-    let _ = std::fs::remove_dir_all(&local);
+}
+
+/// The S3 endpoint throttles (503 SlowDown), fails a write after doing it
+/// (the client sees a reset), then goes away entirely for a while: the
+/// enricher retries with backoff, pauses the partition, stays up, and once
+/// the endpoint is back every record is in the bucket exactly once.
+#[test]
+fn s3_throttling_and_outage_lose_and_duplicate_nothing() {
+    let Some(b) = start_broker("s3-faults", 1) else { return };
+    let lake = S3Lake::start("s3-faults", true);
+    let proxy = lake.proxy.as_ref().unwrap();
+    let cfg = lake.local.with_extension("toml");
+    // Short client retries, so that the enricher's own retry (pause,
+    // backoff, the same batch again) is what rides out the outage.
+    std::fs::write(&cfg, "[s3]\nretry_timeout_secs = 2\nrequest_timeout_secs = 5\n").unwrap();
+    let port = flowlog_runtime::testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    proxy.fault(&serde_json::json!([
+        {"method": "PUT", "path": "/lake/v1/dt", "status": 503, "count": 4},
+        {"method": "PUT", "path": "/lake/v1/dt", "action": "reset", "after": true, "count": 2},
+    ])).unwrap();
+    let e = lake.enricher(&b.addr, &["--config", cfg.to_str().unwrap(), "--batch-max-records", "60", "--metrics-listen", &listen]).spawn().unwrap();
+    produce(&b.addr, "flowlog.flows", &flows(0, 300));
+    wait_until("300 records in the bucket", Duration::from_secs(60), || lake.records().len() >= 300);
+    assert_eq!(proxy.injected("error 503"), 4);
+    assert_eq!(proxy.injected("reset"), 2);
+    // The endpoint goes away: writes fail past the client's retries.
+    proxy.fault(&serde_json::json!({"action": "down", "count": null})).unwrap();
+    produce(&b.addr, "flowlog.flows", &flows(300, 600));
+    wait_until("a failed roll", Duration::from_secs(60), || metric(port, "flowlog_enricher_roll_failures_total{stage=\"claim\"}") + metric(port, "flowlog_enricher_roll_failures_total{stage=\"write\"}") >= 2.0);
+    proxy.clear().unwrap();
+    wait_until("600 records in the bucket", Duration::from_secs(90), || lake.records().len() >= 600);
+    stop(e);
+    assert_exactly_once(&lake.records(), 600);
+    let _ = std::fs::remove_file(&cfg);
 }

@@ -106,51 +106,16 @@ pub fn enricher(brokers: &str, output: &str, extra: &[&str]) -> Command {
     c
 }
 
-/// moto's server (S3, EC2) on a free local port, stopped when dropped.
-pub struct Moto {
-    child: Child,
-    pub url: String,
-}
-
-impl Moto {
-    pub fn start() -> Moto {
-        let port = testkit::free_port();
-        let child = Command::new(testkit::tool("venv-py-1/bin/moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut m = Moto { child, url: format!("http://127.0.0.1:{port}") };
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(30), "moto did not start");
-            if let Ok(Some(st)) = m.child.try_wait() {
-                panic!("moto exited: {st}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        m
-    }
-
-    /// `tests/s3.py` against this server.
-    pub fn s3(&self, args: &[&str]) -> String {
-        let o = Command::new(testkit::tool(testkit::PYTHON))
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/s3.py"))
-            .arg(&self.url)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `tests/s3.py` against the S3 endpoint `url` (moto, or the fault proxy).
+pub fn s3(url: &str, args: &[&str]) -> String {
+    let o = Command::new(testkit::tool(testkit::PYTHON))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/s3.py"))
+        .arg(url)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
 /// Waits for a child to exit (at most `timeout`).
