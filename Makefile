@@ -33,6 +33,7 @@ test:
 	cargo build -p flowlog-sidecar -p flowlog-enricher -p flowlog-bench --bins < /dev/null
 	FLOWLOG_DEMO_CHECK=1 FLOWLOG_DEMO_BIN=./target/debug FLOWLOG_DEMO_SECONDS=4 FLOWLOG_DEMO_OUT=out/demo-check bash scripts/demo.sh
 	FLOWLOG_DEPLOY_NO_SKIP=1 bash scripts/check-deploy.sh
+	$(MAKE) test-scripts
 
 ## The Python tests of scripts/ (the S3 fault proxy, the flow-lake queries and
 ## summaries), on the real moto S3 server and DuckDB from `make setup`.
