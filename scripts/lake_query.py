@@ -47,9 +47,10 @@ def query_params(name):
     return sorted(set(re.findall(r"getvariable\('(\w+)'\)", text)) - {"lake"})
 
 
-def sync_s3(url, dest):
-    """Copies the *.parquet objects under s3://BUCKET/PREFIX to dest, each
-    at its key's path below the prefix; returns how many."""
+def sync_s3(url, dest, suffixes=(".parquet",)):
+    """Copies the objects under s3://BUCKET/PREFIX whose keys end with one of
+    `suffixes` (all: None) to dest, each at its key's path below the prefix;
+    returns how many."""
     import boto3
     bucket, _, prefix = url[len("s3://"):].partition("/")
     prefix = prefix.rstrip("/") + "/" if prefix else ""
@@ -57,7 +58,7 @@ def sync_s3(url, dest):
     n = 0
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            if not obj["Key"].endswith(".parquet"):
+            if suffixes and not obj["Key"].endswith(tuple(suffixes)):
                 continue
             path = pathlib.Path(dest) / obj["Key"][len(prefix):]
             path.parent.mkdir(parents=True, exist_ok=True)

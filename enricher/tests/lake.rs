@@ -95,7 +95,7 @@ struct S3Lake {
 impl S3Lake {
     fn start(name: &str, proxied: bool) -> S3Lake {
         let moto = Moto::start().expect("moto");
-        s3(&moto.url(), &["create", "flows"]);
+        s3(&moto.url(), &["create-bucket", "flows"]);
         let proxy = proxied.then(|| S3FaultProxy::start(&moto.url()).expect("the fault proxy"));
         S3Lake { moto, proxy, local: out_dir(name) }
     }
@@ -116,7 +116,7 @@ impl S3Lake {
     /// Every record in the bucket (copied down, read by fastavro).
     fn records(&self) -> Vec<serde_json::Value> {
         let _ = std::fs::remove_dir_all(&self.local);
-        s3(&self.moto.url(), &["sync", "flows", "lake/v1", self.local.to_str().unwrap()]);
+        s3(&self.moto.url(), &["sync", "s3://flows/lake/v1", self.local.to_str().unwrap()]);
         read_files(&self.local)
     }
 }

@@ -106,16 +106,15 @@ pub fn enricher(brokers: &str, output: &str, extra: &[&str]) -> Command {
     c
 }
 
-/// `tests/s3.py` against the S3 endpoint `url` (moto, or the fault proxy).
-pub fn s3(url: &str, args: &[&str]) -> String {
+/// `scripts/s3_lake.py` against the S3 endpoint `url` (moto, or the fault proxy).
+pub fn s3(url: &str, args: &[&str]) {
     let o = Command::new(testkit::tool(testkit::PYTHON))
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/s3.py"))
-        .arg(url)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/s3_lake.py"))
         .args(args)
+        .envs([("AWS_ENDPOINT_URL", url), ("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_DEFAULT_REGION", "us-east-1")])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
 /// Waits for a child to exit (at most `timeout`).
