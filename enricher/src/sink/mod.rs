@@ -4,6 +4,7 @@
 
 pub mod dlq;
 pub mod files;
+pub mod parquet;
 pub mod topic;
 
 use std::time::Instant;
