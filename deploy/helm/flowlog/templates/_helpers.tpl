@@ -176,11 +176,6 @@ integers, strings JSON-quoted (a subset of TOML basic strings), null dropped.
 {{- if eq .Values.enricher.autoscaling.mode "none" -}}{{ .Values.enricher.replicas }}{{- else -}}{{ .Values.enricher.autoscaling.maxReplicas }}{{- end -}}
 {{- end -}}
 
-{{/* The enricher's output volume is one the pod mounts at /data (not S3). */}}
-{{- define "flowlog.enricher.outputVolume" -}}
-{{- if ne .Values.enricher.output.type "s3" -}}true{{- end -}}
-{{- end -}}
-
 {{/* s3://<bucket>/<prefix> of enricher.output. */}}
 {{- define "flowlog.enricher.s3Url" -}}
 {{- list .Values.enricher.output.bucket (trimAll "/" (default "" .Values.enricher.output.prefix)) | compact | join "/" | printf "s3://%s" -}}
