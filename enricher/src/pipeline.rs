@@ -28,7 +28,7 @@ use crate::{
 };
 
 mod sequences;
-pub use sequences::{Counts, Seen, Sequences};
+pub use sequences::{Counts, Produced, Seen, Sequences};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -108,6 +108,7 @@ impl Pipeline {
         dead_letters: Arc<dyn DeadLetters>,
     ) -> Pipeline {
         let selfcheck = SelfCheck::new(settings.selfcheck_window(), selfcheck::MAX_PENDING);
+        let sequences = Sequences::with_produced(sequences::MAX_HOSTS, sequences::MAX_RANGES, sources.produced.clone());
         Pipeline {
             settings,
             decoder: Decoder::new(),
@@ -117,7 +118,7 @@ impl Pipeline {
             ready: VecDeque::new(),
             stalled: HashMap::new(),
             done_through: HashMap::new(),
-            sequences: Sequences::default(),
+            sequences,
             selfcheck,
             now: Instant::now(),
         }
