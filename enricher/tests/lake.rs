@@ -173,19 +173,50 @@ fn s3_throttling_and_outage_lose_and_duplicate_nothing() {
     proxy.fault(&serde_json::json!([
         {"method": "PUT", "path": "/lake/v1/dt", "status": 503, "count": 4},
         {"method": "PUT", "path": "/lake/v1/dt", "action": "reset", "after": true, "count": 2},
+        {"method": "PUT", "path": "/lake/v1/dt", "delay_ms": 8000, "count": 1},
     ])).unwrap();
     let e = lake.enricher(&b.addr, &["--config", cfg.to_str().unwrap(), "--batch-max-records", "60", "--metrics-listen", &listen]).spawn().unwrap();
     produce(&b.addr, "flowlog.flows", &flows(0, 300));
     wait_until("300 records in the bucket", Duration::from_secs(60), || lake.records().len() >= 300);
     assert_eq!(proxy.injected("error 503"), 4);
     assert_eq!(proxy.injected("reset"), 2);
+    assert_eq!(proxy.injected("delay"), 1, "a write that timed out (request_timeout_secs = 5)");
     // The endpoint goes away: writes fail past the client's retries.
+    let failures = || metric(port, "flowlog_enricher_roll_failures_total{stage=\"claim\"}") + metric(port, "flowlog_enricher_roll_failures_total{stage=\"write\"}");
+    let before = failures();
     proxy.fault(&serde_json::json!({"action": "down", "count": null})).unwrap();
     produce(&b.addr, "flowlog.flows", &flows(300, 600));
-    wait_until("a failed roll", Duration::from_secs(60), || metric(port, "flowlog_enricher_roll_failures_total{stage=\"claim\"}") + metric(port, "flowlog_enricher_roll_failures_total{stage=\"write\"}") >= 2.0);
+    // Three failed tries with backoff (1 + 2 + 4 s) while it is away.
+    wait_until("failed rolls", Duration::from_secs(60), || failures() >= before + 3.0);
     proxy.clear().unwrap();
     wait_until("600 records in the bucket", Duration::from_secs(90), || lake.records().len() >= 600);
     stop(e);
     assert_exactly_once(&lake.records(), 600);
     let _ = std::fs::remove_file(&cfg);
+}
+
+/// A large object goes up as an S3 multipart upload (parts of 8 MiB) and
+/// reads back byte for byte; small ones in one PUT.
+#[test]
+fn large_objects_are_uploaded_in_parts() {
+    if !ready() {
+        return;
+    }
+    let lake = S3Lake::start("s3-multipart", true);
+    let proxy = lake.proxy.as_ref().unwrap();
+    let s3 = flowlog_enricher::config::S3Settings { endpoint_url: Some(proxy.url()), region: Some("us-east-1".into()), ..Default::default() };
+    std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+    let store = flowlog_enricher::sink::store::Store::open("s3://flows/big", &s3).unwrap();
+    let big: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    store.put("dt=2026-01-01/hr=00/big.avro", big.clone()).unwrap();
+    store.put("small", b"tiny".to_vec()).unwrap();
+    let stats = proxy.stats().unwrap();
+    assert!(stats["requests"]["POST"].as_u64().unwrap_or(0) >= 2, "create and complete a multipart upload: {stats}");
+    assert_eq!(store.get("dt=2026-01-01/hr=00/big.avro").unwrap().unwrap().as_ref(), &big[..]);
+    assert_eq!(store.get("small").unwrap().unwrap().as_ref(), b"tiny");
+    assert!(store.get("absent").unwrap().is_none());
+    assert!(store.create("claim", b"1".to_vec()).unwrap());
+    assert!(!store.create("claim", b"2".to_vec()).unwrap(), "conditional create: the first wins");
+    assert_eq!(store.get("claim").unwrap().unwrap().as_ref(), b"1");
 }
