@@ -2,16 +2,20 @@
 //! (schemas/enriched_flow.avsc), keyed by the sidecar's host id. At least
 //! once: a batch redone after a crash is produced again.
 
-use rdkafka::producer::BaseRecord;
+use std::sync::Arc;
 
 use super::{Batch, Sink};
-use crate::{kafka::Producer, metrics};
+use crate::{
+    kafka::{Outgoing, Producer, Tracker, DELIVERY_TIMEOUT},
+    metrics,
+};
 
 pub struct EnrichedTopic {
     producer: Producer,
     topic: String,
     /// The single-object header: marker and schema fingerprint.
     header: [u8; 10],
+    deliveries: Arc<Tracker>,
 }
 
 impl EnrichedTopic {
@@ -20,6 +24,7 @@ impl EnrichedTopic {
             producer,
             topic,
             header: flowlog_schema::ENRICHED_FLOW.header(),
+            deliveries: Arc::default(),
         }
     }
 }
@@ -31,12 +36,20 @@ impl Sink for EnrichedTopic {
             msg.clear();
             msg.extend_from_slice(&self.header);
             r.write(&mut msg);
-            let rec = BaseRecord::<str, [u8], ()>::to(&self.topic)
-                .key(r.host.identity.host_id.as_str())
-                .payload(&msg[..]);
-            self.producer.send(rec)?;
+            let out = Outgoing {
+                topic: &self.topic,
+                key: Some(r.host.identity.host_id.as_bytes()),
+                payload: Some(&msg[..]),
+                headers: None,
+            };
+            self.producer.send(out, &self.deliveries)?;
         }
-        self.producer.deliver()?;
+        // An enriched record is far below any maximum size: refused as too
+        // large is a failure like any other.
+        let refused = self.producer.wait(&self.deliveries, DELIVERY_TIMEOUT)?;
+        if !refused.is_empty() {
+            anyhow::bail!("{} enriched records refused as too large by {}", refused.len(), self.topic);
+        }
         ::metrics::counter!(metrics::RECORDS_OUT, "sink" => "topic")
             .increment(batch.records.len() as u64);
         Ok(())
