@@ -57,6 +57,15 @@ fn produce_large(brokers: &str, topic: &str, msgs: &[Vec<u8>]) {
     p.flush(Duration::from_secs(30)).unwrap();
 }
 
+/// A broker, an output folder and an enricher settings file holding `toml`.
+fn setup(name: &str, toml: &str) -> Option<(testkit::Broker, std::path::PathBuf, std::path::PathBuf)> {
+    let b = start_broker(name, 1)?;
+    let out = out_dir(name);
+    let cfg = out.with_extension("toml");
+    std::fs::write(&cfg, toml).unwrap();
+    Some((b, out, cfg))
+}
+
 fn wait_exit(c: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     let t0 = Instant::now();
     loop {
@@ -106,11 +115,9 @@ fn an_oversized_dead_letter_is_sent_as_a_reference() {
 /// dead letter and writes the batch: nothing lost, nothing twice.
 #[test]
 fn an_undeliverable_dead_letter_is_not_committed() {
-    let Some(b) = start_broker("dlq-missing", 1) else { return };
-    let out = out_dir("dlq-missing");
-    let cfg = out.with_extension("toml");
     // Unknown topics fail after 1 s instead of 30.
-    std::fs::write(&cfg, "dlq_topic = \"flowlog.nodlq\"\n[kafka_properties]\n\"topic.metadata.propagation.max.ms\" = \"1000\"\n").unwrap();
+    let toml = "dlq_topic = \"flowlog.nodlq\"\n[kafka_properties]\n\"topic.metadata.propagation.max.ms\" = \"1000\"\n";
+    let Some((b, out, cfg)) = setup("dlq-missing", toml) else { return };
     produce(&b.addr, "flowlog.flows", &[
         ("c".into(), flow(0, [10, 9, 9, 9], T0, 100)),
         ("c".into(), b"garbage, not avro".to_vec()),
@@ -145,10 +152,7 @@ fn an_undeliverable_dead_letter_is_not_committed() {
 /// process; all of them arrive, once, and are counted once delivered.
 #[test]
 fn a_flood_of_dead_letters_waits_for_room() {
-    let Some(b) = start_broker("dlq-flood", 1) else { return };
-    let out = out_dir("dlq-flood");
-    let cfg = out.with_extension("toml");
-    std::fs::write(&cfg, "[kafka_properties]\n\"queue.buffering.max.messages\" = \"1\"\n").unwrap();
+    let Some((b, out, cfg)) = setup("dlq-flood", "[kafka_properties]\n\"queue.buffering.max.messages\" = \"1\"\n") else { return };
     let mut msgs: Vec<(String, Vec<u8>)> = (0..300).map(|i| ("c".to_string(), format!("garbage {i}").into_bytes())).collect();
     msgs.push(("c".into(), flow(0, [10, 9, 9, 9], T0, 100)));
     produce(&b.addr, "flowlog.flows", &msgs);
