@@ -237,27 +237,9 @@ fn ec2_ip_reuse_against_an_ec2_endpoint() {
     if !ready() {
         return;
     }
-    let moto_bin = testkit::tool("venv-py-1/bin/moto_server");
+    let moto = testkit::s3::Moto::start().expect("moto");
+    let url = moto.url();
     let py = testkit::tool(testkit::PYTHON);
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let mut moto = Command::new(&moto_bin).args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "moto did not start");
-        if let Ok(Some(st)) = moto.try_wait() {
-            panic!("moto exited: {st}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _moto = Kill(moto);
     let ec2 = |args: &[&str]| -> String {
         let o = Command::new(&py).arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/moto_ec2.py")).arg(&url).args(args).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -269,7 +251,7 @@ fn ec2_ip_reuse_against_an_ec2_endpoint() {
     let Some(b) = start_broker("ec2", 1) else { return };
     let out = out_dir("ec2");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowlog-enricher"));
-    cmd.args(["--brokers", &b.addr, "--output-dir", out.to_str().unwrap(), "--batch-max-age-secs", "1", "--metrics-listen", ""])
+    cmd.args(["--brokers", &b.addr, "--output", out.to_str().unwrap(), "--batch-max-age-secs", "1", "--metrics-listen", ""])
         .args(["--ec2-regions", "us-east-1", "--ec2-endpoint-url", &url, "--ec2-refresh-secs", "1", "--late-window-secs", "0"])
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
