@@ -4,9 +4,10 @@
 //! Every record is sent with a [`Tracker`] (one per sink): the producer's
 //! delivery report of that very record updates it, so a sink knows, record
 //! by record, that everything it sent was acknowledged before its batch's
-//! offsets are committed ([`Producer::wait`]). A flush of the whole producer
-//! would not tell: it can return before the report of a failed record has
-//! been handled.
+//! offsets are committed ([`Producer::wait`]), and gets back the records
+//! that were not, to send them again. A flush of the whole producer would
+//! not tell: it can return before the report of a failed record has been
+//! handled.
 
 use std::{
     sync::{Arc, Condvar, Mutex},
@@ -37,25 +38,25 @@ pub fn client_config(cfg: &Config) -> ClientConfig {
     c
 }
 
-/// A record the producer or the broker refused as larger than the maximum
-/// message size: its key and headers (not its payload), so that it can be
-/// sent again as a reference.
+/// A record whose delivery failed, as it was, to be sent again. One the
+/// producer or the broker refused as larger than the maximum message size
+/// keeps its key and headers only (`payload` None), to go as a reference.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Refused {
+pub struct Returned {
     pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
     pub payload_bytes: usize,
+    pub too_large: bool,
+    pub error: String,
 }
 
 #[derive(Default)]
 struct Reports {
     /// Sent and not yet reported.
     outstanding: u64,
-    /// Failed for good (sticky: what they covered must never be committed).
-    failed: u64,
-    first_error: Option<String>,
-    /// Refused as too large, not yet taken by [`Producer::wait`].
-    too_large: Vec<Refused>,
+    /// Failed, not yet taken by [`Producer::wait`].
+    returned: Vec<Returned>,
 }
 
 /// The deliveries of the records one sink sent (see the module docs).
@@ -73,23 +74,21 @@ impl Tracker {
 
     fn report(&self, r: &DeliveryResult<'_>) {
         let mut s = self.lock();
-        match r {
-            Ok(_) => {}
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), m)) => {
-                let headers = m.headers().map_or_else(Vec::new, |h| {
-                    h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect()
-                });
-                s.too_large.push(Refused {
-                    key: m.key().map(<[u8]>::to_vec),
-                    headers,
-                    payload_bytes: m.payload().map_or(0, <[u8]>::len),
-                });
-            }
-            Err((e, m)) => {
+        if let Err((e, m)) = r {
+            let too_large = matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge));
+            if !too_large {
                 warn!(topic = m.topic(), "delivery failed: {e}");
-                s.failed += 1;
-                s.first_error.get_or_insert_with(|| format!("{}: {e}", m.topic()));
             }
+            s.returned.push(Returned {
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().filter(|_| !too_large).map(<[u8]>::to_vec),
+                headers: m.headers().map_or_else(Vec::new, |h| {
+                    h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect()
+                }),
+                payload_bytes: m.payload().map_or(0, <[u8]>::len),
+                too_large,
+                error: format!("{}: {e}", m.topic()),
+            });
         }
         s.outstanding = s.outstanding.saturating_sub(1);
         drop(s);
@@ -178,11 +177,11 @@ impl Producer {
     }
 
     /// Waits until every record sent with `tracker` so far has been
-    /// reported, for up to `timeout`. Fails if any delivery ever failed
-    /// (the offsets of what was lost must never be committed, so the process
-    /// stops and its successor redoes them) or if reports are still missing.
-    /// Returns the records refused as too large since the last call.
-    pub fn wait(&self, tracker: &Tracker, timeout: Duration) -> anyhow::Result<Vec<Refused>> {
+    /// reported, for up to `timeout` (an error if reports are still
+    /// missing then). Returns the records that failed since the last call
+    /// (none: all acknowledged); the caller must not commit what they cover
+    /// before it has sent them again, or the batch again.
+    pub fn wait(&self, tracker: &Tracker, timeout: Duration) -> anyhow::Result<Vec<Returned>> {
         let deadline = Instant::now() + timeout;
         let mut s = tracker.lock();
         while s.outstanding > 0 {
@@ -192,14 +191,7 @@ impl Producer {
             }
             s = tracker.reported.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
         }
-        if s.failed > 0 {
-            anyhow::bail!(
-                "{} records were not delivered ({}); not committing",
-                s.failed,
-                s.first_error.as_deref().unwrap_or("?")
-            );
-        }
-        Ok(std::mem::take(&mut s.too_large))
+        Ok(std::mem::take(&mut s.returned))
     }
 }
 
@@ -221,16 +213,17 @@ mod tests {
         Outgoing { topic: "t", key: Some(b"k"), payload: Some(payload), headers: None }
     }
 
-    /// A delivery that fails is seen by the wait of its tracker, every time
-    /// after (sticky), and not by another sink's tracker.
+    /// A delivery that fails comes back, whole, from the wait of its
+    /// tracker (once), and not from another sink's tracker.
     #[test]
-    fn a_failed_delivery_fails_the_wait_of_its_tracker() {
+    fn a_failed_delivery_comes_back_from_its_tracker() {
         let p = producer(&[]);
         let (mine, other) = (Arc::new(Tracker::default()), Arc::new(Tracker::default()));
         p.send(out(b"x"), &mine).unwrap();
-        let err = p.wait(&mine, Duration::from_secs(10)).unwrap_err().to_string();
-        assert!(err.contains("1 records were not delivered"), "{err}");
-        assert!(p.wait(&mine, Duration::from_secs(1)).is_err(), "sticky");
+        let back = p.wait(&mine, Duration::from_secs(10)).unwrap();
+        assert_eq!(back.len(), 1, "{back:?}");
+        assert_eq!((back[0].key.as_deref(), back[0].payload.as_deref(), back[0].too_large), (Some(&b"k"[..]), Some(&b"x"[..]), false));
+        assert_eq!(p.wait(&mine, Duration::from_secs(1)).unwrap(), vec![]);
         assert_eq!(p.wait(&other, Duration::from_secs(1)).unwrap(), vec![]);
     }
 

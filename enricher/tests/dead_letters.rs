@@ -1,13 +1,12 @@
 //! Dead letters against the real broker: each one is in the dead-letter
 //! topic before the offsets that cover it are committed; one too large for
-//! the producer goes as a reference; one that cannot be delivered stops the
-//! process without committing, and its successor delivers it.
+//! the producer goes as a reference; one that cannot be delivered holds its
+//! batch back (no commit) and is sent again until it is delivered.
 
 mod common;
 
 use std::{
     collections::BTreeMap,
-    process::Child,
     time::{Duration, Instant},
 };
 
@@ -66,20 +65,6 @@ fn setup(name: &str, toml: &str) -> Option<(testkit::Broker, std::path::PathBuf,
     Some((b, out, cfg))
 }
 
-fn wait_exit(c: &mut Child, timeout: Duration) -> std::process::ExitStatus {
-    let t0 = Instant::now();
-    loop {
-        if let Some(st) = c.try_wait().unwrap() {
-            return st;
-        }
-        if t0.elapsed() > timeout {
-            let _ = c.kill();
-            panic!("the enricher did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A 1.5 MB garbage message (the producer's limit is 1 MB): before, the
 /// refused send stopped the process (and every restart again); now it goes
 /// to the dead-letter topic as a reference (origin, reason, size; no
@@ -110,9 +95,10 @@ fn an_oversized_dead_letter_is_sent_as_a_reference() {
 }
 
 /// The dead-letter topic does not exist: the dead letter is never
-/// acknowledged, so the batch that covers it is not written nor committed
-/// and the process stops. Once the topic exists, the next run delivers the
-/// dead letter and writes the batch: nothing lost, nothing twice.
+/// acknowledged, so the batch that covers it is neither written nor
+/// committed; the roll is tried again (with backoff) and the letter sent
+/// again each time, the process staying up. Once the topic exists, the
+/// letter is delivered and the batch written: nothing lost, nothing twice.
 #[test]
 fn an_undeliverable_dead_letter_is_not_committed() {
     // Unknown topics fail after 1 s instead of 30.
@@ -123,19 +109,22 @@ fn an_undeliverable_dead_letter_is_not_committed() {
         ("c".into(), b"garbage, not avro".to_vec()),
         ("c".into(), flow(1, [10, 9, 9, 9], T0, 101)),
     ]);
-    let mut e = start_enricher(&b.addr, &out, &["--config", cfg.to_str().unwrap()]);
-    let st = wait_exit(&mut e, Duration::from_secs(90));
-    assert!(!st.success(), "must stop with an error, not go on: {st}");
+    let port = testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut e = start_enricher(&b.addr, &out, &["--config", cfg.to_str().unwrap(), "--metrics-listen", &listen]);
+    let failures = r#"flowlog_enricher_roll_failures_total{stage="write"}"#;
+    wait_until("the roll tried again", Duration::from_secs(60), || metric(port, failures) >= 2.0);
+    assert!(e.try_wait().unwrap().is_none(), "the enricher stopped");
     assert_eq!(read_files(&out).len(), 0, "nothing written past an undelivered dead letter");
-    assert!(!out.join("_state").join("flowlog.flows-0").exists(), "nothing recorded as done");
+    assert_eq!(metric(port, r#"flowlog_enricher_dlq_total{reason="schema"}"#), 0.0, "not counted before delivered");
 
     let created = std::process::Command::new(testkit::tool(testkit::TANSU))
         .args(["topic", "create", "--broker", &format!("tcp://{}", b.addr), "--partitions", "1", "flowlog.nodlq"])
         .output()
         .unwrap();
     assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
-    let e = start_enricher(&b.addr, &out, &["--config", cfg.to_str().unwrap()]);
-    let recs = wait_files(&out, 2, Duration::from_secs(60));
+    let recs = wait_files(&out, 2, Duration::from_secs(90));
+    assert_eq!(wait_metric(port, r#"flowlog_enricher_dlq_total{reason="schema"}"#, 1.0), 1.0);
     stop(e);
     let mut seqs: Vec<i64> = recs.iter().map(|r| r["sequence"].as_i64().unwrap()).collect();
     seqs.sort();

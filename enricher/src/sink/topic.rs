@@ -44,11 +44,10 @@ impl Sink for EnrichedTopic {
             };
             self.producer.send(out, &self.deliveries)?;
         }
-        // An enriched record is far below any maximum size: refused as too
-        // large is a failure like any other.
-        let refused = self.producer.wait(&self.deliveries, DELIVERY_TIMEOUT)?;
-        if !refused.is_empty() {
-            anyhow::bail!("{} enriched records refused as too large by {}", refused.len(), self.topic);
+        // Records that failed: the batch fails, and its retry sends it all again.
+        let failed = self.producer.wait(&self.deliveries, DELIVERY_TIMEOUT)?;
+        if let Some(first) = failed.first() {
+            anyhow::bail!("{} enriched records not delivered ({}); the batch is sent again", failed.len(), first.error);
         }
         ::metrics::counter!(metrics::RECORDS_OUT, "sink" => "topic")
             .increment(batch.records.len() as u64);
