@@ -109,7 +109,7 @@ def load(root, fmt="avro"):
         with lake_query.Lake(root) as lake:
             return lake.files(), lake.rows(FIELDS)
     recs = []
-    files = sorted(p for p in pathlib.Path(root).rglob("*.avro") if "_state" not in p.parts)
+    files = sorted(pathlib.Path(root).rglob("*.avro"))  # not _claims/ (no extension)
     for p in files:
         with open(p, "rb") as f:
             recs.extend(reader(f))

@@ -1,10 +1,12 @@
 //! Sample records for tests and benchmarks, built in one place: change a
 //! field of the returned value, then encode it with the record's own codec.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use crate::{
-    enums::{Direction, EndReason, Family, IdentityReason, OwnerSource, RecordType, WorkloadKind},
+    enriched::{Attribution, Attrs, EnrichedFlow},
+    enums::{Direction, EndReason, Family, IdentityReason, OwnerSource, RecordType, Source, Unattributed, WorkloadKind, WorkloadReason},
+    host::Host,
     flow::{Flow, StatePath},
     host::HostIdentity,
     identity::Identity,
@@ -123,4 +125,77 @@ pub fn identity(host: &HostIdentity, time_ns: i64, reason: IdentityReason) -> Id
 /// A whole Identity message.
 pub fn identity_message(host: &HostIdentity, time_ns: i64, reason: IdentityReason) -> Vec<u8> {
     identity(host, time_ns, reason).to_message()
+}
+
+/// `n` enriched records that between them fill every field of
+/// enriched_flow.avsc with values and with nulls: three local hosts
+/// (workloads `web`, `api` and none), remote sides attributed by the static map (with
+/// labels), by a sidecar's pod (held_by), or not at all (IPv6 among them);
+/// workload pairs deliberately out of order.
+pub fn enriched_flows(n: usize) -> Vec<EnrichedFlow> {
+    let hosts: Vec<Arc<Host>> = ["web", "api", "batch"]
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let mut h = host_with(&format!("h{i}"), w, &[&format!("10.0.0.{}", i + 1)]);
+            h.labels = BTreeMap::from([("team".to_string(), format!("team-{i}")), ("zone".to_string(), format!("az-{}", i % 2))]);
+            if i == 2 {
+                h.workload = None;
+            }
+            Arc::new(Host::new(h))
+        })
+        .collect();
+    let db = Arc::new(Attrs {
+        workload: Some("db".into()),
+        instance_id: Some("i-0db".into()),
+        app: Some("pg".into()),
+        service: Some("orders".into()),
+        cluster: Some("main".into()),
+        env: Some("prod".into()),
+        account: Some("123456789012".into()),
+        region: Some("eu-west-1".into()),
+        zone: Some("az-1".into()),
+        eni_id: Some("eni-1".into()),
+        vpc_id: Some("vpc-1".into()),
+        subnet_id: Some("subnet-1".into()),
+        labels: BTreeMap::from([("tier".to_string(), "gold".to_string()), ("zz".to_string(), "é".to_string())]),
+        ..Default::default()
+    });
+    let pod = Arc::new(Workload {
+        reason: Some(WorkloadReason::UnknownRuntime),
+        cgroup_path: Some("/kubepods/pod1/x".into()),
+        ..named_pod_workload()
+    });
+    let pod_owner = Arc::new(Attrs::of_workload(&hosts[0].identity, pod.clone()));
+    (0..n)
+        .map(|i| {
+            let host = hosts[(i * 7) % hosts.len()].clone();
+            let i64_ = i as i64;
+            let mut f = Flow {
+                sequence: i64_,
+                connection_id: -i64_,
+                start_time_ns: (i % 5 != 0).then_some(1_000 + i64_),
+                end_time_ns: 2_000 + i64_,
+                bytes_sent: 100 * i64_,
+                bytes_received: 7 * i64_ + 1,
+                retransmits: i64_ % 3,
+                error: (i % 4 == 1).then(|| "ECONNRESET".to_string()),
+                workload: (i % 3 == 0).then(|| pod.clone()),
+                local_addr: host.ips[0],
+                ..flow()
+            };
+            let remote = match i % 4 {
+                0 => Attribution::of(&db, Source::Static),
+                1 => Attribution::none(Unattributed::UnknownIp),
+                2 => {
+                    f.family = Family::Ipv6;
+                    f.local_addr = "2001:db8::1".parse().expect("an IPv6 address");
+                    f.remote_addr = "2001:db8::2:0:0:1".parse().expect("an IPv6 address");
+                    Attribution::none(Unattributed::NoOwnerAtTime)
+                }
+                _ => Attribution::of(&pod_owner, Source::Sidecar),
+            };
+            EnrichedFlow { flow_id: 0x00ab_cdef_0123_4567 ^ i as u64, local: Attribution::of(&host.owner, Source::Sidecar), host, flow: f, remote }
+        })
+        .collect()
 }

@@ -1,9 +1,11 @@
 //! `bench-enrich`: the enricher's hot path in process, on one core:
 //! decode -> attribute (identity history + static map) -> Avro container
-//! encode, beside the same work done through apache-avro's generic `Value`
-//! path, measured in one run; plus memory per 1 M tracked IPs. Writes
-//! bench/results/enrich.json.
-use std::{net::Ipv4Addr, time::Instant};
+//! encode (codec null and zstandard) or Parquet encode, beside the same work
+//! done through apache-avro's generic `Value` path, measured in one run;
+//! bytes per flow of each file format; memory per 1 M tracked IPs; and
+//! DuckDB's time for the top-talkers query over Parquet files of
+//! `--duckdb-flows` flows. Writes bench/results/enrich.json.
+use std::{collections::HashMap, net::Ipv4Addr, ops::Range, process::Command, time::Instant};
 
 use apache_avro::{
     types::{Record, Value},
@@ -14,10 +16,14 @@ use flowlog_common::tcp_state;
 use flowlog_enricher::{
     attribute::Attributor,
     decode,
+    sink::parquet::{self, ParquetOptions},
     sources::{cidr::CidrMap, heartbeats::Heartbeats, identity::IdentityStore},
 };
-use flowlog_schema::{container::ContainerWriter, fixtures, Flow, IdentityReason, StatePath, ENRICHED_FLOW, FLOW};
-use flowlog_runtime::process::Usage;
+use flowlog_runtime::{process::Usage, testkit};
+use flowlog_schema::{
+    container::{Codec, ContainerWriter},
+    fixtures, EnrichedFlow, Flow, IdentityReason, StatePath, ENRICHED_FLOW, FLOW,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -28,7 +34,36 @@ struct Args {
     /// Only the fast path, several rounds (for profiling); writes no report.
     #[arg(long)]
     profile: bool,
+    /// With --profile: the Parquet path instead of the Avro one.
+    #[arg(long, requires = "profile")]
+    parquet: bool,
+    /// Records per Parquet file (the encoder sorts and writes one file at a time).
+    #[arg(long, default_value_t = 500_000)]
+    file_rows: usize,
+    /// Flows written as Parquet files for the DuckDB top-talkers query (0: skip it).
+    #[arg(long, default_value_t = 10_000_000)]
+    duckdb_flows: usize,
+    /// Keep the DuckDB query's Parquet files (their folder is printed).
+    #[arg(long)]
+    keep_files: bool,
 }
+
+/// The top-talkers query: bytes by workload pair.
+const TOP_TALKERS: &str = "SELECT local.workload, remote.workload, sum(bytes_sent + bytes_received) AS bytes \
+    FROM read_parquet(?, hive_partitioning = true) GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 10";
+
+/// Runs a query over Parquet files three times in DuckDB (the test venv's
+/// Python); prints its seconds per run and rows as JSON.
+const DUCKDB_TIMER: &str = r#"
+import duckdb, json, sys, time
+con = duckdb.connect()
+times = []
+for _ in range(3):
+    t = time.perf_counter()
+    rows = con.execute(sys.argv[1], [sys.argv[2]]).fetchall()
+    times.append(time.perf_counter() - t)
+print(json.dumps({"seconds": times, "rows": rows, "threads": con.execute("SELECT current_setting('threads')").fetchone()[0]}))
+"#;
 
 /// CPU time of this thread: "per core" figures do not depend on what else
 /// the machine runs (wall time on a busy 2-core VM would).
@@ -63,9 +98,9 @@ fn ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(0x0a00_0000u32 + i as u32)
 }
 
-/// `n` flow messages from 100 hosts to 100 000 remote IPs.
-fn messages(n: usize) -> Vec<Vec<u8>> {
-    (0..n)
+/// Flow messages `range` from 100 hosts to 100 000 remote IPs.
+fn messages(range: Range<usize>) -> Vec<Vec<u8>> {
+    range
         .map(|i| {
             let h = i % 100;
             let host = fixtures::host_with(&format!("host-{h}"), &format!("wl-{h}"), &[&ip(200_000 + h).to_string()]);
@@ -223,7 +258,7 @@ fn main() -> anyhow::Result<()> {
     let flow_schema = FLOW.parse();
     let enriched = ENRICHED_FLOW.parse();
     eprintln!("encoding {} input messages ...", a.flows);
-    let msgs = messages(a.flows);
+    let msgs = messages(0..a.flows);
     let store = identity_store(100_000, 1_000);
     let cidr = CidrMap::parse(
         &(0..1000)
@@ -247,37 +282,59 @@ fn main() -> anyhow::Result<()> {
         ec2: &no_ec2,
         cidr: &cidr,
     };
-    let fast_path = || -> anyhow::Result<(usize, u64)> {
+    // One path: decode -> attribute -> `encode` (bytes out, counted);
+    // returns flows with the remote side attributed and bytes written.
+    let run = |encode: &mut dyn FnMut(EnrichedFlow) -> anyhow::Result<()>| -> anyhow::Result<usize> {
         let decoder = decode::Decoder::new();
-        // Blocks go to a byte counter (the file sink's write(2) and fsync are not this path).
-        let mut w = ContainerWriter::new(Counter(0))?;
         let mut attributed = 0usize;
         for m in &msgs {
             let (host, f) = decoder.flow(m)?;
             let e = attributor.enrich(host, f);
             attributed += e.remote.attributed() as usize;
-            w.append(&e)?;
+            encode(e)?;
         }
+        Ok(attributed)
+    };
+    // Blocks go to a byte counter (the file sink's write(2) and fsync are not this path).
+    let avro = |codec: Codec| -> anyhow::Result<(usize, u64)> {
+        let mut w = ContainerWriter::with_codec(Counter(0), codec)?;
+        let attributed = run(&mut |e| Ok(w.append(&e)?))?;
         Ok((attributed, w.finish()?.0))
+    };
+    let opts = ParquetOptions::default();
+    let parquet_path = || -> anyhow::Result<(usize, u64)> {
+        let (mut file, mut bytes) = (Vec::with_capacity(a.file_rows), 0u64);
+        let mut flush = |file: &mut Vec<EnrichedFlow>| -> anyhow::Result<()> {
+            bytes += parquet::encode(file, &opts)?.len() as u64;
+            file.clear();
+            Ok(())
+        };
+        let attributed = run(&mut |e| {
+            file.push(e);
+            if file.len() == a.file_rows {
+                flush(&mut file)?;
+            }
+            Ok(())
+        })?;
+        if !file.is_empty() {
+            flush(&mut file)?;
+        }
+        Ok((attributed, bytes))
     };
     if a.profile {
         for _ in 0..10 {
-            fast_path()?;
+            if a.parquet {
+                parquet_path()?;
+            } else {
+                avro(Codec::Null)?;
+            }
         }
         return Ok(());
     }
-    // Median of five rounds: this VM's neighbours make single rounds noisy.
-    let mut rounds = Vec::new();
-    let (mut attributed, mut fast_bytes, mut fast_wall) = (0, 0, 0.0);
-    for _ in 0..5 {
-        let (t, wall) = (thread_cpu(), Instant::now());
-        (attributed, fast_bytes) = fast_path()?;
-        rounds.push(a.flows as f64 / (thread_cpu() - t).as_secs_f64());
-        fast_wall = a.flows as f64 / wall.elapsed().as_secs_f64();
-    }
-    let mut sorted = rounds.clone();
-    sorted.sort_by(f64::total_cmp);
-    let fast = sorted[2];
+    let fast = measure(a.flows, || avro(Codec::Null))?;
+    let zstd = measure(a.flows, || avro(Codec::Zstandard(3)))?;
+    let columnar = measure(a.flows, parquet_path)?;
+    let (attributed, fast_bytes) = (fast.attributed, fast.bytes);
 
     let t = thread_cpu();
     let generic_bytes = generic(&msgs, &flow_schema, &enriched, &store, &cidr);
@@ -288,44 +345,154 @@ fn main() -> anyhow::Result<()> {
     let big = identity_store(1_000_000, 10_000);
     let per_million = rss_bytes().saturating_sub(before);
     assert_eq!(big.tracked_ips(), 1_000_000);
+    drop((big, msgs));
 
+    let duckdb = if a.duckdb_flows > 0 { duckdb_top_talkers(&a, &attributor, &opts)? } else { serde_json::Value::Null };
+
+    let per_flow = |bytes: u64| bytes as f64 / a.flows as f64;
     let report = serde_json::json!({
         "benchmark": "enrich",
         "flows": a.flows,
         "identity_ips": 100_000, "static_cidrs": 1000,
         "remote_attributed": attributed,
-        "fast_path_flows_per_sec_one_core": fast,
-        "fast_path_rounds_flows_per_sec": rounds,
-        "fast_path_flows_per_sec_wall_clock": fast_wall,
-        "measured_as": "flows per second of this thread's CPU time (CLOCK_THREAD_CPUTIME_ID)",
+        "fast_path_flows_per_sec_one_core": fast.median,
+        "fast_path_rounds_flows_per_sec": fast.rounds,
+        "fast_path_flows_per_sec_wall_clock": fast.wall,
+        "avro_zstd_path_flows_per_sec_one_core": zstd.median,
+        "avro_zstd_path_rounds_flows_per_sec": zstd.rounds,
+        "parquet_path_flows_per_sec_one_core": columnar.median,
+        "parquet_path_rounds_flows_per_sec": columnar.rounds,
+        "parquet_file_rows": a.file_rows,
+        "parquet_options": {"row_group_rows": opts.row_group_rows, "zstd_level": opts.zstd_level},
+        "measured_as": "flows per second of this thread's CPU time (CLOCK_THREAD_CPUTIME_ID), median of 5 rounds",
         "generic_value_path_flows_per_sec_one_core": slow,
-        "ratio_fast_over_generic": fast / slow,
-        "output_bytes": {"fast": fast_bytes, "generic": generic_bytes},
+        "ratio_fast_over_generic": fast.median / slow,
+        "output_bytes": {"fast": fast_bytes, "generic": generic_bytes, "avro_zstd": zstd.bytes, "parquet": columnar.bytes},
+        "bytes_per_flow": {"avro_null": per_flow(fast_bytes), "avro_zstd": per_flow(zstd.bytes), "parquet": per_flow(columnar.bytes)},
+        "duckdb_top_talkers": duckdb,
         "memory_mb_per_million_tracked_ips": per_million as f64 / 1048576.0,
-        "targets": {"fast_path_flows_per_sec_one_core_min": 500000},
+        "targets": {"fast_path_flows_per_sec_one_core_min": 500000, "parquet_path_flows_per_sec_one_core_min": 400000},
     });
     println!("enrich benchmark ({} flows, one core)", a.flows);
+    for (what, r, target) in [("Avro file", &fast, " (target >= 500000)"), ("Avro+zstd file", &zstd, ""), ("Parquet file", &columnar, " (target >= 400000)")] {
+        println!(
+            "  decode -> attribute -> {what:<15}{:>10.0} flows/s  {:>6.1} bytes/flow{target}",
+            r.median,
+            per_flow(r.bytes)
+        );
+    }
     println!(
-        "  decode -> attribute -> Avro file   {:>10.0} flows/s  (target >= 500000)",
-        fast
-    );
-    println!(
-        "  same via apache-avro Value path     {:>10.0} flows/s  (ratio {:.2})",
+        "  same via apache-avro Value path        {:>10.0} flows/s  (ratio {:.2})",
         slow,
-        fast / slow
+        fast.median / slow
     );
     println!(
-        "  remote side attributed              {attributed} of {}",
+        "  remote side attributed                 {attributed} of {}",
         a.flows
     );
     println!(
-        "  memory per 1 M tracked IPs          {:>10.1} MB",
+        "  memory per 1 M tracked IPs             {:>10.1} MB",
         per_million as f64 / 1048576.0
     );
+    if !duckdb.is_null() {
+        println!(
+            "  DuckDB top talkers, {} flows     {:>10.3} s (median of 3 runs, {} threads)",
+            a.duckdb_flows, duckdb["seconds_median"], duckdb["threads"]
+        );
+    }
     if let Some(d) = a.out.parent() {
         std::fs::create_dir_all(d)?;
     }
     std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)?;
     println!("  written to {}", a.out.display());
+    Ok(())
+}
+
+/// One path's figures.
+struct Rate {
+    /// Flows per CPU-second: median of the rounds, and each round.
+    median: f64,
+    rounds: Vec<f64>,
+    /// Flows per wall-clock second of the last round.
+    wall: f64,
+    attributed: usize,
+    bytes: u64,
+}
+
+/// Five rounds of `path` over `flows` flows: this VM's neighbours make
+/// single rounds noisy.
+fn measure(flows: usize, mut path: impl FnMut() -> anyhow::Result<(usize, u64)>) -> anyhow::Result<Rate> {
+    let mut r = Rate { median: 0.0, rounds: Vec::new(), wall: 0.0, attributed: 0, bytes: 0 };
+    for _ in 0..5 {
+        let (t, wall) = (thread_cpu(), Instant::now());
+        (r.attributed, r.bytes) = path()?;
+        r.rounds.push(flows as f64 / (thread_cpu() - t).as_secs_f64());
+        r.wall = flows as f64 / wall.elapsed().as_secs_f64();
+    }
+    let mut sorted = r.rounds.clone();
+    sorted.sort_by(f64::total_cmp);
+    r.median = sorted[2];
+    Ok(r)
+}
+
+/// Writes `--duckdb-flows` enriched flows as Parquet files (Hive layout,
+/// `--file-rows` per file) in a temporary folder and times the top-talkers
+/// query in DuckDB; checks DuckDB's answer against the sums computed here.
+fn duckdb_top_talkers(a: &Args, attributor: &Attributor, opts: &ParquetOptions) -> anyhow::Result<serde_json::Value> {
+    let python = testkit::tool(testkit::PYTHON);
+    if !Command::new(&python).args(["-c", "import duckdb"]).status().is_ok_and(|s| s.success()) {
+        eprintln!("{} cannot import duckdb: no DuckDB figure (run `make setup`)", python.display());
+        return Ok(serde_json::Value::Null);
+    }
+    let dir = std::env::temp_dir().join(format!("flowlog-bench-duckdb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (t, decoder) = (Instant::now(), decode::Decoder::new());
+    let mut sums: HashMap<(Option<String>, Option<String>), i64> = HashMap::new();
+    let (mut files, mut bytes) = (0, 0u64);
+    for first in (0..a.duckdb_flows).step_by(a.file_rows) {
+        let mut records = Vec::with_capacity(a.file_rows);
+        for m in messages(first..(first + a.file_rows).min(a.duckdb_flows)) {
+            let (host, f) = decoder.flow(&m)?;
+            let e = attributor.enrich(host, f);
+            let workload = |side: &flowlog_schema::Attribution| side.owner.as_ref().and_then(|o| o.workload.clone());
+            *sums.entry((workload(&e.local), workload(&e.remote))).or_default() += e.flow.bytes_sent + e.flow.bytes_received;
+            records.push(e);
+        }
+        let part = dir.join(format!("dt=2026-01-01/hr={:02}", files % 24));
+        std::fs::create_dir_all(&part)?;
+        let file = parquet::encode(&records, opts)?;
+        bytes += file.len() as u64;
+        std::fs::write(part.join(format!("part-{files}.parquet")), file)?;
+        files += 1;
+    }
+    eprintln!("wrote {} flows in {files} Parquet files ({} MB) in {:.1} s", a.duckdb_flows, bytes >> 20, t.elapsed().as_secs_f64());
+    let out = Command::new(&python)
+        .args(["-c", DUCKDB_TIMER, TOP_TALKERS])
+        .arg(format!("{}/**/*.parquet", dir.display()))
+        .output()?;
+    if a.keep_files {
+        eprintln!("Parquet files kept in {}", dir.display());
+    } else {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    anyhow::ensure!(out.status.success(), "duckdb: {}", String::from_utf8_lossy(&out.stderr));
+    let mut result: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    check_top_talkers(&result["rows"], sums)?;
+    let mut seconds: Vec<f64> = result["seconds"].as_array().into_iter().flatten().filter_map(|s| s.as_f64()).collect();
+    seconds.sort_by(f64::total_cmp);
+    result["seconds_median"] = seconds.get(seconds.len() / 2).copied().into();
+    result["flows"] = a.duckdb_flows.into();
+    result["files"] = files.into();
+    result["parquet_bytes"] = bytes.into();
+    result["query"] = TOP_TALKERS.into();
+    Ok(result)
+}
+
+/// DuckDB's ten rows are the ten largest sums, in order.
+fn check_top_talkers(rows: &serde_json::Value, sums: HashMap<(Option<String>, Option<String>), i64>) -> anyhow::Result<()> {
+    let mut want: Vec<_> = sums.into_iter().collect();
+    want.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+    let want: Vec<serde_json::Value> = want.into_iter().take(10).map(|((l, r), b)| serde_json::json!([l, r, b])).collect();
+    anyhow::ensure!(rows.as_array() == Some(&want), "DuckDB's top talkers {rows} differ from {want:?}");
     Ok(())
 }

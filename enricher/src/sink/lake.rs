@@ -67,7 +67,7 @@ impl Format {
                 }
                 Ok(w.finish()?)
             }
-            Format::Parquet => anyhow::bail!("parquet output is not built in yet"),
+            Format::Parquet => super::parquet::encode(records, &super::parquet::ParquetOptions::default()),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod dlq;
 pub mod lake;
+pub mod parquet;
 pub mod store;
 pub mod topic;
 

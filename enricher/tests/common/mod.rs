@@ -176,6 +176,18 @@ pub fn read_files(out: &std::path::Path) -> Vec<Json> {
     String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
+/// Every row DuckDB reads from the Parquet files under `dir` (Hive
+/// partitioning on), as JSON.
+pub fn read_parquet(dir: &std::path::Path) -> Vec<Json> {
+    let o = Command::new(testkit::tool(testkit::PYTHON))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_parquet.py"))
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 pub fn wait_files(out: &std::path::Path, n: usize, timeout: Duration) -> Vec<Json> {
     let t0 = Instant::now();
     loop {
