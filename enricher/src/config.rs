@@ -61,6 +61,11 @@ flowlog_settings::settings! {
         /// attribute it; seconds, 0 disables.
         #[flag(long = "late-window-secs", env = "FLOWLOG_ENRICHER_LATE_WINDOW_SECS")]
         pub late_window_secs: u64 = 120,
+        /// Records kept in memory at most while batches wait for late
+        /// metadata (all partitions; an enriched record takes about 0.5-1 KB):
+        /// past it held batches are written at once, counted in
+        /// `flowlog_enricher_hold_cut_total`.
+        pub max_held_records: usize = 1_000_000,
         /// Prometheus endpoint; empty disables it.
         #[flag(long = "metrics-listen", env = "FLOWLOG_ENRICHER_METRICS_LISTEN")]
         pub metrics_listen: String = "127.0.0.1:9465".into(),

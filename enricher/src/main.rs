@@ -95,7 +95,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     // Sources, each loaded before the first flow is read, then kept current.
     let sources = Sources::default();
     static_map::start(cfg.static_map.as_deref(), sources.cidr.clone())?;
-    heartbeats::follow(&cfg, sources.identity.clone(), &STOP)?;
+    heartbeats::follow(&cfg, sources.identity.clone(), sources.produced.clone(), &STOP)?;
     services::start(&cfg.kubernetes, sources.kubernetes.clone());
     if !cfg.ec2.regions.is_empty() {
         #[cfg(feature = "ec2")]

@@ -18,6 +18,8 @@ pub const BYTES_WRITTEN: &str = "flowlog_enricher_written_bytes_total";
 pub const BOUNDARIES_ADOPTED: &str = "flowlog_enricher_batch_boundaries_adopted_total";
 /// Batches whose write or commit failed and is tried again, by stage.
 pub const ROLL_FAILURES: &str = "flowlog_enricher_roll_failures_total";
+/// Held batches written before their late-metadata wait was over (memory bound).
+pub const HOLD_CUT: &str = "flowlog_enricher_hold_cut_total";
 /// Batches dropped unwritten because their partition was lost (fenced).
 pub const FENCED: &str = "flowlog_enricher_fenced_batches_total";
 pub const SEQUENCE_GAPS: &str = "flowlog_enricher_sequence_gaps_total";
@@ -119,6 +121,10 @@ pub fn describe() {
     describe_counter!(
         ROLL_FAILURES,
         "Batches whose claim, write or commit failed, by stage (claim/write/commit); the batch is tried again with backoff, its partition paused meanwhile."
+    );
+    describe_counter!(
+        HOLD_CUT,
+        "Batches written before their wait for late metadata was over, because max_held_records records were in memory (their unattributed sides stay so)."
     );
     describe_counter!(
         FENCED,

@@ -28,7 +28,7 @@ use crate::{
 };
 
 mod sequences;
-pub use sequences::{Counts, Seen, Sequences};
+pub use sequences::{Counts, Produced, Seen, Sequences};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -39,6 +39,10 @@ pub struct Settings {
     /// Flows with an unattributed side younger than this hold their batch
     /// back (zero: never).
     pub late_window: Duration,
+    /// Records kept in memory (open and complete batches, all partitions)
+    /// at most while held back for late metadata: past it, held batches are
+    /// written without waiting longer.
+    pub max_held_records: usize,
 }
 
 impl Settings {
@@ -47,6 +51,7 @@ impl Settings {
             max_records: cfg.batch_max_records,
             max_age: Duration::from_secs(cfg.batch_max_age_secs),
             late_window: Duration::from_secs(cfg.late_window_secs),
+            max_held_records: cfg.max_held_records,
         }
     }
 
@@ -99,6 +104,8 @@ pub struct Pipeline {
     selfcheck: SelfCheck,
     /// The latest time seen (for batches taken without one: revoke, drain).
     now: Instant,
+    /// When the memory bound last cut a hold short (logged once a minute).
+    last_cut_log: Option<Instant>,
 }
 
 impl Pipeline {
@@ -108,6 +115,7 @@ impl Pipeline {
         dead_letters: Arc<dyn DeadLetters>,
     ) -> Pipeline {
         let selfcheck = SelfCheck::new(settings.selfcheck_window(), selfcheck::MAX_PENDING);
+        let sequences = Sequences::with_produced(sequences::MAX_HOSTS, sequences::MAX_RANGES, sources.produced.clone());
         Pipeline {
             settings,
             decoder: Decoder::new(),
@@ -117,9 +125,10 @@ impl Pipeline {
             ready: VecDeque::new(),
             stalled: HashMap::new(),
             done_through: HashMap::new(),
-            sequences: Sequences::default(),
+            sequences,
             selfcheck,
             now: Instant::now(),
+            last_cut_log: None,
         }
     }
 
@@ -236,11 +245,23 @@ impl Pipeline {
         let mut busy: Vec<i32> = self.stalled.keys().copied().collect();
         busy.extend(out.iter().map(|(p, _)| *p));
         let s = self.settings.clone();
+        // Memory: past the bound nothing waits for late metadata any more.
+        let buffered: usize = self.ready.iter().map(|(_, b)| b.records.len()).sum::<usize>()
+            + self.batches.values().map(|b| b.records.len()).sum::<usize>();
+        let over = buffered > s.max_held_records;
         // Held back for late metadata (never past max age + the late window);
         // a batch whose end was agreed before waits for nothing.
-        let waiting = |b: &Batch| {
+        let hold = |b: &Batch| {
             let age = now.instant.saturating_duration_since(b.opened);
             b.end.is_none() && b.hold_until.is_some_and(|h| now.instant < h) && age < s.max_age + s.late_window
+        };
+        let cut = std::cell::Cell::new(0u64);
+        let waiting = |b: &Batch| {
+            let h = hold(b);
+            if h && over {
+                cut.set(cut.get() + 1);
+            }
+            h && !over
         };
         let mut later = VecDeque::new();
         for (p, b) in self.ready.drain(..) {
@@ -269,6 +290,13 @@ impl Pipeline {
             .map(|(p, _)| *p)
             .collect();
         out.extend(self.take(due));
+        if cut.get() > 0 {
+            ::metrics::counter!(metrics::HOLD_CUT).increment(cut.get());
+            if self.last_cut_log.is_none_or(|t| now.instant.saturating_duration_since(t) >= Duration::from_secs(60)) {
+                self.last_cut_log = Some(now.instant);
+                tracing::warn!(buffered, max_held_records = s.max_held_records, "too many records held back for late metadata: writing held batches now (flowlog_enricher_hold_cut_total)");
+            }
+        }
         out
     }
 

@@ -79,6 +79,7 @@ impl Rig {
             max_records,
             max_age: Duration::from_secs(max_age_secs),
             late_window: Duration::from_secs(late_window_secs),
+            max_held_records: 1_000,
         };
         let sources = Sources::default();
         let letters = Arc::new(Letters::default());
@@ -428,6 +429,7 @@ fn an_unavailable_dead_letter_queue_stops_the_pipeline() {
         max_records: 1,
         max_age: Duration::from_secs(1),
         late_window: Duration::ZERO,
+        max_held_records: 1_000,
     };
     let mut p = Pipeline::new(settings, Sources::default(), letters);
     let m = Message {
@@ -499,4 +501,23 @@ fn a_failed_batch_is_retried_before_later_ones() {
     let mut b = Batch::new(0, r.at(0).instant);
     r.pipeline.finalize(&mut b);
     assert!(b.finalized);
+}
+
+/// Young unattributed flows in more records than `max_held_records`: the
+/// held batches are written now instead of waiting (memory stays bounded).
+#[test]
+fn held_batches_are_cut_short_past_the_memory_bound() {
+    let mut r = Rig::new(10, 10, 60);
+    r.pipeline.settings.max_held_records = 25;
+    let young = r.at(0).unix_ns;
+    for off in 0..20 {
+        r.consume(0, off, &flow("h", off, NOBODY, young), r.at(0));
+    }
+    assert_eq!(r.due(r.at(11)), vec![], "under the bound: held (two full batches)");
+    for off in 20..30 {
+        r.consume(0, off, &flow("h", off, NOBODY, young), r.at(11));
+    }
+    assert_eq!(r.due(r.at(12)), vec![(0, 0, 9, 10)], "over it: the oldest held batch is written");
+    assert_eq!(r.due(r.at(12)), vec![], "20 records: under the bound again, held");
+    assert_eq!(r.due(r.at(60)), vec![(0, 10, 19, 10)], "until their wait is over");
 }
