@@ -439,6 +439,49 @@ def services_watch_access(docs: list[dict], dep: dict, c: dict, enricher_ref) ->
     return problems or "Services watch with its token and exactly its RBAC"
 
 
+# The pod's address from the Downward API, which the metrics endpoint binds:
+# what an in-cluster Prometheus scrapes (with hostNetwork: the node's
+# InternalIP), and not every address of the node as 0.0.0.0 would be.
+POD_IP_ENV = "FLOWLOG_POD_IP"
+
+
+def wildcard_bind(listen: str) -> bool:
+    """True when a metrics_listen value binds every address of the host."""
+    host = listen.rsplit(":", 1)[0] if ":" in listen else listen
+    return host.strip("[]") in ("", "0.0.0.0", "::", "*")
+
+
+def check_metrics_listen(where: str, text: str, ref: dict | None) -> None:
+    """A shipped config file never binds /metrics on every address."""
+    if ref is None:
+        return
+    listen = effective(tomllib.loads(text), ref, "metrics_listen")
+    if wildcard_bind(listen):
+        fail(f"{where}: metrics_listen = {listen!r} binds every address (use 127.0.0.1, or the host's private address)")
+    else:
+        ok(f"{where}: metrics_listen = {listen!r}, not every address")
+
+
+def pod_metrics_problems(c: dict, ref: dict | None, default_env: str) -> list[str]:
+    """The container binds /metrics on the pod's own address: the metrics
+    port's env var is $(FLOWLOG_POD_IP):<containerPort>, FLOWLOG_POD_IP
+    from status.podIP, defined before it (Kubernetes expands only earlier
+    variables)."""
+    listen_env = setting(ref, "metrics_listen")["env"] if ref else default_env
+    names = [e["name"] for e in c.get("env", [])]
+    env = {e["name"]: e for e in c.get("env", [])}
+    port = next((p["containerPort"] for p in c.get("ports", []) if p.get("name") == "metrics"), None)
+    problems = []
+    if env.get(POD_IP_ENV, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "status.podIP":
+        problems.append(f"{POD_IP_ENV} must come from fieldRef status.podIP")
+    value = env.get(listen_env, {}).get("value", "")
+    if wildcard_bind(value) or POD_IP_ENV not in value or value.rsplit(":", 1)[-1] != str(port):
+        problems.append(f"{listen_env} = {value!r}: want $({POD_IP_ENV}):{port} (the pod's address, the metrics port)")
+    elif names.index(POD_IP_ENV) > names.index(listen_env):
+        problems.append(f"{POD_IP_ENV} must be defined before {listen_env}")
+    return problems
+
+
 def output_access(docs: list[dict], dep: dict, c: dict, cfg: dict | None, expect: dict) -> str | list[str]:
     """The enricher's output as `expect` says: the settings' output and
     formats, the /data volume only for a directory output (no PVC for S3),
@@ -500,8 +543,10 @@ def semantic_checks(where: str, docs: list[dict], sidecar_ref, enricher_ref, exp
             w = f"{where}: ConfigMap {cm['metadata']['name']}/{key}"
             if key == "sidecar.toml":
                 validate_config_toml(w, text, sidecar_ref, SIDECAR_BIN, "flowlog-sidecar")
+                check_metrics_listen(w, text, sidecar_ref)
             elif key == "enricher.toml":
                 validate_config_toml(w, text, enricher_ref, ENRICHER_BIN, "flowlog-enricher")
+                check_metrics_listen(w, text, enricher_ref)
                 enricher_cfg = tomllib.loads(text)
             elif key == "cidrs.toml":
                 validate_static_map(w, text)
@@ -511,8 +556,14 @@ def semantic_checks(where: str, docs: list[dict], sidecar_ref, enricher_ref, exp
         sc = c.get("securityContext", {})
         caps = sc.get("capabilities", {})
         problems = []
-        if not (spec.get("hostNetwork") and spec.get("hostPID")):
-            problems.append("hostNetwork and hostPID must be true")
+        if not spec.get("hostNetwork"):
+            problems.append("hostNetwork must be true")
+        # The records' pids come from the kernel (the node's pids whatever
+        # the pod's PID namespace): the host's PID namespace only serves
+        # finding other containers' network namespaces from their pids,
+        # which needs SYS_ADMIN and SYS_PTRACE too.
+        if spec.get("hostPID") and not {"SYS_ADMIN", "SYS_PTRACE"} <= set(caps.get("add", [])):
+            problems.append("hostPID without SYS_ADMIN + SYS_PTRACE (it only serves entering other containers' namespaces)")
         if sc.get("privileged") is not False or sc.get("allowPrivilegeEscalation") is not False:
             problems.append("must be privileged: false, allowPrivilegeEscalation: false")
         if caps.get("drop") != ["ALL"] or caps.get("add", [])[:2] != ["BPF", "PERFMON"]:
@@ -524,6 +575,11 @@ def semantic_checks(where: str, docs: list[dict], sidecar_ref, enricher_ref, exp
                 problems.append(f"CAP_{cap} added")
         if where in ("chart[defaults]", "kubernetes/flowlog.yaml") and caps.get("add") != ["BPF", "PERFMON"]:
             problems.append(f"by default exactly BPF, PERFMON (got {caps.get('add')})")
+        # uid 0 only for the capabilities (no ambient capabilities for other
+        # uids in Kubernetes) and the node's root-owned spool directory.
+        if sc.get("runAsUser") != 0 or sc.get("readOnlyRootFilesystem") is not True:
+            problems.append("runAsUser 0 with a read-only root file system")
+        problems += pod_metrics_problems(c, sidecar_ref, "FLOWLOG_METRICS_LISTEN")
         res = c.get("resources", {})
         if not (res.get("requests", {}).get("memory") and res.get("limits", {}).get("memory")):
             problems.append("memory request and limit required")
@@ -540,7 +596,7 @@ def semantic_checks(where: str, docs: list[dict], sidecar_ref, enricher_ref, exp
         if problems:
             fail(f"{where}: DaemonSet {ds['metadata']['name']}: " + "; ".join(problems))
         else:
-            ok(f"{where}: DaemonSet unprivileged with CAP_BPF+CAP_PERFMON, host PID/network, node identity, spool, limits; {kube}")
+            ok(f"{where}: DaemonSet unprivileged with CAP_BPF+CAP_PERFMON, host network{', host PID' if spec.get('hostPID') else ', own PID namespace'}, /metrics on the pod IP, node identity, spool, limits; {kube}")
     deps = {d["metadata"]["name"]: d for d in by_kind(docs, "Deployment")}
     for so in by_kind(docs, "ScaledObject") + by_kind(docs, "HorizontalPodAutoscaler"):
         target = so["spec"]["scaleTargetRef"]["name"]
@@ -573,6 +629,7 @@ def semantic_checks(where: str, docs: list[dict], sidecar_ref, enricher_ref, exp
         problems = []
         if sc.get("allowPrivilegeEscalation") is not False or sc.get("capabilities", {}).get("drop") != ["ALL"]:
             problems.append("enricher must drop ALL capabilities, no privilege escalation")
+        problems += pod_metrics_problems(c, enricher_ref, "FLOWLOG_ENRICHER_METRICS_LISTEN")
         output = output_access(docs, dep, c, enricher_cfg, expect)
         if isinstance(output, list):
             problems += output
@@ -582,7 +639,7 @@ def semantic_checks(where: str, docs: list[dict], sidecar_ref, enricher_ref, exp
         if problems:
             fail(f"{where}: Deployment {dep['metadata']['name']}: " + "; ".join(problems))
         else:
-            ok(f"{where}: Deployment {dep['metadata']['name']}: no capabilities; {output}; {kube}")
+            ok(f"{where}: Deployment {dep['metadata']['name']}: no capabilities, /metrics on the pod IP; {output}; {kube}")
     for rule in by_kind(docs, "PrometheusRule"):
         mine = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
         if rule["spec"] != mine:
@@ -823,6 +880,16 @@ def main() -> int:
     validate_config_toml("config/enricher.toml", (DEPLOY / "config" / "enricher.toml").read_text(), enricher_ref,
                          ENRICHER_BIN, "flowlog-enricher")
     validate_static_map("config/cidrs.toml", (DEPLOY / "config" / "cidrs.toml").read_text())
+    check_metrics_listen("config/sidecar.toml", (DEPLOY / "config" / "sidecar.toml").read_text(), sidecar_ref)
+    check_metrics_listen("config/enricher.toml", (DEPLOY / "config" / "enricher.toml").read_text(), enricher_ref)
+    # The README's promise: both binaries bind 127.0.0.1 unless told otherwise.
+    for ref in (sidecar_ref, enricher_ref):
+        if ref is not None:
+            default = setting(ref, "metrics_listen")["default"]
+            if not default.startswith("127.0.0.1:"):
+                fail(f"{ref['binary']}: metrics_listen defaults to {default!r}, the README says 127.0.0.1")
+            else:
+                ok(f"{ref['binary']}: metrics_listen defaults to {default!r}, as the README says")
 
     section("Helm chart (deploy/helm/flowlog)")
     if update:

@@ -9,6 +9,8 @@ pub const RECORDS_OUT: &str = "flowlog_enricher_records_out_total";
 pub const ATTRIBUTED: &str = "flowlog_enricher_attributed_total";
 pub const UNATTRIBUTED: &str = "flowlog_enricher_unattributed_total";
 pub const DLQ: &str = "flowlog_enricher_dlq_total";
+/// Dead letters sent as a reference, without their payload (too large).
+pub const DLQ_OMITTED: &str = "flowlog_enricher_dlq_omitted_total";
 /// Objects written to the lake, by format; their bytes.
 pub const OBJECTS_WRITTEN: &str = "flowlog_enricher_objects_written_total";
 pub const BYTES_WRITTEN: &str = "flowlog_enricher_written_bytes_total";
@@ -105,7 +107,8 @@ pub fn describe() {
         "Flow sides attributed in written records, by side (local/remote) and source (SIDECAR/EC2/STATIC)."
     );
     describe_counter!(UNATTRIBUTED, "Flow sides written with no owner at the flow's start, by side and reason (UNKNOWN_IP/NO_OWNER_AT_TIME).");
-    describe_counter!(DLQ, "Messages sent to the dead-letter topic, by reason (schema/truncated/bad_address/bad_time/invalid).");
+    describe_counter!(DLQ, "Messages delivered to the dead-letter topic (acknowledged by the broker), by reason (schema/truncated/bad_address/bad_time/invalid).");
+    describe_counter!(DLQ_OMITTED, "Dead letters larger than the maximum message size, sent as a reference: no payload, their origin (topic/partition/offset), reason and size in headers.");
     describe_counter!(
         OBJECTS_WRITTEN,
         "Objects written to the output (one per batch, hour and format), by format (avro/parquet)."

@@ -281,4 +281,44 @@ mod tests {
         assert!(!running, "broker {pid} still running after stop: {state}");
         assert!(!dir.exists());
     }
+
+    /// tansu can ignore SIGTERM for many seconds while busy: `broker.sh stop`
+    /// must not return while it runs (it SIGKILLs after the grace period), or
+    /// a stray broker keeps its port and a core. A process named `tansu` that
+    /// ignores SIGTERM (the disposition survives exec) stands in for it.
+    #[test]
+    fn stop_kills_a_broker_that_ignores_sigterm() {
+        use std::os::unix::process::ExitStatusExt;
+        let dir = std::env::temp_dir().join(format!("flowlog-broker-deaf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut deaf = Command::new("bash")
+            .args(["-c", "trap '' TERM; exec -a tansu sleep 600"])
+            .spawn()
+            .unwrap();
+        std::fs::write(dir.join("broker.pid"), deaf.id().to_string()).unwrap();
+        // Wait until bash has exec'd: the stop only touches a process named tansu.
+        let cmdline = format!("/proc/{}/cmdline", deaf.id());
+        while !std::fs::read(&cmdline).unwrap_or_default().starts_with(b"tansu") {
+            std::thread::yield_now();
+        }
+        let status = Command::new("bash")
+            .arg(script())
+            .arg("stop")
+            .arg(&dir)
+            .env("STOP_GRACE_SECS", "1")
+            .status()
+            .unwrap();
+        // broker.sh has returned: the broker must have exited by then (our
+        // child, so a zombie until reaped here, never still running).
+        let exited = deaf.try_wait().unwrap();
+        if exited.is_none() {
+            let _ = deaf.kill();
+            let _ = deaf.wait();
+        }
+        let pid_file_left = dir.join("broker.pid").exists();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(status.success(), "broker.sh stop: {status}");
+        assert_eq!(exited.and_then(|s| s.signal()), Some(9), "not SIGKILLed: {exited:?}");
+        assert!(!pid_file_left);
+    }
 }

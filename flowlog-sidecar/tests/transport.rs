@@ -411,3 +411,44 @@ fn undeliverable_records_are_counted_not_retried() {
     let left: u64 = segment_files(&spool).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
     assert_eq!(left, 0, "records left in the spool");
 }
+
+/// A second sidecar on the same spool directory (a manual run, a DaemonSet
+/// rollout with `maxSurge`) exits at start with an error naming the
+/// directory and the pid of the sidecar that holds it; the first goes on.
+#[test]
+fn a_second_sidecar_on_the_same_spool_is_refused() {
+    let Some(Setup { spool, metrics_addr, host_id }) = setup("lock") else { return };
+    // No broker: records go to the spool, which is what is locked.
+    let first = Sidecar::start(&kafka_args("127.0.0.1:1", spool.to_str().unwrap(), &metrics_addr, &host_id));
+    let lock = spool.join("sidecar.lock");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != first.pid().to_string() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the first sidecar never locked {}", spool.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let m2 = format!("127.0.0.1:{}", free_port());
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_flowlog-sidecar"))
+        .args(kafka_args("127.0.0.1:1", spool.to_str().unwrap(), &m2, &host_id))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = second.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = second.kill();
+            panic!("the second sidecar kept running on a locked spool");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{status}: {stderr}");
+    assert!(stderr.contains(&spool.display().to_string()), "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", first.pid())), "{stderr}");
+    first.stop();
+    let _ = std::fs::remove_dir_all(&spool);
+}

@@ -2,16 +2,20 @@
 //! (schemas/enriched_flow.avsc), keyed by the sidecar's host id. At least
 //! once: a batch redone after a crash is produced again.
 
-use rdkafka::producer::BaseRecord;
+use std::sync::Arc;
 
 use super::{Batch, Sink};
-use crate::{kafka::Producer, metrics};
+use crate::{
+    kafka::{Outgoing, Producer, Tracker, DELIVERY_TIMEOUT},
+    metrics,
+};
 
 pub struct EnrichedTopic {
     producer: Producer,
     topic: String,
     /// The single-object header: marker and schema fingerprint.
     header: [u8; 10],
+    deliveries: Arc<Tracker>,
 }
 
 impl EnrichedTopic {
@@ -20,6 +24,7 @@ impl EnrichedTopic {
             producer,
             topic,
             header: flowlog_schema::ENRICHED_FLOW.header(),
+            deliveries: Arc::default(),
         }
     }
 }
@@ -31,12 +36,19 @@ impl Sink for EnrichedTopic {
             msg.clear();
             msg.extend_from_slice(&self.header);
             r.write(&mut msg);
-            let rec = BaseRecord::<str, [u8], ()>::to(&self.topic)
-                .key(r.host.identity.host_id.as_str())
-                .payload(&msg[..]);
-            self.producer.send(rec)?;
+            let out = Outgoing {
+                topic: &self.topic,
+                key: Some(r.host.identity.host_id.as_bytes()),
+                payload: Some(&msg[..]),
+                headers: None,
+            };
+            self.producer.send(out, &self.deliveries)?;
         }
-        self.producer.deliver()?;
+        // Records that failed: the batch fails, and its retry sends it all again.
+        let failed = self.producer.wait(&self.deliveries, DELIVERY_TIMEOUT)?;
+        if let Some(first) = failed.first() {
+            anyhow::bail!("{} enriched records not delivered ({}); the batch is sent again", failed.len(), first.error);
+        }
         ::metrics::counter!(metrics::RECORDS_OUT, "sink" => "topic")
             .increment(batch.records.len() as u64);
         Ok(())

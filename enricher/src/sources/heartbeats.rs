@@ -27,6 +27,14 @@ use super::{
 };
 use crate::{config::Config, kafka, metrics};
 
+/// How long a host, and each workload it lists, holds its IPs after its
+/// last heartbeat: a host that dies without a STOP heartbeat (kill -9, a
+/// crashed node) stops owning them then. Five of the sidecars' default
+/// `heartbeat_secs` (30): a heartbeat or two lost or late is no gap.
+/// Heartbeats spooled during a broker outage keep their times, so an outage
+/// is no gap either.
+pub const HEARTBEAT_GRACE: Duration = Duration::from_secs(150);
+
 /// A key naming one workload the same way in every heartbeat: its pod
 /// UID, container id or unit, else its namespace and name (kind first, so
 /// kinds never collide). The self-check compares workloads by it too.
@@ -119,6 +127,7 @@ pub fn follow(
         ends.insert(*p, high);
     }
     consumer.assign(&tpl)?;
+    store.write().unwrap().set_grace(HEARTBEAT_GRACE);
     let loaded = store.clone();
     let mut heartbeats = Heartbeats::default();
     let mut apply = move |m: &rdkafka::message::BorrowedMessage| match Identity::decode(
@@ -288,5 +297,27 @@ mod tests {
         assert_eq!(workload_key(&unit), "SERVICE/nginx.service");
         let svc = Workload { name: Some("api".into()), namespace: Some("shop".into()), ..Workload::of(flowlog_schema::WorkloadKind::ClusterIp) };
         assert_eq!(workload_key(&svc), "CLUSTER_IP/shop/api");
+    }
+
+    /// A host that dies without STOP: its own IPs and its pods' are nobody's
+    /// once its last heartbeat is older than the grace.
+    #[test]
+    fn a_host_that_dies_without_stop_lets_go_after_the_grace() {
+        let host = fixtures::host();
+        let b = pod("uid-b", "pod-b");
+        let mut hb = Heartbeats::default();
+        let mut store = IdentityStore::expiring(HEARTBEAT_GRACE);
+        let beat = |t| Identity { workloads: vec![listing(&b, &["10.1.0.5"])], ..fixtures::identity(&host, t, IdentityReason::Heartbeat) };
+        let s = 1_000_000_000i64;
+        for t in [100 * s, 130 * s] {
+            for e in hb.events(&beat(t)) {
+                store.apply(e);
+            }
+        }
+        let grace = HEARTBEAT_GRACE.as_nanos() as i64;
+        for addr in ["10.0.0.1", "10.1.0.5"] {
+            assert!(store.owner_at(ip(addr), 130 * s + grace - 1).is_ok(), "{addr} held within the grace");
+            assert_eq!(store.owner_at(ip(addr), 130 * s + grace).unwrap_err(), crate::sources::identity::Miss::NoOwnerAtTime, "{addr}");
+        }
     }
 }

@@ -15,7 +15,17 @@
 //! An IP two announcers list at once (a shared address that slipped
 //! through) goes to the one that claimed it last, and stays there: the
 //! other one's later listings of it do not take it back (no flapping), but
-//! are counted ([`IdentityStore::apply`] returns them).
+//! are counted ([`IdentityStore::apply`] returns them). So an address every
+//! host lists (the sidecars filter those out, `identity.shared_interfaces`,
+//! but one may slip through) keeps one interval, not one per heartbeat that
+//! [`MAX_INTERVALS_PER_IP`] would cut down to minutes of history.
+//!
+//! Announcers that go silent: with a grace ([`IdentityStore::expiring`];
+//! the heartbeats' store has one), an announcer holds its IPs until its last
+//! event plus the grace, not for ever: a host that dies without a STOP
+//! heartbeat stops owning its IPs then. Answers follow from the events'
+//! times, not from when they are read. A later event of the announcer opens
+//! new intervals at its time (the gap stays unowned).
 
 use std::net::IpAddr;
 
@@ -68,9 +78,34 @@ pub struct IdentityStore {
     holders: HashMap<String, Holding>,
     /// The last [`Holding::id`] given out.
     last_id: u64,
+    /// With a grace: each holding announcer's last event time, by id (its
+    /// open intervals end at that time + the grace).
+    seen_ns: HashMap<u64, i64>,
+    /// How long an announcer holds its IPs after its last event, ns; None:
+    /// until it releases them.
+    grace_ns: Option<i64>,
 }
 
 impl IdentityStore {
+    /// A store whose announcers hold their IPs until their last event plus
+    /// `grace` (the sidecars' heartbeats: a host that dies without STOP).
+    pub fn expiring(grace: std::time::Duration) -> IdentityStore {
+        let mut s = IdentityStore::default();
+        s.set_grace(grace);
+        s
+    }
+
+    /// See [`IdentityStore::expiring`]; applies to the events that follow.
+    pub fn set_grace(&mut self, grace: std::time::Duration) {
+        self.grace_ns = Some(i64::try_from(grace.as_nanos()).unwrap_or(i64::MAX));
+    }
+
+    /// Where interval `i` ends: its end, or for one still held, its
+    /// holder's last event plus the grace.
+    fn end_of(&self, i: &Interval) -> i64 {
+        end_of(i, &self.seen_ns, self.grace_ns)
+    }
+
     pub fn tracked_ips(&self) -> usize {
         self.by_ip.len()
     }
@@ -84,7 +119,7 @@ impl IdentityStore {
     /// had claimed since this one did (shared addresses: see the module
     /// docs); the caller counts them.
     pub fn apply(&mut self, e: Event) -> usize {
-        let before = self.holders.remove(&e.key);
+        let mut before = self.holders.remove(&e.key);
         let (owner, mut ips) = match e.change {
             Change::Holds { owner, ips } => (Some(owner), ips),
             Change::Released => (None, Vec::new()),
@@ -99,6 +134,19 @@ impl IdentityStore {
                 self.last_id
             }
         };
+        if let Some(b) = before.as_mut() {
+            let lapsed = self.seen_ns.get(&id).zip(self.grace_ns).map(|(seen, g)| seen.saturating_add(g)).filter(|end| *end < t);
+            if let Some(end) = lapsed {
+                // Silent for longer than the grace: what it held ended then,
+                // and this event claims its IPs anew.
+                for ip in std::mem::take(&mut b.ips).iter() {
+                    self.release(*ip, id, end);
+                }
+            }
+        }
+        if self.grace_ns.is_some() {
+            self.seen_ns.insert(id, t);
+        }
         let listed = |ip: &IpAddr| before.as_ref().is_some_and(|b| b.ips.binary_search(ip).is_ok());
         if let Some(b) = &before {
             for ip in b.ips.iter().filter(|ip| ips.binary_search(ip).is_err()) {
@@ -106,13 +154,14 @@ impl IdentityStore {
             }
         }
         let Some(owner) = owner.filter(|_| !ips.is_empty()) else {
+            self.seen_ns.remove(&id);
             return 0;
         };
         let mut conflicts = 0;
         for ip in &ips {
             let iv = self.by_ip.entry(*ip).or_default();
             if !listed(ip) {
-                claim(iv, id, &owner, t);
+                claim(iv, id, &owner, t, &self.seen_ns, self.grace_ns);
                 continue;
             }
             // Listed again: keep the interval and refresh its attributes
@@ -134,7 +183,8 @@ impl IdentityStore {
     fn release(&mut self, ip: IpAddr, id: u64, t: i64) {
         if let Some(iv) = self.by_ip.get_mut(&ip) {
             for i in iv.iter_mut().filter(|i| i.holder == id) {
-                i.to_ns = i.to_ns.min(t.max(i.from_ns));
+                let end = end_of(i, &self.seen_ns, self.grace_ns);
+                i.to_ns = end.min(t.max(i.from_ns));
             }
         }
     }
@@ -144,19 +194,29 @@ impl IdentityStore {
         let iv = self.by_ip.get(&ip).ok_or(Miss::UnknownIp)?;
         iv.iter()
             .rev()
-            .find(|i| i.from_ns <= t_ns && t_ns < i.to_ns)
+            .find(|i| i.from_ns <= t_ns && t_ns < self.end_of(i))
             .map(|i| &i.owner)
             .ok_or(Miss::NoOwnerAtTime)
     }
 }
 
+/// Where interval `i` ends (see [`IdentityStore::end_of`]).
+fn end_of(i: &Interval, seen_ns: &HashMap<u64, i64>, grace_ns: Option<i64>) -> i64 {
+    match (i.to_ns, grace_ns) {
+        (OPEN, Some(g)) => seen_ns.get(&i.holder).map_or(OPEN, |seen| seen.saturating_add(g)),
+        (to, _) => to,
+    }
+}
+
 /// Announcer `id` claims an IP (intervals `iv`) at `t`: another announcer's
-/// interval that spans `t` ends there (the IP moved); one that starts after
-/// `t` (read before this claim) ends this one.
-fn claim(iv: &mut SmallVec<[Interval; 1]>, id: u64, owner: &Owner, t: i64) {
+/// interval that spans `t` ends there (the IP moved), one whose holder went
+/// silent ends at its expiry; one that starts after `t` (read before this
+/// claim) ends this one.
+fn claim(iv: &mut SmallVec<[Interval; 1]>, id: u64, owner: &Owner, t: i64, seen_ns: &HashMap<u64, i64>, grace_ns: Option<i64>) {
     let mut to_ns = OPEN;
     for i in iv.iter_mut().filter(|i| i.holder != id) {
-        if i.from_ns <= t && t < i.to_ns {
+        let end = end_of(i, seen_ns, grace_ns);
+        if i.from_ns <= t && t < end {
             i.to_ns = t;
         } else if i.from_ns > t {
             to_ns = to_ns.min(i.from_ns);
@@ -304,15 +364,18 @@ mod tests {
     }
 
     /// Two announcers list one IP at once: the later claimant keeps it,
-    /// the other's listings do not take it back and are counted.
+    /// the other's listings do not take it back and are counted. However
+    /// many heartbeats list it, it keeps its two intervals: the history is
+    /// not cut short by [`MAX_INTERVALS_PER_IP`].
     #[test]
     fn a_shared_address_does_not_flap_and_is_counted() {
         let mut s = store([holds("a", "a", &["10.0.0.9", "10.0.0.1"], 100), holds("b", "b", &["10.0.0.9"], 200)]);
         let ip: IpAddr = "10.0.0.9".parse().unwrap();
-        for t in [300, 400] {
+        for t in (300..=400).step_by(1) {
             assert_eq!(s.apply(holds("a", "a", &["10.0.0.9", "10.0.0.1"], t)), 1);
-            assert_eq!(s.apply(holds("b", "b", &["10.0.0.9"], t + 1)), 0);
+            assert_eq!(s.apply(holds("b", "b", &["10.0.0.9"], t)), 0);
         }
+        assert_eq!(s.by_ip[&ip].len(), 2, "one interval per owner, not per heartbeat");
         let wl = |s: &IdentityStore, t| s.owner_at(ip, t).map(|o| o.workload.clone().unwrap());
         assert_eq!(wl(&s, 150), Ok("a".into()));
         assert_eq!(wl(&s, 450), Ok("b".into()));
@@ -321,5 +384,62 @@ mod tests {
         s.apply(released("b", 500));
         assert_eq!(wl(&s, 550), Err(Miss::NoOwnerAtTime));
         assert_eq!(s.holders(), 1);
+    }
+
+    fn ns(n: u64) -> std::time::Duration {
+        std::time::Duration::from_nanos(n)
+    }
+
+    /// A host that dies without STOP: its IPs are its own until its last
+    /// heartbeat plus the grace, then nobody's; a later heartbeat claims
+    /// them again from its time on (the gap stays unowned).
+    #[test]
+    fn a_silent_announcer_stops_owning_its_ips_after_the_grace() {
+        let mut s = IdentityStore::expiring(ns(100));
+        s.apply(holds("a", "web", &["10.0.0.9"], 1000));
+        s.apply(holds("a", "web", &["10.0.0.9"], 1050));
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let wl = |s: &IdentityStore, t| s.owner_at(ip, t).map(|o| o.workload.clone().unwrap());
+        assert_eq!(wl(&s, 1100), Ok("web".into()));
+        assert_eq!(wl(&s, 1149), Ok("web".into()));
+        assert_eq!(wl(&s, 1150), Err(Miss::NoOwnerAtTime), "last heartbeat 1050 + grace 100");
+        assert_eq!(wl(&s, 5000), Err(Miss::NoOwnerAtTime));
+        // Back at 2000 (a new process, same host): its again from then on.
+        s.apply(holds("a", "web2", &["10.0.0.9"], 2000));
+        assert_eq!(wl(&s, 1100), Ok("web".into()));
+        assert_eq!(wl(&s, 1500), Err(Miss::NoOwnerAtTime), "the silence stays unowned");
+        assert_eq!(wl(&s, 2000), Ok("web2".into()));
+        assert_eq!(wl(&s, 2099), Ok("web2".into()));
+        assert_eq!(wl(&s, 2100), Err(Miss::NoOwnerAtTime));
+        // A store without a grace (Services, EC2) keeps them until released.
+        let forever = store([holds("a", "web", &["10.0.0.9"], 1000)]);
+        assert_eq!(wl(&forever, 1_000_000), Ok("web".into()));
+    }
+
+    /// After a silent announcer's grace, another's claim does not extend
+    /// the silent one's interval to the claim; a STOP read late ends nothing
+    /// later than the expiry; the silent one coming back claims anew.
+    #[test]
+    fn claims_and_releases_after_a_silence_respect_the_expiry() {
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let wl = |s: &IdentityStore, t| s.owner_at(ip, t).map(|o| o.workload.clone().unwrap());
+        let mut s = IdentityStore::expiring(ns(100));
+        s.apply(holds("a", "a", &["10.0.0.9"], 1000));
+        s.apply(holds("b", "b", &["10.0.0.9"], 3000));
+        assert_eq!(wl(&s, 1050), Ok("a".into()));
+        assert_eq!(wl(&s, 2000), Err(Miss::NoOwnerAtTime));
+        assert_eq!(wl(&s, 3050), Ok("b".into()));
+        // b keeps beating; a comes back at 4000 listing the IP: a fresh claim.
+        s.apply(holds("b", "b", &["10.0.0.9"], 3900));
+        assert_eq!(s.apply(holds("a", "a", &["10.0.0.9"], 4000)), 0);
+        assert_eq!(wl(&s, 3950), Ok("b".into()));
+        assert_eq!(wl(&s, 4050), Ok("a".into()));
+        // A STOP long after the silence: the IP was nobody's since the expiry.
+        let mut s = IdentityStore::expiring(ns(100));
+        s.apply(holds("c", "c", &["10.0.0.9"], 1000));
+        s.apply(released("c", 5000));
+        assert_eq!(wl(&s, 1050), Ok("c".into()));
+        assert_eq!(wl(&s, 2000), Err(Miss::NoOwnerAtTime));
+        assert_eq!(s.holders(), 0);
     }
 }

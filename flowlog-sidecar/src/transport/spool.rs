@@ -20,11 +20,17 @@
 //!   loses nothing handed over before it) and [`Spool::sync_due`]
 //!   periodically, so with `fsync = "interval"` a quiet spool reaches the
 //!   disk within `fsync_interval_ms` without waiting for the next append.
+//! - **Private, one writer.** Records name this host's peers: the directory
+//!   is made 0700 and every file 0600, whatever the umask or whoever created
+//!   the directory (a hostPath is 0755). An exclusive `flock` on
+//!   [`LOCK_FILE`] keeps a second sidecar (a manual run, a DaemonSet's
+//!   `maxSurge`) out; it fails to open the spool, naming the holder's pid.
 
 use std::{
     collections::VecDeque,
-    fs::{self, File, OpenOptions},
+    fs::{self, File, OpenOptions, Permissions},
     io::{self, Read, Write},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -101,6 +107,9 @@ struct Writer {
 
 pub struct Spool {
     cfg: SpoolConfig,
+    /// Holds the directory's lock (released when the spool is dropped or the
+    /// process dies).
+    _lock: File,
     /// Oldest first; the last one is open for appends when `writer` is Some.
     segments: VecDeque<Segment>,
     writer: Option<Writer>,
@@ -112,6 +121,43 @@ pub struct Spool {
 const HEADER: usize = 8;
 /// Buffered appends are written out past this many bytes.
 const BUF_BYTES: usize = 64 * 1024;
+
+/// In the spool directory; holds the pid of the sidecar that locked it.
+pub const LOCK_FILE: &str = "sidecar.lock";
+/// The spool's files: the sidecar's user only.
+const FILE_MODE: u32 = 0o600;
+const DIR_MODE: u32 = 0o700;
+
+/// Opens a spool file for writing, private whatever the umask.
+fn private_file(path: &Path, truncate: bool) -> io::Result<File> {
+    OpenOptions::new().create(true).write(true).append(!truncate).truncate(truncate).mode(FILE_MODE).open(path)
+}
+
+/// Takes the directory's lock, or fails naming the pid that holds it.
+fn lock_dir(dir: &Path) -> io::Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(FILE_MODE).open(&path)?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            let holder = match pid.trim() {
+                "" => "another process".to_string(),
+                pid => format!("another sidecar, pid {pid}"),
+            };
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{} is locked by {holder} ({}): one sidecar per spool directory", dir.display(), path.display()),
+            ));
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(e),
+    }
+    f.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    f.set_len(0)?;
+    f.write_all(format!("{}\n", std::process::id()).as_bytes())?;
+    Ok(f)
+}
 
 fn seg_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("seg-{id:016}.log"))
@@ -132,6 +178,8 @@ impl Spool {
     /// them unacknowledged: a segment is deleted only once delivered).
     pub fn open(cfg: SpoolConfig) -> io::Result<Spool> {
         fs::create_dir_all(&cfg.dir)?;
+        fs::set_permissions(&cfg.dir, Permissions::from_mode(DIR_MODE))?;
+        let lock = lock_dir(&cfg.dir)?;
         let mut ids = Vec::new();
         for e in fs::read_dir(&cfg.dir)?.filter_map(|e| e.ok()) {
             let Ok(name) = e.file_name().into_string() else { continue };
@@ -140,6 +188,8 @@ impl Spool {
                 // replace is still there, whole.
                 fs::remove_file(e.path())?;
             } else if let Some(id) = name.strip_prefix("seg-").and_then(|n| n.strip_suffix(".log")).and_then(|n| n.parse().ok()) {
+                // Left by an older version or another umask: private too.
+                fs::set_permissions(e.path(), Permissions::from_mode(FILE_MODE))?;
                 ids.push(id);
             }
         }
@@ -153,7 +203,7 @@ impl Spool {
         }
         // Ids start high so that new segments can always go in front.
         let next_id = segments.back().map(|s| s.id + 1).unwrap_or(1 << 40);
-        Ok(Spool { cfg, segments, writer: None, next_id, drops: Drops::default() })
+        Ok(Spool { cfg, _lock: lock, segments, writer: None, next_id, drops: Drops::default() })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -195,7 +245,7 @@ impl Spool {
             sealed = self.seal();
             let id = self.next_id;
             self.next_id += 1;
-            let file = match OpenOptions::new().create(true).append(true).open(seg_path(&self.cfg.dir, id)) {
+            let file = match private_file(&seg_path(&self.cfg.dir, id), false) {
                 Ok(f) => f,
                 Err(e) => {
                     self.drops.error += 1;
@@ -421,7 +471,7 @@ fn write_segment<'a>(path: &Path, records: impl IntoIterator<Item = &'a [u8]>, s
         frame(&mut data, r);
     }
     let written = (|| {
-        let mut f = File::create(&tmp)?;
+        let mut f = private_file(&tmp, true)?;
         f.write_all(&data)?;
         if sync {
             f.sync_data()?;
@@ -500,6 +550,65 @@ mod tests {
         v
     }
 
+    fn file_names(d: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Records name this host's peers: the directory is 0700 and every file
+    /// 0600 even when the directory and an old segment were created open
+    /// (a hostPath is 0755; here 0777 and 0666).
+    #[test]
+    fn the_spool_is_private() {
+        let d = tmp("private");
+        fs::create_dir_all(&d).unwrap();
+        fs::set_permissions(&d, Permissions::from_mode(0o777)).unwrap();
+        let old = seg_path(&d, 7);
+        fs::write(&old, []).unwrap();
+        fs::set_permissions(&old, Permissions::from_mode(0o666)).unwrap();
+        let mut s = Spool::open(cfg(&d, 1 << 20, 100)).unwrap();
+        for i in 0..20u32 {
+            s.append(&i.to_le_bytes().repeat(5)).unwrap();
+        }
+        s.prepend(&[b"failed".to_vec()]).unwrap();
+        s.seal().unwrap();
+        // A partly delivered segment is rewritten (a new file, renamed).
+        let mut lease = s.lease().unwrap().unwrap();
+        let (got, _) = lease.read().unwrap();
+        let bytes = lease.keep(got.iter().map(|r| &r[..])).unwrap();
+        s.settle(lease, got.len() as u64, bytes);
+        assert_eq!(mode(&d), 0o700);
+        let files: Vec<PathBuf> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()).collect();
+        assert!(files.len() > 3, "{files:?}");
+        for f in files {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
+        drop(s);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    /// A second writer on the same directory (a manual run, a DaemonSet's
+    /// `maxSurge`) is refused, with the directory and the holder's pid; once
+    /// the first is gone the directory opens again.
+    #[test]
+    fn a_second_writer_is_refused() {
+        let d = tmp("lock");
+        let first = roomy(&d);
+        let err = Spool::open(cfg(&d, 1 << 20, 1 << 20)).err().expect("a second spool on the same directory");
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        let msg = err.to_string();
+        assert!(msg.contains(&d.display().to_string()), "{msg}");
+        assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+        drop(first);
+        drop(roomy(&d));
+        fs::remove_dir_all(d).unwrap();
+    }
+
     #[test]
     fn replays_in_order_across_reopen() {
         let d = tmp("order");
@@ -516,7 +625,7 @@ mod tests {
         let want: Vec<Vec<u8>> = (0..20u32).map(|i| i.to_le_bytes().repeat(5)).collect();
         assert_eq!(got, want);
         assert!(s.is_empty());
-        assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
+        assert_eq!(file_names(&d), [LOCK_FILE], "only the lock is left");
         fs::remove_dir_all(d).unwrap();
     }
 
@@ -629,7 +738,7 @@ mod tests {
         fs::write(seg.with_extension("log.tmp"), b"\x05\0\0").unwrap();
         let mut s = roomy(&d);
         assert_eq!(drain(&mut s), vec![b"a".to_vec()]);
-        assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
+        assert_eq!(file_names(&d), [LOCK_FILE], "only the lock is left");
         fs::remove_dir_all(d).unwrap();
     }
 

@@ -93,6 +93,10 @@ impl Sidecar {
         Sidecar { child, records, stdout: Some(stdout), stats_file }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits until `pred` holds over the records seen so far.
     pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&[Value]) -> bool) {
         let t0 = Instant::now();

@@ -110,7 +110,8 @@ integers, strings JSON-quoted (a subset of TOML basic strings), null dropped.
 {{- $s := deepCopy (default dict $c.spool) -}}
 {{- $_ := set $s "dir" "/var/lib/flowlog/spool" -}}
 {{- $_ := set $c "spool" $s -}}
-{{- $_ := set $c "metrics_listen" (printf "%s:%d" .Values.sidecar.metrics.bindAddress (int .Values.sidecar.metrics.port)) -}}
+{{- /* metrics_listen comes from the pod's environment (the pod's IP is only known there). */ -}}
+{{- $_ := unset $c "metrics_listen" -}}
 {{- /* workload.kubernetes.enabled and node_name come from the pod's environment (the node's name is only known there). */ -}}
 {{- $w := deepCopy (default dict $c.workload) -}}
 {{- $kube := deepCopy (default dict $w.kubernetes) -}}
@@ -138,7 +139,7 @@ integers, strings JSON-quoted (a subset of TOML basic strings), null dropped.
 {{- $_ := set $c "output" "/data" -}}
 {{- end -}}
 {{- $_ := set $c "output_formats" $o.formats -}}
-{{- $_ := set $c "metrics_listen" (printf "0.0.0.0:%d" (int .Values.enricher.metrics.port)) -}}
+{{- $_ := unset $c "metrics_listen" -}}
 {{- if .Values.enricher.staticMap -}}
 {{- $_ := set $c "static_map" "/etc/flowlog/static/cidrs.toml" -}}
 {{- end -}}
