@@ -61,6 +61,11 @@ flowlog_settings::settings! {
         /// attribute it; seconds, 0 disables.
         #[flag(long = "late-window-secs", env = "FLOWLOG_ENRICHER_LATE_WINDOW_SECS")]
         pub late_window_secs: u64 = 120,
+        /// How long a sidecar host, and each workload it lists, keeps its IPs
+        /// after its last heartbeat when no STOP heartbeat came (the host
+        /// died), seconds. Keep it several of the sidecars' `heartbeat_secs`
+        /// (default 30): a lost or late heartbeat is then no gap.
+        pub identity_grace_secs: u64 = 150,
         /// Records kept in memory at most while batches wait for late
         /// metadata (all partitions; an enriched record takes about 0.5-1 KB):
         /// past it held batches are written at once, counted in
@@ -170,6 +175,9 @@ impl Config {
         }
         if self.output.contains("://") && !self.output.starts_with("s3://") && !self.output.starts_with("file://") {
             anyhow::bail!("invalid setting output: {:?} is not a directory or an s3:// URL", self.output);
+        }
+        if self.identity_grace_secs == 0 {
+            anyhow::bail!("invalid setting identity_grace_secs: must be > 0");
         }
         if self.batch_max_records == 0 {
             anyhow::bail!("invalid setting batch_max_records: must be > 0");

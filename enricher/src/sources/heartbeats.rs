@@ -27,13 +27,6 @@ use super::{
 };
 use crate::{config::Config, kafka, metrics};
 
-/// How long a host, and each workload it lists, holds its IPs after its
-/// last heartbeat: a host that dies without a STOP heartbeat (kill -9, a
-/// crashed node) stops owning them then. Five of the sidecars' default
-/// `heartbeat_secs` (30): a heartbeat or two lost or late is no gap.
-/// Heartbeats spooled during a broker outage keep their times, so an outage
-/// is no gap either.
-pub const HEARTBEAT_GRACE: Duration = Duration::from_secs(150);
 
 /// A key naming one workload the same way in every heartbeat: its pod
 /// UID, container id or unit, else its namespace and name (kind first, so
@@ -127,7 +120,10 @@ pub fn follow(
         ends.insert(*p, high);
     }
     consumer.assign(&tpl)?;
-    store.write().unwrap().set_grace(HEARTBEAT_GRACE);
+    // A host that dies without a STOP heartbeat (kill -9, a crashed node)
+    // stops owning its IPs at its last heartbeat + the grace. Heartbeats
+    // spooled during a broker outage keep their times: an outage is no gap.
+    store.write().unwrap().set_grace(Duration::from_secs(cfg.identity_grace_secs));
     let loaded = store.clone();
     let mut heartbeats = Heartbeats::default();
     let mut apply = move |m: &rdkafka::message::BorrowedMessage| match Identity::decode(
@@ -306,7 +302,8 @@ mod tests {
         let host = fixtures::host();
         let b = pod("uid-b", "pod-b");
         let mut hb = Heartbeats::default();
-        let mut store = IdentityStore::expiring(HEARTBEAT_GRACE);
+        let grace = Duration::from_secs(crate::config::Config::default().identity_grace_secs);
+        let mut store = IdentityStore::expiring(grace);
         let beat = |t| Identity { workloads: vec![listing(&b, &["10.1.0.5"])], ..fixtures::identity(&host, t, IdentityReason::Heartbeat) };
         let s = 1_000_000_000i64;
         for t in [100 * s, 130 * s] {
@@ -314,7 +311,7 @@ mod tests {
                 store.apply(e);
             }
         }
-        let grace = HEARTBEAT_GRACE.as_nanos() as i64;
+        let grace = grace.as_nanos() as i64;
         for addr in ["10.0.0.1", "10.1.0.5"] {
             assert!(store.owner_at(ip(addr), 130 * s + grace - 1).is_ok(), "{addr} held within the grace");
             assert_eq!(store.owner_at(ip(addr), 130 * s + grace).unwrap_err(), crate::sources::identity::Miss::NoOwnerAtTime, "{addr}");
