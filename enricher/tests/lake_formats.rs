@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::{path::Path, process::Command};
+use std::process::Command;
 
 use flowlog_enricher::sink::parquet::{self, ParquetOptions};
 use flowlog_runtime::testkit;
@@ -27,17 +27,6 @@ fn python_with(modules: &[&str]) -> bool {
         eprintln!("skipped: {} cannot import {modules:?}", python.display());
     }
     ok
-}
-
-/// Every row DuckDB reads from the Parquet files under `dir`.
-fn read_parquet(dir: &Path) -> Vec<Json> {
-    let o = Command::new(testkit::tool(testkit::PYTHON))
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_parquet.py"))
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 /// fastavro's rows with the Hive folder names as columns, as DuckDB gives them.
@@ -82,7 +71,8 @@ fn duckdb_and_fastavro_read_the_same_rows() {
             w.finish().unwrap();
         }
     }
-    let duck = by_sequence(read_parquet(&out.join("parquet")));
+    // DuckDB's rows of every Parquet file under the folder.
+    let duck = by_sequence(common::read_with("read_parquet.py", &out.join("parquet")));
     let plain = by_sequence(with_partitions(common::read_files(&out.join("avro"))));
     let zstd = by_sequence(with_partitions(common::read_files(&out.join("avro-zstd"))));
     assert_eq!(plain.len(), records.len());

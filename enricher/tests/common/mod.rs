@@ -104,8 +104,13 @@ pub fn start_enricher(brokers: &str, out: &std::path::Path, extra: &[&str]) -> C
 
 /// Every record in the output files, read by fastavro.
 pub fn read_files(out: &std::path::Path) -> Vec<Json> {
+    read_with("read_avro.py", out)
+}
+
+/// The JSON lines a reader script of tests/ prints for folder `out`.
+pub fn read_with(script: &str, out: &std::path::Path) -> Vec<Json> {
     let o = Command::new(testkit::tool(testkit::PYTHON))
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_avro.py"))
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script))
         .arg(out)
         .output()
         .unwrap();
