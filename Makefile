@@ -7,7 +7,7 @@ export PATH := $(TOOLS)/bpf-linker-0.13.0-llvm22/bin:$(TOOLS)/tansu-0.6.0/bin:$(
 # Root-only tests must run, not skip, under `make test`.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo "sudo -E")
 
-.PHONY: setup build test demo bench clean
+.PHONY: setup build test test-scripts demo bench clean
 
 ## Install toolchains, bpf-linker, the local broker and the Python test tools.
 setup:
@@ -33,6 +33,12 @@ test:
 	cargo build -p flowlog-sidecar -p flowlog-enricher -p flowlog-bench --bins < /dev/null
 	FLOWLOG_DEMO_CHECK=1 FLOWLOG_DEMO_BIN=./target/debug FLOWLOG_DEMO_SECONDS=4 FLOWLOG_DEMO_OUT=out/demo-check bash scripts/demo.sh
 	FLOWLOG_DEPLOY_NO_SKIP=1 bash scripts/check-deploy.sh
+	$(MAKE) test-scripts
+
+## The Python tests of scripts/ (the S3 fault proxy, the flow-lake queries and
+## summaries), on the real moto S3 server and DuckDB from `make setup`.
+test-scripts:
+	$(TOOLS)/venv-py-1/bin/python -m unittest discover -s scripts/tests -v < /dev/null
 
 ## The main job: a few workloads in network namespaces talk while the sidecar
 ## captures this machine's TCP flows and the enricher attributes them; prints a

@@ -1,10 +1,20 @@
 #!/usr/bin/env python3
 """Summary of `make demo`, read back from the enricher's Avro object container
-files with fastavro (an Avro reader this project did not write).
+files with fastavro (an Avro reader this project did not write), or from its
+Parquet files with DuckDB (--format parquet; a folder or an s3:// prefix).
 
-    demo_summary.py ENRICHED_DIR [--traffic DIR] [--svg FILE] [--metrics FILE]
+    demo_summary.py ENRICHED_DIR [--format avro|parquet] [--compare DIR]
+                    [--traffic DIR] [--svg FILE] [--metrics FILE]
                     [--check --stray IP --cluster-ip IP --service NS/NAME
                      --reused IP=OLD_POD,NEW_POD@T_NS]
+
+The summary is computed from rows, whichever reader gave them. --compare DIR
+reads the same records in the other format from DIR and checks that both
+give the same summary, number for number (records, connections, every
+workload pair's counters and RTT percentiles, attribution counts, sequence
+ranges), and that DuckDB's own top-talkers query (docs/queries) over the
+Parquet files agrees with the pairs computed from the Avro rows; exits 1
+when they differ.
 
 A connection between two hosts (or namespaces) that a sidecar watches is seen
 from both ends: a client-side and a server-side record with the same flow_id.
@@ -36,6 +46,9 @@ import pathlib
 import sys
 
 from fastavro import reader
+
+SCHEMA = pathlib.Path(__file__).resolve().parent.parent / "schemas" / "enriched_flow.avsc"
+FIELDS = [f["name"] for f in json.loads(SCHEMA.read_text())["fields"]]
 
 
 def human(n):
@@ -88,9 +101,15 @@ def selfcheck(path):
     return out
 
 
-def load(root):
+def load(root, fmt="avro"):
+    """(files, records): the records as dicts of the Avro schema's fields,
+    whichever format they were read from."""
+    if fmt == "parquet":
+        import lake_query  # DuckDB, only needed here
+        with lake_query.Lake(root) as lake:
+            return lake.files(), lake.rows(FIELDS)
     recs = []
-    files = sorted(p for p in pathlib.Path(root).rglob("*.avro") if "_state" not in p.parts)
+    files = sorted(pathlib.Path(root).rglob("*.avro"))  # not _claims/ (no extension)
     for p in files:
         with open(p, "rb") as f:
             recs.extend(reader(f))
@@ -114,31 +133,9 @@ def connections(recs):
     return list(conns.values())
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("enriched")
-    ap.add_argument("--traffic", help="folder of the traffic generator's JSON summaries")
-    ap.add_argument("--svg", help="write the workload graph here")
-    ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--metrics", help="the enricher's last Prometheus scrape (for the self-check)")
-    ap.add_argument("--check", action="store_true", help="assert what the demo promises (see above)")
-    ap.add_argument("--stray", help="the one address no sidecar announces")
-    ap.add_argument("--cluster-ip")
-    ap.add_argument("--service", help="NAMESPACE/NAME of the Service at --cluster-ip")
-    ap.add_argument("--reused", help="IP=OLD_POD,NEW_POD@T_NS: the IP went from OLD_POD to NEW_POD at T_NS")
-    a = ap.parse_args()
-    failures = []
-
-    def check(ok, what):
-        if a.check and not ok:
-            failures.append(what)
-
-    files, recs = load(a.enriched)
-    if not recs:
-        print(f"no enriched flows in {a.enriched} ({len(files)} files)", file=sys.stderr)
-        return 1
-    conns = connections(recs)
-
+def pair_stats(conns):
+    """(by_flow, pairs): the connection ends joined on flow_id, and per
+    (client, server) workload pair its connections counted once."""
     # Join the two ends of a connection on flow_id.
     by_flow = collections.defaultdict(list)
     for c in conns:
@@ -167,10 +164,110 @@ def main():
         rtt = c["srtt_us"] or next((e["srtt_us"] for e in ends if e["srtt_us"]), 0)
         if rtt:
             p["rtt"].append(rtt)
+    return by_flow, pairs
+
+
+def facts(recs):
+    """Every number the summary prints, exact (no rounding), as plain data:
+    two readers of the same records must give equal facts."""
+    conns = connections(recs)
+    by_flow, pairs = pair_stats(conns)
+    seqs = collections.defaultdict(list)
+    for r in recs:
+        seqs[f"{r['host_id']} epoch {r['sequence_epoch']}"].append(r["sequence"])
+    return {
+        "records": len(recs),
+        "final": sum(r["record_type"] == "FINAL" for r in recs),
+        "sidecars": sorted({r["host_id"] for r in recs}),
+        "connection ends": len(conns),
+        "connections": len(by_flow),
+        "seen from both ends": sum(len(e) > 1 for e in by_flow.values()),
+        "pairs": {f"{src} -> {dst}": dict(p, ports=sorted(p["ports"]), rtt=sorted(p["rtt"]),
+                                          p50=pct(p["rtt"], 50), p99=pct(p["rtt"], 99))
+                  for (src, dst), p in pairs.items()},
+        "attribution": {side: {
+            "unattributed": sum(not r[side]["attributed"] for r in recs),
+            "unattributed bytes": sum(r["bytes_sent"] + r["bytes_received"] for r in recs if not r[side]["attributed"]),
+            "by source": dict(collections.Counter(r[side]["source"] for r in recs)),
+            "reasons": dict(collections.Counter(r[side]["reason"] for r in recs if not r[side]["attributed"])),
+        } for side in ("local", "remote")},
+        "sequences": {k: [min(v), max(v), len(set(v))] for k, v in seqs.items()},
+    }
+
+
+def diff(a, b, path=""):
+    """Where two facts differ, as 'path: a != b' lines."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            if k not in a or k not in b:
+                out.append(f"{path}{k}: only in {'the first' if k in a else 'the second'}")
+            else:
+                out.extend(diff(a[k], b[k], f"{path}{k}."))
+        return out
+    return [] if a == b else [f"{path.rstrip('.')}: {a!r} != {b!r}"]
+
+
+def compare(root, fmt, recs, other_root, other_fmt):
+    """The differences between the summary of recs (read from root as fmt)
+    and that of the same records read from other_root as other_fmt; plus,
+    with DuckDB's top-talkers query over the Parquet side, where it differs
+    from the pairs computed from the Avro rows."""
+    other_recs = load(other_root, other_fmt)[1]
+    mine, theirs = facts(recs), facts(other_recs)
+    out = diff(mine, theirs, f"{fmt} vs {other_fmt}: ")
+    avro = mine if fmt == "avro" else theirs
+    import lake_query
+    with lake_query.Lake(root if fmt == "parquet" else other_root) as lake:
+        cols, rows = lake.run("top_talkers")
+    sql = {}
+    for row in rows:
+        r = dict(zip(cols, row))
+        ms = lambda v: None if v is None else round(v * 1000)  # the query's ms back to us
+        sql[f"{r['client']} -> {r['server']}"] = dict(
+            conns=r["connections"], failed=r["failed"], c2s=r["bytes_c2s"], s2c=r["bytes_s2c"], retx=r["retransmits"],
+            ports=list(r["ports"]), p50=ms(r["p50_rtt_ms"]), p99=ms(r["p99_rtt_ms"]))
+    python = {k: {f: p[f] for f in ("conns", "failed", "c2s", "s2c", "retx", "ports", "p50", "p99")}
+              for k, p in avro["pairs"].items()}
+    out.extend(diff(python, sql, "top_talkers.sql vs the Avro summary: "))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("enriched", help="the enricher's output: a folder (Avro or Parquet), or s3://BUCKET/PREFIX (Parquet)")
+    ap.add_argument("--format", choices=("avro", "parquet"), default="avro",
+                    help="avro: read with fastavro; parquet: read with DuckDB")
+    ap.add_argument("--compare", metavar="DIR",
+                    help="the same records in the other format: check that both summaries agree exactly")
+    ap.add_argument("--traffic", help="folder of the traffic generator's JSON summaries")
+    ap.add_argument("--svg", help="write the workload graph here")
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--metrics", help="the enricher's last Prometheus scrape (for the self-check)")
+    ap.add_argument("--check", action="store_true", help="assert what the demo promises (see above)")
+    ap.add_argument("--stray", help="the one address no sidecar announces")
+    ap.add_argument("--cluster-ip")
+    ap.add_argument("--service", help="NAMESPACE/NAME of the Service at --cluster-ip")
+    ap.add_argument("--reused", help="IP=OLD_POD,NEW_POD@T_NS: the IP went from OLD_POD to NEW_POD at T_NS")
+    a = ap.parse_args()
+    failures = []
+
+    def check(ok, what):
+        if a.check and not ok:
+            failures.append(what)
+
+    files, recs = load(a.enriched, a.format)
+    if not recs:
+        print(f"no enriched flows in {a.enriched} ({len(files)} files)", file=sys.stderr)
+        return 1
+    conns = connections(recs)
+
+    by_flow, pairs = pair_stats(conns)
 
     finals = sum(r["record_type"] == "FINAL" for r in recs)
     hosts = {r["host_id"] for r in recs}
-    print(f"{len(recs)} enriched records in {len(files)} files ({finals} FINAL, {len(recs) - finals} INTERIM) "
+    reader_name = "DuckDB over Parquet" if a.format == "parquet" else "fastavro over Avro"
+    print(f"[{reader_name}] {len(recs)} enriched records in {len(files)} files ({finals} FINAL, {len(recs) - finals} INTERIM) "
           f"from {len(hosts)} sidecar(s) = {len(conns)} connection ends = {len(by_flow)} connections "
           f"({sum(len(e) > 1 for e in by_flow.values())} seen from both ends, counted once)")
 
@@ -248,6 +345,29 @@ def main():
                            and (source is None or c["local_ip"] == source))
                 check(seen == want, f"{label}: the generator made {want} connections, the flow log has {seen}")
                 print(f"  {label:<28} generator {want:>5}  flow log {seen:>5}  {'ok' if seen == want else 'MISMATCH'}")
+
+    if a.compare:
+        other = "avro" if a.format == "parquet" else "parquet"
+        differences = compare(a.enriched, a.format, recs, a.compare, other)
+        check(not differences, "the Avro and Parquet summaries differ")
+        if differences:
+            print(f"\nAvro and Parquet summaries DIFFER ({len(differences)}):")
+            # Per comparison (the two readers' facts; DuckDB's query vs the Avro pairs), the first few.
+            by_what = collections.defaultdict(list)
+            for d in differences:
+                what, detail = d.split(": ", 1)
+                by_what[what].append(detail)
+            for what, details in by_what.items():
+                print(f"  {what}: {len(details)} differences")
+                for d in details[:10]:
+                    print("    " + d)
+        else:
+            f = facts(recs)
+            print(f"\nAvro (fastavro) and Parquet (DuckDB) summaries agree exactly: {f['records']} records, "
+                  f"{f['connections']} connections, {len(f['pairs'])} workload pairs, every counter and percentile; "
+                  "DuckDB's top-talkers query agrees with the pairs.")
+        if differences and not a.check:
+            return 1
 
     if a.metrics:
         sc = selfcheck(a.metrics)

@@ -74,12 +74,12 @@ to a temporary name, then renamed: a reader never sees half a number).
 
 import argparse
 import json
-import os
 import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+from local_server import serve
 from urllib.parse import parse_qs, unquote, urlsplit
 
 # plural -> (group/version, Kind, namespaced). Add a line to serve another kind.
@@ -557,19 +557,7 @@ def main():
         for obj in body if isinstance(body, list) else body.get("items", [body]):
             Handler.store.apply(obj)
 
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    server.daemon_threads = True
-    port = server.server_address[1]
-    if args.port_file:
-        tmp = args.port_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{port}\n")
-        os.replace(tmp, args.port_file)
-    print(port, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    serve(Handler, args.port, args.port_file)
 
 
 if __name__ == "__main__":

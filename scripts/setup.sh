@@ -16,6 +16,7 @@ BPF_LINKER_VERSION=0.13.0
 LLVM_MAJOR=22
 TANSU_VERSION=0.6.0
 MOTO_VERSION=5.2.5
+DUCKDB_VERSION=2.0.0
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -83,16 +84,20 @@ setup_tansu() {
     rm -rf "$TOOLS/.build/tansu"
 }
 
-# --- Python venv: Avro reader for tests, moto EC2 endpoint, Kafka client ----
+# --- Python venv: Avro reader for tests, moto EC2/S3 endpoint, Kafka client,
+# DuckDB (queries the Parquet flow lake) ----------------------------------
+PY_PACKAGES=(fastavro==1.12.1 confluent-kafka==2.12.1 "moto[server]==$MOTO_VERSION" boto3 "duckdb==$DUCKDB_VERSION")
 setup_python() {
     local venv="$TOOLS/venv-py-1"
-    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import fastavro, confluent_kafka, moto, boto3' 2>/dev/null; then
+    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "
+import fastavro, confluent_kafka, moto, boto3, duckdb
+assert duckdb.__version__ == '$DUCKDB_VERSION', duckdb.__version__" 2>/dev/null; then
         return 0
     fi
-    log "creating python venv with fastavro, confluent-kafka, moto"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check \
-        fastavro==1.12.1 confluent-kafka==2.12.1 "moto[server]==$MOTO_VERSION" boto3
+    log "installing into the python venv: ${PY_PACKAGES[*]}"
+    # An existing venv gets what it lacks (pip skips what is there).
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 }
 
 setup_system() {

@@ -31,7 +31,36 @@ VARIANTS = {  # values files rendered besides the defaults
     "all": DEPLOY / "check" / "values-all.yaml",
     "hpa": DEPLOY / "check" / "values-hpa.yaml",
     "fixed": DEPLOY / "check" / "values-fixed.yaml",
+    "pvc": DEPLOY / "check" / "values-pvc.yaml",
 }
+# The one value the chart requires (enricher.output.bucket, for the default S3
+# output), given to every render "with default values" and to the plain
+# manifests. AWS reserves the amzn-s3-demo- prefix for examples: no one can
+# own this bucket, so a forgotten placeholder fails instead of writing
+# somewhere.
+DEFAULT_SETS = ["--set", "enricher.output.bucket=amzn-s3-demo-bucket"]
+# What each render's enricher output must be: the `output` and
+# `output_formats` of its settings file (None: the file is in a Secret), the
+# volume at /data (None: none, and no PVC), the PVC's access mode, the Secret
+# the S3 credentials come from, and [s3] settings.
+OUTPUT_EXPECT = {
+    "defaults": {"output": "s3://amzn-s3-demo-bucket/flowlog/enriched", "formats": ["avro"], "volume": None},
+    "all": {"output": "s3://amzn-s3-demo-bucket/prod/flows", "formats": ["avro", "parquet"], "volume": None,
+            "aws_secret": "flowlog-enricher-s3",
+            "s3": {"endpoint_url": "https://minio.storage.svc:9000", "region": "eu-west-1"}},
+    "hpa": {"output": None, "volume": "persistentVolumeClaim"},
+    "fixed": {"output": "/data", "formats": ["avro"], "volume": "emptyDir"},
+    "pvc": {"output": "/data", "formats": ["avro", "parquet"], "volume": "persistentVolumeClaim",
+            "access": "ReadWriteOnce"},
+}
+# Values the chart must refuse (helm template fails naming the mistake).
+REFUSED = [
+    ([], "enricher.output.bucket is required"),
+    (DEFAULT_SETS + ["--set", "enricher.output.formats={csv}"], "csv is not avro or parquet"),
+    (["--set", "enricher.output.type=nfs"], "enricher.output.type must be s3, pvc or emptyDir"),
+    (["--set", "enricher.output.type=pvc", "--set", "enricher.output.accessMode=ReadWriteOnce"],
+     "ReadWriteOnce holds one replica"),
+]
 
 failures: list[str] = []
 checks = 0
@@ -84,6 +113,7 @@ TOML_TYPES = {  # reference type -> (python types, what the file must give)
     "path": ((str,), "a string"),
     "one of": ((str,), "a string"),
     "list of strings": ((list,), "a list"),
+    "list of integers": ((list,), "a list"),
     "table of strings": ((dict,), "a table"),
 }
 
@@ -125,6 +155,8 @@ def check_toml_keys(data: dict, ref: dict, section: str = "") -> list[str]:
             errs.append(f"{key}: values must be strings")
         elif s["type"] == "list of strings" and any(not isinstance(x, str) for x in v):
             errs.append(f"{key}: items must be strings")
+        elif s["type"] == "list of integers" and any(not isinstance(x, int) or isinstance(x, bool) for x in v):
+            errs.append(f"{key}: items must be integers")
     return errs
 
 
@@ -299,8 +331,7 @@ def validate_static_map(where: str, text: str) -> None:
 
 def helm_template(values: Path | None) -> str | None:
     cmd = [HELM, "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
-    if values:
-        cmd += ["-f", str(values)]
+    cmd += ["-f", str(values)] if values else DEFAULT_SETS
     r = run(cmd)
     if r.returncode != 0:
         fail(f"helm template {values.name if values else '(defaults)'}: {r.stderr.strip()}")
@@ -408,7 +439,59 @@ def services_watch_access(docs: list[dict], dep: dict, c: dict, enricher_ref) ->
     return problems or "Services watch with its token and exactly its RBAC"
 
 
-def semantic_checks(where: str, docs: list[dict], sidecar_ref, enricher_ref) -> None:
+def output_access(docs: list[dict], dep: dict, c: dict, cfg: dict | None, expect: dict) -> str | list[str]:
+    """The enricher's output as `expect` says: the settings' output and
+    formats, the /data volume only for a directory output (no PVC for S3),
+    a ReadWriteOnce PVC only for one replica replaced by Recreate, and S3
+    credentials from the expected Secret (else none in the environment).
+    A description when right, the problems when not."""
+    spec = dep["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in spec["volumes"]}
+    data_mounted = any(m["mountPath"] == "/data" and m["name"] == "output" for m in c["volumeMounts"])
+    problems = []
+    if cfg is not None:
+        got = (cfg.get("output"), cfg.get("output_formats"))
+        if got != (expect["output"], expect["formats"]):
+            problems.append(f"output, output_formats = {got}, want {(expect['output'], expect['formats'])}")
+        if any(cfg.get("s3", {}).get(k) != v for k, v in expect.get("s3", {}).items()):
+            problems.append(f"[s3] = {cfg.get('s3')}, want {expect['s3']}")
+        if not str(cfg.get("output")).startswith("s3://") and cfg.get("output") != "/data":
+            problems.append(f"output {cfg.get('output')!r} is neither s3:// nor the /data volume")
+    elif expect["output"] is not None:
+        problems.append("no rendered enricher.toml")
+    kind = expect["volume"]
+    out = vols.get("output")
+    if kind is None:
+        if out or data_mounted:
+            problems.append("an S3 output, yet an output volume is mounted")
+        if by_kind(docs, "PersistentVolumeClaim"):
+            problems.append("an S3 output, yet a PVC is rendered")
+    elif not (out and kind in out and data_mounted):
+        problems.append(f"output volume ({kind}) not mounted at /data")
+    claim = (out or {}).get("persistentVolumeClaim", {}).get("claimName")
+    pvcs = {p["metadata"]["name"]: p for p in by_kind(docs, "PersistentVolumeClaim")}
+    if claim in pvcs:
+        modes = pvcs[claim]["spec"]["accessModes"]
+        if modes != [expect.get("access", "ReadWriteMany")]:
+            problems.append(f"PVC access modes {modes}, want {[expect.get('access', 'ReadWriteMany')]}")
+        scaled = any(s["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+                     for s in by_kind(docs, "ScaledObject") + by_kind(docs, "HorizontalPodAutoscaler"))
+        if "ReadWriteMany" not in modes and (scaled or dep["spec"].get("replicas") != 1
+                                             or dep["spec"].get("strategy", {}).get("type") != "Recreate"):
+            problems.append("a PVC that is not ReadWriteMany needs exactly one replica, no autoscaler, strategy Recreate")
+    env = {e["name"]: e for e in c.get("env", [])}
+    secret = expect.get("aws_secret")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        ref = env.get(key, {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if (ref.get("name"), ref.get("key")) != ((secret, key) if secret else (None, None)):
+            problems.append(f"{key} from {ref or 'nowhere'}, want {f'Secret {secret}' if secret else 'none'}")
+    if problems:
+        return problems
+    where = cfg.get("output") if cfg else f"a {kind} at /data (settings in a Secret)"
+    return f"output {where}" + (f", credentials from Secret {secret}" if secret else "")
+
+
+def semantic_checks(where: str, docs: list[dict], sidecar_ref, enricher_ref, expect: dict) -> None:
     """What the chart promises, on the rendered objects."""
     cms = {d["metadata"]["name"]: d for d in by_kind(docs, "ConfigMap")}
     enricher_cfg = None
@@ -487,24 +570,19 @@ def semantic_checks(where: str, docs: list[dict], sidecar_ref, enricher_ref) -> 
     for dep in deps.values():
         c = dep["spec"]["template"]["spec"]["containers"][0]
         sc = c.get("securityContext", {})
-        vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
         problems = []
         if sc.get("allowPrivilegeEscalation") is not False or sc.get("capabilities", {}).get("drop") != ["ALL"]:
             problems.append("enricher must drop ALL capabilities, no privilege escalation")
-        if not any(m["mountPath"] == "/data" for m in c["volumeMounts"]):
-            problems.append("output_dir /data not mounted")
-        out = vols.get("output", {})
-        claim = out.get("persistentVolumeClaim", {}).get("claimName")
-        pvcs = {p["metadata"]["name"]: p for p in by_kind(docs, "PersistentVolumeClaim")}
-        if claim and claim in pvcs and "ReadWriteMany" not in pvcs[claim]["spec"]["accessModes"]:
-            problems.append("the shared output PVC must be ReadWriteMany")
+        output = output_access(docs, dep, c, enricher_cfg, expect)
+        if isinstance(output, list):
+            problems += output
         kube = services_watch_access(docs, dep, c, enricher_ref)
         if isinstance(kube, list):
             problems += kube
         if problems:
             fail(f"{where}: Deployment {dep['metadata']['name']}: " + "; ".join(problems))
         else:
-            ok(f"{where}: Deployment {dep['metadata']['name']}: no capabilities, shared output volume; {kube}")
+            ok(f"{where}: Deployment {dep['metadata']['name']}: no capabilities; {output}; {kube}")
     for rule in by_kind(docs, "PrometheusRule"):
         mine = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
         if rule["spec"] != mine:
@@ -751,7 +829,7 @@ def main() -> int:
         (CHART / "files" / "alerts.yaml").write_text((DEPLOY / "prometheus" / "alerts.yaml").read_text())
     check_values_comments()
     for name, values in [("defaults", None), *VARIANTS.items()]:
-        cmd = [HELM, "lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
+        cmd = [HELM, "lint", "--strict", str(CHART)] + (["-f", str(values)] if values else DEFAULT_SETS)
         r = run(cmd)
         if r.returncode != 0:
             fail(f"helm lint --strict ({name}): {(r.stdout + r.stderr).strip()}")
@@ -770,14 +848,24 @@ def main() -> int:
             continue
         ok(f"helm template ({name}): {len(docs)} objects: {', '.join(sorted({d['kind'] for d in docs}))}")
         validate_docs(f"chart[{name}]", docs)
-        semantic_checks(f"chart[{name}]", docs, sidecar_ref, enricher_ref)
+        semantic_checks(f"chart[{name}]", docs, sidecar_ref, enricher_ref, OUTPUT_EXPECT[name])
+    for sets, message in REFUSED:
+        r = run([HELM, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *sets])
+        if r.returncode == 0 or message not in r.stderr:
+            fail(f"helm template {' '.join(sets) or '(no bucket)'}: not refused with {message!r}: {r.stderr.strip() or 'rendered'}")
+        else:
+            ok(f"helm template {' '.join(sets) or '(no bucket)'}: refused ({message})")
     check_metric_refs("helm chart", "\n".join(p.read_text() for p in CHART.rglob("*") if p.is_file()), exported, src_of)
 
     section("Plain manifests (deploy/kubernetes)")
     plain = DEPLOY / "kubernetes" / "flowlog.yaml"
-    header = ("# Generated by scripts/check-deploy.sh --update from deploy/helm/flowlog with default values:\n"
-              f"#   helm template {RELEASE} deploy/helm/flowlog --namespace {NAMESPACE}\n"
-              "# Do not edit: change the chart and regenerate. Apply: kubectl apply -f deploy/kubernetes/\n")
+    header = ("# Generated by scripts/check-deploy.sh --update from deploy/helm/flowlog with default values\n"
+              "# and the one value the chart requires:\n"
+              f"#   helm template {RELEASE} deploy/helm/flowlog --namespace {NAMESPACE} {' '.join(DEFAULT_SETS)}\n"
+              "# Do not edit in the repository: change the chart and regenerate. In your copy, set the\n"
+              "# image, the brokers and the bucket (amzn-s3-demo-bucket is a placeholder no one owns)\n"
+              "# and give the enricher S3 credentials (an IRSA role-arn annotation on its ServiceAccount,\n"
+              "# or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY). Apply: kubectl apply -f deploy/kubernetes/\n")
     if "defaults" in rendered:
         want = header + rendered["defaults"]
         if update:
@@ -794,7 +882,7 @@ def main() -> int:
             continue
         validate_docs(f"kubernetes/{f.name}", docs)
         if f.name == "flowlog.yaml":
-            semantic_checks(f"kubernetes/{f.name}", docs, sidecar_ref, enricher_ref)
+            semantic_checks(f"kubernetes/{f.name}", docs, sidecar_ref, enricher_ref, OUTPUT_EXPECT["defaults"])
 
     section("Prometheus (deploy/prometheus)")
     check_prometheus(exported, src_of)

@@ -112,7 +112,9 @@ panel("Tracked IPs / static map entries", [(f"max by (instance) (flowlog_enriche
                                            (f"max(flowlog_enricher_static_map_entries{{{EN}}})", "static map entries")], "short",
       "Memory: ~148 MB per million tracked IPs (bench).")
 endrow()
-panel("Files rolled / s", [(f"sum(rate(flowlog_enricher_files_rolled_total{{{EN}}}[{RI}]))", "files")], "ops")
+panel("Objects written / s, roll failures / s", [(f"sum by (format) (rate(flowlog_enricher_objects_written_total{{{EN}}}[{RI}]))", "{{format}} objects"),
+                                               (f"sum by (stage) (rate(flowlog_enricher_roll_failures_total{{{EN}}}[{RI}]))", "{{stage}} failures")], "ops",
+      "Roll failures are retried with backoff (the partition paused meanwhile): the store or the broker is away.")
 panel("Sequence gaps (records missing)", [(f"sum(increase(flowlog_enricher_sequence_gaps_total{{{EN}}}[{RI}]))", "gaps")], "short",
       "Per-host sequence numbers skipped between sidecar and enricher.")
 panel("Enricher CPU (cores) / memory (GB)", [

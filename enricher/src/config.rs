@@ -23,9 +23,25 @@ flowlog_settings::settings! {
         /// Messages that do not decode (or decode to nonsense) go here, with the
         /// reason in the `flowlog.dlq.reason` header.
         pub dlq_topic: String = "flowlog.dlq".into(),
-        /// Root of the Avro files (Hive-style dt=/hr= partitions below it).
-        #[flag(long = "output-dir", env = "FLOWLOG_ENRICHER_OUTPUT_DIR")]
-        pub output_dir: PathBuf = PathBuf::from("/var/lib/flowlog/enriched"),
+        /// Where enriched records are written (Hive-style dt=/hr= partitions
+        /// below it): a local directory, or `s3://bucket/prefix` (`[s3]`).
+        #[flag(long = "output", env = "FLOWLOG_ENRICHER_OUTPUT")]
+        pub output: String = "/var/lib/flowlog/enriched".into(),
+        /// The formats written, each object once per format: `avro` (the
+        /// pipeline's record format) and/or `parquet` (columnar, for query
+        /// engines).
+        #[flag(long = "output-formats", env = "FLOWLOG_ENRICHER_OUTPUT_FORMATS")]
+        pub output_formats: Vec<String> = vec!["avro".into()],
+        /// Batch boundaries (`_claims/` in the output) are kept this long
+        /// after they were written, hours: an instance that lost its
+        /// partition but wakes up within this time redoes the very same
+        /// batches (overwriting identical objects) instead of writing
+        /// overlapping ones.
+        pub claim_retention_hours: u64 = 24,
+        /// Read these partitions of the flow topic without joining the
+        /// consumer group (offsets are still committed to `group_id`); empty:
+        /// join the group. For tests and for a fixed assignment.
+        pub static_partitions: Vec<i32> = Vec::new(),
         /// Also produce enriched records (Avro single-object encoded) to this
         /// topic; empty disables it. At least once: a batch redone after a crash
         /// is produced again.
@@ -45,6 +61,11 @@ flowlog_settings::settings! {
         /// attribute it; seconds, 0 disables.
         #[flag(long = "late-window-secs", env = "FLOWLOG_ENRICHER_LATE_WINDOW_SECS")]
         pub late_window_secs: u64 = 120,
+        /// Records kept in memory at most while batches wait for late
+        /// metadata (all partitions; an enriched record takes about 0.5-1 KB):
+        /// past it held batches are written at once, counted in
+        /// `flowlog_enricher_hold_cut_total`.
+        pub max_held_records: usize = 1_000_000,
         /// Prometheus endpoint; empty disables it.
         #[flag(long = "metrics-listen", env = "FLOWLOG_ENRICHER_METRICS_LISTEN")]
         pub metrics_listen: String = "127.0.0.1:9465".into(),
@@ -58,6 +79,30 @@ flowlog_settings::settings! {
         pub kubernetes: KubernetesSettings = KubernetesSettings::default(),
         /// The EC2 network-interface source (`[ec2]`).
         pub ec2: Ec2Settings = Ec2Settings::default(),
+        /// The S3 output (`[s3]`), when `output` is an `s3://` URL.
+        pub s3: S3Settings = S3Settings::default(),
+    }
+}
+
+flowlog_settings::settings! {
+    /// An S3 output (`[s3]` in the config file). Credentials come from the
+    /// standard AWS chain: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, web
+    /// identity (IRSA: `AWS_ROLE_ARN` + `AWS_WEB_IDENTITY_TOKEN_FILE`),
+    /// container or instance credentials.
+    pub struct S3Settings {
+        /// Custom endpoint URL (an S3-compatible server, path-style
+        /// requests); unset for AWS.
+        #[flag(long = "s3-endpoint-url", env = "FLOWLOG_ENRICHER_S3_ENDPOINT_URL")]
+        pub endpoint_url: Option<String> = None,
+        /// The bucket's region; unset: `AWS_REGION` / `AWS_DEFAULT_REGION`.
+        #[flag(long = "s3-region", env = "FLOWLOG_ENRICHER_S3_REGION")]
+        pub region: Option<String> = None,
+        /// One request's time limit, seconds.
+        pub request_timeout_secs: u64 = 30,
+        /// How long one operation is retried (throttling, 5xx, timeouts)
+        /// before the batch is given up for now and tried again later,
+        /// seconds.
+        pub retry_timeout_secs: u64 = 60,
     }
 }
 
@@ -115,6 +160,17 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        for f in &self.output_formats {
+            if crate::sink::lake::Format::parse(f).is_none() {
+                anyhow::bail!("invalid setting output_formats: {f:?} is not avro or parquet");
+            }
+        }
+        if self.output_formats.is_empty() {
+            anyhow::bail!("invalid setting output_formats: empty (avro, parquet or both)");
+        }
+        if self.output.contains("://") && !self.output.starts_with("s3://") && !self.output.starts_with("file://") {
+            anyhow::bail!("invalid setting output: {:?} is not a directory or an s3:// URL", self.output);
+        }
         if self.batch_max_records == 0 {
             anyhow::bail!("invalid setting batch_max_records: must be > 0");
         }
@@ -212,7 +268,8 @@ mod tests {
             [
                 "brokers --brokers FLOWLOG_ENRICHER_BROKERS",
                 "group_id --group-id FLOWLOG_ENRICHER_GROUP_ID",
-                "output_dir --output-dir FLOWLOG_ENRICHER_OUTPUT_DIR",
+                "output --output FLOWLOG_ENRICHER_OUTPUT",
+                "output_formats --output-formats FLOWLOG_ENRICHER_OUTPUT_FORMATS",
                 "enriched_topic --enriched-topic FLOWLOG_ENRICHER_ENRICHED_TOPIC",
                 "static_map --static-map FLOWLOG_ENRICHER_STATIC_MAP",
                 "batch_max_records --batch-max-records FLOWLOG_ENRICHER_BATCH_MAX_RECORDS",
@@ -224,6 +281,8 @@ mod tests {
                 "ec2.regions --ec2-regions FLOWLOG_ENRICHER_EC2_REGIONS",
                 "ec2.endpoint_url --ec2-endpoint-url FLOWLOG_ENRICHER_EC2_ENDPOINT_URL",
                 "ec2.refresh_secs --ec2-refresh-secs FLOWLOG_ENRICHER_EC2_REFRESH_SECS",
+                "s3.endpoint_url --s3-endpoint-url FLOWLOG_ENRICHER_S3_ENDPOINT_URL",
+                "s3.region --s3-region FLOWLOG_ENRICHER_S3_REGION",
             ]
         );
         assert_eq!(r.command_line_flags(), ["--config", "--log", "--check-config", "--print-config-reference"]);

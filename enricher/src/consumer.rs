@@ -4,6 +4,7 @@
 //! flushed first; partitions assigned resume after what their files hold.
 
 use std::{
+    collections::HashMap,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -22,13 +23,18 @@ use crate::{
     config::Config,
     kafka, metrics,
     pipeline::{self, Now, Pipeline},
-    sink::{files::FileSink, Batch, Message, Sink},
+    sink::{lake::{failpoint, Lake}, Batch, Message, Sink},
 };
 
 /// How often due batches are rolled (and process metrics updated).
 const TICK: Duration = Duration::from_millis(200);
 /// How often the consumer lag is measured.
 const LAG_EVERY: Duration = Duration::from_secs(10);
+/// A failed roll is tried again after this, doubling up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Rounds of rolling per tick at most (the loop keeps polling meanwhile).
+const MAX_ROLLS_PER_TICK: usize = 16;
 
 /// Shared with the rebalance callbacks, which run inside `poll` on the
 /// consuming thread.
@@ -36,9 +42,11 @@ pub struct Ctx {
     pipeline: Mutex<Pipeline>,
     /// In the order a batch goes through them.
     sinks: Vec<Arc<dyn Sink>>,
-    /// The file sink again: its state says where each partition resumes.
-    files: Arc<FileSink>,
+    /// The lake again: it agrees on where each batch ends.
+    lake: Arc<Lake>,
     topic: String,
+    /// Partitions whose last roll failed: the next wait.
+    backoff: Mutex<HashMap<i32, Duration>>,
 }
 
 pub type FlowConsumer = BaseConsumer<Ctx>;
@@ -48,18 +56,33 @@ impl ClientContext for Ctx {}
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &FlowConsumer, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            // Finish what was read from the partitions being taken away.
-            let mut pipeline = self.pipeline.lock().unwrap();
+            // Handed over: finish what was read (one attempt; the next owner
+            // redoes what fails). Lost (session expired): another member
+            // owns the partition already, write nothing.
+            let lost = consumer.assignment_lost();
             for e in tpl.elements() {
-                let Some(b) = pipeline.revoke(e.partition()) else {
+                let p = e.partition();
+                let batches = self.pipeline.lock().unwrap().revoke(p);
+                self.backoff.lock().unwrap().remove(&p);
+                if lost {
+                    ::metrics::counter!(metrics::FENCED).increment(batches.len() as u64);
+                    if !batches.is_empty() {
+                        warn!(partition = p, batches = batches.len(), "partition lost: its new owner writes what was read");
+                    }
                     continue;
-                };
-                if let Err(err) = self.roll(consumer, e.partition(), &b) {
-                    error!(
-                        partition = e.partition(),
-                        "flushing on revoke failed; the next owner redoes it: {err:#}"
-                    );
                 }
+                for b in batches {
+                    match self.roll(consumer, p, b) {
+                        Ok(Rolled::Written) => {}
+                        Ok(Rolled::PutBack) => break,
+                        Err(f) => {
+                            error!(partition = p, stage = f.stage, "flushing on revoke failed; the next owner redoes it: {:#}", f.error);
+                            break;
+                        }
+                    }
+                }
+                // What is left of a revoked partition is the next owner's.
+                self.pipeline.lock().unwrap().revoke(p);
             }
         }
     }
@@ -68,42 +91,107 @@ impl ConsumerContext for Ctx {
         if let Rebalance::Assign(tpl) = rebalance {
             let mut pipeline = self.pipeline.lock().unwrap();
             for e in tpl.elements() {
-                let p = e.partition();
-                let orphans = self.files.remove_orphans(p);
-                if orphans > 0 {
-                    warn!(
-                        partition = p,
-                        orphans, "removed files of an unfinished batch; redoing it"
-                    );
-                }
-                let done = self.files.done_through(p).unwrap_or(-1);
-                pipeline.assign(p, done);
-                info!(partition = p, done_through = done, "assigned");
+                pipeline.assign(e.partition(), -1);
+                info!(partition = e.partition(), "assigned; resuming at the committed offset");
             }
         }
     }
 }
 
+/// A batch that could not be written, handed back.
+struct Failed {
+    stage: &'static str,
+    error: anyhow::Error,
+    batch: Batch,
+}
+
+/// What became of a batch taken to be written.
+enum Rolled {
+    /// Written everywhere and committed.
+    Written,
+    /// An earlier attempt ended it elsewhere: back in the pipeline, split
+    /// or waiting for more offsets.
+    PutBack,
+}
+
 impl Ctx {
-    /// Writes a batch to every sink, then commits its offsets.
-    fn roll(&self, consumer: &FlowConsumer, p: i32, b: &Batch) -> anyhow::Result<()> {
-        pipeline::write(&self.sinks, p, b, |p, next| {
+    /// Agrees on the batch's end, then writes it to every sink and commits
+    /// its offsets. On failure the batch is handed back with the stage
+    /// that failed.
+    fn roll(&self, consumer: &FlowConsumer, p: i32, mut b: Batch) -> Result<Rolled, Failed> {
+        let end = match self.lake.claim(p, b.first, b.last) {
+            Ok(end) => end,
+            Err(error) => return Err(Failed { stage: "claim", error, batch: b }),
+        };
+        let mut pipeline = self.pipeline.lock().unwrap();
+        if end != b.last {
+            info!(partition = p, first = b.first, last = b.last, end, "batch boundary claimed before: ending it there");
+            pipeline.put_back(p, b, end);
+            return Ok(Rolled::PutBack);
+        }
+        pipeline.finalize(&mut b);
+        drop(pipeline);
+        let mut stage = "write";
+        let result = pipeline::write(&self.sinks, p, &b, |p, next| {
+            failpoint("commit");
+            stage = "commit";
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&self.topic, p, Offset::Offset(next))?;
             consumer
                 .commit(&tpl, CommitMode::Sync)
-                .context("committing offsets")
-        })
+                .context("committing offsets")?;
+            failpoint("committed");
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                self.pipeline.lock().unwrap().written(p, b.last);
+                Ok(Rolled::Written)
+            }
+            Err(error) => Err(Failed { stage, error, batch: b }),
+        }
     }
 
-    /// Rolls every batch that is due.
-    fn roll_due(&self, consumer: &FlowConsumer) -> anyhow::Result<()> {
-        let due = self.pipeline.lock().unwrap().due(Now::system());
-        for (p, b) in due {
-            self.roll(consumer, p, &b)?;
-            self.pipeline.lock().unwrap().written(p, b.last);
+    /// Rolls every batch that is due. A batch that fails waits (backoff)
+    /// and its partition is paused meanwhile, so that memory stays bounded
+    /// while the store or the broker is away; the process keeps polling and
+    /// stays in the group.
+    fn roll_due(&self, consumer: &FlowConsumer) {
+        // One batch per partition at a time; again while there are more
+        // (complete batches queue up when messages come fast).
+        for _ in 0..MAX_ROLLS_PER_TICK {
+            let due = self.pipeline.lock().unwrap().due(Now::system());
+            if due.is_empty() || !self.roll_each(consumer, due) {
+                return;
+            }
         }
-        Ok(())
+    }
+
+    /// Rolls the batches; false if one failed.
+    fn roll_each(&self, consumer: &FlowConsumer, due: Vec<(i32, Batch)>) -> bool {
+        let mut all_ok = true;
+        for (p, b) in due {
+            match self.roll(consumer, p, b) {
+                Ok(_) => {
+                    if self.backoff.lock().unwrap().remove(&p).is_some() {
+                        let _ = consumer.resume(&one(&self.topic, p));
+                        info!(partition = p, "writing works again; partition resumed");
+                    }
+                }
+                Err(f) => {
+                    ::metrics::counter!(metrics::ROLL_FAILURES, "stage" => f.stage).increment(1);
+                    let mut backoff = self.backoff.lock().unwrap();
+                    let wait = backoff.get(&p).map_or(FIRST_BACKOFF, |w| (*w * 2).min(MAX_BACKOFF));
+                    if backoff.insert(p, wait).is_none() {
+                        let _ = consumer.pause(&one(&self.topic, p));
+                    }
+                    warn!(partition = p, stage = f.stage, retry_in = ?wait, "batch not written, partition paused: {:#}", f.error);
+                    self.pipeline.lock().unwrap().retry_later(p, f.batch, Instant::now() + wait);
+                    all_ok = false;
+                }
+            }
+        }
+        all_ok
     }
 
     /// Records in the topic beyond what is durably written, over the
@@ -115,9 +203,9 @@ impl Ctx {
         let mut lag = 0;
         for e in assigned.elements() {
             let p = e.partition();
-            if let Ok((_, high)) = consumer.fetch_watermarks(&self.topic, p, Duration::from_secs(1))
+            if let Ok((low, high)) = consumer.fetch_watermarks(&self.topic, p, Duration::from_secs(1))
             {
-                let done = self.pipeline.lock().unwrap().done_through(p).unwrap_or(-1);
+                let done = self.pipeline.lock().unwrap().done_through(p).unwrap_or(low - 1);
                 lag += (high - 1 - done).max(0);
             }
         }
@@ -125,16 +213,22 @@ impl Ctx {
     }
 }
 
+fn one(topic: &str, p: i32) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, p);
+    tpl
+}
+
 /// Joins the consumer group on the flow topic.
 pub fn subscribe(
     cfg: &Config,
     pipeline: Pipeline,
     sinks: Vec<Arc<dyn Sink>>,
-    files: Arc<FileSink>,
+    lake: Arc<Lake>,
 ) -> anyhow::Result<FlowConsumer> {
     let consumer: FlowConsumer = kafka::client_config(cfg)
         .set("group.id", &cfg.group_id)
-        // Offsets are committed by hand, only after the files are durable.
+        // Offsets are committed by hand, only after the lake has the batch.
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
@@ -143,16 +237,29 @@ pub fn subscribe(
         .create_with_context(Ctx {
             pipeline: Mutex::new(pipeline),
             sinks,
-            files,
+            lake,
             topic: cfg.flow_topic.clone(),
+            backoff: Mutex::new(HashMap::new()),
         })?;
-    consumer.subscribe(&[&cfg.flow_topic])?;
+    if cfg.static_partitions.is_empty() {
+        consumer.subscribe(&[&cfg.flow_topic])?;
+        return Ok(consumer);
+    }
+    // A fixed assignment, no group membership: resume at the group's
+    // committed offsets all the same.
+    let mut tpl = TopicPartitionList::new();
+    for &p in &cfg.static_partitions {
+        tpl.add_partition_offset(&cfg.flow_topic, p, Offset::Stored)?;
+        consumer.context().pipeline.lock().unwrap().assign(p, -1);
+    }
+    consumer.assign(&tpl)?;
+    info!(partitions = ?cfg.static_partitions, "static assignment");
     Ok(consumer)
 }
 
 /// Consumes until `stop`, then writes the open batches. Returns an error
-/// when a batch cannot be made durable and committed (the process must
-/// stop; its successor redoes the batch).
+/// when a message cannot be handled (the dead-letter queue is away) or the
+/// last batches cannot be written (their successor redoes them).
 pub fn run(consumer: &FlowConsumer, stop: &AtomicBool) -> anyhow::Result<()> {
     let ctx = consumer.context();
     let (mut last_tick, mut last_lag) = (Instant::now(), Instant::now());
@@ -172,7 +279,7 @@ pub fn run(consumer: &FlowConsumer, stop: &AtomicBool) -> anyhow::Result<()> {
         }
         if last_tick.elapsed() >= TICK {
             last_tick = Instant::now();
-            ctx.roll_due(consumer)?;
+            ctx.roll_due(consumer);
             metrics::record_process();
             if last_lag.elapsed() >= LAG_EVERY {
                 last_lag = Instant::now();
@@ -182,8 +289,27 @@ pub fn run(consumer: &FlowConsumer, stop: &AtomicBool) -> anyhow::Result<()> {
     }
     info!("stopping: writing open batches");
     let open = ctx.pipeline.lock().unwrap().drain();
+    // A partition stops at its first batch not written; the next owner
+    // redoes the rest from the committed offset.
+    let (mut stopped, mut failed) = (Vec::new(), Vec::new());
     for (p, b) in open {
-        ctx.roll(consumer, p, &b)?;
+        if stopped.contains(&p) {
+            continue;
+        }
+        match ctx.roll(consumer, p, b) {
+            Ok(Rolled::Written) => {}
+            // Its end was claimed past what was read.
+            Ok(Rolled::PutBack) => stopped.push(p),
+            Err(f) => {
+                error!(partition = p, stage = f.stage, "{:#}", f.error);
+                stopped.push(p);
+                failed.push(p);
+            }
+        }
     }
-    Ok(())
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("batches of partitions {failed:?} were not written; whoever reads them next redoes them")
+    }
 }

@@ -12,9 +12,18 @@ use std::sync::{
 
 pub use flowlog_schema::{DecodeError, Flow, Host, HostIdentity, Identity};
 
-/// Host blocks seen recently, by their exact bytes. Bounded: a fleet's
-/// sidecars, each with a few IP changes, fit many times over.
-const HOST_CACHE_ENTRIES: u64 = 200_000;
+/// Host blocks seen recently, by their exact bytes, bounded by their
+/// memory (the key plus the decoded host, about twice the block), not by
+/// their number: a fleet's sidecars (~100-byte to few-KB blocks), each with
+/// a few IP changes, fit many times over, and hostile producers sending
+/// huge distinct blocks cannot grow it past this.
+pub const HOST_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// What one cached host block costs: its bytes as the key, about twice that
+/// decoded (strings, parsed IPs), and the entry's fixed overhead.
+fn host_weight(block: &[u8]) -> u32 {
+    u32::try_from(block.len().saturating_mul(3).saturating_add(256)).unwrap_or(u32::MAX)
+}
 
 /// Decodes flow messages, sharing decoded host blocks.
 pub struct Decoder {
@@ -31,8 +40,16 @@ impl Default for Decoder {
 
 impl Decoder {
     pub fn new() -> Decoder {
+        Decoder::with_capacity(HOST_CACHE_BYTES)
+    }
+
+    /// A decoder whose host cache holds at most about `bytes`.
+    pub fn with_capacity(bytes: u64) -> Decoder {
         // foldhash, not SipHash: the keys are ~100-byte blocks hashed per flow.
-        let hosts = moka::sync::Cache::builder().max_capacity(HOST_CACHE_ENTRIES).build_with_hasher(Default::default());
+        let hosts = moka::sync::Cache::builder()
+            .max_capacity(bytes)
+            .weigher(|k: &Box<[u8]>, _: &Arc<Host>| host_weight(k))
+            .build_with_hasher(Default::default());
         Decoder { hosts, host_hits: AtomicU64::new(0), host_misses: AtomicU64::new(0) }
     }
 
@@ -78,5 +95,21 @@ mod tests {
             assert_eq!(d.flow(&bad).unwrap_err(), DecodeError::InvalidUtf8);
         }
         assert_eq!(d.flow(&msg(3)).unwrap().1.sequence, 3);
+    }
+
+    /// Distinct host blocks with 100 KB labels (a hostile or broken
+    /// producer): the cache stays within its byte bound.
+    #[test]
+    fn the_host_cache_is_bounded_in_bytes() {
+        let bound = 4 * 1024 * 1024;
+        let d = Decoder::with_capacity(bound);
+        for i in 0..200 {
+            let mut h = fixtures::host();
+            h.labels.insert("big".into(), format!("{i}{}", "x".repeat(100_000)));
+            d.flow(&fixtures::flow_message(&h, &fixtures::flow())).unwrap();
+        }
+        d.hosts.run_pending_tasks();
+        assert!(d.hosts.weighted_size() <= bound, "{} > {bound}", d.hosts.weighted_size());
+        assert!(d.hosts.entry_count() >= 10, "still caches what fits");
     }
 }

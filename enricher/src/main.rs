@@ -1,11 +1,12 @@
 //! flowlog enricher: consumes the sidecars' flow topic as a consumer group,
 //! attributes both IPs of every flow to the workload that owned them at the
-//! flow's start, and writes enriched Avro files exactly once. Messages that
+//! flow's start, and writes enriched Avro and/or Parquet to a local
+//! directory or S3, exactly once. Messages that
 //! do not decode go to a dead-letter topic and never stop the consumer.
 //!
 //! This file only wires the stages: sources (static map, identity topic,
 //! Kubernetes Services, EC2) -> the flow topic through the pipeline (decode, attribute, batch)
-//! -> sinks (dead-letter topic, enriched topic, files) -> commit.
+//! -> sinks (dead-letter topic, enriched topic, lake) -> commit.
 
 use std::{
     net::SocketAddr,
@@ -22,7 +23,13 @@ use flowlog_enricher::{
     config::{Cli, Config},
     consumer, kafka, metrics,
     pipeline::{Pipeline, Settings},
-    sink::{dlq::DeadLetterTopic, files::FileSink, topic::EnrichedTopic, Sink},
+    sink::{
+        dlq::DeadLetterTopic,
+        lake::{Format, Lake},
+        store::Store,
+        topic::EnrichedTopic,
+        Sink,
+    },
     sources::{cidr::CidrMap, heartbeats, services, static_map, Sources},
 };
 
@@ -88,7 +95,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     // Sources, each loaded before the first flow is read, then kept current.
     let sources = Sources::default();
     static_map::start(cfg.static_map.as_deref(), sources.cidr.clone())?;
-    heartbeats::follow(&cfg, sources.identity.clone(), &STOP)?;
+    heartbeats::follow(&cfg, sources.identity.clone(), sources.produced.clone(), &STOP)?;
     services::start(&cfg.kubernetes, sources.kubernetes.clone());
     if !cfg.ec2.regions.is_empty() {
         #[cfg(feature = "ec2")]
@@ -104,10 +111,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.dlq_topic.clone(),
         cfg.flow_topic.clone(),
     ));
-    let files = Arc::new(FileSink::new(
-        cfg.output_dir.clone(),
-        cfg.flow_topic.clone(),
-    )?);
+    let formats = cfg.output_formats.iter().filter_map(|f| Format::parse(f)).collect();
+    let store = Store::open(&cfg.output, &cfg.s3)?;
+    let lake = Arc::new(Lake::new(store, cfg.flow_topic.clone(), formats, cfg.claim_retention_hours));
     let mut sinks: Vec<Arc<dyn Sink>> = vec![dead_letters.clone()];
     if !cfg.enriched_topic.is_empty() {
         sinks.push(Arc::new(EnrichedTopic::new(
@@ -115,10 +121,10 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             cfg.enriched_topic.clone(),
         )));
     }
-    sinks.push(files.clone());
+    sinks.push(lake.clone());
 
     let pipeline = Pipeline::new(Settings::from_config(&cfg), sources, dead_letters);
-    let consumer = consumer::subscribe(&cfg, pipeline, sinks, files)?;
-    info!(topic = %cfg.flow_topic, group = %cfg.group_id, out = %cfg.output_dir.display(), "enriching");
+    let consumer = consumer::subscribe(&cfg, pipeline, sinks, lake)?;
+    info!(topic = %cfg.flow_topic, group = %cfg.group_id, out = %cfg.output, formats = ?cfg.output_formats, "enriching");
     consumer::run(&consumer, &STOP)
 }

@@ -9,7 +9,17 @@ pub const RECORDS_OUT: &str = "flowlog_enricher_records_out_total";
 pub const ATTRIBUTED: &str = "flowlog_enricher_attributed_total";
 pub const UNATTRIBUTED: &str = "flowlog_enricher_unattributed_total";
 pub const DLQ: &str = "flowlog_enricher_dlq_total";
-pub const FILES_ROLLED: &str = "flowlog_enricher_files_rolled_total";
+/// Objects written to the lake, by format; their bytes.
+pub const OBJECTS_WRITTEN: &str = "flowlog_enricher_objects_written_total";
+pub const BYTES_WRITTEN: &str = "flowlog_enricher_written_bytes_total";
+/// Batches whose end an earlier attempt had claimed (a redo or a zombie).
+pub const BOUNDARIES_ADOPTED: &str = "flowlog_enricher_batch_boundaries_adopted_total";
+/// Batches whose write or commit failed and is tried again, by stage.
+pub const ROLL_FAILURES: &str = "flowlog_enricher_roll_failures_total";
+/// Held batches written before their late-metadata wait was over (memory bound).
+pub const HOLD_CUT: &str = "flowlog_enricher_hold_cut_total";
+/// Batches dropped unwritten because their partition was lost (fenced).
+pub const FENCED: &str = "flowlog_enricher_fenced_batches_total";
 pub const SEQUENCE_GAPS: &str = "flowlog_enricher_sequence_gaps_total";
 pub const SEQUENCE_LATE: &str = "flowlog_enricher_sequence_late_total";
 pub const DUPLICATES: &str = "flowlog_enricher_duplicates_total";
@@ -88,7 +98,7 @@ pub fn describe() {
     );
     describe_counter!(
         RECORDS_OUT,
-        "Enriched records durably written, by sink (files, topic)."
+        "Enriched records durably written, by sink (lake, topic)."
     );
     describe_counter!(
         ATTRIBUTED,
@@ -97,8 +107,25 @@ pub fn describe() {
     describe_counter!(UNATTRIBUTED, "Flow sides written with no owner at the flow's start, by side and reason (UNKNOWN_IP/NO_OWNER_AT_TIME).");
     describe_counter!(DLQ, "Messages sent to the dead-letter topic, by reason (schema/truncated/bad_address/bad_time/invalid).");
     describe_counter!(
-        FILES_ROLLED,
-        "Avro container files written (renamed into place)."
+        OBJECTS_WRITTEN,
+        "Objects written to the output (one per batch, hour and format), by format (avro/parquet)."
+    );
+    describe_counter!(BYTES_WRITTEN, Unit::Bytes, "Bytes of the objects written, by format.");
+    describe_counter!(
+        BOUNDARIES_ADOPTED,
+        "Batches that ended where an earlier attempt at the same offsets had claimed (a redo after a crash, or an instance that lost its partition)."
+    );
+    describe_counter!(
+        ROLL_FAILURES,
+        "Batches whose claim, write or commit failed, by stage (claim/write/commit); the batch is tried again with backoff, its partition paused meanwhile."
+    );
+    describe_counter!(
+        HOLD_CUT,
+        "Batches written before their wait for late metadata was over, because max_held_records records were in memory (their unattributed sides stay so)."
+    );
+    describe_counter!(
+        FENCED,
+        "Batches dropped unwritten because their partition was lost (session expired): the partition's new owner writes them."
     );
     describe_counter!(
         SEQUENCE_GAPS,

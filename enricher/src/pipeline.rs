@@ -5,12 +5,15 @@
 //! metadata may still attribute; a rolled batch's final attribution is
 //! self-checked ([`crate::selfcheck`]), then it goes through every sink and
 //! only then are its offsets committed. A record the sidecar sent again is
-//! dropped before attribution ([`Sequences`]). Offsets already in files are
-//! skipped (exactly once across restarts and rebalances). Time is passed in
-//! ([`Now`]) so that tests drive it.
+//! dropped before attribution ([`Sequences`]). Where a batch ends is agreed
+//! with the lake before it is written ([`crate::sink::lake`]): a batch that
+//! must end elsewhere is put back ([`Pipeline::put_back`]) and split or
+//! extended. A batch whose write failed waits and is retried
+//! ([`Pipeline::retry_later`]), before any later batch of its partition.
+//! Time is passed in ([`Now`]) so that tests drive it.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -25,7 +28,7 @@ use crate::{
 };
 
 mod sequences;
-pub use sequences::{Counts, Seen, Sequences};
+pub use sequences::{Counts, Produced, Seen, Sequences};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -36,6 +39,10 @@ pub struct Settings {
     /// Flows with an unattributed side younger than this hold their batch
     /// back (zero: never).
     pub late_window: Duration,
+    /// Records kept in memory (open and complete batches, all partitions)
+    /// at most while held back for late metadata: past it, held batches are
+    /// written without waiting longer.
+    pub max_held_records: usize,
 }
 
 impl Settings {
@@ -44,6 +51,7 @@ impl Settings {
             max_records: cfg.batch_max_records,
             max_age: Duration::from_secs(cfg.batch_max_age_secs),
             late_window: Duration::from_secs(cfg.late_window_secs),
+            max_held_records: cfg.max_held_records,
         }
     }
 
@@ -81,14 +89,23 @@ pub struct Pipeline {
     decoder: Decoder,
     sources: Sources,
     dead_letters: Arc<dyn DeadLetters>,
+    /// The open batch of each partition.
     batches: HashMap<i32, Batch>,
-    /// Offsets at or below this are already in files (exactly-once resume).
+    /// Batches complete at an agreed end, to be written before their
+    /// partition's open batch.
+    ready: VecDeque<(i32, Batch)>,
+    /// Batches whose write failed, per partition, with when to try again.
+    stalled: HashMap<i32, (Batch, Instant)>,
+    /// Offsets at or below this are written and committed by this process
+    /// (messages read again after a seek are skipped).
     done_through: HashMap<i32, i64>,
     /// The per-host sequence numbers accepted: duplicates, gaps, late ones.
     sequences: Sequences,
     selfcheck: SelfCheck,
     /// The latest time seen (for batches taken without one: revoke, drain).
     now: Instant,
+    /// When the memory bound last cut a hold short (logged once a minute).
+    last_cut_log: Option<Instant>,
 }
 
 impl Pipeline {
@@ -98,16 +115,20 @@ impl Pipeline {
         dead_letters: Arc<dyn DeadLetters>,
     ) -> Pipeline {
         let selfcheck = SelfCheck::new(settings.selfcheck_window(), selfcheck::MAX_PENDING);
+        let sequences = Sequences::with_produced(sequences::MAX_HOSTS, sequences::MAX_RANGES, sources.produced.clone());
         Pipeline {
             settings,
             decoder: Decoder::new(),
             sources,
             dead_letters,
             batches: HashMap::new(),
+            ready: VecDeque::new(),
+            stalled: HashMap::new(),
             done_through: HashMap::new(),
-            sequences: Sequences::default(),
+            sequences,
             selfcheck,
             now: Instant::now(),
+            last_cut_log: None,
         }
     }
 
@@ -117,14 +138,25 @@ impl Pipeline {
         self.done_through.insert(p, done_through);
     }
 
-    /// Partition `p` is taken away: its open batch, to be written now. Its
-    /// hosts' sequence numbers are forgotten: if that write fails, whoever
-    /// reads the partition next redoes the batch.
-    pub fn revoke(&mut self, p: i32) -> Option<Batch> {
+    /// Partition `p` is taken away: its batches in offset order (a failed
+    /// one, complete ones, the open one), to be written now if the
+    /// partition was handed over, dropped if it was lost. Its hosts'
+    /// sequence numbers are forgotten: whoever reads the partition next
+    /// redoes what is not committed.
+    pub fn revoke(&mut self, p: i32) -> Vec<Batch> {
         self.done_through.remove(&p);
         self.sequences.forget_partition(p);
-        let b = self.batches.remove(&p)?;
-        Some(self.finalize(b))
+        self.unwritten(p)
+    }
+
+    /// Every batch of `p` not written yet, taken, in offset order.
+    fn unwritten(&mut self, p: i32) -> Vec<Batch> {
+        let mut out: Vec<Batch> = self.stalled.remove(&p).map(|(b, _)| b).into_iter().collect();
+        let (mine, others): (VecDeque<_>, VecDeque<_>) = self.ready.drain(..).partition(|(q, _)| *q == p);
+        self.ready = others;
+        out.extend(mine.into_iter().map(|(_, b)| b));
+        out.extend(self.batches.remove(&p));
+        out
     }
 
     /// The last offset of `p` in files, as far as this process knows.
@@ -143,6 +175,11 @@ impl Pipeline {
             return Ok(()); // already in a file from before a restart
         }
         ::metrics::counter!(metrics::RECORDS_IN).increment(1);
+        // Past the end agreed for the open batch: it is complete.
+        if self.batches.get(&p).is_some_and(|b| b.end.is_some_and(|e| off > e)) {
+            let b = self.batches.remove(&p).expect("checked");
+            self.ready.push_back((p, b));
+        }
         let batch = self
             .batches
             .entry(p)
@@ -174,13 +211,22 @@ impl Pipeline {
             batch.held.push(batch.records.len());
         }
         batch.records.push(e);
+        batch.offsets.push(off);
+        // Full: complete now, not at the next tick, so that a batch holds
+        // at most `max_records` however fast messages come.
+        if batch.end.is_none() && batch.records.len() >= self.settings.max_records {
+            let b = self.batches.remove(&p).expect("just used");
+            self.ready.push_back((p, b));
+        }
         Ok(())
     }
 
     /// The periodic work: publishes the decoder's cache figures and the
-    /// self-check's, and takes the batches due to roll: full (max records
-    /// or max age) and not waiting for late metadata, which they never do
-    /// past max age + the late window.
+    /// self-check's, and takes the batches due to roll, at most one per
+    /// partition, oldest first: a failed one whose retry time has come;
+    /// one complete at its agreed end; an open one at its agreed end, or
+    /// (no end agreed) full (max records or max age) and not waiting for
+    /// late metadata, which it never does past max age + the late window.
     pub fn due(&mut self, now: Now) -> Vec<(i32, Batch)> {
         self.now = now.instant;
         self.selfcheck.expire(now.instant);
@@ -191,26 +237,120 @@ impl Pipeline {
         ::metrics::counter!(metrics::HOST_CACHE, "result" => "miss")
             .absolute(cache(&self.decoder.host_misses));
         self.publish_sequences();
-        let s = &self.settings;
+        let mut out = Vec::new();
+        let retry: Vec<i32> = self.stalled.iter().filter(|(_, (_, at))| now.instant >= *at).map(|(p, _)| *p).collect();
+        for p in retry {
+            out.push((p, self.stalled.remove(&p).expect("listed").0));
+        }
+        let mut busy: Vec<i32> = self.stalled.keys().copied().collect();
+        busy.extend(out.iter().map(|(p, _)| *p));
+        let s = self.settings.clone();
+        // Memory: past the bound nothing waits for late metadata any more.
+        let buffered: usize = self.ready.iter().map(|(_, b)| b.records.len()).sum::<usize>()
+            + self.batches.values().map(|b| b.records.len()).sum::<usize>();
+        let over = buffered > s.max_held_records;
+        // Held back for late metadata (never past max age + the late window);
+        // a batch whose end was agreed before waits for nothing.
+        let hold = |b: &Batch| {
+            let age = now.instant.saturating_duration_since(b.opened);
+            b.end.is_none() && b.hold_until.is_some_and(|h| now.instant < h) && age < s.max_age + s.late_window
+        };
+        let cut = std::cell::Cell::new(0u64);
+        let waiting = |b: &Batch| {
+            let h = hold(b);
+            if h && over {
+                cut.set(cut.get() + 1);
+            }
+            h && !over
+        };
+        let mut later = VecDeque::new();
+        for (p, b) in self.ready.drain(..) {
+            if busy.contains(&p) || waiting(&b) {
+                busy.push(p);
+                later.push_back((p, b));
+            } else {
+                busy.push(p);
+                out.push((p, b));
+            }
+        }
+        self.ready = later;
         let due: Vec<i32> = self
             .batches
             .iter()
-            .filter(|(_, b)| {
+            .filter(|(p, b)| {
+                if busy.contains(p) {
+                    return false;
+                }
+                if let Some(end) = b.end {
+                    return b.last >= end;
+                }
                 let age = now.instant.saturating_duration_since(b.opened);
-                let full = b.records.len() >= s.max_records || age >= s.max_age;
-                let waiting = b.hold_until.is_some_and(|h| now.instant < h);
-                full && (!waiting || age >= s.max_age + s.late_window)
+                (b.records.len() >= s.max_records || age >= s.max_age) && !waiting(b)
             })
             .map(|(p, _)| *p)
             .collect();
-        self.take(due)
+        out.extend(self.take(due));
+        if cut.get() > 0 {
+            ::metrics::counter!(metrics::HOLD_CUT).increment(cut.get());
+            if self.last_cut_log.is_none_or(|t| now.instant.saturating_duration_since(t) >= Duration::from_secs(60)) {
+                self.last_cut_log = Some(now.instant);
+                tracing::warn!(buffered, max_held_records = s.max_held_records, "too many records held back for late metadata: writing held batches now (flowlog_enricher_hold_cut_total)");
+            }
+        }
+        out
     }
 
-    /// Every open batch (when stopping). Records still waiting for their
-    /// other half are one-sided now: the next process will not know them.
+    /// A batch taken to be written must end at `end` instead (its
+    /// boundary was agreed before): it goes back, joined with every later
+    /// batch of its partition (complete ones and the open one), and is
+    /// split at `end` (the head is complete, the rest is cut again by
+    /// `max_records`) or stays open until the offsets reach `end`.
+    pub fn put_back(&mut self, p: i32, mut b: Batch, end: i64) {
+        for later in self.unwritten(p) {
+            b.append(later);
+        }
+        b.end = Some(end);
+        let Some(mut rest) = b.split_after(end) else {
+            if b.last == end {
+                self.ready.push_back((p, b));
+            } else {
+                self.batches.insert(p, b);
+            }
+            return;
+        };
+        self.ready.push_back((p, b));
+        let max = self.settings.max_records;
+        while rest.records.len() > max {
+            let at = rest.offsets[max - 1];
+            let next = rest.split_after(at).expect("records after it");
+            self.ready.push_back((p, std::mem::replace(&mut rest, next)));
+        }
+        self.batches.insert(p, rest);
+    }
+
+    /// A batch could not be written: it is tried again at `at`, before any
+    /// later batch of its partition.
+    pub fn retry_later(&mut self, p: i32, b: Batch, at: Instant) {
+        self.stalled.insert(p, (b, at));
+    }
+
+    /// Whether partition `p` has a batch waiting to be written again.
+    pub fn stalled(&self, p: i32) -> bool {
+        self.stalled.contains_key(&p)
+    }
+
+    /// Every batch not written yet, in offset order per partition (when
+    /// stopping). Records still waiting for their other half are one-sided
+    /// now: the next process will not know them.
     pub fn drain(&mut self) -> Vec<(i32, Batch)> {
-        let all = self.batches.keys().copied().collect();
-        let open = self.take(all);
+        let mut parts: Vec<i32> = self.batches.keys().chain(self.stalled.keys()).copied().collect();
+        parts.extend(self.ready.iter().map(|(p, _)| *p));
+        parts.sort();
+        parts.dedup();
+        let mut open = Vec::new();
+        for p in parts {
+            open.extend(self.unwritten(p).into_iter().map(|b| (p, b)));
+        }
         self.selfcheck.expire_all();
         self.selfcheck.publish();
         self.publish_sequences();
@@ -239,18 +379,22 @@ impl Pipeline {
         let mut out = Vec::with_capacity(partitions.len());
         for p in partitions {
             if let Some(b) = self.batches.remove(&p) {
-                out.push((p, self.finalize(b)));
+                out.push((p, b));
             }
         }
         out
     }
 
-    /// A batch about to be written: its held-back records attributed again,
-    /// then every record's final attribution self-checked.
-    fn finalize(&mut self, mut b: Batch) -> Batch {
-        self.settle(&mut b);
+    /// A batch about to be written (its boundary agreed): its held-back
+    /// records attributed again, then every record's final attribution
+    /// self-checked; once per batch, however often its write is tried.
+    pub fn finalize(&mut self, b: &mut Batch) {
+        if b.finalized {
+            return;
+        }
+        b.finalized = true;
+        self.settle(b);
         self.selfcheck.observe(&b.records, self.now);
-        b
     }
 
     /// Attributes the held-back records again, now that more metadata may be in.

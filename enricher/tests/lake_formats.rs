@@ -71,8 +71,7 @@ fn duckdb_and_fastavro_read_the_same_rows() {
             w.finish().unwrap();
         }
     }
-    // DuckDB's rows of every Parquet file under the folder.
-    let duck = by_sequence(common::read_with("read_parquet.py", &out.join("parquet")));
+    let duck = by_sequence(common::read_parquet(&out.join("parquet")));
     let plain = by_sequence(with_partitions(common::read_files(&out.join("avro"))));
     let zstd = by_sequence(with_partitions(common::read_files(&out.join("avro-zstd"))));
     assert_eq!(plain.len(), records.len());

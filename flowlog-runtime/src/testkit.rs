@@ -4,6 +4,8 @@
 //! and reading a Prometheus endpoint.
 
 pub mod kube_api;
+pub mod s3;
+pub mod script_server;
 
 use std::{
     io,
@@ -192,10 +194,16 @@ pub fn scrape(addr: &str) -> io::Result<String> {
 
 /// One HTTP/1.0 request to `addr` (`host:port`); the status code and body.
 pub fn http(addr: &str, method: &str, path: &str, body: &str) -> io::Result<(u16, String)> {
+    http_with(addr, method, path, &[("Content-Type", "application/json")], body)
+}
+
+/// [`http`] with the given request headers (besides Host and Content-Length).
+pub fn http_with(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\n\r\n", body.len());
     s.write_all(head.as_bytes())?;
     s.write_all(body.as_bytes())?;
     let mut text = String::new();

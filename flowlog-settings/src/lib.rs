@@ -103,7 +103,7 @@ macro_rules! plain {
     )*};
 }
 
-plain!(bool => "boolean", u16 => "integer", u32 => "integer", u64 => "integer", usize => "integer",
+plain!(bool => "boolean", u16 => "integer", u32 => "integer", u64 => "integer", usize => "integer", i32 => "integer",
     String => "string", PathBuf => "path");
 
 /// Unset by default; a flag sets it.

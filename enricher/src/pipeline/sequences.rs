@@ -7,8 +7,18 @@
 //! the holes only, within bounds. A host is forgotten with the partition it
 //! came in (revoked): a batch that could not be flushed then is read again
 //! by its next owner, maybe this process, and must not look like repeats.
+//!
+//! Loss at the end of an epoch (records a sidecar produced just before it
+//! was restarted, that never arrived) opens no hole between two numbers
+//! seen. The sidecars' heartbeats say how far each epoch got
+//! (`next_sequence`, [`Produced`]); when a host's records move to a new
+//! epoch, the old one's numbers up to the last heartbeat's are expected:
+//! those not seen are counted as gaps, and filled (late) if they still come.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
 
 use smallvec::SmallVec;
 
@@ -45,8 +55,51 @@ pub struct Counts {
     pub evicted: u64,
 }
 
+/// The highest `next_sequence` each host's heartbeats announced, per epoch
+/// (the newest few epochs): fed by the identity topic's reader, read when a
+/// host's records move to a new epoch.
+#[derive(Default)]
+pub struct Produced {
+    hosts: Mutex<HashMap<String, SmallVec<[(i64, i64); 2]>>>,
+}
+
+impl Produced {
+    /// A heartbeat: `host`'s `epoch` has produced the numbers below `next`.
+    pub fn note(&self, host: &str, epoch: i64, next: i64) {
+        let mut hosts = self.hosts.lock().unwrap();
+        if !hosts.contains_key(host) {
+            if hosts.len() >= MAX_HOSTS {
+                // Bounded like the sequence tracking: forget any one host.
+                if let Some(k) = hosts.keys().next().cloned() {
+                    hosts.remove(&k);
+                }
+            }
+            hosts.insert(host.to_owned(), SmallVec::new());
+        }
+        let epochs = hosts.get_mut(host).expect("inserted");
+        match epochs.iter_mut().find(|(e, _)| *e == epoch) {
+            Some((_, n)) => *n = (*n).max(next),
+            None => {
+                epochs.push((epoch, next));
+                epochs.sort_unstable();
+                if epochs.len() > MAX_EPOCHS {
+                    epochs.remove(0);
+                }
+            }
+        }
+    }
+
+    /// How far `host`'s `epoch` got, as its heartbeats said.
+    pub fn next(&self, host: &str, epoch: i64) -> Option<i64> {
+        let hosts = self.hosts.lock().unwrap();
+        hosts.get(host)?.iter().find(|(e, _)| *e == epoch).map(|(_, n)| *n)
+    }
+}
+
 pub struct Sequences {
     hosts: HashMap<String, Host>,
+    /// How far each host's epochs got (heartbeats).
+    produced: Arc<Produced>,
     max_hosts: usize,
     max_ranges: usize,
     /// Advances at each record: the hosts' recency.
@@ -65,6 +118,9 @@ struct Host {
 /// adjacent (consecutive numbers merge), never empty.
 struct Ranges {
     ranges: BTreeMap<i64, i64>,
+    /// The highest number seen or known to exist (an ended epoch's last
+    /// heartbeat): numbers above it open holes, below it fill them.
+    high: i64,
     /// Holes from here up were counted as gaps (the first number seen, raised
     /// as low ranges are forgotten); a number below it is no gap filled.
     floor: i64,
@@ -78,7 +134,12 @@ impl Default for Sequences {
 
 impl Sequences {
     pub fn new(max_hosts: usize, max_ranges: usize) -> Sequences {
+        Sequences::with_produced(max_hosts, max_ranges, Arc::default())
+    }
+
+    pub fn with_produced(max_hosts: usize, max_ranges: usize, produced: Arc<Produced>) -> Sequences {
         Sequences {
+            produced,
             hosts: HashMap::new(),
             max_hosts: max_hosts.max(1),
             max_ranges: max_ranges.max(1),
@@ -121,6 +182,16 @@ impl Sequences {
             if full {
                 if let Some((_, old)) = h.epochs.pop_first() {
                     self.counts.evicted += old.ranges.len() as u64;
+                }
+            }
+            // A newer epoch: the one before it is over; what its heartbeats
+            // said it produced and did not arrive is missing.
+            let newest = h.epochs.range(epoch..).next().is_none();
+            let before = h.epochs.range_mut(..epoch).next_back().filter(|_| newest);
+            if let Some((&prev, r)) = before {
+                if let Some(next) = self.produced.next(host, prev) {
+                    let missing = r.expect_through(next - 1);
+                    self.counts.gaps = self.counts.gaps.saturating_add(missing);
                 }
             }
             h.epochs.insert(epoch, Ranges::new(seq));
@@ -180,8 +251,20 @@ impl Ranges {
     fn new(seq: i64) -> Ranges {
         Ranges {
             ranges: BTreeMap::from([(seq, seq)]),
+            high: seq,
             floor: seq,
         }
+    }
+
+    /// Numbers up to `last` exist (the epoch ended there): those above
+    /// the highest seen are a hole; returns its size.
+    fn expect_through(&mut self, last: i64) -> u64 {
+        if last <= self.high {
+            return 0;
+        }
+        let missing = last.abs_diff(self.high);
+        self.high = last;
+        missing
     }
 
     fn observe(&mut self, seq: i64) -> Seen {
@@ -189,8 +272,9 @@ impl Ranges {
         if below.is_some_and(|(_, end)| seq <= end) {
             return Seen::Duplicate;
         }
-        let high = self.ranges.last_key_value().map_or(seq, |(_, &e)| e);
+        let high = self.high;
         let seen = if seq > high {
+            self.high = seq;
             Seen::New {
                 missing: seq.abs_diff(high) - 1,
             }
@@ -210,5 +294,43 @@ impl Ranges {
             _ => self.ranges.insert(seq, end),
         };
         seen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records lost at the end of an epoch (the sidecar produced 0..=9, the
+    /// last three never arrived, then it restarted): counted as gaps when
+    /// the host's records move to the new epoch, from the heartbeat's
+    /// `next_sequence`; one of them arriving late (a spool replay) fills
+    /// its hole, and a repeat is still a repeat.
+    #[test]
+    fn loss_at_the_end_of_an_epoch_is_a_gap() {
+        let produced = Arc::new(Produced::default());
+        let mut s = Sequences::with_produced(10, 64, produced.clone());
+        for seq in 0..7 {
+            assert_eq!(s.observe(0, "h", 1, seq), Seen::New { missing: 0 });
+        }
+        produced.note("h", 1, 4);
+        produced.note("h", 1, 10);
+        produced.note("h", 1, 8); // an older heartbeat read late: no step back
+        assert_eq!(produced.next("h", 1), Some(10));
+        assert_eq!(s.observe(0, "h", 2, 0), Seen::New { missing: 0 });
+        assert_eq!(s.counts.gaps, 3, "7, 8 and 9 never came");
+        assert_eq!(s.observe(0, "h", 1, 8), Seen::Late);
+        assert_eq!(s.observe(0, "h", 1, 8), Seen::Duplicate);
+        assert_eq!(s.observe(0, "h", 1, 10), Seen::New { missing: 0 }, "past the last heartbeat: no hole");
+        assert_eq!((s.counts.gaps, s.counts.late), (3, 1));
+        // Without a heartbeat for the old epoch nothing is assumed.
+        assert_eq!(s.observe(0, "g", 1, 0), Seen::New { missing: 0 });
+        assert_eq!(s.observe(0, "g", 2, 0), Seen::New { missing: 0 });
+        assert_eq!(s.counts.gaps, 3);
+        // An old epoch's records read after the new one began close nothing.
+        produced.note("k", 1, 50);
+        assert_eq!(s.observe(0, "k", 2, 0), Seen::New { missing: 0 });
+        assert_eq!(s.observe(0, "k", 1, 5), Seen::New { missing: 0 });
+        assert_eq!(s.counts.gaps, 3);
     }
 }

@@ -79,6 +79,7 @@ impl Rig {
             max_records,
             max_age: Duration::from_secs(max_age_secs),
             late_window: Duration::from_secs(late_window_secs),
+            max_held_records: 1_000,
         };
         let sources = Sources::default();
         let letters = Arc::new(Letters::default());
@@ -111,11 +112,19 @@ impl Rig {
         self.pipeline.consume(&m, now).unwrap();
     }
 
+    /// The due batches, finalized as before a write (their end agreed).
+    fn take_due(&mut self, now: Now) -> Vec<(i32, Batch)> {
+        let mut due = self.pipeline.due(now);
+        for (_, b) in &mut due {
+            self.pipeline.finalize(b);
+        }
+        due
+    }
+
     /// The due batches as (partition, first, last, records).
     fn due(&mut self, now: Now) -> Vec<(i32, i64, i64, usize)> {
         let mut d: Vec<_> = self
-            .pipeline
-            .due(now)
+            .take_due(now)
             .into_iter()
             .map(|(p, b)| (p, b.first, b.last, b.records.len()))
             .collect();
@@ -168,7 +177,7 @@ fn young_unattributed_flows_are_held_back_and_settled() {
             ips: vec!["10.7.7.7".parse().unwrap()],
         },
     });
-    let mut due = r.pipeline.due(r.at(8));
+    let mut due = r.take_due(r.at(8));
     assert_eq!(due.len(), 1);
     let (p, b) = due.pop().unwrap();
     assert_eq!((p, b.records.len()), (0, 1));
@@ -288,7 +297,7 @@ fn duplicates_are_dropped_and_late_records_written_once() {
     for (off, seq) in sequences.into_iter().enumerate() {
         r.consume(0, off as i64, &flow("h", seq, LOOPBACK, T0), now);
     }
-    let mut due = r.pipeline.due(r.at(10));
+    let mut due = r.take_due(r.at(10));
     let (p, b) = due.pop().unwrap();
     assert_eq!((p, b.first, b.last), (0, 0, 11));
     let written: Vec<i64> = b.records.iter().map(|e| e.flow.sequence).collect();
@@ -312,7 +321,7 @@ fn a_revoked_partition_forgets_its_hosts() {
     r.consume(0, 0, &flow("h", 0, LOOPBACK, T0), r.at(0));
     r.consume(1, 0, &flow("other", 0, LOOPBACK, T0), r.at(0));
     // Handed over, but its write fails: nothing committed.
-    assert_eq!(r.pipeline.revoke(0).unwrap().records.len(), 1);
+    assert_eq!(r.pipeline.revoke(0).pop().unwrap().records.len(), 1);
     r.pipeline.assign(0, -1);
     r.consume(0, 0, &flow("h", 0, LOOPBACK, T0), r.at(1));
     r.consume(1, 1, &flow("other", 0, LOOPBACK, T0), r.at(1));
@@ -331,7 +340,7 @@ fn exactly_once_bookkeeping() {
     for off in 8..=12 {
         r.consume(0, off, &flow("h", off, LOOPBACK, T0), r.at(0));
     }
-    let mut due = r.pipeline.due(r.at(0));
+    let mut due = r.take_due(r.at(0));
     let (p, b) = due.pop().unwrap();
     assert_eq!((p, b.first, b.last, b.records.len()), (0, 10, 12, 3));
     let sinks: Vec<Arc<dyn Sink>> =
@@ -358,10 +367,10 @@ fn exactly_once_bookkeeping() {
 
     // Revoked: the open batch is handed over and the partition forgotten.
     r.consume(0, 14, &flow("h", 14, LOOPBACK, T0), r.at(2));
-    let b = r.pipeline.revoke(0).unwrap();
+    let b = r.pipeline.revoke(0).pop().unwrap();
     assert_eq!((b.first, b.last), (14, 14));
     assert_eq!(r.pipeline.done_through(0), None);
-    assert!(r.pipeline.revoke(0).is_none());
+    assert!(r.pipeline.revoke(0).is_empty());
 }
 
 /// A batch some sink could not take is not committed, and later sinks do
@@ -370,7 +379,7 @@ fn exactly_once_bookkeeping() {
 fn a_failed_sink_commits_nothing() {
     let mut r = Rig::new(1, 10, 0);
     r.consume(0, 0, &flow("h", 0, LOOPBACK, T0), r.at(0));
-    let (p, b) = r.pipeline.due(r.at(0)).pop().unwrap();
+    let (p, b) = r.take_due(r.at(0)).pop().unwrap();
     let (first, broken, last) = (
         Arc::new(Recorder::default()),
         Arc::new(Recorder {
@@ -420,6 +429,7 @@ fn an_unavailable_dead_letter_queue_stops_the_pipeline() {
         max_records: 1,
         max_age: Duration::from_secs(1),
         late_window: Duration::ZERO,
+        max_held_records: 1_000,
     };
     let mut p = Pipeline::new(settings, Sources::default(), letters);
     let m = Message {
@@ -430,4 +440,84 @@ fn an_unavailable_dead_letter_queue_stops_the_pipeline() {
     };
     let err = p.consume(&m, Now::system()).unwrap_err();
     assert!(format!("{err:#}").contains("broker down"), "{err:#}");
+}
+
+/// A batch whose end an earlier attempt claimed elsewhere is split there
+/// (the head is complete at once) or read on to it, whatever its age.
+#[test]
+fn an_agreed_end_splits_or_extends_a_batch() {
+    let mut r = Rig::new(6, 10, 0);
+    for off in 0..6 {
+        r.consume(0, off, &flow("h", off, LOOPBACK, T0), r.at(0));
+    }
+    let (p, b) = r.pipeline.due(r.at(0)).pop().unwrap();
+    assert_eq!((b.first, b.last), (0, 5));
+    // Claimed before as 0..=2: the head is due now, 3..=5 stays open.
+    r.pipeline.put_back(p, b, 2);
+    assert_eq!(r.due(r.at(0)), vec![(0, 0, 2, 3)]);
+    assert_eq!(r.due(r.at(1)), vec![]);
+    let (p, b) = r.pipeline.due(r.at(10)).pop().unwrap();
+    assert_eq!((b.first, b.last, b.offsets.clone()), (3, 5, vec![3, 4, 5]));
+    // Claimed before as 3..=8: it waits for offset 8 past its age ...
+    r.pipeline.put_back(p, b, 8);
+    r.consume(0, 6, &flow("h", 6, LOOPBACK, T0), r.at(11));
+    assert_eq!(r.due(r.at(30)), vec![]);
+    // ... and offset 7 is missing (compacted): 9 completes it.
+    r.consume(0, 9, &flow("h", 9, LOOPBACK, T0), r.at(31));
+    let (p, b) = r.pipeline.due(r.at(31)).pop().unwrap();
+    assert_eq!((b.first, b.last, b.records.len(), b.end), (3, 6, 4, Some(8)), "complete: offset 7 never comes");
+    r.pipeline.put_back(p, b, 8);
+    assert_eq!(r.due(r.at(31)), vec![(0, 3, 8, 4)]);
+    assert_eq!(r.due(r.at(41)), vec![(0, 9, 9, 1)]);
+}
+
+/// A batch that could not be written is tried again when its time comes,
+/// before any later batch of its partition; other partitions go on.
+#[test]
+fn a_failed_batch_is_retried_before_later_ones() {
+    let mut r = Rig::new(2, 10, 0);
+    for off in 0..4 {
+        r.consume(0, off, &flow("h", off, LOOPBACK, T0), r.at(0));
+    }
+    r.consume(1, 0, &flow("g", 0, LOOPBACK, T0), r.at(0));
+    r.consume(1, 1, &flow("g", 1, LOOPBACK, T0), r.at(0));
+    let mut due = r.take_due(r.at(0));
+    due.sort_by_key(|(p, _)| *p);
+    assert_eq!(due.iter().map(|(p, b)| (*p, b.first, b.last)).collect::<Vec<_>>(), [(0, 0, 1), (1, 0, 1)]);
+    let (p, failed) = due.remove(0);
+    r.pipeline.retry_later(p, failed, r.at(5).instant);
+    assert!(r.pipeline.stalled(0));
+    r.consume(0, 4, &flow("h", 4, LOOPBACK, T0), r.at(1));
+    r.consume(0, 5, &flow("h", 5, LOOPBACK, T0), r.at(1));
+    r.consume(1, 2, &flow("g", 2, LOOPBACK, T0), r.at(1));
+    r.consume(1, 3, &flow("g", 3, LOOPBACK, T0), r.at(1));
+    assert_eq!(r.due(r.at(2)), vec![(1, 2, 3, 2)], "partition 0 waits for its failed batch");
+    assert_eq!(r.due(r.at(5)), vec![(0, 0, 1, 2)]);
+    // Full batches are complete at once (at most max_records each) and
+    // come one per partition per call, in order.
+    assert_eq!(r.due(r.at(5)), vec![(0, 2, 3, 2)]);
+    assert_eq!(r.due(r.at(5)), vec![(0, 4, 5, 2)]);
+    // Finalized once: retried batches are not self-checked twice.
+    let mut b = Batch::new(0, r.at(0).instant);
+    r.pipeline.finalize(&mut b);
+    assert!(b.finalized);
+}
+
+/// Young unattributed flows in more records than `max_held_records`: the
+/// held batches are written now instead of waiting (memory stays bounded).
+#[test]
+fn held_batches_are_cut_short_past_the_memory_bound() {
+    let mut r = Rig::new(10, 10, 60);
+    r.pipeline.settings.max_held_records = 25;
+    let young = r.at(0).unix_ns;
+    for off in 0..20 {
+        r.consume(0, off, &flow("h", off, NOBODY, young), r.at(0));
+    }
+    assert_eq!(r.due(r.at(11)), vec![], "under the bound: held (two full batches)");
+    for off in 20..30 {
+        r.consume(0, off, &flow("h", off, NOBODY, young), r.at(11));
+    }
+    assert_eq!(r.due(r.at(12)), vec![(0, 0, 9, 10)], "over it: the oldest held batch is written");
+    assert_eq!(r.due(r.at(12)), vec![], "20 records: under the bound again, held");
+    assert_eq!(r.due(r.at(60)), vec![(0, 10, 19, 10)], "until their wait is over");
 }

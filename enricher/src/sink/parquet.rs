@@ -132,7 +132,7 @@ fn properties(opts: &ParquetOptions) -> anyhow::Result<WriterProperties> {
 
 /// One Parquet file's bytes holding `records`, sorted by workload pair
 /// (stable: records of one pair keep their order).
-pub fn encode(records: &[EnrichedFlow], opts: &ParquetOptions) -> anyhow::Result<Vec<u8>> {
+pub fn encode<R: std::borrow::Borrow<EnrichedFlow>>(records: &[R], opts: &ParquetOptions) -> anyhow::Result<Vec<u8>> {
     // Encoded in arrival order, read in sorted order: walking the records
     // themselves in sorted order (flow, host and owner behind pointers) was
     // slower than reading each record's contiguous datum.
@@ -140,6 +140,7 @@ pub fn encode(records: &[EnrichedFlow], opts: &ParquetOptions) -> anyhow::Result
     let mut ends = Vec::with_capacity(records.len());
     let mut keys = Vec::with_capacity(records.len());
     for r in records {
+        let r = r.borrow();
         r.write(&mut datums);
         ends.push(datums.len());
         keys.push(workload_pair(r));

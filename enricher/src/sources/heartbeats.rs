@@ -94,6 +94,7 @@ impl Heartbeats {
 pub fn follow(
     cfg: &Config,
     store: Arc<RwLock<IdentityStore>>,
+    produced: Arc<crate::pipeline::Produced>,
     stop: &'static AtomicBool,
 ) -> anyhow::Result<()> {
     let consumer: BaseConsumer = kafka::client_config(cfg)
@@ -124,6 +125,7 @@ pub fn follow(
         m.payload().unwrap_or_default(),
     ) {
         Ok(id) => {
+            produced.note(&id.host.host_id, id.sequence_epoch, id.next_sequence);
             let mut s = store.write().unwrap();
             let conflicts: usize = heartbeats.events(&id).into_iter().map(|e| s.apply(e)).sum();
             metrics::count_conflicts("sidecar", conflicts);

@@ -30,4 +30,7 @@ pub struct Sources {
     pub kubernetes: Arc<RwLock<IdentityStore>>,
     pub ec2: Arc<RwLock<IdentityStore>>,
     pub cidr: Arc<RwLock<cidr::CidrMap>>,
+    /// How far each sidecar's sequence epochs got (heartbeats), for the
+    /// pipeline's gap count.
+    pub produced: Arc<crate::pipeline::Produced>,
 }

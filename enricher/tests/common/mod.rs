@@ -92,14 +92,77 @@ pub fn produce(brokers: &str, topic: &str, msgs: &[(String, Vec<u8>)]) {
 }
 
 pub fn start_enricher(brokers: &str, out: &std::path::Path, extra: &[&str]) -> Child {
+    enricher(brokers, out.to_str().unwrap(), extra).spawn().unwrap()
+}
+
+/// The enricher's command writing to `output` (a directory or an s3:// URL).
+pub fn enricher(brokers: &str, output: &str, extra: &[&str]) -> Command {
     let metrics_off: &[&str] = if extra.contains(&"--metrics-listen") { &[] } else { &["--metrics-listen", ""] };
-    Command::new(env!("CARGO_BIN_EXE_flowlog-enricher"))
-        .args(["--brokers", brokers, "--output-dir", out.to_str().unwrap(), "--batch-max-age-secs", "1"])
+    let mut c = Command::new(env!("CARGO_BIN_EXE_flowlog-enricher"));
+    c.args(["--brokers", brokers, "--output", output, "--batch-max-age-secs", "1"])
         .args(metrics_off)
         .args(extra)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::inherit());
+    c
+}
+
+/// `scripts/s3_lake.py` against the S3 endpoint `url` (moto, or the fault proxy).
+pub fn s3(url: &str, args: &[&str]) {
+    let o = Command::new(testkit::tool(testkit::PYTHON))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/s3_lake.py"))
+        .args(args)
+        .envs([("AWS_ENDPOINT_URL", url), ("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_DEFAULT_REGION", "us-east-1")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Waits for a child to exit (at most `timeout`).
+pub fn wait_exit(c: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            return st;
+        }
+        if t0.elapsed() > timeout {
+            let _ = c.kill();
+            panic!("process {} still running after {timeout:?}", c.id());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The offsets `first..=last` of each object's batch, from its name
+/// (`dt=/hr=/{topic}-{partition}-{first}-{last}.{ext}`), per partition.
+pub fn object_ranges(recs: &[Json]) -> std::collections::BTreeSet<(i32, i64, i64)> {
+    recs.iter()
+        .map(|r| {
+            let f = r["_file"].as_str().unwrap();
+            let name = f.rsplit('/').next().unwrap();
+            let stem = name.rsplit_once('.').unwrap().0;
+            let mut it = stem.rsplitn(4, '-');
+            let last = it.next().unwrap().parse().unwrap();
+            let first = it.next().unwrap().parse().unwrap();
+            let p = it.next().unwrap().parse().unwrap();
+            (p, first, last)
+        })
+        .collect()
+}
+
+/// Every record exactly once (sequences `0..n` of one host), and batches
+/// that never overlap: each offset in one batch only.
+pub fn assert_exactly_once(recs: &[Json], n: i64) {
+    let mut seqs: Vec<i64> = recs.iter().map(|r| r["sequence"].as_i64().unwrap()).collect();
+    seqs.sort();
+    let total = seqs.len();
+    seqs.dedup();
+    assert_eq!(total, seqs.len(), "duplicated records");
+    assert_eq!(seqs, (0..n).collect::<Vec<_>>(), "records missing");
+    let ranges = object_ranges(recs);
+    for w in ranges.iter().collect::<Vec<_>>().windows(2) {
+        let ((p, _, last), (q, first, _)) = (w[0], w[1]);
+        assert!(p != q || first > last, "overlapping batches {:?} and {:?}", w[0], w[1]);
+    }
 }
 
 /// Every record in the output files, read by fastavro.
@@ -116,6 +179,12 @@ pub fn read_with(script: &str, out: &std::path::Path) -> Vec<Json> {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Every row DuckDB reads from the Parquet files under `dir` (Hive
+/// partitioning on), as JSON.
+pub fn read_parquet(dir: &std::path::Path) -> Vec<Json> {
+    read_with("read_parquet.py", dir)
 }
 
 pub fn wait_files(out: &std::path::Path, n: usize, timeout: Duration) -> Vec<Json> {

@@ -5,12 +5,13 @@
 //! docs for what it serves and its admin endpoints, wrapped below.
 
 use std::{
-    io::{self, BufRead, BufReader},
+    io,
     path::{Path, PathBuf},
-    process::{Child, ChildStdout, Command, Stdio},
 };
 
 use serde_json::Value;
+
+use super::script_server::ScriptServer;
 
 /// The fixture script.
 pub fn script() -> PathBuf {
@@ -19,9 +20,7 @@ pub fn script() -> PathBuf {
 
 /// A running fixture on a port the kernel picked, stopped on drop.
 pub struct KubeApi {
-    child: Child,
-    /// Held open: the script's stdout (it prints nothing after the port).
-    _stdout: BufReader<ChildStdout>,
+    server: ScriptServer,
     /// `127.0.0.1:PORT`.
     pub addr: String,
 }
@@ -30,20 +29,8 @@ impl KubeApi {
     /// Starts the fixture (bookmarks every half second, so watches move on
     /// quickly) and waits for its port.
     pub fn start() -> io::Result<KubeApi> {
-        let mut child = Command::new("python3")
-            .arg(script())
-            .args(["--port", "0", "--bookmark-secs", "0.5"])
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        let Ok(port) = line.trim().parse::<u16>() else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(io::Error::other(format!("the Kubernetes API fixture did not print its port: {line:?}")));
-        };
-        Ok(KubeApi { child, _stdout: stdout, addr: format!("127.0.0.1:{port}") })
+        let server = ScriptServer::start(&script(), &["--bookmark-secs", "0.5"], "the Kubernetes API fixture")?;
+        Ok(KubeApi { addr: server.addr.clone(), server })
     }
 
     /// The API server URL for a client (`http://127.0.0.1:PORT`).
@@ -52,12 +39,7 @@ impl KubeApi {
     }
 
     fn call(&self, method: &str, path: &str, body: &str) -> io::Result<Value> {
-        let (code, text) = super::http(&self.addr, method, path, body)?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        if code != 200 {
-            return Err(io::Error::other(format!("{method} {path}: {code} {v}")));
-        }
-        Ok(v)
+        self.server.call(method, path, body)
     }
 
     /// Creates or replaces objects (one, a JSON list, or `{"items": [...]}`):
@@ -101,13 +83,6 @@ impl KubeApi {
     /// How many requests of one kind were served so far ("list pods", ...).
     pub fn requests(&self, what: &str) -> u64 {
         self.state().ok().and_then(|s| s["requests"][what].as_u64()).unwrap_or(0)
-    }
-}
-
-impl Drop for KubeApi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

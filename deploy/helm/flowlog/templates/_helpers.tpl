@@ -127,11 +127,56 @@ integers, strings JSON-quoted (a subset of TOML basic strings), null dropped.
 {{- $_ := set $c "flow_topic" .Values.kafka.flowTopic -}}
 {{- $_ := set $c "identity_topic" .Values.kafka.identityTopic -}}
 {{- $_ := set $c "kafka_properties" (deepCopy (default dict .Values.kafka.properties)) -}}
-{{- $_ := set $c "output_dir" "/data" -}}
+{{- $o := .Values.enricher.output -}}
+{{- if eq $o.type "s3" -}}
+{{- $_ := set $c "output" (include "flowlog.enricher.s3Url" .) -}}
+{{- $s3 := deepCopy (default dict $c.s3) -}}
+{{- with $o.endpointUrl }}{{ $_ := set $s3 "endpoint_url" . }}{{ end -}}
+{{- with $o.region }}{{ $_ := set $s3 "region" . }}{{ end -}}
+{{- $_ := set $c "s3" $s3 -}}
+{{- else -}}
+{{- $_ := set $c "output" "/data" -}}
+{{- end -}}
+{{- $_ := set $c "output_formats" $o.formats -}}
 {{- $_ := set $c "metrics_listen" (printf "0.0.0.0:%d" (int .Values.enricher.metrics.port)) -}}
 {{- if .Values.enricher.staticMap -}}
 {{- $_ := set $c "static_map" "/etc/flowlog/static/cidrs.toml" -}}
 {{- end -}}
 # flowlog-enricher settings, rendered by the flowlog Helm chart (enricher.config in values.yaml).
 {{- include "flowlog.toml.table" (dict "path" "" "table" $c) }}
+{{- end -}}
+
+{{/* The enricher's output values, checked; fails the render on a mistake. */}}
+{{- define "flowlog.enricher.validateOutput" -}}
+{{- $o := .Values.enricher.output -}}
+{{- if not (has $o.type (list "s3" "pvc" "emptyDir")) -}}
+{{- fail "enricher.output.type must be s3, pvc or emptyDir" -}}
+{{- end -}}
+{{- if and (eq $o.type "s3") (not $o.bucket) -}}
+{{- fail "enricher.output.bucket is required with enricher.output.type s3 (or use type pvc)" -}}
+{{- end -}}
+{{- if or (not $o.formats) (not (kindIs "slice" $o.formats)) -}}
+{{- fail "enricher.output.formats must be a list: [avro], [parquet] or [avro, parquet]" -}}
+{{- end -}}
+{{- range $o.formats -}}
+{{- if not (has . (list "avro" "parquet")) -}}
+{{- fail (printf "enricher.output.formats: %v is not avro or parquet" .) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq $o.type "pvc") (not (has $o.accessMode (list "ReadWriteMany" "ReadWriteOnce"))) -}}
+{{- fail "enricher.output.accessMode must be ReadWriteMany or ReadWriteOnce" -}}
+{{- end -}}
+{{- if and (eq $o.type "pvc") (eq $o.accessMode "ReadWriteOnce") (gt (int (include "flowlog.enricher.maxReplicas" .)) 1) -}}
+{{- fail "enricher.output.accessMode ReadWriteOnce holds one replica: set autoscaling.mode none and replicas 1 (or maxReplicas 1), or use ReadWriteMany" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The most enricher replicas that can run at once (apart from a rollout's surge). */}}
+{{- define "flowlog.enricher.maxReplicas" -}}
+{{- if eq .Values.enricher.autoscaling.mode "none" -}}{{ .Values.enricher.replicas }}{{- else -}}{{ .Values.enricher.autoscaling.maxReplicas }}{{- end -}}
+{{- end -}}
+
+{{/* s3://<bucket>/<prefix> of enricher.output. */}}
+{{- define "flowlog.enricher.s3Url" -}}
+{{- list .Values.enricher.output.bucket (trimAll "/" (default "" .Values.enricher.output.prefix)) | compact | join "/" | printf "s3://%s" -}}
 {{- end -}}

@@ -121,7 +121,7 @@ fn every_field_of_every_record_reads_back() {
 
 #[test]
 fn empty_input_gives_a_readable_file() {
-    let (schema, batches) = read(encode(&[], &ParquetOptions::default()).unwrap());
+    let (schema, batches) = read(encode::<EnrichedFlow>(&[], &ParquetOptions::default()).unwrap());
     assert_eq!(schema.fields().len(), arrow_schema().fields().len());
     assert_eq!(batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 0);
 }
