@@ -34,6 +34,14 @@ e = results / "enrich.json"
 if e.exists():
     d = json.loads(e.read_text())
     row("enrich", "decode -> attribute -> Avro file, one core", f"{d['fast_path_flows_per_sec_one_core']:.0f} flows/s", ">= 500000", d["fast_path_flows_per_sec_one_core"] >= 500000)
+    if "parquet_path_flows_per_sec_one_core" in d:
+        b = d["bytes_per_flow"]
+        row("enrich", "decode -> attribute -> Avro+zstd file, one core", f"{d['avro_zstd_path_flows_per_sec_one_core']:.0f} flows/s", "-", True)
+        row("enrich", "decode -> attribute -> Parquet file, one core", f"{d['parquet_path_flows_per_sec_one_core']:.0f} flows/s", ">= 400000", d["parquet_path_flows_per_sec_one_core"] >= 400000)
+        row("enrich", "bytes per flow: Avro / Avro+zstd / Parquet", f"{b['avro_null']:.1f} / {b['avro_zstd']:.1f} / {b['parquet']:.1f}", "-", True)
+    q = d.get("duckdb_top_talkers")
+    if q:
+        row("enrich", f"DuckDB top talkers over {q['flows']} flows (Parquet, {q['threads']} threads)", f"{q['seconds_median']:.3f} s", "-", True)
     row("enrich", "ratio to apache-avro's generic Value path (same run)", f"{d['ratio_fast_over_generic']:.2f}x", "-", True)
     row("enrich", "memory per 1 M tracked IPs", f"{d['memory_mb_per_million_tracked_ips']:.0f} MB", "-", True)
 

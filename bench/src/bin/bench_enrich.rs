@@ -37,6 +37,9 @@ struct Args {
     /// With --profile: the Parquet path instead of the Avro one.
     #[arg(long, requires = "profile")]
     parquet: bool,
+    /// zstd level of the Parquet files (default: the encoder's).
+    #[arg(long, default_value_t = ParquetOptions::default().zstd_level)]
+    parquet_zstd_level: i32,
     /// Records per Parquet file (the encoder sorts and writes one file at a time).
     #[arg(long, default_value_t = 500_000)]
     file_rows: usize,
@@ -301,7 +304,7 @@ fn main() -> anyhow::Result<()> {
         let attributed = run(&mut |e| Ok(w.append(&e)?))?;
         Ok((attributed, w.finish()?.0))
     };
-    let opts = ParquetOptions::default();
+    let opts = ParquetOptions { zstd_level: a.parquet_zstd_level, ..ParquetOptions::default() };
     let parquet_path = || -> anyhow::Result<(usize, u64)> {
         let (mut file, mut bytes) = (Vec::with_capacity(a.file_rows), 0u64);
         let mut flush = |file: &mut Vec<EnrichedFlow>| -> anyhow::Result<()> {
@@ -396,8 +399,10 @@ fn main() -> anyhow::Result<()> {
     );
     if !duckdb.is_null() {
         println!(
-            "  DuckDB top talkers, {} flows     {:>10.3} s (median of 3 runs, {} threads)",
-            a.duckdb_flows, duckdb["seconds_median"], duckdb["threads"]
+            "  DuckDB top talkers, {} flows   {:>10.3} s (median of 3 runs, {} threads)",
+            a.duckdb_flows,
+            duckdb["seconds_median"].as_f64().unwrap_or(f64::NAN),
+            duckdb["threads"]
         );
     }
     if let Some(d) = a.out.parent() {

@@ -167,8 +167,13 @@ pub fn assert_exactly_once(recs: &[Json], n: i64) {
 
 /// Every record in the output files, read by fastavro.
 pub fn read_files(out: &std::path::Path) -> Vec<Json> {
+    read_with("read_avro.py", out)
+}
+
+/// The JSON lines a reader script of tests/ prints for folder `out`.
+pub fn read_with(script: &str, out: &std::path::Path) -> Vec<Json> {
     let o = Command::new(testkit::tool(testkit::PYTHON))
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_avro.py"))
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script))
         .arg(out)
         .output()
         .unwrap();
@@ -179,13 +184,7 @@ pub fn read_files(out: &std::path::Path) -> Vec<Json> {
 /// Every row DuckDB reads from the Parquet files under `dir` (Hive
 /// partitioning on), as JSON.
 pub fn read_parquet(dir: &std::path::Path) -> Vec<Json> {
-    let o = Command::new(testkit::tool(testkit::PYTHON))
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_parquet.py"))
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    read_with("read_parquet.py", dir)
 }
 
 pub fn wait_files(out: &std::path::Path, n: usize, timeout: Duration) -> Vec<Json> {

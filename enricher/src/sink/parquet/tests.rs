@@ -204,6 +204,10 @@ fn row_groups_have_statistics_dictionaries_and_workload_pairs_in_order() {
             assert!(stats.null_count_opt().is_some(), "{}: no null count", c.column_path());
         }
         assert!(g.column(local).encodings().any(|e| e == Encoding::RLE_DICTIONARY), "dictionary-encoded workload column");
+        for (name, encoding) in PER_FLOW_COLUMNS {
+            let e: Vec<Encoding> = g.column(column(name)).encodings().collect();
+            assert!(e.contains(&encoding) && !e.contains(&Encoding::RLE_DICTIONARY), "{name}: {e:?}");
+        }
         let min_max = |i: usize| match g.column(i).statistics() {
             Some(Statistics::ByteArray(s)) => {
                 let text = |v: Option<&parquet::data_type::ByteArray>| v.map(|b| b.as_utf8().unwrap().to_string());
