@@ -86,11 +86,11 @@ setup_tansu() {
 
 # --- Python venv: Avro reader for tests, moto EC2/S3 endpoint, Kafka client,
 # DuckDB (queries the Parquet flow lake) ----------------------------------
-PY_PACKAGES=(fastavro==1.12.1 confluent-kafka==2.12.1 "moto[server]==$MOTO_VERSION" boto3 "duckdb==$DUCKDB_VERSION")
+PY_PACKAGES=(fastavro==1.12.1 confluent-kafka==2.12.1 "moto[server]==$MOTO_VERSION" boto3 "duckdb==$DUCKDB_VERSION" zstandard==0.25.0)
 setup_python() {
     local venv="$TOOLS/venv-py-1"
     if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "
-import fastavro, confluent_kafka, moto, boto3, duckdb
+import fastavro, confluent_kafka, moto, boto3, duckdb, zstandard
 assert duckdb.__version__ == '$DUCKDB_VERSION', duckdb.__version__" 2>/dev/null; then
         return 0
     fi
