@@ -1,7 +1,9 @@
 //! Writes the seed corpus of every fuzz target into corpus/<target>/: valid
 //! inputs built from flowlog-schema's fixtures and the deployed config
 //! files, so that fuzzing starts from messages that get past the headers.
-//! Run from fuzz/: `cargo run --bin seed-corpus`; the output is committed.
+//! Built with the targets (`cargo +nightly fuzz build`), run as
+//! `$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/seed-corpus`; the
+//! output is committed.
 
 use std::{fs, path::Path, sync::Arc};
 
