@@ -7,7 +7,7 @@ export PATH := $(TOOLS)/bpf-linker-0.13.0-llvm22/bin:$(TOOLS)/tansu-0.6.0/bin:$(
 # Root-only tests must run, not skip, under `make test`.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo "sudo -E")
 
-.PHONY: setup build test test-scripts demo bench clean
+.PHONY: setup build test test-scripts fuzz demo bench clean
 
 ## Install toolchains, bpf-linker, the local broker and the Python test tools.
 setup:
@@ -34,6 +34,14 @@ test:
 	FLOWLOG_DEMO_CHECK=1 FLOWLOG_DEMO_BIN=./target/debug FLOWLOG_DEMO_SECONDS=4 FLOWLOG_DEMO_OUT=out/demo-check bash scripts/demo.sh
 	FLOWLOG_DEPLOY_NO_SKIP=1 bash scripts/check-deploy.sh
 	$(MAKE) test-scripts
+	$(MAKE) fuzz
+
+## The fuzz targets of fuzz/ (decoders of the flow and identity topics, the
+## spool's segment reader, the enricher's settings and static map), each for
+## FUZZ_SECONDS from its committed corpus; fails on any crash.
+FUZZ_SECONDS ?= 20
+fuzz:
+	bash scripts/fuzz.sh $(FUZZ_SECONDS)
 
 ## The Python tests of scripts/ (the S3 fault proxy, the flow-lake queries and
 ## summaries), on the real moto S3 server and DuckDB from `make setup`.

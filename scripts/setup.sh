@@ -8,6 +8,7 @@
 #
 #   scripts/setup.sh            # everything (build + tests + demo)
 #   scripts/setup.sh build      # only what `cargo build` needs
+#   scripts/setup.sh fuzz       # cargo-fuzz (scripts/fuzz.sh); prints its bin dir
 set -euo pipefail
 
 WHAT="${1:-all}"
@@ -17,6 +18,7 @@ LLVM_MAJOR=22
 TANSU_VERSION=0.6.0
 MOTO_VERSION=5.2.5
 DUCKDB_VERSION=2.0.0
+CARGO_FUZZ_VERSION=0.13.2
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -84,6 +86,16 @@ setup_tansu() {
     rm -rf "$TOOLS/.build/tansu"
 }
 
+# --- cargo-fuzz: the fuzz targets of fuzz/ (libFuzzer, on nightly) ----------
+setup_cargo_fuzz() {
+    local root="$TOOLS/cargo-fuzz-$CARGO_FUZZ_VERSION"
+    if [ -x "$root/bin/cargo-fuzz" ]; then return 0; fi
+    log "building cargo-fuzz $CARGO_FUZZ_VERSION (about a minute)"
+    CARGO_TARGET_DIR="$TOOLS/.build/cargo-fuzz" \
+        cargo +1.95.0 install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked --root "$root"
+    rm -rf "$TOOLS/.build/cargo-fuzz"
+}
+
 # --- Python venv: Avro reader for tests, moto EC2/S3 endpoint, Kafka client,
 # DuckDB (queries the Parquet flow lake) ----------------------------------
 PY_PACKAGES=(fastavro==1.12.1 confluent-kafka==2.12.1 "moto[server]==$MOTO_VERSION" boto3 "duckdb==$DUCKDB_VERSION" zstandard==0.25.0)
@@ -106,7 +118,9 @@ setup_system() {
 
 case "$WHAT" in
     build) setup_rust; setup_system; setup_bpf_linker ;;
-    all) setup_rust; setup_system; setup_bpf_linker; setup_python; setup_tansu ;;
-    *) log "usage: $0 [build|all]"; exit 2 ;;
+    all) setup_rust; setup_system; setup_bpf_linker; setup_python; setup_tansu; setup_cargo_fuzz ;;
+    # Logs on stderr; stdout is the directory to put on PATH.
+    fuzz) { setup_rust; setup_cargo_fuzz; } >&2; echo "$TOOLS/cargo-fuzz-$CARGO_FUZZ_VERSION/bin" ;;
+    *) log "usage: $0 [build|all|fuzz]"; exit 2 ;;
 esac
 log "done (tools in $TOOLS)"

@@ -38,6 +38,10 @@ use std::{
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
+mod frames;
+
+use frames::{frame, HEADER};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Fsync {
@@ -117,8 +121,6 @@ pub struct Spool {
     drops: Drops,
 }
 
-/// Frame header: length (u32 LE) and CRC-32 of the payload (u32 LE).
-const HEADER: usize = 8;
 /// Buffered appends are written out past this many bytes.
 const BUF_BYTES: usize = 64 * 1024;
 
@@ -161,12 +163,6 @@ fn lock_dir(dir: &Path) -> io::Result<File> {
 
 fn seg_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("seg-{id:016}.log"))
-}
-
-fn frame(out: &mut Vec<u8>, payload: &[u8]) {
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    out.extend_from_slice(payload);
 }
 
 fn frame_len(payload: &[u8]) -> u64 {
@@ -495,19 +491,8 @@ fn write_segment<'a>(path: &Path, records: impl IntoIterator<Item = &'a [u8]>, s
 fn read_segment(path: &Path) -> io::Result<(Vec<Vec<u8>>, u64)> {
     let mut data = Vec::new();
     File::open(path)?.read_to_end(&mut data)?;
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at + HEADER <= data.len() {
-        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
-        let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().unwrap());
-        let end = at + HEADER + len;
-        if end > data.len() || crc32fast::hash(&data[at + HEADER..end]) != crc {
-            return Ok((out, 1));
-        }
-        out.push(data[at + HEADER..end].to_vec());
-        at = end;
-    }
-    Ok((out, u64::from(at != data.len())))
+    let (records, torn) = frames::records(&data);
+    Ok((records.into_iter().map(<[u8]>::to_vec).collect(), u64::from(torn)))
 }
 
 #[cfg(test)]
