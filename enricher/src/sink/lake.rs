@@ -119,8 +119,8 @@ pub struct Lake {
     store: Store,
     topic: String,
     formats: Vec<Format>,
-    /// Claims older than this are deleted (at most once per
-    /// `GC_EVERY` claims of a partition).
+    /// Claims older than this are deleted (looked for once in `GC_EVERY`
+    /// claims made by this process, in the partition of the claim).
     claim_retention: std::time::Duration,
     claims_made: AtomicU64,
 }

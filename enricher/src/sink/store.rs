@@ -141,7 +141,7 @@ impl Store {
             .rt
             .block_on(self.inner.list(Some(&path)).try_collect())
             .with_context(|| format!("listing {prefix} in {}", self.url))?;
-        let now = chrono_now();
+        let now = unix_millis();
         Ok(metas
             .into_iter()
             .filter_map(|m| {
@@ -156,7 +156,7 @@ impl Store {
     }
 }
 
-fn chrono_now() -> i64 {
+fn unix_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -171,11 +171,10 @@ fn s3_store(bucket: &str, s3: &S3Settings) -> anyhow::Result<object_store::aws::
         b = b.with_region(region);
     }
     if let Some(url) = &s3.endpoint_url {
-        b = b
-            .with_endpoint(url)
-            .with_allow_http(url.starts_with("http://"))
-            .with_virtual_hosted_style_request(false);
+        b = b.with_endpoint(url).with_virtual_hosted_style_request(false);
     }
+    // Plain http only for an endpoint given as such (a local test server).
+    // Set here, not on the builder: its client options replace the builder's.
     let client = ClientOptions::new()
         .with_timeout(Duration::from_secs(s3.request_timeout_secs))
         .with_connect_timeout(Duration::from_secs(5))
