@@ -118,10 +118,10 @@ impl Ctx {
     /// Agrees on the batch's end, then writes it to every sink and commits
     /// its offsets. On failure the batch is handed back with the stage
     /// that failed.
-    fn roll(&self, consumer: &FlowConsumer, p: i32, mut b: Batch) -> Result<Rolled, Failed> {
+    fn roll(&self, consumer: &FlowConsumer, p: i32, mut b: Batch) -> Result<Rolled, Box<Failed>> {
         let end = match self.lake.claim(p, b.first, b.last) {
             Ok(end) => end,
-            Err(error) => return Err(Failed { stage: "claim", error, batch: b }),
+            Err(error) => return Err(Box::new(Failed { stage: "claim", error, batch: b })),
         };
         let mut pipeline = self.pipeline.lock().unwrap();
         if end != b.last {
@@ -148,7 +148,7 @@ impl Ctx {
                 self.pipeline.lock().unwrap().written(p, b.last);
                 Ok(Rolled::Written)
             }
-            Err(error) => Err(Failed { stage, error, batch: b }),
+            Err(error) => Err(Box::new(Failed { stage, error, batch: b })),
         }
     }
 

@@ -44,6 +44,8 @@ impl Decoder {
     }
 
     /// A decoder whose host cache holds at most about `bytes`.
+    // moka's weigher takes `&K`, and the key is the boxed block.
+    #[allow(clippy::borrowed_box)]
     pub fn with_capacity(bytes: u64) -> Decoder {
         // foldhash, not SipHash: the keys are ~100-byte blocks hashed per flow.
         let hosts = moka::sync::Cache::builder()

@@ -60,8 +60,11 @@ pub struct Counts {
 /// host's records move to a new epoch.
 #[derive(Default)]
 pub struct Produced {
-    hosts: Mutex<HashMap<String, SmallVec<[(i64, i64); 2]>>>,
+    hosts: Mutex<HashMap<String, EpochsProduced>>,
 }
+
+/// (epoch, next_sequence) of one host, oldest epoch first.
+type EpochsProduced = SmallVec<[(i64, i64); 2]>;
 
 impl Produced {
     /// A heartbeat: `host`'s `epoch` has produced the numbers below `next`.
