@@ -22,6 +22,7 @@ use tracing::{debug, error, warn};
 use flowlog_schema::{Flow, RecordType};
 
 use crate::{
+    carry::Carry,
     flow::{flow_from_event, Clock},
     loader::Attached,
     metrics as m,
@@ -86,6 +87,8 @@ pub struct Capture {
     pub prog_id: Option<u32>,
     /// The workloads' IPs: each change is announced at once (Kafka only).
     pub workload_ips: Option<watch::Receiver<Listing>>,
+    /// Where `reported` survives a restart (see [`crate::carry`]).
+    carry: Option<Carry>,
 }
 
 impl Capture {
@@ -106,7 +109,29 @@ impl Capture {
             reported: HashMap::new(),
             prog_id: None,
             workload_ips: None,
+            carry: None,
         })
+    }
+
+    /// Continues the connections an earlier run reported interim records for.
+    pub fn carry_over(&mut self, carry: Carry) {
+        for last in carry.baselines() {
+            self.reported.insert(last.connection_id, Counters::of(last));
+        }
+        self.carry = Some(carry);
+    }
+
+    /// A record as read from the kernel, before its counters become deltas:
+    /// continues an earlier run's connection, and goes to the carry file if
+    /// it holds a connection's running totals (or ends them).
+    fn carry(&mut self, flow: &mut Flow) {
+        let Some(carry) = &mut self.carry else { return };
+        if let Some(gone) = carry.adopt(flow) {
+            self.reported.remove(&gone);
+        }
+        if flow.record_type == RecordType::Interim || self.reported.contains_key(&flow.connection_id) {
+            carry.note(flow);
+        }
     }
 
     /// Hands one record to the sink. Counters become deltas against what
@@ -128,16 +153,21 @@ impl Capture {
     /// their workload, except those of cgroups not known yet, which a later
     /// drain sends (in order) once they are.
     pub fn drain(&mut self) {
-        let ring = self.ring.get_mut();
         let mut n = 0u64;
         let mut pending = Vec::new();
         let now = Instant::now();
-        while let Some(item) = ring.next() {
+        loop {
+            let decoded = match self.ring.get_mut().next() {
+                Some(item) => FlowEvent::decode(&item),
+                None => break,
+            };
             n += 1;
-            match FlowEvent::decode(&item) {
+            match decoded {
                 Ok(ev) => {
                     tracing::trace!(?ev, "raw event");
-                    self.workloads.admit(flow_from_event(&ev, &self.clock, self.salt), now, &mut pending);
+                    let mut flow = flow_from_event(&ev, &self.clock, self.salt);
+                    self.carry(&mut flow);
+                    self.workloads.admit(flow, now, &mut pending);
                 }
                 Err(e) => {
                     self.user.decode_errors += 1;
@@ -247,25 +277,42 @@ impl Capture {
                     }
                 }
                 _ = interim.tick(), if t.interim.is_some() => {
+                    self.begin_round();
                     let n = snapshot(false);
                     metrics::counter!(m::INTERIM_RECORDS).increment(n);
                     debug!(n, "interim snapshots requested");
                     self.drain();
+                    self.end_round();
                 }
                 _ = &mut shutdown => break,
             }
         }
         // Connections still open at exit get a last interim record.
         if t.interim.is_some() {
+            self.begin_round();
             let n = snapshot(true);
             metrics::counter!(m::INTERIM_RECORDS).increment(n);
         }
         self.drain();
+        self.end_round();
         // Records still waiting for their cgroup's lookup get a last chance.
         let mut rest = Vec::new();
         self.workloads.finish(Duration::from_secs(1), &mut rest);
         self.emit_all(rest);
         self.report_drops();
+    }
+
+    fn begin_round(&mut self) {
+        if let Some(c) = &mut self.carry {
+            c.begin();
+        }
+    }
+
+    /// Once every interim event of the round has been read.
+    fn end_round(&mut self) {
+        if let Some(c) = &mut self.carry {
+            c.commit();
+        }
     }
 
     /// The sink, for closing it once capture is over.

@@ -81,6 +81,13 @@ flowlog_settings::settings! {
         /// Connections open longer than this get interim records, seconds (0: off).
         #[flag(long = "interim-interval-secs", env = "FLOWLOG_INTERIM_INTERVAL_SECS")]
         pub interim_interval_secs: u64 = 60,
+        /// Where the running totals of connections with interim records are
+        /// kept, so that after a restart each continues (same
+        /// `connection_id`, deltas from its old totals) instead of being
+        /// reported whole again; default: `interim.carry` in `spool.dir`
+        /// with `output = "kafka"`, none otherwise.
+        #[flag(long = "carry-file", env = "FLOWLOG_CARRY_FILE")]
+        pub carry_file: Option<PathBuf> = None,
         /// Identity heartbeat period, seconds.
         #[flag(long = "heartbeat-secs", env = "FLOWLOG_HEARTBEAT_SECS")]
         pub heartbeat_secs: u64 = 30,
@@ -131,6 +138,18 @@ impl Config {
         let c = flowlog_settings::load(cli.config.as_deref(), &cli.common.flags)?;
         c.validate()?;
         Ok(c)
+    }
+
+    /// The carry file in use (see `carry_file`): none without interim records.
+    pub fn carry_path(&self) -> Option<PathBuf> {
+        if self.interim_interval_secs == 0 {
+            return None;
+        }
+        match (&self.carry_file, self.output) {
+            (Some(path), _) => Some(path.clone()),
+            (None, Output::Kafka) => Some(self.spool.dir.join("interim.carry")),
+            (None, _) => None,
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -325,6 +344,7 @@ mod tests {
                 "stats_file --stats-file FLOWLOG_STATS_FILE",
                 "metrics_listen --metrics-listen FLOWLOG_METRICS_LISTEN",
                 "interim_interval_secs --interim-interval-secs FLOWLOG_INTERIM_INTERVAL_SECS",
+                "carry_file --carry-file FLOWLOG_CARRY_FILE",
                 "heartbeat_secs --heartbeat-secs FLOWLOG_HEARTBEAT_SECS",
                 "shutdown_timeout_secs --shutdown-timeout-secs FLOWLOG_SHUTDOWN_TIMEOUT_SECS",
                 "kafka.brokers --kafka-brokers FLOWLOG_KAFKA_BROKERS",

@@ -2,6 +2,7 @@
 //! flow record per TCP connection.
 
 mod capture;
+mod carry;
 mod claim;
 mod config;
 mod flow;
@@ -119,6 +120,9 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
     let mut capture = Capture::new(&mut ebpf, sink, resolver)?;
     capture.prog_id = ebpf.program(attached.program_name()).and_then(|p| p.info().ok()).map(|i| i.id());
     capture.workload_ips = ips_changes;
+    if let Some(path) = config.carry_path() {
+        capture.carry_over(carry::Carry::open(path, &config.identity.current()));
+    }
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

@@ -458,6 +458,91 @@ fn long_lived_connections_get_exact_interim_records() {
     drop(open);
 }
 
+/// Sends `n` bytes from `from` and reads them all at `to`.
+fn send_across(from: &mut TcpStream, to: &mut TcpStream, n: usize) {
+    from.write_all(&vec![9u8; n]).unwrap();
+    read_exact_n(to, n);
+}
+
+/// A restart (a DaemonSet rollout) while connections stay open: the next run
+/// continues each one (same connection id, start and owner) from the totals
+/// the first run reported, so the records of both runs sum to the exact
+/// bytes, the bytes sent while no sidecar ran included, and every
+/// connection has one FINAL record.
+#[test]
+fn restart_continues_open_connections_exactly() {
+    if !have_root() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("flowlog-carry-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let carry = dir.join("interim.carry");
+    let args = ["--interim-interval-secs", "1", "--carry-file", carry.to_str().unwrap()];
+    let sc = Sidecar::start(&args);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let sp = l.local_addr().unwrap().port();
+    // Odd sizes per connection and phase; (client, server) byte totals kept.
+    let mut conns: Vec<(TcpStream, TcpStream, usize, usize)> = (0..8)
+        .map(|_| {
+            let c = TcpStream::connect(("127.0.0.1", sp)).unwrap();
+            let (s, _) = l.accept().unwrap();
+            (c, s, 0, 0)
+        })
+        .collect();
+    let phase = |conns: &mut Vec<(TcpStream, TcpStream, usize, usize)>, k: usize| {
+        for (i, (c, s, sent, received)) in conns.iter_mut().enumerate() {
+            let (up, down) = (1_000 * k + 17 * i + 1, 7_001 * k + 3 * i);
+            send_across(c, s, up);
+            send_across(s, c, down);
+            *sent += up;
+            *received += down;
+        }
+    };
+    let ports: Vec<u16> = conns.iter().map(|(c, ..)| c.local_addr().unwrap().port()).collect();
+    phase(&mut conns, 1);
+    // Every connection reported at least once by the first run.
+    sc.wait_for("interim records of every connection", WAIT, |recs| {
+        ports.iter().all(|&cp| recs.iter().any(|r| r["local_port"] == cp && r["record_type"] == "interim"))
+    });
+    phase(&mut conns, 2);
+    let (first, _) = sc.stop();
+    assert!(carry.exists(), "no carry file after a clean stop");
+    // While no sidecar runs.
+    phase(&mut conns, 3);
+    let sc = Sidecar::start(&args);
+    phase(&mut conns, 4);
+    let totals: Vec<(u16, usize, usize)> = conns.iter().map(|(c, _, sent, received)| (c.local_addr().unwrap().port(), *sent, *received)).collect();
+    for (c, s, ..) in conns.drain(..) {
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut s = s;
+        assert_eq!(read_to_end(&mut s), 0);
+        drop(s);
+        drop(c);
+    }
+    sc.wait_for("the final records of both sides", WAIT, |recs| {
+        ports.iter().all(|&cp| {
+            [(cp, sp), (sp, cp)].iter().all(|&(a, b)| recs.iter().any(|r| r["local_port"] == a && r["remote_port"] == b && r["record_type"] == "final"))
+        })
+    });
+    let (second, _) = sc.stop();
+    let all: Vec<Value> = first.into_iter().chain(second).collect();
+    let sum = |recs: &[Value], key: &str| recs.iter().map(|r| r[key].as_u64().unwrap()).sum::<u64>();
+    for (cp, sent, received) in totals {
+        for (local, remote, direction, out, inn) in [(cp, sp, "client", sent, received), (sp, cp, "server", received, sent)] {
+            let recs = by_ports(&all, local, remote);
+            let finals: Vec<&Value> = recs.iter().filter(|r| r["record_type"] == "final").collect();
+            assert_eq!(finals.len(), 1, "{recs:#?}");
+            assert!(recs.iter().all(|r| r["connection_id"] == recs[0]["connection_id"]), "one connection id across both runs: {recs:#?}");
+            assert!(recs.iter().all(|r| r["start_time_ns"] == recs[0]["start_time_ns"] && r["direction"] == direction), "{recs:#?}");
+            assert_eq!(finals[0]["pid"], std::process::id(), "{recs:#?}");
+            assert_eq!((sum(&recs, "bytes_sent"), sum(&recs, "bytes_received")), (out as u64, inn as u64), "{local}->{remote}: {recs:#?}");
+            assert_eq!(finals[0]["end_reason"], "normal");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Not root: an unprivileged user with only CAP_BPF and CAP_PERFMON captures
 /// flows; without them the sidecar says which capabilities it needs.
 #[test]

@@ -38,7 +38,7 @@ use std::{
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-mod frames;
+pub(crate) mod frames;
 
 use frames::{frame, HEADER};
 
