@@ -18,6 +18,8 @@ pub const BYTES_WRITTEN: &str = "flowlog_enricher_written_bytes_total";
 pub const BOUNDARIES_ADOPTED: &str = "flowlog_enricher_batch_boundaries_adopted_total";
 /// Batches whose write or commit failed and is tried again, by stage.
 pub const ROLL_FAILURES: &str = "flowlog_enricher_roll_failures_total";
+/// Batches due but waiting for late metadata.
+pub const HELD_BATCHES: &str = "flowlog_enricher_held_batches";
 /// Held batches written before their late-metadata wait was over (memory bound).
 pub const HOLD_CUT: &str = "flowlog_enricher_hold_cut_total";
 /// Batches dropped unwritten because their partition was lost (fenced).
@@ -47,6 +49,7 @@ pub const IP_CONFLICTS: &str = "flowlog_enricher_ip_conflicts_total";
 pub const SELFCHECK: &str = "flowlog_enricher_selfcheck_total";
 pub const SELFCHECK_PENDING: &str = "flowlog_enricher_selfcheck_pending";
 /// The Kubernetes Services watch (`[kubernetes] services`).
+pub const EC2_INTERFACES: &str = "flowlog_enricher_ec2_interfaces";
 pub const KUBE_SERVICES: &str = "flowlog_enricher_kubernetes_services";
 pub const KUBE_API_UP: &str = "flowlog_enricher_kubernetes_api_up";
 pub const KUBE_WATCH_ERRORS: &str = "flowlog_enricher_kubernetes_watch_errors_total";
@@ -122,6 +125,10 @@ pub fn describe() {
         ROLL_FAILURES,
         "Batches whose claim, write or commit failed, by stage (claim/write/commit); the batch is tried again with backoff, its partition paused meanwhile."
     );
+    describe_gauge!(
+        HELD_BATCHES,
+        "Batches due (full or old enough) but held back for late metadata (young flows with an unattributed side), at most late_window_secs longer."
+    );
     describe_counter!(
         HOLD_CUT,
         "Batches written before their wait for late metadata was over, because max_held_records records were in memory (their unattributed sides stay so)."
@@ -189,6 +196,10 @@ pub fn describe() {
     describe_gauge!(
         SELFCHECK_PENDING,
         "Records waiting for their connection's other half (self-check)."
+    );
+    describe_gauge!(
+        EC2_INTERFACES,
+        "EC2 network interfaces in the last good sweep of the EC2 source."
     );
     describe_gauge!(
         KUBE_SERVICES,

@@ -263,9 +263,15 @@ impl Pipeline {
             }
             h && !over
         };
+        // Batches that would be written now but wait for late metadata.
+        let held = std::cell::Cell::new(0u64);
         let mut later = VecDeque::new();
         for (p, b) in self.ready.drain(..) {
-            if busy.contains(&p) || waiting(&b) {
+            let blocked = busy.contains(&p);
+            if blocked || waiting(&b) {
+                if !blocked {
+                    held.set(held.get() + 1);
+                }
                 busy.push(p);
                 later.push_back((p, b));
             } else {
@@ -285,11 +291,19 @@ impl Pipeline {
                     return b.last >= end;
                 }
                 let age = now.instant.saturating_duration_since(b.opened);
-                (b.records.len() >= s.max_records || age >= s.max_age) && !waiting(b)
+                if b.records.len() < s.max_records && age < s.max_age {
+                    return false;
+                }
+                let w = waiting(b);
+                if w {
+                    held.set(held.get() + 1);
+                }
+                !w
             })
             .map(|(p, _)| *p)
             .collect();
         out.extend(self.take(due));
+        ::metrics::gauge!(metrics::HELD_BATCHES).set(held.get() as f64);
         if cut.get() > 0 {
             ::metrics::counter!(metrics::HOLD_CUT).increment(cut.get());
             if self.last_cut_log.is_none_or(|t| now.instant.saturating_duration_since(t) >= Duration::from_secs(60)) {

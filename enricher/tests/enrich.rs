@@ -232,8 +232,9 @@ fn late_metadata_still_attributes_held_flows() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let e = start_enricher(&b.addr, &out, &["--late-window-secs", "15", "--metrics-listen", &listen]);
-    std::thread::sleep(Duration::from_secs(4));
-    assert!(read_files(&out).is_empty(), "the unattributed flow was not held back");
+    // Its batch is due (max age 1 s) but waits for the owner's heartbeat.
+    assert_eq!(wait_metric(port, "flowlog_enricher_held_batches", 1.0), 1.0, "the unattributed flow was not held back");
+    assert!(read_files(&out).is_empty(), "the unattributed flow was written before its owner was known");
     produce(&b.addr, "flowlog.identity", &[("z".into(), identity("host-z", "late-owner", &["10.7.7.7"], now - 60 * S, IdentityReason::Start))]);
     let recs = wait_files(&out, 1, Duration::from_secs(40));
     // Counted once, as written: attributed (late), never as unattributed.
@@ -271,20 +272,24 @@ fn ec2_ip_reuse_against_an_ec2_endpoint() {
     let eni_a = ec2(&["create", "172.31.0.50", "billing"]);
     let Some(b) = start_broker("ec2", 1) else { return };
     let out = out_dir("ec2");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowlog-enricher"));
-    cmd.args(["--brokers", &b.addr, "--output", out.to_str().unwrap(), "--batch-max-age-secs", "1", "--metrics-listen", ""])
+    cmd.args(["--brokers", &b.addr, "--output", out.to_str().unwrap(), "--batch-max-age-secs", "1", "--metrics-listen", &listen])
         .args(["--ec2-regions", "us-east-1", "--ec2-endpoint-url", &url, "--ec2-refresh-secs", "1", "--late-window-secs", "0"])
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_EC2_METADATA_DISABLED", "true");
     let e = cmd.spawn().unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    // Each step waits until a sweep of the EC2 source has seen it.
+    let interfaces = "flowlog_enricher_ec2_interfaces";
+    assert_eq!(wait_metric(port, interfaces, 1.0), 1.0, "first EC2 sweep");
     let t1 = now();
     ec2(&["delete", &eni_a]);
-    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(wait_metric(port, interfaces, 0.0), 0.0, "the release seen");
     let t2 = now();
     let eni_b = ec2(&["create", "172.31.0.50", "search"]);
-    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(wait_metric(port, interfaces, 1.0), 1.0, "the new interface seen");
     let t3 = now();
     produce(&b.addr, "flowlog.flows", &[
         ("c".into(), flow(0, [172, 31, 0, 50], t1, 1)),

@@ -71,6 +71,7 @@ pub fn diff(prev: &mut HashMap<String, Eni>, snap: Vec<Eni>, t: i64, first: bool
 /// Applies one snapshot taken at `t` against the previous one.
 fn apply_snapshot(store: &RwLock<IdentityStore>, prev: &mut HashMap<String, Eni>, snap: Vec<Eni>, t: i64, first: bool) {
     let events = diff(prev, snap, t, first);
+    ::metrics::gauge!(metrics::EC2_INTERFACES).set(prev.len() as f64);
     let mut store = store.write().unwrap();
     let conflicts = events.into_iter().map(|e| store.apply(e)).sum();
     metrics::count_conflicts("ec2", conflicts);
