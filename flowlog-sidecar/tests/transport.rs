@@ -222,7 +222,8 @@ fn spool_survives_restart() {
     let brokers = format!("127.0.0.1:{port}");
     let sc = Sidecar::start(&kafka_args(&brokers, spool.to_str().unwrap(), &m1, &host_id));
     let (sp, cps) = short_connections(20);
-    std::thread::sleep(Duration::from_millis(300));
+    // Both sides of each read from the kernel before the stop.
+    wait_metric(&m1, "flowlog_sidecar_events_read_total", Duration::from_secs(30), |n| n >= 40.0);
     sc.stop();
     let on_disk: u64 = std::fs::read_dir(&spool).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("seg-")).map(|e| e.metadata().unwrap().len()).sum();
     assert!(on_disk > 0, "nothing spooled at shutdown");
