@@ -318,3 +318,32 @@ fn ec2_ip_reuse_against_an_ec2_endpoint() {
     assert_eq!(c["labels"]["eni_id"], eni_b.as_str());
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// The broker is not there when the enricher starts (a node reboot, the
+/// broker rolling): it waits for it, counting the failed reads of the
+/// identity topic, instead of exiting; once the broker is up it enriches.
+#[test]
+fn a_broker_that_is_not_up_yet_is_waited_for() {
+    if !ready() {
+        return;
+    }
+    let port = free_port();
+    let brokers = format!("127.0.0.1:{port}");
+    let out = out_dir("no-broker-yet");
+    let mport = free_port();
+    let listen = format!("127.0.0.1:{mport}");
+    let mut e = start_enricher(&brokers, &out, &["--metrics-listen", &listen]);
+    wait_until("a failed read of the identity topic", Duration::from_secs(60), || {
+        metric(mport, r#"flowlog_enricher_source_errors_total{source="sidecar"}"#) >= 1.0
+    });
+    assert!(e.try_wait().unwrap().is_none(), "the enricher exited while the broker was away");
+    let topics = ["flowlog.flows", "flowlog.identity", "flowlog.dlq", "flowlog.enriched"];
+    let _b = testkit::Broker::start_on(port, &testkit::BrokerSpec { name: "late-broker", topics: &topics, partitions: 1, memory: false })
+        .expect("start the broker");
+    let flows: Vec<_> = (0..5).map(|s| ("c".to_string(), flow(s, [10, 0, 0, 9], T0 + s * S, s))).collect();
+    produce(&brokers, "flowlog.flows", &flows);
+    let recs = wait_files(&out, 5, Duration::from_secs(90));
+    stop(e);
+    assert_eq!(recs.len(), 5);
+    let _ = std::fs::remove_dir_all(&out);
+}

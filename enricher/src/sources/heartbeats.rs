@@ -14,6 +14,7 @@ use std::{
 
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
+    error::KafkaResult,
     Message, Offset, TopicPartitionList,
 };
 use tracing::{info, warn};
@@ -89,6 +90,18 @@ impl Heartbeats {
     }
 }
 
+/// The topic's partitions and their end offsets.
+fn partition_ends(consumer: &BaseConsumer, topic: &str) -> KafkaResult<(Vec<i32>, HashMap<i32, i64>)> {
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let parts: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let mut ends = HashMap::new();
+    for p in &parts {
+        let (_, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(10))?;
+        ends.insert(*p, high);
+    }
+    Ok((parts, ends))
+}
+
 /// Reads the identity topic from the beginning into `store`: first up to the
 /// current end (so attribution starts complete), then in the background
 /// until `stop`.
@@ -105,19 +118,24 @@ pub fn follow(
         )
         .set("enable.auto.commit", "false")
         .create()?;
-    let md = consumer.fetch_metadata(Some(&cfg.identity_topic), Duration::from_secs(10))?;
-    let parts: Vec<i32> = md
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    // A broker that is away or too busy to answer at start-up is waited for
+    // (with backoff), as it is later on: no exit, no crash loop.
+    let mut backoff = Duration::from_secs(1);
+    let (parts, ends) = loop {
+        match partition_ends(&consumer, &cfg.identity_topic) {
+            Ok(found) => break found,
+            Err(e) if !stop.load(Ordering::Relaxed) => {
+                ::metrics::counter!(metrics::SOURCE_ERRORS, "source" => "sidecar").increment(1);
+                warn!(retry_in = ?backoff, "cannot read the identity topic's partitions yet: {e}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let mut tpl = TopicPartitionList::new();
-    let mut ends = HashMap::new();
     for p in &parts {
         tpl.add_partition_offset(&cfg.identity_topic, *p, Offset::Beginning)?;
-        let (_, high) =
-            consumer.fetch_watermarks(&cfg.identity_topic, *p, Duration::from_secs(10))?;
-        ends.insert(*p, high);
     }
     consumer.assign(&tpl)?;
     // A host that dies without a STOP heartbeat (kill -9, a crashed node)
