@@ -7,7 +7,7 @@ export PATH := $(TOOLS)/bpf-linker-0.13.0-llvm22/bin:$(TOOLS)/tansu-0.6.0/bin:$(
 # Root-only tests must run, not skip, under `make test`.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo "sudo -E")
 
-.PHONY: setup build test test-scripts fuzz demo bench clean
+.PHONY: setup build test test-scripts fuzz demo bench soak clean
 
 ## Install toolchains, bpf-linker, the local broker and the Python test tools.
 setup:
@@ -53,6 +53,15 @@ test-scripts:
 ## summary read back from the enriched Avro files and leaves a picture (root: sudo).
 demo: setup build
 	bash scripts/demo.sh
+
+## The pipeline for SOAK_MINUTES under steady load and faults (the sidecar
+## cut off from the broker, then killed -9 mid-replay; an enricher killed -9),
+## checked exactly: every (host, epoch, sequence) in the lake once, drops by
+## reason, each process's RSS over time (scripts/soak.py; root).
+SOAK_MINUTES ?= 10
+SOAK_RATE ?= 1000
+soak: setup build
+	$(SUDO) env "PATH=$(PATH)" $(TOOLS)/venv-py-1/bin/python scripts/soak.py --minutes $(SOAK_MINUTES) --rate $(SOAK_RATE)
 
 ## All benchmarks; figures printed and written to bench/results/*.json and SUMMARY.md.
 bench: setup build

@@ -5,7 +5,8 @@
 # start exits 3 when PORT is taken by another process: the caller may retry on another port.
 # Environment: PARTITIONS (default 1) per topic; STORAGE=memory for the faster
 # in-memory engine (benchmarks only); STOP_GRACE_SECS (default 5) before stop
-# falls back to SIGKILL.
+# falls back to SIGKILL; BROKER_IP (default 127.0.0.1) the address it listens
+# on and advertises (the soak puts the sidecar behind a link it can cut).
 set -euo pipefail
 TOOLS="${FLOWLOG_TOOLS:-$HOME/.cache/flowlog/tools}"
 TANSU="${TANSU:-$TOOLS/tansu-0.6.0/bin/tansu}"
@@ -60,8 +61,9 @@ start)
     mkdir -p "$dir"
     # tansu resolves sqlite:// paths against its working directory.
     engine="sqlite://tansu.db"; [ "${STORAGE:-sqlite}" = memory ] && engine="memory://tansu/"
-    (cd "$dir" && exec "$TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
-        --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine "$engine" \
+    ip="${BROKER_IP:-127.0.0.1}"
+    (cd "$dir" && exec "$TANSU" broker --listener-url "tcp://$ip:$port" \
+        --advertised-listener-url "tcp://$ip:$port" --storage-engine "$engine" \
         > broker.log 2>&1) &
     pid=$!
     echo "$pid" > "$dir/broker.pid"
@@ -79,10 +81,10 @@ start)
         echo "broker did not start:" >&2; cat "$dir/broker.log" >&2; stop_broker "$pid" || true; exit 1
     fi
     for t in "$@"; do
-        "$TANSU" topic create --broker "tcp://127.0.0.1:$port" --partitions "${PARTITIONS:-1}" "$t" >> "$dir/topics.log" 2>&1 \
+        "$TANSU" topic create --broker "tcp://$ip:$port" --partitions "${PARTITIONS:-1}" "$t" >> "$dir/topics.log" 2>&1 \
             || { echo "creating topic $t failed:" >&2; cat "$dir/topics.log" >&2; stop_broker "$pid" || true; exit 1; }
     done
-    echo "broker pid $pid on 127.0.0.1:$port"
+    echo "broker pid $pid on $ip:$port"
     ;;
 stop)
     [ -f "$dir/broker.pid" ] || exit 0
