@@ -257,12 +257,36 @@ pub fn subscribe(
     Ok(consumer)
 }
 
+/// Logs a repeated consume error once a minute.
+#[derive(Default)]
+struct Quiet {
+    last: Option<(String, Instant)>,
+    repeats: u64,
+}
+
+impl Quiet {
+    fn warn(&mut self, e: &rdkafka::error::KafkaError) {
+        let text = e.to_string();
+        match &self.last {
+            Some((seen, at)) if *seen == text && at.elapsed() < Duration::from_secs(60) => self.repeats += 1,
+            _ => {
+                warn!(repeats_since_last_logged = self.repeats, "consume error: {text}");
+                self.last = Some((text, Instant::now()));
+                self.repeats = 0;
+            }
+        }
+    }
+}
+
 /// Consumes until `stop`, then writes the open batches. Returns an error
 /// when a message cannot be handled (the dead-letter queue is away) or the
 /// last batches cannot be written (their successor redoes them).
 pub fn run(consumer: &FlowConsumer, stop: &AtomicBool) -> anyhow::Result<()> {
     let ctx = consumer.context();
     let (mut last_tick, mut last_lag) = (Instant::now(), Instant::now());
+    // librdkafka reports a broker that is away on every poll (100 ms): the
+    // same error is logged once a minute, with how often it came.
+    let mut quiet = Quiet::default();
     while !stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
@@ -274,7 +298,7 @@ pub fn run(consumer: &FlowConsumer, stop: &AtomicBool) -> anyhow::Result<()> {
                 };
                 ctx.pipeline.lock().unwrap().consume(&m, Now::system())?;
             }
-            Some(Err(e)) => warn!("consume error: {e}"),
+            Some(Err(e)) => quiet.warn(&e),
             None => {}
         }
         if last_tick.elapsed() >= TICK {
