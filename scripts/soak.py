@@ -43,6 +43,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -390,13 +391,22 @@ def run(a):
             if m:
                 last_scrape[(p.role, p.runs)] = m
 
-    def run_until(t_end):
+    # RSS every 10 s and the counters every second, whatever the main thread waits for.
+    sampling = threading.Event()
+
+    def sampler():
         next_sample = 0
-        while time.monotonic() - t0 < t_end:
+        while not sampling.wait(1):
             if time.monotonic() - t0 >= next_sample:
                 sample()
                 next_sample += 10
             keep_scrapes()
+
+    threading.Thread(target=sampler, daemon=True).start()
+    CLEANUP.append(sampling.set)
+
+    def run_until(t_end):
+        while time.monotonic() - t0 < t_end:
             for p in procs:
                 if not p.alive():
                     raise SystemExit(f"soak: {p.role} exited ({p.p.returncode}); see {p.log}")
