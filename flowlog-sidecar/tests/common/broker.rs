@@ -33,8 +33,9 @@ pub struct Consumed {
     pub value: Value,
 }
 
-/// Reads every message of `topic` (partition 0) until `until` holds or the
-/// timeout passes.
+/// Reads every message of `topic` (partition 0) until `until` holds or no
+/// message came for `timeout` (a stall, not a total: a loaded machine reads
+/// a long topic slowly, and that is no failure).
 pub fn consume(brokers: &str, topic: &str, schema_json: &str, timeout: Duration, until: impl Fn(&[Consumed]) -> bool) -> Vec<Consumed> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -48,10 +49,11 @@ pub fn consume(brokers: &str, topic: &str, schema_json: &str, timeout: Duration,
     consumer.assign(&tpl).unwrap();
     let reader = GenericSingleObjectReader::new(Schema::parse_str(schema_json).unwrap()).unwrap();
     let mut out = Vec::new();
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout && !until(&out) {
+    let mut last_progress = Instant::now();
+    while last_progress.elapsed() < timeout && !until(&out) {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
+                last_progress = Instant::now();
                 let payload = m.payload().expect("payload");
                 let value = reader.read_value(&mut &payload[..]).expect("decodes with apache-avro");
                 let fp = m
