@@ -284,6 +284,8 @@ CLEANUP = []
 
 
 def main():
+    # SIGTERM (and Ctrl-C) unwind through the cleanup below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return run(parse_args())
     finally:
