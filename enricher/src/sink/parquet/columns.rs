@@ -165,42 +165,27 @@ fn build<'a>(field: &Field, columns: &mut impl Iterator<Item = &'a mut Column>) 
     })
 }
 
+/// A value method of [`Encoder`]: the value goes to the next column, which
+/// must be of its type.
+macro_rules! value {
+    ($method:ident, $type:ty, $column:ident) => {
+        #[inline]
+        fn $method(&mut self, v: $type) {
+            match self.next() {
+                Some(Column::$column(b)) => b.append_value(v),
+                _ => self.mismatch(),
+            }
+        }
+    };
+}
+
 impl Encoder for Columns {
-    #[inline]
-    fn long(&mut self, v: i64) {
-        match self.next() {
-            Some(Column::Int64(b)) => b.append_value(v),
-            _ => self.mismatch(),
-        }
-    }
-    #[inline]
-    fn int(&mut self, v: i32) {
-        match self.next() {
-            Some(Column::Int32(b)) => b.append_value(v),
-            _ => self.mismatch(),
-        }
-    }
-    #[inline]
-    fn boolean(&mut self, v: bool) {
-        match self.next() {
-            Some(Column::Boolean(b)) => b.append_value(v),
-            _ => self.mismatch(),
-        }
-    }
-    #[inline]
-    fn float(&mut self, v: f32) {
-        match self.next() {
-            Some(Column::Float32(b)) => b.append_value(v),
-            _ => self.mismatch(),
-        }
-    }
-    #[inline]
-    fn string(&mut self, s: &str) {
-        match self.next() {
-            Some(Column::Utf8(b)) => b.append_value(s),
-            _ => self.mismatch(),
-        }
-    }
+    value!(long, i64, Int64);
+    value!(int, i32, Int32);
+    value!(boolean, bool, Boolean);
+    value!(float, f32, Float32);
+    value!(string, &str, Utf8);
+
     /// Null: this column gets a null (a record: it and all its fields) and
     /// the walk moves past it. Present: a record's validity is set and its
     /// fields follow; a value's column gets the value next.
@@ -223,9 +208,13 @@ impl Encoder for Columns {
                 c.append_null();
                 self.at += 1;
             }
-            None => self.mismatch(),
+            None => {
+                self.at += 1;
+                self.mismatch()
+            }
         }
     }
+
     #[inline]
     fn string_map<'s>(&mut self, m: impl ExactSizeIterator<Item = (&'s String, &'s String)>) {
         match self.next() {
