@@ -33,8 +33,22 @@ enum Column {
 }
 
 impl Column {
-    /// A null in this row (also what the fields of a null record get: the
-    /// record's validity masks them).
+    /// A placeholder in this row for the field of a null record: any value
+    /// will do, the record's validity masks it (an empty one: no null bit
+    /// to set).
+    fn append_masked(&mut self) {
+        match self {
+            Column::Utf8(b) => b.append_value(""),
+            Column::Int32(b) => b.append_value(0),
+            Column::Int64(b) => b.append_value(0),
+            Column::Float32(b) => b.append_value(0.0),
+            Column::Boolean(b) => b.append_value(false),
+            Column::Struct { nulls, .. } => nulls.append_non_null(),
+            Column::Map { offsets, .. } => offsets.push(*offsets.last().unwrap_or(&0)),
+        }
+    }
+
+    /// A null in this row.
     fn append_null(&mut self) {
         match self {
             Column::Utf8(b) => b.append_null(),
@@ -200,7 +214,7 @@ impl Encoder for Columns {
             Some(Column::Struct { nulls, end }) => {
                 nulls.append_null();
                 let end = *end;
-                self.columns[at + 1..end].iter_mut().for_each(Column::append_null);
+                self.columns[at + 1..end].iter_mut().for_each(Column::append_masked);
                 self.at = end;
             }
             Some(_) if present => {}
