@@ -60,12 +60,44 @@ impl DecodeError {
     }
 }
 
+/// Where a record's fields go, one value at a time in the schema's order:
+/// Avro binary ([`Writer`]), or (in the enricher) Arrow columns filled by a
+/// walk of the schema's fields. A record's `write` is written once against
+/// this trait, so both forms hold the same fields.
+pub trait Encoder {
+    fn long(&mut self, v: i64);
+    fn int(&mut self, v: i32);
+    fn boolean(&mut self, v: bool);
+    fn float(&mut self, v: f32);
+    fn string(&mut self, s: &str);
+    /// The branch of a `["null", T]` union: whether a `T` follows.
+    fn null_or(&mut self, present: bool);
+    /// `{"type": "map", "values": "string"}`.
+    fn string_map<'s>(&mut self, m: impl ExactSizeIterator<Item = (&'s String, &'s String)>);
+    /// `["null", "string"]`.
+    #[inline]
+    fn opt_string(&mut self, s: Option<&str>) {
+        self.null_or(s.is_some());
+        if let Some(s) = s {
+            self.string(s);
+        }
+    }
+    /// `["null", "long"]`.
+    #[inline]
+    fn opt_long(&mut self, v: Option<i64>) {
+        self.null_or(v.is_some());
+        if let Some(v) = v {
+            self.long(v);
+        }
+    }
+}
+
 /// Appends Avro binary primitives to a buffer.
 pub struct Writer<'a>(pub &'a mut Vec<u8>);
 
-impl Writer<'_> {
+impl Encoder for Writer<'_> {
     #[inline]
-    pub fn long(&mut self, v: i64) {
+    fn long(&mut self, v: i64) {
         let mut z = ((v << 1) ^ (v >> 63)) as u64;
         while z >= 0x80 {
             self.0.push((z as u8) | 0x80);
@@ -74,47 +106,38 @@ impl Writer<'_> {
         self.0.push(z as u8);
     }
     #[inline]
-    pub fn int(&mut self, v: i32) {
+    fn int(&mut self, v: i32) {
         self.long(v as i64)
     }
     #[inline]
-    pub fn boolean(&mut self, v: bool) {
+    fn boolean(&mut self, v: bool) {
         self.0.push(v as u8)
     }
     #[inline]
-    pub fn float(&mut self, v: f32) {
+    fn float(&mut self, v: f32) {
         self.0.extend_from_slice(&v.to_le_bytes())
     }
+    #[inline]
+    fn string(&mut self, s: &str) {
+        self.bytes(s.as_bytes())
+    }
+    #[inline]
+    fn null_or(&mut self, present: bool) {
+        self.long(present as i64)
+    }
+    fn string_map<'s>(&mut self, m: impl ExactSizeIterator<Item = (&'s String, &'s String)>) {
+        self.block(m, |w, (k, v)| {
+            w.string(k);
+            w.string(v);
+        })
+    }
+}
+
+impl Writer<'_> {
     #[inline]
     pub fn bytes(&mut self, b: &[u8]) {
         self.long(b.len() as i64);
         self.0.extend_from_slice(b);
-    }
-    #[inline]
-    pub fn string(&mut self, s: &str) {
-        self.bytes(s.as_bytes())
-    }
-    /// `["null", "string"]`.
-    #[inline]
-    pub fn opt_string(&mut self, s: Option<&str>) {
-        match s {
-            None => self.long(0),
-            Some(s) => {
-                self.long(1);
-                self.string(s);
-            }
-        }
-    }
-    /// `["null", "long"]`.
-    #[inline]
-    pub fn opt_long(&mut self, v: Option<i64>) {
-        match v {
-            None => self.long(0),
-            Some(v) => {
-                self.long(1);
-                self.long(v);
-            }
-        }
     }
     /// An array (or map) of `n` items written by `item`: one block, then the end.
     pub fn block<I: ExactSizeIterator>(&mut self, items: I, mut item: impl FnMut(&mut Self, I::Item)) {
@@ -125,13 +148,6 @@ impl Writer<'_> {
             }
         }
         self.long(0);
-    }
-    /// `{"type": "map", "values": "string"}`.
-    pub fn string_map<'s>(&mut self, m: impl ExactSizeIterator<Item = (&'s String, &'s String)>) {
-        self.block(m, |w, (k, v)| {
-            w.string(k);
-            w.string(v);
-        })
     }
     /// `{"type": "array", "items": "string"}`.
     pub fn string_array<'s>(&mut self, items: impl ExactSizeIterator<Item = &'s str>) {

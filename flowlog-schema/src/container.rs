@@ -7,7 +7,11 @@ use std::{
     io::{self, Write},
 };
 
-use crate::{avro::Writer, enriched::EnrichedFlow, schemas::SchemaDef};
+use crate::{
+    avro::{Encoder, Writer},
+    enriched::EnrichedFlow,
+    schemas::SchemaDef,
+};
 
 /// A record that can go into a container file.
 pub trait Datum {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    avro::Writer,
+    avro::{Encoder, Writer},
     enums::{Source, Unattributed},
     flow::Flow,
     host::{Host, HostIdentity},
@@ -75,7 +75,7 @@ impl Attrs {
         Attrs { workload: w.display_name().map(str::to_string).or_else(|| h.workload.clone()), held_by: Some(w), ..Attrs::of_host(h) }
     }
 
-    fn write(&self, w: &mut Writer) {
+    fn write(&self, w: &mut impl Encoder) {
         for s in [
             &self.workload,
             &self.host_id,
@@ -126,7 +126,7 @@ impl Attribution {
         self.owner.is_some()
     }
 
-    fn write(&self, w: &mut Writer) {
+    fn write(&self, w: &mut impl Encoder) {
         w.boolean(self.attributed());
         w.string(self.source.symbol());
         w.opt_string(self.reason.map(Unattributed::symbol));
@@ -153,9 +153,14 @@ pub struct EnrichedFlow {
 impl EnrichedFlow {
     /// Appends the record's Avro binary datum.
     pub fn write(&self, out: &mut Vec<u8>) {
+        self.encode(&mut Writer(out))
+    }
+
+    /// Gives the record's fields to `w`, in the schema's order.
+    pub fn encode(&self, w: &mut impl Encoder) {
         let (f, h) = (&self.flow, &self.host.identity);
-        let w = &mut Writer(out);
-        w.bytes(&hex16(self.flow_id));
+        let id = hex16(self.flow_id);
+        w.string(std::str::from_utf8(&id).expect("hex digits are ASCII"));
         w.string(&h.host_id);
         w.opt_string(h.workload.as_deref());
         w.long(f.sequence_epoch);
@@ -196,7 +201,7 @@ fn hex16(v: u64) -> [u8; 16] {
 }
 
 /// An IP address as its usual text form (dotted quad / RFC 5952).
-fn write_ip(w: &mut Writer, ip: IpAddr) {
+fn write_ip(w: &mut impl Encoder, ip: IpAddr) {
     match ip {
         IpAddr::V4(a) => {
             // Hand-formatted: the common case, and several times cheaper
@@ -219,14 +224,14 @@ fn write_ip(w: &mut Writer, ip: IpAddr) {
                 buf[n] = b'0' + o % 10;
                 n += 1;
             }
-            w.bytes(&buf[..n]);
+            w.string(std::str::from_utf8(&buf[..n]).expect("digits and dots are ASCII"));
         }
         IpAddr::V6(a) => {
             let mut buf = [0u8; 48];
             let mut c = io::Cursor::new(&mut buf[..]);
             write!(c, "{a}").expect("an IPv6 address fits in 48 bytes");
             let n = c.position() as usize;
-            w.bytes(&buf[..n]);
+            w.string(std::str::from_utf8(&buf[..n]).expect("an IPv6 address is ASCII"));
         }
     }
 }

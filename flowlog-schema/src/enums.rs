@@ -3,7 +3,7 @@
 //! checks each list against the `.avsc` files. JSON (the sidecar's printing
 //! mode) uses the variant names in snake_case.
 
-use crate::avro::{DecodeError, Reader, Writer};
+use crate::avro::{DecodeError, Encoder, Reader, Writer};
 
 macro_rules! avro_enum {
     (

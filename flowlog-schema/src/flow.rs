@@ -8,7 +8,7 @@ use std::{net::IpAddr, sync::Arc};
 use flowlog_common::tcp_state;
 
 use crate::{
-    avro::{DecodeError, Reader, Writer},
+    avro::{DecodeError, Encoder, Reader, Writer},
     enums::{Direction, EndReason, Family, OwnerSource, RecordType},
     host::HostIdentity,
     schemas::{SchemaDef, FLOW, FLOW_V1, FLOW_V2},

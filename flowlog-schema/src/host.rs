@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use crate::{
-    avro::{DecodeError, Reader, Writer},
+    avro::{DecodeError, Encoder, Reader, Writer},
     enriched::Attrs,
 };
 

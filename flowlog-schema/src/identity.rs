@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::{
-    avro::{DecodeError, Reader, Writer},
+    avro::{DecodeError, Encoder, Reader, Writer},
     enums::IdentityReason,
     host::HostIdentity,
     schemas::IDENTITY,

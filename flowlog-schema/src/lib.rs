@@ -23,7 +23,7 @@ pub mod identity;
 pub mod schemas;
 pub mod workload;
 
-pub use avro::{DecodeError, Reader, Writer};
+pub use avro::{DecodeError, Encoder, Reader, Writer};
 pub use enriched::{Attribution, Attrs, EnrichedFlow};
 pub use enums::{
     Direction, EndReason, Family, IdentityReason, OwnerSource, RecordType, Source, Unattributed, WorkloadKind, WorkloadReason,

@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use crate::{
-    avro::{DecodeError, Reader, Writer},
+    avro::{DecodeError, Encoder, Reader, Writer},
     enums::{WorkloadKind, WorkloadReason},
 };
 
@@ -90,7 +90,7 @@ impl Workload {
     }
 
     /// The fields after `cgroup_path`, in the schema's order (both forms).
-    fn write_metadata(&self, w: &mut Writer) {
+    fn write_metadata(&self, w: &mut impl Encoder) {
         for s in [&self.container_name, &self.owner_kind, &self.owner_name] {
             w.opt_string(s.as_deref());
         }
@@ -121,9 +121,9 @@ impl Workload {
     }
 
     /// `["null", WorkloadInfo]` as in schemas/enriched_flow.avsc (enums as text).
-    pub fn write_opt_text(w: &mut Writer, v: Option<&Workload>) {
-        let Some(v) = v else { return w.long(0) };
-        w.long(1);
+    pub fn write_opt_text(w: &mut impl Encoder, v: Option<&Workload>) {
+        w.null_or(v.is_some());
+        let Some(v) = v else { return };
         w.string(v.kind.symbol());
         w.opt_string(v.reason.map(WorkloadReason::symbol));
         for s in v.strings() {

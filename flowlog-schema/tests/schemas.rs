@@ -14,7 +14,7 @@ use flowlog_schema::{
     schemas::{ALL, ENRICHED_FLOW, FLOW, FLOW_V1, FLOW_V2, IDENTITY},
     Attribution, Attrs, DecodeError, Direction, EndReason, EnrichedFlow, Family, Flow, Host, HostIdentity,
     Identity, IdentityReason, WorkloadIps, OwnerSource, RecordType, Source, Unattributed, Workload, WorkloadKind, WorkloadReason,
-    Writer,
+    Encoder, Writer,
 };
 use serde_json::Value as Json;
 
