@@ -169,8 +169,9 @@ const _: () = assert!(core::mem::size_of::<SockState>() == 56);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenKey {
     pub net: u64,
-    pub port: u16,
-    pub _pad: [u16; 3],
+    /// Host byte order; a u64 so the key has no padding to zero (on BPF a
+    /// padding fill compiles to a per-byte memset loop).
+    pub port: u64,
 }
 
 /// The process that called listen(), captured in process context so that

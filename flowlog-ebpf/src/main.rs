@@ -6,15 +6,22 @@
 //! direction, state path); when the socket reaches CLOSE the handler reads the
 //! socket's own counters once and sends one [`FlowEvent`] to the ring buffer.
 //! Nothing runs per packet.
+//!
+//! The two entry points differ in how they read the socket. Under tp_btf the
+//! socket pointer is typed (BTF): its fields are plain loads that the
+//! verifier checks against the kernel's own layout, with no helper call and
+//! no copy. The classic tracepoint (and the snapshot program) only have an
+//! address and go through bpf_probe_read_kernel.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    cty::c_void,
     EbpfContext,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated as gen,
     },
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -116,23 +123,97 @@ fn read<T: Copy + Default>(base: u64, offset: usize) -> T {
     }
 }
 
+/// Socket fields at the byte offsets user space resolved from BTF.
+trait Fields {
+    /// The field at `offset` into the socket.
+    fn get<T: Copy + Default>(&self, offset: usize) -> T;
+    /// A u32 behind a pointer read from the socket (net.ns.inum).
+    fn deref_u32(&self, ptr: u64, offset: usize) -> u32;
+}
+
+/// tp_btf: the `struct tcp_sock *` bpf_skc_to_tcp_sock returned. Its fields
+/// are plain loads; the verifier checks each against the kernel's BTF, to
+/// which the offsets are constants (they come from a read-only global that
+/// the loader freezes).
+#[derive(Clone, Copy)]
+struct Typed(u64);
+
+impl Fields for Typed {
+    #[inline(always)]
+    fn get<T: Copy + Default>(&self, offset: usize) -> T {
+        unsafe { core::ptr::read((self.0 as usize + offset) as *const T) }
+    }
+
+    #[inline(always)]
+    fn deref_u32(&self, ptr: u64, offset: usize) -> u32 {
+        unsafe { core::ptr::read((ptr as usize + offset) as *const u32) }
+    }
+}
+
+/// Classic tracepoint: the socket's address only; one kernel read per field.
+struct Probed(u64);
+
+impl Fields for Probed {
+    #[inline(always)]
+    fn get<T: Copy + Default>(&self, offset: usize) -> T {
+        read(self.0, offset)
+    }
+
+    #[inline(always)]
+    fn deref_u32(&self, ptr: u64, offset: usize) -> u32 {
+        read(ptr, offset)
+    }
+}
+
+/// Classic tracepoint and snapshots at close: the socket copied into the
+/// per-CPU scratch buffer with one kernel read (~20 separate reads cost
+/// about 1 us here, this a tenth of it), then plain loads from the copy.
+struct Copied(*const [u8; SCRATCH_BYTES + 16]);
+
+impl Fields for Copied {
+    /// The offset is masked and aligned so the verifier can bound the
+    /// access; real offsets are naturally aligned and below SCRATCH_BYTES
+    /// (checked in user space).
+    #[inline(always)]
+    fn get<T: Copy + Default>(&self, offset: usize) -> T {
+        let size = core::mem::size_of::<T>();
+        let align = if size >= 8 { 8 } else { size };
+        let at = (offset & (SCRATCH_BYTES - 1)) & !(align - 1);
+        unsafe { core::ptr::read((self.0 as *const u8).add(at) as *const T) }
+    }
+
+    #[inline(always)]
+    fn deref_u32(&self, ptr: u64, offset: usize) -> u32 {
+        read(ptr, offset)
+    }
+}
+
+/// Copies the first `sock_read_len` bytes of the socket into the scratch buffer.
+#[inline(always)]
+fn copy_socket(sk: u64) -> Option<Copied> {
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    let buf = unsafe { &mut (*scratch).buf };
+    let len = off!(sock_read_len) & (SCRATCH_BYTES - 1);
+    if unsafe { bpf_probe_read_kernel_buf(sk as *const u8, &mut buf[..len]) }.is_err() {
+        count(stat::READ_ERRORS);
+    }
+    Some(Copied(buf))
+}
+
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn flowlog_tp_btf(ctx: BtfTracePointContext) -> i32 {
     // btf_trace_inet_sock_set_state(void *, const struct sock *sk, int oldstate, int newstate)
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    // The protocol costs a kernel read here, so it is only checked where a
-    // socket would start being tracked (see on_transition).
-    let is_tcp = || {
-        let protocol = if off!(sk_protocol_u16) != 0 {
-            read::<u16>(sk, off!(sk_protocol))
-        } else {
-            read::<u8>(sk, off!(sk_protocol)) as u16
-        };
-        protocol == IPPROTO_TCP
-    };
-    on_transition(sk, old as u8, new as u8, is_tcp);
+    // NULL unless a full TCP socket: the protocol filter and the typed
+    // pointer the fields are read through, in one cheap helper call.
+    let tcp = unsafe { gen::bpf_skc_to_tcp_sock(sk as *mut c_void) } as u64;
+    if tcp == 0 {
+        return 0;
+    }
+    let fields = Typed(tcp);
+    on_transition(sk, old as u8, new as u8, &fields, || Some(fields));
     0
 }
 
@@ -142,48 +223,52 @@ pub fn flowlog_tracepoint(ctx: TracePointContext) -> i32 {
     let Ok(old) = (unsafe { ctx.read_at::<i32>(off!(tp_oldstate)) }) else { return 0 };
     let Ok(new) = (unsafe { ctx.read_at::<i32>(off!(tp_newstate)) }) else { return 0 };
     let Ok(protocol) = (unsafe { ctx.read_at::<u16>(off!(tp_protocol)) }) else { return 0 };
-    on_transition(sk, old as u8, new as u8, || protocol == IPPROTO_TCP);
+    if protocol != IPPROTO_TCP {
+        return 0;
+    }
+    on_transition(sk, old as u8, new as u8, &Probed(sk), || copy_socket(sk));
     0
 }
 
-/// The state machine shared by both entry points. Sockets get an entry only
-/// after `is_tcp` says so; afterwards an entry's existence proves it.
+/// The state machine shared by both entry points, for TCP sockets only.
+/// `fields` reads a few socket fields; `at_close` makes all of them readable.
 #[inline(always)]
-fn on_transition(sk: u64, old: u8, new: u8, is_tcp: impl Fn() -> bool) {
+fn on_transition<F: Fields, C: Fields>(sk: u64, old: u8, new: u8, fields: &F, at_close: impl FnOnce() -> Option<C>) {
     if new == tcp_state::LISTEN {
-        if is_tcp() {
-            on_listen(sk);
-        }
+        on_listen(sk, fields);
         return;
     }
     if old == tcp_state::LISTEN && new == tcp_state::CLOSE {
         // Removes only an entry this very socket registered.
-        on_listener_close(sk);
+        on_listener_close(sk, fields);
         return;
     }
     if new == tcp_state::CLOSE {
-        on_close(sk, old, is_tcp);
+        on_close(sk, old, at_close);
         return;
     }
-    if let Some(st) = SOCKS.get_ptr_mut(sk) {
-        let st = unsafe { &mut *st };
-        push_state(st, new);
-        if old == tcp_state::SYN_SENT && new == tcp_state::ESTABLISHED {
-            st.flags |= flags::SYN_ACKED;
+    // An open starts a socket's life: there is nothing to look up first
+    // (and the insert below searches the bucket anyway).
+    let opens = (old == tcp_state::CLOSE && new == tcp_state::SYN_SENT)
+        || (old == tcp_state::LISTEN && new == tcp_state::SYN_RECV);
+    if !opens {
+        if let Some(st) = SOCKS.get_ptr_mut(sk) {
+            let st = unsafe { &mut *st };
+            push_state(st, new);
+            if old == tcp_state::SYN_SENT && new == tcp_state::ESTABLISHED {
+                st.flags |= flags::SYN_ACKED;
+            }
+            // close()/shutdown() run in the owner's process context: if the open
+            // was not attributable, the closer is the best owner we can name.
+            if st.tgid == 0
+                && ((old == tcp_state::ESTABLISHED && new == tcp_state::FIN_WAIT1)
+                    || (old == tcp_state::CLOSE_WAIT && new == tcp_state::LAST_ACK))
+            {
+                set_current_owner(st);
+                st.flags |= flags::OWNER_AT_CLOSE;
+            }
+            return;
         }
-        // close()/shutdown() run in the owner's process context: if the open
-        // was not attributable, the closer is the best owner we can name.
-        if st.tgid == 0
-            && ((old == tcp_state::ESTABLISHED && new == tcp_state::FIN_WAIT1)
-                || (old == tcp_state::CLOSE_WAIT && new == tcp_state::LAST_ACK))
-        {
-            set_current_owner(st);
-            st.flags |= flags::OWNER_AT_CLOSE;
-        }
-        return;
-    }
-    if !is_tcp() {
-        return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let mut st = SockState {
@@ -210,11 +295,11 @@ fn on_transition(sk: u64, old: u8, new: u8, is_tcp: impl Fn() -> bool) {
         st.start_ns = now;
         st.direction = direction::SERVER;
         st.flags = flags::OPEN_SEEN;
-        let key = listen_key(sk);
+        let key = listen_key(fields);
         if let Some(owner) = unsafe { LISTENERS.get(&key) } {
             st.tgid = owner.tgid;
             st.tid = owner.tid;
-            st.comm = owner.comm;
+            set_words(&mut st.comm, words(&owner.comm));
             st.cgroup_id = owner.cgroup_id;
             st.flags |= flags::OWNER_AT_OPEN;
         }
@@ -224,7 +309,9 @@ fn on_transition(sk: u64, old: u8, new: u8, is_tcp: impl Fn() -> bool) {
     }
     push_state(&mut st, old);
     push_state(&mut st, new);
-    if SOCKS.insert(sk, st, BPF_NOEXIST as u64).is_err() {
+    // BPF_ANY: an entry left under this address (a socket freed unseen) is
+    // replaced, not continued.
+    if SOCKS.insert(sk, st, 0).is_err() {
         count(stat::SOCK_MAP_FULL);
     }
 }
@@ -244,45 +331,63 @@ fn set_current_owner(st: &mut SockState) {
     let pid_tgid = bpf_get_current_pid_tgid();
     st.tgid = (pid_tgid >> 32) as u32;
     st.tid = pid_tgid as u32;
-    st.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    current_comm(&mut st.comm);
     st.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
 }
 
+/// The current task's comm, written in place (the helper NUL-pads it, and
+/// zeroes it on failure).
 #[inline(always)]
-fn listen_key(sk: u64) -> ListenKey {
-    let sport: u16 = read(sk, off!(inet_sport));
-    ListenKey { net: read(sk, off!(skc_net)), port: u16::from_be(sport), _pad: [0; 3] }
+fn current_comm(dst: &mut [u8; COMM_LEN]) {
+    unsafe { gen::bpf_get_current_comm(dst.as_mut_ptr() as *mut c_void, COMM_LEN as u32) };
 }
 
-/// A field of the socket copy in the scratch buffer. The offset is masked
-/// and aligned so the verifier can bound the access; real offsets are
-/// naturally aligned and below SCRATCH_BYTES (checked in user space).
+/// A 16-byte field (comm, address) as two words. `[u8; 16]` has alignment
+/// 1, so a plain copy or fill goes a byte at a time (or, with bpf-linker's
+/// defaults, through a memcpy/memset subprogram that loops per byte); every
+/// such field is 8-byte aligned in its struct, so two words are exact.
 #[inline(always)]
-fn field<T: Copy>(buf: &[u8; SCRATCH_BYTES + 16], offset: usize) -> T {
-    let size = core::mem::size_of::<T>();
-    let align = if size >= 8 { 8 } else { size };
-    let at = (offset & (SCRATCH_BYTES - 1)) & !(align - 1);
-    unsafe { core::ptr::read(buf.as_ptr().add(at) as *const T) }
+fn words(src: &[u8; 16]) -> [u64; 2] {
+    let p = src.as_ptr() as *const u64;
+    // SAFETY: 16 readable bytes, 8-byte aligned (see above).
+    unsafe { [p.read(), p.add(1).read()] }
 }
 
-fn on_listen(sk: u64) {
+#[inline(always)]
+fn set_words(dst: &mut [u8; 16], w: [u64; 2]) {
+    let p = dst.as_mut_ptr() as *mut u64;
+    // SAFETY: 16 writable bytes, 8-byte aligned (see above).
+    unsafe {
+        p.write(w[0]);
+        p.add(1).write(w[1]);
+    }
+}
+
+#[inline(always)]
+fn listen_key(fields: &impl Fields) -> ListenKey {
+    let sport: u16 = fields.get(off!(inet_sport));
+    ListenKey { net: fields.get(off!(skc_net)), port: u16::from_be(sport) as u64 }
+}
+
+fn on_listen(sk: u64, fields: &impl Fields) {
     // listen() runs in process context: remember who listens on this port.
-    let key = listen_key(sk);
+    let key = listen_key(fields);
     let pid_tgid = bpf_get_current_pid_tgid();
-    let owner = Owner {
+    let mut owner = Owner {
         sk,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         tgid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
-        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+        comm: [0; COMM_LEN],
     };
+    current_comm(&mut owner.comm);
     if LISTENERS.insert(key, owner, 0).is_err() {
         count(stat::LISTEN_MAP_FULL);
     }
 }
 
-fn on_listener_close(sk: u64) {
-    let key = listen_key(sk);
+fn on_listener_close(sk: u64, fields: &impl Fields) {
+    let key = listen_key(fields);
     // With SO_REUSEPORT several sockets share the port: only the one that
     // registered removes the entry.
     if let Some(owner) = unsafe { LISTENERS.get(&key) } {
@@ -292,13 +397,12 @@ fn on_listener_close(sk: u64) {
     }
 }
 
-fn on_close(sk: u64, old: u8, is_tcp: impl Fn() -> bool) {
+fn on_close<C: Fields>(sk: u64, old: u8, at_close: impl FnOnce() -> Option<C>) {
     let tracked = SOCKS.get_ptr(sk);
-    if tracked.is_none() && !is_tcp() {
-        return;
+    emit(sk, old, tracked, false, at_close);
+    if tracked.is_some() {
+        let _ = SOCKS.remove(sk);
     }
-    emit(sk, old, tracked, false);
-    let _ = SOCKS.remove(sk);
 }
 
 /// Not attached: user space runs it (BPF_PROG_TEST_RUN, ctx = [sk]) for
@@ -311,14 +415,14 @@ pub fn flowlog_snapshot(ctx: RawTracePointContext) -> i32 {
     // entry) has not happened, so the socket is alive.
     let Some(st) = SOCKS.get_ptr(sk) else { return 1 };
     let current = (unsafe { (*st).state_path } & 0xf) as u8;
-    emit(sk, current, Some(st), true);
+    emit(sk, current, Some(st), true, || copy_socket(sk));
     0
 }
 
 /// Fills and submits one event from the socket (and its entry, if tracked).
 /// `old` is the state left at close, or the current state for snapshots.
 #[inline(always)]
-fn emit(sk: u64, old: u8, tracked: Option<*const SockState>, interim: bool) {
+fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim: bool, at_close: impl FnOnce() -> Option<C>) {
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(mut ev) = EVENTS.reserve::<FlowEvent>(0) else {
         count(stat::RINGBUF_FULL);
@@ -338,7 +442,7 @@ fn emit(sk: u64, old: u8, tracked: Option<*const SockState>, interim: bool) {
             e.cgroup_id = st.cgroup_id;
             e.tgid = st.tgid;
             e.tid = st.tid;
-            e.comm = st.comm;
+            set_words(&mut e.comm, words(&st.comm));
             let mut path = st.state_path;
             if st.transitions as u32 >= STATE_PATH_MAX {
                 e.flags |= flags::PATH_TRUNCATED;
@@ -357,58 +461,53 @@ fn emit(sk: u64, old: u8, tracked: Option<*const SockState>, interim: bool) {
             e.cgroup_id = 0;
             e.tgid = 0;
             e.tid = 0;
-            e.comm = [0; COMM_LEN];
+            set_words(&mut e.comm, [0, 0]);
             e.state_path = ((old as u64) << 4) | tcp_state::CLOSE as u64;
         }
     }
-    // One kernel read of the whole socket, then plain loads from the copy:
-    // ~20 separate reads cost about 1 us here, this costs a tenth of it.
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    let Some(f) = at_close() else {
         ev.discard(0);
         return;
     };
-    let buf = unsafe { &mut (*scratch).buf };
-    let len = off!(sock_read_len) & (SCRATCH_BYTES - 1);
-    if unsafe { bpf_probe_read_kernel_buf(sk as *const u8, &mut buf[..len]) }.is_err() {
-        count(stat::READ_ERRORS);
-    }
-    let family: u16 = field(buf, off!(skc_family));
+    let family: u16 = f.get(off!(skc_family));
     e.family = family;
-    e.local_addr = [0; 16];
-    e.remote_addr = [0; 16];
+    set_words(&mut e.local_addr, [0, 0]);
+    set_words(&mut e.remote_addr, [0, 0]);
+    // Addresses are read and written 4 bytes at a time: in6_addr is only
+    // 4-byte aligned, and both fields are 8-byte aligned in the event.
     if family == AF_INET6 {
-        e.local_addr = field(buf, off!(skc_v6_rcv_saddr));
-        e.remote_addr = field(buf, off!(skc_v6_daddr));
+        for i in 0..4 {
+            put_u32(&mut e.local_addr, i, f.get(off!(skc_v6_rcv_saddr) + 4 * i));
+            put_u32(&mut e.remote_addr, i, f.get(off!(skc_v6_daddr) + 4 * i));
+        }
     } else if family == AF_INET {
-        let l: [u8; 4] = field(buf, off!(skc_rcv_saddr));
-        let r: [u8; 4] = field(buf, off!(skc_daddr));
-        e.local_addr[..4].copy_from_slice(&l);
-        e.remote_addr[..4].copy_from_slice(&r);
+        put_u32(&mut e.local_addr, 0, f.get(off!(skc_rcv_saddr)));
+        put_u32(&mut e.remote_addr, 0, f.get(off!(skc_daddr)));
     }
     // skc_num is already 0 at CLOSE (the port was released); inet_sport is not.
-    e.local_port = u16::from_be(field(buf, off!(inet_sport)));
-    e.remote_port = u16::from_be(field(buf, off!(skc_dport)));
-    let sk_err: i32 = field(buf, off!(sk_err));
+    e.local_port = u16::from_be(f.get(off!(inet_sport)));
+    e.remote_port = u16::from_be(f.get(off!(skc_dport)));
+    let sk_err: i32 = f.get(off!(sk_err));
     e.sk_err = sk_err as u32;
-    let sk_flags: u64 = field(buf, off!(sk_flags));
+    let sk_flags: u64 = f.get(off!(sk_flags));
     if sk_flags & (1u64 << (off!(sock_done_bit) & 63)) != 0 {
         e.flags |= flags::FIN_RECEIVED;
     }
-    let snd_una: u32 = field(buf, off!(snd_una));
-    let write_seq: u32 = field(buf, off!(write_seq));
+    let snd_una: u32 = f.get(off!(snd_una));
+    let write_seq: u32 = f.get(off!(write_seq));
     if snd_una == write_seq {
         e.flags |= flags::SND_ALL_ACKED;
     }
-    e.bytes_acked = field(buf, off!(bytes_acked));
-    e.bytes_received = field(buf, off!(bytes_received));
-    e.segs_in = field(buf, off!(segs_in));
-    e.segs_out = field(buf, off!(segs_out));
-    e.total_retrans = field(buf, off!(total_retrans));
-    let srtt8: u32 = field(buf, off!(srtt_us));
+    e.bytes_acked = f.get(off!(bytes_acked));
+    e.bytes_received = f.get(off!(bytes_received));
+    e.segs_in = f.get(off!(segs_in));
+    e.segs_out = f.get(off!(segs_out));
+    e.total_retrans = f.get(off!(total_retrans));
+    let srtt8: u32 = f.get(off!(srtt_us));
     e.srtt_us = srtt8 >> 3; // stored as 8 x microseconds
-    e.rtt_min_us = field(buf, off!(rtt_min));
-    let net: u64 = field(buf, off!(skc_net));
-    e.netns_ino = if net == 0 { 0 } else { read(net, off!(net_ns_inum)) };
+    e.rtt_min_us = f.get(off!(rtt_min));
+    let net: u64 = f.get(off!(skc_net));
+    e.netns_ino = if net == 0 { 0 } else { f.deref_u32(net, off!(net_ns_inum)) };
 
     // Batch wake-ups: user space drains on a timer, and is woken early only
     // when enough data is waiting.
@@ -417,6 +516,13 @@ fn emit(sk: u64, old: u8, tracked: Option<*const SockState>, interim: bool) {
     let wake = if waiting >= threshold { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
     ev.submit(wake as u64);
     count(stat::EVENTS);
+}
+
+/// Writes the `i`th 4 bytes of a 16-byte address field.
+#[inline(always)]
+fn put_u32(dst: &mut [u8; 16], i: usize, v: u32) {
+    // SAFETY: i < 4, and the address fields are 8-byte aligned in FlowEvent.
+    unsafe { (dst.as_mut_ptr() as *mut u32).add(i & 3).write(v) }
 }
 
 #[cfg(not(test))]

@@ -1,11 +1,13 @@
 //! `bench-capture`: the capture path's cost, measured in one run.
 //!
-//! Each round runs the same loopback load three times, in a rotating order:
-//! without the sidecar, with it (release build, `--output null`), and with
-//! it and `--workload-resolve false`. It reports:
+//! Each round runs the same loopback load four times, in a rotating order:
+//! without the sidecar, with it (release build, `--output null`), with it
+//! and `--workload-resolve false`, and with only an empty program attached
+//! to the same tracepoint (the floor). It reports:
 //! - connection rate with / without the sidecar (ratio, median of rounds);
 //! - kernel time per flow and per connection (kernel.bpf_stats_enabled:
-//!   run_time_ns / flows);
+//!   run_time_ns / flows), beside the floor: what the empty program costs
+//!   for the same transitions;
 //! - sidecar CPU per 1 000 connections/s and user CPU per flow;
 //! - the cost of local workload resolution: user CPU per flow (and exact
 //!   on-CPU time per flow, from /proc/PID/schedstat) with it on vs off;
@@ -18,6 +20,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context};
+use aya::{programs::BtfTracePoint, Btf, Ebpf};
 use clap::Parser;
 use flowlog_bench::{
     loadgen::{self, LoadResult, LoadSpec},
@@ -66,14 +69,23 @@ struct Arm {
     workload_flows: Value,
 }
 
+/// One run of the load with only the empty program attached.
+#[derive(Serialize, Default)]
+struct Floor {
+    load: Option<LoadResult>,
+    prog_run_time_ns: u64,
+    prog_run_count: u64,
+}
+
 #[derive(Serialize, Default)]
 struct Round {
-    /// The order the three runs went in.
+    /// The order the runs went in.
     order: Vec<&'static str>,
     without: Option<LoadResult>,
     /// The default: workload resolution on.
     with: Arm,
     with_resolution_off: Arm,
+    floor: Floor,
 }
 
 #[derive(Serialize)]
@@ -87,6 +99,11 @@ struct Report {
     kernel_ns_per_flow: f64,
     kernel_ns_per_connection_both_ends: f64,
     kernel_ns_per_transition: f64,
+    /// The empty program's time per transition, and per flow (times the
+    /// flow program's transitions per flow).
+    floor_ns_per_transition: f64,
+    floor_ns_per_flow: f64,
+    transitions_per_flow: f64,
     sidecar_user_ns_per_flow: f64,
     sidecar_user_ns_per_flow_resolution_off: f64,
     /// User CPU per flow, resolution on / off.
@@ -143,12 +160,12 @@ fn main() -> anyhow::Result<()> {
     };
     // Warm-up so every arm starts from the same state.
     loadgen::run(LoadSpec { duration: Duration::from_secs(1), ..spec })?;
-    let arms = ["without", "with", "with_resolution_off"];
+    let arms = ["without", "with", "with_resolution_off", "floor"];
     let mut rounds = Vec::new();
     for i in 0..a.rounds {
         // Rotate the order, and reverse it every other round, so that drift
         // and leftover TIME_WAIT state from the previous run favour no arm.
-        let mut order: Vec<&'static str> = (0..3).map(|k| arms[(i + k) % 3]).collect();
+        let mut order: Vec<&'static str> = (0..arms.len()).map(|k| arms[(i + k) % arms.len()]).collect();
         if i % 2 == 1 {
             order.reverse();
         }
@@ -157,17 +174,22 @@ fn main() -> anyhow::Result<()> {
             match arm {
                 "without" => r.without = Some(loadgen::run(spec)?),
                 "with" => measure_with(&a, spec, &mut r.with, true)?,
+                "floor" => r.floor = measure_floor(spec)?,
                 _ => measure_with(&a, spec, &mut r.with_resolution_off, false)?,
             }
             std::thread::sleep(Duration::from_secs(1));
         }
         eprintln!(
-            "round {}: without {:.0}/s, with {:.0}/s; user ns/flow resolution on {:.0}, off {:.0}",
+            "round {}: without {:.0}/s, with {:.0}/s; user ns/flow resolution on {:.0}, off {:.0}; \
+             kernel ns/transition {:.0}, floor {:.0}",
             i + 1,
             r.without.unwrap().connections_per_sec,
             r.with.load.unwrap().connections_per_sec,
             per_flow(&r.with, user_ns),
             per_flow(&r.with_resolution_off, user_ns),
+            (r.with.prog_run_time_ns + r.with_resolution_off.prog_run_time_ns) as f64
+                / (r.with.prog_run_count + r.with_resolution_off.prog_run_count).max(1) as f64,
+            r.floor.prog_run_time_ns as f64 / r.floor.prog_run_count.max(1) as f64,
         );
         rounds.push(r);
     }
@@ -190,10 +212,14 @@ fn main() -> anyhow::Result<()> {
     let rate_without = median(rounds.iter().map(|r| r.without.unwrap().connections_per_sec).collect());
     let rate_with = median(on.iter().map(|x| x.load.unwrap().connections_per_sec).collect());
     let avg_rate = conns as f64 / secs;
+    let transitions_per_flow =
+        sum_u(&both, |x| x.prog_run_count) as f64 / sum_u(&both, |x| x.flows).max(1) as f64;
+    let floor_ns_per_transition = rounds.iter().map(|r| r.floor.prog_run_time_ns).sum::<u64>() as f64
+        / rounds.iter().map(|r| r.floor.prog_run_count).sum::<u64>().max(1) as f64;
     let report = Report {
         benchmark: "capture",
         load: format!(
-            "loopback, {} client / {} server threads, {} B request, {} B reply, {} x {} s rounds of 3 runs{}",
+            "loopback, {} client / {} server threads, {} B request, {} B reply, {} x {} s rounds of 4 runs{}",
             a.clients,
             a.servers,
             spec.request_bytes,
@@ -209,6 +235,9 @@ fn main() -> anyhow::Result<()> {
         kernel_ns_per_connection_both_ends: sum_u(&on, |x| x.prog_run_time_ns) as f64 / conns.max(1) as f64,
         kernel_ns_per_transition: sum_u(&both, |x| x.prog_run_time_ns) as f64
             / sum_u(&both, |x| x.prog_run_count).max(1) as f64,
+        floor_ns_per_transition,
+        floor_ns_per_flow: floor_ns_per_transition * transitions_per_flow,
+        transitions_per_flow,
         sidecar_user_ns_per_flow: user_on,
         sidecar_user_ns_per_flow_resolution_off: user_off,
         workload_resolution_user_cpu_ratio: user_on / user_off,
@@ -225,7 +254,7 @@ fn main() -> anyhow::Result<()> {
         sidecar_peak_rss_mb: both.iter().map(|x| x.sidecar_peak_rss_bytes).max().unwrap_or(0) as f64 / 1048576.0,
         drops: sum_u(&both, |x| x.ringbuf_full + x.sock_map_full + x.decode_errors),
         targets: serde_json::json!({
-            "kernel_ns_per_flow_max": 1500,
+            "kernel_ns_per_flow_max": 1200,
             "sidecar_user_ns_per_flow_max": 500,
             "workload_resolution_user_cpu_ratio_max": 1.05,
             "rate_ratio_min": 0.95,
@@ -237,7 +266,11 @@ fn main() -> anyhow::Result<()> {
     println!("capture benchmark ({})", report.load);
     println!("  connections/s without sidecar  {:>10.0}", report.rate_without_per_s);
     println!("  connections/s with sidecar     {:>10.0}  (ratio {:.3}, target >= 0.95)", report.rate_with_per_s, report.rate_ratio);
-    println!("  kernel ns per flow (one socket) {:>9.0}  (target <= 1500)", report.kernel_ns_per_flow);
+    println!("  kernel ns per flow (one socket) {:>9.0}  (target <= 1200)", report.kernel_ns_per_flow);
+    println!(
+        "  ... empty program, same load    {:>9.0}  ({:.0} ns per transition, {:.2} transitions per flow)",
+        report.floor_ns_per_flow, report.floor_ns_per_transition, report.transitions_per_flow
+    );
     println!("  kernel ns per connection (both ends on loopback) {:.0}", report.kernel_ns_per_connection_both_ends);
     println!("  kernel ns per transition        {:>9.0}", report.kernel_ns_per_transition);
     println!("  sidecar user ns per flow        {:>9.0}  (target <= 500)", report.sidecar_user_ns_per_flow);
@@ -286,6 +319,22 @@ fn measure_with(a: &Args, spec: LoadSpec, r: &mut Arm, resolve: bool) -> anyhow:
     r.decode_errors = n(&stats["user"]["decode_errors"]);
     r.workload_flows = stats["workload"]["flows"].clone();
     Ok(())
+}
+
+/// The empty program (flowlog-floor, built with the sidecar's eBPF crate).
+static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowlog-floor"));
+
+/// Runs the load with only the empty program attached (tp_btf, as the sidecar's default).
+fn measure_floor(spec: LoadSpec) -> anyhow::Result<Floor> {
+    let mut ebpf = Ebpf::load(FLOOR_OBJECT).context("loading the empty program")?;
+    let btf = Btf::from_sys_fs().context("kernel BTF")?;
+    let prog: &mut BtfTracePoint =
+        ebpf.program_mut("flowlog_floor").context("flowlog_floor missing from its object")?.try_into()?;
+    prog.load("inet_sock_set_state", &btf)?;
+    prog.attach()?;
+    let load = loadgen::run(spec)?;
+    let info = prog.info()?;
+    Ok(Floor { load: Some(load), prog_run_time_ns: info.run_time().as_nanos() as u64, prog_run_count: info.run_count() })
 }
 
 /// Nanoseconds `pid` has run on a CPU, user and system together
