@@ -26,6 +26,7 @@ use crate::{
     loader::Attached,
     metrics as m,
     sink::{Sink, Tick},
+    snapshot::Passes,
     workload::{self, addresses::Listing, Resolver},
 };
 
@@ -212,10 +213,10 @@ impl Capture {
         self.last_reported = now;
     }
 
-    /// Runs until `shutdown` resolves, then drains what is left.
-    /// `snapshot(all)` requests interim events for live connections older
-    /// than the interim interval (all of them when `all`).
-    pub async fn run(&mut self, t: Timers, mut snapshot: impl FnMut(bool) -> u64, shutdown: impl std::future::Future<Output = ()>) {
+    /// Runs until `shutdown` resolves, then drains what is left. Every
+    /// interim interval a snapshot pass (interim events for connections open
+    /// longer than it) runs beside the loop, which keeps draining meanwhile.
+    pub async fn run(&mut self, t: Timers, mut passes: Passes, shutdown: impl std::future::Future<Output = ()>) {
         let mut tick = tokio::time::interval(t.drain);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stats_tick = tokio::time::interval(t.stats);
@@ -234,8 +235,12 @@ impl Capture {
                         Err(e) => { error!("ring buffer poll failed: {e}"); }
                     }
                     self.drain();
+                    passes.drained();
                 }
-                _ = tick.tick() => self.drain(),
+                _ = tick.tick() => {
+                    self.drain();
+                    passes.drained();
+                }
                 _ = stats_tick.tick() => self.report_drops(),
                 _ = heartbeat.tick() => self.sink.tick(Tick::Heartbeat),
                 _ = ip_check.tick() => self.sink.tick(Tick::IdentityCheck),
@@ -246,18 +251,22 @@ impl Capture {
                         self.workload_ips = None;
                     }
                 }
-                _ = interim.tick(), if t.interim.is_some() => {
-                    let n = snapshot(false);
+                _ = interim.tick(), if t.interim.is_some() => passes.start(false),
+                n = passes.finished() => {
                     metrics::counter!(m::INTERIM_RECORDS).increment(n);
-                    debug!(n, "interim snapshots requested");
-                    self.drain();
+                    debug!(n, "interim snapshots sent");
                 }
                 _ = &mut shutdown => break,
             }
         }
-        // Connections still open at exit get a last interim record.
+        // Connections still open at exit get a last interim record: a pass
+        // still running ends first, then one over every socket; the loop
+        // drains meanwhile, and the drain below takes the last events.
         if t.interim.is_some() {
-            let n = snapshot(true);
+            let n = self.drain_until(&mut passes, t.drain).await;
+            metrics::counter!(m::INTERIM_RECORDS).increment(n);
+            passes.start(true);
+            let n = self.drain_until(&mut passes, t.drain).await;
             metrics::counter!(m::INTERIM_RECORDS).increment(n);
         }
         self.drain();
@@ -266,6 +275,26 @@ impl Capture {
         self.workloads.finish(Duration::from_secs(1), &mut rest);
         self.emit_all(rest);
         self.report_drops();
+    }
+
+    /// Drains (on wake-ups, and every `every`) until the running snapshot
+    /// pass ends; returns its event count (0 when none runs).
+    async fn drain_until(&mut self, passes: &mut Passes, every: Duration) -> u64 {
+        let mut tick = tokio::time::interval(every);
+        while passes.is_running() {
+            tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    if let Ok(mut g) = guard {
+                        g.clear_ready();
+                    }
+                }
+                _ = tick.tick() => {}
+                n = passes.finished() => return n,
+            }
+            self.drain();
+            passes.drained();
+        }
+        0
     }
 
     /// The sink, for closing it once capture is over.

@@ -6,21 +6,74 @@
 //! socket as its argument. The program reads the socket's counters exactly
 //! like the close path and sends an INTERIM event through the same ring
 //! buffer. No per-packet hook, no kprobes, and nothing at all for short flows.
+//!
+//! A pass is one syscall per socket (100 000 sockets: a fraction of a
+//! second), so it runs on a blocking thread of its own ([`Passes`]) while
+//! the capture loop keeps draining the ring. It is paced by the ring itself:
+//! the program refuses ([`snapshot::BUSY`]) once the ring is half full, and
+//! the pass then waits for the capture loop's next drain ([`Drains`]) and
+//! asks again, so a pass never fills the ring and closes always find room.
 
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::{
+    sync::{Arc, Condvar, Mutex, PoisonError},
+    time::Duration,
+};
 
 use aya::{
     maps::{HashMap, MapData},
-    programs::RawTracePoint,
+    programs::{RawTracePoint, RawTracePointRunOptions, TestRun},
     Ebpf,
 };
-use flowlog_common::{SockState, PROG_SNAPSHOT, SOCKS_MAP};
-use tracing::warn;
+use flowlog_common::{snapshot, SockState, PROG_SNAPSHOT, SOCKS_MAP};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
 
+/// How long a pass waits for a drain before giving up: the capture loop
+/// drains every `drain_interval_ms` (at most 10 s), so only a stuck loop
+/// takes this long.
+const DRAIN_WAIT: Duration = Duration::from_secs(30);
+
+/// How many times the capture loop has drained the ring buffer: a pass that
+/// found the ring half full waits for this to move.
+#[derive(Default)]
+pub struct Drains {
+    count: Mutex<u64>,
+    moved: Condvar,
+}
+
+impl Drains {
+    /// Called by the capture loop after each drain.
+    pub fn bump(&self) {
+        *self.count.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.moved.notify_all();
+    }
+
+    fn current(&self) -> u64 {
+        *self.count.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until a drain after `seen` has happened; false on timeout.
+    fn wait_past(&self, seen: u64, timeout: Duration) -> bool {
+        let count = self.count.lock().unwrap_or_else(PoisonError::into_inner);
+        let (count, waited) = self
+            .moved
+            .wait_timeout_while(count, timeout, |c| *c <= seen)
+            .unwrap_or_else(PoisonError::into_inner);
+        drop(count);
+        !waited.timed_out()
+    }
+}
+
+/// Runs snapshot passes: owns the socket map and shares the loaded program.
 pub struct Snapshotter {
     socks: HashMap<MapData, u64, SockState>,
-    prog_fd: RawFd,
-    clock_now: fn() -> u64,
+    /// Where the snapshot program lives (loaded, never attached).
+    ebpf: Arc<Ebpf>,
+    drains: Arc<Drains>,
+    /// Interim records go to connections open at least this long.
+    interval_ns: u64,
+    /// A listing stops after this many keys (see [`Snapshotter::due`]).
+    max_listed: usize,
 }
 
 /// CLOCK_MONOTONIC in ns (the kernel's bpf_ktime_get_ns clock).
@@ -30,77 +83,141 @@ fn monotonic_ns() -> u64 {
         .map_or(0, |ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
 }
 
-/// The BPF_PROG_TEST_RUN part of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
+/// Loads the snapshot program (never attached) and takes the socket map;
+/// [`Snapshotter::new`] gets them once `ebpf` is shared.
+pub fn prepare(ebpf: &mut Ebpf) -> anyhow::Result<HashMap<MapData, u64, SockState>> {
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(PROG_SNAPSHOT)
+        .ok_or_else(|| anyhow::anyhow!("program {PROG_SNAPSHOT} missing"))?
+        .try_into()?;
+    prog.load()?;
+    Ok(HashMap::try_from(ebpf.take_map(SOCKS_MAP).ok_or_else(|| anyhow::anyhow!("map {SOCKS_MAP} missing"))?)?)
 }
 
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-
 impl Snapshotter {
-    /// Loads the snapshot program (never attached) and takes the socket map.
-    /// The program fd stays owned by `ebpf`, which outlives this.
-    pub fn new(ebpf: &mut Ebpf) -> anyhow::Result<Snapshotter> {
-        let prog: &mut RawTracePoint = ebpf
-            .program_mut(PROG_SNAPSHOT)
-            .ok_or_else(|| anyhow::anyhow!("program {PROG_SNAPSHOT} missing"))?
-            .try_into()?;
-        prog.load()?;
-        let prog_fd = prog.fd()?.as_fd().as_raw_fd();
-        let socks = HashMap::try_from(ebpf.take_map(SOCKS_MAP).ok_or_else(|| anyhow::anyhow!("map {SOCKS_MAP} missing"))?)?;
-        Ok(Snapshotter { socks, prog_fd, clock_now: monotonic_ns })
+    pub fn new(socks: HashMap<MapData, u64, SockState>, ebpf: Arc<Ebpf>, interval_ns: u64, max_sockets: u32) -> Snapshotter {
+        Snapshotter {
+            socks,
+            ebpf,
+            drains: Arc::default(),
+            interval_ns,
+            max_listed: 4 * max_sockets as usize,
+        }
     }
 
-    /// Snapshots every tracked socket open at least `min_age_ns` (0: all).
-    /// Returns how many interim events were requested.
-    pub fn run(&mut self, min_age_ns: u64) -> u64 {
-        let now = (self.clock_now)();
-        let due: Vec<u64> = self
+    /// Tracked sockets open at least `min_age_ns` (unknown start: always).
+    /// A hash map's "next key" restarts from the first bucket when the key
+    /// it is given was deleted meanwhile (a short connection closing), so a
+    /// listing may repeat keys: they are deduplicated, and the listing is
+    /// bounded so that heavy churn cannot keep it going for ever.
+    fn due(&self, min_age_ns: u64) -> Vec<u64> {
+        let now = monotonic_ns();
+        let mut due: Vec<u64> = self
             .socks
             .iter()
+            .take(self.max_listed)
             .filter_map(|kv| kv.ok())
             .filter(|(_, st)| st.start_ns == 0 || now.saturating_sub(st.start_ns) >= min_age_ns)
             .map(|(sk, _)| sk)
             .collect();
-        let mut n = 0;
+        due.sort_unstable();
+        due.dedup();
+        due
+    }
+
+    /// One pass: an interim event for every socket open longer than the
+    /// interval (every socket when `all`). Blocks: run it off the capture
+    /// loop, which must keep draining meanwhile. Returns the events sent.
+    pub fn pass(&self, all: bool) -> u64 {
+        let prog: &RawTracePoint = match self.ebpf.program(PROG_SNAPSHOT).map(TryInto::try_into) {
+            Some(Ok(p)) => p,
+            _ => {
+                warn!("program {PROG_SNAPSHOT} missing: no interim records");
+                return 0;
+            }
+        };
+        let due = self.due(if all { 0 } else { self.interval_ns });
+        let (mut sent, mut waits) = (0, 0u64);
         for sk in due {
-            let ctx = [sk];
-            let attr = TestRunAttr {
-                prog_fd: self.prog_fd as u32,
-                ctx_size_in: std::mem::size_of_val(&ctx) as u32,
-                ctx_in: ctx.as_ptr() as u64,
-                ..Default::default()
-            };
-            // SAFETY: attr is a valid BPF_PROG_TEST_RUN argument that lives across the call.
-            let rc = unsafe {
-                libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &attr as *const TestRunAttr, std::mem::size_of::<TestRunAttr>())
-            };
-            if rc < 0 {
-                warn!("snapshot of a live socket failed: {}", std::io::Error::last_os_error());
+            loop {
+                // Read before the run: a drain that ends after the ring was
+                // found busy moves the count past this.
+                let seen = self.drains.current();
+                let mut opts = RawTracePointRunOptions::new();
+                opts.args[0] = sk;
+                match prog.test_run(opts).map(|r| r.return_value) {
+                    Ok(snapshot::SENT) => sent += 1,
+                    Ok(snapshot::BUSY) => {
+                        waits += 1;
+                        if self.drains.wait_past(seen, DRAIN_WAIT) {
+                            continue;
+                        }
+                        warn!(sent, "interim pass stopped: the ring buffer was not drained for {DRAIN_WAIT:?}");
+                        return sent;
+                    }
+                    Ok(_) => {} // closed meanwhile: its final record tells all
+                    Err(e) => {
+                        warn!(sent, "interim pass stopped: snapshot of a live socket failed: {e}");
+                        return sent;
+                    }
+                }
                 break;
             }
-            // retval 0: an event was sent; 1: the socket closed meanwhile.
-            if attr.retval == 0 {
-                n += 1;
+        }
+        debug!(sent, waits, all, "interim pass done");
+        sent
+    }
+}
+
+/// The snapshot passes as the capture loop drives them: at most one at a
+/// time, each on a blocking thread.
+pub struct Passes {
+    idle: Option<Snapshotter>,
+    running: Option<JoinHandle<(Snapshotter, u64)>>,
+    drains: Arc<Drains>,
+}
+
+impl Passes {
+    pub fn new(snapshotter: Snapshotter) -> Passes {
+        Passes { drains: snapshotter.drains.clone(), idle: Some(snapshotter), running: None }
+    }
+
+    /// Starts a pass (every socket when `all`), unless one is running.
+    pub fn start(&mut self, all: bool) {
+        let Some(s) = self.idle.take() else {
+            debug!("interim pass still running: this tick is skipped");
+            return;
+        };
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            let n = s.pass(all);
+            (s, n)
+        }));
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Tells a waiting pass that the ring was drained.
+    pub fn drained(&self) {
+        self.drains.bump();
+    }
+
+    /// The running pass's event count once it ends; never while none runs.
+    pub async fn finished(&mut self) -> u64 {
+        let Some(running) = self.running.as_mut() else { return std::future::pending().await };
+        let done = running.await;
+        self.running = None;
+        match done {
+            Ok((s, n)) => {
+                self.idle = Some(s);
+                n
+            }
+            Err(e) => {
+                // The snapshotter is lost with its thread: no more passes.
+                warn!("interim pass failed: {e}; no more interim records");
+                0
             }
         }
-        n
     }
 }
