@@ -16,7 +16,7 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
     },
-    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
@@ -305,21 +305,26 @@ fn on_close(sk: u64, old: u8, is_tcp: impl Fn() -> bool) {
 /// Not attached: user space runs it (BPF_PROG_TEST_RUN, ctx = [sk]) for
 /// every live socket older than the interim interval, to send an INTERIM
 /// event with the counters so far. Nothing runs per packet for this either.
-/// Returns a [`flowlog_common::snapshot`] code.
-#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
-pub fn flowlog_snapshot(ctx: RawTracePointContext) -> i32 {
+/// Returns a [`flowlog_common::snapshot`] code, which user space reads as
+/// the test run's return value. Written out by hand rather than with
+/// `#[raw_tracepoint]`, whose wrapper always returns 0: the same no_mangle
+/// function in the section the loader reads as a raw tracepoint.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp/inet_sock_set_state")]
+pub fn flowlog_snapshot(ctx: *mut core::ffi::c_void) -> u32 {
+    let ctx = RawTracePointContext::new(ctx);
     let sk: u64 = unsafe { *(ctx.as_ptr() as *const u64) };
     // Only sockets still tracked: their CLOSE transition (which removes the
     // entry) has not happened, so the socket is alive.
-    let Some(st) = SOCKS.get_ptr(sk) else { return snapshot::GONE as i32 };
+    let Some(st) = SOCKS.get_ptr(sk) else { return snapshot::GONE };
     // A pass over many sockets must not crowd out closes: past half the
     // ring, user space waits for its next drain and asks again.
     if EVENTS.query(BPF_RB_AVAIL_DATA) * 2 > EVENTS.query(BPF_RB_RING_SIZE) {
-        return snapshot::BUSY as i32;
+        return snapshot::BUSY;
     }
     let current = (unsafe { (*st).state_path } & 0xf) as u8;
     emit(sk, current, Some(st), true);
-    snapshot::SENT as i32
+    snapshot::SENT
 }
 
 /// Fills and submits one event from the socket (and its entry, if tracked).

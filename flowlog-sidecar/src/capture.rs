@@ -30,6 +30,10 @@ use crate::{
     workload::{self, addresses::Listing, Resolver},
 };
 
+/// Events read from the ring buffer before they are sent (a quarter of the
+/// default ring).
+const DRAIN_BATCH: u64 = 8192;
+
 /// Periods of the main loop.
 pub struct Timers {
     pub drain: Duration,
@@ -129,11 +133,22 @@ impl Capture {
     /// their workload, except those of cgroups not known yet, which a later
     /// drain sends (in order) once they are.
     pub fn drain(&mut self) {
+        while self.drain_batch() {}
+    }
+
+    /// Reads and sends up to [`DRAIN_BATCH`] events; true when it read that
+    /// many (more may wait). In batches, each sent before the next is read:
+    /// what is not processed yet stays in the ring, where the kernel sees it
+    /// (a snapshot pass waits while the ring is half full), memory stays
+    /// bounded however many events wait, and the loop serves its timers
+    /// between batches.
+    fn drain_batch(&mut self) -> bool {
         let ring = self.ring.get_mut();
         let mut n = 0u64;
         let mut pending = Vec::new();
         let now = Instant::now();
-        while let Some(item) = ring.next() {
+        while n < DRAIN_BATCH {
+            let Some(item) = ring.next() else { break };
             n += 1;
             match FlowEvent::decode(&item) {
                 Ok(ev) => {
@@ -153,6 +168,7 @@ impl Capture {
             metrics::counter!(m::EVENTS_READ).increment(n);
         }
         self.emit_all(pending);
+        n == DRAIN_BATCH
     }
 
     fn emit_all(&mut self, records: Vec<Flow>) {
@@ -227,6 +243,9 @@ impl Capture {
         let mut interim = tokio::time::interval(t.interim.unwrap_or(Duration::from_secs(3600)));
         interim.tick().await;
         tokio::pin!(shutdown);
+        // The last drain read a full batch: drain again as soon as the
+        // other branches had their turn.
+        let mut more = false;
         loop {
             tokio::select! {
                 guard = self.ring.readable_mut() => {
@@ -234,11 +253,15 @@ impl Capture {
                         Ok(mut g) => g.clear_ready(),
                         Err(e) => { error!("ring buffer poll failed: {e}"); }
                     }
-                    self.drain();
+                    more = self.drain_batch();
                     passes.drained();
                 }
                 _ = tick.tick() => {
-                    self.drain();
+                    more = self.drain_batch();
+                    passes.drained();
+                }
+                _ = std::future::ready(()), if more => {
+                    more = self.drain_batch();
                     passes.drained();
                 }
                 _ = stats_tick.tick() => self.report_drops(),
@@ -281,6 +304,7 @@ impl Capture {
     /// pass ends; returns its event count (0 when none runs).
     async fn drain_until(&mut self, passes: &mut Passes, every: Duration) -> u64 {
         let mut tick = tokio::time::interval(every);
+        let mut more = true;
         while passes.is_running() {
             tokio::select! {
                 guard = self.ring.readable_mut() => {
@@ -289,9 +313,10 @@ impl Capture {
                     }
                 }
                 _ = tick.tick() => {}
+                _ = std::future::ready(()), if more => {}
                 n = passes.finished() => return n,
             }
-            self.drain();
+            more = self.drain_batch();
             passes.drained();
         }
         0
