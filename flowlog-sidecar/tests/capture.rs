@@ -523,18 +523,6 @@ fn runs_with_only_cap_bpf_and_cap_perfmon() {
     let _ = std::fs::remove_file(bin);
 }
 
-/// The fields of a flow record the long-lived totals need.
-#[derive(serde::Deserialize)]
-struct Counted {
-    local_addr: std::net::IpAddr,
-    local_port: u16,
-    remote_addr: std::net::IpAddr,
-    remote_port: u16,
-    bytes_sent: u64,
-    bytes_received: u64,
-    record_type: String,
-}
-
 /// Whether a record (its JSON line) is a final one.
 fn is_final(line: &Value) -> bool {
     line.as_str().is_some_and(|l| l.contains("\"record_type\":\"final\""))
@@ -545,11 +533,7 @@ fn long_lived_totals(lines: &[Value]) -> Totals {
     let mut t = Totals::default();
     for line in lines {
         let line = line.as_str().unwrap();
-        let r: Counted = serde_json::from_str(line).unwrap_or_else(|e| panic!("bad record {line:?}: {e}"));
-        let (local, remote) = (SocketAddr::new(r.local_addr, r.local_port), SocketAddr::new(r.remote_addr, r.remote_port));
-        if LongLived::may_be_ours(local, remote) {
-            t.add(local, remote, r.bytes_sent, r.bytes_received, r.record_type == "final");
-        }
+        t.add_json(line).unwrap_or_else(|e| panic!("bad record {line:?}: {e}"));
     }
     t
 }

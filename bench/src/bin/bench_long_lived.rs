@@ -30,7 +30,7 @@ use flowlog_runtime::{
     process::Usage,
     testkit::long_lived::{LongLived, Totals},
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -55,18 +55,6 @@ struct Args {
     max_sockets: u32,
     #[arg(long, default_value = "bench/results/long_lived.json")]
     out: PathBuf,
-}
-
-/// The fields of a flow record this bench reads.
-#[derive(Deserialize)]
-struct Record {
-    local_addr: std::net::IpAddr,
-    local_port: u16,
-    remote_addr: std::net::IpAddr,
-    remote_port: u16,
-    bytes_sent: u64,
-    bytes_received: u64,
-    record_type: String,
 }
 
 #[derive(Default)]
@@ -129,12 +117,8 @@ fn main() -> anyhow::Result<()> {
         let seen = seen.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                let Ok(r) = serde_json::from_str::<Record>(&line) else { continue };
-                let (local, remote) = ((r.local_addr, r.local_port).into(), (r.remote_addr, r.remote_port).into());
                 let mut s = seen.lock().unwrap();
-                if LongLived::may_be_ours(local, remote) {
-                    s.totals.add(local, remote, r.bytes_sent, r.bytes_received, r.record_type == "final");
-                } else {
+                if !s.totals.add_json(&line).unwrap_or(false) {
                     s.other += 1;
                 }
             }

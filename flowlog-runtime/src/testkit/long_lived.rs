@@ -263,7 +263,31 @@ pub struct Totals {
     pub final_records: u64,
 }
 
+/// The fields of a flow record (the sidecar's JSON output) the totals read.
+#[derive(serde::Deserialize)]
+struct Counted {
+    local_addr: IpAddr,
+    local_port: u16,
+    remote_addr: IpAddr,
+    remote_port: u16,
+    bytes_sent: u64,
+    bytes_received: u64,
+    record_type: String,
+}
+
 impl Totals {
+    /// Adds one JSON flow record if it may be one of [`LongLived`]'s
+    /// sockets; returns whether it was.
+    pub fn add_json(&mut self, line: &str) -> serde_json::Result<bool> {
+        let r: Counted = serde_json::from_str(line)?;
+        let (local, remote) = (SocketAddr::new(r.local_addr, r.local_port), SocketAddr::new(r.remote_addr, r.remote_port));
+        let ours = LongLived::may_be_ours(local, remote);
+        if ours {
+            self.add(local, remote, r.bytes_sent, r.bytes_received, r.record_type == "final");
+        }
+        Ok(ours)
+    }
+
     pub fn add(&mut self, local: SocketAddr, remote: SocketAddr, sent: u64, received: u64, is_final: bool) {
         let s = self.by_socket.entry((local, remote)).or_default();
         s.sent += sent;
