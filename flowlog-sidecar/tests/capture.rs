@@ -541,8 +541,9 @@ fn long_lived_totals(lines: &[Value]) -> Totals {
 /// Issue 11.3 at a smaller scale (bench-long-lived runs 100 000 on a
 /// release build): 5 000 long-lived connections (10 000 tracked sockets,
 /// one snapshot each per pass) beside a churn of short connections, interim
-/// passes every 2 s through a 1 MiB ring buffer that half a pass fills (so
-/// passes wait for the reader), half the connections closed and half still
+/// passes every 2 s through a 2 MiB ring buffer (13 000 events: a pass may
+/// fill half of it, then waits for the reader; the other half takes the
+/// closes), half the connections closed (1 250 at a time) and half still
 /// open at SIGTERM. No event is lost to a full ring buffer, and every
 /// socket's interim and final records sum to exactly what it sent and
 /// received. The long-lived connections live in a network namespace that
@@ -568,7 +569,7 @@ fn long_lived_connections_at_scale_add_up_exactly() {
         &[],
         &[
             "--interim-interval-secs", "2", "--max-sockets", "131072", "--scope-netns", &ns_path,
-            "--ring-buffer-bytes", "1048576", "--wakeup-bytes", "131072", "--metrics-listen", &metrics,
+            "--ring-buffer-bytes", "2097152", "--wakeup-bytes", "262144", "--metrics-listen", &metrics,
         ],
         // Kept as they are, parsed at the end: the reader must keep up.
         |line| Some(Value::String(line.to_string())),
@@ -605,10 +606,19 @@ fn long_lived_connections_at_scale_add_up_exactly() {
     sc.wait_for("interim records for every socket", Duration::from_secs(60), |r| interim(r) >= 2 * N);
     conns.exchange().unwrap();
     sc.wait_for("a second pass", Duration::from_secs(60), |r| interim(r) >= 4 * N);
-    let closed = conns.close_every(2).unwrap();
-    sc.wait_for("the closed connections' final records", Duration::from_secs(60), |r| {
-        r.iter().filter(|x| is_final(x)).count() >= 2 * closed
-    });
+    // Closed 1 250 at a time, each step read before the next (a burst of
+    // closes must fit in the ring beside a pass).
+    let mut closed = 0;
+    loop {
+        let now = conns.close_every(2, 1_250).unwrap();
+        if now == 0 {
+            break;
+        }
+        closed += now;
+        sc.wait_for("the closed connections' final records", Duration::from_secs(60), |r| {
+            r.iter().filter(|x| is_final(x)).count() >= 2 * closed
+        });
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let short = churn.join().unwrap();
     // SIGTERM: the half still open gets a last interim record.

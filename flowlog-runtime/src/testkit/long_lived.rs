@@ -67,8 +67,8 @@ impl Pair {
 
 enum Cmd {
     Exchange(usize),
-    /// Close every nth connection of the worker (0, n, 2n, ...).
-    CloseEvery(usize),
+    /// Close at most .1 of the worker's connections 0, n, 2n, ... still open.
+    CloseEvery(usize, usize),
     /// Send back the connections as they are now.
     Report,
 }
@@ -133,7 +133,13 @@ fn work(index: usize, n: usize, opened: mpsc::Sender<io::Result<()>>, cmds: mpsc
                     })
                     .map(|()| pairs.len()),
             ),
-            Cmd::CloseEvery(nth) => Reply::Done(Ok(pairs.iter_mut().step_by(nth.max(1)).map(Pair::close).count())),
+            Cmd::CloseEvery(nth, at_most) => Reply::Done(Ok(pairs
+                .iter_mut()
+                .step_by(nth.max(1))
+                .filter(|p| p.conn.open)
+                .take(at_most)
+                .map(Pair::close)
+                .count())),
             Cmd::Report => Reply::Conns(pairs.iter().map(|p| p.conn).collect()),
         };
         if replies.send(reply).is_err() {
@@ -197,9 +203,10 @@ impl LongLived {
         self.counted(|| Cmd::Exchange(round)).map(drop)
     }
 
-    /// Closes every `nth` connection; returns how many it closed.
-    pub fn close_every(&mut self, nth: usize) -> io::Result<usize> {
-        self.counted(|| Cmd::CloseEvery(nth))
+    /// Closes every `nth` connection (at most `at_most` per worker, of
+    /// those still open); returns how many it closed.
+    pub fn close_every(&mut self, nth: usize, at_most: usize) -> io::Result<usize> {
+        self.counted(|| Cmd::CloseEvery(nth, at_most))
     }
 
     /// The connections as they are now.
