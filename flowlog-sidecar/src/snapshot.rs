@@ -19,8 +19,10 @@ use std::{
     time::Duration,
 };
 
+use std::os::fd::{AsFd, AsRawFd};
+
 use aya::{
-    maps::{HashMap, MapData},
+    maps::{HashMap, IterableMap, MapData},
     programs::{RawTracePoint, RawTracePointRunOptions, TestRun},
     Ebpf,
 };
@@ -72,7 +74,7 @@ pub struct Snapshotter {
     drains: Arc<Drains>,
     /// Interim records go to connections open at least this long.
     interval_ns: u64,
-    /// A listing stops after this many keys (see [`Snapshotter::due`]).
+    /// A key-by-key listing stops after this many keys ([`Snapshotter::list_by_key`]).
     max_listed: usize,
 }
 
@@ -81,6 +83,64 @@ fn monotonic_ns() -> u64 {
     // CLOCK_MONOTONIC cannot fail on Linux; 0 would only make every socket look new.
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map_or(0, |ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+}
+
+/// The BPF_MAP_*_BATCH part of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Every tracked socket and its start time, read some thousands at a time
+/// with BPF_MAP_LOOKUP_BATCH (aya has no wrapper for it). Its cursor is a
+/// bucket index, so sockets that close meanwhile do not restart the
+/// listing, as they restart "next key" iteration.
+fn list_batched(socks: &HashMap<MapData, u64, SockState>) -> std::io::Result<Vec<(u64, u64)>> {
+    const CHUNK: usize = 4096;
+    let fd = socks.map().fd().as_fd().as_raw_fd();
+    let mut keys = vec![0u64; CHUNK];
+    // SockState's bytes, as u64s: start_ns is the first.
+    const WORDS: usize = std::mem::size_of::<SockState>() / 8;
+    let mut values = vec![[0u64; WORDS]; CHUNK];
+    let (mut cursor_in, mut cursor_out) = (0u32, 0u32);
+    let mut listed = Vec::new();
+    for first in std::iter::once(true).chain(std::iter::repeat(false)) {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &cursor_in as *const u32 as u64 },
+            out_batch: &mut cursor_out as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: attr names buffers for CHUNK keys and CHUNK values of the
+        // map's sizes (8 and 56 bytes) and two u32 cursors, all alive across
+        // the call; the kernel writes at most `count` of each and the count.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>())
+        };
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let n = (attr.count as usize).min(CHUNK);
+        listed.extend(keys[..n].iter().zip(&values[..n]).map(|(&sk, v)| (sk, v[0])));
+        match err {
+            None => cursor_in = cursor_out,
+            // The end of the map.
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Some(e) => return Err(e),
+        }
+    }
+    Ok(listed)
 }
 
 /// Loads the snapshot program (never attached) and takes the socket map;
@@ -106,23 +166,28 @@ impl Snapshotter {
     }
 
     /// Tracked sockets open at least `min_age_ns` (unknown start: always).
-    /// A hash map's "next key" restarts from the first bucket when the key
-    /// it is given was deleted meanwhile (a short connection closing), so a
-    /// listing may repeat keys: they are deduplicated, and the listing is
-    /// bounded so that heavy churn cannot keep it going for ever.
     fn due(&self, min_age_ns: u64) -> Vec<u64> {
         let now = monotonic_ns();
-        let mut due: Vec<u64> = self
-            .socks
-            .iter()
-            .take(self.max_listed)
-            .filter_map(|kv| kv.ok())
-            .filter(|(_, st)| st.start_ns == 0 || now.saturating_sub(st.start_ns) >= min_age_ns)
+        let listed = list_batched(&self.socks).unwrap_or_else(|e| {
+            debug!("batched listing unavailable ({e}): listing key by key");
+            self.list_by_key()
+        });
+        let mut due: Vec<u64> = listed
+            .into_iter()
+            .filter(|&(_, start_ns)| start_ns == 0 || now.saturating_sub(start_ns) >= min_age_ns)
             .map(|(sk, _)| sk)
             .collect();
         due.sort_unstable();
         due.dedup();
         due
+    }
+
+    /// The fallback (kernels before 5.6): "next key" restarts from the first
+    /// bucket whenever the key it is given was deleted meanwhile (a short
+    /// connection closing), so under churn it may repeat keys and never get
+    /// far: bounded, deduplicated by the caller.
+    fn list_by_key(&self) -> Vec<(u64, u64)> {
+        self.socks.iter().take(self.max_listed).filter_map(|kv| kv.ok()).map(|(sk, st)| (sk, st.start_ns)).collect()
     }
 
     /// One pass: an interim event for every socket open longer than the
