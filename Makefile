@@ -66,6 +66,7 @@ soak: setup build
 ## All benchmarks; figures printed and written to bench/results/*.json and SUMMARY.md.
 bench: setup build
 	$(SUDO) ./target/release/bench-capture
+	$(SUDO) ./target/release/bench-long-lived
 	$(SUDO) env "PATH=$(PATH)" FLOWLOG_TOOLS=$(TOOLS) ./target/release/bench-transport
 	./target/release/bench-enrich
 	python3 bench/summary.py bench/results

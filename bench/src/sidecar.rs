@@ -3,7 +3,7 @@
 use std::{
     io::{BufRead, BufReader},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStdout, Command, Stdio},
 };
 
 use anyhow::{bail, Context};
@@ -18,13 +18,23 @@ pub struct Running {
 
 /// Starts the sidecar with `args` (plus a stats file) and waits until it is attached.
 pub fn start(bin: &Path, args: &[&str]) -> anyhow::Result<Running> {
+    spawn(bin, args, Stdio::null()).map(|(r, _)| r)
+}
+
+/// The same, with its standard output (the records, with `--output json`).
+pub fn start_piped(bin: &Path, args: &[&str]) -> anyhow::Result<(Running, ChildStdout)> {
+    let (r, out) = spawn(bin, args, Stdio::piped())?;
+    Ok((r, out.context("the sidecar's stdout")?))
+}
+
+fn spawn(bin: &Path, args: &[&str], stdout: Stdio) -> anyhow::Result<(Running, Option<ChildStdout>)> {
     let stats_file = std::env::temp_dir().join(format!("flowlog-bench-{}-{}.json", std::process::id(), rand()));
     let mut child = Command::new(bin)
         .args(["--metrics-listen", ""])
         .args(args)
         .arg("--stats-file")
         .arg(&stats_file)
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
@@ -42,7 +52,8 @@ pub fn start(bin: &Path, args: &[&str]) -> anyhow::Result<Running> {
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    Ok(Running { child, pid, stats_file })
+    let out = child.stdout.take();
+    Ok((Running { child, pid, stats_file }, out))
 }
 
 fn rand() -> u32 {

@@ -77,6 +77,18 @@ pub mod flags {
     pub const INTERIM: u16 = 1 << 8;
 }
 
+/// What the snapshot program (`flowlog_snapshot`, run by user space with
+/// BPF_PROG_TEST_RUN for one live socket) returns.
+pub mod snapshot {
+    /// An INTERIM event for the socket is in the ring buffer.
+    pub const SENT: u32 = 0;
+    /// The socket is no longer tracked (it closed meanwhile): nothing to send.
+    pub const GONE: u32 = 1;
+    /// The ring buffer is more than half full: nothing was sent; ask again
+    /// once user space has drained it (the other half is kept for closes).
+    pub const BUSY: u32 = 2;
+}
+
 /// How many transitions [`FlowEvent::state_path`] keeps (4 bits each).
 pub const STATE_PATH_MAX: u32 = 16;
 

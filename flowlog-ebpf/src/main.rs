@@ -23,19 +23,20 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated as gen,
     },
-    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use flowlog_common::{
-    direction, flags, stat, tcp_state, FlowEvent, KernelOffsets, KernelSettings, ListenKey,
+    direction, flags, snapshot, stat, tcp_state, FlowEvent, KernelOffsets, KernelSettings, ListenKey,
     Owner, Scratch, SockState, AF_INET, AF_INET6, COMM_LEN, FLOW_EVENT_KIND_V1, SCRATCH_BYTES,
     STATE_PATH_MAX,
 };
 
 const IPPROTO_TCP: u16 = 6;
-/// BPF_RB_AVAIL_DATA for bpf_ringbuf_query.
+/// BPF_RB_AVAIL_DATA and BPF_RB_RING_SIZE for bpf_ringbuf_query.
 const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_RING_SIZE: u64 = 1;
 
 /// Filled in by the sidecar from BTF before load.
 #[unsafe(no_mangle)]
@@ -408,15 +409,26 @@ fn on_close<C: Fields>(sk: u64, old: u8, at_close: impl FnOnce() -> Option<C>) {
 /// Not attached: user space runs it (BPF_PROG_TEST_RUN, ctx = [sk]) for
 /// every live socket older than the interim interval, to send an INTERIM
 /// event with the counters so far. Nothing runs per packet for this either.
-#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
-pub fn flowlog_snapshot(ctx: RawTracePointContext) -> i32 {
+/// Returns a [`flowlog_common::snapshot`] code, which user space reads as
+/// the test run's return value. Written out by hand rather than with
+/// `#[raw_tracepoint]`, whose wrapper always returns 0: the same no_mangle
+/// function in the section the loader reads as a raw tracepoint.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp/inet_sock_set_state")]
+pub fn flowlog_snapshot(ctx: *mut core::ffi::c_void) -> u32 {
+    let ctx = RawTracePointContext::new(ctx);
     let sk: u64 = unsafe { *(ctx.as_ptr() as *const u64) };
     // Only sockets still tracked: their CLOSE transition (which removes the
     // entry) has not happened, so the socket is alive.
-    let Some(st) = SOCKS.get_ptr(sk) else { return 1 };
+    let Some(st) = SOCKS.get_ptr(sk) else { return snapshot::GONE };
+    // A pass over many sockets must not crowd out closes: past half the
+    // ring, user space waits for its next drain and asks again.
+    if EVENTS.query(BPF_RB_AVAIL_DATA) * 2 > EVENTS.query(BPF_RB_RING_SIZE) {
+        return snapshot::BUSY;
+    }
     let current = (unsafe { (*st).state_path } & 0xf) as u8;
     emit(sk, current, Some(st), true, || copy_socket(sk));
-    0
+    snapshot::SENT
 }
 
 /// Fills and submits one event from the socket (and its entry, if tracked).

@@ -1,9 +1,11 @@
 //! For test suites and benchmarks: the tools `make setup` installs, a real
 //! local Kafka-protocol broker (tansu, through `scripts/broker.sh`, the same
-//! script the demo uses), the local Kubernetes API fixture ([`kube_api`])
-//! and reading a Prometheus endpoint.
+//! script the demo uses), the local Kubernetes API fixture ([`kube_api`]),
+//! reading a Prometheus endpoint, and many long-lived loopback connections
+//! whose flow records must add up exactly ([`long_lived`]).
 
 pub mod kube_api;
+pub mod long_lived;
 pub mod s3;
 pub mod script_server;
 

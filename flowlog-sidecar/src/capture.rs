@@ -27,8 +27,13 @@ use crate::{
     loader::Attached,
     metrics as m,
     sink::{Sink, Tick},
+    snapshot::{Pass, Passes},
     workload::{self, addresses::Listing, Resolver},
 };
+
+/// Events read from the ring buffer before they are sent (a quarter of the
+/// default ring).
+const DRAIN_BATCH: u64 = 8192;
 
 /// Periods of the main loop.
 pub struct Timers {
@@ -153,10 +158,20 @@ impl Capture {
     /// their workload, except those of cgroups not known yet, which a later
     /// drain sends (in order) once they are.
     pub fn drain(&mut self) {
+        while self.drain_batch() {}
+    }
+
+    /// Reads and sends up to [`DRAIN_BATCH`] events; true when it read that
+    /// many (more may wait). In batches, each sent before the next is read:
+    /// what is not processed yet stays in the ring, where the kernel sees it
+    /// (a snapshot pass waits while the ring is half full), memory stays
+    /// bounded however many events wait, and the loop serves its timers
+    /// between batches.
+    fn drain_batch(&mut self) -> bool {
         let mut n = 0u64;
         let mut pending = Vec::new();
         let now = Instant::now();
-        loop {
+        while n < DRAIN_BATCH {
             let decoded = match self.ring.get_mut().next() {
                 Some(item) => FlowEvent::decode(&item),
                 None => break,
@@ -182,6 +197,7 @@ impl Capture {
             metrics::counter!(m::EVENTS_READ).increment(n);
         }
         self.emit_all(pending);
+        n == DRAIN_BATCH
     }
 
     fn emit_all(&mut self, records: Vec<Flow>) {
@@ -242,10 +258,10 @@ impl Capture {
         self.last_reported = now;
     }
 
-    /// Runs until `shutdown` resolves, then drains what is left.
-    /// `snapshot(all)` requests interim events for live connections older
-    /// than the interim interval (all of them when `all`).
-    pub async fn run(&mut self, t: Timers, mut snapshot: impl FnMut(bool) -> u64, shutdown: impl std::future::Future<Output = ()>) {
+    /// Runs until `shutdown` resolves, then drains what is left. Every
+    /// interim interval a snapshot pass (interim events for connections open
+    /// longer than it) runs beside the loop, which keeps draining meanwhile.
+    pub async fn run(&mut self, t: Timers, mut passes: Passes, shutdown: impl std::future::Future<Output = ()>) {
         let mut tick = tokio::time::interval(t.drain);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stats_tick = tokio::time::interval(t.stats);
@@ -256,6 +272,9 @@ impl Capture {
         let mut interim = tokio::time::interval(t.interim.unwrap_or(Duration::from_secs(3600)));
         interim.tick().await;
         tokio::pin!(shutdown);
+        // The last drain read a full batch: drain again as soon as the
+        // other branches had their turn.
+        let mut more = false;
         loop {
             tokio::select! {
                 guard = self.ring.readable_mut() => {
@@ -263,9 +282,17 @@ impl Capture {
                         Ok(mut g) => g.clear_ready(),
                         Err(e) => { error!("ring buffer poll failed: {e}"); }
                     }
-                    self.drain();
+                    more = self.drain_batch();
+                    passes.drained();
                 }
-                _ = tick.tick() => self.drain(),
+                _ = tick.tick() => {
+                    more = self.drain_batch();
+                    passes.drained();
+                }
+                _ = std::future::ready(()), if more => {
+                    more = self.drain_batch();
+                    passes.drained();
+                }
                 _ = stats_tick.tick() => self.report_drops(),
                 _ = heartbeat.tick() => self.sink.tick(Tick::Heartbeat),
                 _ = ip_check.tick() => self.sink.tick(Tick::IdentityCheck),
@@ -277,24 +304,37 @@ impl Capture {
                     }
                 }
                 _ = interim.tick(), if t.interim.is_some() => {
-                    self.begin_round();
-                    let n = snapshot(false);
-                    metrics::counter!(m::INTERIM_RECORDS).increment(n);
-                    debug!(n, "interim snapshots requested");
+                    if passes.start(false) {
+                        self.begin_round();
+                    }
+                }
+                pass = passes.finished() => {
+                    metrics::counter!(m::INTERIM_RECORDS).increment(pass.sent);
+                    debug!(n = pass.sent, "interim snapshots sent");
+                    // Every event of the pass is in the ring by now.
                     self.drain();
-                    self.end_round();
+                    self.end_round(pass.complete);
                 }
                 _ = &mut shutdown => break,
             }
         }
-        // Connections still open at exit get a last interim record.
+        // Connections still open at exit get a last interim record: a pass
+        // still running ends first, then one over every socket; the loop
+        // drains meanwhile, and the drain below takes the last events.
         if t.interim.is_some() {
-            self.begin_round();
-            let n = snapshot(true);
-            metrics::counter!(m::INTERIM_RECORDS).increment(n);
+            let pass = self.drain_until(&mut passes, t.drain).await;
+            metrics::counter!(m::INTERIM_RECORDS).increment(pass.sent);
+            self.drain();
+            self.end_round(pass.complete);
+            if passes.start(true) {
+                self.begin_round();
+            }
+            let pass = self.drain_until(&mut passes, t.drain).await;
+            metrics::counter!(m::INTERIM_RECORDS).increment(pass.sent);
+            self.drain();
+            self.end_round(pass.complete);
         }
         self.drain();
-        self.end_round();
         // Records still waiting for their cgroup's lookup get a last chance.
         let mut rest = Vec::new();
         self.workloads.finish(Duration::from_secs(1), &mut rest);
@@ -302,17 +342,45 @@ impl Capture {
         self.report_drops();
     }
 
+    /// A snapshot pass starts: its interim records make the next carry file.
     fn begin_round(&mut self) {
         if let Some(c) = &mut self.carry {
             c.begin();
         }
     }
 
-    /// Once every interim event of the round has been read.
-    fn end_round(&mut self) {
+    /// Once every interim event of the pass has been read: the carry file is
+    /// replaced only by a pass that covered every socket.
+    fn end_round(&mut self, complete: bool) {
         if let Some(c) = &mut self.carry {
-            c.commit();
+            if complete {
+                c.commit();
+            } else {
+                c.abort();
+            }
         }
+    }
+
+    /// Drains (on wake-ups, and every `every`) until the running snapshot
+    /// pass ends; returns what it did (nothing when none runs).
+    async fn drain_until(&mut self, passes: &mut Passes, every: Duration) -> Pass {
+        let mut tick = tokio::time::interval(every);
+        let mut more = true;
+        while passes.is_running() {
+            tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    if let Ok(mut g) = guard {
+                        g.clear_ready();
+                    }
+                }
+                _ = tick.tick() => {}
+                _ = std::future::ready(()), if more => {}
+                n = passes.finished() => return n,
+            }
+            more = self.drain_batch();
+            passes.drained();
+        }
+        Pass::default()
     }
 
     /// The sink, for closing it once capture is over.

@@ -182,6 +182,11 @@ impl Carry {
         }
     }
 
+    /// Drops the round's file (a pass that did not cover every socket).
+    pub fn abort(&mut self) {
+        self.round = None;
+    }
+
     fn fail(&mut self, e: std::io::Error) {
         if !self.failed {
             warn!(path = %self.tmp.display(), "cannot write the carry file: {e}");

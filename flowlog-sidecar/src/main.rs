@@ -79,15 +79,19 @@ fn main() -> std::process::ExitCode {
 
 async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> {
     bump_memlock_rlimit();
+    if !config.metrics_listen.is_empty() {
+        metrics::serve(config.metrics_listen.parse()?)?;
+        info!(listen = %config.metrics_listen, "serving Prometheus metrics on /metrics");
+    }
+    // Before the program is attached: opening indexes every segment a
+    // previous run left (a full spool takes seconds to read), and once
+    // attached, events wait in the ring buffer until the loop drains it.
+    let spool = (config.output == Output::Kafka).then(|| transport::open_spool(&config.spool)).transpose()?;
     let (mut ebpf, attached) = loader::load(&config, resolved)?;
     // Give back the memory the one-off BTF parse used.
     // SAFETY: plain glibc call.
     unsafe { libc::malloc_trim(0) };
     rss_debug("attached");
-    if !config.metrics_listen.is_empty() {
-        metrics::serve(config.metrics_listen.parse()?)?;
-        info!(listen = %config.metrics_listen, "serving Prometheus metrics on /metrics");
-    }
     let scope = workload::scope::Scope::new(&config.scope).map_err(|(name, reason)| anyhow::anyhow!("{name}: {reason}"))?;
     if !scope.is_all() && config.output == Output::Kafka && config.identity.ips.is_none() {
         warn!("a capture scope is set but identity.ips is not: the machine's addresses are announced as this scope's host's");
@@ -107,7 +111,7 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
     let sink: Box<dyn Sink> = match config.output {
         Output::Kafka => Box::new(KafkaSink::new(
             config.kafka.clone(),
-            config.spool.clone(),
+            spool.context("the spool is opened for Kafka output")?,
             config.identity.clone(),
             announcer.as_ref().map(Announcer::listing),
         )?),
@@ -139,9 +143,11 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
         heartbeat: Duration::from_secs(config.heartbeat_secs),
         interim: (config.interim_interval_secs > 0).then(|| Duration::from_secs(config.interim_interval_secs)),
     };
-    let mut snap = snapshot::Snapshotter::new(&mut ebpf)?;
-    let interim_ns = config.interim_interval_secs * 1_000_000_000;
-    capture.run(timers, |all| snap.run(if all { 0 } else { interim_ns }), shutdown).await;
+    let socks = snapshot::prepare(&mut ebpf)?;
+    // Shared with the snapshot passes' thread, which runs the snapshot program.
+    let ebpf = std::sync::Arc::new(ebpf);
+    let snap = snapshot::Snapshotter::new(socks, ebpf.clone(), config.interim_interval_secs * 1_000_000_000, config.max_sockets);
+    capture.run(timers, snapshot::Passes::new(snap), shutdown).await;
 
     let stats = capture.final_stats(&ebpf, attached);
     capture.into_sink().close(Duration::from_secs(config.shutdown_timeout_secs));

@@ -462,3 +462,50 @@ fn a_second_sidecar_on_the_same_spool_is_refused() {
     first.stop();
     let _ = std::fs::remove_dir_all(&spool);
 }
+
+/// A large spool left by a previous run is opened (every segment read)
+/// before the program is attached: while it is read, nothing drains the
+/// ring buffer, so closes during that time would overflow it. Connections
+/// churn from before the start until the sidecar has captured for a while;
+/// no flow is lost to a full ring. No broker: the spool stays as it is.
+#[test]
+fn a_large_spool_at_start_loses_no_flows() {
+    if !have_root() {
+        return;
+    }
+    let spool = temp_dir("spool-large");
+    // 64 MiB of 200-byte records in 8 MiB segments (a debug build reads
+    // them in seconds); frames as the spool writes them: length, CRC-32, payload.
+    let payload = [7u8; 200];
+    let mut segment = Vec::new();
+    while segment.len() + 208 <= 8 << 20 {
+        segment.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        segment.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        segment.extend_from_slice(&payload);
+    }
+    for i in 0..8u64 {
+        std::fs::write(spool.join(format!("seg-{:016}.log", (1u64 << 40) + i)), &segment).unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                short_connections(50);
+            }
+        })
+    };
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let sc = Sidecar::start(&[
+        "--output", "kafka", "--kafka-brokers", "127.0.0.1:1", "--spool-dir", spool.to_str().unwrap(),
+        "--metrics-listen", &metrics_addr, "--host-id", "large-spool", "--shutdown-timeout-secs", "1",
+        // A small ring, so that a second without drains overflows it.
+        "--ring-buffer-bytes", "262144", "--wakeup-bytes", "65536",
+    ]);
+    wait_metric(&metrics_addr, "flowlog_sidecar_events_read_total", Duration::from_secs(30), |v| v >= 2_000.0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    churn.join().unwrap();
+    let (_, stats) = sc.stop();
+    assert_eq!(stats["kernel"]["ringbuf_full"], 0, "{stats:#}");
+    let _ = std::fs::remove_dir_all(&spool);
+}

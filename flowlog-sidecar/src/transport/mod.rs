@@ -332,19 +332,24 @@ pub struct KafkaSink {
     produced: metrics::Counter,
 }
 
+/// Opens the spool a [`KafkaSink`] writes to (reads every segment a
+/// previous run left: seconds for a full one).
+pub fn open_spool(cfg: &SpoolConfig) -> anyhow::Result<Spool> {
+    gauge!(m::SPOOL_MAX_BYTES).set(cfg.max_bytes as f64);
+    Spool::open(cfg.clone()).map_err(|e| anyhow::anyhow!("opening the spool at {}: {e}", cfg.dir.display()))
+}
+
 impl KafkaSink {
-    /// Starts the producer and the replay thread, and announces the host (START).
+    /// Starts the producer and the replay thread on `spool` ([`open_spool`]),
+    /// and announces the host (START).
     pub fn new(
         cfg: KafkaConfig,
-        spool_cfg: SpoolConfig,
+        spool: Spool,
         identity: IdentityConfig,
         workload_ips: Option<watch::Receiver<Listing>>,
     ) -> anyhow::Result<KafkaSink> {
         let host = identity.current();
         info!(host_id = %host.host_id, ips = ?host.ips, brokers = %cfg.brokers, "producing to Kafka");
-        gauge!(m::SPOOL_MAX_BYTES).set(spool_cfg.max_bytes as f64);
-        let spool = Spool::open(spool_cfg.clone())
-            .map_err(|e| anyhow::anyhow!("opening the spool at {}: {e}", spool_cfg.dir.display()))?;
         if !spool.is_empty() {
             info!(records = spool.records(), bytes = spool.bytes(), "spool holds records from a previous run; replaying");
         }

@@ -1,0 +1,237 @@
+//! `bench-long-lived`: issue 11.3, the sidecar at scale with interim records.
+//!
+//! Opens `--connections` long-lived loopback connections (both ends on this
+//! host: twice as many tracked sockets), exchanges known byte counts over
+//! them, and runs a churn of short connections (the `flowlog-loadgen` load)
+//! meanwhile. Interim passes run every `--interim-secs`: the bench waits for
+//! a pass over every socket, exchanges again, waits for another, closes
+//! half the connections and, once the churn is over, stops the sidecar
+//! (the other half gets its last interim record then). It checks that no
+//! event was lost (ring buffer, socket map) and that every socket's interim
+//! and final records sum to exactly the bytes it sent and received.
+//!
+//! Prints the figures (drops, mismatches, churn rate, the sidecar's CPU and
+//! peak RSS, the socket map's kernel memory) and writes them to
+//! bench/results/long_lived.json.
+use std::{
+    io::BufRead,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use flowlog_bench::{
+    loadgen::{self, LoadSpec},
+    sidecar,
+};
+use flowlog_runtime::{
+    process::Usage,
+    testkit::long_lived::{LongLived, Totals},
+};
+use serde::Serialize;
+use serde_json::Value;
+
+#[derive(Parser)]
+struct Args {
+    /// The sidecar binary (release build).
+    #[arg(long, default_value = "target/release/flowlog-sidecar")]
+    sidecar: PathBuf,
+    /// Long-lived connections (each is two tracked sockets on loopback).
+    #[arg(long, default_value_t = 100_000)]
+    connections: usize,
+    #[arg(long, default_value_t = 5)]
+    interim_secs: u64,
+    /// How long the churn of short connections runs.
+    #[arg(long, default_value_t = 30.0)]
+    seconds: f64,
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    #[arg(long, default_value_t = 4)]
+    servers: usize,
+    /// The sidecar's socket map size (`max_sockets`).
+    #[arg(long, default_value_t = 262_144)]
+    max_sockets: u32,
+    #[arg(long, default_value = "bench/results/long_lived.json")]
+    out: PathBuf,
+}
+
+#[derive(Default)]
+struct Seen {
+    totals: Totals,
+    /// Records of other sockets (the churn's).
+    other: u64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    benchmark: &'static str,
+    load: String,
+    long_lived_connections: usize,
+    tracked_long_lived_sockets: usize,
+    closed_before_stop: usize,
+    open_seconds: f64,
+    churn: loadgen::LoadResult,
+    /// From the exchange after opening until every socket had an interim
+    /// record (waits for the next tick, then one pass).
+    first_pass_seconds: f64,
+    interim_records: u64,
+    final_records: u64,
+    other_records: u64,
+    events_read: u64,
+    ringbuf_full: u64,
+    sock_map_full: u64,
+    decode_errors: u64,
+    drops: u64,
+    /// Sockets whose records do not sum to what they sent and received.
+    mismatched_sockets: usize,
+    mismatches: Vec<String>,
+    sidecar_user_s: f64,
+    sidecar_sys_s: f64,
+    sidecar_cpu_percent: f64,
+    sidecar_peak_rss_mb: f64,
+    /// The socket map's kernel memory (its fdinfo `memlock`) at `max_sockets`.
+    max_sockets: u32,
+    socket_map_kernel_bytes: u64,
+    targets: Value,
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("bench-long-lived needs root (it loads eBPF)");
+    }
+    if !a.sidecar.exists() {
+        bail!("{} not found: build it with `cargo build --release -p flowlog-sidecar`", a.sidecar.display());
+    }
+    let interim = a.interim_secs.to_string();
+    let max_sockets = a.max_sockets.to_string();
+    let (sc, stdout) = sidecar::start_piped(
+        &a.sidecar,
+        &["--output", "json", "--interim-interval-secs", &interim, "--max-sockets", &max_sockets],
+    )?;
+    let pid = sc.pid;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut s = seen.lock().unwrap();
+                if !s.totals.add_json(&line).unwrap_or(false) {
+                    s.other += 1;
+                }
+            }
+        })
+    };
+    let wait = |what: &str, ok: &dyn Fn(&Seen) -> bool| -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        while !ok(&seen.lock().unwrap()) {
+            if t0.elapsed() > Duration::from_secs(300) {
+                bail!("timed out waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    };
+    let u0 = Usage::of(pid)?;
+    let t0 = Instant::now();
+    let mut conns = LongLived::open(a.connections).context("opening the long-lived connections")?;
+    let open_seconds = t0.elapsed().as_secs_f64();
+    eprintln!("{} long-lived connections open in {open_seconds:.1} s", a.connections);
+    conns.exchange()?;
+    let spec = LoadSpec {
+        client_threads: a.clients,
+        server_threads: a.servers,
+        duration: Duration::from_secs_f64(a.seconds),
+        ..LoadSpec::default()
+    };
+    let churn = std::thread::spawn(move || loadgen::run(spec));
+    let n = a.connections as u64;
+    let t1 = Instant::now();
+    wait("a pass over every socket", &|s| s.totals.interim_records >= 2 * n)?;
+    let first_pass_seconds = t1.elapsed().as_secs_f64();
+    eprintln!("first pass over every socket after {first_pass_seconds:.1} s");
+    conns.exchange()?;
+    wait("a second pass", &|s| s.totals.interim_records >= 4 * n)?;
+    let closed = conns.close_every(2, usize::MAX)?;
+    wait("the closed connections' final records", &|s| s.totals.final_records >= 2 * closed as u64)?;
+    let churn = churn.join().map_err(|_| anyhow::anyhow!("the churn panicked"))??;
+    eprintln!("churn: {:.0} connections/s ({} errors)", churn.connections_per_sec, churn.errors);
+    let u1 = Usage::of(pid)?;
+    let map_bytes = socket_map_memlock(pid, a.max_sockets);
+    let wall = t0.elapsed().as_secs_f64();
+    let stats = sc.stop()?;
+    reader.join().map_err(|_| anyhow::anyhow!("the record reader panicked"))?;
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let mut mismatches = conns.check(&seen.totals)?;
+    let mismatched_sockets = mismatches.len();
+    mismatches.truncate(10);
+    let k = |key: &str| stats["kernel"][key].as_u64().unwrap_or(0);
+    let (ringbuf_full, sock_map_full) = (k("ringbuf_full"), k("sock_map_full"));
+    let decode_errors = stats["user"]["decode_errors"].as_u64().unwrap_or(0);
+    let (user, sys) = (u1.user_seconds - u0.user_seconds, u1.system_seconds - u0.system_seconds);
+    let report = Report {
+        benchmark: "long_lived",
+        load: format!(
+            "loopback: {} long-lived connections, interim every {} s, churn of {} client / {} server threads for {} s",
+            a.connections, a.interim_secs, a.clients, a.servers, a.seconds
+        ),
+        long_lived_connections: a.connections,
+        tracked_long_lived_sockets: 2 * a.connections,
+        closed_before_stop: closed,
+        open_seconds,
+        churn,
+        first_pass_seconds,
+        interim_records: seen.totals.interim_records,
+        final_records: seen.totals.final_records,
+        other_records: seen.other,
+        events_read: stats["user"]["events_read"].as_u64().unwrap_or(0),
+        ringbuf_full,
+        sock_map_full,
+        decode_errors,
+        drops: ringbuf_full + sock_map_full + decode_errors,
+        mismatched_sockets,
+        mismatches,
+        sidecar_user_s: user,
+        sidecar_sys_s: sys,
+        sidecar_cpu_percent: (user + sys) / wall * 100.0,
+        sidecar_peak_rss_mb: u1.peak_rss_bytes as f64 / 1048576.0,
+        max_sockets: a.max_sockets,
+        socket_map_kernel_bytes: map_bytes,
+        targets: serde_json::json!({ "drops": 0, "mismatched_sockets": 0, "churn_connections_per_sec": 20000 }),
+    };
+    println!("long-lived benchmark ({})", report.load);
+    println!("  churn connections/s             {:>10.0}  (aim 20000)", report.churn.connections_per_sec);
+    println!("  records: interim {} / final {} (long-lived), other {}", report.interim_records, report.final_records, report.other_records);
+    println!("  first pass over every socket    {:>10.1} s", report.first_pass_seconds);
+    println!("  drops (ring, map, decode)       {:>10}  (target 0)", report.drops);
+    println!("  sockets not adding up exactly   {:>10}  (target 0)", report.mismatched_sockets);
+    println!("  sidecar CPU                     {:>10.1} %  (user {:.1} s, sys {:.1} s over {wall:.0} s)", report.sidecar_cpu_percent, user, sys);
+    println!("  sidecar peak RSS MB             {:>10.1}", report.sidecar_peak_rss_mb);
+    println!("  socket map kernel memory MB     {:>10.1}  (max_sockets {})", map_bytes as f64 / 1048576.0, a.max_sockets);
+    if let Some(dir) = a.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)?;
+    println!("  written to {}", a.out.display());
+    if report.drops > 0 || report.mismatched_sockets > 0 {
+        bail!("records were lost or do not add up: {:#?}", report.mismatches);
+    }
+    Ok(())
+}
+
+/// The `memlock` of the sidecar's socket map (the hash map with 8-byte keys,
+/// 56-byte values and `max_sockets` entries), from its fd's fdinfo; 0 if
+/// not found.
+fn socket_map_memlock(pid: u32, max_sockets: u32) -> u64 {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return 0 };
+    for fd in fds.filter_map(Result::ok) {
+        let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+        let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or("");
+        if field("key_size:") == "8" && field("value_size:") == "56" && field("max_entries:") == max_sockets.to_string() {
+            return field("memlock:").parse().unwrap_or(0);
+        }
+    }
+    0
+}
