@@ -66,9 +66,11 @@ soak: setup build
 ## All benchmarks; figures printed and written to bench/results/*.json and SUMMARY.md.
 bench: setup build
 	$(SUDO) ./target/release/bench-capture
-	$(SUDO) ./target/release/bench-long-lived
 	$(SUDO) env "PATH=$(PATH)" FLOWLOG_TOOLS=$(TOOLS) ./target/release/bench-transport
 	./target/release/bench-enrich
+	# Last, and its failure does not stop the summary: at 100 000 connections
+	# it has stalled after the first interim pass (issue 11, open).
+	-$(SUDO) ./target/release/bench-long-lived
 	python3 bench/summary.py bench/results
 
 clean:
