@@ -222,6 +222,65 @@ fn broker_outage_loses_nothing() {
     }
 }
 
+/// Traffic that never stops, through an outage and after it: once the
+/// spool is replayed the sidecar produces live again (before, every record
+/// kept going to the spool behind the segment being replayed, and the spool
+/// never emptied while records came faster than one replay round trip).
+#[test]
+fn after_an_outage_records_go_live_again() {
+    let Some(Setup { spool, metrics_addr, host_id }) = setup("live-again") else { return };
+    let port = free_port();
+    let brokers = format!("127.0.0.1:{port}");
+    let cfg = spool.join("sidecar.toml");
+    std::fs::write(&cfg, "[kafka]\nmessage_timeout_ms = 2000\n").unwrap();
+    let mut args = kafka_args(&brokers, spool.to_str().unwrap(), &metrics_addr, &host_id);
+    args.extend(["--config", cfg.to_str().unwrap()]);
+    let sc = Sidecar::start(&args);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            // About 200 connections/s: faster than one replay round trip.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                short_connections(5);
+                n += 5;
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            n
+        })
+    };
+    wait_metric(&metrics_addr, "flowlog_sidecar_spool_records", Duration::from_secs(30), |v| v >= 100.0);
+    let _broker = Broker::start_on(port, &spec("live-again")).expect("start the broker");
+    // Traffic goes on: the spool still empties, and stays empty.
+    wait_metric(&metrics_addr, "flowlog_sidecar_spool_records", Duration::from_secs(90), |v| v == 0.0);
+    let body = scrape(&metrics_addr);
+    let (spooled, produced) = (total(&body, "flowlog_sidecar_flows_spooled_total"), sample(&body, "flowlog_sidecar_flows_produced_total"));
+    wait_metric(&metrics_addr, "flowlog_sidecar_flows_produced_total", Duration::from_secs(30), |v| v >= produced + 200.0);
+    let body = scrape(&metrics_addr);
+    assert_eq!(total(&body, "flowlog_sidecar_flows_spooled_total"), spooled, "records still spooled with the broker up:\n{body}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let connections = traffic.join().unwrap();
+    assert!(connections >= 100, "{connections}");
+    let (_, stats) = sc.stop();
+    assert_eq!(stats["kernel"]["ringbuf_full"], 0);
+    // Every record once, in sequence order (the spool's first, then live ones).
+    let ids = heartbeats_to_stop(&brokers, &host_id);
+    let all = all_produced(&brokers, &host_id, &ids.last().expect("STOP heartbeat").value);
+    let seqs: Vec<i64> = all.iter().map(|c| long(&c.value, "sequence")).collect();
+    let mut sorted = seqs.clone();
+    sorted.sort();
+    assert_eq!(seqs, sorted, "out of order");
+}
+
+/// The sum of a counter over its label sets.
+fn total(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// SIGTERM while the broker is down spools what is pending; the next run
 /// replays it.
 #[test]

@@ -9,7 +9,8 @@
 //! at a time, once the broker answers, and deletes a segment only when the
 //! broker has acknowledged all its records: a crash during replay sends some
 //! again (same host, epoch and sequence), never fewer. While anything is
-//! spooled, new records queue behind it. What is lost is counted in
+//! spooled, new records queue behind it, until the replay has handed the
+//! last spooled segment to the producer. What is lost is counted in
 //! `flows_dropped_total{reason}`: what the spool cannot hold or write, and
 //! records no retry can deliver ([`kafka::undeliverable`]).
 
@@ -110,6 +111,9 @@ struct Shared {
     healthy: AtomicBool,
     /// True while the replay thread holds failed records not yet in the spool.
     in_hand: AtomicBool,
+    /// Set (under the spool's lock) once every record of the leased segment,
+    /// the only one spooled, was handed to the producer; cleared when it settles.
+    handed_off: AtomicBool,
     /// Set at shutdown: when the replay thread must let go.
     stop: OnceLock<Instant>,
     acks: Mutex<Acks>,
@@ -125,11 +129,17 @@ impl Shared {
     }
 
     /// Anything older than a new record still waits to be sent: the new
-    /// record must queue behind it.
+    /// record must queue behind it. Once the replay has handed the last
+    /// spooled segment to the producer, nothing older waits: new records go
+    /// to the producer behind it (same partition, idempotent, in order)
+    /// instead of to the spool, which would otherwise never empty while
+    /// records keep coming faster than one replay round trip.
     fn backlog(&self) -> bool {
-        self.in_hand.load(Ordering::Relaxed)
-            || !self.retry.lock().unwrap().is_empty()
-            || !self.spool.lock().unwrap().is_empty()
+        if self.in_hand.load(Ordering::Relaxed) || !self.retry.lock().unwrap().is_empty() {
+            return true;
+        }
+        let sp = self.spool.lock().unwrap();
+        !(sp.is_empty() || (self.handed_off.load(Ordering::Relaxed) && sp.only_leased()))
     }
 
     fn set_healthy(&self, up: bool) {
@@ -358,6 +368,7 @@ impl KafkaSink {
             retry: Mutex::new(Default::default()),
             healthy: AtomicBool::new(true),
             in_hand: AtomicBool::new(false),
+            handed_off: AtomicBool::new(false),
             stop: OnceLock::new(),
             acks: Mutex::new(Acks::default()),
             acked: Condvar::new(),
@@ -615,6 +626,12 @@ impl Replayer {
         }
         *self.shared.acks.lock().unwrap() = Acks { outcome: vec![Outcome::Pending; records.len()], reported: 0 };
         let sent = self.send(&records);
+        if sent == records.len() {
+            self.shared.with_spool(|sp| {
+                let last = sp.only_leased() && !self.shared.in_hand.load(Ordering::Relaxed) && self.shared.retry.lock().unwrap().is_empty();
+                self.shared.handed_off.store(last, Ordering::Relaxed);
+            });
+        }
         let outcome = self.wait_for(sent);
         let left: Vec<&[u8]> = records
             .iter()
@@ -630,7 +647,10 @@ impl Replayer {
                 (records.len() as u64, lease.bytes)
             }
         };
-        self.shared.with_spool(|sp| sp.settle(lease, n, bytes));
+        self.shared.with_spool(|sp| {
+            sp.settle(lease, n, bytes);
+            self.shared.handed_off.store(false, Ordering::Relaxed);
+        });
     }
 
     /// Produces `records` in order, each tagged with its index; returns how

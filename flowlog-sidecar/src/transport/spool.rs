@@ -206,6 +206,12 @@ impl Spool {
         self.segments.iter().all(|s| s.records == 0)
     }
 
+    /// Nothing is spooled but the leased segment (whose records the replay
+    /// may have handed to the producer already).
+    pub fn only_leased(&self) -> bool {
+        self.segments.iter().all(|s| s.leased || s.records == 0)
+    }
+
     /// Bytes spooled, including the leased segment's.
     pub fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.bytes).sum()
