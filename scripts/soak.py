@@ -289,6 +289,8 @@ def main():
     try:
         return run(parse_args())
     finally:
+        # A second SIGTERM must not cut the cleanup short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for undo in reversed(CLEANUP):
             try:
                 undo()
