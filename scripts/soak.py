@@ -465,7 +465,11 @@ def run(a):
 
     def caught_up():
         nonlocal last
-        last = committed(brokers)
+        try:
+            last = committed(brokers)
+        except Exception as e:  # noqa: BLE001 - a busy broker: ask again
+            log(f"reading the committed offsets failed ({e}); again")
+            return False
         keep_scrapes()
         sample()
         return all(last.get(p, 0) >= e for p, e in ends.items())
