@@ -171,22 +171,12 @@ fn flows_reach_the_broker_exactly() {
 /// spool) and all arrive, in sequence order, once it starts.
 #[test]
 fn broker_outage_loses_nothing() {
-    let Some(Setup { spool, metrics_addr, host_id }) = setup("outage") else { return };
-    let port = free_port();
-    let brokers = format!("127.0.0.1:{port}");
-    let cfg = spool.join("sidecar.toml");
-    // Short delivery timeout so records move to the spool within the test.
-    std::fs::write(&cfg, "[kafka]\nmessage_timeout_ms = 2000\n").unwrap();
-    let mut args = kafka_args(&brokers, spool.to_str().unwrap(), &metrics_addr, &host_id);
-    args.extend(["--config", cfg.to_str().unwrap()]);
-    let sc = Sidecar::start(&args);
+    let Some(setup) = setup("outage") else { return };
+    let (port, brokers, sc) = start_before_the_broker(&setup);
+    let Setup { metrics_addr, host_id, .. } = setup;
     let (sp, cps) = short_connections(50);
     // Wait until the records are on disk.
-    let t0 = std::time::Instant::now();
-    while sample(&scrape(&metrics_addr), "flowlog_sidecar_spool_records") < 100.0 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "records never reached the spool: {}", scrape(&metrics_addr));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_metric(&metrics_addr, "flowlog_sidecar_spool_records", Duration::from_secs(30), |v| v >= 100.0);
     let body = scrape(&metrics_addr);
     assert_eq!(sample(&body, "flowlog_sidecar_broker_up"), 0.0);
 
@@ -210,12 +200,9 @@ fn broker_outage_loses_nothing() {
 
     let ids = heartbeats_to_stop(&brokers, &host_id);
     let all = all_produced(&brokers, &host_id, &ids.last().expect("STOP heartbeat").value);
-    let values: Vec<&Value> = all.iter().map(|c| &c.value).collect();
     // Spooled records were replayed in order: the topic holds them by sequence.
-    let seqs: Vec<i64> = values.iter().map(|v| long(v, "sequence")).collect();
-    let mut sorted = seqs.clone();
-    sorted.sort();
-    assert_eq!(seqs, sorted, "replayed out of order");
+    assert_in_sequence_order(&all);
+    let values: Vec<&Value> = all.iter().map(|c| &c.value).collect();
     for cp in cps {
         let n = values.iter().filter(|v| ports(v) == (cp as i64, sp as i64) || ports(v) == (sp as i64, cp as i64)).count();
         assert_eq!(n, 2, "connection from port {cp}");
@@ -228,14 +215,9 @@ fn broker_outage_loses_nothing() {
 /// never emptied while records came faster than one replay round trip).
 #[test]
 fn after_an_outage_records_go_live_again() {
-    let Some(Setup { spool, metrics_addr, host_id }) = setup("live-again") else { return };
-    let port = free_port();
-    let brokers = format!("127.0.0.1:{port}");
-    let cfg = spool.join("sidecar.toml");
-    std::fs::write(&cfg, "[kafka]\nmessage_timeout_ms = 2000\n").unwrap();
-    let mut args = kafka_args(&brokers, spool.to_str().unwrap(), &metrics_addr, &host_id);
-    args.extend(["--config", cfg.to_str().unwrap()]);
-    let sc = Sidecar::start(&args);
+    let Some(setup) = setup("live-again") else { return };
+    let (port, brokers, sc) = start_before_the_broker(&setup);
+    let Setup { metrics_addr, host_id, .. } = setup;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let traffic = {
         let stop = stop.clone();
@@ -267,6 +249,24 @@ fn after_an_outage_records_go_live_again() {
     // Every record once, in sequence order (the spool's first, then live ones).
     let ids = heartbeats_to_stop(&brokers, &host_id);
     let all = all_produced(&brokers, &host_id, &ids.last().expect("STOP heartbeat").value);
+    assert_in_sequence_order(&all);
+}
+
+/// A sidecar whose broker (port, address) is not there yet, with a short
+/// delivery timeout so records move to the spool within a test.
+fn start_before_the_broker(s: &Setup) -> (u16, String, Sidecar) {
+    let port = free_port();
+    let brokers = format!("127.0.0.1:{port}");
+    let cfg = s.spool.join("sidecar.toml");
+    std::fs::write(&cfg, "[kafka]\nmessage_timeout_ms = 2000\n").unwrap();
+    let mut args = kafka_args(&brokers, s.spool.to_str().unwrap(), &s.metrics_addr, &s.host_id);
+    args.extend(["--config", cfg.to_str().unwrap()]);
+    let sc = Sidecar::start(&args);
+    (port, brokers, sc)
+}
+
+/// The records are in the topic in sequence order.
+fn assert_in_sequence_order(all: &[Consumed]) {
     let seqs: Vec<i64> = all.iter().map(|c| long(&c.value, "sequence")).collect();
     let mut sorted = seqs.clone();
     sorted.sort();
