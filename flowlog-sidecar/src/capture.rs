@@ -134,6 +134,10 @@ impl Capture {
         if let Some(gone) = carry.adopt(flow) {
             self.reported.remove(&gone);
         }
+        // Between passes nothing is written: no lookup per flow.
+        if !carry.in_round() {
+            return;
+        }
         if flow.record_type == RecordType::Interim || self.reported.contains_key(&flow.connection_id) {
             carry.note(flow);
         }

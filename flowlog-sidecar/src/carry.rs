@@ -143,6 +143,11 @@ impl Carry {
         };
     }
 
+    /// A pass's file is being written.
+    pub fn in_round(&self) -> bool {
+        self.round.is_some()
+    }
+
     /// Adds a record read during the round: every INTERIM record, and the
     /// FINAL record of a connection that had interim records.
     pub fn note(&mut self, flow: &Flow) {
