@@ -55,7 +55,8 @@ demo: setup build
 	bash scripts/demo.sh
 
 ## The pipeline for SOAK_MINUTES under steady load and faults (the sidecar
-## cut off from the broker, then killed -9 mid-replay; an enricher killed -9),
+## cut off from the broker, then killed -9 mid-replay; the broker restarted;
+## an enricher killed -9),
 ## checked exactly: every (host, epoch, sequence) in the lake once, drops by
 ## reason, each process's RSS over time (scripts/soak.py; root).
 SOAK_MINUTES ?= 10

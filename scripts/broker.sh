@@ -74,8 +74,10 @@ start)
         sleep 0.1
     done
     if [ "$ready" != 1 ]; then
-        # Someone bound the port between the check above and the broker's bind.
-        if ! running "$pid" && [ -n "$(listeners "$port")" ]; then
+        # Someone bound the port between the check above and the broker's
+        # bind, or a connection in TIME_WAIT still holds it as its local port
+        # (a port from the ephemeral range: tansu binds without SO_REUSEADDR).
+        if ! running "$pid" && { [ -n "$(listeners "$port")" ] || grep -q AddrInUse "$dir/broker.log"; }; then
             echo "port $port was taken before the broker bound it" >&2; rm -f "$dir/broker.pid"; exit 3
         fi
         echo "broker did not start:" >&2; cat "$dir/broker.log" >&2; stop_broker "$pid" || true; exit 1

@@ -30,9 +30,6 @@ pub static FLOW_V2: SchemaDef = SchemaDef::new("flow", include_str!("../../schem
 /// Every schema, for tests and docs.
 pub static ALL: [&SchemaDef; 3] = [&FLOW, &IDENTITY, &ENRICHED_FLOW];
 
-/// The Kafka header that names a message's schema (hex fingerprint).
-pub const FINGERPRINT_HEADER: &str = "flowlog.schema.fingerprint";
-
 impl SchemaDef {
     const fn new(name: &'static str, json: &'static str) -> SchemaDef {
         SchemaDef { name, json, fingerprint: OnceLock::new() }
@@ -51,11 +48,6 @@ impl SchemaDef {
             fp.copy_from_slice(&self.parse().fingerprint::<Rabin>().bytes[..8]);
             fp
         })
-    }
-
-    /// The fingerprint as lowercase hex (the fingerprint header's value).
-    pub fn fingerprint_hex(&self) -> String {
-        self.fingerprint().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// The 10-byte single-object header.

@@ -142,14 +142,16 @@ fn flows_reach_the_broker_exactly() {
     assert_eq!(reasons.last().map(String::as_str), Some("STOP"));
     let all = all_produced(&brokers, &host_id, &ids.last().unwrap().value);
 
-    // Exact record contents, message key and fingerprint header.
-    let fp_hex = schemas::FLOW.fingerprint_hex();
+    // Exact record contents, message key, the schema's fingerprint in the
+    // payload and no Kafka headers (per-message cost; the payload names its schema).
+    let fp = schemas::FLOW.fingerprint();
     let both: Vec<&Consumed> = all.iter().filter(|c| is_host(c, &host_id) && (ports(&c.value) == (cp, sp) || ports(&c.value) == (sp, cp))).collect();
     assert_eq!(both.len(), 2);
     for c in both {
         let v = &c.value;
         assert_eq!(c.key, host_id);
-        assert_eq!(c.fingerprint_header, fp_hex);
+        assert_eq!(c.fingerprint, fp);
+        assert_eq!(c.headers, 0);
         assert_eq!(field(host(v), "workload"), &Value::Union(1, Box::new(Value::String("test-workload".into()))));
         assert_eq!(enum_sym(v, "record_type"), "FINAL");
         assert_eq!(enum_sym(v, "family"), "IPV4");

@@ -32,13 +32,12 @@ use metrics::{counter, gauge, histogram};
 use tokio::sync::watch;
 use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
-    message::{Header, OwnedHeaders},
     producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer},
     ClientContext, Message,
 };
 use tracing::{info, warn};
 
-use flowlog_schema::{schemas::FINGERPRINT_HEADER, Flow, HostIdentity, Identity, IdentityReason, FLOW, IDENTITY};
+use flowlog_schema::{Flow, HostIdentity, Identity, IdentityReason};
 
 use crate::{
     identity::IdentityConfig,
@@ -330,8 +329,6 @@ pub struct KafkaSink {
     producer: Arc<ThreadedProducer<Ctx>>,
     shared: Arc<Shared>,
     cfg: KafkaConfig,
-    flow_fp: String,
-    identity_fp: String,
     /// Where the host's identity comes from (re-read for IP changes).
     identity: IdentityConfig,
     host: HostIdentity,
@@ -388,7 +385,6 @@ impl KafkaSink {
             shared: shared.clone(),
             topic: cfg.flow_topic.clone(),
             key: host.host_id.clone(),
-            fp: FLOW.fingerprint_hex(),
         };
         let replayer = thread::Builder::new().name("flowlog-replay".into()).spawn(move || replayer.run())?;
         let mut sink = KafkaSink {
@@ -398,8 +394,6 @@ impl KafkaSink {
             workload_ips,
             producer,
             shared,
-            flow_fp: FLOW.fingerprint_hex(),
-            identity_fp: IDENTITY.fingerprint_hex(),
             cfg,
             replayer: Some(replayer),
             produced: counter!(m::FLOWS_PRODUCED),
@@ -433,12 +427,8 @@ impl KafkaSink {
             self.shared.spool(msg, "broker_down");
             return;
         }
-        let headers = OwnedHeaders::new().insert(Header { key: FINGERPRINT_HEADER, value: Some(self.flow_fp.as_str()) });
         let sent = if timed { sent_timed() } else { SENT_UNTIMED };
-        let rec = BaseRecord::with_opaque_to(&self.cfg.flow_topic, sent)
-            .key(self.host.host_id.as_str())
-            .payload(msg)
-            .headers(headers);
+        let rec = BaseRecord::with_opaque_to(&self.cfg.flow_topic, sent).key(self.host.host_id.as_str()).payload(msg);
         match self.producer.send(rec) {
             Ok(()) => self.produced.increment(1),
             Err((e, _)) => match (kafka::undeliverable(&e), e) {
@@ -468,11 +458,9 @@ impl KafkaSink {
                 .unwrap_or_default(),
         }
         .to_message();
-        let headers = OwnedHeaders::new().insert(Header { key: FINGERPRINT_HEADER, value: Some(self.identity_fp.as_str()) });
         let rec = BaseRecord::with_opaque_to(&self.cfg.identity_topic, SENT_IDENTITY)
             .key(self.host.host_id.as_str())
-            .payload(&buf[..])
-            .headers(headers);
+            .payload(&buf[..]);
         let label = match reason {
             IdentityReason::Start => "start",
             IdentityReason::Heartbeat => "heartbeat",
@@ -559,7 +547,6 @@ struct Replayer {
     shared: Arc<Shared>,
     topic: String,
     key: String,
-    fp: String,
 }
 
 impl Replayer {
@@ -662,8 +649,7 @@ impl Replayer {
                 if self.shared.stopping() {
                     return i;
                 }
-                let headers = OwnedHeaders::new().insert(Header { key: FINGERPRINT_HEADER, value: Some(self.fp.as_str()) });
-                let rec = BaseRecord::with_opaque_to(&self.topic, REPLAYED | i).key(self.key.as_str()).payload(&r[..]).headers(headers);
+                let rec = BaseRecord::with_opaque_to(&self.topic, REPLAYED | i).key(self.key.as_str()).payload(&r[..]);
                 match self.producer.send(rec) {
                     Ok(()) => {
                         counter!(m::FLOWS_PRODUCED).increment(1);

@@ -29,7 +29,10 @@ pub fn spec(name: &str) -> BrokerSpec<'_> {
 #[derive(Debug, Clone)]
 pub struct Consumed {
     pub key: String,
-    pub fingerprint_header: String,
+    /// Kafka headers on the message (none: the payload says its schema).
+    pub headers: usize,
+    /// The schema fingerprint of the payload's single-object header.
+    pub fingerprint: [u8; 8],
     pub value: Value,
 }
 
@@ -56,11 +59,12 @@ pub fn consume(brokers: &str, topic: &str, schema_json: &str, timeout: Duration,
                 last_progress = Instant::now();
                 let payload = m.payload().expect("payload");
                 let value = reader.read_value(&mut &payload[..]).expect("decodes with apache-avro");
-                let fp = m
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == "flowlog.schema.fingerprint").and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned())))
-                    .unwrap_or_default();
-                out.push(Consumed { key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(), fingerprint_header: fp, value });
+                out.push(Consumed {
+                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                    headers: m.headers().map_or(0, |h| h.count()),
+                    fingerprint: payload[2..10].try_into().expect("single-object header"),
+                    value,
+                });
             }
             Some(Err(e)) => eprintln!("consume error: {e}"),
             None => {}
