@@ -33,31 +33,21 @@ enum Column {
 }
 
 impl Column {
-    /// A placeholder in this row for the field of a null record: any value
-    /// will do, the record's validity masks it (an empty one: no null bit
-    /// to set).
-    fn append_masked(&mut self) {
+    /// `n` nulls in a row: values that are null, and the fields of null
+    /// records (a record's validity masks them; nulls are the cheapest to
+    /// append in bulk). A map has no validity: an empty one.
+    fn append_nulls(&mut self, n: usize) {
         match self {
-            Column::Utf8(b) => b.append_value(""),
-            Column::Int32(b) => b.append_value(0),
-            Column::Int64(b) => b.append_value(0),
-            Column::Float32(b) => b.append_value(0.0),
-            Column::Boolean(b) => b.append_value(false),
-            Column::Struct { nulls, .. } => nulls.append_non_null(),
-            Column::Map { offsets, .. } => offsets.push(*offsets.last().unwrap_or(&0)),
-        }
-    }
-
-    /// A null in this row.
-    fn append_null(&mut self) {
-        match self {
-            Column::Utf8(b) => b.append_null(),
-            Column::Int32(b) => b.append_null(),
-            Column::Int64(b) => b.append_null(),
-            Column::Float32(b) => b.append_null(),
-            Column::Boolean(b) => b.append_null(),
-            Column::Struct { nulls, .. } => nulls.append_null(),
-            Column::Map { offsets, .. } => offsets.push(*offsets.last().unwrap_or(&0)),
+            Column::Utf8(b) => b.append_nulls(n),
+            Column::Int32(b) => b.append_nulls(n),
+            Column::Int64(b) => b.append_nulls(n),
+            Column::Float32(b) => b.append_nulls(n),
+            Column::Boolean(b) => b.append_nulls(n),
+            Column::Struct { nulls, .. } => nulls.append_n_nulls(n),
+            Column::Map { offsets, .. } => {
+                let last = *offsets.last().unwrap_or(&0);
+                offsets.resize(offsets.len() + n, last);
+            }
         }
     }
 }
@@ -66,6 +56,11 @@ impl Column {
 pub struct Columns {
     schema: SchemaRef,
     columns: Vec<Column>,
+    /// Nulls each column owes, appended all at once before its next value
+    /// (or at `finish`): a null costs a count, not a builder call, and a
+    /// null record a count per field (most remote peers have no owner: a
+    /// dozen fields each).
+    owed: Vec<u32>,
     /// The column the record's next value goes to.
     at: usize,
     /// Set when a value did not fit the column it came to (the record and
@@ -79,7 +74,8 @@ impl Columns {
         for f in schema.fields() {
             walk(f, &mut columns)?;
         }
-        Ok(Columns { schema, columns, at: 0, mismatch: None })
+        let owed = vec![0; columns.len()];
+        Ok(Columns { schema, columns, owed, at: 0, mismatch: None })
     }
 
     /// Appends one record as a row.
@@ -96,18 +92,32 @@ impl Columns {
         if let Some(c) = self.mismatch {
             bail!("enriched records do not fit the Arrow schema at column {c} of the walk");
         }
+        for i in 0..self.columns.len() {
+            self.pay(i);
+        }
         let mut columns = self.columns.iter_mut();
         let arrays =
             self.schema.fields().iter().map(|f| build(f, &mut columns)).collect::<anyhow::Result<Vec<_>>>()?;
         Ok(RecordBatch::try_new(self.schema.clone(), arrays)?)
     }
 
-    /// The column the next value goes to (None past the end).
+    /// The column the next value goes to (None past the end), its owed
+    /// nulls appended.
     #[inline]
     fn next(&mut self) -> Option<&mut Column> {
-        let c = self.columns.get_mut(self.at);
+        let at = self.at;
         self.at += 1;
-        c
+        self.pay(at);
+        self.columns.get_mut(at)
+    }
+
+    /// Appends the nulls column `i` owes.
+    #[inline]
+    fn pay(&mut self, i: usize) {
+        if let Some(n) = self.owed.get_mut(i).filter(|n| **n != 0) {
+            self.columns[i].append_nulls(*n as usize);
+            *n = 0;
+        }
     }
 
     #[cold]
@@ -207,19 +217,21 @@ impl Encoder for Columns {
     fn null_or(&mut self, present: bool) {
         let at = self.at;
         match self.columns.get_mut(at) {
-            Some(Column::Struct { nulls, .. }) if present => {
-                nulls.append_non_null();
-                self.at += 1;
-            }
             Some(Column::Struct { nulls, end }) => {
-                nulls.append_null();
-                let end = *end;
-                self.columns[at + 1..end].iter_mut().for_each(Column::append_masked);
-                self.at = end;
+                nulls.append_n_nulls(std::mem::take(&mut self.owed[at]) as usize);
+                if present {
+                    nulls.append_non_null();
+                    self.at += 1;
+                } else {
+                    nulls.append_null();
+                    let end = *end;
+                    self.owed[at + 1..end].iter_mut().for_each(|n| *n += 1);
+                    self.at = end;
+                }
             }
             Some(_) if present => {}
-            Some(c) => {
-                c.append_null();
+            Some(_) => {
+                self.owed[at] += 1;
                 self.at += 1;
             }
             None => {
