@@ -4,7 +4,9 @@
 //! without the sidecar, with it (release build, `--output null`), with it
 //! and `--workload-resolve false`, and with only an empty program attached
 //! to the same tracepoint (the floor). It reports:
-//! - connection rate with / without the sidecar (ratio, median of rounds);
+//! - connection rate with / without the sidecar: the median of the rounds'
+//!   ratios (each round's runs alternate), with their min and max, so one
+//!   noisy run can neither pass nor fail it;
 //! - kernel time per flow and per connection (kernel.bpf_stats_enabled:
 //!   run_time_ns / flows), beside the floor: what the empty program costs
 //!   for the same transitions;
@@ -35,7 +37,7 @@ struct Args {
     /// The sidecar binary (release build).
     #[arg(long, default_value = "target/release/flowlog-sidecar")]
     sidecar: PathBuf,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
@@ -96,6 +98,7 @@ struct Report {
     rate_without_per_s: f64,
     rate_with_per_s: f64,
     rate_ratio: f64,
+    rate_ratio_min_max: [f64; 2],
     kernel_ns_per_flow: f64,
     kernel_ns_per_connection_both_ends: f64,
     kernel_ns_per_transition: f64,
@@ -211,6 +214,10 @@ fn main() -> anyhow::Result<()> {
     let cpu_s = sum_f(&on, |x| x.sidecar_user_s + x.sidecar_sys_s);
     let rate_without = median(rounds.iter().map(|r| r.without.unwrap().connections_per_sec).collect());
     let rate_with = median(on.iter().map(|x| x.load.unwrap().connections_per_sec).collect());
+    let ratios: Vec<f64> = rounds
+        .iter()
+        .map(|r| r.with.load.unwrap().connections_per_sec / r.without.unwrap().connections_per_sec)
+        .collect();
     let avg_rate = conns as f64 / secs;
     let transitions_per_flow =
         sum_u(&both, |x| x.prog_run_count) as f64 / sum_u(&both, |x| x.flows).max(1) as f64;
@@ -230,7 +237,8 @@ fn main() -> anyhow::Result<()> {
         ),
         rate_without_per_s: rate_without,
         rate_with_per_s: rate_with,
-        rate_ratio: rate_with / rate_without,
+        rate_ratio: median(ratios.clone()),
+        rate_ratio_min_max: [ratios.iter().copied().fold(f64::INFINITY, f64::min), ratios.iter().copied().fold(0.0, f64::max)],
         kernel_ns_per_flow: sum_u(&both, |x| x.prog_run_time_ns) as f64 / sum_u(&both, |x| x.flows).max(1) as f64,
         kernel_ns_per_connection_both_ends: sum_u(&on, |x| x.prog_run_time_ns) as f64 / conns.max(1) as f64,
         kernel_ns_per_transition: sum_u(&both, |x| x.prog_run_time_ns) as f64
@@ -255,9 +263,9 @@ fn main() -> anyhow::Result<()> {
         drops: sum_u(&both, |x| x.ringbuf_full + x.sock_map_full + x.decode_errors),
         targets: serde_json::json!({
             "kernel_ns_per_flow_max": 1200,
-            "sidecar_user_ns_per_flow_max": 500,
+            "sidecar_user_ns_per_flow_max": 300,
             "workload_resolution_user_cpu_ratio_max": 1.05,
-            "rate_ratio_min": 0.95,
+            "rate_ratio_min": 0.97,
             "drops": 0,
             "sidecar_peak_rss_mb_max": 40
         }),
@@ -265,7 +273,10 @@ fn main() -> anyhow::Result<()> {
     };
     println!("capture benchmark ({})", report.load);
     println!("  connections/s without sidecar  {:>10.0}", report.rate_without_per_s);
-    println!("  connections/s with sidecar     {:>10.0}  (ratio {:.3}, target >= 0.95)", report.rate_with_per_s, report.rate_ratio);
+    println!(
+        "  connections/s with sidecar     {:>10.0}  (ratio {:.3}, median of {} rounds, min {:.3} max {:.3}; target >= 0.97)",
+        report.rate_with_per_s, report.rate_ratio, a.rounds, report.rate_ratio_min_max[0], report.rate_ratio_min_max[1]
+    );
     println!("  kernel ns per flow (one socket) {:>9.0}  (target <= 1200)", report.kernel_ns_per_flow);
     println!(
         "  ... empty program, same load    {:>9.0}  ({:.0} ns per transition, {:.2} transitions per flow)",
@@ -273,7 +284,7 @@ fn main() -> anyhow::Result<()> {
     );
     println!("  kernel ns per connection (both ends on loopback) {:.0}", report.kernel_ns_per_connection_both_ends);
     println!("  kernel ns per transition        {:>9.0}", report.kernel_ns_per_transition);
-    println!("  sidecar user ns per flow        {:>9.0}  (target <= 500)", report.sidecar_user_ns_per_flow);
+    println!("  sidecar user ns per flow        {:>9.0}  (target <= 300)", report.sidecar_user_ns_per_flow);
     println!(
         "  ... workload resolution off     {:>9.0}  (on / off {:.3}, target <= 1.05)",
         report.sidecar_user_ns_per_flow_resolution_off, report.workload_resolution_user_cpu_ratio

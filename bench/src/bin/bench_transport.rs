@@ -164,12 +164,12 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
         "close_to_readable_ms_p50": pct(&lat, 0.5),
         "close_to_readable_ms_p99": pct(&lat, 0.99),
         "latency_samples": lat.len(),
-        "targets": {"lost": 0, "sidecar_user_ns_per_flow_max": 1000, "sidecar_peak_rss_mb_max": 48, "close_to_broker_ms_p99_max": 250},
+        "targets": {"lost": 0, "sidecar_user_ns_per_flow_max": 600, "sidecar_peak_rss_mb_max": 48, "close_to_broker_ms_p99_max": 250},
     });
     println!("transport benchmark ({})", report["load"].as_str().unwrap());
     println!("  connections/s                  {:>10.0}", load.connections_per_sec);
     println!("  flows read / in topic / lost   {flows} / {in_topic} / {}  (target: 0 lost)", report["lost"]);
-    println!("  sidecar user ns per flow       {:>10.0}  (target <= 1000)", report["sidecar_user_ns_per_flow"].as_f64().unwrap());
+    println!("  sidecar user ns per flow       {:>10.0}  (target <= 600)", report["sidecar_user_ns_per_flow"].as_f64().unwrap());
     println!("  sidecar user+sys ns per flow   {:>10.0}", report["sidecar_cpu_ns_per_flow"].as_f64().unwrap());
     println!("  sidecar peak RSS MB            {:>10.1}  (target <= 48)", report["sidecar_peak_rss_mb"].as_f64().unwrap());
     println!("  close -> readable p50 / p99 ms {:>7.1} / {:.1}  (target p99 <= 250)", pct(&lat, 0.5), pct(&lat, 0.99));
