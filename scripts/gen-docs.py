@@ -9,7 +9,8 @@ per record, nested records, enums and unions resolved.
 
 docs/configuration.md comes from what the binaries print with
 `--print-config-reference` (each setting is declared once, in Rust, with its
-doc comment, default, flag and environment variable): the script builds and
+doc comment, default, flag and environment variable; each metric with its
+type, unit and HELP text): the script builds and
 runs them with `cargo run` (scripts/config_reference.py), so it needs the
 build tools of `make setup` (bpf-linker for the sidecar).
 
@@ -289,7 +290,25 @@ def config_markdown(ref, declared_in):
             out.append(
                 f"| `{s['key']}` | {s['type']} | {config_default(s)} | {flag} | {env} | {md_escape(config_meaning(s, ref))} |"
             )
+    out += metrics_markdown(ref)
     out.append("")
+    return out
+
+
+def metrics_markdown(ref):
+    """The binary's Prometheus metrics: name, type, unit and HELP text, as
+    the binary describes them (`metrics_listen`, path `/metrics`)."""
+    metrics = ref.get("metrics") or []
+    if not metrics:
+        raise GenError(f"{ref['binary']}: --print-config-reference lists no metrics")
+    undocumented = [m["name"] for m in metrics if not m["help"]]
+    if undocumented:
+        raise GenError(f"{ref['binary']}: metrics without a description: {', '.join(undocumented)}")
+    out = ["", "### Metrics", "",
+           "Served at `metrics_listen` (path `/metrics`); the meaning is each metric's HELP text.", "",
+           "| metric | type | unit | meaning |", "|---|---|---|---|"]
+    for m in sorted(metrics, key=lambda m: m["name"]):
+        out.append(f"| `{m['name']}` | {m['kind']} | {m['unit'] or '—'} | {md_escape(m['help'])} |")
     return out
 
 

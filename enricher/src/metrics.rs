@@ -107,16 +107,16 @@ pub fn describe() {
     );
     describe_counter!(
         ATTRIBUTED,
-        "Flow sides attributed in written records, by side (local/remote) and source (SIDECAR/EC2/STATIC)."
+        "Flow sides attributed in written records, by side (local/remote) and source (SIDECAR/KUBERNETES/EC2/STATIC); counted once per record when it is written (after the late window)."
     );
-    describe_counter!(UNATTRIBUTED, "Flow sides written with no owner at the flow's start, by side and reason (UNKNOWN_IP/NO_OWNER_AT_TIME).");
+    describe_counter!(UNATTRIBUTED, "Flow sides written with no owner at the flow's start, by side and reason (UNKNOWN_IP/NO_OWNER_AT_TIME); counted when written, so a side attributed late is not counted here.");
     describe_counter!(DLQ, "Messages delivered to the dead-letter topic (acknowledged by the broker), by reason (schema/truncated/bad_address/bad_time/invalid).");
     describe_counter!(DLQ_OMITTED, "Dead letters larger than the maximum message size, sent as a reference: no payload, their origin (topic/partition/offset), reason and size in headers.");
     describe_counter!(
         OBJECTS_WRITTEN,
         "Objects written to the output (one per batch, hour and format), by format (avro/parquet)."
     );
-    describe_counter!(BYTES_WRITTEN, Unit::Bytes, "Bytes of the objects written, by format.");
+    describe_counter!(BYTES_WRITTEN, Unit::Bytes, "Bytes of the objects written, by format (avro/parquet).");
     describe_counter!(
         BOUNDARIES_ADOPTED,
         "Batches that ended where an earlier attempt at the same offsets had claimed (a redo after a crash, or an instance that lost its partition)."
@@ -151,7 +151,12 @@ pub fn describe() {
     );
     describe_counter!(
         SEQUENCE_EVICTED,
-        "Ranges of accepted sequence numbers forgotten to bound memory (oldest holes, epochs, hosts): repeats of those records are no longer recognised."
+        format!(
+            "Ranges of accepted sequence numbers forgotten to bound memory (per host at most {} ranges over its {} newest epochs; at most {} hosts, the least recently seen go first): a repeat of a forgotten record is written again.",
+            crate::pipeline::sequences::MAX_RANGES,
+            crate::pipeline::sequences::MAX_EPOCHS,
+            crate::pipeline::sequences::MAX_HOSTS
+        )
     );
     describe_gauge!(
         STATIC_MAP_ENTRIES,
@@ -162,7 +167,7 @@ pub fn describe() {
         Unit::Seconds,
         "Seconds since the metadata source was last known current, by source (ec2: last good sweep; static: the map in force last matched its file)."
     );
-    describe_counter!(SOURCE_ERRORS, "Failed metadata refreshes, by source.");
+    describe_counter!(SOURCE_ERRORS, "Failed metadata refreshes, by source (static: the map was rejected, the old one is kept; ec2: a sweep failed; sidecar: the identity topic could not be read yet, retried with backoff).");
     describe_gauge!(
         TRACKED_IPS,
         "IPs with an ownership history from the sidecars' identity heartbeats."
@@ -173,11 +178,11 @@ pub fn describe() {
     );
     describe_gauge!(
         CONSUMER_LAG,
-        "Records in the flow topic not yet consumed, summed over the partitions this member owns."
+        "Records in the flow topic beyond the last offset durably in the output, summed over the partitions this member owns (every 10 s)."
     );
     describe_counter!(
         HOST_CACHE,
-        "Lookups of decoded sidecar host blocks, by result (hit/miss)."
+        "Lookups of decoded sidecar host blocks, by result (hit/miss); normally over 99 % hits (a miss is a new host or an IP change)."
     );
     flowlog_runtime::process::describe(PREFIX, "Enricher");
     describe_gauge!(

@@ -27,7 +27,7 @@ use crate::{
     sources::Sources,
 };
 
-mod sequences;
+pub(crate) mod sequences;
 pub use sequences::{Counts, Produced, Seen, Sequences};
 
 #[derive(Debug, Clone)]
