@@ -151,15 +151,34 @@ fn netns_self() -> u64 {
     inode("/proc/self/ns/net")
 }
 
-fn exact_counts(attach: &str, bind: &str, client_closes_first: bool, name: &str) {
+/// These tests assert exact counts with no retransmission. Loopback beside
+/// a loaded test run (two thousand parallel connections in this binary) can
+/// fire a tail-loss probe, a real retransmit (seen: retransmits 1). So each
+/// exchange runs in a network namespace of the test's own, where TLP and
+/// early retransmit are off (/proc/sys/net is the calling thread's
+/// namespace's); its records are told apart by the namespace's inode.
+fn in_quiet_namespace<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let want = inode(&ns.path());
+    ns.run(move || {
+        assert_eq!(inode("/proc/thread-self/ns/net"), want);
+        std::fs::write("/proc/sys/net/ipv4/tcp_early_retrans", "0").expect("tcp_early_retrans in the test's namespace");
+        f()
+    })
+}
+
+fn exact_counts(attach: &str, bind: &'static str, client_closes_first: bool, name: &'static str) {
     if !have_root() {
         return;
     }
+    let ns = Netns::new(format!("flowlog-{name}-{}", std::process::id()));
+    let want = inode(&ns.path());
     let sc = Sidecar::start(&["--attach", attach]);
-    let ex = exchange(bind, client_closes_first, name);
+    let ex = in_quiet_namespace(&ns, move || exchange(bind, client_closes_first, name));
     wait_pair(&sc, &ex);
     let (records, stats) = sc.stop();
-    check_pair(&records, &ex, name, netns_self());
+    // Same loopback ports may exist in other namespaces; select ours by inode.
+    let mine: Vec<Value> = records.into_iter().filter(|r| r["netns_ino"] == want).collect();
+    check_pair(&mine, &ex, name, want);
     assert_eq!(stats["attach"], if attach == "tracepoint" { "tracepoint" } else { "tp_btf" });
     assert_eq!(stats["kernel"]["ringbuf_full"], 0);
 }
@@ -196,17 +215,7 @@ fn network_namespace_inode() {
     let sc = Sidecar::start(&[]);
     // The whole exchange runs from a thread inside the namespace, whose own
     // client/server threads inherit it.
-    let ex = ns.run(move || {
-        assert_eq!(inode("/proc/thread-self/ns/net"), want);
-        // This test asserts exact counts with no retransmission. Loopback
-        // beside a loaded test run (two thousand parallel connections in this
-        // binary) can fire a tail-loss probe, a real retransmit (seen once:
-        // retransmits 1); the namespace is the test's own, so TLP and early
-        // retransmit are off in it (/proc/sys/net is the calling thread's
-        // namespace's).
-        std::fs::write("/proc/sys/net/ipv4/tcp_early_retrans", "0").expect("tcp_early_retrans in the test's namespace");
-        exchange_in_ns()
-    });
+    let ex = in_quiet_namespace(&ns, exchange_in_ns);
     wait_pair(&sc, &ex);
     let (records, _) = sc.stop();
     // Same loopback ports may exist in the root namespace; select ours by inode.
@@ -416,7 +425,9 @@ fn long_lived_connections_get_exact_interim_records() {
     let mut c = TcpStream::connect(("127.0.0.1", sp)).unwrap();
     let cp = c.local_addr().unwrap().port();
     c.write_all(&[1u8; 1_000]).unwrap();
-    thread::sleep(Duration::from_millis(2_600));
+    // An interim pass reports both ends while only the first write is in.
+    let interim = |r: &[Value], local, remote| by_ports(r, local, remote).iter().any(|x| x["record_type"] == "interim");
+    sc.wait_for("interim records of both ends", WAIT, |r| interim(r, cp, sp) && interim(r, sp, cp));
     c.write_all(&[2u8; 2_000]).unwrap();
     c.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_to_end(&mut c), 777);
@@ -430,8 +441,8 @@ fn long_lived_connections_get_exact_interim_records() {
     let (mut open_srv, _) = l2.accept().unwrap();
     open.write_all(&[3u8; 4_321]).unwrap();
     read_exact_n(&mut open_srv, 4_321);
+    // Reported by the last pass at the stop (every socket, whatever its age).
     let cp2 = open.local_addr().unwrap().port();
-    thread::sleep(Duration::from_millis(200));
 
     wait_pair(&sc, &Exchange {
         server_addr: SocketAddr::from(([127, 0, 0, 1], sp)),
@@ -594,13 +605,32 @@ fn runs_with_only_cap_bpf_and_cap_perfmon() {
         }
     }
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let reader = {
+        let seen = seen.clone();
+        thread::spawn(move || {
+            use std::io::BufRead;
+            for line in stdout.lines().map_while(Result::ok) {
+                seen.lock().unwrap().push(serde_json::from_str(&line).unwrap());
+            }
+        })
+    };
     let (sp, cps) = short_connections(3);
-    thread::sleep(Duration::from_millis(300));
+    // Every connection's two records are out before the stop.
+    let t0 = std::time::Instant::now();
+    while !cps.iter().all(|&cp| {
+        let r = seen.lock().unwrap();
+        by_ports(&r, cp, sp).len() == 1 && by_ports(&r, sp, cp).len() == 1
+    }) {
+        assert!(t0.elapsed() < WAIT, "timed out waiting for the records: {:#?}", seen.lock().unwrap());
+        thread::sleep(Duration::from_millis(20));
+    }
     // SAFETY: our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(child.wait().unwrap().success());
+    reader.join().unwrap();
+    let records = std::mem::take(&mut *seen.lock().unwrap());
     for cp in cps {
         assert_eq!(by_ports(&records, cp, sp).len(), 1);
         assert_eq!(by_ports(&records, sp, cp).len(), 1);
