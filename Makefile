@@ -68,6 +68,7 @@ soak: setup build
 bench: setup build
 	$(SUDO) ./target/release/bench-capture
 	$(SUDO) env "PATH=$(PATH)" FLOWLOG_TOOLS=$(TOOLS) ./target/release/bench-transport
+	$(SUDO) env "PATH=$(PATH)" FLOWLOG_TOOLS=$(TOOLS) ./target/release/bench-transport --sweep
 	./target/release/bench-enrich
 	# Last, and its failure does not stop the summary: at 100 000 connections
 	# it has stalled after the first interim pass (issue 11, open).

@@ -44,6 +44,11 @@ if t.exists():
     row("transport", "sidecar peak RSS (default queue bounds)", f"{d['sidecar_peak_rss_mb']:.1f} MB", "<= 48 MB", d["sidecar_peak_rss_mb"] <= 48)
     row("transport", "close -> readable from broker, p99", f"{d['close_to_readable_ms_p99']:.0f} ms (p50 {d['close_to_readable_ms_p50']:.0f})", "<= 250 ms", d["close_to_readable_ms_p99"] <= 250)
     row("transport", "connection rate during the run", f"{d['connections_per_sec']:.0f} per s", "-", True)
+sw = results / "transport_sweep.json"
+if sw.exists():
+    d = json.loads(sw.read_text())
+    cells = ", ".join(f"{v['compression']}/{v['linger_ms']} ms {v['sidecar_user_ns_per_flow_median']:.0f} ns (p99 {v['close_to_readable_ms_p99_median']:.0f} ms)" for v in d["variants"])
+    row("transport", f"producer settings (compression/linger): user CPU per flow, median of {d['rounds']} rounds", cells, "-", all(v["lost_total"] == 0 for v in d["variants"]))
 
 e = results / "enrich.json"
 if e.exists():

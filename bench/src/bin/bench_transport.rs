@@ -7,6 +7,10 @@
 //! to the record being readable from the broker (a consumer polling the topic
 //! during the run; an upper bound of close -> in broker). Writes
 //! bench/results/transport.json.
+//!
+//! `--sweep`: the same run for each producer setting of [`VARIANTS`]
+//! (compression, linger), in alternating rounds, each with a broker of its
+//! own; writes bench/results/transport_sweep.json (median per variant).
 use std::{
     path::PathBuf,
     sync::{
@@ -44,7 +48,18 @@ struct Args {
     servers: usize,
     #[arg(long, default_value = "bench/results/transport.json")]
     out: PathBuf,
+    /// Run every producer setting of the sweep instead (see the module doc).
+    #[arg(long)]
+    sweep: bool,
+    #[arg(long, default_value_t = 3)]
+    sweep_rounds: usize,
+    #[arg(long, default_value = "bench/results/transport_sweep.json")]
+    sweep_out: PathBuf,
 }
+
+/// Producer settings compared by `--sweep`: (kafka.compression,
+/// kafka.linger_ms); the first is the default.
+const VARIANTS: [(&str, u32); 5] = [("lz4", 50), ("lz4", 10), ("lz4", 200), ("zstd", 50), ("none", 50)];
 
 fn now_ns() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64
@@ -62,21 +77,74 @@ fn main() -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("bench-transport needs root (it loads eBPF)");
     }
+    if a.sweep {
+        return sweep(&a);
+    }
+    let report = with_broker(&a, None)?;
+    if let Some(dir) = a.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)?;
+    println!("  written to {}", a.out.display());
+    Ok(())
+}
+
+/// One run against a broker of its own, the sidecar with `config` (a TOML
+/// text) if given.
+fn with_broker(a: &Args, config: Option<&str>) -> anyhow::Result<serde_json::Value> {
     let work = std::env::temp_dir().join(format!("flowlog-bench-transport-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
     let broker = Broker::start(&BrokerSpec {
         name: "bench-transport",
         topics: &["flowlog.flows", "flowlog.identity"],
         memory: true,
         ..BrokerSpec::default()
     })?;
-    let result = run(&a, &broker.addr, &work);
+    let result = run(a, &broker.addr, &work, config);
     drop(broker);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
-fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
+/// Every variant per round, rounds alternating; the median of each figure.
+fn sweep(a: &Args) -> anyhow::Result<()> {
+    let mut runs: Vec<Vec<serde_json::Value>> = vec![Vec::new(); VARIANTS.len()];
+    for round in 0..a.sweep_rounds {
+        for (i, (compression, linger)) in VARIANTS.iter().enumerate() {
+            println!("round {} of {}: compression {compression}, linger {linger} ms", round + 1, a.sweep_rounds);
+            let config = format!("[kafka]\ncompression = \"{compression}\"\nlinger_ms = {linger}\n");
+            runs[i].push(with_broker(a, Some(&config))?);
+        }
+    }
+    let median = |rs: &[serde_json::Value], key: &str| {
+        let mut v: Vec<f64> = rs.iter().map(|r| r[key].as_f64().unwrap_or(f64::NAN)).collect();
+        v.sort_by(|x, y| x.total_cmp(y));
+        v[v.len() / 2]
+    };
+    let mut variants = Vec::new();
+    println!("transport sweep ({} rounds, medians)", a.sweep_rounds);
+    println!("  {:<12} {:>8} {:>14} {:>14} {:>10} {:>6}", "compression", "linger", "user ns/flow", "cpu ns/flow", "p99 ms", "lost");
+    for ((compression, linger), rs) in VARIANTS.iter().zip(&runs) {
+        let lost: i64 = rs.iter().map(|r| r["lost"].as_i64().unwrap_or(-1)).sum();
+        let (user, cpu, p99) = (median(rs, "sidecar_user_ns_per_flow"), median(rs, "sidecar_cpu_ns_per_flow"), median(rs, "close_to_readable_ms_p99"));
+        println!("  {compression:<12} {linger:>8} {user:>14.0} {cpu:>14.0} {p99:>10.1} {lost:>6}");
+        variants.push(serde_json::json!({
+            "compression": compression, "linger_ms": linger,
+            "sidecar_user_ns_per_flow_median": user, "sidecar_cpu_ns_per_flow_median": cpu,
+            "close_to_readable_ms_p99_median": p99, "lost_total": lost, "runs": rs,
+        }));
+    }
+    let report = serde_json::json!({"benchmark": "transport_sweep", "rounds": a.sweep_rounds, "variants": variants});
+    if let Some(dir) = a.sweep_out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&a.sweep_out, serde_json::to_vec_pretty(&report)?)?;
+    println!("  written to {}", a.sweep_out.display());
+    Ok(())
+}
+
+fn run(a: &Args, brokers: &str, work: &std::path::Path, config: Option<&str>) -> anyhow::Result<serde_json::Value> {
     // Consumer: counts every record and samples close -> readable latency.
     let consumed = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
@@ -110,10 +178,12 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
 
     let metrics = format!("127.0.0.1:{}", free_port());
     let spool = work.join("spool");
+    let config_file = work.join("sidecar.toml");
+    std::fs::write(&config_file, config.unwrap_or(""))?;
     let sc = sidecar::start(
         &a.sidecar,
-        &["--output", "kafka", "--kafka-brokers", brokers, "--spool-dir", spool.to_str().unwrap(), "--host-id", "bench",
-          "--metrics-listen", &metrics],
+        &["--config", config_file.to_str().unwrap(), "--output", "kafka", "--kafka-brokers", brokers, "--spool-dir",
+          spool.to_str().unwrap(), "--host-id", "bench", "--metrics-listen", &metrics],
     )?;
     let pid = sc.pid;
     let u0 = Usage::of(pid)?;
@@ -173,10 +243,5 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path) -> anyhow::Result<()> {
     println!("  sidecar user+sys ns per flow   {:>10.0}", report["sidecar_cpu_ns_per_flow"].as_f64().unwrap());
     println!("  sidecar peak RSS MB            {:>10.1}  (target <= 48)", report["sidecar_peak_rss_mb"].as_f64().unwrap());
     println!("  close -> readable p50 / p99 ms {:>7.1} / {:.1}  (target p99 <= 250)", pct(&lat, 0.5), pct(&lat, 0.99));
-    if let Some(dir) = a.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)?;
-    println!("  written to {}", a.out.display());
-    Ok(())
+    Ok(report)
 }
