@@ -53,6 +53,9 @@ struct Args {
     /// The sidecar's socket map size (`max_sockets`).
     #[arg(long, default_value_t = 262_144)]
     max_sockets: u32,
+    /// The sidecar's ring buffer (`ring_buffer_bytes`); none: its default.
+    #[arg(long)]
+    ring_buffer_bytes: Option<u64>,
     #[arg(long, default_value = "bench/results/long_lived.json")]
     out: PathBuf,
 }
@@ -107,10 +110,16 @@ fn main() -> anyhow::Result<()> {
     }
     let interim = a.interim_secs.to_string();
     let max_sockets = a.max_sockets.to_string();
-    let (sc, stdout) = sidecar::start_piped(
-        &a.sidecar,
-        &["--output", "json", "--interim-interval-secs", &interim, "--max-sockets", &max_sockets],
-    )?;
+    // Metrics on: the wait for final records counts the ones the kernel
+    // dropped (ring buffer full) as come, so that drops are reported, not
+    // waited for.
+    let metrics = format!("127.0.0.1:{}", flowlog_runtime::testkit::free_port());
+    let ring = a.ring_buffer_bytes.map(|b| b.to_string());
+    let mut args = vec!["--output", "json", "--interim-interval-secs", &interim, "--max-sockets", &max_sockets, "--metrics-listen", &metrics];
+    if let Some(ring) = &ring {
+        args.extend(["--ring-buffer-bytes", ring.as_str()]);
+    }
+    let (sc, stdout) = sidecar::start_piped(&a.sidecar, &args)?;
     let pid = sc.pid;
     let seen = Arc::new(Mutex::new(Seen::default()));
     let reader = {
@@ -155,7 +164,8 @@ fn main() -> anyhow::Result<()> {
     conns.exchange()?;
     wait("a second pass", &|s| s.totals.interim_records >= 4 * n)?;
     let closed = conns.close_every(2, usize::MAX)?;
-    wait("the closed connections' final records", &|s| s.totals.final_records >= 2 * closed as u64)?;
+    let dropped = || sidecar::scrape(&metrics, "flowlog_sidecar_flows_dropped_total{reason=\"ringbuf_full\"}") as u64;
+    wait("the closed connections' final records (or their drops)", &|s| s.totals.final_records + dropped() >= 2 * closed as u64)?;
     let churn = churn.join().map_err(|_| anyhow::anyhow!("the churn panicked"))??;
     eprintln!("churn: {:.0} connections/s ({} errors)", churn.connections_per_sec, churn.errors);
     let u1 = Usage::of(pid)?;
@@ -174,8 +184,13 @@ fn main() -> anyhow::Result<()> {
     let report = Report {
         benchmark: "long_lived",
         load: format!(
-            "loopback: {} long-lived connections, interim every {} s, churn of {} client / {} server threads for {} s",
-            a.connections, a.interim_secs, a.clients, a.servers, a.seconds
+            "loopback: {} long-lived connections, interim every {} s, churn of {} client / {} server threads for {} s, ring buffer {}",
+            a.connections,
+            a.interim_secs,
+            a.clients,
+            a.servers,
+            a.seconds,
+            a.ring_buffer_bytes.map_or("default".to_string(), |b| format!("{} MiB", b >> 20))
         ),
         long_lived_connections: a.connections,
         tracked_long_lived_sockets: 2 * a.connections,
