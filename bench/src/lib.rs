@@ -1,6 +1,27 @@
 //! Shared pieces of the benchmarks: a loopback TCP connection-rate load
-//! generator and starting the sidecar. (A process's CPU time and memory, the
-//! local broker and scraping metrics: `flowlog_runtime`.)
+//! generator, starting the sidecar, the median of rounds and writing a
+//! report. (A process's CPU time and memory, the local broker and scraping
+//! metrics: `flowlog_runtime`.)
 
 pub mod loadgen;
 pub mod sidecar;
+
+use std::path::Path;
+
+/// The median of `values` (the upper one of an even count); None if empty.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// Writes a benchmark's report as pretty JSON to `path` (its folder made if
+/// need be) and says where.
+pub fn write_report(path: &Path, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_vec_pretty(report)?)?;
+    println!("  written to {}", path.display());
+    Ok(())
+}

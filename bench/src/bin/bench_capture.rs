@@ -138,9 +138,8 @@ fn run_ns_of(x: &Arm) -> f64 {
     x.sidecar_run_ns as f64
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+fn median(v: Vec<f64>) -> f64 {
+    flowlog_bench::median(&v).unwrap_or(0.0)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -300,11 +299,7 @@ fn main() -> anyhow::Result<()> {
     println!("  sidecar CPU % per 1000 conn/s   {:>9.3}", report.sidecar_cpu_percent_per_1000_conn_per_s);
     println!("  sidecar peak RSS MB             {:>9.1}  (target <= 40)", report.sidecar_peak_rss_mb);
     println!("  drops                           {:>9}  (target 0)", report.drops);
-    if let Some(dir) = a.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)?;
-    println!("  written to {}", a.out.display());
+    flowlog_bench::write_report(&a.out, &report)?;
     Ok(())
 }
 

@@ -405,11 +405,7 @@ fn main() -> anyhow::Result<()> {
             duckdb["threads"]
         );
     }
-    if let Some(d) = a.out.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)?;
-    println!("  written to {}", a.out.display());
+    flowlog_bench::write_report(&a.out, &report)?;
     Ok(())
 }
 
@@ -434,9 +430,7 @@ fn measure(flows: usize, mut path: impl FnMut() -> anyhow::Result<(usize, u64)>)
         r.rounds.push(flows as f64 / (thread_cpu() - t).as_secs_f64());
         r.wall = flows as f64 / wall.elapsed().as_secs_f64();
     }
-    let mut sorted = r.rounds.clone();
-    sorted.sort_by(f64::total_cmp);
-    r.median = sorted[2];
+    r.median = flowlog_bench::median(&r.rounds).unwrap_or(0.0);
     Ok(r)
 }
 
@@ -483,9 +477,8 @@ fn duckdb_top_talkers(a: &Args, attributor: &Attributor, opts: &ParquetOptions) 
     anyhow::ensure!(out.status.success(), "duckdb: {}", String::from_utf8_lossy(&out.stderr));
     let mut result: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     check_top_talkers(&result["rows"], sums)?;
-    let mut seconds: Vec<f64> = result["seconds"].as_array().into_iter().flatten().filter_map(|s| s.as_f64()).collect();
-    seconds.sort_by(f64::total_cmp);
-    result["seconds_median"] = seconds.get(seconds.len() / 2).copied().into();
+    let seconds: Vec<f64> = result["seconds"].as_array().into_iter().flatten().filter_map(|s| s.as_f64()).collect();
+    result["seconds_median"] = flowlog_bench::median(&seconds).into();
     result["flows"] = a.duckdb_flows.into();
     result["files"] = files.into();
     result["parquet_bytes"] = bytes.into();

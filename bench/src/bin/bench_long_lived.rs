@@ -133,9 +133,11 @@ fn main() -> anyhow::Result<()> {
             }
         })
     };
-    let wait = |what: &str, ok: &dyn Fn(&Seen) -> bool| -> anyhow::Result<()> {
+    // `ok` locks the records itself, and holds them only while it reads
+    // them: the reader thread must keep draining the sidecar's output.
+    let wait = |what: &str, ok: &dyn Fn() -> bool| -> anyhow::Result<()> {
         let t0 = Instant::now();
-        while !ok(&seen.lock().unwrap()) {
+        while !ok() {
             if t0.elapsed() > Duration::from_secs(300) {
                 bail!("timed out waiting for {what}");
             }
@@ -158,14 +160,16 @@ fn main() -> anyhow::Result<()> {
     let churn = std::thread::spawn(move || loadgen::run(spec));
     let n = a.connections as u64;
     let t1 = Instant::now();
-    wait("a pass over every socket", &|s| s.totals.interim_records >= 2 * n)?;
+    let interim_records = || seen.lock().unwrap().totals.interim_records;
+    wait("a pass over every socket", &|| interim_records() >= 2 * n)?;
     let first_pass_seconds = t1.elapsed().as_secs_f64();
     eprintln!("first pass over every socket after {first_pass_seconds:.1} s");
     conns.exchange()?;
-    wait("a second pass", &|s| s.totals.interim_records >= 4 * n)?;
+    wait("a second pass", &|| interim_records() >= 4 * n)?;
     let closed = conns.close_every(2, usize::MAX)?;
     let dropped = || sidecar::scrape(&metrics, "flowlog_sidecar_flows_dropped_total{reason=\"ringbuf_full\"}") as u64;
-    wait("the closed connections' final records (or their drops)", &|s| s.totals.final_records + dropped() >= 2 * closed as u64)?;
+    let finals = || seen.lock().unwrap().totals.final_records;
+    wait("the closed connections' final records (or their drops)", &|| finals() + dropped() >= 2 * closed as u64)?;
     let churn = churn.join().map_err(|_| anyhow::anyhow!("the churn panicked"))??;
     eprintln!("churn: {:.0} connections/s ({} errors)", churn.connections_per_sec, churn.errors);
     let u1 = Usage::of(pid)?;
@@ -225,11 +229,7 @@ fn main() -> anyhow::Result<()> {
     println!("  sidecar CPU                     {:>10.1} %  (user {:.1} s, sys {:.1} s over {wall:.0} s)", report.sidecar_cpu_percent, user, sys);
     println!("  sidecar peak RSS MB             {:>10.1}", report.sidecar_peak_rss_mb);
     println!("  socket map kernel memory MB     {:>10.1}  (max_sockets {})", map_bytes as f64 / 1048576.0, a.max_sockets);
-    if let Some(dir) = a.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)?;
-    println!("  written to {}", a.out.display());
+    flowlog_bench::write_report(&a.out, &report)?;
     if report.drops > 0 || report.mismatched_sockets > 0 {
         bail!("records were lost or do not add up: {:#?}", report.mismatches);
     }

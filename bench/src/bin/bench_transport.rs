@@ -81,11 +81,7 @@ fn main() -> anyhow::Result<()> {
         return sweep(&a);
     }
     let report = with_broker(&a, None)?;
-    if let Some(dir) = a.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)?;
-    println!("  written to {}", a.out.display());
+    flowlog_bench::write_report(&a.out, &report)?;
     Ok(())
 }
 
@@ -118,9 +114,8 @@ fn sweep(a: &Args) -> anyhow::Result<()> {
         }
     }
     let median = |rs: &[serde_json::Value], key: &str| {
-        let mut v: Vec<f64> = rs.iter().map(|r| r[key].as_f64().unwrap_or(f64::NAN)).collect();
-        v.sort_by(|x, y| x.total_cmp(y));
-        v[v.len() / 2]
+        let v: Vec<f64> = rs.iter().map(|r| r[key].as_f64().unwrap_or(f64::NAN)).collect();
+        flowlog_bench::median(&v).unwrap_or(f64::NAN)
     };
     let mut variants = Vec::new();
     println!("transport sweep ({} rounds, medians)", a.sweep_rounds);
@@ -136,11 +131,7 @@ fn sweep(a: &Args) -> anyhow::Result<()> {
         }));
     }
     let report = serde_json::json!({"benchmark": "transport_sweep", "rounds": a.sweep_rounds, "variants": variants});
-    if let Some(dir) = a.sweep_out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&a.sweep_out, serde_json::to_vec_pretty(&report)?)?;
-    println!("  written to {}", a.sweep_out.display());
+    flowlog_bench::write_report(&a.sweep_out, &report)?;
     Ok(())
 }
 
@@ -221,7 +212,13 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path, config: Option<&str>) ->
     let kernel_drops = stats["kernel"]["ringbuf_full"].as_u64().unwrap_or(0) + stats["kernel"]["sock_map_full"].as_u64().unwrap_or(0);
     let report = serde_json::json!({
         "benchmark": "transport",
-        "load": format!("loopback, {} client / {} server threads, {} s, sidecar --output kafka with default settings, tansu broker (memory engine)", a.clients, a.servers, a.seconds),
+        "load": format!(
+            "loopback, {} client / {} server threads, {} s, sidecar --output kafka with {}, tansu broker (memory engine)",
+            a.clients,
+            a.servers,
+            a.seconds,
+            config.map_or("default settings".to_string(), |c| format!("settings {:?}", c.trim()))
+        ),
         "connections_per_sec": load.connections_per_sec,
         "flows_read": flows,
         "records_in_topic": in_topic,
