@@ -70,6 +70,7 @@ pub const EVENTS_MAP: &str = "FLOWLOG_EVENTS";
 pub const SOCKS_MAP: &str = "FLOWLOG_SOCKS";
 pub const LISTENERS_MAP: &str = "FLOWLOG_LISTENERS";
 pub const STATS_MAP: &str = "FLOWLOG_STATS";
+pub const PARKED_MAP: &str = "FLOWLOG_PARKED";
 pub const PROG_TP_BTF: &str = "flowlog_tp_btf";
 pub const PROG_TRACEPOINT: &str = "flowlog_tracepoint";
 pub const PROG_SNAPSHOT: &str = "flowlog_snapshot";

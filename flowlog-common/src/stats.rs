@@ -3,7 +3,8 @@
 pub mod stat {
     /// Flow events submitted to the ring buffer.
     pub const EVENTS: u32 = 0;
-    /// Flow events lost because the ring buffer had no room.
+    /// Final flow events lost because the ring buffer had no room and the
+    /// parking queue was full too.
     pub const RINGBUF_FULL: u32 = 1;
     /// Opens not tracked because the per-socket map was full (the flow is
     /// still reported at close, without start time and owner).
@@ -12,14 +13,18 @@ pub mod stat {
     pub const LISTEN_MAP_FULL: u32 = 3;
     /// Kernel memory reads that failed (the event is still sent with zeros).
     pub const READ_ERRORS: u32 = 4;
+    /// Final flow events that found the ring buffer full and waited in the
+    /// parking queue for user space instead (not lost).
+    pub const PARKED: u32 = 5;
     pub const COUNT: u32 = 8;
 
     /// Names for user space, index = counter.
-    pub const NAMES: [&str; 5] = [
+    pub const NAMES: [&str; 6] = [
         "events",
         "ringbuf_full",
         "sock_map_full",
         "listen_map_full",
         "read_errors",
+        "parked",
     ];
 }

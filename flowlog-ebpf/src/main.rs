@@ -24,7 +24,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated as gen,
     },
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, Queue, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use flowlog_common::{
@@ -89,6 +89,17 @@ static LISTENERS: HashMap<ListenKey, Owner> = HashMap::with_max_entries(16384, 0
 /// One copy of the closing socket per CPU.
 #[map(name = "FLOWLOG_SCRATCH")]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Final events that found the ring buffer full wait here, in order, for
+/// user space to pop them (a burst of closes faster than the reader, e.g.
+/// 50 000 connections closed at once); sized by the sidecar (`--max-parked`).
+/// Interim events are never parked: their pass waits for room instead.
+#[map(name = "FLOWLOG_PARKED")]
+static PARKED: Queue<FlowEvent> = Queue::with_max_entries(65536, 0);
+
+/// One final event per CPU, assembled here when the ring buffer is full.
+#[map(name = "FLOWLOG_PARKING")]
+static PARKING: PerCpuArray<FlowEvent> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "FLOWLOG_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -400,7 +411,7 @@ fn on_listener_close(sk: u64, fields: &impl Fields) {
 
 fn on_close<C: Fields>(sk: u64, old: u8, at_close: impl FnOnce() -> Option<C>) {
     let tracked = SOCKS.get_ptr(sk);
-    emit(sk, old, tracked, false, at_close);
+    let _ = emit(sk, old, tracked, false, at_close);
     if tracked.is_some() {
         let _ = SOCKS.remove(sk);
     }
@@ -427,20 +438,34 @@ pub fn flowlog_snapshot(ctx: *mut core::ffi::c_void) -> u32 {
         return snapshot::BUSY;
     }
     let current = (unsafe { (*st).state_path } & 0xf) as u8;
-    emit(sk, current, Some(st), true, || copy_socket(sk));
-    snapshot::SENT
+    if emit(sk, current, Some(st), true, || copy_socket(sk)) {
+        snapshot::SENT
+    } else {
+        snapshot::BUSY
+    }
 }
 
 /// Fills and submits one event from the socket (and its entry, if tracked).
 /// `old` is the state left at close, or the current state for snapshots.
+/// A final event that finds the ring buffer full is parked instead
+/// ([`PARKED`]); an interim one is not sent, and false tells its pass to
+/// wait for room and ask again.
 #[inline(always)]
-fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim: bool, at_close: impl FnOnce() -> Option<C>) {
+fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim: bool, at_close: impl FnOnce() -> Option<C>) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(mut ev) = EVENTS.reserve::<FlowEvent>(0) else {
-        count(stat::RINGBUF_FULL);
-        return;
+    let mut ring = EVENTS.reserve::<FlowEvent>(0);
+    let slot: *mut FlowEvent = match &mut ring {
+        Some(ev) => ev.as_mut_ptr(),
+        None if interim => return false,
+        None => match PARKING.get_ptr_mut(0) {
+            Some(p) => p,
+            None => {
+                count(stat::RINGBUF_FULL);
+                return true;
+            }
+        },
     };
-    let e = unsafe { &mut *ev.as_mut_ptr() };
+    let e = unsafe { &mut *slot };
     e.kind = FLOW_EVENT_KIND_V1;
     e.sk = sk;
     e.old_state = old;
@@ -478,8 +503,10 @@ fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim:
         }
     }
     let Some(f) = at_close() else {
-        ev.discard(0);
-        return;
+        if let Some(ev) = ring {
+            ev.discard(0);
+        }
+        return true;
     };
     let family: u16 = f.get(off!(skc_family));
     e.family = family;
@@ -521,6 +548,17 @@ fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim:
     let net: u64 = f.get(off!(skc_net));
     e.netns_ino = if net == 0 { 0 } else { f.deref_u32(net, off!(net_ns_inum)) };
 
+    let Some(ev) = ring else {
+        // User space pops the queue on its next drain (the ring is full, so
+        // one is due).
+        if PARKED.push(&*e, 0).is_ok() {
+            count(stat::PARKED);
+            count(stat::EVENTS);
+        } else {
+            count(stat::RINGBUF_FULL);
+        }
+        return true;
+    };
     // Batch wake-ups: user space drains on a timer, and is woken early only
     // when enough data is waiting.
     let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
@@ -528,6 +566,7 @@ fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim:
     let wake = if waiting >= threshold { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
     ev.submit(wake as u64);
     count(stat::EVENTS);
+    true
 }
 
 /// Writes the `i`th 4 bytes of a 16-byte address field.

@@ -2,7 +2,8 @@
 //!
 //! The kernel wakes the reader only when enough bytes are waiting (batched
 //! wake-ups); otherwise the reader drains on a short timer. Both paths call
-//! the same `drain`.
+//! the same `drain`, which also pops the final events the kernel parked
+//! while the ring buffer was full.
 
 use std::{
     collections::HashMap,
@@ -11,10 +12,10 @@ use std::{
 };
 
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, MapError, PerCpuArray, Queue, RingBuf},
     Ebpf,
 };
-use flowlog_common::{stat, FlowEvent, EVENTS_MAP, STATS_MAP};
+use flowlog_common::{stat, FlowEvent, EVENTS_MAP, FLOW_EVENT_SIZE, PARKED_MAP, STATS_MAP};
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{debug, error, warn};
@@ -52,6 +53,8 @@ pub struct KernelCounters {
     pub sock_map_full: u64,
     pub listen_map_full: u64,
     pub read_errors: u64,
+    /// Final events that waited in the parking queue (not lost).
+    pub parked: u64,
 }
 
 /// Counters kept by the reader.
@@ -78,6 +81,8 @@ pub struct FinalStats {
 
 pub struct Capture {
     ring: AsyncFd<RingBuf<MapData>>,
+    /// Final events that found the ring buffer full, oldest first.
+    parked: Queue<MapData, [u8; FLOW_EVENT_SIZE]>,
     stats: PerCpuArray<MapData, u64>,
     sink: Box<dyn Sink>,
     workloads: Resolver,
@@ -100,10 +105,12 @@ impl Capture {
     pub fn new(ebpf: &mut Ebpf, sink: Box<dyn Sink>, workloads: Resolver) -> anyhow::Result<Self> {
         let ring = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).ok_or_else(|| anyhow::anyhow!("map {EVENTS_MAP} missing"))?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map(STATS_MAP).ok_or_else(|| anyhow::anyhow!("map {STATS_MAP} missing"))?)?;
+        let parked = Queue::try_from(ebpf.take_map(PARKED_MAP).ok_or_else(|| anyhow::anyhow!("map {PARKED_MAP} missing"))?)?;
         Ok(Capture {
             // SAFETY: the AsyncFd owns the ring buffer, so the fd outlives the registration.
             ring: unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
                 .map_err(|e| anyhow::anyhow!("registering the ring buffer with the runtime: {e}"))?,
+            parked,
             stats,
             sink,
             workloads,
@@ -178,7 +185,17 @@ impl Capture {
         while n < DRAIN_BATCH {
             let decoded = match self.ring.get_mut().next() {
                 Some(item) => FlowEvent::decode(&item),
-                None => break,
+                // Parked events are older than what the ring holds now, but
+                // order across connections does not matter, and a
+                // connection's final is its last event either way.
+                None => match self.parked.pop(0) {
+                    Ok(bytes) => FlowEvent::decode(&bytes),
+                    Err(MapError::ElementNotFound) => break,
+                    Err(e) => {
+                        warn!("reading the parking queue failed: {e}");
+                        break;
+                    }
+                },
             };
             n += 1;
             match decoded {
@@ -227,6 +244,7 @@ impl Capture {
             sock_map_full: get(stat::SOCK_MAP_FULL),
             listen_map_full: get(stat::LISTEN_MAP_FULL),
             read_errors: get(stat::READ_ERRORS),
+            parked: get(stat::PARKED),
         }
     }
 
@@ -249,6 +267,7 @@ impl Capture {
         m::degraded("sock_map_full", now.sock_map_full - prev.sock_map_full);
         metrics::counter!(m::LISTEN_MAP_FULL).absolute(now.listen_map_full);
         metrics::counter!(m::KERNEL_READ_ERRORS).absolute(now.read_errors);
+        metrics::counter!(m::FLOWS_PARKED).absolute(now.parked);
         m::record_process();
         m::record_workloads(&self.workloads);
         // BPF run time/count (non-zero only with kernel.bpf_stats_enabled=1).

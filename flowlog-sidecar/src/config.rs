@@ -60,6 +60,12 @@ flowlog_settings::settings! {
         /// close, without start time and owner, and counted.
         #[flag(long = "max-sockets", env = "FLOWLOG_MAX_SOCKETS")]
         pub max_sockets: u32 = 65_536,
+        /// Final flow events that may wait in the kernel when the ring buffer
+        /// is full (a burst of closes faster than the reader), until the
+        /// reader pops them: nothing is lost unless both are full. Costs
+        /// 152 bytes of kernel memory each, allocated at load (65 536: 10 MB).
+        #[flag(long = "max-parked", env = "FLOWLOG_MAX_PARKED")]
+        pub max_parked: u32 = 65_536,
         /// Listening ports tracked at once (for naming the server process).
         #[flag(long = "max-listeners", env = "FLOWLOG_MAX_LISTENERS")]
         pub max_listeners: u32 = 16_384,
@@ -160,8 +166,8 @@ impl Config {
                 reason: format!("{} is not a power of two >= {page}", self.ring_buffer_bytes),
             });
         }
-        if self.max_sockets == 0 || self.max_listeners == 0 {
-            return Err(ConfigError::Invalid { name: "max_sockets/max_listeners", reason: "must be > 0".into() });
+        if self.max_sockets == 0 || self.max_listeners == 0 || self.max_parked == 0 {
+            return Err(ConfigError::Invalid { name: "max_sockets/max_listeners/max_parked", reason: "must be > 0".into() });
         }
         if self.drain_interval_ms == 0 || self.drain_interval_ms > 10_000 {
             return Err(ConfigError::Invalid { name: "drain_interval_ms", reason: "must be 1..=10000".into() });
@@ -337,6 +343,7 @@ mod tests {
                 "attach --attach FLOWLOG_ATTACH",
                 "ring_buffer_bytes --ring-buffer-bytes FLOWLOG_RING_BUFFER_BYTES",
                 "max_sockets --max-sockets FLOWLOG_MAX_SOCKETS",
+                "max_parked --max-parked FLOWLOG_MAX_PARKED",
                 "max_listeners --max-listeners FLOWLOG_MAX_LISTENERS",
                 "wakeup_bytes --wakeup-bytes FLOWLOG_WAKEUP_BYTES",
                 "drain_interval_ms --drain-interval-ms FLOWLOG_DRAIN_INTERVAL_MS",

@@ -7,7 +7,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use flowlog_common::{
-    KernelSettings, EVENTS_MAP, LISTENERS_MAP, OFFSETS_GLOBAL, PROG_TP_BTF, PROG_TRACEPOINT,
+    KernelSettings, EVENTS_MAP, LISTENERS_MAP, OFFSETS_GLOBAL, PARKED_MAP, PROG_TP_BTF, PROG_TRACEPOINT,
     SETTINGS_GLOBAL, SOCKS_MAP,
 };
 use tracing::{info, warn};
@@ -89,6 +89,7 @@ pub fn load(config: &Config, resolved: Resolved) -> Result<(Ebpf, Attached), Loa
         .override_global(SETTINGS_GLOBAL, &settings, true)
         .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
         .map_max_entries(SOCKS_MAP, config.max_sockets)
+        .map_max_entries(PARKED_MAP, config.max_parked)
         .map_max_entries(LISTENERS_MAP, config.max_listeners)
         .load(EBPF_OBJECT)
         .map_err(|e| if is_permission(&e) { LoadError::Privileges(chain(&e)) } else { LoadError::Load(e) })?;

@@ -28,6 +28,7 @@ pub const BROKER_UP: &str = "flowlog_sidecar_broker_up";
 pub const IDENTITY_SENT: &str = "flowlog_sidecar_identity_records_total";
 pub const LISTEN_MAP_FULL: &str = "flowlog_sidecar_listen_map_full_total";
 pub const KERNEL_READ_ERRORS: &str = "flowlog_sidecar_kernel_read_errors_total";
+pub const FLOWS_PARKED: &str = "flowlog_sidecar_flows_parked_total";
 pub const BPF_RUN_TIME: &str = "flowlog_sidecar_bpf_run_time_seconds_total";
 pub const BPF_RUN_COUNT: &str = "flowlog_sidecar_bpf_runs_total";
 /// Label `kind`: host, pod, container, service.
@@ -72,7 +73,7 @@ pub fn describe() {
     describe_counter!(FLOWS_PRODUCED, "Flow records handed to the Kafka producer (live and replayed).");
     describe_counter!(FLOWS_DELIVERED, "Flow records acknowledged by the broker.");
     describe_counter!(FLOWS_FAILED, "Flow record deliveries that failed: kept in the spool and sent again, or, if they can never be delivered, dropped (flows_dropped_total by reason).");
-    describe_counter!(FLOWS_DROPPED, "Flow records lost, by reason (ringbuf_full, decode_error, spool_full, spool_error, spool_corrupt; never deliverable: message_too_large, invalid_record, unknown_topic, not_authorized).");
+    describe_counter!(FLOWS_DROPPED, "Flow records lost, by reason (ringbuf_full: the ring buffer and the parking queue were both full; decode_error, spool_full, spool_error, spool_corrupt; never deliverable: message_too_large, invalid_record, unknown_topic, not_authorized).");
     describe_counter!(FLOWS_DEGRADED, "Flow records reported with fields missing, by reason (sock_map_full: no start time or opening process).");
     describe_counter!(FLOWS_SPOOLED, "Flow records written to the on-disk spool, by reason (broker_down; backlog: behind older spooled records, to keep order; queue_full; produce_error; delivery_failed: in front of the spool; shutdown).");
     describe_counter!(FLOWS_REPLAYED, "Flow records read back from the spool and produced (again after a crash during replay).");
@@ -86,6 +87,7 @@ pub fn describe() {
     describe_counter!(IDENTITY_SENT, "Identity heartbeat records queued, by reason (start, heartbeat, ip_change: the IPs or the host name changed, stop).");
     describe_counter!(LISTEN_MAP_FULL, "listen() calls not recorded because the listener map was full.");
     describe_counter!(KERNEL_READ_ERRORS, "Kernel memory reads that failed in the eBPF program.");
+    describe_counter!(FLOWS_PARKED, "Final flow events that found the ring buffer full and waited in the kernel's parking queue (max_parked) until the reader popped them: not lost.");
     describe_gauge!(BPF_RUN_TIME, Unit::Seconds, "Time spent in the eBPF program (kernel.bpf_stats_enabled=1 only).");
     describe_counter!(BPF_RUN_COUNT, "eBPF program runs (kernel.bpf_stats_enabled=1 only).");
     describe_counter!(WORKLOAD_FLOWS, "Flow records by the kind of local workload that owned them (host, pod, container, service).");
