@@ -35,6 +35,8 @@ if l.exists():
     row("long-lived", "churn of short connections beside them", f"{d['churn']['connections_per_sec']:.0f} per s", "20000 (aim)", d["churn"]["connections_per_sec"] >= 20000)
     row("long-lived", "sidecar CPU / peak RSS", f"{d['sidecar_cpu_percent']:.0f} % / {d['sidecar_peak_rss_mb']:.1f} MB", "-", True)
     row("long-lived", f"socket map kernel memory (max_sockets {d['max_sockets']})", f"{d['socket_map_kernel_bytes'] / 1048576:.1f} MB", "-", True)
+    if "parked" in d:
+        row("long-lived", f"final events parked while the ring was full (not lost) / parking queue kernel memory (max_parked {d['max_parked']})", f"{d['parked']} / {d['parking_queue_kernel_bytes'] / 1048576:.1f} MB", "-", True)
 t = results / "transport.json"
 if t.exists():
     d = json.loads(t.read_text())

@@ -62,8 +62,10 @@ flowlog_settings::settings! {
         pub max_sockets: u32 = 65_536,
         /// Final flow events that may wait in the kernel when the ring buffer
         /// is full (a burst of closes faster than the reader), until the
-        /// reader pops them: nothing is lost unless both are full. Costs
-        /// 152 bytes of kernel memory each, allocated at load (65 536: 10 MB).
+        /// reader pops them: nothing is lost unless both are full. Size it
+        /// for the closes that can come at once (at most `max_sockets`, plus
+        /// untracked ones). Costs 152 bytes of kernel memory each, allocated
+        /// at load (65 536: 10 MB).
         #[flag(long = "max-parked", env = "FLOWLOG_MAX_PARKED")]
         pub max_parked: u32 = 65_536,
         /// Listening ports tracked at once (for naming the server process).

@@ -53,6 +53,11 @@ struct Args {
     /// The sidecar's socket map size (`max_sockets`).
     #[arg(long, default_value_t = 262_144)]
     max_sockets: u32,
+    /// The sidecar's parking queue (`max_parked`): room for the finals of
+    /// the 100 000 sockets closed at once beside the churn (the default,
+    /// 65 536, sized for the default `max_sockets`, held 60 322 of them once).
+    #[arg(long, default_value_t = 131_072)]
+    max_parked: u32,
     /// The sidecar's ring buffer (`ring_buffer_bytes`); none: its default.
     #[arg(long)]
     ring_buffer_bytes: Option<u64>,
@@ -84,6 +89,8 @@ struct Report {
     other_records: u64,
     events_read: u64,
     ringbuf_full: u64,
+    /// Final events that found the ring full and waited in the parking queue.
+    parked: u64,
     sock_map_full: u64,
     decode_errors: u64,
     drops: u64,
@@ -97,6 +104,9 @@ struct Report {
     /// The socket map's kernel memory (its fdinfo `memlock`) at `max_sockets`.
     max_sockets: u32,
     socket_map_kernel_bytes: u64,
+    max_parked: u32,
+    /// The parking queue's kernel memory at `max_parked`.
+    parking_queue_kernel_bytes: u64,
     targets: Value,
 }
 
@@ -110,12 +120,13 @@ fn main() -> anyhow::Result<()> {
     }
     let interim = a.interim_secs.to_string();
     let max_sockets = a.max_sockets.to_string();
+    let max_parked = a.max_parked.to_string();
     // Metrics on: the wait for final records counts the ones the kernel
     // dropped (ring buffer full) as come, so that drops are reported, not
     // waited for.
     let metrics = format!("127.0.0.1:{}", flowlog_runtime::testkit::free_port());
     let ring = a.ring_buffer_bytes.map(|b| b.to_string());
-    let mut args = vec!["--output", "json", "--interim-interval-secs", &interim, "--max-sockets", &max_sockets, "--metrics-listen", &metrics];
+    let mut args = vec!["--output", "json", "--interim-interval-secs", &interim, "--max-sockets", &max_sockets, "--max-parked", &max_parked, "--metrics-listen", &metrics];
     if let Some(ring) = &ring {
         args.extend(["--ring-buffer-bytes", ring.as_str()]);
     }
@@ -173,7 +184,8 @@ fn main() -> anyhow::Result<()> {
     let churn = churn.join().map_err(|_| anyhow::anyhow!("the churn panicked"))??;
     eprintln!("churn: {:.0} connections/s ({} errors)", churn.connections_per_sec, churn.errors);
     let u1 = Usage::of(pid)?;
-    let map_bytes = socket_map_memlock(pid, a.max_sockets);
+    let map_bytes = map_memlock(pid, 8, 56, a.max_sockets);
+    let queue_bytes = map_memlock(pid, 0, 152, a.max_parked);
     let wall = t0.elapsed().as_secs_f64();
     let stats = sc.stop()?;
     reader.join().map_err(|_| anyhow::anyhow!("the record reader panicked"))?;
@@ -182,7 +194,7 @@ fn main() -> anyhow::Result<()> {
     let mismatched_sockets = mismatches.len();
     mismatches.truncate(10);
     let k = |key: &str| stats["kernel"][key].as_u64().unwrap_or(0);
-    let (ringbuf_full, sock_map_full) = (k("ringbuf_full"), k("sock_map_full"));
+    let (ringbuf_full, parked, sock_map_full) = (k("ringbuf_full"), k("parked"), k("sock_map_full"));
     let decode_errors = stats["user"]["decode_errors"].as_u64().unwrap_or(0);
     let (user, sys) = (u1.user_seconds - u0.user_seconds, u1.system_seconds - u0.system_seconds);
     let report = Report {
@@ -207,6 +219,7 @@ fn main() -> anyhow::Result<()> {
         other_records: seen.other,
         events_read: stats["user"]["events_read"].as_u64().unwrap_or(0),
         ringbuf_full,
+        parked,
         sock_map_full,
         decode_errors,
         drops: ringbuf_full + sock_map_full + decode_errors,
@@ -218,6 +231,8 @@ fn main() -> anyhow::Result<()> {
         sidecar_peak_rss_mb: u1.peak_rss_bytes as f64 / 1048576.0,
         max_sockets: a.max_sockets,
         socket_map_kernel_bytes: map_bytes,
+        max_parked: a.max_parked,
+        parking_queue_kernel_bytes: queue_bytes,
         targets: serde_json::json!({ "drops": 0, "mismatched_sockets": 0, "churn_connections_per_sec": 20000 }),
     };
     println!("long-lived benchmark ({})", report.load);
@@ -225,10 +240,12 @@ fn main() -> anyhow::Result<()> {
     println!("  records: interim {} / final {} (long-lived), other {}", report.interim_records, report.final_records, report.other_records);
     println!("  first pass over every socket    {:>10.1} s", report.first_pass_seconds);
     println!("  drops (ring, map, decode)       {:>10}  (target 0)", report.drops);
+    println!("  finals parked (ring was full)   {:>10}", report.parked);
     println!("  sockets not adding up exactly   {:>10}  (target 0)", report.mismatched_sockets);
     println!("  sidecar CPU                     {:>10.1} %  (user {:.1} s, sys {:.1} s over {wall:.0} s)", report.sidecar_cpu_percent, user, sys);
     println!("  sidecar peak RSS MB             {:>10.1}", report.sidecar_peak_rss_mb);
     println!("  socket map kernel memory MB     {:>10.1}  (max_sockets {})", map_bytes as f64 / 1048576.0, a.max_sockets);
+    println!("  parking queue kernel memory MB  {:>10.1}  (max_parked {})", queue_bytes as f64 / 1048576.0, a.max_parked);
     flowlog_bench::write_report(&a.out, &report)?;
     if report.drops > 0 || report.mismatched_sockets > 0 {
         bail!("records were lost or do not add up: {:#?}", report.mismatches);
@@ -236,15 +253,16 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `memlock` of the sidecar's socket map (the hash map with 8-byte keys,
-/// 56-byte values and `max_sockets` entries), from its fd's fdinfo; 0 if
-/// not found.
-fn socket_map_memlock(pid: u32, max_sockets: u32) -> u64 {
+/// The `memlock` of the sidecar's map with these key and value sizes and
+/// entries (the socket map: 8, 56, `max_sockets`; the parking queue: 0,
+/// 152, `max_parked`), from its fd's fdinfo; 0 if not found.
+fn map_memlock(pid: u32, key_size: u32, value_size: u32, max_entries: u32) -> u64 {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return 0 };
     for fd in fds.filter_map(Result::ok) {
         let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
         let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or("");
-        if field("key_size:") == "8" && field("value_size:") == "56" && field("max_entries:") == max_sockets.to_string() {
+        let is = |k: &str, v: u32| field(k) == v.to_string();
+        if is("key_size:", key_size) && is("value_size:", value_size) && is("max_entries:", max_entries) {
             return field("memlock:").parse().unwrap_or(0);
         }
     }
