@@ -49,8 +49,8 @@ if t.exists():
 sw = results / "transport_sweep.json"
 if sw.exists():
     d = json.loads(sw.read_text())
-    cells = ", ".join(f"{v['compression']}/{v['linger_ms']} ms {v['sidecar_user_ns_per_flow_median']:.0f} ns (p99 {v['close_to_readable_ms_p99_median']:.0f} ms)" for v in d["variants"])
-    row("transport", f"producer settings (compression/linger): user CPU per flow, median of {d['rounds']} rounds", cells, "-", all(v["lost_total"] == 0 for v in d["variants"]))
+    cells = ", ".join(f"{v['compression']}/{v['linger_ms']} ms/{v.get('records_per_message', 1)} {v['sidecar_user_ns_per_flow_median']:.0f} ns (p99 {v['close_to_readable_ms_p99_median']:.0f} ms)" for v in d["variants"])
+    row("transport", f"producer settings (compression/linger/records per message): user CPU per flow, median of {d['rounds']} rounds", cells, "-", all(v["lost_total"] == 0 for v in d["variants"]))
 
 e = results / "enrich.json"
 if e.exists():

@@ -136,7 +136,7 @@ def default_str(f):
 
 def gen_schemas():
     # Pipeline order first (what the sidecar sends, then what the enricher writes), then any others.
-    order = {"flow": 0, "identity": 1, "enriched_flow": 2}
+    order = {"flow": 0, "flow_batch": 1, "identity": 2, "enriched_flow": 3}
     files = sorted(SCHEMAS.glob("*.avsc"), key=lambda p: (order.get(p.stem, 99), p.name))
     if not files:
         raise GenError(f"no schemas in {SCHEMAS}")
@@ -162,7 +162,8 @@ def gen_schemas():
     out.append("| schema | record | written by | where |")
     out.append("|---|---|---|---|")
     where = {
-        "flow": ("sidecar", "Kafka flow topic (`flowlog.flows`), one record per message, single-object encoded"),
+        "flow": ("sidecar", "Kafka flow topic (`flowlog.flows`), single-object encoded: one record per message, or several in a `FlowBatch`"),
+        "flow_batch": ("sidecar", "Kafka flow topic: one message of several Flow records (`kafka.records_per_message`), single-object encoded"),
         "identity": ("sidecar", "Kafka identity topic (`flowlog.identity`), one record per message, single-object encoded"),
         "enriched_flow": ("enricher", "Avro object container files; optionally the enriched topic, single-object encoded"),
     }

@@ -99,7 +99,7 @@ pub fn describe() {
     use metrics::{describe_counter, describe_gauge, Unit};
     describe_counter!(
         RECORDS_IN,
-        "Flow messages read from the flow topic (including ones sent to the DLQ)."
+        "Flow records read from the flow topic, each record of a FlowBatch message counted (including records sent to the DLQ; a batch refused whole counts as one)."
     );
     describe_counter!(
         RECORDS_OUT,

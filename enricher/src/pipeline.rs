@@ -164,34 +164,58 @@ impl Pipeline {
         self.done_through.get(&p).copied()
     }
 
-    /// One message: skipped if already in files; otherwise it extends its
-    /// partition's batch, as an enriched record or, if it does not decode,
-    /// as a dead letter. Fails only if the dead-letter queue does (then the
-    /// message must not be committed: the process stops).
+    /// One message: skipped if already in files; otherwise each of its
+    /// records (a FlowBatch holds several, [`flowlog_schema::batch`])
+    /// extends its partition's batch, as an enriched record or, if it does
+    /// not decode, as a dead letter of its own (a batch whose framing is
+    /// broken goes whole). Fails only if the dead-letter queue does (then
+    /// the message must not be committed: the process stops).
     pub fn consume(&mut self, m: &Message, now: Now) -> anyhow::Result<()> {
         let (p, off) = (m.partition, m.offset);
         self.now = now.instant;
         if self.done_through(p).is_some_and(|d| off <= d) {
             return Ok(()); // already in a file from before a restart
         }
-        ::metrics::counter!(metrics::RECORDS_IN).increment(1);
         // Past the end agreed for the open batch: it is complete.
         if self.batches.get(&p).is_some_and(|b| b.end.is_some_and(|e| off > e)) {
             let b = self.batches.remove(&p).expect("checked");
             self.ready.push_back((p, b));
         }
-        let batch = self
-            .batches
-            .entry(p)
-            .or_insert_with(|| Batch::new(off, now.instant));
-        batch.last = off;
+        self.batches.entry(p).or_insert_with(|| Batch::new(off, now.instant)).last = off;
+        let records = match flowlog_schema::flow_messages(m.payload) {
+            Ok(records) => records,
+            Err(reject) => {
+                ::metrics::counter!(metrics::RECORDS_IN).increment(1);
+                return self.dead_letter(m, &reject);
+            }
+        };
+        ::metrics::counter!(metrics::RECORDS_IN).increment(records.len() as u64);
+        for record in records {
+            self.consume_record(&Message { payload: record, ..*m }, now)?;
+        }
+        // Full: complete now, not at the next tick, so that a batch holds
+        // at most `max_records` (plus one message's) however fast messages come.
+        if let Some(batch) = self.batches.get(&p) {
+            if batch.end.is_none() && batch.records.len() >= self.settings.max_records {
+                let b = self.batches.remove(&p).expect("just used");
+                self.ready.push_back((p, b));
+            }
+        }
+        Ok(())
+    }
+
+    fn dead_letter(&self, m: &Message, reject: &flowlog_schema::DecodeError) -> anyhow::Result<()> {
+        self.dead_letters
+            .send(m, reject)
+            .map_err(|e| e.context("dead-letter topic unavailable; stopping so the message is retried"))
+    }
+
+    /// One Flow record of message `m` (`m.payload` is the record).
+    fn consume_record(&mut self, m: &Message, now: Now) -> anyhow::Result<()> {
+        let (p, off) = (m.partition, m.offset);
         let (host, flow) = match self.decoder.flow(m.payload) {
             Ok(decoded) => decoded,
-            Err(reject) => {
-                return self.dead_letters.send(m, &reject).map_err(|e| {
-                    e.context("dead-letter topic unavailable; stopping so the message is retried")
-                })
-            }
+            Err(reject) => return self.dead_letter(m, &reject),
         };
         // A record accepted before (the sidecar sent it again) is dropped
         // here, before attribution; its offset is committed with the batch.
@@ -202,6 +226,7 @@ impl Pipeline {
             return Ok(());
         }
         let e = self.sources.attribute(|a| a.enrich(host, flow));
+        let batch = self.batches.get_mut(&p).expect("opened by consume");
         // Young and unattributed: hold it back for late metadata.
         let age = now.unix_ns - e.flow.end_time_ns;
         let window = self.settings.late_window.as_nanos() as i64;
@@ -212,12 +237,6 @@ impl Pipeline {
         }
         batch.records.push(e);
         batch.offsets.push(off);
-        // Full: complete now, not at the next tick, so that a batch holds
-        // at most `max_records` however fast messages come.
-        if batch.end.is_none() && batch.records.len() >= self.settings.max_records {
-            let b = self.batches.remove(&p).expect("just used");
-            self.ready.push_back((p, b));
-        }
         Ok(())
     }
 
@@ -334,9 +353,11 @@ impl Pipeline {
         };
         self.ready.push_back((p, b));
         let max = self.settings.max_records;
+        // Cut between messages: the records of one (a FlowBatch) stay
+        // together, so a piece may pass `max_records` by one message's.
         while rest.records.len() > max {
             let at = rest.offsets[max - 1];
-            let next = rest.split_after(at).expect("records after it");
+            let Some(next) = rest.split_after(at) else { break };
             self.ready.push_back((p, std::mem::replace(&mut rest, next)));
         }
         self.batches.insert(p, rest);

@@ -13,6 +13,7 @@
 //! ([`decode_flow`]), attributes it and encodes an [`EnrichedFlow`].
 
 pub mod avro;
+pub mod batch;
 pub mod container;
 pub mod enriched;
 pub mod enums;
@@ -31,5 +32,6 @@ pub use enums::{
 pub use flow::{decode_flow, Flow, StatePath};
 pub use host::{Host, HostIdentity};
 pub use identity::{Identity, WorkloadIps};
-pub use schemas::{SchemaDef, ENRICHED_FLOW, FLOW, IDENTITY};
+pub use batch::{flow_messages, records_in, BatchWriter};
+pub use schemas::{SchemaDef, ENRICHED_FLOW, FLOW, FLOW_BATCH, IDENTITY};
 pub use workload::Workload;

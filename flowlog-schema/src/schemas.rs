@@ -10,7 +10,7 @@ use crate::avro::DecodeError;
 
 /// One schema of `schemas/`.
 pub struct SchemaDef {
-    /// File stem in `schemas/` (`flow`, `identity`, `enriched_flow`).
+    /// File stem in `schemas/` (`flow`, `flow_batch`, `identity`, `enriched_flow`).
     pub name: &'static str,
     /// The `.avsc` text, as committed.
     pub json: &'static str,
@@ -20,6 +20,8 @@ pub struct SchemaDef {
 pub static FLOW: SchemaDef = SchemaDef::new("flow", include_str!("../../schemas/flow.avsc"));
 pub static IDENTITY: SchemaDef = SchemaDef::new("identity", include_str!("../../schemas/identity.avsc"));
 pub static ENRICHED_FLOW: SchemaDef = SchemaDef::new("enriched_flow", include_str!("../../schemas/enriched_flow.avsc"));
+/// Several Flow messages in one Kafka message ([`crate::batch`]).
+pub static FLOW_BATCH: SchemaDef = SchemaDef::new("flow_batch", include_str!("../../schemas/flow_batch.avsc"));
 
 /// The previous Flow versions, still decoded (sidecars not yet upgraded and
 /// their spools send them). Not in [`ALL`]: docs and new data use the current one.
@@ -28,7 +30,7 @@ pub static FLOW_V1: SchemaDef = SchemaDef::new("flow", include_str!("../../schem
 pub static FLOW_V2: SchemaDef = SchemaDef::new("flow", include_str!("../../schemas/history/flow.v2.avsc"));
 
 /// Every schema, for tests and docs.
-pub static ALL: [&SchemaDef; 3] = [&FLOW, &IDENTITY, &ENRICHED_FLOW];
+pub static ALL: [&SchemaDef; 4] = [&FLOW, &FLOW_BATCH, &IDENTITY, &ENRICHED_FLOW];
 
 impl SchemaDef {
     const fn new(name: &'static str, json: &'static str) -> SchemaDef {

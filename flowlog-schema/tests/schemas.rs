@@ -11,7 +11,8 @@ use apache_avro::{
 use flowlog_schema::{
     container::{Codec, ContainerWriter},
     decode_flow, fixtures,
-    schemas::{ALL, ENRICHED_FLOW, FLOW, FLOW_V1, FLOW_V2, IDENTITY},
+    schemas::{ALL, ENRICHED_FLOW, FLOW, FLOW_BATCH, FLOW_V1, FLOW_V2, IDENTITY},
+    flow_messages, BatchWriter,
     Attribution, Attrs, DecodeError, Direction, EndReason, EnrichedFlow, Family, Flow, Host, HostIdentity,
     Identity, IdentityReason, WorkloadIps, OwnerSource, RecordType, Source, Unattributed, Workload, WorkloadKind, WorkloadReason,
     Encoder, Writer,
@@ -567,4 +568,24 @@ fn schemas_stay_backward_compatible() {
         *checked.entry(def.name).or_insert(0) += 1;
     }
     assert_eq!(checked.len(), ALL.len(), "every schema has a released version: {checked:?}");
+}
+
+/// A FlowBatch as apache-avro reads it with schemas/flow_batch.avsc: its
+/// items are the Flow messages, byte for byte; and one apache-avro writes
+/// (several blocks) splits into the same items here.
+#[test]
+fn flow_batches_match_the_schema() {
+    let (h, f) = sample_flow();
+    let msgs: Vec<Vec<u8>> = (0..5).map(|i| fixtures::flow_message(&h, &Flow { sequence: i, ..f.clone() })).collect();
+    let mut w = BatchWriter::default();
+    msgs.iter().for_each(|m| w.push(m));
+    let mut batch = Vec::new();
+    w.finish(&mut batch);
+    let read = GenericSingleObjectReader::new(FLOW_BATCH.parse()).unwrap().read_value(&mut &batch[..]).unwrap();
+    let want = Value::Array(msgs.iter().map(|m| Value::Bytes(m.clone())).collect());
+    assert_eq!(field(&read, "flows"), &want);
+    let theirs = apache_avro::to_avro_datum(&FLOW_BATCH.parse(), Value::Record(vec![("flows".into(), want)])).unwrap();
+    let mut msg = FLOW_BATCH.header().to_vec();
+    msg.extend(theirs);
+    assert_eq!(flow_messages(&msg).unwrap().collect::<Vec<_>>(), msgs.iter().map(|m| &m[..]).collect::<Vec<_>>());
 }

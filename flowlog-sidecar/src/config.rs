@@ -359,6 +359,7 @@ mod tests {
                 "kafka.brokers --kafka-brokers FLOWLOG_KAFKA_BROKERS",
                 "kafka.flow_topic --kafka-flow-topic FLOWLOG_KAFKA_FLOW_TOPIC",
                 "kafka.identity_topic --kafka-identity-topic FLOWLOG_KAFKA_IDENTITY_TOPIC",
+                "kafka.records_per_message --kafka-records-per-message FLOWLOG_KAFKA_RECORDS_PER_MESSAGE",
                 "spool.dir --spool-dir FLOWLOG_SPOOL_DIR",
                 "spool.max_bytes --spool-max-bytes FLOWLOG_SPOOL_MAX_BYTES",
                 "identity.host_id --host-id FLOWLOG_HOST_ID",

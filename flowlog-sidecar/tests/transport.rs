@@ -204,6 +204,8 @@ fn broker_outage_loses_nothing() {
     let all = all_produced(&brokers, &host_id, &ids.last().expect("STOP heartbeat").value);
     // Spooled records were replayed in order: the topic holds them by sequence.
     assert_in_sequence_order(&all);
+    // Each drain's records went out together, as FlowBatch messages.
+    assert!(all.iter().any(|c| c.in_message > 1), "no FlowBatch message");
     let values: Vec<&Value> = all.iter().map(|c| &c.value).collect();
     for cp in cps {
         let n = values.iter().filter(|v| ports(v) == (cp as i64, sp as i64) || ports(v) == (sp as i64, cp as i64)).count();
@@ -300,9 +302,16 @@ fn spool_survives_restart() {
 
     let _broker = Broker::start_on(port, &spec("restart")).expect("start the broker");
     let m2 = format!("127.0.0.1:{}", free_port());
-    let sc = Sidecar::start(&kafka_args(&brokers, spool.to_str().unwrap(), &m2, &host_id));
+    // This run sends one record per message; it replays the first run's
+    // FlowBatch messages as they were: both forms in one topic.
+    let mut args = kafka_args(&brokers, spool.to_str().unwrap(), &m2, &host_id);
+    args.extend(["--kafka-records-per-message", "1"]);
+    let sc = Sidecar::start(&args);
+    let (sp2, cps2) = short_connections(5);
     let want = |r: &[Consumed]| {
-        cps.iter().all(|cp| {
+        cps2.iter().all(|cp| {
+            r.iter().filter(|c| is_host(c, &host_id)).filter(|c| ports(&c.value) == (*cp as i64, sp2 as i64) || ports(&c.value) == (sp2 as i64, *cp as i64)).count() >= 2
+        }) && cps.iter().all(|cp| {
             r.iter().filter(|c| is_host(c, &host_id)).filter(|c| ports(&c.value) == (*cp as i64, sp as i64) || ports(&c.value) == (sp as i64, *cp as i64)).count() >= 2
         })
     };
@@ -314,6 +323,11 @@ fn spool_survives_restart() {
     let first_epoch = values.iter().map(|v| long(v, "sequence_epoch")).min().unwrap();
     let n = assert_gap_free(&values, first_epoch, None);
     assert!(n >= 40, "first run produced {n} records");
+    let mine: Vec<&Consumed> = all.iter().filter(|c| is_host(c, &host_id)).collect();
+    let first = |c: &&&Consumed| long(&c.value, "sequence_epoch") == first_epoch;
+    assert!(mine.iter().filter(first).any(|c| c.in_message > 1), "the first run spooled FlowBatch messages");
+    assert!(mine.iter().filter(|c| !first(c)).all(|c| c.in_message == 1), "the second run sent plain Flow messages");
+    assert!(mine.iter().any(|c| !first(&c)), "the second run sent records");
 }
 
 /// Waits until `series` on the sidecar's metrics endpoint satisfies `ok`;
@@ -392,16 +406,16 @@ fn kill_9_during_replay_loses_nothing() {
     let segments = segment_files(&spool).len();
     assert!(segments >= 3, "the outage spans {segments} segments");
 
-    // The broker comes back; kill -9 once the topic holds a third of the
-    // records (past the first segment) but not all.
+    // The broker comes back; kill -9 once the broker has acknowledged a
+    // third of the records (past the first segment) but not all. Counted in
+    // records (the spool holds FlowBatch messages of several).
     let _broker = Broker::start_on(port, &spec("kill9")).expect("start the broker");
-    let watch: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
     let t0 = std::time::Instant::now();
     let killed_at = loop {
-        let (_, end) = rdkafka::consumer::Consumer::fetch_watermarks(&watch, FLOWS, 0, Duration::from_secs(5)).unwrap_or((0, 0));
-        if end >= n / 3 {
-            assert!(end < n, "replay finished before the kill could land");
-            break end;
+        let delivered = sample(&scrape(&metrics_addr), "flowlog_sidecar_flows_delivered_total") as i64;
+        if delivered >= n / 3 {
+            assert!(delivered < n, "replay finished before the kill could land");
+            break delivered;
         }
         assert!(t0.elapsed() < Duration::from_secs(60), "replay never started");
         std::thread::sleep(Duration::from_millis(2));
@@ -440,7 +454,7 @@ fn kill_9_during_replay_loses_nothing() {
     let lost = missing.len();
     let duplicates = seqs.len() - set.len();
     eprintln!(
-        "kill -9 during replay: {n} records spooled in {segments} segments; killed at topic end offset {killed_at} \
+        "kill -9 during replay: {n} records spooled in {segments} segments; killed with {killed_at} delivered \
          ({left_on_disk} segment files left); {replayed} replayed after the restart; {duplicates} duplicates; {lost} lost"
     );
     assert!(missing.is_empty(), "{lost} records of the first run never reached the topic: {:?}", ranges(&missing));

@@ -417,6 +417,39 @@ fn rejects_go_to_the_dead_letter_queue_within_their_batch() {
     assert_eq!(r.due(r.at(3)), vec![(0, 3, 3, 0)]);
 }
 
+/// A FlowBatch message: each record is its own. One that does not decode
+/// goes to the dead-letter queue alone, with its batch message's offset;
+/// the others are written, every one at that offset; a repeat of the whole
+/// message (the sidecar sent it again) adds nothing. A batch whose framing
+/// is broken goes to the dead-letter queue whole.
+#[test]
+fn the_records_of_a_batch_message_are_handled_one_by_one() {
+    let mut r = Rig::new(100, 1, 0);
+    let good: Vec<Vec<u8>> = (0..3).map(|seq| flow("h", seq, LOOPBACK, T0)).collect();
+    let bad = good[1][..good[1].len() - 3].to_vec();
+    let mut w = flowlog_schema::BatchWriter::default();
+    for m in [&good[0], &bad, &good[2]] {
+        w.push(m);
+    }
+    let mut batch = Vec::new();
+    w.finish(&mut batch);
+    r.consume(0, 7, &batch, r.at(0));
+    r.consume(0, 8, &batch, r.at(0));
+    let mut torn = batch.clone();
+    torn.pop();
+    r.consume(0, 9, &torn, r.at(0));
+    assert_eq!(
+        *r.letters.got.lock().unwrap(),
+        vec![(7, "truncated".to_string()), (8, "truncated".to_string()), (9, "truncated".to_string())]
+    );
+    let mut due = r.take_due(r.at(1));
+    let (p, b) = due.pop().unwrap();
+    assert_eq!((p, b.first, b.last), (0, 7, 9));
+    assert_eq!(b.records.iter().map(|e| e.flow.sequence).collect::<Vec<_>>(), [0, 2]);
+    assert_eq!(b.offsets, [7, 7]);
+    assert_eq!(r.pipeline.sequence_counts().duplicates, 2);
+}
+
 /// The dead-letter queue refuses a message: consuming fails (the process
 /// stops rather than commit past it).
 #[test]
@@ -469,6 +502,28 @@ fn an_agreed_end_splits_or_extends_a_batch() {
     r.pipeline.put_back(p, b, 8);
     assert_eq!(r.due(r.at(31)), vec![(0, 3, 8, 4)]);
     assert_eq!(r.due(r.at(41)), vec![(0, 9, 9, 1)]);
+}
+
+/// Batches are cut between messages: the records of a FlowBatch message
+/// stay in one, even past `max_records`, and an agreed end splits there.
+#[test]
+fn batches_are_cut_between_messages() {
+    let mut r = Rig::new(2, 10, 0);
+    let message = |seqs: std::ops::Range<i64>| {
+        let mut w = flowlog_schema::BatchWriter::default();
+        seqs.for_each(|seq| w.push(&flow("h", seq, LOOPBACK, T0)));
+        let mut m = Vec::new();
+        w.finish(&mut m);
+        m
+    };
+    r.consume(0, 0, &message(0..3), r.at(0));
+    r.consume(0, 1, &message(3..6), r.at(0));
+    let (p, b) = r.take_due(r.at(0)).pop().unwrap();
+    assert_eq!((b.first, b.last, b.records.len()), (0, 0, 3));
+    // Claimed before as 0..=0: the rest, one message of 3, is not cut.
+    r.pipeline.put_back(p, b, 0);
+    assert_eq!(r.due(r.at(0)), vec![(0, 0, 0, 3)]);
+    assert_eq!(r.due(r.at(0)), vec![(0, 1, 1, 3)]);
 }
 
 /// A batch that could not be written is tried again when its time comes,

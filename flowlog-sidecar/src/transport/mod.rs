@@ -1,8 +1,9 @@
 //! Flow records to Kafka, at least once, with no silent loss.
 //!
-//! Records are Avro single-object encoded, keyed by host id (so one host's
-//! records stay in one partition, in order) and handed to an idempotent
-//! librdkafka producer, whose bounded queue is the in-memory buffer. When the
+//! Records are Avro single-object encoded and go out several to a Kafka
+//! message (a FlowBatch, `schemas/flow_batch.avsc`; `records_per_message`),
+//! keyed by host id (so one host's records stay in one partition, in order)
+//! and handed to an idempotent librdkafka producer, whose bounded queue is the in-memory buffer. When the
 //! broker is down or the queue is full, records go to the bounded on-disk
 //! [`spool::Spool`]; deliveries that fail (for a reason that may pass) are
 //! written in front of it. A replay thread sends the spool back, a segment
@@ -37,7 +38,7 @@ use rdkafka::{
 };
 use tracing::{info, warn};
 
-use flowlog_schema::{Flow, HostIdentity, Identity, IdentityReason};
+use flowlog_schema::{records_in, BatchWriter, Flow, HostIdentity, Identity, IdentityReason};
 
 use crate::{
     identity::IdentityConfig,
@@ -157,9 +158,10 @@ impl Shared {
         }
     }
 
-    /// A record no retry can deliver: counted under `reason`, let go.
-    fn undeliverable(&self, reason: &'static str, e: &KafkaError) {
-        m::dropped(reason, 1);
+    /// A message no retry can deliver: its `n` records counted under
+    /// `reason`, let go.
+    fn undeliverable(&self, reason: &'static str, n: u64, e: &KafkaError) {
+        m::dropped(reason, n);
         self.warn_once(reason, format_args!("record dropped, it can never be delivered: {e}"));
     }
 
@@ -184,7 +186,7 @@ impl Shared {
     }
 
     fn spool(&self, payload: &[u8], reason: &'static str) {
-        m::spooled(reason, 1);
+        m::spooled(reason, records_in(payload));
         if let Err(e) = self.with_spool(|sp| sp.append(payload)) {
             self.warn_once("spool_error", format_args!("spool write failed, records lost (counted): {e}"));
         }
@@ -205,7 +207,7 @@ impl Shared {
         }
         self.in_hand.store(true, Ordering::Relaxed);
         let records: Vec<Vec<u8>> = self.retry.lock().unwrap().drain(..).collect();
-        let n = records.len() as u64;
+        let n = records.iter().map(|r| records_in(r)).sum();
         let front = self.spool.lock().unwrap().front_slot();
         match front.write(&records) {
             Ok(bytes) => {
@@ -264,9 +266,10 @@ impl ProducerContext for Ctx {
             return;
         }
         let replayed = replayed_index(sent);
+        let records = |msg: &rdkafka::message::BorrowedMessage| msg.payload().map_or(1, records_in);
         let outcome = match result {
-            Ok(_) => {
-                self.delivered.increment(1);
+            Ok(msg) => {
+                self.delivered.increment(records(msg));
                 self.broker_up.set(1.0);
                 if let Some(latency) = sent_latency(sent) {
                     self.latency.record(latency);
@@ -277,9 +280,10 @@ impl ProducerContext for Ctx {
                 Outcome::Delivered
             }
             Err((e, msg)) => {
-                counter!(m::FLOWS_FAILED).increment(1);
+                let n = records(msg);
+                counter!(m::FLOWS_FAILED).increment(n);
                 if let Some(reason) = kafka::undeliverable(e) {
-                    self.shared.undeliverable(reason, e);
+                    self.shared.undeliverable(reason, n, e);
                     Outcome::Dropped
                 } else {
                     if !matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)) {
@@ -315,19 +319,28 @@ impl FlowEncoder {
 
     /// The record's message (valid until the next call).
     pub fn encode(&mut self, r: &mut Flow) -> &[u8] {
-        r.sequence_epoch = self.epoch;
-        r.sequence = self.next_sequence;
-        self.next_sequence += 1;
+        self.number(r);
         self.buf.clear();
         r.to_message(&self.host_block, &mut self.buf);
         &self.buf
+    }
+
+    /// The record's message, encoded in place into `batch`.
+    pub fn encode_into(&mut self, r: &mut Flow, batch: &mut BatchWriter) {
+        self.number(r);
+        batch.push_with(|out| r.to_message(&self.host_block, out));
+    }
+
+    fn number(&mut self, r: &mut Flow) {
+        r.sequence_epoch = self.epoch;
+        r.sequence = self.next_sequence;
+        self.next_sequence += 1;
     }
 }
 
 /// The Kafka side of the sidecar.
 pub struct KafkaSink {
-    producer: Arc<ThreadedProducer<Ctx>>,
-    shared: Arc<Shared>,
+    out: FlowOut,
     cfg: KafkaConfig,
     /// Where the host's identity comes from (re-read for IP changes).
     identity: IdentityConfig,
@@ -335,8 +348,48 @@ pub struct KafkaSink {
     /// The local workloads' IPs (workload::addresses), announced with the host's.
     workload_ips: Option<watch::Receiver<Listing>>,
     encoder: FlowEncoder,
+    /// Records waiting for their message (`records_per_message` > 1).
+    batch: BatchWriter,
     replayer: Option<thread::JoinHandle<()>>,
+}
+
+/// A batch message is sent once its records reach this size, whatever
+/// `records_per_message` says: far below the 1 MB a broker takes by default.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// Where flow messages go: the producer, or the spool while anything older
+/// waits there or the broker is away.
+struct FlowOut {
+    producer: Arc<ThreadedProducer<Ctx>>,
+    shared: Arc<Shared>,
+    topic: String,
+    key: String,
     produced: metrics::Counter,
+}
+
+impl FlowOut {
+    /// Produces one message of `n` records (or spools it).
+    fn send(&self, msg: &[u8], n: u64, timed: bool) {
+        // Keep order: while anything is spooled (or being replayed), queue behind it.
+        if self.shared.backlog() {
+            self.shared.spool(msg, "backlog");
+            return;
+        }
+        if !self.shared.healthy.load(Ordering::Relaxed) {
+            self.shared.spool(msg, "broker_down");
+            return;
+        }
+        let sent = if timed { sent_timed() } else { SENT_UNTIMED };
+        let rec = BaseRecord::with_opaque_to(&self.topic, sent).key(self.key.as_str()).payload(msg);
+        match self.producer.send(rec) {
+            Ok(()) => self.produced.increment(n),
+            Err((e, _)) => match (kafka::undeliverable(&e), e) {
+                (Some(reason), e) => self.shared.undeliverable(reason, n, &e),
+                (None, KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => self.shared.spool(msg, "queue_full"),
+                (None, _) => self.shared.spool(msg, "produce_error"),
+            },
+        }
+    }
 }
 
 /// Opens the spool a [`KafkaSink`] writes to (reads every segment a
@@ -388,15 +441,20 @@ impl KafkaSink {
         };
         let replayer = thread::Builder::new().name("flowlog-replay".into()).spawn(move || replayer.run())?;
         let mut sink = KafkaSink {
+            out: FlowOut {
+                producer,
+                shared,
+                topic: cfg.flow_topic.clone(),
+                key: host.host_id.clone(),
+                produced: counter!(m::FLOWS_PRODUCED),
+            },
             encoder: FlowEncoder::new(epoch, &host),
             host,
             identity,
             workload_ips,
-            producer,
-            shared,
             cfg,
+            batch: BatchWriter::default(),
             replayer: Some(replayer),
-            produced: counter!(m::FLOWS_PRODUCED),
         };
         sink.send_identity(IdentityReason::Start);
         Ok(sink)
@@ -413,30 +471,30 @@ impl KafkaSink {
         }
     }
 
-    /// Numbers, encodes and produces one flow record.
+    /// Numbers and encodes one flow record, and produces it: into the open
+    /// batch, which goes out when full and after each drain of the ring
+    /// buffer ([`Sink::flush`]); alone with `records_per_message = 1`.
     fn send_flow(&mut self, r: &mut Flow) {
-        // Every 8th record is timed for the delivery-latency histogram.
-        let timed = (self.encoder.next_sequence + 1) % 8 == 0;
-        let msg = self.encoder.encode(r);
-        // Keep order: while anything is spooled (or being replayed), queue behind it.
-        if self.shared.backlog() {
-            self.shared.spool(msg, "backlog");
+        if self.cfg.records_per_message <= 1 {
+            // Every 8th record is timed for the delivery-latency histogram.
+            let timed = (self.encoder.next_sequence + 1) % 8 == 0;
+            let msg = self.encoder.encode(r);
+            self.out.send(msg, 1, timed);
             return;
         }
-        if !self.shared.healthy.load(Ordering::Relaxed) {
-            self.shared.spool(msg, "broker_down");
+        self.encoder.encode_into(r, &mut self.batch);
+        if self.batch.len() >= self.cfg.records_per_message as usize || self.batch.bytes() >= MAX_BATCH_BYTES {
+            self.send_batch();
+        }
+    }
+
+    /// Produces the open batch, if it holds anything (every batch is timed).
+    fn send_batch(&mut self) {
+        if self.batch.is_empty() {
             return;
         }
-        let sent = if timed { sent_timed() } else { SENT_UNTIMED };
-        let rec = BaseRecord::with_opaque_to(&self.cfg.flow_topic, sent).key(self.host.host_id.as_str()).payload(msg);
-        match self.producer.send(rec) {
-            Ok(()) => self.produced.increment(1),
-            Err((e, _)) => match (kafka::undeliverable(&e), e) {
-                (Some(reason), e) => self.shared.undeliverable(reason, &e),
-                (None, KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => self.shared.spool(msg, "queue_full"),
-                (None, _) => self.shared.spool(msg, "produce_error"),
-            },
-        }
+        let n = self.batch.len() as u64;
+        self.batch.take(|msg| self.out.send(msg, n, true));
     }
 
     /// Produces an identity heartbeat.
@@ -461,13 +519,14 @@ impl KafkaSink {
         let rec = BaseRecord::with_opaque_to(&self.cfg.identity_topic, SENT_IDENTITY)
             .key(self.host.host_id.as_str())
             .payload(&buf[..]);
+        let producer = &self.out.producer;
         let label = match reason {
             IdentityReason::Start => "start",
             IdentityReason::Heartbeat => "heartbeat",
             IdentityReason::IpChange => "ip_change",
             IdentityReason::Stop => "stop",
         };
-        match self.producer.send(rec) {
+        match producer.send(rec) {
             Ok(()) => counter!(m::IDENTITY_SENT, "reason" => label).increment(1),
             Err((e, _)) => warn!("identity heartbeat not queued: {e}"),
         }
@@ -476,27 +535,28 @@ impl KafkaSink {
     /// Delivers what it can within `timeout`; the rest stays in (or goes to) the spool.
     fn shutdown(mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        let _ = self.shared.stop.set(deadline);
+        let _ = self.out.shared.stop.set(deadline);
         if let Some(r) = self.replayer.take() {
             let _ = r.join();
         }
-        if self.producer.flush(deadline.saturating_duration_since(Instant::now())).is_err() {
-            let left = self.producer.in_flight_count();
+        if self.out.producer.flush(deadline.saturating_duration_since(Instant::now())).is_err() {
+            let left = self.out.producer.in_flight_count();
             warn!(left, "broker did not take everything before shutdown; spooling the rest");
-            self.producer.purge(PurgeConfig::default().queue().inflight());
+            self.out.producer.purge(PurgeConfig::default().queue().inflight());
             // Purged messages come back through delivery reports: live ones
             // to `retry`; replayed ones are still in their segment.
-            let _ = self.producer.flush(Duration::from_secs(2));
+            let _ = self.out.producer.flush(Duration::from_secs(2));
         }
-        let retry: Vec<Vec<u8>> = self.shared.retry.lock().unwrap().drain(..).collect();
-        let (prepended, sealed, left) = self.shared.with_spool(|sp| {
+        let retry: Vec<Vec<u8>> = self.out.shared.retry.lock().unwrap().drain(..).collect();
+        let retry_records = retry.iter().map(|r| records_in(r)).sum();
+        let (prepended, sealed, left) = self.out.shared.with_spool(|sp| {
             let prepended = if retry.is_empty() { Ok(()) } else { sp.prepend(&retry) };
             (prepended, sp.seal(), sp.records())
         });
         match prepended {
-            Ok(()) => m::spooled("shutdown", retry.len() as u64),
+            Ok(()) => m::spooled("shutdown", retry_records),
             Err(e) => {
-                m::dropped("spool_error", retry.len() as u64);
+                m::dropped("spool_error", retry_records);
                 warn!(records = retry.len(), "spooling undelivered records failed, they are lost: {e}");
             }
         }
@@ -518,8 +578,9 @@ impl Sink for KafkaSink {
     /// After each drain of the ring buffer: what it spooled leaves the
     /// process's buffer (one write per batch), so a crash cannot lose it.
     fn flush(&mut self) -> std::io::Result<()> {
-        if let Err(e) = self.shared.with_spool(Spool::write_out) {
-            self.shared.warn_once("spool_error", format_args!("spool write failed, records lost (counted): {e}"));
+        self.send_batch();
+        if let Err(e) = self.out.shared.with_spool(Spool::write_out) {
+            self.out.shared.warn_once("spool_error", format_args!("spool write failed, records lost (counted): {e}"));
         }
         Ok(())
     }
@@ -529,12 +590,13 @@ impl Sink for KafkaSink {
             Tick::Heartbeat => self.send_identity(IdentityReason::Heartbeat),
             Tick::IdentityCheck => self.check_identity(),
             Tick::WorkloadIps => self.send_identity(IdentityReason::IpChange),
-            Tick::Stats => gauge!(m::KAFKA_QUEUE).set(self.producer.in_flight_count() as f64),
+            Tick::Stats => gauge!(m::KAFKA_QUEUE).set(self.out.producer.in_flight_count() as f64),
         }
     }
 
     /// Announces the stop (STOP), then delivers or spools what is left.
     fn close(mut self: Box<Self>, timeout: Duration) {
+        self.send_batch();
         self.send_identity(IdentityReason::Stop);
         self.shutdown(timeout);
     }
@@ -627,11 +689,11 @@ impl Replayer {
             .map(|(r, _)| &r[..])
             .collect();
         let (n, bytes) = match lease.keep(left.iter().copied()) {
-            Ok(bytes) => (left.len() as u64, bytes),
+            Ok(bytes) => (left.iter().map(|r| records_in(r)).sum(), bytes),
             Err(e) => {
                 // The old file is still whole: all of it is sent again.
                 self.shared.warn_once("spool_error", format_args!("updating a replayed spool segment failed (its records will be sent again): {e}"));
-                (records.len() as u64, lease.bytes)
+                (lease.records, lease.bytes)
             }
         };
         self.shared.with_spool(|sp| {
@@ -652,8 +714,9 @@ impl Replayer {
                 let rec = BaseRecord::with_opaque_to(&self.topic, REPLAYED | i).key(self.key.as_str()).payload(&r[..]);
                 match self.producer.send(rec) {
                     Ok(()) => {
-                        counter!(m::FLOWS_PRODUCED).increment(1);
-                        counter!(m::FLOWS_REPLAYED).increment(1);
+                        let n = records_in(r);
+                        counter!(m::FLOWS_PRODUCED).increment(n);
+                        counter!(m::FLOWS_REPLAYED).increment(n);
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -662,7 +725,7 @@ impl Replayer {
                     }
                     Err((e, _)) => match kafka::undeliverable(&e) {
                         Some(reason) => {
-                            self.shared.undeliverable(reason, &e);
+                            self.shared.undeliverable(reason, records_in(r), &e);
                             self.shared.report(i, Outcome::Dropped);
                             break;
                         }

@@ -1,5 +1,6 @@
 //! Bounded on-disk spool: append-only segment files of length+CRC framed
-//! records, read back oldest first. Used while the broker is unreachable or
+//! Kafka messages, read back oldest first. A message may hold several flow
+//! records (a FlowBatch): counts are of records ([`records_in`]). Used while the broker is unreachable or
 //! slow, and at shutdown for whatever could not be delivered in time.
 //!
 //! - **Delete after ack.** The replay thread *leases* the oldest segment,
@@ -36,6 +37,7 @@ use std::{
 };
 
 use clap::ValueEnum;
+use flowlog_schema::records_in;
 use serde::{Deserialize, Serialize};
 
 pub(crate) mod frames;
@@ -194,7 +196,7 @@ impl Spool {
         for id in ids {
             let path = seg_path(&cfg.dir, id);
             let bytes = fs::metadata(&path)?.len();
-            let records = read_segment(&path)?.0.len() as u64;
+            let records = read_segment(&path)?.0.iter().map(|m| records_in(m)).sum();
             segments.push_back(Segment { id, bytes, records, leased: false });
         }
         // Ids start high so that new segments can always go in front.
@@ -233,9 +235,10 @@ impl Spool {
     /// were dropped ([`Drops::error`]), and the file holds only whole frames.
     pub fn append(&mut self, payload: &[u8]) -> io::Result<()> {
         let need = frame_len(payload);
+        let records = records_in(payload);
         self.make_room(need);
         if self.bytes() + need > self.cfg.max_bytes {
-            self.drops.full += 1;
+            self.drops.full += records;
             return Ok(());
         }
         let roll = match self.segments.back() {
@@ -250,7 +253,7 @@ impl Spool {
             let file = match private_file(&seg_path(&self.cfg.dir, id), false) {
                 Ok(f) => f,
                 Err(e) => {
-                    self.drops.error += 1;
+                    self.drops.error += records;
                     return Err(e);
                 }
             };
@@ -259,9 +262,9 @@ impl Spool {
         }
         let (w, seg) = (self.writer.as_mut().unwrap(), self.segments.back_mut().unwrap());
         frame(&mut w.buf, payload);
-        w.buffered += 1;
+        w.buffered += records;
         seg.bytes += need;
-        seg.records += 1;
+        seg.records += records;
         let written = if self.cfg.fsync == Fsync::Always {
             self.write_out().and_then(|()| self.sync_writer())
         } else if w.buf.len() >= BUF_BYTES {
@@ -408,7 +411,7 @@ impl Spool {
     pub fn prepend(&mut self, records: &[Vec<u8>]) -> io::Result<()> {
         let front = self.front_slot();
         let bytes = front.write(records)?;
-        self.add_front(front, records.len() as u64, bytes);
+        self.add_front(front, records.iter().map(|m| records_in(m)).sum(), bytes);
         Ok(())
     }
 }

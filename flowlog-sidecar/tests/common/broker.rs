@@ -25,14 +25,18 @@ pub fn spec(name: &str) -> BrokerSpec<'_> {
     BrokerSpec { name, topics: &[FLOWS, IDENTITY], ..BrokerSpec::default() }
 }
 
-/// One consumed message, decoded with apache-avro against the committed schema.
+/// One consumed record, decoded with apache-avro against the committed
+/// schema: a message's, or one item of a FlowBatch message's (read with
+/// apache-avro and schemas/flow_batch.avsc too).
 #[derive(Debug, Clone)]
 pub struct Consumed {
     pub key: String,
     /// Kafka headers on the message (none: the payload says its schema).
     pub headers: usize,
-    /// The schema fingerprint of the payload's single-object header.
+    /// The schema fingerprint of the record's single-object header.
     pub fingerprint: [u8; 8],
+    /// Records in its Kafka message (1: not a FlowBatch).
+    pub in_message: usize,
     pub value: Value,
 }
 
@@ -51,6 +55,7 @@ pub fn consume(brokers: &str, topic: &str, schema_json: &str, timeout: Duration,
     tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
     consumer.assign(&tpl).unwrap();
     let reader = GenericSingleObjectReader::new(Schema::parse_str(schema_json).unwrap()).unwrap();
+    let batches = GenericSingleObjectReader::new(flowlog_schema::FLOW_BATCH.parse()).unwrap();
     let mut out = Vec::new();
     let mut last_progress = Instant::now();
     while last_progress.elapsed() < timeout && !until(&out) {
@@ -58,13 +63,22 @@ pub fn consume(brokers: &str, topic: &str, schema_json: &str, timeout: Duration,
             Some(Ok(m)) => {
                 last_progress = Instant::now();
                 let payload = m.payload().expect("payload");
-                let value = reader.read_value(&mut &payload[..]).expect("decodes with apache-avro");
-                out.push(Consumed {
-                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                    headers: m.headers().map_or(0, |h| h.count()),
-                    fingerprint: payload[2..10].try_into().expect("single-object header"),
-                    value,
-                });
+                let records = if payload.get(2..10) == Some(&flowlog_schema::FLOW_BATCH.fingerprint()[..]) {
+                    let batch = batches.read_value(&mut &payload[..]).expect("a FlowBatch decodes with apache-avro");
+                    let Value::Array(items) = field(&batch, "flows") else { panic!("flows is not an array") };
+                    items.iter().map(|i| if let Value::Bytes(b) = i { b.clone() } else { panic!("item {i:?}") }).collect()
+                } else {
+                    vec![payload.to_vec()]
+                };
+                for record in &records {
+                    out.push(Consumed {
+                        key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                        headers: m.headers().map_or(0, |h| h.count()),
+                        fingerprint: record[2..10].try_into().expect("single-object header"),
+                        in_message: records.len(),
+                        value: reader.read_value(&mut &record[..]).expect("decodes with apache-avro"),
+                    });
+                }
             }
             Some(Err(e)) => eprintln!("consume error: {e}"),
             None => {}

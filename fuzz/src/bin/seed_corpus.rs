@@ -55,6 +55,12 @@ fn main() {
     for (name, msg) in &flows {
         write("flow_decode", name, msg);
     }
+    // The three in one FlowBatch, as the sidecar sends them.
+    let mut batch = flowlog_schema::BatchWriter::default();
+    flows.iter().for_each(|(_, m)| batch.push(m));
+    let mut msg = Vec::new();
+    batch.finish(&mut msg);
+    write("flow_decode", "batch-of-3", &msg);
     // v2 wrote a null workload the same way; v1 had no such field.
     let bare_datum = without_workload(&flows[2].1);
     write("flow_decode", "v2-no-workload", &[&FLOW_V2.header()[..], bare_datum, &[0]].concat());
