@@ -73,6 +73,7 @@ bench: setup build
 	# Last, and its failure (drops, sockets that do not add up) does not stop
 	# the summary, which shows it.
 	-$(SUDO) ./target/release/bench-long-lived
+	-$(SUDO) env "PATH=$(PATH)" FLOWLOG_TOOLS=$(TOOLS) ./target/release/bench-long-lived --kafka
 	python3 bench/summary.py bench/results
 
 clean:

@@ -99,22 +99,11 @@ impl Encoder for Writer<'_> {
     #[inline]
     fn long(&mut self, v: i64) {
         let mut z = ((v << 1) ^ (v >> 63)) as u64;
-        // Small values (most fields) take one byte: one push.
-        if z < 0x80 {
-            self.0.push(z as u8);
-            return;
-        }
-        // Else the bytes go to the stack first, then one copy: one capacity
-        // check per value rather than per byte (the sidecar encodes ~60 a record).
-        let mut b = [0u8; 10];
-        let mut n = 0;
         while z >= 0x80 {
-            b[n] = (z as u8) | 0x80;
+            self.0.push((z as u8) | 0x80);
             z >>= 7;
-            n += 1;
         }
-        b[n] = z as u8;
-        self.0.extend_from_slice(&b[..=n]);
+        self.0.push(z as u8);
     }
     #[inline]
     fn int(&mut self, v: i32) {

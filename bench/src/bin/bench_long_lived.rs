@@ -12,7 +12,9 @@
 //!
 //! Prints the figures (drops, mismatches, churn rate, the sidecar's CPU and
 //! peak RSS, the socket map's kernel memory) and writes them to
-//! bench/results/long_lived.json.
+//! bench/results/long_lived.json. With `--kafka` the sidecar produces to a
+//! local broker (tansu) instead of printing, and the records are read back
+//! from the flow topic (bench/results/long_lived_kafka.json).
 use std::{
     io::BufRead,
     path::PathBuf,
@@ -28,7 +30,10 @@ use flowlog_bench::{
 };
 use flowlog_runtime::{
     process::Usage,
-    testkit::long_lived::{LongLived, Totals},
+    testkit::{
+        long_lived::{LongLived, Totals},
+        Broker, BrokerSpec,
+    },
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -61,8 +66,12 @@ struct Args {
     /// The sidecar's ring buffer (`ring_buffer_bytes`); none: its default.
     #[arg(long)]
     ring_buffer_bytes: Option<u64>,
-    #[arg(long, default_value = "bench/results/long_lived.json")]
-    out: PathBuf,
+    /// Produce to a local broker (tansu) and read the records back from it.
+    #[arg(long)]
+    kafka: bool,
+    /// Default: bench/results/long_lived.json (long_lived_kafka.json with --kafka).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Default)]
@@ -126,24 +135,47 @@ fn main() -> anyhow::Result<()> {
     // waited for.
     let metrics = format!("127.0.0.1:{}", flowlog_runtime::testkit::free_port());
     let ring = a.ring_buffer_bytes.map(|b| b.to_string());
-    let mut args = vec!["--output", "json", "--interim-interval-secs", &interim, "--max-sockets", &max_sockets, "--max-parked", &max_parked, "--metrics-listen", &metrics];
+    let mut args = vec!["--interim-interval-secs", &interim, "--max-sockets", &max_sockets, "--max-parked", &max_parked, "--metrics-listen", &metrics];
     if let Some(ring) = &ring {
         args.extend(["--ring-buffer-bytes", ring.as_str()]);
     }
-    let (sc, stdout) = sidecar::start_piped(&a.sidecar, &args)?;
-    let pid = sc.pid;
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let reader = {
+    let work = std::env::temp_dir().join(format!("flowlog-bench-long-lived-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let spool = work.join("spool");
+    let (broker, brokers) = if a.kafka {
+        let broker = Broker::start(&BrokerSpec {
+            name: "bench-long-lived",
+            topics: &["flowlog.flows", "flowlog.identity"],
+            memory: true,
+            ..BrokerSpec::default()
+        })?;
+        let addr = broker.addr.clone();
+        (Some(broker), addr)
+    } else {
+        (None, String::new())
+    };
+    let stop_reading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sc, reader) = if a.kafka {
+        args.extend(["--output", "kafka", "--kafka-brokers", &brokers, "--spool-dir", spool.to_str().unwrap(), "--host-id", "long-lived"]);
+        let sc = sidecar::start(&a.sidecar, &args)?;
+        let reader = read_topic(&brokers, seen.clone(), stop_reading.clone())?;
+        (sc, reader)
+    } else {
+        args.extend(["--output", "json"]);
+        let (sc, stdout) = sidecar::start_piped(&a.sidecar, &args)?;
         let seen = seen.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
                 let mut s = seen.lock().unwrap();
                 if !s.totals.add_json(&line).unwrap_or(false) {
                     s.other += 1;
                 }
             }
-        })
+        });
+        (sc, reader)
     };
+    let pid = sc.pid;
     // `ok` locks the records itself, and holds them only while it reads
     // them: the reader thread must keep draining the sidecar's output.
     let wait = |what: &str, ok: &dyn Fn() -> bool| -> anyhow::Result<()> {
@@ -188,7 +220,31 @@ fn main() -> anyhow::Result<()> {
     let queue_bytes = map_memlock(pid, 0, 152, a.max_parked);
     let wall = t0.elapsed().as_secs_f64();
     let stats = sc.stop()?;
+    if a.kafka {
+        // Every record the sidecar emitted is on its way to the topic (or in
+        // the spool, which the stop leaves for the next run: a loss here).
+        let n = |v: &Value| v.as_u64().unwrap_or(0);
+        let emitted = n(&stats["user"]["events_read"]) - n(&stats["user"]["decode_errors"]) - n(&stats["out_of_scope"]);
+        let read = || {
+            let s = seen.lock().unwrap();
+            s.totals.interim_records + s.totals.final_records + s.other
+        };
+        let (mut last, mut since) = (read(), Instant::now());
+        while read() < emitted {
+            if read() > last {
+                (last, since) = (read(), Instant::now());
+            }
+            if since.elapsed() > Duration::from_secs(60) {
+                eprintln!("the flow topic stopped at {} of {emitted} records", read());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    stop_reading.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.join().map_err(|_| anyhow::anyhow!("the record reader panicked"))?;
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&work);
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     let mut mismatches = conns.check(&seen.totals)?;
     let mismatched_sockets = mismatches.len();
@@ -200,13 +256,14 @@ fn main() -> anyhow::Result<()> {
     let report = Report {
         benchmark: "long_lived",
         load: format!(
-            "loopback: {} long-lived connections, interim every {} s, churn of {} client / {} server threads for {} s, ring buffer {}",
+            "loopback: {} long-lived connections, interim every {} s, churn of {} client / {} server threads for {} s, ring buffer {}, output {}",
             a.connections,
             a.interim_secs,
             a.clients,
             a.servers,
             a.seconds,
-            a.ring_buffer_bytes.map_or("default".to_string(), |b| format!("{} MiB", b >> 20))
+            a.ring_buffer_bytes.map_or("default".to_string(), |b| format!("{} MiB", b >> 20)),
+            if a.kafka { "kafka (tansu, memory engine)" } else { "json" }
         ),
         long_lived_connections: a.connections,
         tracked_long_lived_sockets: 2 * a.connections,
@@ -246,7 +303,10 @@ fn main() -> anyhow::Result<()> {
     println!("  sidecar peak RSS MB             {:>10.1}", report.sidecar_peak_rss_mb);
     println!("  socket map kernel memory MB     {:>10.1}  (max_sockets {})", map_bytes as f64 / 1048576.0, a.max_sockets);
     println!("  parking queue kernel memory MB  {:>10.1}  (max_parked {})", queue_bytes as f64 / 1048576.0, a.max_parked);
-    flowlog_bench::write_report(&a.out, &report)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from(if a.kafka { "bench/results/long_lived_kafka.json" } else { "bench/results/long_lived.json" })
+    });
+    flowlog_bench::write_report(&out, &report)?;
     if report.drops > 0 || report.mismatched_sockets > 0 {
         bail!("records were lost or do not add up: {:#?}", report.mismatches);
     }
@@ -267,4 +327,36 @@ fn map_memlock(pid: u32, key_size: u32, value_size: u32, max_entries: u32) -> u6
         }
     }
     0
+}
+
+/// Reads the flow topic from the start until `stop`, splitting FlowBatch
+/// messages and adding each record to `seen`, as the JSON reader does.
+fn read_topic(brokers: &str, seen: Arc<Mutex<Seen>>, stop: Arc<std::sync::atomic::AtomicBool>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    use rdkafka::{consumer::BaseConsumer, consumer::Consumer, ClientConfig, Message, TopicPartitionList};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "bench-long-lived")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("flowlog.flows", 0, rdkafka::Offset::Beginning)?;
+    c.assign(&tpl)?;
+    Ok(std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else { continue };
+            let Ok(records) = flowlog_schema::flow_messages(m.payload().unwrap_or_default()) else { continue };
+            let mut s = seen.lock().unwrap();
+            for record in records {
+                let Ok(((), f)) = flowlog_schema::decode_flow(record, |_| Ok(())) else { continue };
+                let (local, remote) = (std::net::SocketAddr::new(f.local_addr, f.local_port), std::net::SocketAddr::new(f.remote_addr, f.remote_port));
+                if LongLived::may_be_ours(local, remote) {
+                    let is_final = f.record_type == flowlog_schema::RecordType::Final;
+                    s.totals.add(local, remote, f.bytes_sent as u64, f.bytes_received as u64, is_final);
+                } else {
+                    s.other += 1;
+                }
+            }
+        }
+    }))
 }
