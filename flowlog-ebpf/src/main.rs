@@ -432,6 +432,12 @@ pub fn flowlog_snapshot(ctx: *mut core::ffi::c_void) -> u32 {
     // Only sockets still tracked: their CLOSE transition (which removes the
     // entry) has not happened, so the socket is alive.
     let Some(st) = SOCKS.get_ptr(sk) else { return snapshot::GONE };
+    // Finals parked while the ring was full go first: the reader pops them
+    // once the ring is empty, which a pass refilling it (passes run back to
+    // back at 100 000 sockets) would otherwise put off for ever.
+    if matches!(PARKED.peek(), Ok(Some(_))) {
+        return snapshot::BUSY;
+    }
     // A pass over many sockets must not crowd out closes: past half the
     // ring, user space waits for its next drain and asks again.
     if EVENTS.query(BPF_RB_AVAIL_DATA) * 2 > EVENTS.query(BPF_RB_RING_SIZE) {

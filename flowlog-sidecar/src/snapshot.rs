@@ -13,6 +13,9 @@
 //! the program refuses ([`snapshot::BUSY`]) once the ring is half full, and
 //! the pass then waits for the capture loop's next drain ([`Drains`]) and
 //! asks again, so a pass never fills the ring and closes always find room.
+//! It also waits while final events are parked (the ring was full at
+//! close): the reader pops those once it has emptied the ring, which a pass
+//! refilling it would otherwise put off for as long as passes run.
 
 use std::{
     sync::{Arc, Condvar, Mutex, PoisonError},
