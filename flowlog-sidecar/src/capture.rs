@@ -306,15 +306,15 @@ impl Capture {
                         Err(e) => { error!("ring buffer poll failed: {e}"); }
                     }
                     more = self.drain_batch();
-                    passes.drained();
+                    self.drained(&passes);
                 }
                 _ = tick.tick() => {
                     more = self.drain_batch();
-                    passes.drained();
+                    self.drained(&passes);
                 }
                 _ = std::future::ready(()), if more => {
                     more = self.drain_batch();
-                    passes.drained();
+                    self.drained(&passes);
                 }
                 _ = stats_tick.tick() => self.report_drops(),
                 _ = heartbeat.tick() => self.sink.tick(Tick::Heartbeat),
@@ -365,6 +365,15 @@ impl Capture {
         self.report_drops();
     }
 
+    /// After each drain: a waiting pass may go on, and a pass that has
+    /// listed its sockets gets their baselines' room reserved at once.
+    fn drained(&mut self, passes: &Passes) {
+        passes.drained();
+        if let Some(n) = passes.take_due() {
+            self.reported.reserve(n.saturating_sub(self.reported.len()));
+        }
+    }
+
     /// A snapshot pass starts: its interim records make the next carry file.
     fn begin_round(&mut self) {
         if let Some(c) = &mut self.carry {
@@ -401,7 +410,7 @@ impl Capture {
                 n = passes.finished() => return n,
             }
             more = self.drain_batch();
-            passes.drained();
+            self.drained(passes);
         }
         Pass::default()
     }
