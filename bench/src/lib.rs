@@ -1,6 +1,6 @@
 //! Shared pieces of the benchmarks: a loopback TCP connection-rate load
-//! generator, starting the sidecar, the median of rounds and writing a
-//! report. (A process's CPU time and memory, the local broker and scraping
+//! generator, starting the sidecar, reading the flow topic back, the median
+//! of rounds and writing a report. (A process's CPU time and memory, the local broker and scraping
 //! metrics: `flowlog_runtime`.)
 
 pub mod loadgen;
@@ -24,4 +24,20 @@ pub fn write_report(path: &Path, report: &impl serde::Serialize) -> anyhow::Resu
     std::fs::write(path, serde_json::to_vec_pretty(report)?)?;
     println!("  written to {}", path.display());
     Ok(())
+}
+
+/// A consumer of the flow topic (`flowlog.flows`, partition 0) from its
+/// first message, polling often: what the transport benchmarks read back.
+pub fn flow_topic_consumer(brokers: &str, group: &str) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
+    use rdkafka::{consumer::Consumer, ClientConfig, TopicPartitionList};
+    let c: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("flowlog.flows", 0, rdkafka::Offset::Beginning)?;
+    c.assign(&tpl)?;
+    Ok(c)
 }

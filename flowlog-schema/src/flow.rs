@@ -6,6 +6,7 @@
 use std::{net::IpAddr, sync::Arc};
 
 use flowlog_common::tcp_state;
+use smol_str::SmolStr;
 
 use crate::{
     avro::{DecodeError, Encoder, Reader, Writer},
@@ -43,7 +44,9 @@ pub struct Flow {
     pub state_path: StatePath,
     pub pid: i32,
     pub tid: i32,
-    pub comm: String,
+    /// The process name: at most 15 bytes from the kernel, so it stays
+    /// inline (no allocation per record).
+    pub comm: SmolStr,
     pub owner_source: OwnerSource,
     pub cgroup_id: i64,
     pub netns_ino: i64,
@@ -162,7 +165,7 @@ impl Flow {
             state_path: StatePath::read(r)?,
             pid: r.int()?,
             tid: r.int()?,
-            comm: r.string()?,
+            comm: SmolStr::new(r.str()?),
             owner_source: OwnerSource::read(r)?,
             cgroup_id: r.long()?,
             netns_ino: r.long()?,

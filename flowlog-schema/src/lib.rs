@@ -30,6 +30,7 @@ pub use enums::{
     Direction, EndReason, Family, IdentityReason, OwnerSource, RecordType, Source, Unattributed, WorkloadKind, WorkloadReason,
 };
 pub use flow::{decode_flow, Flow, StatePath};
+pub use smol_str::SmolStr;
 pub use host::{Host, HostIdentity};
 pub use identity::{Identity, WorkloadIps};
 pub use batch::{flow_messages, records_in, BatchWriter};

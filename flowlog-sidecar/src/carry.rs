@@ -242,7 +242,7 @@ fn continue_from(flow: &mut Flow, last: &Flow) {
     if flow.owner_source == OwnerSource::Unknown {
         flow.pid = last.pid;
         flow.tid = last.tid;
-        flow.comm.clone_from(&last.comm);
+        flow.comm = last.comm.clone();
         flow.cgroup_id = last.cgroup_id;
         flow.owner_source = last.owner_source;
     }
@@ -306,7 +306,7 @@ mod tests {
         f.direction = Direction::Unknown;
         f.owner_source = OwnerSource::Unknown;
         f.pid = 0;
-        f.comm = String::new();
+        f.comm = Default::default();
         f.bytes_sent = sent;
         f.state_path = StatePath(0x57); // FIN_WAIT2, CLOSE
         f

@@ -137,7 +137,7 @@ pub fn flow_from_event(ev: &FlowEvent, clock: &Clock, salt: u64) -> Flow {
         state_path: StatePath(ev.state_path),
         pid: ev.tgid as i32,
         tid: ev.tid as i32,
-        comm: String::from_utf8_lossy(&ev.comm[..comm_len]).into_owned(),
+        comm: flowlog_schema::SmolStr::new(String::from_utf8_lossy(&ev.comm[..comm_len])),
         owner_source,
         cgroup_id: ev.cgroup_id as i64,
         netns_ino: ev.netns_ino as i64,

@@ -332,16 +332,8 @@ fn map_memlock(pid: u32, key_size: u32, value_size: u32, max_entries: u32) -> u6
 /// Reads the flow topic from the start until `stop`, splitting FlowBatch
 /// messages and adding each record to `seen`, as the JSON reader does.
 fn read_topic(brokers: &str, seen: Arc<Mutex<Seen>>, stop: Arc<std::sync::atomic::AtomicBool>) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    use rdkafka::{consumer::BaseConsumer, consumer::Consumer, ClientConfig, Message, TopicPartitionList};
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "bench-long-lived")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset("flowlog.flows", 0, rdkafka::Offset::Beginning)?;
-    c.assign(&tpl)?;
+    use rdkafka::Message;
+    let c = flowlog_bench::flow_topic_consumer(brokers, "bench-long-lived")?;
     Ok(std::thread::spawn(move || {
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else { continue };
