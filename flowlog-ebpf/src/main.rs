@@ -86,9 +86,14 @@ static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, 0);
 #[map(name = "FLOWLOG_LISTENERS")]
 static LISTENERS: HashMap<ListenKey, Owner> = HashMap::with_max_entries(16384, 0);
 
-/// One copy of the closing socket per CPU.
+/// A copy of the socket per CPU: slot [`SLOT_CLOSE`] for the classic
+/// tracepoint, [`SLOT_SNAPSHOT`] for the snapshot program. Each its own: a
+/// snapshot runs in process context, where a softirq closing a socket on
+/// the same CPU can run the tracepoint program in the middle of it.
 #[map(name = "FLOWLOG_SCRATCH")]
-static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(2, 0);
+const SLOT_CLOSE: u32 = 0;
+const SLOT_SNAPSHOT: u32 = 1;
 
 /// Final events that found the ring buffer full wait here, in order, for
 /// user space to pop them (a burst of closes faster than the reader, e.g.
@@ -200,10 +205,10 @@ impl Fields for Copied {
     }
 }
 
-/// Copies the first `sock_read_len` bytes of the socket into the scratch buffer.
+/// Copies the first `sock_read_len` bytes of the socket into scratch `slot`.
 #[inline(always)]
-fn copy_socket(sk: u64) -> Option<Copied> {
-    let scratch = SCRATCH.get_ptr_mut(0)?;
+fn copy_socket(sk: u64, slot: u32) -> Option<Copied> {
+    let scratch = SCRATCH.get_ptr_mut(slot)?;
     let buf = unsafe { &mut (*scratch).buf };
     let len = off!(sock_read_len) & (SCRATCH_BYTES - 1);
     if unsafe { bpf_probe_read_kernel_buf(sk as *const u8, &mut buf[..len]) }.is_err() {
@@ -238,7 +243,7 @@ pub fn flowlog_tracepoint(ctx: TracePointContext) -> i32 {
     if protocol != IPPROTO_TCP {
         return 0;
     }
-    on_transition(sk, old as u8, new as u8, &Probed(sk), || copy_socket(sk));
+    on_transition(sk, old as u8, new as u8, &Probed(sk), || copy_socket(sk, SLOT_CLOSE));
     0
 }
 
@@ -444,7 +449,7 @@ pub fn flowlog_snapshot(ctx: *mut core::ffi::c_void) -> u32 {
         return snapshot::BUSY;
     }
     let current = (unsafe { (*st).state_path } & 0xf) as u8;
-    if emit(sk, current, Some(st), true, || copy_socket(sk)) {
+    if emit(sk, current, Some(st), true, || copy_socket(sk, SLOT_SNAPSHOT)) {
         snapshot::SENT
     } else {
         snapshot::BUSY
