@@ -22,6 +22,9 @@ pub struct BatchWriter {
     /// length-prefixed.
     buf: Vec<u8>,
     count: usize,
+    /// Where a length or the header is encoded before it goes into `buf`
+    /// (kept: no allocation per record).
+    scratch: Vec<u8>,
 }
 
 /// Room for the single-object header (10 bytes) and the item count (a
@@ -32,7 +35,7 @@ const MAX_ITEMS: usize = (1 << 20) - 1;
 
 impl Default for BatchWriter {
     fn default() -> Self {
-        BatchWriter { buf: vec![0; FRONT], count: 0 }
+        BatchWriter { buf: vec![0; FRONT], count: 0, scratch: Vec::with_capacity(FRONT) }
     }
 }
 
@@ -52,13 +55,14 @@ impl BatchWriter {
         self.buf.extend_from_slice(&[0, 0]);
         encode(&mut self.buf);
         let len = self.buf.len() - at - 2;
-        let mut prefix = Vec::with_capacity(10);
-        Writer(&mut prefix).long(len as i64);
+        self.scratch.clear();
+        Writer(&mut self.scratch).long(len as i64);
+        let prefix = &self.scratch[..];
         if prefix.len() != 2 {
             // Rare: make the room fit the prefix (moves this one message).
             self.buf.splice(at..at + 2, std::iter::repeat_n(0, prefix.len()));
         }
-        self.buf[at..at + prefix.len()].copy_from_slice(&prefix);
+        self.buf[at..at + prefix.len()].copy_from_slice(prefix);
         self.count += 1;
     }
 
@@ -79,15 +83,17 @@ impl BatchWriter {
     /// Hands the message to `send` (header, one array block of every
     /// item, the array's end); the writer is empty again afterwards.
     pub fn take<R>(&mut self, send: impl FnOnce(&[u8]) -> R) -> R {
-        let mut head = FLOW_BATCH.header().to_vec();
+        let head = &mut self.scratch;
+        head.clear();
+        head.extend_from_slice(&FLOW_BATCH.header());
         if self.count > 0 {
-            Writer(&mut head).long(self.count as i64);
+            Writer(head).long(self.count as i64);
             Writer(&mut self.buf).long(0);
         } else {
-            Writer(&mut head).long(0);
+            Writer(head).long(0);
         }
         let start = FRONT - head.len();
-        self.buf[start..FRONT].copy_from_slice(&head);
+        self.buf[start..FRONT].copy_from_slice(head);
         let r = send(&self.buf[start..]);
         self.buf.truncate(FRONT);
         self.count = 0;
@@ -111,8 +117,12 @@ pub fn flow_messages(msg: &[u8]) -> Result<FlowMessages<'_>, DecodeError> {
     if !is_batch(msg) {
         return Ok(FlowMessages::One(Some(msg)));
     }
+    // One pass: the items are handed out only once the whole framing
+    // checked (the error drops them).
+    let mut r = Reader::new(FLOW_BATCH.datum(msg)?);
     let mut items = Vec::new();
-    walk(msg, |item| items.push(item))?;
+    r.blocks(|r| r.bytes().map(|item| items.push(item)))?;
+    r.finish()?;
     Ok(FlowMessages::Many(items.into_iter()))
 }
 
@@ -131,17 +141,6 @@ pub fn records_in(msg: &[u8]) -> u64 {
         Ok(n) => n.unsigned_abs().max(1),
         Err(_) => 1,
     }
-}
-
-/// Calls `each` on every item of a FlowBatch message, after checking its
-/// framing to the end.
-fn walk<'a>(msg: &'a [u8], mut each: impl FnMut(&'a [u8])) -> Result<(), DecodeError> {
-    let mut r = Reader::new(FLOW_BATCH.datum(msg)?);
-    let start = r.at;
-    r.blocks(|r| r.bytes().map(drop))?;
-    r.finish()?;
-    r.at = start;
-    r.blocks(|r| r.bytes().map(&mut each))
 }
 
 fn is_batch(msg: &[u8]) -> bool {

@@ -185,9 +185,9 @@ impl Capture {
         while n < DRAIN_BATCH {
             let decoded = match self.ring.get_mut().next() {
                 Some(item) => FlowEvent::decode(&item),
-                // Parked events are older than what the ring holds now, but
-                // order across connections does not matter, and a
-                // connection's final is its last event either way.
+                // Parked finals only once the ring is empty: an earlier event
+                // of the same connection (an interim) went into the ring
+                // before its final was parked, so it is read first.
                 None => match self.parked.pop(0) {
                     Ok(bytes) => FlowEvent::decode(&bytes),
                     Err(MapError::ElementNotFound) => break,

@@ -3,8 +3,9 @@
 //! Records are Avro single-object encoded and go out several to a Kafka
 //! message (a FlowBatch, `schemas/flow_batch.avsc`; `records_per_message`),
 //! keyed by host id (so one host's records stay in one partition, in order)
-//! and handed to an idempotent librdkafka producer, whose bounded queue is the in-memory buffer. When the
-//! broker is down or the queue is full, records go to the bounded on-disk
+//! and handed to an idempotent librdkafka producer, whose bounded queue is
+//! the in-memory buffer. When the broker is down or the queue is full,
+//! records go to the bounded on-disk
 //! [`spool::Spool`]; deliveries that fail (for a reason that may pass) are
 //! written in front of it. A replay thread sends the spool back, a segment
 //! at a time, once the broker answers, and deletes a segment only when the
