@@ -75,7 +75,7 @@ fn duckdb_and_fastavro_read_the_same_rows() {
     let plain = by_sequence(with_partitions(common::read_files(&out.join("avro"))));
     let zstd = by_sequence(with_partitions(common::read_files(&out.join("avro-zstd"))));
     assert_eq!(plain.len(), records.len());
-    assert_eq!(plain[0].as_object().unwrap().len(), 31 + 2, "every field and dt, hr");
+    assert_eq!(plain[0].as_object().unwrap().len(), 32 + 2, "every field and dt, hr");
     assert!(plain == zstd, "fastavro reads the zstandard files differently");
     assert_eq!(duck.len(), plain.len());
     for (d, a) in duck.iter().zip(&plain) {

@@ -1,8 +1,8 @@
 //! The ring-buffer record: one per TCP connection, written when it closes.
 
 /// Version of [`FlowEvent`]'s layout; bump when the layout changes and never
-/// reuse a retired value.
-pub const FLOW_EVENT_KIND_V1: u16 = 1;
+/// reuse a retired value (1: without [`Limits`]).
+pub const FLOW_EVENT_KIND_V2: u16 = 2;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -75,6 +75,9 @@ pub mod flags {
     pub const SYN_ACKED: u16 = 1 << 7;
     /// A snapshot of a connection that is still open (interim record), not its close.
     pub const INTERIM: u16 = 1 << 8;
+    /// The kernel counts RTOs (tcp_sock.total_rto*, Linux 6.7+): the
+    /// [`super::Limits`] RTO fields are real, not absent.
+    pub const RTO_COUNTED: u16 = 1 << 9;
 }
 
 /// What the snapshot program (`flowlog_snapshot`, run by user space with
@@ -100,7 +103,7 @@ pub const COMM_LEN: usize = 16;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowEvent {
-    /// [`FLOW_EVENT_KIND_V1`].
+    /// [`FLOW_EVENT_KIND_V2`].
     pub kind: u16,
     /// [`AF_INET`] or [`AF_INET6`].
     pub family: u16,
@@ -153,10 +156,43 @@ pub struct FlowEvent {
     /// The socket's kernel address: with `start_ns` it names the connection.
     /// User space only ever exports a salted hash of it.
     pub sk: u64,
+    pub limits: Limits,
 }
 
 pub const FLOW_EVENT_SIZE: usize = core::mem::size_of::<FlowEvent>();
-const _: () = assert!(FLOW_EVENT_SIZE == 152);
+const _: () = assert!(FLOW_EVENT_SIZE == 200);
+
+/// What held the connection back, read with the counters from the socket's
+/// own bookkeeping (what `ss -i` / TCP_INFO report as busy, rwnd_limited,
+/// sndbuf_limited, delivery_rate, bytes_retrans, reordering, reord_seen and
+/// the RTO totals). Cumulative over the connection's life.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Jiffies with data outstanding (tcp_sock.chrono_stat, busy), the
+    /// running period included.
+    pub busy_jiffies: u32,
+    /// Jiffies the peer's receive window stopped sending.
+    pub rwnd_limited_jiffies: u32,
+    /// Jiffies the local send buffer was full.
+    pub sndbuf_limited_jiffies: u32,
+    /// The last delivery-rate sample: segments delivered in an interval,
+    /// and the MSS then (tcp_sock.rate_delivered, rate_interval_us, mss_cache).
+    pub rate_delivered: u32,
+    pub rate_interval_us: u32,
+    pub mss_cache: u32,
+    /// Payload bytes retransmitted.
+    pub bytes_retrans: u64,
+    /// The kernel's reordering estimate (packets) and reorderings seen.
+    pub reordering: u32,
+    pub reord_seen: u32,
+    /// Retransmission timeouts, the recoveries they started, and the time
+    /// spent in them (ms); see [`flags::RTO_COUNTED`].
+    pub total_rto: u16,
+    pub total_rto_recoveries: u16,
+    pub total_rto_time_ms: u32,
+}
+const _: () = assert!(core::mem::size_of::<Limits>() == 48);
 
 /// What the kernel keeps per live socket (key: the socket's address).
 #[repr(C)]

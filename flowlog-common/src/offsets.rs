@@ -31,6 +31,23 @@ pub struct KernelOffsets {
     pub rtt_min: u32,
     pub snd_una: u32,
     pub write_seq: u32,
+    /// Limits: tcp_sock.chrono_start, chrono_stat[0] (3 u32), and the byte
+    /// and shift of the 2-bit chrono_type bitfield.
+    pub chrono_start: u32,
+    pub chrono_stat: u32,
+    pub chrono_type_byte: u32,
+    pub chrono_type_shift: u32,
+    pub rate_delivered: u32,
+    pub rate_interval_us: u32,
+    pub mss_cache: u32,
+    pub bytes_retrans: u32,
+    pub reordering: u32,
+    pub reord_seen: u32,
+    /// tcp_sock.total_rto, total_rto_recoveries, total_rto_time; 0 when the
+    /// kernel has none (before 6.7).
+    pub total_rto: u32,
+    pub total_rto_recoveries: u32,
+    pub total_rto_time: u32,
     // struct net
     /// net.ns.inum
     pub net_ns_inum: u32,

@@ -1,6 +1,6 @@
 //! User-space side: Pod impls and checked decoding of ring-buffer records.
 
-use crate::{FlowEvent, KernelOffsets, KernelSettings, FLOW_EVENT_KIND_V1, FLOW_EVENT_SIZE};
+use crate::{FlowEvent, KernelOffsets, KernelSettings, FLOW_EVENT_KIND_V2, FLOW_EVENT_SIZE};
 
 // SAFETY: plain #[repr(C)] integers and byte arrays, no padding-dependent invariants.
 unsafe impl aya::Pod for KernelOffsets {}
@@ -39,7 +39,7 @@ impl FlowEvent {
         // SAFETY: length checked; FlowEvent is Pod so any bit pattern is valid;
         // read_unaligned because ring-buffer records are only 8-byte aligned.
         let ev: FlowEvent = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        if ev.kind != FLOW_EVENT_KIND_V1 {
+        if ev.kind != FLOW_EVENT_KIND_V2 {
             return Err(DecodeError::Kind(ev.kind));
         }
         if ev.family != crate::AF_INET && ev.family != crate::AF_INET6 {
@@ -61,7 +61,7 @@ mod tests {
 
     fn sample() -> FlowEvent {
         FlowEvent {
-            kind: FLOW_EVENT_KIND_V1,
+            kind: FLOW_EVENT_KIND_V2,
             family: crate::AF_INET6,
             direction: crate::direction::CLIENT,
             old_state: crate::tcp_state::FIN_WAIT2,
@@ -87,6 +87,7 @@ mod tests {
             netns_ino: 4026531840,
             comm: *b"client\0\0\0\0\0\0\0\0\0\0",
             sk: 0xffff_8880_0000_1000,
+            limits: Default::default(),
         }
     }
 

@@ -29,7 +29,7 @@ use aya_ebpf::{
 };
 use flowlog_common::{
     direction, flags, snapshot, stat, tcp_state, FlowEvent, KernelOffsets, KernelSettings, ListenKey,
-    Owner, Scratch, SockState, AF_INET, AF_INET6, COMM_LEN, FLOW_EVENT_KIND_V1, SCRATCH_BYTES,
+    Owner, Scratch, SockState, AF_INET, AF_INET6, COMM_LEN, FLOW_EVENT_KIND_V2, SCRATCH_BYTES,
     STATE_PATH_MAX,
 };
 
@@ -61,6 +61,19 @@ static FLOWLOG_OFFSETS: KernelOffsets = KernelOffsets {
     rtt_min: 0,
     snd_una: 0,
     write_seq: 0,
+    chrono_start: 0,
+    chrono_stat: 0,
+    chrono_type_byte: 0,
+    chrono_type_shift: 0,
+    rate_delivered: 0,
+    rate_interval_us: 0,
+    mss_cache: 0,
+    bytes_retrans: 0,
+    reordering: 0,
+    reord_seen: 0,
+    total_rto: 0,
+    total_rto_recoveries: 0,
+    total_rto_time: 0,
     net_ns_inum: 0,
     sock_done_bit: 0,
     sk_protocol_u16: 0,
@@ -477,7 +490,7 @@ fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim:
         },
     };
     let e = unsafe { &mut *slot };
-    e.kind = FLOW_EVENT_KIND_V1;
+    e.kind = FLOW_EVENT_KIND_V2;
     e.sk = sk;
     e.old_state = old;
     e.end_ns = now;
@@ -558,6 +571,7 @@ fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim:
     e.rtt_min_us = f.get(off!(rtt_min));
     let net: u64 = f.get(off!(skc_net));
     e.netns_ino = if net == 0 { 0 } else { f.deref_u32(net, off!(net_ns_inum)) };
+    read_limits(&f, e);
 
     let Some(ev) = ring else {
         // User space pops the queue on its next drain (the ring is full, so
@@ -578,6 +592,47 @@ fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim:
     ev.submit(wake as u64);
     count(stat::EVENTS);
     true
+}
+
+/// What held the connection back ([`flowlog_common::Limits`]): the socket's
+/// chronographs (the running one up to now, as TCP_INFO adds it), its last
+/// delivery-rate sample, retransmitted bytes, reordering and RTO totals.
+#[inline(always)]
+fn read_limits<C: Fields>(f: &C, e: &mut FlowEvent) {
+    let l = &mut e.limits;
+    let stat = off!(chrono_stat);
+    l.busy_jiffies = f.get(stat);
+    l.rwnd_limited_jiffies = f.get(stat + 4);
+    l.sndbuf_limited_jiffies = f.get(stat + 8);
+    let chrono: u8 = f.get(off!(chrono_type_byte));
+    // enum tcp_chrono: 0 none, 1 busy, 2 rwnd limited, 3 sndbuf limited.
+    let running = (chrono >> (off!(chrono_type_shift) & 7)) & 3;
+    if running != 0 {
+        let start: u32 = f.get(off!(chrono_start));
+        // tcp_jiffies32: the low 32 bits of jiffies.
+        let since = (unsafe { gen::bpf_jiffies64() } as u32).wrapping_sub(start);
+        match running {
+            1 => l.busy_jiffies = l.busy_jiffies.wrapping_add(since),
+            2 => l.rwnd_limited_jiffies = l.rwnd_limited_jiffies.wrapping_add(since),
+            _ => l.sndbuf_limited_jiffies = l.sndbuf_limited_jiffies.wrapping_add(since),
+        }
+    }
+    l.rate_delivered = f.get(off!(rate_delivered));
+    l.rate_interval_us = f.get(off!(rate_interval_us));
+    l.mss_cache = f.get(off!(mss_cache));
+    l.bytes_retrans = f.get(off!(bytes_retrans));
+    l.reordering = f.get(off!(reordering));
+    l.reord_seen = f.get(off!(reord_seen));
+    if off!(total_rto) != 0 {
+        l.total_rto = f.get(off!(total_rto));
+        l.total_rto_recoveries = f.get(off!(total_rto_recoveries));
+        l.total_rto_time_ms = f.get(off!(total_rto_time));
+        e.flags |= flags::RTO_COUNTED;
+    } else {
+        l.total_rto = 0;
+        l.total_rto_recoveries = 0;
+        l.total_rto_time_ms = 0;
+    }
 }
 
 /// Writes the `i`th 4 bytes of a 16-byte address field.

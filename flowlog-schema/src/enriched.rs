@@ -12,7 +12,7 @@ use std::{
 use crate::{
     avro::{Encoder, Writer},
     enums::{Source, Unattributed},
-    flow::Flow,
+    flow::{Flow, Limits},
     host::{Host, HostIdentity},
     workload::Workload,
 };
@@ -188,6 +188,7 @@ impl EnrichedFlow {
         Workload::write_opt_text(w, f.workload.as_deref());
         self.local.write(w);
         self.remote.write(w);
+        Limits::write_opt(w, f.limits.as_ref());
     }
 }
 

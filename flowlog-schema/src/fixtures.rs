@@ -7,7 +7,7 @@ use crate::{
     enriched::{Attribution, Attrs, EnrichedFlow},
     enums::{Direction, EndReason, Family, IdentityReason, OwnerSource, RecordType, Source, Unattributed, WorkloadKind, WorkloadReason},
     host::Host,
-    flow::{Flow, StatePath},
+    flow::{Flow, Limits, StatePath},
     host::HostIdentity,
     identity::Identity,
     workload::Workload,
@@ -72,6 +72,24 @@ pub fn flow() -> Flow {
         cgroup_id: 1,
         netns_ino: 2,
         workload: None,
+        limits: Some(limits()),
+    }
+}
+
+/// A connection held back by its receiver for 4 ms of its 8 ms busy, on a
+/// kernel that counts RTOs.
+pub fn limits() -> Limits {
+    Limits {
+        busy_us: 8_000,
+        rwnd_limited_us: 4_000,
+        sndbuf_limited_us: 0,
+        delivery_rate_bytes_per_s: 1_250_000,
+        bytes_retrans: 1_448,
+        reordering: 3,
+        reord_seen: 0,
+        rto_count: Some(1),
+        rto_recoveries: Some(1),
+        rto_time_ms: Some(204),
     }
 }
 

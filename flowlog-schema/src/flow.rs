@@ -12,7 +12,7 @@ use crate::{
     avro::{DecodeError, Encoder, Reader, Writer},
     enums::{Direction, EndReason, Family, OwnerSource, RecordType},
     host::HostIdentity,
-    schemas::{SchemaDef, FLOW, FLOW_V1, FLOW_V2},
+    schemas::{SchemaDef, FLOW, FLOW_V1, FLOW_V2, FLOW_V3},
     workload::{Workload, WorkloadVersion},
 };
 
@@ -52,6 +52,63 @@ pub struct Flow {
     pub netns_ino: i64,
     /// Shared by every flow of its cgroup (the sidecar resolves it once).
     pub workload: Option<Arc<Workload>>,
+    pub limits: Option<Limits>,
+}
+
+/// schemas/flow.avsc's `Limits`: what held the connection back (see the
+/// schema's docs). Values so far, not deltas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Limits {
+    pub busy_us: i64,
+    pub rwnd_limited_us: i64,
+    pub sndbuf_limited_us: i64,
+    pub delivery_rate_bytes_per_s: i64,
+    pub bytes_retrans: i64,
+    pub reordering: i64,
+    pub reord_seen: i64,
+    pub rto_count: Option<i64>,
+    pub rto_recoveries: Option<i64>,
+    pub rto_time_ms: Option<i64>,
+}
+
+impl Limits {
+    /// `["null", Limits]`, in the schema's order.
+    pub fn write_opt(w: &mut impl Encoder, v: Option<&Limits>) {
+        w.null_or(v.is_some());
+        let Some(l) = v else { return };
+        for v in [
+            l.busy_us,
+            l.rwnd_limited_us,
+            l.sndbuf_limited_us,
+            l.delivery_rate_bytes_per_s,
+            l.bytes_retrans,
+            l.reordering,
+            l.reord_seen,
+        ] {
+            w.long(v);
+        }
+        w.opt_long(l.rto_count);
+        w.opt_long(l.rto_recoveries);
+        w.opt_long(l.rto_time_ms);
+    }
+
+    pub fn read_opt(r: &mut Reader) -> Result<Option<Limits>, DecodeError> {
+        if r.union_index(2)? == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Limits {
+            busy_us: r.long()?,
+            rwnd_limited_us: r.long()?,
+            sndbuf_limited_us: r.long()?,
+            delivery_rate_bytes_per_s: r.long()?,
+            bytes_retrans: r.long()?,
+            reordering: r.long()?,
+            reord_seen: r.long()?,
+            rto_count: r.opt_long()?,
+            rto_recoveries: r.opt_long()?,
+            rto_time_ms: r.opt_long()?,
+        }))
+    }
 }
 
 fn write_addr(w: &mut Writer, ip: &IpAddr) {
@@ -108,6 +165,7 @@ impl Flow {
         w.long(self.cgroup_id);
         w.long(self.netns_ino);
         Workload::write_opt(w, self.workload.as_deref());
+        Limits::write_opt(w, self.limits.as_ref());
     }
 
     /// A whole single-object message.
@@ -118,16 +176,20 @@ impl Flow {
 
     /// Reads the fields after the host block (current version).
     pub fn read(r: &mut Reader) -> Result<Flow, DecodeError> {
-        Flow::read_version(r, Some(WorkloadVersion::Current))
+        Flow::read_version(r, Some(WorkloadVersion::Current), true)
     }
 
     /// Reads the fields after the host block as a version wrote them: v1
     /// (`workload` None) ends at netns_ino; v2 appended `workload`, v3
-    /// appended the Kubernetes API's fields to it (defaults: null, empty).
-    fn read_version(r: &mut Reader, workload: Option<WorkloadVersion>) -> Result<Flow, DecodeError> {
+    /// appended the Kubernetes API's fields to it (defaults: null, empty),
+    /// v4 appended `limits` (default null).
+    fn read_version(r: &mut Reader, workload: Option<WorkloadVersion>, limits: bool) -> Result<Flow, DecodeError> {
         let mut f = Flow::read_v1(r)?;
         if let Some(v) = workload {
             f.workload = Workload::read_opt(r, v)?;
+        }
+        if limits {
+            f.limits = Limits::read_opt(r)?;
         }
         Ok(f)
     }
@@ -170,6 +232,7 @@ impl Flow {
             cgroup_id: r.long()?,
             netns_ino: r.long()?,
             workload: None,
+            limits: None,
         })
     }
 
@@ -192,27 +255,32 @@ impl Flow {
 
 /// Decodes one Flow message: header, host block (handed to `host`, which
 /// may decode it or find it in a cache), fields, checks. Messages of the
-/// previous versions (history/flow.v1.avsc and v2: sidecars not yet
+/// previous versions (history/flow.v1.avsc to v3: sidecars not yet
 /// upgraded, and their spools) are read too, their missing fields empty.
 pub fn decode_flow<H>(
     msg: &[u8],
     host: impl FnOnce(&[u8]) -> Result<H, DecodeError>,
 ) -> Result<(H, Flow), DecodeError> {
-    /// Each version's schema and the workload form it wrote, newest first.
-    const VERSIONS: [(&SchemaDef, Option<WorkloadVersion>); 3] =
-        [(&FLOW, Some(WorkloadVersion::Current)), (&FLOW_V2, Some(WorkloadVersion::V2)), (&FLOW_V1, None)];
+    /// Each version's schema, the workload form it wrote and whether it
+    /// has `limits`, newest first.
+    const VERSIONS: [(&SchemaDef, Option<WorkloadVersion>, bool); 4] = [
+        (&FLOW, Some(WorkloadVersion::Current), true),
+        (&FLOW_V3, Some(WorkloadVersion::Current), false),
+        (&FLOW_V2, Some(WorkloadVersion::V2), false),
+        (&FLOW_V1, None, false),
+    ];
     let mut found = Err(DecodeError::NotSingleObject);
-    for (schema, workload) in VERSIONS {
-        found = schema.datum(msg).map(|d| (d, workload));
+    for (schema, workload, limits) in VERSIONS {
+        found = schema.datum(msg).map(|d| (d, workload, limits));
         if !matches!(found, Err(DecodeError::UnknownFingerprint(_))) {
             break;
         }
     }
-    let (datum, workload) = found?;
+    let (datum, workload, limits) = found?;
     let mut r = Reader::new(datum);
     let block = HostIdentity::skip(&mut r)?;
     let h = host(block)?;
-    let f = Flow::read_version(&mut r, workload)?;
+    let f = Flow::read_version(&mut r, workload, limits)?;
     r.finish()?;
     f.validate()?;
     Ok((h, f))

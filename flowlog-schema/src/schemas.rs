@@ -28,6 +28,8 @@ pub static FLOW_BATCH: SchemaDef = SchemaDef::new("flow_batch", include_str!("..
 pub static FLOW_V1: SchemaDef = SchemaDef::new("flow", include_str!("../../schemas/history/flow.v1.avsc"));
 /// v2 added `workload` (without the Kubernetes API's fields v3 added).
 pub static FLOW_V2: SchemaDef = SchemaDef::new("flow", include_str!("../../schemas/history/flow.v2.avsc"));
+/// v3: the current form without `limits` (v4).
+pub static FLOW_V3: SchemaDef = SchemaDef::new("flow", include_str!("../../schemas/history/flow.v3.avsc"));
 
 /// Every schema, for tests and docs.
 pub static ALL: [&SchemaDef; 4] = [&FLOW, &FLOW_BATCH, &IDENTITY, &ENRICHED_FLOW];

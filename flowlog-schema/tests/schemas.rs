@@ -11,10 +11,10 @@ use apache_avro::{
 use flowlog_schema::{
     container::{Codec, ContainerWriter},
     decode_flow, fixtures,
-    schemas::{ALL, ENRICHED_FLOW, FLOW, FLOW_BATCH, FLOW_V1, FLOW_V2, IDENTITY},
+    schemas::{ALL, ENRICHED_FLOW, FLOW, FLOW_BATCH, FLOW_V1, FLOW_V2, FLOW_V3, IDENTITY},
     flow_messages, BatchWriter,
     Attribution, Attrs, DecodeError, Direction, EndReason, EnrichedFlow, Family, Flow, Host, HostIdentity,
-    Identity, IdentityReason, WorkloadIps, OwnerSource, RecordType, Source, Unattributed, Workload, WorkloadKind, WorkloadReason,
+    Identity, IdentityReason, Limits, WorkloadIps, OwnerSource, RecordType, Source, Unattributed, Workload, WorkloadKind, WorkloadReason,
     Encoder, Writer,
 };
 use serde_json::Value as Json;
@@ -161,6 +161,28 @@ fn check_workload(v: &Value, kind: Value, reason: Value) {
     }
 }
 
+/// `limits` as fixtures::limits() wrote it, field by field.
+fn check_limits(v: &Value) {
+    let Value::Union(1, l) = v else { panic!("limits is present: {v:?}") };
+    let want = [
+        ("busy_us", Value::Long(8_000)),
+        ("rwnd_limited_us", Value::Long(4_000)),
+        ("sndbuf_limited_us", Value::Long(0)),
+        ("delivery_rate_bytes_per_s", Value::Long(1_250_000)),
+        ("bytes_retrans", Value::Long(1_448)),
+        ("reordering", Value::Long(3)),
+        ("reord_seen", Value::Long(0)),
+        ("rto_count", some(Value::Long(1))),
+        ("rto_recoveries", some(Value::Long(1))),
+        ("rto_time_ms", some(Value::Long(204))),
+    ];
+    let Value::Record(fields) = &**l else { panic!() };
+    assert_eq!(fields.len(), want.len(), "a field of Limits is not checked here");
+    for (name, value) in want {
+        assert_eq!(field(l, name), &value, "limits.{name}");
+    }
+}
+
 /// apache-avro decodes our encoding against the committed schema with every
 /// field as written; its own encoding of that value is ours byte for byte,
 /// and our decoder reads it back to the same record.
@@ -210,11 +232,12 @@ fn flow_matches_apache_avro_field_by_field() {
         ("netns_ino", Value::Long(2)),
     ];
     let Value::Record(fields) = &v else { panic!() };
-    assert_eq!(fields.len(), want.len() + 2, "a field of flow.avsc is not checked here");
+    assert_eq!(fields.len(), want.len() + 3, "a field of flow.avsc is not checked here");
     for (name, value) in want {
         assert_eq!(field(&v, name), &value, "{name}");
     }
     check_workload(field(&v, "workload"), Value::Enum(1, "POD".into()), some(Value::Enum(4, "UNKNOWN_RUNTIME".into())));
+    check_limits(field(&v, "limits"));
     assert_eq!(apache_avro::to_avro_datum(&schema, v).unwrap(), msg[10..]);
     let (host_back, back) = decode_flow(&msg, HostIdentity::decode).unwrap();
     assert_eq!((host_back, back), (h, f));
@@ -231,6 +254,7 @@ fn flow_defaults_and_empty_collections_round_trip() {
     f.end_reason = EndReason::Open;
     f.start_time_ns = None;
     f.state_path = Default::default();
+    f.limits = Some(Limits { rto_count: None, rto_recoveries: None, rto_time_ms: None, ..fixtures::limits() });
     let msg = fixtures::flow_message(&h, &f);
     let v = apache_avro::from_avro_datum(&FLOW.parse(), &mut &msg[10..], None).unwrap();
     assert_eq!(field(&v, "record_type"), &Value::Enum(1, "INTERIM".into()));
@@ -239,6 +263,15 @@ fn flow_defaults_and_empty_collections_round_trip() {
     assert_eq!(field(&v, "state_path"), &Value::Array(vec![]));
     assert_eq!(field(field(&v, "host"), "labels"), &Value::Map(Default::default()));
     assert_eq!(field(&v, "workload"), &null());
+    // A kernel without RTO totals (before 6.7): those three are null.
+    let Value::Union(1, l) = field(&v, "limits") else { panic!() };
+    assert_eq!(field(l, "rto_count"), &null());
+    assert_eq!(field(l, "rto_time_ms"), &null());
+    assert_eq!(decode_flow(&msg, HostIdentity::decode).unwrap(), (h.clone(), f.clone()));
+    let f = Flow { limits: None, ..f };
+    let msg = fixtures::flow_message(&h, &f);
+    let v = apache_avro::from_avro_datum(&FLOW.parse(), &mut &msg[10..], None).unwrap();
+    assert_eq!(field(&v, "limits"), &null());
     assert_eq!(decode_flow(&msg, HostIdentity::decode).unwrap(), (h.clone(), f.clone()));
     // A resolved workload: the optional fields it leaves empty are nulls.
     let f = Flow { workload: Some(Arc::new(Workload::unresolved(WorkloadReason::NoOwner, None))), ..f };
@@ -262,11 +295,13 @@ fn previous_flow_version_still_decodes() {
     let v1 = FLOW_V1.parse();
     let current = apache_avro::from_avro_datum(&FLOW.parse(), &mut &fixtures::flow_message(&h, &f)[10..], None).unwrap();
     let Value::Record(mut fields) = current else { panic!() };
+    assert_eq!(fields.pop().map(|(n, _)| n).as_deref(), Some("limits"), "v4 appended limits last");
     assert_eq!(fields.pop().map(|(n, _)| n).as_deref(), Some("workload"), "v2 appended workload last");
     let mut msg = FLOW_V1.header().to_vec();
     msg.extend(apache_avro::to_avro_datum(&v1, Value::Record(fields)).unwrap());
     assert_ne!(FLOW_V1.fingerprint(), FLOW.fingerprint());
     f.workload = None;
+    f.limits = None;
     assert_eq!(decode_flow(&msg, HostIdentity::decode).unwrap(), (h, f));
     // Any other fingerprint is still refused.
     msg[3] ^= 1;
@@ -281,6 +316,7 @@ fn flow_v2_still_decodes() {
     let (h, mut f) = sample_flow();
     let current = apache_avro::from_avro_datum(&FLOW.parse(), &mut &fixtures::flow_message(&h, &f)[10..], None).unwrap();
     let Value::Record(mut fields) = current else { panic!() };
+    assert_eq!(fields.pop().map(|(n, _)| n).as_deref(), Some("limits"), "v4 appended limits last");
     let Some((_, Value::Union(1, w))) = fields.last_mut() else { panic!("workload is last") };
     let Value::Record(wf) = &mut **w else { panic!() };
     let appended: Vec<String> = wf.drain(wf.len() - 4..).map(|(n, _)| n).collect();
@@ -288,6 +324,7 @@ fn flow_v2_still_decodes() {
     let mut msg = FLOW_V2.header().to_vec();
     msg.extend(apache_avro::to_avro_datum(&FLOW_V2.parse(), Value::Record(fields)).unwrap());
     assert_ne!(FLOW_V2.fingerprint(), FLOW.fingerprint());
+    f.limits = None;
     let w = f.workload.as_deref().unwrap();
     f.workload = Some(Arc::new(Workload {
         container_name: None,
@@ -296,6 +333,21 @@ fn flow_v2_still_decodes() {
         labels: Default::default(),
         ..w.clone()
     }));
+    assert_eq!(decode_flow(&msg, HostIdentity::decode).unwrap(), (h, f));
+}
+
+/// A message of v3 (history/flow.v3.avsc: everything but `limits`, which
+/// v4 appended) still decodes, with no limits.
+#[test]
+fn flow_v3_still_decodes() {
+    let (h, mut f) = sample_flow();
+    let current = apache_avro::from_avro_datum(&FLOW.parse(), &mut &fixtures::flow_message(&h, &f)[10..], None).unwrap();
+    let Value::Record(mut fields) = current else { panic!() };
+    assert_eq!(fields.pop().map(|(n, _)| n).as_deref(), Some("limits"), "v4 appended limits last");
+    let mut msg = FLOW_V3.header().to_vec();
+    msg.extend(apache_avro::to_avro_datum(&FLOW_V3.parse(), Value::Record(fields)).unwrap());
+    assert_ne!(FLOW_V3.fingerprint(), FLOW.fingerprint());
+    f.limits = None;
     assert_eq!(decode_flow(&msg, HostIdentity::decode).unwrap(), (h, f));
 }
 
@@ -399,10 +451,11 @@ fn enriched_container_is_read_by_apache_avro() {
         ("netns_ino", Value::Long(2)),
     ];
     let Value::Record(fields) = v else { panic!() };
-    assert_eq!(fields.len(), want.len() + 3, "a field of enriched_flow.avsc is not checked here");
+    assert_eq!(fields.len(), want.len() + 4, "a field of enriched_flow.avsc is not checked here");
     for (name, value) in want {
         assert_eq!(field(v, name), &value, "{name}");
     }
+    check_limits(field(v, "limits"));
     check_workload(field(v, "local_workload"), s("POD"), some(s("UNKNOWN_RUNTIME")));
     assert_eq!(field(&read[2], "local_workload"), &null());
     let local = field(v, "local");

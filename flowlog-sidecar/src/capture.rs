@@ -86,7 +86,7 @@ pub struct Capture {
     stats: PerCpuArray<MapData, u64>,
     sink: Box<dyn Sink>,
     workloads: Resolver,
-    clock: Clock,
+    pub clock: Clock,
     salt: u64,
     pub user: UserCounters,
     last_reported: KernelCounters,

@@ -64,8 +64,8 @@ flowlog_settings::settings! {
         /// is full (a burst of closes faster than the reader), until the
         /// reader pops them: nothing is lost unless both are full. Size it
         /// for the closes that can come at once (at most `max_sockets`, plus
-        /// untracked ones). Costs 152 bytes of kernel memory each, allocated
-        /// at load (65 536: 10 MB).
+        /// untracked ones). Costs 200 bytes of kernel memory each, allocated
+        /// at load (65 536: 13 MB).
         #[flag(long = "max-parked", env = "FLOWLOG_MAX_PARKED")]
         pub max_parked: u32 = 65_536,
         /// Listening ports tracked at once (for naming the server process).

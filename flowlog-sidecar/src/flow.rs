@@ -4,25 +4,29 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use flowlog_common::{direction, flags, tcp_state, FlowEvent, AF_INET6};
-use flowlog_schema::{Direction, EndReason, Family, Flow, OwnerSource, RecordType, StatePath};
+use flowlog_schema::{Direction, EndReason, Family, Flow, Limits, OwnerSource, RecordType, StatePath};
 
-/// Converts CLOCK_MONOTONIC (the kernel's bpf_ktime_get_ns) to Unix time.
+/// Converts CLOCK_MONOTONIC (the kernel's bpf_ktime_get_ns) to Unix time,
+/// and jiffies to microseconds.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     /// realtime - monotonic, ns.
     offset_ns: i128,
+    /// The kernel's CONFIG_HZ ([`crate::offsets::kernel_hz`]); None: unknown,
+    /// and records carry no limits.
+    pub hz: Option<u32>,
 }
 
 impl Clock {
     pub fn now() -> Clock {
         let rt = clock_ns(libc::CLOCK_REALTIME);
         let mono = clock_ns(libc::CLOCK_MONOTONIC);
-        Clock { offset_ns: rt - mono }
+        Clock { offset_ns: rt - mono, hz: None }
     }
 
     #[cfg(test)]
     pub fn fixed(offset_ns: i128) -> Clock {
-        Clock { offset_ns }
+        Clock { offset_ns, hz: Some(250) }
     }
 
     pub fn to_unix_ns(&self, mono_ns: u64) -> i64 {
@@ -143,17 +147,43 @@ pub fn flow_from_event(ev: &FlowEvent, clock: &Clock, salt: u64) -> Flow {
         netns_ino: ev.netns_ino as i64,
         // The capture loop's workload resolver fills it in.
         workload: None,
+        limits: limits(ev, clock.hz),
     }
+}
+
+/// The event's limits in the schema's units (as TCP_INFO reports them:
+/// busy time includes the limited times).
+fn limits(ev: &FlowEvent, hz: Option<u32>) -> Option<Limits> {
+    let hz = u64::from(hz.filter(|h| *h > 0)?);
+    let l = &ev.limits;
+    let us = |jiffies: u64| (jiffies * 1_000_000 / hz) as i64;
+    let rto = ev.flags & flags::RTO_COUNTED != 0;
+    let delivery_rate = match l.rate_interval_us {
+        0 => 0,
+        interval => u64::from(l.rate_delivered) * u64::from(l.mss_cache) * 1_000_000 / u64::from(interval),
+    };
+    Some(Limits {
+        busy_us: us(u64::from(l.busy_jiffies) + u64::from(l.rwnd_limited_jiffies) + u64::from(l.sndbuf_limited_jiffies)),
+        rwnd_limited_us: us(l.rwnd_limited_jiffies.into()),
+        sndbuf_limited_us: us(l.sndbuf_limited_jiffies.into()),
+        delivery_rate_bytes_per_s: delivery_rate.min(i64::MAX as u64) as i64,
+        bytes_retrans: l.bytes_retrans.min(i64::MAX as u64) as i64,
+        reordering: l.reordering.into(),
+        reord_seen: l.reord_seen.into(),
+        rto_count: rto.then_some(l.total_rto.into()),
+        rto_recoveries: rto.then_some(l.total_rto_recoveries.into()),
+        rto_time_ms: rto.then_some(l.total_rto_time_ms.into()),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flowlog_common::{FLOW_EVENT_KIND_V1, AF_INET};
+    use flowlog_common::{FLOW_EVENT_KIND_V2, AF_INET};
 
     fn event() -> FlowEvent {
         FlowEvent {
-            kind: FLOW_EVENT_KIND_V1,
+            kind: FLOW_EVENT_KIND_V2,
             family: AF_INET,
             direction: direction::CLIENT,
             old_state: tcp_state::FIN_WAIT2,
@@ -179,6 +209,7 @@ mod tests {
             netns_ino: 4026531840,
             comm: *b"fl-client\0\0\0\0\0\0\0",
             sk: 0xffff_8880_0000_2000,
+            limits: Default::default(),
         }
     }
 
@@ -218,6 +249,39 @@ mod tests {
         assert_eq!(r.bytes_sent, 12_346);
         assert_eq!(r.end_reason, EndReason::ResetReceived);
         assert_eq!(r.error.as_deref(), Some("ECONNRESET"));
+    }
+
+    /// Jiffies to microseconds at the kernel's rate; busy time includes the
+    /// limited times (as TCP_INFO's does); RTO totals only where counted.
+    #[test]
+    fn limits_in_schema_units() {
+        let mut ev = event();
+        ev.limits = flowlog_common::Limits {
+            busy_jiffies: 10,
+            rwnd_limited_jiffies: 250,
+            sndbuf_limited_jiffies: 5,
+            rate_delivered: 10,
+            rate_interval_us: 2_000,
+            mss_cache: 1_448,
+            bytes_retrans: 2_896,
+            reordering: 3,
+            reord_seen: 1,
+            total_rto: 2,
+            total_rto_recoveries: 1,
+            total_rto_time_ms: 600,
+        };
+        let l = flow_from_event(&ev, &Clock::fixed(0), 1).limits.unwrap();
+        assert_eq!((l.busy_us, l.rwnd_limited_us, l.sndbuf_limited_us), (1_060_000, 1_000_000, 20_000));
+        assert_eq!(l.delivery_rate_bytes_per_s, 7_240_000);
+        assert_eq!((l.bytes_retrans, l.reordering, l.reord_seen), (2_896, 3, 1));
+        assert_eq!((l.rto_count, l.rto_recoveries, l.rto_time_ms), (None, None, None));
+        ev.flags |= flags::RTO_COUNTED;
+        let l = flow_from_event(&ev, &Clock::fixed(0), 1).limits.unwrap();
+        assert_eq!((l.rto_count, l.rto_recoveries, l.rto_time_ms), (Some(2), Some(1), Some(600)));
+        ev.limits.rate_interval_us = 0;
+        assert_eq!(flow_from_event(&ev, &Clock::fixed(0), 1).limits.unwrap().delivery_rate_bytes_per_s, 0);
+        let unknown_hz = Clock { hz: None, ..Clock::fixed(0) };
+        assert_eq!(flow_from_event(&ev, &unknown_hz, 1).limits, None);
     }
 
     #[test]

@@ -97,12 +97,14 @@ impl Layout {
 
     /// Finds `member` (one name) in `s`, looking through anonymous struct and
     /// union members the way C does. Returns its bit offset and type.
-    fn find(&self, s: &btf_rs::Struct, member: &str) -> Result<Option<(u32, Type, bool)>, OffsetError> {
+    /// The last item is the bitfield's width in bits (0: not a bitfield,
+    /// including a whole member of a struct that has bitfields).
+    fn find(&self, s: &btf_rs::Struct, member: &str) -> Result<Option<(u32, Type, u32)>, OffsetError> {
         for m in &s.members {
             let name = self.btf.resolve_name(m).unwrap_or_default();
             let ty = self.btf.resolve_chained_type(m)?;
             if name == member {
-                return Ok(Some((m.bit_offset(), ty, m.bitfield_size().unwrap_or(0) != 0)));
+                return Ok(Some((m.bit_offset(), ty, m.bitfield_size().unwrap_or(0))));
             }
             if name.is_empty() {
                 if let Type::Struct(inner) | Type::Union(inner) = self.resolve(ty)? {
@@ -131,7 +133,7 @@ impl Layout {
                 _ => return Err(missing()),
             };
             let (off, mut ty, bitfield) = self.find(&s, name)?.ok_or_else(missing)?;
-            if bitfield {
+            if bitfield != 0 {
                 return Err(OffsetError::Bitfield(format!("{strukt}.{path}")));
             }
             bits += off;
@@ -144,6 +146,14 @@ impl Layout {
             current = ty;
         }
         Ok(Field { offset: bits / 8, size: self.size_of(&current)? })
+    }
+
+    /// Bit offset and width in bits of a member of `strukt`, a bitfield or
+    /// not (found through anonymous members, as [`Layout::member`] does).
+    pub fn bits(&self, strukt: &str, name: &str) -> Result<(u32, u32), OffsetError> {
+        let missing = || OffsetError::NoMember { strukt: strukt.into(), member: name.into() };
+        let (bit, ty, width) = self.find(&self.strukt(strukt)?, name)?.ok_or_else(missing)?;
+        Ok((bit, if width > 0 { width } else { self.size_of(&ty)? * 8 }))
     }
 
     /// Value of a C enumerator of a named enum, e.g. `("sock_flags", "SOCK_DONE")`.
@@ -212,7 +222,18 @@ pub fn read_tracepoint_format() -> Result<String, OffsetError> {
 pub fn resolve(layout: &Layout, tp_format: Option<&str>) -> Result<KernelOffsets, OffsetError> {
     let sock = |p: &str| layout.member("sock", p).map(|f| f.offset);
     let tcp = |p: &str| layout.member("tcp_sock", p).map(|f| f.offset);
+    // A field the program reads with a fixed width: any other width is refused.
+    let tcp_sized = |p: &str, size: u32| match layout.member("tcp_sock", p)? {
+        f if f.size == size => Ok(f.offset),
+        f => Err(OffsetError::NoMember { strukt: "tcp_sock".into(), member: format!("{p} of {size} bytes (found {})", f.size) }),
+    };
     let protocol = layout.member("sock", "sk_protocol")?;
+    // enum tcp_chrono (0-3): a 2-bit field in older kernels, a byte in newer
+    // ones. The program reads the byte and masks 2 bits from the shift.
+    let chrono_type = layout.bits("tcp_sock", "chrono_type")?;
+    if !(chrono_type.1 == 2 && chrono_type.0 % 8 <= 6 || chrono_type.1 == 8 && chrono_type.0 % 8 == 0) {
+        return Err(OffsetError::Bitfield(format!("tcp_sock.chrono_type ({} bits at bit {})", chrono_type.1, chrono_type.0)));
+    }
     let mut o = KernelOffsets {
         skc_family: sock("__sk_common.skc_family")?,
         skc_daddr: sock("__sk_common.skc_daddr")?,
@@ -236,15 +257,34 @@ pub fn resolve(layout: &Layout, tp_format: Option<&str>) -> Result<KernelOffsets
         rtt_min: tcp("rtt_min.s[0].v")?,
         snd_una: tcp("snd_una")?,
         write_seq: tcp("write_seq")?,
+        chrono_start: tcp_sized("chrono_start", 4)?,
+        chrono_stat: tcp_sized("chrono_stat", 12)?,
+        chrono_type_byte: chrono_type.0 / 8,
+        chrono_type_shift: chrono_type.0 % 8,
+        rate_delivered: tcp_sized("rate_delivered", 4)?,
+        rate_interval_us: tcp_sized("rate_interval_us", 4)?,
+        mss_cache: tcp_sized("mss_cache", 4)?,
+        bytes_retrans: tcp_sized("bytes_retrans", 8)?,
+        reordering: tcp_sized("reordering", 4)?,
+        reord_seen: tcp_sized("reord_seen", 4)?,
         net_ns_inum: layout.member("net", "ns.inum")?.offset,
         sock_done_bit: layout.enumerator("sock_flags", "SOCK_DONE")?,
         ..Default::default()
     };
+    // Linux 6.7+; all three or none (0: the program leaves them out).
+    if let (Ok(n), Ok(r), Ok(t)) =
+        (tcp_sized("total_rto", 2), tcp_sized("total_rto_recoveries", 2), tcp_sized("total_rto_time", 4))
+    {
+        (o.total_rto, o.total_rto_recoveries, o.total_rto_time) = (n, r, t);
+    }
     let socket_fields = [
         o.skc_family + 2, o.skc_daddr + 4, o.skc_rcv_saddr + 4, o.skc_dport + 2, o.skc_v6_daddr + 16,
         o.skc_v6_rcv_saddr + 16, o.skc_net + 8, o.sk_protocol + 2, o.sk_err + 4, o.sk_flags + 8,
         o.inet_sport + 2, o.bytes_acked + 8, o.bytes_received + 8, o.segs_in + 4, o.segs_out + 4,
         o.total_retrans + 4, o.srtt_us + 4, o.rtt_min + 4, o.snd_una + 4, o.write_seq + 4,
+        o.chrono_start + 4, o.chrono_stat + 12, o.chrono_type_byte + 1, o.rate_delivered + 4,
+        o.rate_interval_us + 4, o.mss_cache + 4, o.bytes_retrans + 8, o.reordering + 4, o.reord_seen + 4,
+        o.total_rto + 2, o.total_rto_recoveries + 2, o.total_rto_time + 4,
     ];
     let end = socket_fields.into_iter().max().unwrap_or(0).next_multiple_of(8);
     if end as usize > flowlog_common::SCRATCH_BYTES {
@@ -262,6 +302,46 @@ pub fn resolve(layout: &Layout, tp_format: Option<&str>) -> Result<KernelOffsets
         o.tp_protocol = proto.1;
     }
     Ok(o)
+}
+
+/// The kernel's tick rate (CONFIG_HZ), the unit of TCP's chronographs
+/// ([`flowlog_common::Limits`]). From the installed kernel config when there
+/// is one, else measured: jiffies against CLOCK_MONOTONIC over 100 ms, both
+/// read from /proc/timer_list, snapped to the rates x86 and arm64 kernels
+/// are built with. None when neither works.
+pub fn kernel_hz() -> Option<u32> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if let Ok(config) = std::fs::read_to_string(format!("/boot/config-{}", release.trim())) {
+        if let Some(hz) = config.lines().find_map(|l| l.strip_prefix("CONFIG_HZ=")?.trim().parse().ok()) {
+            return Some(hz);
+        }
+    }
+    let (ns0, j0) = timer_list_sample()?;
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (ns1, j1) = timer_list_sample()?;
+    let measured = j1.checked_sub(j0)? as f64 * 1e9 / ns1.checked_sub(ns0)?.max(1) as f64;
+    let nearest = [100u32, 250, 300, 1000]
+        .into_iter()
+        .min_by(|a, b| (*a as f64 - measured).abs().total_cmp(&(*b as f64 - measured).abs()))?;
+    // One jiffy of error over 100 ms is 10 % at HZ=100.
+    ((nearest as f64 - measured).abs() <= nearest as f64 * 0.15).then_some(nearest)
+}
+
+/// "now at N nsecs" (CLOCK_MONOTONIC) and the first "jiffies: J" of
+/// /proc/timer_list, read only as far as both.
+fn timer_list_sample() -> Option<(u64, u64)> {
+    use std::io::BufRead;
+    let file = std::io::BufReader::new(std::fs::File::open("/proc/timer_list").ok()?);
+    let mut now = None;
+    for line in file.lines().take(10_000) {
+        let line = line.ok()?;
+        if let Some(rest) = line.strip_prefix("now at ") {
+            now = rest.split_whitespace().next()?.parse().ok();
+        } else if let Some(j) = line.trim().strip_prefix("jiffies: ") {
+            return Some((now?, j.trim().parse().ok()?));
+        }
+    }
+    None
 }
 
 /// What the loader needs from BTF and tracefs.
@@ -351,6 +431,23 @@ fn in_child(f: impl FnOnce() -> Result<Resolved, String>) -> Result<Resolved, St
 mod tests {
     use super::*;
 
+    /// The measured rate is the configured one (this kernel's config, when
+    /// it ships one in /proc/config.gz).
+    #[test]
+    fn kernel_hz_is_the_configured_rate() {
+        let Some(hz) = kernel_hz() else {
+            eprintln!("skipping: no kernel config and no readable /proc/timer_list");
+            return;
+        };
+        assert!([100, 250, 300, 1000].contains(&hz), "{hz}");
+        let configured = std::process::Command::new("zcat").arg("/proc/config.gz").output().ok().and_then(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().find_map(|l| l.strip_prefix("CONFIG_HZ=")?.parse::<u32>().ok())
+        });
+        if let Some(c) = configured {
+            assert_eq!(hz, c);
+        }
+    }
+
     const FORMAT: &str = "name: inet_sock_set_state
 ID: 1400
 format:
@@ -396,6 +493,12 @@ format:
         assert_eq!(layout.member("sock", "__sk_common.skc_dport").unwrap().size, 2);
         assert_eq!(layout.member("tcp_sock", "bytes_acked").unwrap().size, 8);
         assert_eq!(o.sock_done_bit, 1);
+        // The limits: chrono_stat follows chrono_start; chrono_type is 2 bits.
+        assert_eq!(o.chrono_stat, o.chrono_start + 4);
+        assert!(matches!(layout.bits("tcp_sock", "chrono_type").unwrap().1, 2 | 8));
+        assert_eq!(layout.bits("tcp_sock", "chrono_start").unwrap(), (o.chrono_start * 8, 32));
+        assert!(o.rate_delivered > 0 && o.bytes_retrans > 0 && o.reord_seen > 0);
+        assert!(matches!(layout.bits("tcp_sock", "no_such_member"), Err(OffsetError::NoMember { .. })));
         assert!(matches!(
             layout.member("tcp_sock", "no_such_member"),
             Err(OffsetError::NoMember { .. })

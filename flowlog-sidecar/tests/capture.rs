@@ -785,3 +785,83 @@ fn finals_that_find_the_ring_full_are_parked_not_lost() {
         assert_eq!(stats["user"]["decode_errors"], 0);
     }
 }
+
+/// What held a connection back (the record's `limits`), told apart for
+/// two connections of the same size class:
+/// - receiver-limited: the server has a 4 KiB receive buffer and reads
+///   nothing for 600 ms while the client writes 1 MB, so the client's
+///   sending stops on the receiver's window;
+/// - sender-limited: the client's own application writes 100 bytes every
+///   25 ms for 500 ms, the window open all along: nearly all of that time
+///   nothing is in flight (busy time is a small part of the duration) and
+///   none of it is window-limited.
+#[test]
+fn receiver_and_sender_limited_flows_are_told_apart() {
+    if !have_root() {
+        return;
+    }
+    for attach in ["tp-btf", "tracepoint"] {
+        let sc = Sidecar::start(&["--attach", attach]);
+
+        let small = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // Before listen(): accepted sockets inherit it, and the window they
+        // offer is sized from it.
+        small.set_recv_buffer_size(4096).unwrap();
+        small.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        small.listen(1).unwrap();
+        let rwnd_port = small.local_addr().unwrap().as_socket().unwrap().port();
+        let client = thread::spawn(move || {
+            let mut c = TcpStream::connect(("127.0.0.1", rwnd_port)).unwrap();
+            c.write_all(&vec![5u8; 1_000_000]).unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+            read_to_end(&mut c);
+            c.local_addr().unwrap().port()
+        });
+        let (s, _) = small.accept().unwrap();
+        let mut s: TcpStream = s.into();
+        thread::sleep(Duration::from_millis(600));
+        assert_eq!(read_to_end(&mut s), 1_000_000);
+        drop(s);
+        let rwnd_client = client.join().unwrap();
+
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let app_port = l.local_addr().unwrap().port();
+        let client = thread::spawn(move || {
+            let mut c = TcpStream::connect(("127.0.0.1", app_port)).unwrap();
+            c.set_nodelay(true).unwrap();
+            for _ in 0..20 {
+                c.write_all(&[6u8; 100]).unwrap();
+                thread::sleep(Duration::from_millis(25));
+            }
+            c.shutdown(Shutdown::Write).unwrap();
+            read_to_end(&mut c);
+            c.local_addr().unwrap().port()
+        });
+        let (mut s, _) = l.accept().unwrap();
+        assert_eq!(read_to_end(&mut s), 2_000);
+        drop(s);
+        let app_client = client.join().unwrap();
+
+        let last = |r: &[Value], local, remote| by_ports(r, local, remote).into_iter().find(|x| x["record_type"] == "final");
+        sc.wait_for("both clients' records", WAIT, |r| {
+            last(r, rwnd_client, rwnd_port).is_some() && last(r, app_client, app_port).is_some()
+        });
+        let (records, _) = sc.stop();
+        let rwnd = last(&records, rwnd_client, rwnd_port).unwrap();
+        let app = last(&records, app_client, app_port).unwrap();
+        let us = |r: &Value, name: &str| r["limits"][name].as_i64().unwrap_or_else(|| panic!("{attach}: limits.{name} in {r}"));
+        let duration_us = |r: &Value| (r["end_time_ns"].as_i64().unwrap() - r["start_time_ns"].as_i64().unwrap()) / 1000;
+        eprintln!("{attach}: receiver-limited {}; sender-limited {} over {} us", rwnd["limits"], app["limits"], duration_us(&app));
+        assert_eq!(rwnd["bytes_sent"], 1_000_000, "{attach}");
+        assert_eq!(app["bytes_sent"], 2_000, "{attach}");
+        // Jiffy resolution (1-10 ms) and a loaded machine: generous bounds.
+        assert!(us(&rwnd, "rwnd_limited_us") >= 400_000, "{attach}: receiver-limited {rwnd}");
+        assert!(us(&rwnd, "busy_us") >= us(&rwnd, "rwnd_limited_us"), "{attach}: busy includes the limited time {rwnd}");
+        assert_eq!(us(&app, "rwnd_limited_us"), 0, "{attach}: the window stayed open {app}");
+        assert!(duration_us(&app) >= 475_000, "{attach}: {app}");
+        assert!(us(&app, "busy_us") * 4 < duration_us(&app), "{attach}: sender-limited: mostly nothing in flight {app}");
+        // A kernel that counts RTOs (6.7+) says so; none fired on loopback.
+        assert_eq!(rwnd["limits"]["rto_count"], 0, "{attach}: {rwnd}");
+        assert_eq!(app["limits"]["bytes_retrans"], 0, "{attach}: {app}");
+    }
+}

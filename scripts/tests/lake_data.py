@@ -79,7 +79,7 @@ HOSTS = {
 
 
 def record(host, seq, conn, *, direction, local, remote, lport, rport, start, end, sent, recv, retx=0,
-           srtt=0, end_reason="NORMAL", error=None, record_type="FINAL", flow_id, local_workload=None):
+           srtt=0, end_reason="NORMAL", error=None, record_type="FINAL", flow_id, local_workload=None, limits=None):
     lip, _, lattr = HOSTS[local]
     rip, _, rattr = HOSTS[remote]
     return {
@@ -90,8 +90,15 @@ def record(host, seq, conn, *, direction, local, remote, lport, rport, start, en
         "segs_in": recv // 1000 + 1, "segs_out": sent // 1000 + 1, "retransmits": retx, "srtt_us": srtt,
         "rtt_min_us": srtt // 2, "end_reason": end_reason, "error": error, "pid": 100 + conn, "comm": "app",
         "cgroup_id": 7, "netns_ino": 4026531840,
-        "local_workload": local_workload, "local": lattr, "remote": rattr,
+        "local_workload": local_workload, "local": lattr, "remote": rattr, "limits": limits,
     }
+
+
+def limits(busy_ms, rwnd_ms=0, sndbuf_ms=0, retrans=0):
+    """Limits as a sidecar on Linux 6.7+ reports them (busy includes the limited times)."""
+    return {"busy_us": busy_ms * 1000, "rwnd_limited_us": rwnd_ms * 1000, "sndbuf_limited_us": sndbuf_ms * 1000,
+            "delivery_rate_bytes_per_s": 1_000_000, "bytes_retrans": retrans, "reordering": 3, "reord_seen": 0,
+            "rto_count": 0, "rto_recoveries": 0, "rto_time_ms": 0}
 
 
 def make_records():
@@ -118,9 +125,10 @@ def make_records():
              record_type="INTERIM", flow_id=fid)
         emit("host-a", conn=conn, direction="CLIENT", local="frontend", remote="checkout", lport=port, rport=8080,
              start=t, end=t + 2 * 10**8, sent=sent - sent // 2, recv=recv - recv // 2, srtt=rtt + 5,
-             retx=i % 2, flow_id=fid)
+             retx=i % 2, flow_id=fid, limits=limits(10 * (i + 1), rwnd_ms=i, retrans=1448 * (i % 2)))
         emit("host-b", conn=conn, direction="SERVER", local="checkout", remote="frontend", lport=8080, rport=port,
-             start=t + 1000, end=t + 2 * 10**8, sent=recv, recv=sent, srtt=rtt + 11, retx=1, flow_id=fid)
+             start=t + 1000, end=t + 2 * 10**8, sent=recv, recv=sent, srtt=rtt + 11, retx=1, flow_id=fid,
+             limits=limits(20, sndbuf_ms=5 if i % 4 == 0 else 0, retrans=1448))
         # checkout (zone b) -> db-0 (zone a, a StatefulSet pod): client end only.
         emit("host-b", conn=conn + 6000, direction="CLIENT", local="checkout", remote="db-0", lport=port + 100, rport=5432,
              start=t, end=t + 3 * 10**8, sent=300 * i, recv=9000 + i, srtt=200 + 3 * i, flow_id=f"co-db-{i}")

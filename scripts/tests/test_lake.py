@@ -128,6 +128,23 @@ class LakeTest(unittest.TestCase):
         # checkout's RTTs are the client's (the server end's are ignored).
         self.assertEqual(round(got["checkout"]["max_rtt_ms"] * 1000), 900 + 37 * 23 + 5)
 
+    def test_what_held_back(self):
+        rows = {(r["sender"], r["receiver"]): r for r in self.query("what_held_back")}
+        # Only the frontend <-> checkout ends carry limits (the others are
+        # from an older sidecar); the interim records are left out.
+        self.assertEqual(set(rows), {("frontend", "checkout"), ("checkout", "frontend")})
+        fc, cf = rows[("frontend", "checkout")], rows[("checkout", "frontend")]
+        self.assertEqual((fc["connections"], cf["connections"]), (24, 24))
+        self.assertAlmostEqual(fc["busy_s"], sum(10 * (i + 1) for i in range(24)) / 1e3)
+        self.assertAlmostEqual(fc["receiver_limited_s"], sum(range(24)) / 1e3)
+        self.assertEqual(fc["send_buffer_limited_s"], 0)
+        self.assertAlmostEqual(fc["receiver_limited_share"], round(sum(range(24)) / sum(10 * (i + 1) for i in range(24)), 4))
+        self.assertEqual(fc["bytes_retransmitted"], 1448 * 12)
+        self.assertAlmostEqual(cf["send_buffer_limited_s"], 6 * 5 / 1e3)
+        self.assertEqual((cf["receiver_limited_s"], cf["receiver_limited_share"]), (0, 0))
+        # The receiver-limited pair comes first.
+        self.assertEqual((self.query("what_held_back")[0]["sender"]), "frontend")
+
     def test_five_tuple(self):
         # frontend:40003 <-> checkout:8080, given either way round.
         for a, b in ((("10.0.1.10", 40003), ("10.0.2.20", 8080)), (("10.0.2.20", 8080), ("10.0.1.10", 40003))):

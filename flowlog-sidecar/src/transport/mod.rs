@@ -762,7 +762,7 @@ impl Replayer {
 mod tests {
     use super::*;
     use crate::flow::{flow_from_event, Clock};
-    use flowlog_common::{direction, flags, tcp_state, FlowEvent, AF_INET6, FLOW_EVENT_KIND_V1};
+    use flowlog_common::{direction, flags, tcp_state, FlowEvent, AF_INET6, FLOW_EVENT_KIND_V2};
 
     /// The sidecar's path (kernel event -> record -> numbered message) read
     /// by the enricher's decoder: every field arrives as the sidecar meant it.
@@ -771,7 +771,7 @@ mod tests {
         let mut local = [0u8; 16];
         local[15] = 1;
         let ev = FlowEvent {
-            kind: FLOW_EVENT_KIND_V1,
+            kind: FLOW_EVENT_KIND_V2,
             family: AF_INET6,
             direction: direction::SERVER,
             old_state: tcp_state::LAST_ACK,
@@ -797,6 +797,7 @@ mod tests {
             netns_ino: 4026531840,
             comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
             sk: 0xffff_8880_0000_2000,
+            limits: Default::default(),
         };
         let mut record = flow_from_event(&ev, &Clock::fixed(1_700_000_000_000_000_000), 7);
         // As the workload resolver fills it in for a pod's container.

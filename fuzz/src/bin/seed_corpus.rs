@@ -12,7 +12,7 @@ use libfuzzer_sys as _;
 
 use flowlog_schema::{
     fixtures,
-    schemas::{FLOW_V1, FLOW_V2},
+    schemas::{FLOW_V1, FLOW_V2, FLOW_V3},
     Family, Flow, IdentityReason, WorkloadIps,
 };
 
@@ -26,11 +26,11 @@ fn write(target: &str, name: &str, bytes: &[u8]) {
     fs::write(dir.join(name), bytes).expect("seed file");
 }
 
-/// A message of an older schema version: the current datum without the
-/// `workload` field (null: one byte, last), to go under an older header.
-fn without_workload(msg: &[u8]) -> &[u8] {
-    assert_eq!(msg.last(), Some(&0), "the flow has no workload");
-    &msg[10..msg.len() - 1]
+/// A message of an older schema version: the current datum without its
+/// last `n` fields, each a null (one byte), to go under an older header.
+fn without_last_nulls(msg: &[u8], n: usize) -> &[u8] {
+    assert!(msg.ends_with(&vec![0; n]), "the flow ends with {n} nulls");
+    &msg[10..msg.len() - n]
 }
 
 fn main() {
@@ -46,11 +46,11 @@ fn main() {
         ..flow.clone()
     };
     let pod = Flow { workload: Some(Arc::new(fixtures::pod_workload())), ..flow.clone() };
-    let bare = Flow { workload: None, ..flow.clone() };
+    let bare = Flow { workload: None, limits: None, ..flow.clone() };
     let flows = [
-        ("v3-pod", fixtures::flow_message(&host, &pod)),
-        ("v3-ipv6-named-pod", fixtures::flow_message(&fixtures::host_with("h2", "api", &["fd00::1", "10.0.0.9"]), &v6)),
-        ("v3-no-workload", fixtures::flow_message(&host, &bare)),
+        ("v4-pod", fixtures::flow_message(&host, &pod)),
+        ("v4-ipv6-named-pod", fixtures::flow_message(&fixtures::host_with("h2", "api", &["fd00::1", "10.0.0.9"]), &v6)),
+        ("v4-no-workload", fixtures::flow_message(&host, &bare)),
     ];
     for (name, msg) in &flows {
         write("flow_decode", name, msg);
@@ -61,8 +61,10 @@ fn main() {
     let mut msg = Vec::new();
     batch.finish(&mut msg);
     write("flow_decode", "batch-of-3", &msg);
-    // v2 wrote a null workload the same way; v1 had no such field.
-    let bare_datum = without_workload(&flows[2].1);
+    // v3 had no limits; v2 wrote a null workload the same way; v1 had no
+    // such field.
+    let bare_datum = without_last_nulls(&flows[2].1, 2);
+    write("flow_decode", "v3-no-workload", &[&FLOW_V3.header()[..], bare_datum, &[0]].concat());
     write("flow_decode", "v2-no-workload", &[&FLOW_V2.header()[..], bare_datum, &[0]].concat());
     write("flow_decode", "v1", &[&FLOW_V1.header()[..], bare_datum].concat());
 
