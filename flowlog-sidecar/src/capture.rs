@@ -152,14 +152,14 @@ impl Capture {
 
     /// Hands one record to the sink. Counters become deltas against what
     /// was already reported for the connection (interim records).
-    fn emit(&mut self, mut record: Flow) {
-        let total = Counters::of(&record);
+    fn emit(&mut self, record: &mut Flow) {
+        let total = Counters::of(record);
         let prev = match record.record_type {
             RecordType::Final => self.reported.remove(&record.connection_id),
             RecordType::Interim => self.reported.insert(record.connection_id, total),
         };
-        total.minus(&prev.unwrap_or_default()).set(&mut record);
-        if let Err(e) = self.sink.send(&mut record) {
+        total.minus(&prev.unwrap_or_default()).set(record);
+        if let Err(e) = self.sink.send(record) {
             self.user.output_errors += 1;
             error!("writing flow record failed: {e}");
         }
@@ -201,9 +201,9 @@ impl Capture {
             match decoded {
                 Ok(ev) => {
                     tracing::trace!(?ev, "raw event");
-                    let mut flow = flow_from_event(&ev, &self.clock, self.salt);
-                    self.carry(&mut flow);
-                    self.workloads.admit(flow, now, &mut pending);
+                    pending.push(flow_from_event(&ev, &self.clock, self.salt));
+                    self.carry(pending.last_mut().expect("just pushed"));
+                    self.workloads.admit(now, &mut pending);
                 }
                 Err(e) => {
                     self.user.decode_errors += 1;
@@ -221,11 +221,11 @@ impl Capture {
         n == DRAIN_BATCH
     }
 
-    fn emit_all(&mut self, records: Vec<Flow>) {
+    fn emit_all(&mut self, mut records: Vec<Flow>) {
         if records.is_empty() {
             return;
         }
-        for record in records {
+        for record in &mut records {
             self.emit(record);
         }
         if let Err(e) = self.sink.flush() {

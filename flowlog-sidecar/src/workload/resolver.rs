@@ -221,26 +221,28 @@ impl Resolver {
         self.new_netns = Some(Box::new(f));
     }
 
-    /// Gives `flow` its workload and appends it to `out` (unless it is out
-    /// of scope), or holds it until its cgroup is known ([`Resolver::poll`]
-    /// releases it).
+    /// Gives the last flow of `out` its workload in place, or takes it out
+    /// of `out`: out of scope, or held until its cgroup is known
+    /// ([`Resolver::poll`] releases it). In place because a Flow is some
+    /// 300 bytes: moving each one in and out again was about a tenth of the
+    /// transport's CPU.
     #[inline]
-    pub fn admit(&mut self, flow: Flow, now: Instant, out: &mut Vec<Flow>) {
-        let id = flow.cgroup_id as u64;
+    pub fn admit(&mut self, now: Instant, out: &mut Vec<Flow>) {
+        let Some(flow) = out.last() else { return };
+        let (id, netns) = (flow.cgroup_id as u64, flow.netns_ino as u64);
         let (w, in_scope) = match &self.mode {
             Mode::Off => {
-                if self.scope.netns_in(flow.netns_ino as u64) {
-                    out.push(flow);
-                } else {
+                if !self.scope.netns_in(netns) {
+                    out.pop();
                     self.stats.out_of_scope += 1;
                 }
                 return;
             }
             Mode::NoCgroupV2 => (self.unresolved.no_cgroup_v2.clone(), false),
-            _ if id == 0 => self.by_netns(flow.netns_ino as u64),
+            _ if id == 0 => self.by_netns(netns),
             _ => match &self.last {
                 Some((last, w, in_scope)) if *last == id => (w.clone(), *in_scope),
-                _ => match self.resolve(id, flow.netns_ino as u64) {
+                _ => match self.resolve(id, netns) {
                     Some((w, in_scope)) => {
                         self.last = Some((id, w.clone(), in_scope));
                         (w, in_scope)
@@ -248,24 +250,33 @@ impl Resolver {
                     None if matches!(self.mode, Mode::WalkerGone) => {
                         (self.unresolved.lookup_failed.clone(), false)
                     }
-                    None => return self.hold(flow, id, now),
+                    None => {
+                        let flow = out.pop().expect("checked above");
+                        return self.hold(flow, id, now);
+                    }
                 },
             },
         };
-        self.deliver(flow, w, in_scope, out);
+        self.deliver_last(w, in_scope, out);
     }
 
     /// Appends `flow` with its workload to `out` if it is in scope: its
-    /// cgroup is (`in_scope`), or its network namespace.
-    #[inline]
-    fn deliver(&mut self, mut flow: Flow, w: Arc<Workload>, in_scope: bool, out: &mut Vec<Flow>) {
+    /// cgroup's, or (`in_scope` false) its network namespace's.
+    fn deliver(&mut self, flow: Flow, w: Arc<Workload>, in_scope: bool, out: &mut Vec<Flow>) {
+        out.push(flow);
+        self.deliver_last(w, in_scope, out);
+    }
+
+    /// [`Resolver::deliver`] for the last flow of `out`, in place.
+    fn deliver_last(&mut self, w: Arc<Workload>, in_scope: bool, out: &mut Vec<Flow>) {
+        let Some(flow) = out.last_mut() else { return };
         if !in_scope && !self.scope.netns_in(flow.netns_ino as u64) {
+            out.pop();
             self.stats.out_of_scope += 1;
             return;
         }
         self.stats.count(&w);
         flow.workload = Some(w);
-        out.push(flow);
     }
 
     /// After each drain: takes in finished walks and releases the held
@@ -648,7 +659,8 @@ mod tests {
                 connection_id: cgroup as i64,
                 ..fixtures::flow()
             };
-            self.r.admit(f, t, &mut out);
+            out.push(f);
+            self.r.admit(t, &mut out);
             out
         }
         fn poll(&mut self, t: Instant) -> Vec<Flow> {
@@ -909,7 +921,8 @@ mod tests {
         );
         let mut out = Vec::new();
         for netns in [700, 1, 700] {
-            r.admit(Flow { netns_ino: netns, ..fixtures::flow() }, Instant::now(), &mut out);
+            out.push(Flow { netns_ino: netns, ..fixtures::flow() });
+            r.admit(Instant::now(), &mut out);
         }
         assert_eq!((out.len(), r.stats().out_of_scope), (2, 1));
     }
@@ -982,10 +995,12 @@ mod tests {
     fn off_and_without_cgroup_v2() {
         let mut r = Resolver::new(&WorkloadConfig { resolve: false, ..Default::default() }, Scope::default(), None);
         let mut out = Vec::new();
-        r.admit(fixtures::flow(), Instant::now(), &mut out);
+        out.push(fixtures::flow());
+        r.admit(Instant::now(), &mut out);
         assert_eq!(out[0].workload, None);
         r.mode = Mode::NoCgroupV2;
-        r.admit(fixtures::flow(), Instant::now(), &mut out);
+        out.push(fixtures::flow());
+        r.admit(Instant::now(), &mut out);
         assert_eq!(
             kind(&out[1]),
             (WorkloadKind::Host, Some(WorkloadReason::NoCgroupV2))
