@@ -141,7 +141,11 @@ pub fn flow_from_event(ev: &FlowEvent, clock: &Clock, salt: u64) -> Flow {
         state_path: StatePath(ev.state_path),
         pid: ev.tgid as i32,
         tid: ev.tid as i32,
-        comm: flowlog_schema::SmolStr::new(String::from_utf8_lossy(&ev.comm[..comm_len])),
+        comm: match std::str::from_utf8(&ev.comm[..comm_len]) {
+            Ok(name) => flowlog_schema::SmolStr::new(name),
+            // A task can name itself anything (prctl PR_SET_NAME).
+            Err(_) => flowlog_schema::SmolStr::new(String::from_utf8_lossy(&ev.comm[..comm_len])),
+        },
         owner_source,
         cgroup_id: ev.cgroup_id as i64,
         netns_ino: ev.netns_ino as i64,
@@ -282,6 +286,14 @@ mod tests {
         assert_eq!(flow_from_event(&ev, &Clock::fixed(0), 1).limits.unwrap().delivery_rate_bytes_per_s, 0);
         let unknown_hz = Clock { hz: None, ..Clock::fixed(0) };
         assert_eq!(flow_from_event(&ev, &unknown_hz, 1).limits, None);
+    }
+
+    /// A process can name itself any bytes: invalid UTF-8 is replaced, not refused.
+    #[test]
+    fn comm_that_is_not_utf8() {
+        let mut ev = event();
+        ev.comm = *b"ok\xff\xfename\0\0\0\0\0\0\0\0";
+        assert_eq!(flow_from_event(&ev, &Clock::fixed(0), 1).comm, "ok\u{fffd}\u{fffd}name");
     }
 
     #[test]
