@@ -216,8 +216,8 @@ fn main() -> anyhow::Result<()> {
     let churn = churn.join().map_err(|_| anyhow::anyhow!("the churn panicked"))??;
     eprintln!("churn: {:.0} connections/s ({} errors)", churn.connections_per_sec, churn.errors);
     let u1 = Usage::of(pid)?;
-    let map_bytes = map_memlock(pid, 8, 56, a.max_sockets);
-    let queue_bytes = map_memlock(pid, 0, 152, a.max_parked);
+    let map_bytes = map_memlock(pid, 8, std::mem::size_of::<flowlog_common::SockState>() as u32, a.max_sockets);
+    let queue_bytes = map_memlock(pid, 0, flowlog_common::FLOW_EVENT_SIZE as u32, a.max_parked);
     let wall = t0.elapsed().as_secs_f64();
     let stats = sc.stop()?;
     if a.kafka {
@@ -314,8 +314,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The `memlock` of the sidecar's map with these key and value sizes and
-/// entries (the socket map: 8, 56, `max_sockets`; the parking queue: 0,
-/// 152, `max_parked`), from its fd's fdinfo; 0 if not found.
+/// entries (the socket map: 8, SockState, `max_sockets`; the parking
+/// queue: 0, FlowEvent, `max_parked`), from its fd's fdinfo; 0 if not found.
 fn map_memlock(pid: u32, key_size: u32, value_size: u32, max_entries: u32) -> u64 {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return 0 };
     for fd in fds.filter_map(Result::ok) {
