@@ -865,3 +865,69 @@ fn receiver_and_sender_limited_flows_are_told_apart() {
         assert_eq!(app["limits"]["bytes_retrans"], 0, "{attach}: {app}");
     }
 }
+
+/// Runs nft in network namespace `ns` with `args`; panics if it fails.
+fn nft(ns: &str, args: &str) {
+    let status = std::process::Command::new("ip").args(["netns", "exec", ns, "nft"]).args(args.split_whitespace()).status().unwrap();
+    assert!(status.success(), "nft {args}");
+}
+
+/// Retransmission timeouts are counted in `limits`: in a network namespace
+/// of the test's own, an nftables rule drops the client's data segments on
+/// arrival for 700 ms after the handshake, so the kernel resends them on timeouts (the
+/// first after at least 200 ms, then doubling) until one gets through. The
+/// client's record counts the timeouts, the time spent recovering from them
+/// and the bytes sent again, and its byte count stays exact.
+#[test]
+fn retransmission_timeouts_are_counted() {
+    if !have_root() {
+        return;
+    }
+    let ns = Netns::new(format!("flowlog-rto-{}", std::process::id()));
+    let want = inode(&ns.path());
+    let sc = Sidecar::start(&[]);
+    let name = ns.0.clone();
+    let (client, server) = ns.run(move || {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sp = l.local_addr().unwrap().port();
+        let reader = thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            read_to_end(&mut s)
+        });
+        let mut c = TcpStream::connect(("127.0.0.1", sp)).unwrap();
+        nft(&name, "add table inet flowlog_rto");
+        // On input: the client's stack has sent them (a drop on output is
+        // an error it sees, and it keeps the data queued instead).
+        nft(&name, "add chain inet flowlog_rto in { type filter hook input priority 0 ; }");
+        // Segments to the server that carry data (more than the 52 bytes of
+        // IPv4 and TCP headers with timestamps); the handshake is done.
+        nft(&name, &format!("add rule inet flowlog_rto in tcp dport {sp} ip length > 100 drop"));
+        c.write_all(&[3u8; 10_000]).unwrap();
+        thread::sleep(Duration::from_millis(700));
+        nft(&name, "delete table inet flowlog_rto");
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(reader.join().unwrap(), 10_000);
+        read_to_end(&mut c);
+        (c.local_addr().unwrap().port(), sp)
+    });
+    let mine = |r: &[Value]| -> Option<Value> {
+        by_ports(r, client, server).into_iter().find(|x| x["netns_ino"] == want && x["record_type"] == "final")
+    };
+    sc.wait_for("the client's record", WAIT, |r| mine(r).is_some());
+    let (records, _) = sc.stop();
+    let r = mine(&records).unwrap();
+    eprintln!("retransmitted: {}", r["limits"]);
+    assert_eq!(r["bytes_sent"], 10_000, "{r}");
+    assert!(r["retransmits"].as_i64().unwrap() >= 1, "{r}");
+    let l = &r["limits"];
+    assert!(l["bytes_retrans"].as_i64().unwrap() >= 10_000, "the whole write was sent again: {r}");
+    // The totals are null on kernels before 6.7, which do not keep them.
+    if l["rto_count"].is_null() {
+        assert!(l["rto_recoveries"].is_null() && l["rto_time_ms"].is_null(), "{r}");
+        eprintln!("this kernel keeps no RTO totals");
+        return;
+    }
+    assert!(l["rto_count"].as_i64().unwrap() >= 1, "{r}");
+    assert!(l["rto_recoveries"].as_i64().unwrap() >= 1, "{r}");
+    assert!(l["rto_time_ms"].as_i64().unwrap() >= 100, "{r}");
+}
