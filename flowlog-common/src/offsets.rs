@@ -32,7 +32,8 @@ pub struct KernelOffsets {
     pub snd_una: u32,
     pub write_seq: u32,
     /// Limits: tcp_sock.chrono_start, chrono_stat[0] (3 u32), and the byte
-    /// and shift of the 2-bit chrono_type bitfield.
+    /// and shift of chrono_type (a 2-bit bitfield in older kernels, a byte in
+    /// newer ones; the program masks 2 bits either way).
     pub chrono_start: u32,
     pub chrono_stat: u32,
     pub chrono_type_byte: u32,

@@ -629,6 +629,7 @@ fn read_limits<C: Fields>(f: &C, e: &mut FlowEvent) {
         l.total_rto_time_ms = f.get(off!(total_rto_time));
         e.flags |= flags::RTO_COUNTED;
     } else {
+        // Ring-buffer slots are not zeroed: write the absent fields too.
         l.total_rto = 0;
         l.total_rto_recoveries = 0;
         l.total_rto_time_ms = 0;

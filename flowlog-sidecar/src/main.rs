@@ -122,8 +122,8 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
         resolver.on_new_netns(a.poker());
     }
     let mut capture = Capture::new(&mut ebpf, sink, resolver)?;
-    capture.clock.hz = offsets::kernel_hz();
-    if capture.clock.hz.is_none() {
+    capture.clock.hz = resolved.hz;
+    if resolved.hz.is_none() {
         warn!("the kernel's tick rate (CONFIG_HZ) is unknown: no /boot/config-<release>, and /proc/timer_list unreadable; records carry no limits");
     }
     capture.prog_id = ebpf.program(attached.program_name()).and_then(|p| p.info().ok()).map(|i| i.id());

@@ -350,9 +350,13 @@ pub struct Resolved {
     pub offsets: KernelOffsets,
     /// The classic tracepoint's format was readable (its fields are filled in).
     pub have_tracepoint: bool,
+    /// The kernel's tick rate ([`kernel_hz`]); None: unknown, and records
+    /// carry no limits.
+    pub hz: Option<u32>,
 }
 
-/// Resolves everything from the running kernel. Parsing vmlinux BTF takes
+/// Resolves everything from the running kernel (and its tick rate, which
+/// needs no BTF, in this process). Parsing vmlinux BTF takes
 /// ~30 MB for a moment, so it runs in a forked child: the sidecar's own peak
 /// memory never includes it.
 pub fn resolve_running_kernel(require_tracepoint: bool) -> Result<Resolved, String> {
@@ -367,9 +371,11 @@ pub fn resolve_running_kernel(require_tracepoint: bool) -> Result<Resolved, Stri
             }
         };
         let offsets = resolve(&layout, format.as_deref()).map_err(|e| e.to_string())?;
-        Ok(Resolved { offsets, have_tracepoint: format.is_some() })
+        Ok(Resolved { offsets, have_tracepoint: format.is_some(), hz: None })
     };
-    in_child(work)
+    // The tick rate here too: measuring it may take 100 ms, which is better
+    // spent before the program is attached than while events wait.
+    in_child(work).map(|r| Resolved { hz: kernel_hz(), ..r })
 }
 
 /// Runs `f` in a forked child and returns its result through a pipe. Must be
@@ -420,7 +426,7 @@ fn in_child(f: impl FnOnce() -> Result<Resolved, String>) -> Result<Resolved, St
         Some((0, rest)) if rest.len() == 1 + std::mem::size_of::<KernelOffsets>() => {
             // SAFETY: length checked, Pod.
             let offsets: KernelOffsets = unsafe { std::ptr::read_unaligned(rest[1..].as_ptr().cast()) };
-            Ok(Resolved { offsets, have_tracepoint: rest[0] == 1 })
+            Ok(Resolved { offsets, have_tracepoint: rest[0] == 1, hz: None })
         }
         Some((1, msg)) => Err(String::from_utf8_lossy(msg).into_owned()),
         _ => Err(format!("resolving kernel offsets failed (child: {status:?})")),
