@@ -162,15 +162,16 @@ fn limits(ev: &FlowEvent, hz: Option<u32>) -> Option<Limits> {
     let l = &ev.limits;
     let us = |jiffies: u64| (jiffies * 1_000_000 / hz) as i64;
     let rto = ev.flags & flags::RTO_COUNTED != 0;
+    // u128: two u32s from the kernel times 10^6 can pass u64.
     let delivery_rate = match l.rate_interval_us {
         0 => 0,
-        interval => u64::from(l.rate_delivered) * u64::from(l.mss_cache) * 1_000_000 / u64::from(interval),
+        interval => u128::from(l.rate_delivered) * u128::from(l.mss_cache) * 1_000_000 / u128::from(interval),
     };
     Some(Limits {
         busy_us: us(u64::from(l.busy_jiffies) + u64::from(l.rwnd_limited_jiffies) + u64::from(l.sndbuf_limited_jiffies)),
         rwnd_limited_us: us(l.rwnd_limited_jiffies.into()),
         sndbuf_limited_us: us(l.sndbuf_limited_jiffies.into()),
-        delivery_rate_bytes_per_s: delivery_rate.min(i64::MAX as u64) as i64,
+        delivery_rate_bytes_per_s: delivery_rate.min(i64::MAX as u128) as i64,
         bytes_retrans: l.bytes_retrans.min(i64::MAX as u64) as i64,
         reordering: l.reordering.into(),
         reord_seen: l.reord_seen.into(),
@@ -284,6 +285,9 @@ mod tests {
         assert_eq!((l.rto_count, l.rto_recoveries, l.rto_time_ms), (Some(2), Some(1), Some(600)));
         ev.limits.rate_interval_us = 0;
         assert_eq!(flow_from_event(&ev, &Clock::fixed(0), 1).limits.unwrap().delivery_rate_bytes_per_s, 0);
+        // Extreme kernel values saturate instead of overflowing.
+        (ev.limits.rate_delivered, ev.limits.mss_cache, ev.limits.rate_interval_us) = (u32::MAX, u32::MAX, 1);
+        assert_eq!(flow_from_event(&ev, &Clock::fixed(0), 1).limits.unwrap().delivery_rate_bytes_per_s, i64::MAX);
         let unknown_hz = Clock { hz: None, ..Clock::fixed(0) };
         assert_eq!(flow_from_event(&ev, &unknown_hz, 1).limits, None);
     }
