@@ -15,6 +15,8 @@ pub struct KernelOffsets {
     pub skc_v6_daddr: u32,
     pub skc_v6_rcv_saddr: u32,
     pub skc_net: u32,
+    /// sock_common.skc_state (a byte): the state snapshots read.
+    pub skc_state: u32,
     pub sk_protocol: u32,
     pub sk_err: u32,
     pub sk_flags: u32,

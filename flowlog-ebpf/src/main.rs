@@ -28,8 +28,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use flowlog_common::{
-    direction, flags, snapshot, stat, tcp_state, FlowEvent, KernelOffsets, KernelSettings, ListenKey,
-    Owner, Scratch, SockState, AF_INET, AF_INET6, COMM_LEN, FLOW_EVENT_KIND_V2, SCRATCH_BYTES,
+    direction, flags, skipped_from, snapshot, stat, tcp_state, FlowEvent, KernelOffsets, KernelSettings,
+    ListenKey, Owner, Scratch, SockState, AF_INET, AF_INET6, COMM_LEN, FLOW_EVENT_KIND_V2, SCRATCH_BYTES,
     STATE_PATH_MAX,
 };
 
@@ -48,6 +48,7 @@ static FLOWLOG_OFFSETS: KernelOffsets = KernelOffsets {
     skc_v6_daddr: 0,
     skc_v6_rcv_saddr: 0,
     skc_net: 0,
+    skc_state: 0,
     sk_protocol: 0,
     sk_err: 0,
     sk_flags: 0,
@@ -277,6 +278,11 @@ fn on_transition<F: Fields, C: Fields>(sk: u64, old: u8, new: u8, fields: &F, at
         on_close(sk, old, at_close);
         return;
     }
+    // Nothing to look up: the socket's next transition or its close fills
+    // this one into the path (SockState::catch_up).
+    if skipped_from(old) == Some(new) {
+        return;
+    }
     // An open starts a socket's life: there is nothing to look up first
     // (and the insert below searches the bucket anyway).
     let opens = (old == tcp_state::CLOSE && new == tcp_state::SYN_SENT)
@@ -284,10 +290,8 @@ fn on_transition<F: Fields, C: Fields>(sk: u64, old: u8, new: u8, fields: &F, at
     if !opens {
         if let Some(st) = SOCKS.get_ptr_mut(sk) {
             let st = unsafe { &mut *st };
-            push_state(st, new);
-            if old == tcp_state::SYN_SENT && new == tcp_state::ESTABLISHED {
-                st.flags |= flags::SYN_ACKED;
-            }
+            st.catch_up(old);
+            st.push_state(new);
             // close()/shutdown() run in the owner's process context: if the open
             // was not attributable, the closer is the best owner we can name.
             if st.tgid == 0
@@ -333,27 +337,20 @@ fn on_transition<F: Fields, C: Fields>(sk: u64, old: u8, new: u8, fields: &F, at
             st.cgroup_id = owner.cgroup_id;
             st.flags |= flags::OWNER_AT_OPEN;
         }
+    } else if old == tcp_state::CLOSE_WAIT && new == tcp_state::LAST_ACK {
+        // A connection open before the sidecar, first seen as its owner
+        // closes it (ESTABLISHED -> CLOSE_WAIT is skipped): the closer, in
+        // process context, is the best owner we can name, as above.
+        set_current_owner(&mut st);
+        st.flags = flags::OWNER_AT_CLOSE;
     }
-    if old == tcp_state::SYN_SENT && new == tcp_state::ESTABLISHED {
-        st.flags |= flags::SYN_ACKED;
-    }
-    push_state(&mut st, old);
-    push_state(&mut st, new);
+    st.push_state(old);
+    st.push_state(new);
     // BPF_ANY: an entry left under this address (a socket freed unseen) is
     // replaced, not continued.
     if SOCKS.insert(sk, st, 0).is_err() {
         count(stat::SOCK_MAP_FULL);
     }
-}
-
-#[inline(always)]
-fn push_state(st: &mut SockState, state: u8) {
-    if st.transitions as u32 >= STATE_PATH_MAX {
-        st.flags |= flags::PATH_TRUNCATED;
-    } else {
-        st.transitions += 1;
-    }
-    st.state_path = (st.state_path << 4) | (state as u64 & 0xf);
 }
 
 #[inline(always)]
@@ -428,7 +425,11 @@ fn on_listener_close(sk: u64, fields: &impl Fields) {
 }
 
 fn on_close<C: Fields>(sk: u64, old: u8, at_close: impl FnOnce() -> Option<C>) {
-    let tracked = SOCKS.get_ptr(sk);
+    let tracked = SOCKS.get_ptr_mut(sk);
+    if let Some(st) = tracked {
+        unsafe { (*st).catch_up(old) };
+    }
+    let tracked = tracked.map(|st| st as *const SockState);
     let _ = emit(sk, old, tracked, false, at_close);
     if tracked.is_some() {
         let _ = SOCKS.remove(sk);
@@ -461,8 +462,13 @@ pub fn flowlog_snapshot(ctx: *mut core::ffi::c_void) -> u32 {
     if EVENTS.query(BPF_RB_AVAIL_DATA) * 2 > EVENTS.query(BPF_RB_RING_SIZE) {
         return snapshot::BUSY;
     }
-    let current = (unsafe { (*st).state_path } & 0xf) as u8;
-    if emit(sk, current, Some(st), true, || copy_socket(sk, SLOT_SNAPSHOT)) {
+    // The path up to the state the socket is in (transitions skipped since
+    // the last one recorded filled in), on a copy: the entry is the
+    // tracepoint program's, which may be running on another CPU.
+    let mut so_far = unsafe { *st };
+    let state: u8 = read(sk, off!(skc_state));
+    let current = if so_far.catch_up(state) { state } else { so_far.last_state() };
+    if emit(sk, current, Some(&so_far as *const SockState), true, || copy_socket(sk, SLOT_SNAPSHOT)) {
         snapshot::SENT
     } else {
         snapshot::BUSY

@@ -242,6 +242,7 @@ pub fn resolve(layout: &Layout, tp_format: Option<&str>) -> Result<KernelOffsets
         skc_v6_daddr: sock("__sk_common.skc_v6_daddr")?,
         skc_v6_rcv_saddr: sock("__sk_common.skc_v6_rcv_saddr")?,
         skc_net: sock("__sk_common.skc_net")?,
+        skc_state: sock("__sk_common.skc_state")?,
         sk_protocol: protocol.offset,
         sk_protocol_u16: u32::from(protocol.size == 2),
         sk_err: sock("sk_err")?,
@@ -279,7 +280,7 @@ pub fn resolve(layout: &Layout, tp_format: Option<&str>) -> Result<KernelOffsets
     }
     let socket_fields = [
         o.skc_family + 2, o.skc_daddr + 4, o.skc_rcv_saddr + 4, o.skc_dport + 2, o.skc_v6_daddr + 16,
-        o.skc_v6_rcv_saddr + 16, o.skc_net + 8, o.sk_protocol + 2, o.sk_err + 4, o.sk_flags + 8,
+        o.skc_v6_rcv_saddr + 16, o.skc_net + 8, o.skc_state + 1, o.sk_protocol + 2, o.sk_err + 4, o.sk_flags + 8,
         o.inet_sport + 2, o.bytes_acked + 8, o.bytes_received + 8, o.segs_in + 4, o.segs_out + 4,
         o.total_retrans + 4, o.srtt_us + 4, o.rtt_min + 4, o.snd_una + 4, o.write_seq + 4,
         o.chrono_start + 4, o.chrono_stat + 12, o.chrono_type_byte + 1, o.rate_delivered + 4,

@@ -467,6 +467,16 @@ fn long_lived_connections_get_exact_interim_records() {
             assert_eq!(interim[0]["bytes_sent"], 1_000);
         }
         assert_eq!(finals[0]["end_reason"], "normal");
+        // Every state, including those the program does not look the socket
+        // up for (filled in by the snapshot and at close).
+        let path = |r: &Value| r["state_path"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect::<Vec<_>>();
+        let (open, closed) = if local == cp {
+            (vec!["CLOSE", "SYN_SENT", "ESTABLISHED"], vec!["CLOSE", "SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"])
+        } else {
+            (vec!["LISTEN", "SYN_RECV", "ESTABLISHED"], vec!["LISTEN", "SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"])
+        };
+        assert_eq!(path(interim[0]), open, "{:#}", interim[0]);
+        assert_eq!(path(finals[0]), closed, "{:#}", finals[0]);
     }
     // Still open at SIGTERM: interim records only, with what was exchanged.
     let open_recs = by_ports(&records, cp2, sp2);
