@@ -237,6 +237,9 @@ pub fn flowlog_tp_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
+    if skipped(old as u8, new as u8) {
+        return 0;
+    }
     // NULL unless a full TCP socket: the protocol filter and the typed
     // pointer the fields are read through, in one cheap helper call.
     let tcp = unsafe { gen::bpf_skc_to_tcp_sock(sk as *mut c_void) } as u64;
@@ -253,6 +256,9 @@ pub fn flowlog_tracepoint(ctx: TracePointContext) -> i32 {
     let Ok(sk) = (unsafe { ctx.read_at::<u64>(off!(tp_skaddr)) }) else { return 0 };
     let Ok(old) = (unsafe { ctx.read_at::<i32>(off!(tp_oldstate)) }) else { return 0 };
     let Ok(new) = (unsafe { ctx.read_at::<i32>(off!(tp_newstate)) }) else { return 0 };
+    if skipped(old as u8, new as u8) {
+        return 0;
+    }
     let Ok(protocol) = (unsafe { ctx.read_at::<u16>(off!(tp_protocol)) }) else { return 0 };
     if protocol != IPPROTO_TCP {
         return 0;
@@ -261,7 +267,16 @@ pub fn flowlog_tracepoint(ctx: TracePointContext) -> i32 {
     0
 }
 
-/// The state machine shared by both entry points, for TCP sockets only.
+/// A transition with nothing to look up (for any protocol): the socket's
+/// next transition, its close or a snapshot fills it into the path
+/// ([`SockState::catch_up`]). Checked first, before even the protocol.
+#[inline(always)]
+fn skipped(old: u8, new: u8) -> bool {
+    skipped_from(old) == Some(new)
+}
+
+/// The state machine shared by both entry points, for TCP sockets only
+/// (the transitions [`skipped`] left out).
 /// `fields` reads a few socket fields; `at_close` makes all of them readable.
 #[inline(always)]
 fn on_transition<F: Fields, C: Fields>(sk: u64, old: u8, new: u8, fields: &F, at_close: impl FnOnce() -> Option<C>) {
@@ -276,11 +291,6 @@ fn on_transition<F: Fields, C: Fields>(sk: u64, old: u8, new: u8, fields: &F, at
     }
     if new == tcp_state::CLOSE {
         on_close(sk, old, at_close);
-        return;
-    }
-    // Nothing to look up: the socket's next transition or its close fills
-    // this one into the path (SockState::catch_up).
-    if skipped_from(old) == Some(new) {
         return;
     }
     // An open starts a socket's life: there is nothing to look up first
