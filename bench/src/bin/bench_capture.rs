@@ -298,7 +298,10 @@ fn main() -> anyhow::Result<()> {
         targets: serde_json::json!({
             "kernel_ns_per_flow_max": 1200,
             "sidecar_user_ns_per_flow_max": 300,
-            "workload_resolution_user_cpu_ratio_max": 1.05,
+            // On exact on-CPU time: user CPU comes in 10 ms ticks, and an
+            // arm's sidecar runs for ~30 ms, so its ratio moves by 10-20 %
+            // between runs of the same binary.
+            "workload_resolution_cpu_ratio_max": 1.05,
             "rate_ratio_min": 0.97,
             "drops": 0,
             "sidecar_peak_rss_mb_max": 40
@@ -325,11 +328,11 @@ fn main() -> anyhow::Result<()> {
     println!("  kernel ns per transition        {:>9.0}", report.kernel_ns_per_transition);
     println!("  sidecar user ns per flow        {:>9.0}  (target <= 300)", report.sidecar_user_ns_per_flow);
     println!(
-        "  ... workload resolution off     {:>9.0}  (on / off {:.3}, target <= 1.05)",
+        "  ... workload resolution off     {:>9.0}  (on / off {:.3}, in 10 ms ticks)",
         report.sidecar_user_ns_per_flow_resolution_off, report.workload_resolution_user_cpu_ratio
     );
     println!(
-        "  sidecar CPU ns per flow, exact  {:>9.0}  (resolution off {:.0}, on / off {:.3})",
+        "  sidecar CPU ns per flow, exact  {:>9.0}  (resolution off {:.0}, on / off {:.3}; target <= 1.05)",
         report.sidecar_cpu_ns_per_flow, report.sidecar_cpu_ns_per_flow_resolution_off, report.workload_resolution_cpu_ratio
     );
     println!(
