@@ -60,7 +60,7 @@ const SORT_COLUMNS: [&str; 2] = ["local.workload", "remote.workload"];
 /// Columns with a new value in (nearly) every flow: a dictionary would only
 /// cost time to build and be dropped when it overflows, so they are written
 /// plain; the ids and times, which rise within a workload pair, delta-encoded.
-const PER_FLOW_COLUMNS: [(&str, Encoding); 7] = [
+const PER_FLOW_COLUMNS: [(&str, Encoding); 9] = [
     ("flow_id", Encoding::PLAIN),
     ("sequence", Encoding::DELTA_BINARY_PACKED),
     ("connection_id", Encoding::DELTA_BINARY_PACKED),
@@ -68,6 +68,8 @@ const PER_FLOW_COLUMNS: [(&str, Encoding); 7] = [
     ("end_time_ns", Encoding::DELTA_BINARY_PACKED),
     ("bytes_sent", Encoding::PLAIN),
     ("bytes_received", Encoding::PLAIN),
+    ("limits.busy_us", Encoding::PLAIN),
+    ("limits.delivery_rate_bytes_per_s", Encoding::PLAIN),
 ];
 
 /// Rows filled into one Arrow batch before it goes to the writer (bounds
@@ -129,7 +131,8 @@ fn properties(opts: &ParquetOptions) -> anyhow::Result<WriterProperties> {
         .set_max_row_group_row_count(Some(opts.row_group_rows.max(1)))
         .set_sorting_columns(Some(sorting));
     for (name, encoding) in PER_FLOW_COLUMNS {
-        let column = ColumnPath::from(name);
+        // A nested column's path has one part per level.
+        let column = ColumnPath::new(name.split('.').map(String::from).collect());
         props = props.set_column_dictionary_enabled(column.clone(), false).set_column_encoding(column, encoding);
     }
     Ok(props.build())
