@@ -212,7 +212,11 @@ fn main() -> anyhow::Result<()> {
     let closed = conns.close_every(2, usize::MAX)?;
     let dropped = || sidecar::scrape(&metrics, "flowlog_sidecar_flows_dropped_total{reason=\"ringbuf_full\"}") as u64;
     let finals = || seen.lock().unwrap().totals.final_records;
-    wait("the closed connections' final records (or their drops)", &|| finals() + dropped() >= 2 * closed as u64)?;
+    if let Err(e) = wait("the closed connections' final records (or their drops)", &|| finals() + dropped() >= 2 * closed as u64) {
+        // Say how far it got, and what the sidecar counted, before giving up.
+        let stats = sc.stop().unwrap_or_default();
+        bail!("{e}: {} of {} finals read, {} dropped; sidecar stats {stats}", finals(), 2 * closed, dropped());
+    }
     let churn = churn.join().map_err(|_| anyhow::anyhow!("the churn panicked"))??;
     eprintln!("churn: {:.0} connections/s ({} errors)", churn.connections_per_sec, churn.errors);
     let u1 = Usage::of(pid)?;
