@@ -238,14 +238,15 @@ fn main() -> anyhow::Result<()> {
     let cpu_s = sum_f(&on, |x| x.sidecar_user_s + x.sidecar_sys_s);
     let rate_without = median(rounds.iter().map(|r| r.without.unwrap().connections_per_sec).collect());
     let rate_with = median(on.iter().map(|x| x.load.unwrap().connections_per_sec).collect());
-    let ratios: Vec<f64> = rounds
-        .iter()
-        .map(|r| r.with.load.unwrap().connections_per_sec / r.without.unwrap().connections_per_sec)
-        .collect();
-    let ratios_with_stats: Vec<f64> = rounds
-        .iter()
-        .map(|r| r.kernel.load.unwrap().connections_per_sec / r.without.unwrap().connections_per_sec)
-        .collect();
+    // Each round's rate of one arm over the rate without the sidecar.
+    let ratios_of = |arm: fn(&Round) -> &Arm| -> Vec<f64> {
+        rounds
+            .iter()
+            .map(|r| arm(r).load.unwrap().connections_per_sec / r.without.unwrap().connections_per_sec)
+            .collect()
+    };
+    let ratios = ratios_of(|r| &r.with);
+    let ratios_with_stats = ratios_of(|r| &r.kernel);
     let avg_rate = conns as f64 / secs;
     let transitions_per_flow =
         sum_u(&kernel, |x| x.prog_run_count) as f64 / sum_u(&kernel, |x| x.flows).max(1) as f64;
@@ -256,13 +257,14 @@ fn main() -> anyhow::Result<()> {
     let report = Report {
         benchmark: "capture",
         load: format!(
-            "loopback, {} client / {} server threads, {} B request, {} B reply, {} x {} s rounds of 5 runs{}",
+            "loopback, {} client / {} server threads, {} B request, {} B reply, {} x {} s rounds of {} runs{}",
             a.clients,
             a.servers,
             spec.request_bytes,
             spec.response_bytes,
             a.rounds,
             a.seconds,
+            arms.iter().map(|runs| runs.len()).sum::<usize>(),
             if a.pod_cgroup { ", in a kubelet-style pod cgroup" } else { "" }
         ),
         rate_without_per_s: rate_without,
