@@ -76,6 +76,7 @@ static FLOWLOG_OFFSETS: KernelOffsets = KernelOffsets {
     total_rto_recoveries: 0,
     total_rto_time: 0,
     net_ns_inum: 0,
+    task_comm: 0,
     sock_done_bit: 0,
     sk_protocol_u16: 0,
     tp_skaddr: 0,
@@ -160,6 +161,12 @@ trait Fields {
     fn get<T: Copy + Default>(&self, offset: usize) -> T;
     /// A u32 behind a pointer read from the socket (net.ns.inum).
     fn deref_u32(&self, ptr: u64, offset: usize) -> u32;
+    /// The current task's comm, written in place (NUL-padded).
+    #[inline(always)]
+    fn current_comm(&self, dst: &mut [u8; COMM_LEN]) {
+        // The helper NUL-pads it, and zeroes it on failure.
+        unsafe { gen::bpf_get_current_comm(dst.as_mut_ptr() as *mut c_void, COMM_LEN as u32) };
+    }
 }
 
 /// tp_btf: the `struct tcp_sock *` bpf_skc_to_tcp_sock returned. Its fields
@@ -178,6 +185,19 @@ impl Fields for Typed {
     #[inline(always)]
     fn deref_u32(&self, ptr: u64, offset: usize) -> u32 {
         unsafe { core::ptr::read((ptr as usize + offset) as *const u32) }
+    }
+
+    /// Two loads from the typed current task: the helper's string copy
+    /// (strscpy and a memset) cost about 120 ns. The kernel keeps comm
+    /// NUL-terminated and pads it with NULs when it sets it; user space
+    /// reads up to the first NUL either way.
+    #[inline(always)]
+    fn current_comm(&self, dst: &mut [u8; COMM_LEN]) {
+        let task = unsafe { gen::bpf_get_current_task_btf() } as usize + off!(task_comm);
+        // SAFETY: a trusted task pointer (BTF); the verifier checks both
+        // loads against task_struct.comm.
+        let w = unsafe { [core::ptr::read(task as *const u64), core::ptr::read((task + 8) as *const u64)] };
+        set_words(dst, w);
     }
 }
 
@@ -241,13 +261,13 @@ pub fn flowlog_tp_btf(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     // NULL unless a full TCP socket: the protocol filter and the typed
-    // pointer the fields are read through, in one cheap helper call.
-    let tcp = unsafe { gen::bpf_skc_to_tcp_sock(sk as *mut c_void) } as u64;
-    if tcp == 0 {
-        return 0;
-    }
-    let fields = Typed(tcp);
-    on_transition(sk, old as u8, new as u8, &fields, || Some(fields));
+    // pointer the fields are read through, in one helper call, made only
+    // where a transition needs either.
+    let tcp = || match unsafe { gen::bpf_skc_to_tcp_sock(sk as *mut c_void) } as u64 {
+        0 => None,
+        tcp => Some(Typed(tcp)),
+    };
+    on_transition(sk, old as u8, new as u8, tcp, |f: &Typed| Some(*f));
     0
 }
 
@@ -259,11 +279,11 @@ pub fn flowlog_tracepoint(ctx: TracePointContext) -> i32 {
     if skipped(old as u8, new as u8) {
         return 0;
     }
-    let Ok(protocol) = (unsafe { ctx.read_at::<u16>(off!(tp_protocol)) }) else { return 0 };
-    if protocol != IPPROTO_TCP {
-        return 0;
-    }
-    on_transition(sk, old as u8, new as u8, &Probed(sk), || copy_socket(sk, SLOT_CLOSE));
+    let tcp = || match unsafe { ctx.read_at::<u16>(off!(tp_protocol)) } {
+        Ok(IPPROTO_TCP) => Some(Probed(sk)),
+        _ => None,
+    };
+    on_transition(sk, old as u8, new as u8, tcp, |_: &Probed| copy_socket(sk, SLOT_CLOSE));
     0
 }
 
@@ -275,29 +295,26 @@ fn skipped(old: u8, new: u8) -> bool {
     skipped_from(old) == Some(new)
 }
 
-/// The state machine shared by both entry points, for TCP sockets only
-/// (the transitions [`skipped`] left out).
-/// `fields` reads a few socket fields; `at_close` makes all of them readable.
+/// The state machine shared by both entry points, for the transitions
+/// [`skipped`] left out. `tcp` is None unless the socket is a full TCP
+/// socket, and then reads a few of its fields; `at_close` makes all of them
+/// readable.
 #[inline(always)]
-fn on_transition<F: Fields, C: Fields>(sk: u64, old: u8, new: u8, fields: &F, at_close: impl FnOnce() -> Option<C>) {
-    if new == tcp_state::LISTEN {
-        on_listen(sk, fields);
-        return;
-    }
-    if old == tcp_state::LISTEN && new == tcp_state::CLOSE {
-        // Removes only an entry this very socket registered.
-        on_listener_close(sk, fields);
-        return;
-    }
-    if new == tcp_state::CLOSE {
-        on_close(sk, old, at_close);
-        return;
-    }
+fn on_transition<F: Fields, C: Fields>(
+    sk: u64,
+    old: u8,
+    new: u8,
+    tcp: impl FnOnce() -> Option<F>,
+    at_close: impl FnOnce(&F) -> Option<C>,
+) {
     // An open starts a socket's life: there is nothing to look up first
     // (and the insert below searches the bucket anyway).
     let opens = (old == tcp_state::CLOSE && new == tcp_state::SYN_SENT)
         || (old == tcp_state::LISTEN && new == tcp_state::SYN_RECV);
-    if !opens {
+    // A transition in mid-life is looked up before the socket's protocol is
+    // checked: only TCP sockets have entries, and no other socket can have
+    // this one's address while it lives.
+    if !opens && new != tcp_state::LISTEN && new != tcp_state::CLOSE {
         if let Some(st) = SOCKS.get_ptr_mut(sk) {
             let st = unsafe { &mut *st };
             st.catch_up(old);
@@ -308,11 +325,27 @@ fn on_transition<F: Fields, C: Fields>(sk: u64, old: u8, new: u8, fields: &F, at
                 && ((old == tcp_state::ESTABLISHED && new == tcp_state::FIN_WAIT1)
                     || (old == tcp_state::CLOSE_WAIT && new == tcp_state::LAST_ACK))
             {
-                set_current_owner(st);
-                st.flags |= flags::OWNER_AT_CLOSE;
+                if let Some(f) = tcp() {
+                    set_current_owner(st, &f);
+                    st.flags |= flags::OWNER_AT_CLOSE;
+                }
             }
             return;
         }
+    }
+    let Some(fields) = tcp() else { return };
+    if new == tcp_state::LISTEN {
+        on_listen(sk, &fields);
+        return;
+    }
+    if old == tcp_state::LISTEN && new == tcp_state::CLOSE {
+        // Removes only an entry this very socket registered.
+        on_listener_close(sk, &fields);
+        return;
+    }
+    if new == tcp_state::CLOSE {
+        on_close(sk, old, || at_close(&fields));
+        return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let mut st = SockState {
@@ -332,14 +365,14 @@ fn on_transition<F: Fields, C: Fields>(sk: u64, old: u8, new: u8, fields: &F, at
         st.start_ns = now;
         st.direction = direction::CLIENT;
         st.flags = flags::OPEN_SEEN | flags::OWNER_AT_OPEN;
-        set_current_owner(&mut st);
+        set_current_owner(&mut st, &fields);
     } else if old == tcp_state::LISTEN && new == tcp_state::SYN_RECV {
         // A child socket born in softirq: the current task is whoever the
         // packet interrupted. Name the listener's owner instead.
         st.start_ns = now;
         st.direction = direction::SERVER;
         st.flags = flags::OPEN_SEEN;
-        let key = listen_key(fields);
+        let key = listen_key(&fields);
         if let Some(owner) = unsafe { LISTENERS.get(&key) } {
             st.tgid = owner.tgid;
             st.tid = owner.tid;
@@ -351,7 +384,7 @@ fn on_transition<F: Fields, C: Fields>(sk: u64, old: u8, new: u8, fields: &F, at
         // A connection open before the sidecar, first seen as its owner
         // closes it (ESTABLISHED -> CLOSE_WAIT is skipped): the closer, in
         // process context, is the best owner we can name, as above.
-        set_current_owner(&mut st);
+        set_current_owner(&mut st, &fields);
         st.flags = flags::OWNER_AT_CLOSE;
     }
     st.push_state(old);
@@ -364,19 +397,12 @@ fn on_transition<F: Fields, C: Fields>(sk: u64, old: u8, new: u8, fields: &F, at
 }
 
 #[inline(always)]
-fn set_current_owner(st: &mut SockState) {
+fn set_current_owner(st: &mut SockState, fields: &impl Fields) {
     let pid_tgid = bpf_get_current_pid_tgid();
     st.tgid = (pid_tgid >> 32) as u32;
     st.tid = pid_tgid as u32;
-    current_comm(&mut st.comm);
+    fields.current_comm(&mut st.comm);
     st.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-}
-
-/// The current task's comm, written in place (the helper NUL-pads it, and
-/// zeroes it on failure).
-#[inline(always)]
-fn current_comm(dst: &mut [u8; COMM_LEN]) {
-    unsafe { gen::bpf_get_current_comm(dst.as_mut_ptr() as *mut c_void, COMM_LEN as u32) };
 }
 
 /// A 16-byte field (comm, address) as two words. `[u8; 16]` has alignment
@@ -417,7 +443,7 @@ fn on_listen(sk: u64, fields: &impl Fields) {
         tid: pid_tgid as u32,
         comm: [0; COMM_LEN],
     };
-    current_comm(&mut owner.comm);
+    fields.current_comm(&mut owner.comm);
     if LISTENERS.insert(key, owner, 0).is_err() {
         count(stat::LISTEN_MAP_FULL);
     }

@@ -269,6 +269,10 @@ pub fn resolve(layout: &Layout, tp_format: Option<&str>) -> Result<KernelOffsets
         reordering: tcp_sized("reordering", 4)?,
         reord_seen: tcp_sized("reord_seen", 4)?,
         net_ns_inum: layout.member("net", "ns.inum")?.offset,
+        task_comm: match layout.member("task_struct", "comm")? {
+            f if f.size == flowlog_common::COMM_LEN as u32 => f.offset,
+            f => return Err(OffsetError::NoMember { strukt: "task_struct".into(), member: format!("comm of 16 bytes (found {})", f.size) }),
+        },
         sock_done_bit: layout.enumerator("sock_flags", "SOCK_DONE")?,
         ..Default::default()
     };
@@ -500,6 +504,9 @@ format:
         assert_eq!(layout.member("sock", "__sk_common.skc_dport").unwrap().size, 2);
         assert_eq!(layout.member("tcp_sock", "bytes_acked").unwrap().size, 8);
         assert_eq!(o.sock_done_bit, 1);
+        // The current task's name: task_struct.comm, 16 bytes.
+        assert!(o.task_comm > 0);
+        assert_eq!(layout.member("task_struct", "comm").unwrap().size, 16);
         // The limits: chrono_stat follows chrono_start; chrono_type is 2 bits.
         assert_eq!(o.chrono_stat, o.chrono_start + 4);
         assert!(matches!(layout.bits("tcp_sock", "chrono_type").unwrap().1, 2 | 8));
