@@ -79,3 +79,19 @@ impl Running {
 pub fn scrape(addr: &str, series: &str) -> f64 {
     testkit::scrape(addr).map_or(0.0, |body| testkit::sample(&body, series))
 }
+
+/// Nanoseconds all of `pid`'s threads have run on a CPU, user and system
+/// together, from each thread's /proc/PID/task/TID/schedstat: exact, where
+/// utime and stime count 10 ms ticks. (/proc/PID/schedstat alone is the
+/// main thread's.) A thread that has exited is not counted: the sidecar's
+/// threads live as long as it does.
+pub fn on_cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = task?.path().join("schedstat");
+        // A thread may exit between the listing and the read.
+        let Ok(s) = std::fs::read_to_string(&path) else { continue };
+        total += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).with_context(|| format!("{}: {s:?}", path.display()))?;
+    }
+    Ok(total)
+}

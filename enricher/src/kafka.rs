@@ -17,10 +17,11 @@ use std::{
 use rdkafka::{
     error::KafkaError,
     message::{Headers, Message as _, OwnedHeaders},
-    producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer},
+    producer::{BaseProducer, BaseRecord, DeliveryResult, ProducerContext},
     types::RDKafkaErrorCode,
     ClientConfig, ClientContext,
 };
+use flowlog_runtime::producer::PolledProducer;
 use tracing::warn;
 
 use crate::config::Config;
@@ -128,7 +129,7 @@ pub struct Outgoing<'a> {
 
 /// An idempotent producer (shared by the dead-letter and enriched topics).
 #[derive(Clone)]
-pub struct Producer(Arc<ThreadedProducer<Deliveries>>);
+pub struct Producer(Arc<PolledProducer<Deliveries>>);
 
 impl Producer {
     pub fn new(cfg: &Config) -> anyhow::Result<Producer> {
@@ -136,13 +137,13 @@ impl Producer {
             .set("enable.idempotence", "true")
             .set("linger.ms", "20")
             .set("compression.type", "lz4")
-            .create_with_context(Deliveries)?;
-        Ok(Producer(Arc::new(p)))
+            .create_with_context::<_, BaseProducer<Deliveries>>(Deliveries)?;
+        Ok(Producer(Arc::new(PolledProducer::new(p, "kafka-reports")?)))
     }
 
     /// Queues one record, tracked by `tracker`. While the local queue is
     /// full (a flood, or the broker away) it backs off and tries again, for
-    /// up to [`DELIVERY_TIMEOUT`] (the producer's own thread keeps polling,
+    /// up to [`DELIVERY_TIMEOUT`] (the producer's report thread keeps polling,
     /// which makes room).
     pub fn send(&self, out: Outgoing<'_>, tracker: &Arc<Tracker>) -> Result<(), SendError> {
         let mut rec = BaseRecord::with_opaque_to(out.topic, tracker.clone());

@@ -351,11 +351,11 @@ fn main() -> anyhow::Result<()> {
 fn measure_with(a: &Args, spec: LoadSpec, r: &mut Arm, resolve: bool) -> anyhow::Result<()> {
     let sc = sidecar::start(&a.sidecar, &["--output", "null", "--workload-resolve", if resolve { "true" } else { "false" }])?;
     let pid = sc.pid;
-    let (u0, n0) = (Usage::of(pid)?, run_ns(pid)?);
+    let (u0, n0) = (Usage::of(pid)?, sidecar::on_cpu_ns(pid)?);
     r.load = Some(loadgen::run(spec)?);
     // Let the last drain happen, then read CPU and memory before stopping.
     std::thread::sleep(Duration::from_millis(200));
-    let (u1, n1) = (Usage::of(pid)?, run_ns(pid)?);
+    let (u1, n1) = (Usage::of(pid)?, sidecar::on_cpu_ns(pid)?);
     r.sidecar_user_s = u1.user_seconds - u0.user_seconds;
     r.sidecar_sys_s = u1.system_seconds - u0.system_seconds;
     r.sidecar_run_ns = n1 - n0;
@@ -386,13 +386,6 @@ fn measure_floor(spec: LoadSpec) -> anyhow::Result<Floor> {
     let load = loadgen::run(spec)?;
     let info = prog.info()?;
     Ok(Floor { load: Some(load), prog_run_time_ns: info.run_time().as_nanos() as u64, prog_run_count: info.run_count() })
-}
-
-/// Nanoseconds `pid` has run on a CPU, user and system together
-/// (/proc/PID/schedstat: exact, where utime and stime count 10 ms ticks).
-fn run_ns(pid: u32) -> anyhow::Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))?;
-    s.split_whitespace().next().and_then(|v| v.parse().ok()).with_context(|| format!("/proc/{pid}/schedstat: {s:?}"))
 }
 
 /// This process in a cgroup named as kubelet (systemd driver) names a

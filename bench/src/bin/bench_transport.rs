@@ -5,8 +5,9 @@
 //! CPU per flow including Avro encoding and producing, peak RSS with default
 //! queue bounds, and the latency from a connection's close (its end_time_ns)
 //! to the record being readable from the broker (a consumer polling the topic
-//! during the run; an upper bound of close -> in broker). Writes
-//! bench/results/transport.json.
+//! during the run; an upper bound of close -> in broker); and, before the
+//! load, the sidecar's CPU at rest (all its threads, exact on-CPU time).
+//! Writes bench/results/transport.json.
 //!
 //! `--sweep`: the same run for each producer setting of [`VARIANTS`]
 //! (compression, linger), in alternating rounds, each with a broker of its
@@ -43,6 +44,10 @@ struct Args {
     clients: usize,
     #[arg(long, default_value_t = 4)]
     servers: usize,
+    /// Seconds the sidecar's CPU is measured at rest, connected to the
+    /// broker, before the load starts.
+    #[arg(long, default_value_t = 5.0)]
+    idle_seconds: f64,
     /// Runs of the default settings, each with a broker of its own; the
     /// report is the median run by user CPU per flow (a single run here
     /// ranged 534-667 ns for one binary), with every run's figure.
@@ -188,6 +193,13 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path, config: Option<&str>) ->
           spool.to_str().unwrap(), "--host-id", "bench", "--metrics-listen", &metrics],
     )?;
     let pid = sc.pid;
+    // At rest: no connections but the broker's; the figure is the cost of
+    // the sidecar's own timers and threads.
+    // Measured for the default settings only (not per sweep variant).
+    let idle_seconds = if config.is_none() { a.idle_seconds } else { 0.0 };
+    let idle0 = sidecar::on_cpu_ns(pid)?;
+    std::thread::sleep(Duration::from_secs_f64(idle_seconds));
+    let idle_ms_per_s = (sidecar::on_cpu_ns(pid)? - idle0) as f64 / 1e6 / idle_seconds.max(1e-9);
     let u0 = Usage::of(pid)?;
     let load = loadgen::run(LoadSpec {
         client_threads: a.clients,
@@ -239,6 +251,7 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path, config: Option<&str>) ->
         "sidecar_user_ns_per_flow": user * 1e9 / flows.max(1) as f64,
         "sidecar_cpu_ns_per_flow": (user + sys) * 1e9 / flows.max(1) as f64,
         "sidecar_peak_rss_mb": rss as f64 / 1048576.0,
+        "sidecar_idle_cpu_ms_per_s": idle_ms_per_s,
         "close_to_readable_ms_p50": pct(&lat, 0.5),
         "close_to_readable_ms_p99": pct(&lat, 0.99),
         "latency_samples": lat.len(),
@@ -250,6 +263,7 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path, config: Option<&str>) ->
     println!("  sidecar user ns per flow       {:>10.0}  (target <= 600)", report["sidecar_user_ns_per_flow"].as_f64().unwrap());
     println!("  sidecar user+sys ns per flow   {:>10.0}", report["sidecar_cpu_ns_per_flow"].as_f64().unwrap());
     println!("  sidecar peak RSS MB            {:>10.1}  (target <= 48)", report["sidecar_peak_rss_mb"].as_f64().unwrap());
+    println!("  sidecar CPU at rest ms/s       {idle_ms_per_s:>10.2}  ({:.2}% of one core)", idle_ms_per_s / 10.0);
     println!("  close -> readable p50 / p99 ms {:>7.1} / {:.1}  (target p99 <= 250)", pct(&lat, 0.5), pct(&lat, 0.99));
     Ok(report)
 }

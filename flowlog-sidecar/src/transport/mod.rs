@@ -34,11 +34,12 @@ use metrics::{counter, gauge, histogram};
 use tokio::sync::watch;
 use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
-    producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer},
+    producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig},
     ClientContext, Message,
 };
 use tracing::{info, warn};
 
+use flowlog_runtime::producer::PolledProducer;
 use flowlog_schema::{records_in, BatchWriter, Flow, HostIdentity, Identity, IdentityReason};
 
 use crate::{
@@ -361,7 +362,7 @@ const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// Where flow messages go: the producer, or the spool while anything older
 /// waits there or the broker is away.
 struct FlowOut {
-    producer: Arc<ThreadedProducer<Ctx>>,
+    producer: Arc<PolledProducer<Ctx>>,
     shared: Arc<Shared>,
     topic: String,
     key: String,
@@ -426,13 +427,13 @@ impl KafkaSink {
             logged: Mutex::new(HashMap::new()),
         });
         shared.with_spool(|_| ());
-        let producer: ThreadedProducer<Ctx> = cfg.client_config()?.create_with_context(Ctx {
+        let producer: BaseProducer<Ctx> = cfg.client_config()?.create_with_context(Ctx {
             shared: shared.clone(),
             delivered: counter!(m::FLOWS_DELIVERED),
             latency: histogram!(m::DELIVERY_LATENCY),
             broker_up: gauge!(m::BROKER_UP),
         })?;
-        let producer = Arc::new(producer);
+        let producer = Arc::new(PolledProducer::new(producer, "kafka-reports")?);
         let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i64;
         let replayer = Replayer {
             producer: producer.clone(),
@@ -606,7 +607,7 @@ impl Sink for KafkaSink {
 /// The replay thread: sends the spool back, oldest segment first, whenever
 /// the broker answers; also the spool's fsync timer.
 struct Replayer {
-    producer: Arc<ThreadedProducer<Ctx>>,
+    producer: Arc<PolledProducer<Ctx>>,
     shared: Arc<Shared>,
     topic: String,
     key: String,
