@@ -12,6 +12,7 @@ use std::{
 
 use aya::{
     maps::{MapData, MapError, PerCpuArray, Queue, RingBuf},
+    programs::ProgramFd,
     Ebpf,
 };
 use flowlog_common::{stat, FlowEvent, EVENTS_MAP, FLOW_EVENT_SIZE, PARKED_MAP, STATS_MAP};
@@ -25,6 +26,7 @@ use crate::{
     carry::Carry,
     flow::{flow_from_event, Clock},
     loader::Attached,
+    program_stats::ProgramStats,
     metrics as m,
     sink::{Sink, Tick},
     snapshot::{Pass, Passes},
@@ -72,6 +74,9 @@ pub struct FinalStats {
     /// From the kernel's program stats (only when kernel.bpf_stats_enabled=1).
     pub program_run_time_ns: u64,
     pub program_run_count: u64,
+    /// Runs the kernel skipped: the program was already running on that
+    /// CPU (always counted; see [`crate::program_stats`]).
+    pub program_recursion_misses: u64,
     /// Local workload resolution (null when `workload.resolve = false`).
     pub workload: Option<workload::StatsReport>,
     /// Flows dropped as outside the capture scope (`[scope]`).
@@ -97,8 +102,8 @@ pub struct Capture {
     /// The drain's records, kept between drains: growing it afresh each
     /// time copied every record once more (a Flow is ~300 bytes).
     pending: Vec<Flow>,
-    /// Kernel id of the attached program, for its run-time statistics.
-    pub prog_id: Option<u32>,
+    /// The attached program, for the kernel's counters of it.
+    pub program: Option<ProgramFd>,
     /// The workloads' IPs: each change is announced at once (Kafka only).
     pub workload_ips: Option<watch::Receiver<Listing>>,
     /// Where `reported` survives a restart (see [`crate::carry`]).
@@ -124,7 +129,7 @@ impl Capture {
             last_reported: KernelCounters::default(),
             reported: FastMap::default(),
             pending: Vec::new(),
-            prog_id: None,
+            program: None,
             workload_ips: None,
             carry: None,
         })
@@ -277,13 +282,11 @@ impl Capture {
         metrics::counter!(m::FLOWS_PARKED).absolute(now.parked);
         m::record_process();
         m::record_workloads(&self.workloads);
-        // BPF run time/count (non-zero only with kernel.bpf_stats_enabled=1).
-        if let Some(id) = self.prog_id {
-            if let Some(info) = aya::programs::loaded_programs().filter_map(Result::ok).find(|p| p.id() == id) {
-                metrics::gauge!(m::BPF_RUN_TIME).set(info.run_time().as_secs_f64());
-                metrics::counter!(m::BPF_RUN_COUNT).absolute(info.run_count());
-            }
-        }
+        // Run time/count non-zero only with kernel.bpf_stats_enabled=1.
+        let p = self.program_stats();
+        metrics::gauge!(m::BPF_RUN_TIME).set(p.run_time_ns as f64 / 1e9);
+        metrics::counter!(m::BPF_RUN_COUNT).absolute(p.run_count);
+        metrics::counter!(m::BPF_RECURSION_MISSES).absolute(p.recursion_misses);
         self.sink.tick(Tick::Stats);
         self.last_reported = now;
     }
@@ -427,12 +430,13 @@ impl Capture {
         self.sink
     }
 
-    pub fn final_stats(&self, ebpf: &Ebpf, attached: Attached) -> FinalStats {
-        let (run_time, run_count) = ebpf
-            .program(attached.program_name())
-            .and_then(|p| p.info().ok())
-            .map(|i| (i.run_time().as_nanos() as u64, i.run_count()))
-            .unwrap_or((0, 0));
+    /// The kernel's counters of the attached program (zeros if unreadable).
+    fn program_stats(&self) -> ProgramStats {
+        self.program.as_ref().and_then(|fd| ProgramStats::read(fd).ok()).unwrap_or_default()
+    }
+
+    pub fn final_stats(&self, attached: Attached) -> FinalStats {
+        let program = self.program_stats();
         FinalStats {
             attach: match attached {
                 Attached::TpBtf => "tp_btf",
@@ -440,8 +444,9 @@ impl Capture {
             },
             kernel: self.kernel_counters(),
             user: self.user,
-            program_run_time_ns: run_time,
-            program_run_count: run_count,
+            program_run_time_ns: program.run_time_ns,
+            program_run_count: program.run_count,
+            program_recursion_misses: program.recursion_misses,
             workload: self.workloads.enabled().then(|| self.workloads.report()),
             out_of_scope: self.workloads.stats().out_of_scope,
         }

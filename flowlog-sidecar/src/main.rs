@@ -11,6 +11,7 @@ mod loader;
 mod metrics;
 mod offsets;
 mod output;
+mod program_stats;
 mod sink;
 mod snapshot;
 mod transport;
@@ -126,7 +127,7 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
     if resolved.hz.is_none() {
         warn!("the kernel's tick rate (CONFIG_HZ) is unknown: no /boot/config-<release>, and /proc/timer_list unreadable; records carry no limits");
     }
-    capture.prog_id = ebpf.program(attached.program_name()).and_then(|p| p.info().ok()).map(|i| i.id());
+    capture.program = ebpf.program(attached.program_name()).and_then(|p| p.fd().ok()).and_then(|fd| fd.try_clone().ok());
     capture.workload_ips = ips_changes;
     if let Some(path) = config.carry_path() {
         capture.carry_over(carry::Carry::open(path, &config.identity.current()));
@@ -153,7 +154,7 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
     let snap = snapshot::Snapshotter::new(socks, ebpf.clone(), config.interim_interval_secs * 1_000_000_000, config.max_sockets);
     capture.run(timers, snapshot::Passes::new(snap), shutdown).await;
 
-    let stats = capture.final_stats(&ebpf, attached);
+    let stats = capture.final_stats(attached);
     capture.into_sink().close(Duration::from_secs(config.shutdown_timeout_secs));
     info!(
         events = stats.user.events_read,

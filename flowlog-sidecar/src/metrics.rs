@@ -31,6 +31,7 @@ pub const KERNEL_READ_ERRORS: &str = "flowlog_sidecar_kernel_read_errors_total";
 pub const FLOWS_PARKED: &str = "flowlog_sidecar_flows_parked_total";
 pub const BPF_RUN_TIME: &str = "flowlog_sidecar_bpf_run_time_seconds_total";
 pub const BPF_RUN_COUNT: &str = "flowlog_sidecar_bpf_runs_total";
+pub const BPF_RECURSION_MISSES: &str = "flowlog_sidecar_bpf_recursion_misses_total";
 /// Label `kind`: host, pod, container, service.
 pub const WORKLOAD_FLOWS: &str = "flowlog_sidecar_workload_flows_total";
 /// Label `reason`: no_owner, cgroup_not_found, unparsable_path,
@@ -90,6 +91,7 @@ pub fn describe() {
     describe_counter!(FLOWS_PARKED, "Final flow events that found the ring buffer full and waited in the kernel's parking queue (max_parked) until the reader popped them: not lost.");
     describe_gauge!(BPF_RUN_TIME, Unit::Seconds, "Time spent in the eBPF program (kernel.bpf_stats_enabled=1 only).");
     describe_counter!(BPF_RUN_COUNT, "eBPF program runs (kernel.bpf_stats_enabled=1 only).");
+    describe_counter!(BPF_RECURSION_MISSES, "State changes the kernel did not run the eBPF program for, because it was already running on that CPU (a softirq's change interrupting a run): lost, and a lost close loses its flow. Always counted.");
     describe_counter!(WORKLOAD_FLOWS, "Flow records by the kind of local workload that owned them (host, pod, container, service).");
     describe_counter!(WORKLOAD_UNRESOLVED, "Flow records attributed to the host although they may belong to a workload, by reason (no_owner, cgroup_not_found, unparsable_path, unknown_runtime, no_cgroup_v2, lookup_failed), or of a pod the Kubernetes API has not named (no_pod_metadata).");
     describe_gauge!(WORKLOAD_HELD, "Flow records waiting for their cgroup to be looked up.");

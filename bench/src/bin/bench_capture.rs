@@ -20,7 +20,8 @@
 //! - sidecar CPU per 1 000 connections/s and user CPU per flow;
 //! - the cost of local workload resolution: user CPU per flow (and exact
 //!   on-CPU time per flow, from /proc/PID/schedstat) with it on vs off;
-//! - sidecar peak RSS; ring-buffer and map drops.
+//! - sidecar peak RSS; ring-buffer and map drops, and state changes the
+//!   kernel did not run the program for (recursion misses).
 //!
 //! The load runs in a cgroup named as kubelet names a pod's container
 //! (`--pod-cgroup`, on by default), so that resolution finds a pod.
@@ -74,6 +75,8 @@ struct Arm {
     ringbuf_full: u64,
     sock_map_full: u64,
     decode_errors: u64,
+    /// State changes the kernel skipped the program for (lost).
+    recursion_misses: u64,
     /// Flows by workload kind (resolution on).
     workload_flows: Value,
 }
@@ -296,7 +299,7 @@ fn main() -> anyhow::Result<()> {
         ),
         sidecar_cpu_percent_per_1000_conn_per_s: (cpu_s / secs * 100.0) / (avg_rate / 1000.0),
         sidecar_peak_rss_mb: all.iter().map(|x| x.sidecar_peak_rss_bytes).max().unwrap_or(0) as f64 / 1048576.0,
-        drops: sum_u(&all, |x| x.ringbuf_full + x.sock_map_full + x.decode_errors),
+        drops: sum_u(&all, |x| x.ringbuf_full + x.sock_map_full + x.decode_errors + x.recursion_misses),
         targets: serde_json::json!({
             "kernel_ns_per_flow_max": 1200,
             "sidecar_user_ns_per_flow_max": 300,
@@ -368,6 +371,7 @@ fn measure_with(a: &Args, spec: LoadSpec, r: &mut Arm, resolve: bool) -> anyhow:
     r.ringbuf_full = n(&stats["kernel"]["ringbuf_full"]);
     r.sock_map_full = n(&stats["kernel"]["sock_map_full"]);
     r.decode_errors = n(&stats["user"]["decode_errors"]);
+    r.recursion_misses = n(&stats["program_recursion_misses"]);
     r.workload_flows = stats["workload"]["flows"].clone();
     Ok(())
 }

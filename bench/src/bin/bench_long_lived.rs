@@ -256,6 +256,7 @@ fn main() -> anyhow::Result<()> {
     let k = |key: &str| stats["kernel"][key].as_u64().unwrap_or(0);
     let (ringbuf_full, parked, sock_map_full) = (k("ringbuf_full"), k("parked"), k("sock_map_full"));
     let decode_errors = stats["user"]["decode_errors"].as_u64().unwrap_or(0);
+    let recursion_misses = stats["program_recursion_misses"].as_u64().unwrap_or(0);
     let (user, sys) = (u1.user_seconds - u0.user_seconds, u1.system_seconds - u0.system_seconds);
     let report = Report {
         benchmark: "long_lived",
@@ -283,7 +284,7 @@ fn main() -> anyhow::Result<()> {
         parked,
         sock_map_full,
         decode_errors,
-        drops: ringbuf_full + sock_map_full + decode_errors,
+        drops: ringbuf_full + sock_map_full + decode_errors + recursion_misses,
         mismatched_sockets,
         mismatches,
         sidecar_user_s: user,
@@ -300,7 +301,7 @@ fn main() -> anyhow::Result<()> {
     println!("  churn connections/s             {:>10.0}  (aim 20000)", report.churn.connections_per_sec);
     println!("  records: interim {} / final {} (long-lived), other {}", report.interim_records, report.final_records, report.other_records);
     println!("  first pass over every socket    {:>10.1} s", report.first_pass_seconds);
-    println!("  drops (ring, map, decode)       {:>10}  (target 0)", report.drops);
+    println!("  drops (ring, map, decode, recursion) {:>5}  (target 0)", report.drops);
     println!("  finals parked (ring was full)   {:>10}", report.parked);
     println!("  sockets not adding up exactly   {:>10}  (target 0)", report.mismatched_sockets);
     println!("  sidecar CPU                     {:>10.1} %  (user {:.1} s, sys {:.1} s over {wall:.0} s)", report.sidecar_cpu_percent, user, sys);
