@@ -207,7 +207,8 @@ mod tests {
         for (k, v) in extra {
             c.set(*k, *v);
         }
-        Producer(Arc::new(c.create_with_context(Deliveries).unwrap()))
+        let p: BaseProducer<Deliveries> = c.create_with_context(Deliveries).unwrap();
+        Producer(Arc::new(PolledProducer::new(p, "test-reports").unwrap()))
     }
 
     fn out<'a>(payload: &'a [u8]) -> Outgoing<'a> {
