@@ -64,6 +64,9 @@ if t.exists():
     row("transport", "sidecar peak RSS (default queue bounds)", f"{d['sidecar_peak_rss_mb']:.1f} MB", "<= 48 MB", d["sidecar_peak_rss_mb"] <= 48)
     row("transport", "close -> readable from broker, p99", f"{d['close_to_readable_ms_p99']:.0f} ms (p50 {d['close_to_readable_ms_p50']:.0f})", "<= 250 ms", d["close_to_readable_ms_p99"] <= 250)
     row("transport", "connection rate during the run", f"{d['connections_per_sec']:.0f} per s", "-", True)
+    if "sidecar_idle_cpu_ms_per_s" in d:
+        idle = d["sidecar_idle_cpu_ms_per_s"]
+        row("transport", "sidecar CPU at rest (connected to the broker, no traffic; all threads)", f"{idle:.2f} ms/s ({idle / 10:.2f}% of one core)", "-", True)
 sw = results / "transport_sweep.json"
 if sw.exists():
     d = json.loads(sw.read_text())
