@@ -27,7 +27,7 @@ if c.exists():
     umax = t["sidecar_user_ns_per_flow_max"]
     row("capture", "sidecar user CPU per flow", f"{d['sidecar_user_ns_per_flow']:.0f} ns", f"<= {umax} ns", d["sidecar_user_ns_per_flow"] <= umax)
     if "workload_resolution_cpu_ratio_max" in t:
-        row("capture", "sidecar CPU per flow (exact on-CPU time, /proc/PID/schedstat), workload resolution on / off (same run)",
+        row("capture", "sidecar CPU per flow (exact on-CPU time of all its threads, /proc/PID/task/*/schedstat), workload resolution on / off (same run)",
             f"{d['sidecar_cpu_ns_per_flow']:.0f} / {d['sidecar_cpu_ns_per_flow_resolution_off']:.0f} ns ({d['workload_resolution_cpu_ratio']:.3f}, median of rounds {d['workload_resolution_cpu_ratio_median']:.3f}; user CPU in 10 ms ticks {d['workload_resolution_user_cpu_ratio']:.3f})",
             f"<= {t['workload_resolution_cpu_ratio_max']}", d["workload_resolution_cpu_ratio"] <= t["workload_resolution_cpu_ratio_max"])
     elif "workload_resolution_user_cpu_ratio" in d:

@@ -196,10 +196,13 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path, config: Option<&str>) ->
     // At rest: no connections but the broker's; the figure is the cost of
     // the sidecar's own timers and threads.
     // Measured for the default settings only (not per sweep variant).
-    let idle_seconds = if config.is_none() { a.idle_seconds } else { 0.0 };
-    let idle0 = sidecar::on_cpu_ns(pid)?;
-    std::thread::sleep(Duration::from_secs_f64(idle_seconds));
-    let idle_ms_per_s = (sidecar::on_cpu_ns(pid)? - idle0) as f64 / 1e6 / idle_seconds.max(1e-9);
+    let idle_ms_per_s = if config.is_none() && a.idle_seconds > 0.0 {
+        let idle0 = sidecar::on_cpu_ns(pid)?;
+        std::thread::sleep(Duration::from_secs_f64(a.idle_seconds));
+        Some((sidecar::on_cpu_ns(pid)? - idle0) as f64 / 1e6 / a.idle_seconds)
+    } else {
+        None
+    };
     let u0 = Usage::of(pid)?;
     let load = loadgen::run(LoadSpec {
         client_threads: a.clients,
@@ -265,7 +268,9 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path, config: Option<&str>) ->
     println!("  sidecar user ns per flow       {:>10.0}  (target <= 600)", report["sidecar_user_ns_per_flow"].as_f64().unwrap());
     println!("  sidecar user+sys ns per flow   {:>10.0}", report["sidecar_cpu_ns_per_flow"].as_f64().unwrap());
     println!("  sidecar peak RSS MB            {:>10.1}  (target <= 48)", report["sidecar_peak_rss_mb"].as_f64().unwrap());
-    println!("  sidecar CPU at rest ms/s       {idle_ms_per_s:>10.2}  ({:.2}% of one core)", idle_ms_per_s / 10.0);
+    if let Some(idle) = idle_ms_per_s {
+        println!("  sidecar CPU at rest ms/s       {idle:>10.2}  ({:.2}% of one core)", idle / 10.0);
+    }
     println!("  close -> readable p50 / p99 ms {:>7.1} / {:.1}  (target p99 <= 250)", pct(&lat, 0.5), pct(&lat, 0.99));
     Ok(report)
 }
