@@ -283,10 +283,11 @@ impl Capture {
         m::record_process();
         m::record_workloads(&self.workloads);
         // Run time/count non-zero only with kernel.bpf_stats_enabled=1.
-        let p = self.program_stats();
-        metrics::gauge!(m::BPF_RUN_TIME).set(p.run_time_ns as f64 / 1e9);
-        metrics::counter!(m::BPF_RUN_COUNT).absolute(p.run_count);
-        metrics::counter!(m::BPF_RECURSION_MISSES).absolute(p.recursion_misses);
+        if let Some(p) = self.program_stats() {
+            metrics::gauge!(m::BPF_RUN_TIME).set(p.run_time_ns as f64 / 1e9);
+            metrics::counter!(m::BPF_RUN_COUNT).absolute(p.run_count);
+            metrics::counter!(m::BPF_RECURSION_MISSES).absolute(p.recursion_misses);
+        }
         self.sink.tick(Tick::Stats);
         self.last_reported = now;
     }
@@ -430,13 +431,14 @@ impl Capture {
         self.sink
     }
 
-    /// The kernel's counters of the attached program (zeros if unreadable).
-    fn program_stats(&self) -> ProgramStats {
-        self.program.as_ref().and_then(|fd| ProgramStats::read(fd).ok()).unwrap_or_default()
+    /// The kernel's counters of the attached program, if they can be read
+    /// (if not, the metrics keep their last values).
+    fn program_stats(&self) -> Option<ProgramStats> {
+        self.program.as_ref().and_then(|fd| ProgramStats::read(fd).ok())
     }
 
     pub fn final_stats(&self, attached: Attached) -> FinalStats {
-        let program = self.program_stats();
+        let program = self.program_stats().unwrap_or_default();
         FinalStats {
             attach: match attached {
                 Attached::TpBtf => "tp_btf",
