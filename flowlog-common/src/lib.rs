@@ -4,9 +4,12 @@
 //! bytes, so layouts are pinned by compile-time size checks. User-space
 //! helpers (Pod impls, decoding) live behind the `user` feature.
 #![no_std]
+// The socket table's atomics on BPF (see socktable::atomic).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics), allow(internal_features))]
 
 pub mod event;
 pub mod offsets;
+pub mod socktable;
 pub mod stats;
 
 pub use event::*;

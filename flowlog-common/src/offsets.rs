@@ -79,18 +79,21 @@ pub struct KernelSettings {
     /// buffer; below it user space drains on its own timer. Batching the
     /// wake-ups is most of the per-event cost saved in the kernel.
     pub wakeup_bytes: u64,
+    /// The socket table's buckets - 1 ([`crate::socktable::buckets_for`]).
+    pub sock_bucket_mask: u64,
 }
 
 impl Default for KernelSettings {
     fn default() -> Self {
-        KernelSettings { wakeup_bytes: 256 * 1024 }
+        KernelSettings { wakeup_bytes: 256 * 1024, sock_bucket_mask: crate::socktable::buckets_for(65_536) as u64 - 1 }
     }
 }
 
 pub const OFFSETS_GLOBAL: &str = "FLOWLOG_OFFSETS";
 pub const SETTINGS_GLOBAL: &str = "FLOWLOG_SETTINGS";
 pub const EVENTS_MAP: &str = "FLOWLOG_EVENTS";
-pub const SOCKS_MAP: &str = "FLOWLOG_SOCKS";
+pub const SOCK_BUCKETS_MAP: &str = "FLOWLOG_SOCK_BUCKETS";
+pub const SOCK_SLOTS_MAP: &str = "FLOWLOG_SOCK_SLOTS";
 pub const LISTENERS_MAP: &str = "FLOWLOG_LISTENERS";
 pub const STATS_MAP: &str = "FLOWLOG_STATS";
 pub const PARKED_MAP: &str = "FLOWLOG_PARKED";

@@ -7,6 +7,8 @@ unsafe impl aya::Pod for KernelOffsets {}
 unsafe impl aya::Pod for KernelSettings {}
 unsafe impl aya::Pod for FlowEvent {}
 unsafe impl aya::Pod for crate::SockState {}
+unsafe impl aya::Pod for crate::socktable::SockBucket {}
+unsafe impl aya::Pod for crate::socktable::SockSlot {}
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum DecodeError {

@@ -24,10 +24,11 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated as gen,
     },
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{HashMap, PerCpuArray, Queue, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, Queue, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use flowlog_common::{
+    socktable::{self, SockBucket, SockSlot, BUCKET_SLOTS},
     direction, flags, skipped_from, snapshot, stat, tcp_state, FlowEvent, KernelOffsets, KernelSettings,
     ListenKey, Owner, Scratch, SockState, AF_INET, AF_INET6, COMM_LEN, FLOW_EVENT_KIND_V2, SCRATCH_BYTES,
     STATE_PATH_MAX,
@@ -87,15 +88,38 @@ static FLOWLOG_OFFSETS: KernelOffsets = KernelOffsets {
 };
 
 #[unsafe(no_mangle)]
-static FLOWLOG_SETTINGS: KernelSettings = KernelSettings { wakeup_bytes: 256 * 1024 };
+static FLOWLOG_SETTINGS: KernelSettings = KernelSettings { wakeup_bytes: 256 * 1024, sock_bucket_mask: 0 };
 
 /// Sized by the sidecar (`--ring-buffer-bytes`).
 #[map(name = "FLOWLOG_EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
-/// Live sockets; sized by the sidecar (`--max-sockets`).
-#[map(name = "FLOWLOG_SOCKS")]
-static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, 0);
+/// Live sockets ([`socktable`]): the buckets of socket addresses, and the
+/// sockets' states beside them; sized by the sidecar (`--max-sockets`).
+#[map(name = "FLOWLOG_SOCK_BUCKETS")]
+static SOCK_BUCKETS: Array<SockBucket> = Array::with_max_entries(16384, 0);
+#[map(name = "FLOWLOG_SOCK_SLOTS")]
+static SOCK_SLOTS: Array<SockSlot> = Array::with_max_entries(16384 * BUCKET_SLOTS as u32, 0);
+
+/// The socket table in the two maps above.
+struct Socks;
+
+impl socktable::Memory for Socks {
+    #[inline(always)]
+    fn mask(&self) -> u32 {
+        unsafe { core::ptr::read_volatile(&FLOWLOG_SETTINGS.sock_bucket_mask) as u32 }
+    }
+
+    #[inline(always)]
+    fn bucket(&self, i: u32) -> Option<*mut SockBucket> {
+        SOCK_BUCKETS.get_ptr_mut(i)
+    }
+
+    #[inline(always)]
+    fn slot(&self, bucket: u32, slot: usize) -> Option<*mut SockSlot> {
+        SOCK_SLOTS.get_ptr_mut(bucket * BUCKET_SLOTS as u32 + slot as u32)
+    }
+}
 
 /// Listening ports and the process that called listen().
 #[map(name = "FLOWLOG_LISTENERS")]
@@ -120,6 +144,10 @@ static PARKED: Queue<FlowEvent> = Queue::with_max_entries(65536, 0);
 /// One final event per CPU, assembled here when the ring buffer is full.
 #[map(name = "FLOWLOG_PARKING")]
 static PARKING: PerCpuArray<FlowEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// One u64 per CPU that turns a typed pointer into a plain number ([`address`]).
+#[map(name = "FLOWLOG_ADDRESS")]
+static ADDRESS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "FLOWLOG_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -267,7 +295,8 @@ pub fn flowlog_tp_btf(ctx: BtfTracePointContext) -> i32 {
         0 => None,
         tcp => Some(Typed(tcp)),
     };
-    on_transition(sk, old as u8, new as u8, tcp, |f: &Typed| Some(*f));
+    let Some(addr) = address(sk) else { return 0 };
+    on_transition(addr, old as u8, new as u8, tcp, |f: &Typed| Some(*f));
     0
 }
 
@@ -285,6 +314,20 @@ pub fn flowlog_tracepoint(ctx: TracePointContext) -> i32 {
     };
     on_transition(sk, old as u8, new as u8, tcp, |_: &Probed| copy_socket(sk, SLOT_CLOSE));
     0
+}
+
+/// A typed pointer's address as a plain number, for the socket table to hash:
+/// the verifier refuses arithmetic other than field offsets on a typed
+/// pointer, and does not keep the type of what is stored in a map value
+/// (it lets a privileged program store it there). ~2 loads and a store.
+#[inline(always)]
+fn address(sk: u64) -> Option<u64> {
+    let p = ADDRESS.get_ptr_mut(0)?;
+    // Volatile: the compiler must not forward the value past the map.
+    unsafe {
+        p.write_volatile(sk);
+        Some(p.read_volatile())
+    }
 }
 
 /// A transition with nothing to look up (for any protocol): the socket's
@@ -315,8 +358,8 @@ fn on_transition<F: Fields, C: Fields>(
     // checked: only TCP sockets have entries, and no other socket can have
     // this one's address while it lives.
     if !opens && new != tcp_state::LISTEN && new != tcp_state::CLOSE {
-        if let Some(st) = SOCKS.get_ptr_mut(sk) {
-            let st = unsafe { &mut *st };
+        if let Some(found) = socktable::find(&Socks, sk) {
+            let st = unsafe { &mut *found.state };
             st.catch_up(old);
             st.push_state(new);
             // close()/shutdown() run in the owner's process context: if the open
@@ -389,9 +432,9 @@ fn on_transition<F: Fields, C: Fields>(
     }
     st.push_state(old);
     st.push_state(new);
-    // BPF_ANY: an entry left under this address (a socket freed unseen) is
-    // replaced, not continued.
-    if SOCKS.insert(sk, st, 0).is_err() {
+    // A state left under this address (a socket freed unseen) is replaced,
+    // not continued.
+    if !socktable::insert(&Socks, sk, &st) {
         count(stat::SOCK_MAP_FULL);
     }
 }
@@ -461,14 +504,13 @@ fn on_listener_close(sk: u64, fields: &impl Fields) {
 }
 
 fn on_close<C: Fields>(sk: u64, old: u8, at_close: impl FnOnce() -> Option<C>) {
-    let tracked = SOCKS.get_ptr_mut(sk);
-    if let Some(st) = tracked {
-        unsafe { (*st).catch_up(old) };
+    let found = socktable::find(&Socks, sk);
+    if let Some(f) = &found {
+        unsafe { (*f.state).catch_up(old) };
     }
-    let tracked = tracked.map(|st| st as *const SockState);
-    let _ = emit(sk, old, tracked, false, at_close);
-    if tracked.is_some() {
-        let _ = SOCKS.remove(sk);
+    let _ = emit(sk, old, found.map(|f| f.state as *const SockState), false, at_close);
+    if let Some(f) = &found {
+        socktable::remove(f);
     }
 }
 
@@ -486,7 +528,7 @@ pub fn flowlog_snapshot(ctx: *mut core::ffi::c_void) -> u32 {
     let sk: u64 = unsafe { *(ctx.as_ptr() as *const u64) };
     // Only sockets still tracked: their CLOSE transition (which removes the
     // entry) has not happened, so the socket is alive.
-    let Some(st) = SOCKS.get_ptr(sk) else { return snapshot::GONE };
+    let Some(found) = socktable::find(&Socks, sk) else { return snapshot::GONE };
     // Finals parked while the ring was full go first: the reader pops them
     // once the ring is empty, which a pass refilling it (passes run back to
     // back at 100 000 sockets) would otherwise put off for ever.
@@ -501,7 +543,11 @@ pub fn flowlog_snapshot(ctx: *mut core::ffi::c_void) -> u32 {
     // The path up to the state the socket is in (transitions skipped since
     // the last one recorded filled in), on a copy: the entry is the
     // tracepoint program's, which may be running on another CPU.
-    let mut so_far = unsafe { *st };
+    let mut so_far = unsafe { *found.state };
+    // Copied whole before its socket closed and a new one took the slot?
+    if !found.holds(sk) {
+        return snapshot::GONE;
+    }
     let state: u8 = read(sk, off!(skc_state));
     let current = if so_far.catch_up(state) { state } else { so_far.last_state() };
     if emit(sk, current, Some(&so_far as *const SockState), true, || copy_socket(sk, SLOT_SNAPSHOT)) {

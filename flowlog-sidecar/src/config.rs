@@ -57,7 +57,12 @@ flowlog_settings::settings! {
         // closes/s before anything could be dropped.
         pub ring_buffer_bytes: u32 = 4 * 1024 * 1024,
         /// Live sockets tracked at once; opens beyond it are still reported at
-        /// close, without start time and owner, and counted.
+        /// close, without start time and owner, and counted
+        /// (`sock_map_full`). The kernel's socket table has room for at least 7/4 of
+        /// it (a power of two of 7-slot buckets, at least one per four
+        /// sockets) so that its hashing almost never turns a socket away
+        /// below this number; 64 bytes per slot and per bucket, allocated at load
+        /// (65 536: 8.4 MB; 262 144: 33.6 MB).
         #[flag(long = "max-sockets", env = "FLOWLOG_MAX_SOCKETS")]
         pub max_sockets: u32 = 65_536,
         /// Final flow events that may wait in the kernel when the ring buffer

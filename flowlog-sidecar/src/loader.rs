@@ -7,8 +7,8 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use flowlog_common::{
-    KernelSettings, EVENTS_MAP, LISTENERS_MAP, OFFSETS_GLOBAL, PARKED_MAP, PROG_TP_BTF, PROG_TRACEPOINT,
-    SETTINGS_GLOBAL, SOCKS_MAP,
+    socktable, KernelSettings, EVENTS_MAP, LISTENERS_MAP, OFFSETS_GLOBAL, PARKED_MAP, PROG_TP_BTF, PROG_TRACEPOINT,
+    SETTINGS_GLOBAL, SOCK_BUCKETS_MAP, SOCK_SLOTS_MAP,
 };
 use tracing::{info, warn};
 
@@ -80,7 +80,8 @@ fn chain(e: &dyn std::error::Error) -> String {
 pub fn load(config: &Config, resolved: Resolved) -> Result<(Ebpf, Attached), LoadError> {
     let kernel_offsets = resolved.offsets;
     tracing::debug!(?kernel_offsets, "resolved from BTF");
-    let settings = KernelSettings { wakeup_bytes: config.wakeup_bytes };
+    let buckets = socktable::buckets_for(config.max_sockets);
+    let settings = KernelSettings { wakeup_bytes: config.wakeup_bytes, sock_bucket_mask: buckets as u64 - 1 };
     // No CO-RE relocations to apply, so the loader needs no kernel BTF (which
     // would cost ~20 MB of peak memory); only the tp_btf attach needs it.
     let mut ebpf = EbpfLoader::new()
@@ -88,7 +89,8 @@ pub fn load(config: &Config, resolved: Resolved) -> Result<(Ebpf, Attached), Loa
         .override_global(OFFSETS_GLOBAL, &kernel_offsets, true)
         .override_global(SETTINGS_GLOBAL, &settings, true)
         .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
-        .map_max_entries(SOCKS_MAP, config.max_sockets)
+        .map_max_entries(SOCK_BUCKETS_MAP, buckets)
+        .map_max_entries(SOCK_SLOTS_MAP, buckets * socktable::BUCKET_SLOTS as u32)
         .map_max_entries(PARKED_MAP, config.max_parked)
         .map_max_entries(LISTENERS_MAP, config.max_listeners)
         .load(EBPF_OBJECT)

@@ -151,7 +151,7 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
     let socks = snapshot::prepare(&mut ebpf)?;
     // Shared with the snapshot passes' thread, which runs the snapshot program.
     let ebpf = std::sync::Arc::new(ebpf);
-    let snap = snapshot::Snapshotter::new(socks, ebpf.clone(), config.interim_interval_secs * 1_000_000_000, config.max_sockets);
+    let snap = snapshot::Snapshotter::new(socks, ebpf.clone(), config.interim_interval_secs * 1_000_000_000);
     capture.run(timers, snapshot::Passes::new(snap), shutdown).await;
 
     let stats = capture.final_stats(attached);

@@ -1,7 +1,7 @@
 //! Interim records for long-lived connections.
 //!
 //! Every interim interval, user space lists the live sockets the kernel
-//! tracks (the socket map) and, for each open longer than the interval, runs
+//! tracks (the socket table, [`flowlog_common::socktable`]) and, for each open longer than the interval, runs
 //! the `flowlog_snapshot` program once through BPF_PROG_TEST_RUN with the
 //! socket as its argument. The program reads the socket's counters exactly
 //! like the close path and sends an INTERIM event through the same ring
@@ -28,11 +28,15 @@ use std::{
 use std::os::fd::{AsFd, AsRawFd};
 
 use aya::{
-    maps::{HashMap, IterableMap, MapData},
+    maps::{Array, Map, MapData},
     programs::{RawTracePoint, RawTracePointRunOptions, TestRun},
     Ebpf,
 };
-use flowlog_common::{snapshot, SockState, PROG_SNAPSHOT, SOCKS_MAP};
+use flowlog_common::{
+    snapshot,
+    socktable::{is_live, SockBucket, SockSlot, BUCKET_SLOTS},
+    PROG_SNAPSHOT, SOCK_BUCKETS_MAP, SOCK_SLOTS_MAP,
+};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -80,16 +84,31 @@ impl Drains {
     }
 }
 
-/// Runs snapshot passes: owns the socket map and shares the loaded program.
+/// The socket table's two arrays.
+pub struct Socks {
+    buckets: Map,
+    slots: Map,
+    /// How many buckets.
+    len: u32,
+}
+
+impl Socks {
+    fn data(map: &Map) -> std::io::Result<&MapData> {
+        match map {
+            Map::Array(d) => Ok(d),
+            _ => Err(std::io::Error::other("the socket table is not an array")),
+        }
+    }
+}
+
+/// Runs snapshot passes: owns the socket table and shares the loaded program.
 pub struct Snapshotter {
-    socks: HashMap<MapData, u64, SockState>,
+    socks: Socks,
     /// Where the snapshot program lives (loaded, never attached).
     ebpf: Arc<Ebpf>,
     drains: Arc<Drains>,
     /// Interim records go to connections open at least this long.
     interval_ns: u64,
-    /// A key-by-key listing stops after this many keys ([`Snapshotter::list_by_key`]).
-    max_listed: usize,
 }
 
 /// CLOCK_MONOTONIC in ns (the kernel's bpf_ktime_get_ns clock).
@@ -115,76 +134,102 @@ struct BatchAttr {
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
-/// Every tracked socket and its start time, read some thousands at a time
-/// with BPF_MAP_LOOKUP_BATCH (aya has no wrapper for it). Its cursor is a
-/// bucket index, so sockets that close meanwhile do not restart the
-/// listing, as they restart "next key" iteration.
-fn list_batched(socks: &HashMap<MapData, u64, SockState>) -> std::io::Result<Vec<(u64, u64)>> {
-    const CHUNK: usize = 4096;
-    let fd = socks.map().fd().as_fd().as_raw_fd();
-    let mut keys = vec![0u64; CHUNK];
-    // SockState's bytes, as u64s: start_ns is the first.
-    const WORDS: usize = std::mem::size_of::<SockState>() / 8;
-    let mut values = vec![[0u64; WORDS]; CHUNK];
-    let (mut cursor_in, mut cursor_out) = (0u32, 0u32);
+/// Buckets read per batch: 32 KB of addresses and 224 KB of states at a
+/// time, so a pass never holds the whole table (16 MB at 131 072 sockets).
+const CHUNK_BUCKETS: u32 = 512;
+
+/// Entries `first..first + out.len()` of an array map, with one
+/// BPF_MAP_LOOKUP_BATCH (aya has no wrapper for it); fewer at its end.
+fn read_batch<V: Copy>(map: &MapData, first: u32, out: &mut [V]) -> std::io::Result<usize> {
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut keys = vec![0u32; out.len()];
+    // The kernel's cursor is the last key read: it reads on from the key
+    // after it (none: from index 0).
+    let (cursor_in, mut cursor_out) = (first.wrapping_sub(1), 0u32);
+    let mut attr = BatchAttr {
+        in_batch: if first == 0 { 0 } else { &cursor_in as *const u32 as u64 },
+        out_batch: &mut cursor_out as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: out.as_mut_ptr() as u64,
+        count: out.len() as u32,
+        map_fd: fd as u32,
+        ..Default::default()
+    };
+    // SAFETY: attr names buffers for `count` u32 keys and `count` values of
+    // the map's value type (V is that type, Copy and plain data) and two u32
+    // cursors, all alive across the call; the kernel writes at most `count`
+    // of each and the count.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>())
+    };
+    let n = (attr.count as usize).min(out.len());
+    match (rc < 0).then(std::io::Error::last_os_error) {
+        None => Ok(n),
+        // The end of the array.
+        Some(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(n),
+        Some(e) => Err(e),
+    }
+}
+
+/// Every tracked socket and its start time, a chunk of buckets at a time.
+fn list(socks: &Socks) -> std::io::Result<Vec<(u64, u64)>> {
+    let total = socks.len;
+    let mut buckets = vec![SockBucket::default(); CHUNK_BUCKETS as usize];
+    let mut slots: Vec<SockSlot> = Vec::with_capacity(CHUNK_BUCKETS as usize * BUCKET_SLOTS);
     let mut listed = Vec::new();
-    for first in std::iter::once(true).chain(std::iter::repeat(false)) {
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { &cursor_in as *const u32 as u64 },
-            out_batch: &mut cursor_out as *mut u32 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: CHUNK as u32,
-            map_fd: fd as u32,
-            ..Default::default()
-        };
-        // SAFETY: attr names buffers for CHUNK keys and CHUNK values of the
-        // map's sizes (8 and 56 bytes) and two u32 cursors, all alive across
-        // the call; the kernel writes at most `count` of each and the count.
-        let rc = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>())
-        };
-        let err = (rc < 0).then(std::io::Error::last_os_error);
-        let n = (attr.count as usize).min(CHUNK);
-        listed.extend(keys[..n].iter().zip(&values[..n]).map(|(&sk, v)| (sk, v[0])));
-        match err {
-            None => cursor_in = cursor_out,
-            // The end of the map.
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-            Some(e) => return Err(e),
+    let mut first = 0u32;
+    while first < total {
+        let want = CHUNK_BUCKETS.min(total - first) as usize;
+        let got = read_batch(Socks::data(&socks.buckets)?, first, &mut buckets[..want])?;
+        let live = |b: &SockBucket| b.keys.iter().any(|k| is_live(*k));
+        if buckets[..got].iter().any(live) {
+            // SAFETY: SockSlot is plain data; every byte is written by the
+            // kernel before it is read (read_batch returns how many).
+            slots.resize(got * BUCKET_SLOTS, unsafe { std::mem::zeroed() });
+            let n = read_batch(Socks::data(&socks.slots)?, first * BUCKET_SLOTS as u32, &mut slots[..])?;
+            for (b, bucket) in buckets[..got].iter().enumerate() {
+                for (i, &sk) in bucket.keys.iter().enumerate() {
+                    match slots.get(b * BUCKET_SLOTS + i) {
+                        Some(slot) if is_live(sk) && b * BUCKET_SLOTS + i < n => listed.push((sk, slot.state.start_ns)),
+                        _ => {}
+                    }
+                }
+            }
         }
+        if got < want {
+            break;
+        }
+        first += got as u32;
     }
     Ok(listed)
 }
 
 /// Loads the snapshot program (never attached) and takes the socket map;
 /// [`Snapshotter::new`] gets them once `ebpf` is shared.
-pub fn prepare(ebpf: &mut Ebpf) -> anyhow::Result<HashMap<MapData, u64, SockState>> {
+pub fn prepare(ebpf: &mut Ebpf) -> anyhow::Result<Socks> {
     let prog: &mut RawTracePoint = ebpf
         .program_mut(PROG_SNAPSHOT)
         .ok_or_else(|| anyhow::anyhow!("program {PROG_SNAPSHOT} missing"))?
         .try_into()?;
     prog.load()?;
-    Ok(HashMap::try_from(ebpf.take_map(SOCKS_MAP).ok_or_else(|| anyhow::anyhow!("map {SOCKS_MAP} missing"))?)?)
+    let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| anyhow::anyhow!("map {name} missing"));
+    let (buckets, slots) = (take(SOCK_BUCKETS_MAP)?, take(SOCK_SLOTS_MAP)?);
+    let len = Array::<_, SockBucket>::try_from(&buckets)?.len();
+    Array::<_, SockSlot>::try_from(&slots)?;
+    Ok(Socks { buckets, slots, len })
 }
 
 impl Snapshotter {
-    pub fn new(socks: HashMap<MapData, u64, SockState>, ebpf: Arc<Ebpf>, interval_ns: u64, max_sockets: u32) -> Snapshotter {
-        Snapshotter {
-            socks,
-            ebpf,
-            drains: Arc::default(),
-            interval_ns,
-            max_listed: 4 * max_sockets as usize,
-        }
+    pub fn new(socks: Socks, ebpf: Arc<Ebpf>, interval_ns: u64) -> Snapshotter {
+        Snapshotter { socks, ebpf, drains: Arc::default(), interval_ns }
     }
 
     /// Tracked sockets open at least `min_age_ns` (unknown start: always).
     fn due(&self, min_age_ns: u64) -> Vec<u64> {
         let now = monotonic_ns();
-        let listed = list_batched(&self.socks).unwrap_or_else(|e| {
-            debug!("batched listing unavailable ({e}): listing key by key");
-            self.list_by_key()
+        let listed = list(&self.socks).unwrap_or_else(|e| {
+            debug!("batched listing unavailable ({e}): listing one by one");
+            self.list_one_by_one()
         });
         let mut due: Vec<u64> = listed
             .into_iter()
@@ -196,12 +241,24 @@ impl Snapshotter {
         due
     }
 
-    /// The fallback (kernels before 5.6): "next key" restarts from the first
-    /// bucket whenever the key it is given was deleted meanwhile (a short
-    /// connection closing), so under churn it may repeat keys and never get
-    /// far: bounded, deduplicated by the caller.
-    fn list_by_key(&self) -> Vec<(u64, u64)> {
-        self.socks.iter().take(self.max_listed).filter_map(|kv| kv.ok()).map(|(sk, st)| (sk, st.start_ns)).collect()
+    /// The fallback (kernels before 5.6, without batched lookups): one
+    /// lookup per bucket, and per tracked socket.
+    fn list_one_by_one(&self) -> Vec<(u64, u64)> {
+        let mut listed = Vec::new();
+        let (Ok(buckets), Ok(slots)) =
+            (Array::<_, SockBucket>::try_from(&self.socks.buckets), Array::<_, SockSlot>::try_from(&self.socks.slots))
+        else {
+            return listed;
+        };
+        for b in 0..self.socks.len {
+            let Ok(bucket) = buckets.get(&b, 0) else { continue };
+            for (i, &sk) in bucket.keys.iter().enumerate() {
+                if let (true, Ok(slot)) = (is_live(sk), slots.get(&(b * BUCKET_SLOTS as u32 + i as u32), 0)) {
+                    listed.push((sk, slot.state.start_ns));
+                }
+            }
+        }
+        listed
     }
 
     /// One pass: an interim event for every socket open longer than the

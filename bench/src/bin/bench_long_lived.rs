@@ -220,7 +220,11 @@ fn main() -> anyhow::Result<()> {
     let churn = churn.join().map_err(|_| anyhow::anyhow!("the churn panicked"))??;
     eprintln!("churn: {:.0} connections/s ({} errors)", churn.connections_per_sec, churn.errors);
     let u1 = Usage::of(pid)?;
-    let map_bytes = map_memlock(pid, 8, std::mem::size_of::<flowlog_common::SockState>() as u32, a.max_sockets);
+    // The socket table: its buckets and, beside them, its slots (both arrays).
+    let buckets = flowlog_common::socktable::buckets_for(a.max_sockets);
+    let slots = buckets * flowlog_common::socktable::BUCKET_SLOTS as u32;
+    let map_bytes = map_memlock(pid, 4, std::mem::size_of::<flowlog_common::socktable::SockBucket>() as u32, buckets)
+        + map_memlock(pid, 4, std::mem::size_of::<flowlog_common::socktable::SockSlot>() as u32, slots);
     let queue_bytes = map_memlock(pid, 0, flowlog_common::FLOW_EVENT_SIZE as u32, a.max_parked);
     let wall = t0.elapsed().as_secs_f64();
     let stats = sc.stop()?;
@@ -319,8 +323,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The `memlock` of the sidecar's map with these key and value sizes and
-/// entries (the socket map: 8, SockState, `max_sockets`; the parking
-/// queue: 0, FlowEvent, `max_parked`), from its fd's fdinfo; 0 if not found.
+/// entries (the socket table's two arrays: 4, SockBucket or SockSlot,
+/// their sizes from `max_sockets`; the parking queue: 0, FlowEvent,
+/// `max_parked`), from its fd's fdinfo; 0 if not found.
 fn map_memlock(pid: u32, key_size: u32, value_size: u32, max_entries: u32) -> u64 {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return 0 };
     for fd in fds.filter_map(Result::ok) {
