@@ -24,8 +24,24 @@ if c.exists():
         r = d["kernel_ns_per_flow_rounds"]
         rounds = f"; median of rounds {d['kernel_ns_per_flow_median']:.0f}, rounds {min(r):.0f}-{max(r):.0f}"
     row("capture", "kernel time per flow (all transitions of one socket)", f"{d['kernel_ns_per_flow']:.0f} ns{floor}{rounds}", f"<= {kmax} ns", d["kernel_ns_per_flow"] <= kmax)
-    umax = t["sidecar_user_ns_per_flow_max"]
-    row("capture", "sidecar user CPU per flow", f"{d['sidecar_user_ns_per_flow']:.0f} ns", f"<= {umax} ns", d["sidecar_user_ns_per_flow"] <= umax)
+    if "printing_user_ns_per_flow_max" in t:
+        umax = t["printing_user_ns_per_flow_max"]
+        r = d["printing_user_ns_per_flow_rounds"]
+        row("capture", "sidecar user CPU per flow, printing mode (the tcplife-style table into a pipe; every flow printed once)",
+            f"{d['printing_user_ns_per_flow']:.0f} ns (rounds {min(r):.0f}-{max(r):.0f}; --output null {d['sidecar_user_ns_per_flow']:.0f} ns; lines missing {d['printing_lines_missing']})",
+            f"<= {umax} ns", d["printing_user_ns_per_flow"] <= umax and d["printing_lines_missing"] == 0)
+        row("capture", "sidecar user CPU per flow, JSON lines (~1 KB per flow) into a pipe", f"{d['json_user_ns_per_flow']:.0f} ns (lines missing {d['json_lines_missing']})", "-", d["json_lines_missing"] == 0)
+        p = d.get("peer")
+        ours = f"flowlog printing: rate ratio {d['printing_rate_ratio']:.3f}, {d['printing_cpu_ns_per_connection']:.0f} ns CPU per connection, {d['printing_lines_per_connection']:.2f} lines per connection"
+        if p:
+            row("capture", "side by side on the same load and rounds (program statistics on for both; CPU = process + its programs)",
+                f"{ours}; {p['tool']} ({p['script']}): rate ratio {p['rate_ratio']:.3f} ({p['rate_ratio_min_max'][0]:.3f}-{p['rate_ratio_min_max'][1]:.3f}), {p['cpu_ns_per_connection']:.0f} ns CPU per connection, {p['lines_per_connection']:.2f} lines per connection",
+                "-", True)
+        else:
+            row("capture", "side by side with a peer", f"{ours}; peer skipped (bpftrace not installed)", "-", True)
+    else:
+        umax = t["sidecar_user_ns_per_flow_max"]
+        row("capture", "sidecar user CPU per flow", f"{d['sidecar_user_ns_per_flow']:.0f} ns", f"<= {umax} ns", d["sidecar_user_ns_per_flow"] <= umax)
     if "workload_resolution_cpu_ratio_max" in t:
         row("capture", "sidecar CPU per flow (exact on-CPU time of all its threads, /proc/PID/task/*/schedstat), workload resolution on / off (same run)",
             f"{d['sidecar_cpu_ns_per_flow']:.0f} / {d['sidecar_cpu_ns_per_flow_resolution_off']:.0f} ns ({d['workload_resolution_cpu_ratio']:.3f}, median of rounds {d['workload_resolution_cpu_ratio_median']:.3f}; user CPU in 10 ms ticks {d['workload_resolution_user_cpu_ratio']:.3f})",

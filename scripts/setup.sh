@@ -113,7 +113,8 @@ assert duckdb.__version__ == '$DUCKDB_VERSION', duckdb.__version__" 2>/dev/null;
 }
 
 setup_system() {
-    apt_install iproute2 procps clang pkg-config nftables
+    # bpftrace: the peer bench-capture runs beside the sidecar (bench/peers/).
+    apt_install iproute2 procps clang pkg-config nftables bpftrace
 }
 
 case "$WHAT" in

@@ -4,6 +4,7 @@
 //! metrics: `flowlog_runtime`.)
 
 pub mod loadgen;
+pub mod peer;
 pub mod sidecar;
 
 use std::path::Path;

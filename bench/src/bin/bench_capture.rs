@@ -5,7 +5,12 @@
 //! without the sidecar, with it (release build, `--output null`), with it
 //! and `--workload-resolve false`, with it and kernel.bpf_stats_enabled=1
 //! (the kernel-time run), and with only an empty program attached to the
-//! same tracepoint (the floor, also with stats). It reports:
+//! same tracepoint (the floor, also with stats); then, with stats on, the
+//! sidecar printing its tcplife-style table (`--output table`) and a peer
+//! doing the same job, bpftrace running a tcplife-style script
+//! (`bench/peers/tcplife.bt`; skipped where bpftrace is not installed), and
+//! the sidecar printing JSON lines (`--output json`), each printing into a
+//! pipe the benchmark reads to its end, counting lines. It reports:
 //! - connection rate with / without the sidecar: the median of the rounds'
 //!   ratios (each round's runs alternate), with their min and max, so one
 //!   noisy run can neither pass nor fail it. The rate runs have the kernel's
@@ -21,7 +26,11 @@
 //! - the cost of local workload resolution: user CPU per flow (and exact
 //!   on-CPU time per flow, from /proc/PID/schedstat) with it on vs off;
 //! - sidecar peak RSS; ring-buffer and map drops, and state changes the
-//!   kernel did not run the program for (recursion misses).
+//!   kernel did not run the program for (recursion misses);
+//! - printing mode (the table): user CPU per flow, and beside the peer:
+//!   each one's rate ratio and CPU per connection (process on-CPU time +
+//!   its programs' run time), and the lines each printed per connection;
+//!   JSON lines (~1 KB per flow): user CPU per flow.
 //!
 //! The load runs in a cgroup named as kubelet names a pod's container
 //! (`--pod-cgroup`, on by default), so that resolution finds a pod.
@@ -34,6 +43,7 @@ use aya::{programs::BtfTracePoint, Btf, Ebpf};
 use clap::Parser;
 use flowlog_bench::{
     loadgen::{self, LoadResult, LoadSpec},
+    peer::{self, Bpftrace, Lines},
     sidecar,
 };
 use flowlog_runtime::process::Usage;
@@ -58,6 +68,9 @@ struct Args {
     /// Run the load in a kubelet-style pod cgroup (systemd driver, containerd).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pod_cgroup: bool,
+    /// The peer's bpftrace script (run where bpftrace is installed).
+    #[arg(long, default_value = "bench/peers/tcplife.bt")]
+    peer_script: PathBuf,
 }
 
 /// One run of the load with the sidecar attached.
@@ -81,6 +94,34 @@ struct Arm {
     workload_flows: Value,
 }
 
+/// One run of the load with a printing tool attached (the sidecar with
+/// `--output table` or `json`, or the peer), program statistics on.
+#[derive(Serialize, Default)]
+struct Printing {
+    load: Option<LoadResult>,
+    /// On-CPU time of all the tool's threads, user and system (exact).
+    run_ns: u64,
+    user_s: f64,
+    peak_rss_bytes: u64,
+    /// Its programs' run time and runs.
+    prog_run_time_ns: u64,
+    prog_run_count: u64,
+    /// Lines it printed (one per closed socket), and the sidecar's flows.
+    lines: u64,
+    flows: u64,
+}
+
+impl Printing {
+    /// The tool's CPU per connection of the load: its process and its programs.
+    fn cpu_ns_per_connection(&self) -> f64 {
+        (self.run_ns + self.prog_run_time_ns) as f64 / self.load.map_or(1, |l| l.connections.max(1)) as f64
+    }
+
+    fn ratio(&self, without: &Option<LoadResult>) -> f64 {
+        self.load.map_or(0.0, |l| l.connections_per_sec) / without.map_or(1.0, |w| w.connections_per_sec)
+    }
+}
+
 /// One run of the load with only the empty program attached.
 #[derive(Serialize, Default)]
 struct Floor {
@@ -100,6 +141,11 @@ struct Round {
     /// The default again, with kernel.bpf_stats_enabled=1: kernel time.
     kernel: Arm,
     floor: Floor,
+    /// The table.
+    printing: Printing,
+    json: Printing,
+    /// None where bpftrace is not installed.
+    peer: Option<Printing>,
 }
 
 #[derive(Serialize)]
@@ -142,7 +188,34 @@ struct Report {
     sidecar_cpu_percent_per_1000_conn_per_s: f64,
     sidecar_peak_rss_mb: f64,
     drops: u64,
+    /// Printing mode (`--output table` into a pipe): user CPU per flow, and
+    /// per round.
+    printing_user_ns_per_flow: f64,
+    printing_user_ns_per_flow_rounds: Vec<f64>,
+    /// Printing mode beside the peer, both with program statistics on:
+    /// medians of the rounds.
+    printing_rate_ratio: f64,
+    printing_cpu_ns_per_connection: f64,
+    printing_lines_per_connection: f64,
+    /// Lines printed minus flows read (0: every flow printed once).
+    printing_lines_missing: i64,
+    /// JSON lines (`--output json`): user CPU per flow, lines missing.
+    json_user_ns_per_flow: f64,
+    json_lines_missing: i64,
+    peer: Option<PeerReport>,
     targets: Value,
+}
+
+#[derive(Serialize)]
+struct PeerReport {
+    tool: String,
+    script: String,
+    rate_ratio: f64,
+    rate_ratio_min_max: [f64; 2],
+    cpu_ns_per_connection: f64,
+    cpu_ns_per_connection_rounds: Vec<f64>,
+    lines_per_connection: f64,
+    peak_rss_mb: f64,
 }
 
 /// `f` of a run, per flow.
@@ -187,7 +260,15 @@ fn main() -> anyhow::Result<()> {
     // The runs the rate ratio compares ("without", "with") always go back to
     // back: this machine's speed changes from one half-minute to the next
     // (see kernel_ns_per_flow_rounds), so runs further apart compare speeds.
-    let arms = [["without", "with"].as_slice(), &["with_resolution_off"], &["kernel"], &["floor"]];
+    let peer_tool = peer::bpftrace_version();
+    if peer_tool.is_none() {
+        eprintln!("bpftrace not found: the side-by-side with a peer is skipped (Debian: apt-get install bpftrace)");
+    }
+    let arms: &[&[&'static str]] = if peer_tool.is_some() {
+        &[&["without", "with"], &["with_resolution_off"], &["kernel"], &["floor"], &["printing"], &["peer"], &["json"]]
+    } else {
+        &[&["without", "with"], &["with_resolution_off"], &["kernel"], &["floor"], &["printing"], &["json"]]
+    };
     let mut rounds = Vec::new();
     for i in 0..a.rounds {
         // Rotate the order, and reverse it every other round (the pair's too),
@@ -199,19 +280,22 @@ fn main() -> anyhow::Result<()> {
         }
         let mut r = Round { order: order.clone(), ..Round::default() };
         for arm in order {
-            bpf_stats(matches!(arm, "kernel" | "floor"))?;
+            bpf_stats(matches!(arm, "kernel" | "floor" | "printing" | "peer" | "json"))?;
             match arm {
                 "without" => r.without = Some(loadgen::run(spec)?),
                 "with" => measure_with(&a, spec, &mut r.with, true)?,
                 "kernel" => measure_with(&a, spec, &mut r.kernel, true)?,
                 "floor" => r.floor = measure_floor(spec)?,
+                "printing" => r.printing = measure_printing(&a, spec, "table")?,
+                "json" => r.json = measure_printing(&a, spec, "json")?,
+                "peer" => r.peer = Some(measure_peer(&a, spec)?),
                 _ => measure_with(&a, spec, &mut r.with_resolution_off, false)?,
             }
             std::thread::sleep(Duration::from_secs(1));
         }
         eprintln!(
             "round {}: without {:.0}/s, with {:.0}/s; user ns/flow resolution on {:.0}, off {:.0}; \
-             kernel ns/transition {:.0}, floor {:.0}",
+             kernel ns/transition {:.0}, floor {:.0}; printing {:.0}/s, {:.0} ns/connection; peer {}",
             i + 1,
             r.without.unwrap().connections_per_sec,
             r.with.load.unwrap().connections_per_sec,
@@ -219,6 +303,13 @@ fn main() -> anyhow::Result<()> {
             per_flow(&r.with_resolution_off, user_ns),
             r.kernel.prog_run_time_ns as f64 / r.kernel.prog_run_count.max(1) as f64,
             r.floor.prog_run_time_ns as f64 / r.floor.prog_run_count.max(1) as f64,
+            r.printing.load.unwrap().connections_per_sec,
+            r.printing.cpu_ns_per_connection(),
+            r.peer.as_ref().map_or("-".into(), |p| format!(
+                "{:.0}/s, {:.0} ns/connection",
+                p.load.unwrap().connections_per_sec,
+                p.cpu_ns_per_connection()
+            )),
         );
         rounds.push(r);
     }
@@ -255,6 +346,27 @@ fn main() -> anyhow::Result<()> {
         sum_u(&kernel, |x| x.prog_run_count) as f64 / sum_u(&kernel, |x| x.flows).max(1) as f64;
     let kernel_rounds: Vec<f64> =
         rounds.iter().map(|r| r.kernel.prog_run_time_ns as f64 / r.kernel.flows.max(1) as f64).collect();
+    let printing_rounds: Vec<f64> =
+        rounds.iter().map(|r| r.printing.user_s * 1e9 / r.printing.flows.max(1) as f64).collect();
+    let min_max = |v: &[f64]| [v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max)];
+    let lines_per_connection =
+        |p: &Printing| p.lines as f64 / p.load.map_or(1, |l| l.connections.max(1)) as f64;
+    let peers: Vec<(&Printing, &Option<LoadResult>)> =
+        rounds.iter().filter_map(|r| r.peer.as_ref().map(|p| (p, &r.without))).collect();
+    let peer = peer_tool.map(|tool| {
+        let ratios: Vec<f64> = peers.iter().map(|(p, w)| p.ratio(w)).collect();
+        let cpu: Vec<f64> = peers.iter().map(|(p, _)| p.cpu_ns_per_connection()).collect();
+        PeerReport {
+            tool,
+            script: a.peer_script.display().to_string(),
+            rate_ratio: median(ratios.clone()),
+            rate_ratio_min_max: min_max(&ratios),
+            cpu_ns_per_connection: median(cpu.clone()),
+            cpu_ns_per_connection_rounds: cpu,
+            lines_per_connection: median(peers.iter().map(|(p, _)| lines_per_connection(p)).collect()),
+            peak_rss_mb: peers.iter().map(|(p, _)| p.peak_rss_bytes).max().unwrap_or(0) as f64 / 1048576.0,
+        }
+    });
     let floor_ns_per_transition = rounds.iter().map(|r| r.floor.prog_run_time_ns).sum::<u64>() as f64
         / rounds.iter().map(|r| r.floor.prog_run_count).sum::<u64>().max(1) as f64;
     let report = Report {
@@ -300,9 +412,20 @@ fn main() -> anyhow::Result<()> {
         sidecar_cpu_percent_per_1000_conn_per_s: (cpu_s / secs * 100.0) / (avg_rate / 1000.0),
         sidecar_peak_rss_mb: all.iter().map(|x| x.sidecar_peak_rss_bytes).max().unwrap_or(0) as f64 / 1048576.0,
         drops: sum_u(&all, |x| x.ringbuf_full + x.sock_map_full + x.decode_errors + x.recursion_misses),
+        printing_user_ns_per_flow: rounds.iter().map(|r| r.printing.user_s).sum::<f64>() * 1e9
+            / rounds.iter().map(|r| r.printing.flows).sum::<u64>().max(1) as f64,
+        printing_user_ns_per_flow_rounds: printing_rounds,
+        printing_rate_ratio: median(rounds.iter().map(|r| r.printing.ratio(&r.without)).collect()),
+        printing_cpu_ns_per_connection: median(rounds.iter().map(|r| r.printing.cpu_ns_per_connection()).collect()),
+        printing_lines_per_connection: median(rounds.iter().map(|r| lines_per_connection(&r.printing)).collect()),
+        printing_lines_missing: rounds.iter().map(|r| r.printing.flows as i64 + 1 - r.printing.lines as i64).sum(),
+        json_user_ns_per_flow: rounds.iter().map(|r| r.json.user_s).sum::<f64>() * 1e9
+            / rounds.iter().map(|r| r.json.flows).sum::<u64>().max(1) as f64,
+        json_lines_missing: rounds.iter().map(|r| r.json.flows as i64 - r.json.lines as i64).sum(),
+        peer,
         targets: serde_json::json!({
             "kernel_ns_per_flow_max": 1200,
-            "sidecar_user_ns_per_flow_max": 300,
+            "printing_user_ns_per_flow_max": 300,
             // On exact on-CPU time: user CPU comes in 10 ms ticks, and an
             // arm's sidecar runs for ~30 ms, so its ratio moves by 10-20 %
             // between runs of the same binary.
@@ -331,7 +454,7 @@ fn main() -> anyhow::Result<()> {
     );
     println!("  kernel ns per connection (both ends on loopback) {:.0}", report.kernel_ns_per_connection_both_ends);
     println!("  kernel ns per transition        {:>9.0}", report.kernel_ns_per_transition);
-    println!("  sidecar user ns per flow        {:>9.0}  (target <= 300)", report.sidecar_user_ns_per_flow);
+    println!("  sidecar user ns per flow        {:>9.0}  (--output null)", report.sidecar_user_ns_per_flow);
     println!(
         "  ... workload resolution off     {:>9.0}  (on / off {:.3}, in 10 ms ticks)",
         report.sidecar_user_ns_per_flow_resolution_off, report.workload_resolution_user_cpu_ratio
@@ -347,6 +470,25 @@ fn main() -> anyhow::Result<()> {
     println!("  sidecar CPU % per 1000 conn/s   {:>9.3}", report.sidecar_cpu_percent_per_1000_conn_per_s);
     println!("  sidecar peak RSS MB             {:>9.1}  (target <= 40)", report.sidecar_peak_rss_mb);
     println!("  drops                           {:>9}  (target 0)", report.drops);
+    println!(
+        "  printing (the table, into a pipe): user ns per flow {:.0} (target <= 300; rounds {:.0?}), {} lines missing",
+        report.printing_user_ns_per_flow, report.printing_user_ns_per_flow_rounds, report.printing_lines_missing
+    );
+    println!(
+        "  printing JSON lines: user ns per flow {:.0}, {} lines missing",
+        report.json_user_ns_per_flow, report.json_lines_missing
+    );
+    println!(
+        "  ... with program statistics on: rate ratio {:.3}, CPU {:.0} ns per connection (process + programs), {:.2} lines per connection",
+        report.printing_rate_ratio, report.printing_cpu_ns_per_connection, report.printing_lines_per_connection
+    );
+    match &report.peer {
+        Some(p) => println!(
+            "  peer, same load and rounds ({}, {}): rate ratio {:.3} (min {:.3} max {:.3}), CPU {:.0} ns per connection, {:.2} lines per connection, peak RSS {:.1} MB",
+            p.tool, p.script, p.rate_ratio, p.rate_ratio_min_max[0], p.rate_ratio_min_max[1], p.cpu_ns_per_connection, p.lines_per_connection, p.peak_rss_mb
+        ),
+        None => println!("  peer: skipped (bpftrace not installed)"),
+    }
     flowlog_bench::write_report(&a.out, &report)?;
     Ok(())
 }
@@ -374,6 +516,67 @@ fn measure_with(a: &Args, spec: LoadSpec, r: &mut Arm, resolve: bool) -> anyhow:
     r.recursion_misses = n(&stats["program_recursion_misses"]);
     r.workload_flows = stats["workload"]["flows"].clone();
     Ok(())
+}
+
+/// The sidecar printing (`mode`: table or json) into a pipe this process
+/// reads to its end. The table has a header line.
+fn measure_printing(a: &Args, spec: LoadSpec, mode: &str) -> anyhow::Result<Printing> {
+    let (sc, out) = sidecar::start_piped(&a.sidecar, &["--output", mode])?;
+    let lines = Lines::read(out);
+    let pid = sc.pid;
+    let (u0, n0) = (Usage::of(pid)?, sidecar::on_cpu_ns(pid)?);
+    let load = loadgen::run(spec)?;
+    // Every closed socket's line is out (two per connection on loopback).
+    let header = (mode == "table") as u64;
+    wait_for(|| lines.so_far() >= 2 * load.connections + header);
+    let (u1, n1) = (Usage::of(pid)?, sidecar::on_cpu_ns(pid)?);
+    let stats = sc.stop()?;
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    Ok(Printing {
+        load: Some(load),
+        run_ns: n1 - n0,
+        user_s: u1.user_seconds - u0.user_seconds,
+        peak_rss_bytes: u1.peak_rss_bytes,
+        prog_run_time_ns: n(&stats["program_run_time_ns"]),
+        prog_run_count: n(&stats["program_run_count"]),
+        flows: n(&stats["user"]["events_read"]),
+        lines: lines.finish()?,
+    })
+}
+
+/// The peer (bpftrace, tcplife-style script) on the same load.
+fn measure_peer(a: &Args, spec: LoadSpec) -> anyhow::Result<Printing> {
+    let peer = Bpftrace::start(&a.peer_script)?;
+    let pid = peer.pid;
+    let (u0, n0, (t0, c0)) = (Usage::of(pid)?, sidecar::on_cpu_ns(pid)?, peer.program_stats());
+    let load = loadgen::run(spec)?;
+    // Its output has no flow count to wait for; its perf buffers are read
+    // every 100 ms or so: wait for the line count to settle.
+    let mut last = u64::MAX;
+    wait_for(|| {
+        let now = peer.lines_so_far();
+        std::mem::replace(&mut last, now) == now
+    });
+    let (u1, n1, (t1, c1)) = (Usage::of(pid)?, sidecar::on_cpu_ns(pid)?, peer.program_stats());
+    Ok(Printing {
+        load: Some(load),
+        run_ns: n1 - n0,
+        user_s: u1.user_seconds - u0.user_seconds,
+        peak_rss_bytes: u1.peak_rss_bytes,
+        prog_run_time_ns: t1 - t0,
+        prog_run_count: c1 - c0,
+        flows: 0,
+        lines: peer.stop()?,
+    })
+}
+
+/// Polls `done` every 200 ms, for up to 30 s (then goes on: the lines
+/// counted tell what was missing).
+fn wait_for(mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !done() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The empty program (flowlog-floor, built with the sidecar's eBPF crate).
