@@ -58,11 +58,11 @@ flowlog_settings::settings! {
         pub ring_buffer_bytes: u32 = 4 * 1024 * 1024,
         /// Live sockets tracked at once; opens beyond it are still reported at
         /// close, without start time and owner, and counted
-        /// (`sock_map_full`). The kernel's socket table has room for at least 7/4 of
-        /// it (a power of two of 7-slot buckets, at least one per four
-        /// sockets) so that its hashing almost never turns a socket away
-        /// below this number; 64 bytes per slot and per bucket, allocated at load
-        /// (65 536: 8.4 MB; 262 144: 33.6 MB).
+        /// (`sock_map_full`). The kernel's socket table is sized so that in
+        /// practice it turns no socket away below this number: a power of two of
+        /// 7-slot buckets, at least one per three sockets; 64 bytes per slot
+        /// and per bucket, allocated at load (65 536: 16.8 MB; 262 144:
+        /// 67.1 MB).
         #[flag(long = "max-sockets", env = "FLOWLOG_MAX_SOCKETS")]
         pub max_sockets: u32 = 65_536,
         /// Final flow events that may wait in the kernel when the ring buffer

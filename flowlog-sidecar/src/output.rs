@@ -10,7 +10,7 @@ pub struct Printer<W: Write> {
     mode: Output,
     out: io::BufWriter<W>,
     header_done: bool,
-    /// The table row being built (reused).
+    /// The line being built (reused).
     row: Vec<u8>,
 }
 
@@ -20,12 +20,26 @@ impl<W: Write> Printer<W> {
     }
 }
 
-/// The record's fields (enum symbols in snake_case) plus its duration.
-#[derive(serde::Serialize)]
-struct Json<'a> {
-    #[serde(flatten)]
-    flow: &'a Flow,
-    duration_ns: Option<i64>,
+/// One JSON line: the record's fields (enum symbols in snake_case) plus its
+/// duration, last. Written as the record's object with the duration put in
+/// before its closing brace: serde's `flatten` (the obvious way) serializes
+/// the record as a map, field by field through a wrapper, which cost ~15%
+/// more per line.
+fn json_line(out: &mut Vec<u8>, r: &Flow) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, r)?;
+    if out.last() != Some(&b'}') {
+        return Err(io::Error::other("a flow record did not serialize as a JSON object"));
+    }
+    out.pop();
+    match r.start_time_ns {
+        Some(s) => {
+            out.extend_from_slice(b",\"duration_ns\":");
+            out.extend_from_slice(itoa::Buffer::new().format(r.end_time_ns - s).as_bytes());
+        }
+        None => out.extend_from_slice(b",\"duration_ns\":null"),
+    }
+    out.extend_from_slice(b"}\n");
+    Ok(())
 }
 
 impl<W: Write> Sink for Printer<W> {
@@ -33,9 +47,9 @@ impl<W: Write> Sink for Printer<W> {
         match self.mode {
             Output::Null | Output::Kafka => Ok(()),
             Output::Json => {
-                let duration_ns = r.start_time_ns.map(|s| r.end_time_ns - s);
-                serde_json::to_writer(&mut self.out, &Json { flow: r, duration_ns })?;
-                self.out.write_all(b"\n")
+                self.row.clear();
+                json_line(&mut self.row, r)?;
+                self.out.write_all(&self.row)
             }
             Output::Table => {
                 if !self.header_done {
@@ -227,6 +241,27 @@ mod tests {
             let mut row = Vec::new();
             super::table_row(&mut row, f);
             assert_eq!(String::from_utf8(row).unwrap(), table_row_by_format(f));
+        }
+    }
+
+    /// The line as serde's flatten wrote it before `json_line` (the reference).
+    #[derive(serde::Serialize)]
+    struct Flattened<'a> {
+        #[serde(flatten)]
+        flow: &'a Flow,
+        duration_ns: Option<i64>,
+    }
+
+    #[test]
+    fn json_line_matches_flatten() {
+        let with_workload = Flow { workload: Some(std::sync::Arc::new(fixtures::pod_workload())), ..fixtures::flow() };
+        for f in [fixtures::flow(), with_workload, Flow { start_time_ns: None, ..fixtures::flow() }] {
+            let mut line = Vec::new();
+            json_line(&mut line, &f).unwrap();
+            let duration_ns = f.start_time_ns.map(|s| f.end_time_ns - s);
+            let mut reference = serde_json::to_vec(&Flattened { flow: &f, duration_ns }).unwrap();
+            reference.push(b'\n');
+            assert_eq!(String::from_utf8(line).unwrap(), String::from_utf8(reference).unwrap());
         }
     }
 
