@@ -55,7 +55,9 @@ struct Args {
     /// The sidecar binary (release build).
     #[arg(long, default_value = "target/release/flowlog-sidecar")]
     sidecar: PathBuf,
-    #[arg(long, default_value_t = 5)]
+    /// Rounds: the rate ratio is their median (the machine's speed moves by
+    /// 5-10% between runs, so an odd number well above the 5).
+    #[arg(long, default_value_t = 7)]
     rounds: usize,
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
