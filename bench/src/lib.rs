@@ -16,6 +16,11 @@ pub fn median(values: &[f64]) -> Option<f64> {
     v.get(v.len() / 2).copied()
 }
 
+/// A numeric field of a /proc/PID/fdinfo/FD text (`key` with its colon).
+pub fn fdinfo_field(info: &str, key: &str) -> Option<u64> {
+    info.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok())
+}
+
 /// Writes a benchmark's report as pretty JSON to `path` (its folder made if
 /// need be) and says where.
 pub fn write_report(path: &Path, report: &impl serde::Serialize) -> anyhow::Result<()> {

@@ -17,6 +17,8 @@ use std::{
 
 use anyhow::{bail, Context};
 
+use crate::fdinfo_field;
+
 /// Reads a process's standard output to its end in a thread, counting lines.
 pub struct Lines {
     count: Arc<AtomicU64>,
@@ -100,7 +102,7 @@ impl Bpftrace {
 
     /// Run time and runs of its tracepoint programs (kernel.bpf_stats_enabled=1).
     pub fn program_stats(&self) -> (u64, u64) {
-        program_stats(self.pid, |info| field(info, "prog_type:") == Some(5)) // BPF_PROG_TYPE_TRACEPOINT
+        program_stats(self.pid, |info| fdinfo_field(info, "prog_type:") == Some(5)) // BPF_PROG_TYPE_TRACEPOINT
     }
 
     /// Stops it (SIGINT, as at a terminal) and returns the lines it printed.
@@ -125,10 +127,6 @@ impl Drop for Bpftrace {
     }
 }
 
-fn field(info: &str, key: &str) -> Option<u64> {
-    info.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok())
-}
-
 /// Sum of run_time_ns and run_cnt over the BPF programs `pid` holds fds of
 /// that `keep` selects, from /proc/PID/fdinfo; each program once, however
 /// many fds name it.
@@ -138,7 +136,7 @@ pub fn program_stats(pid: u32, keep: impl Fn(&str) -> bool) -> (u64, u64) {
     for fd in fds.filter_map(Result::ok) {
         let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
         if let (true, Some(id), Some(t), Some(c)) =
-            (keep(&info), field(&info, "prog_id:"), field(&info, "run_time_ns:"), field(&info, "run_cnt:"))
+            (keep(&info), fdinfo_field(&info, "prog_id:"), fdinfo_field(&info, "run_time_ns:"), fdinfo_field(&info, "run_cnt:"))
         {
             seen.insert(id, (t, c));
         }

@@ -83,12 +83,6 @@ pub struct KernelSettings {
     pub sock_bucket_mask: u64,
 }
 
-impl Default for KernelSettings {
-    fn default() -> Self {
-        KernelSettings { wakeup_bytes: 256 * 1024, sock_bucket_mask: crate::socktable::buckets_for(65_536) as u64 - 1 }
-    }
-}
-
 pub const OFFSETS_GLOBAL: &str = "FLOWLOG_OFFSETS";
 pub const SETTINGS_GLOBAL: &str = "FLOWLOG_SETTINGS";
 pub const EVENTS_MAP: &str = "FLOWLOG_EVENTS";

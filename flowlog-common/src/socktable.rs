@@ -52,6 +52,12 @@ pub struct SockSlot {
 }
 const _: () = assert!(core::mem::size_of::<SockSlot>() == 64);
 
+/// Where slot `slot` of bucket `bucket` is in the array of states.
+#[inline(always)]
+pub const fn slot_index(bucket: u32, slot: usize) -> u32 {
+    bucket * BUCKET_SLOTS as u32 + slot as u32
+}
+
 /// The address written while a slot's state is being filled in: matches no
 /// socket (socket addresses are 8-byte aligned).
 #[inline(always)]
@@ -325,7 +331,7 @@ mod tests {
             unsafe { &mut *self.buckets.get() }.get_mut(i as usize).map(|b| b as *mut _)
         }
         fn slot(&self, bucket: u32, slot: usize) -> Option<*mut SockSlot> {
-            unsafe { &mut *self.slots.get() }.get_mut(bucket as usize * BUCKET_SLOTS + slot).map(|s| s as *mut _)
+            unsafe { &mut *self.slots.get() }.get_mut(slot_index(bucket, slot) as usize).map(|s| s as *mut _)
         }
     }
 

@@ -117,7 +117,7 @@ impl socktable::Memory for Socks {
 
     #[inline(always)]
     fn slot(&self, bucket: u32, slot: usize) -> Option<*mut SockSlot> {
-        SOCK_SLOTS.get_ptr_mut(bucket * BUCKET_SLOTS as u32 + slot as u32)
+        SOCK_SLOTS.get_ptr_mut(socktable::slot_index(bucket, slot))
     }
 }
 

@@ -34,7 +34,7 @@ use aya::{
 };
 use flowlog_common::{
     snapshot,
-    socktable::{is_live, SockBucket, SockSlot, BUCKET_SLOTS},
+    socktable::{is_live, slot_index, SockBucket, SockSlot, BUCKET_SLOTS},
     PROG_SNAPSHOT, SOCK_BUCKETS_MAP, SOCK_SLOTS_MAP,
 };
 use tokio::task::JoinHandle;
@@ -186,12 +186,12 @@ fn list(socks: &Socks) -> std::io::Result<Vec<(u64, u64)>> {
             // SAFETY: SockSlot is plain data; every byte is written by the
             // kernel before it is read (read_batch returns how many).
             slots.resize(got * BUCKET_SLOTS, unsafe { std::mem::zeroed() });
-            let n = read_batch(Socks::data(&socks.slots)?, first * BUCKET_SLOTS as u32, &mut slots[..])?;
-            for (b, bucket) in buckets[..got].iter().enumerate() {
+            let n = read_batch(Socks::data(&socks.slots)?, slot_index(first, 0), &mut slots[..])?;
+            let read = &slots[..n];
+            for (b, bucket) in (0..).zip(&buckets[..got]) {
                 for (i, &sk) in bucket.keys.iter().enumerate() {
-                    match slots.get(b * BUCKET_SLOTS + i) {
-                        Some(slot) if is_live(sk) && b * BUCKET_SLOTS + i < n => listed.push((sk, slot.state.start_ns)),
-                        _ => {}
+                    if let (true, Some(slot)) = (is_live(sk), read.get(slot_index(b, i) as usize)) {
+                        listed.push((sk, slot.state.start_ns));
                     }
                 }
             }
@@ -253,7 +253,7 @@ impl Snapshotter {
         for b in 0..self.socks.len {
             let Ok(bucket) = buckets.get(&b, 0) else { continue };
             for (i, &sk) in bucket.keys.iter().enumerate() {
-                if let (true, Ok(slot)) = (is_live(sk), slots.get(&(b * BUCKET_SLOTS as u32 + i as u32), 0)) {
+                if let (true, Ok(slot)) = (is_live(sk), slots.get(&slot_index(b, i), 0)) {
                     listed.push((sk, slot.state.start_ns));
                 }
             }

@@ -25,6 +25,7 @@ use std::{
 use anyhow::{bail, Context};
 use clap::Parser;
 use flowlog_bench::{
+    fdinfo_field,
     loadgen::{self, LoadSpec},
     sidecar,
 };
@@ -330,10 +331,9 @@ fn map_memlock(pid: u32, key_size: u32, value_size: u32, max_entries: u32) -> u6
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return 0 };
     for fd in fds.filter_map(Result::ok) {
         let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
-        let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or("");
-        let is = |k: &str, v: u32| field(k) == v.to_string();
+        let is = |k: &str, v: u32| fdinfo_field(&info, k) == Some(u64::from(v));
         if is("key_size:", key_size) && is("value_size:", value_size) && is("max_entries:", max_entries) {
-            return field("memlock:").parse().unwrap_or(0);
+            return fdinfo_field(&info, "memlock:").unwrap_or(0);
         }
     }
     0
