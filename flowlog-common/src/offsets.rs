@@ -91,6 +91,7 @@ pub const SOCK_SLOTS_MAP: &str = "FLOWLOG_SOCK_SLOTS";
 pub const LISTENERS_MAP: &str = "FLOWLOG_LISTENERS";
 pub const STATS_MAP: &str = "FLOWLOG_STATS";
 pub const PARKED_MAP: &str = "FLOWLOG_PARKED";
+pub const STAGE_HEAD_MAP: &str = "FLOWLOG_STAGE_HEAD";
 pub const PROG_TP_BTF: &str = "flowlog_tp_btf";
 pub const PROG_TRACEPOINT: &str = "flowlog_tracepoint";
 pub const PROG_SNAPSHOT: &str = "flowlog_snapshot";

@@ -394,7 +394,7 @@ mod tests {
         for max in [4_096u32, 49_152, 65_536, 262_144] {
             let t = Table::new(buckets_for(max));
             let mut seed = u64::from(max) | 1;
-            let mut addr = |seed: &mut u64| {
+            let addr = |seed: &mut u64| {
                 let slab = rng(seed) % (1 << 22);
                 0xffff_8880_0000_0000 + slab * 32_768 + (rng(seed) % 14) * 2_304
             };

@@ -1,6 +1,6 @@
 //! User-space side: Pod impls and checked decoding of ring-buffer records.
 
-use crate::{FlowEvent, KernelOffsets, KernelSettings, FLOW_EVENT_KIND_V2, FLOW_EVENT_SIZE};
+use crate::{FlowEvent, KernelOffsets, KernelSettings, FLOW_EVENT_KIND_V2, FLOW_EVENT_SIZE, STAGE_EVENTS};
 
 // SAFETY: plain #[repr(C)] integers and byte arrays, no padding-dependent invariants.
 unsafe impl aya::Pod for KernelOffsets {}
@@ -9,6 +9,7 @@ unsafe impl aya::Pod for FlowEvent {}
 unsafe impl aya::Pod for crate::SockState {}
 unsafe impl aya::Pod for crate::socktable::SockBucket {}
 unsafe impl aya::Pod for crate::socktable::SockSlot {}
+unsafe impl aya::Pod for crate::StageHead {}
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum DecodeError {
@@ -24,7 +25,7 @@ impl core::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             DecodeError::Length { got } => {
-                write!(f, "ring buffer record of {got} bytes, expected {FLOW_EVENT_SIZE}")
+                write!(f, "ring buffer record of {got} bytes, expected 1 to {STAGE_EVENTS} events of {FLOW_EVENT_SIZE}")
             }
             DecodeError::Kind(k) => write!(f, "unknown flow event kind {k}"),
             DecodeError::Family(a) => write!(f, "unknown address family {a}"),
@@ -33,6 +34,17 @@ impl core::fmt::Display for DecodeError {
 }
 
 impl FlowEvent {
+    /// Decodes one ring-buffer record: a single event, or the final events a
+    /// CPU staged ([`crate::Stage`]), oldest first. A record of the wrong
+    /// length yields one error and nothing else.
+    pub fn decode_record(bytes: &[u8]) -> impl Iterator<Item = Result<FlowEvent, DecodeError>> + '_ {
+        let n = bytes.len() / FLOW_EVENT_SIZE;
+        let bad = bytes.len() % FLOW_EVENT_SIZE != 0 || n == 0 || n > STAGE_EVENTS;
+        let err = bad.then_some(Err(DecodeError::Length { got: bytes.len() }));
+        let events = if bad { &[][..] } else { bytes };
+        err.into_iter().chain(events.chunks_exact(FLOW_EVENT_SIZE).map(FlowEvent::decode))
+    }
+
     /// Decodes one ring-buffer record, checking its length, kind and family.
     pub fn decode(bytes: &[u8]) -> Result<FlowEvent, DecodeError> {
         if bytes.len() != FLOW_EVENT_SIZE {
@@ -59,7 +71,9 @@ impl FlowEvent {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
+    use std::{vec, vec::Vec};
 
     fn sample() -> FlowEvent {
         FlowEvent {
@@ -112,5 +126,24 @@ mod tests {
         let mut bad = ev;
         bad.family = 1;
         assert_eq!(FlowEvent::decode(bad.as_bytes()), Err(DecodeError::Family(1)));
+    }
+
+    #[test]
+    fn staged_records_decode_in_order() {
+        let mut events = [sample(); 3];
+        for (i, e) in events.iter_mut().enumerate() {
+            e.sk = i as u64 + 1;
+        }
+        events[1].family = 1;
+        let bytes: Vec<u8> = events.iter().flat_map(|e| e.as_bytes().to_vec()).collect();
+        let got: Vec<_> = FlowEvent::decode_record(&bytes).collect();
+        assert_eq!(got, vec![Ok(events[0]), Err(DecodeError::Family(1)), Ok(events[2])]);
+        assert_eq!(FlowEvent::decode_record(events[0].as_bytes()).collect::<Vec<_>>(), vec![Ok(events[0])]);
+        // Torn, empty or longer than a stage: one error, nothing decoded.
+        for len in [0, 100, FLOW_EVENT_SIZE + 1, FLOW_EVENT_SIZE * (STAGE_EVENTS + 1)] {
+            let bytes = vec![0u8; len];
+            let got: Vec<_> = FlowEvent::decode_record(&bytes).collect();
+            assert_eq!(got, vec![Err(DecodeError::Length { got: len })], "{len} bytes");
+        }
     }
 }

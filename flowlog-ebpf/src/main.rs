@@ -30,8 +30,8 @@ use aya_ebpf::{
 use flowlog_common::{
     socktable::{self, SockBucket, SockSlot, BUCKET_SLOTS},
     direction, flags, skipped_from, snapshot, stat, tcp_state, FlowEvent, KernelOffsets, KernelSettings,
-    ListenKey, Owner, Scratch, SockState, AF_INET, AF_INET6, COMM_LEN, FLOW_EVENT_KIND_V2, SCRATCH_BYTES,
-    STATE_PATH_MAX,
+    ListenKey, Owner, Scratch, SockState, Stage, StageHead, AF_INET, AF_INET6, COMM_LEN, FLOW_EVENT_KIND_V2,
+    FLOW_EVENT_SIZE, SCRATCH_BYTES, STAGE_EVENTS, STATE_PATH_MAX,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -144,6 +144,15 @@ static PARKED: Queue<FlowEvent> = Queue::with_max_entries(65536, 0);
 /// One final event per CPU, assembled here when the ring buffer is full.
 #[map(name = "FLOWLOG_PARKING")]
 static PARKING: PerCpuArray<FlowEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Final events staged per CPU ([`Stage`]), sent to the ring buffer
+/// [`STAGE_EVENTS`] at a time, and by user space's flush before each drain
+/// (the snapshot program run with [`snapshot::FLUSH`] on each CPU holding
+/// any). Their count and the in-use flag are in [`STAGE_HEAD`].
+#[map(name = "FLOWLOG_STAGE")]
+static STAGE: PerCpuArray<Stage> = PerCpuArray::with_max_entries(1, 0);
+#[map(name = "FLOWLOG_STAGE_HEAD")]
+static STAGE_HEAD: PerCpuArray<StageHead> = PerCpuArray::with_max_entries(1, 0);
 
 /// One u64 per CPU that turns a typed pointer into a plain number ([`address`]).
 #[map(name = "FLOWLOG_ADDRESS")]
@@ -526,6 +535,9 @@ fn on_close<C: Fields>(sk: u64, old: u8, at_close: impl FnOnce() -> Option<C>) {
 pub fn flowlog_snapshot(ctx: *mut core::ffi::c_void) -> u32 {
     let ctx = RawTracePointContext::new(ctx);
     let sk: u64 = unsafe { *(ctx.as_ptr() as *const u64) };
+    if sk == snapshot::FLUSH {
+        return flush();
+    }
     // Only sockets still tracked: their CLOSE transition (which removes the
     // entry) has not happened, so the socket is alive.
     let Some(found) = socktable::find(&Socks, sk) else { return snapshot::GONE };
@@ -557,27 +569,153 @@ pub fn flowlog_snapshot(ctx: *mut core::ffi::c_void) -> u32 {
     }
 }
 
-/// Fills and submits one event from the socket (and its entry, if tracked).
-/// `old` is the state left at close, or the current state for snapshots.
-/// A final event that finds the ring buffer full is parked instead
+/// Sends one event from the socket (and its entry, if tracked). `old` is
+/// the state left at close, or the current state for snapshots. A final
+/// event is staged on its CPU ([`STAGE`]) unless a flush it interrupted
+/// holds the stage; then, like an interim one, it goes to the ring buffer
+/// alone. A final event that finds the ring buffer full is parked instead
 /// ([`PARKED`]); an interim one is not sent, and false tells its pass to
 /// wait for room and ask again.
 #[inline(always)]
 fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim: bool, at_close: impl FnOnce() -> Option<C>) -> bool {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let mut ring = EVENTS.reserve::<FlowEvent>(0);
-    let slot: *mut FlowEvent = match &mut ring {
-        Some(ev) => ev.as_mut_ptr(),
-        None if interim => return false,
-        None => match PARKING.get_ptr_mut(0) {
-            Some(p) => p,
-            None => {
-                count(stat::RINGBUF_FULL);
+    if !interim {
+        if let (Some(head), Some(stage)) = (STAGE_HEAD.get_ptr_mut(0), STAGE.get_ptr_mut(0)) {
+            let head = unsafe { &mut *head };
+            if claim(head) {
+                let i = head.count as usize;
+                if i < STAGE_EVENTS {
+                    let e = unsafe { &mut (*stage).events[i] };
+                    if fill(e, sk, old, tracked, false, at_close) {
+                        head.count += 1;
+                        count(stat::EVENTS);
+                    }
+                }
+                if head.count as usize >= STAGE_EVENTS && !send_stage(head, unsafe { &*stage }) {
+                    park_stage(head, unsafe { &*stage });
+                }
+                release(head);
                 return true;
             }
-        },
+        }
+    }
+    let Some(mut ev) = EVENTS.reserve::<FlowEvent>(0) else {
+        if interim {
+            return false;
+        }
+        // User space pops the queue on its next drain (the ring is full, so
+        // one is due).
+        let Some(p) = PARKING.get_ptr_mut(0) else {
+            count(stat::RINGBUF_FULL);
+            return true;
+        };
+        let e = unsafe { &mut *p };
+        if fill(e, sk, old, tracked, false, at_close) && park(e) {
+            count(stat::EVENTS);
+        }
+        return true;
     };
-    let e = unsafe { &mut *slot };
+    if !fill(unsafe { &mut *ev.as_mut_ptr() }, sk, old, tracked, interim, at_close) {
+        ev.discard(0);
+        return true;
+    }
+    ev.submit(wake_flag(FLOW_EVENT_SIZE as u64));
+    count(stat::EVENTS);
+    true
+}
+
+/// Marks this CPU's stage in use; false when a program this one interrupted
+/// holds it. Only programs on this CPU touch it, one at a time unless one
+/// interrupts another, so a plain flag is enough; the fences keep the
+/// compiler from moving the stage's writes outside it.
+#[inline(always)]
+fn claim(head: &mut StageHead) -> bool {
+    if unsafe { core::ptr::read_volatile(&head.busy) } != 0 {
+        return false;
+    }
+    unsafe { core::ptr::write_volatile(&mut head.busy, 1) };
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    true
+}
+
+#[inline(always)]
+fn release(head: &mut StageHead) {
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    unsafe { core::ptr::write_volatile(&mut head.busy, 0) };
+}
+
+/// Wake the reader only when enough data is waiting: user space drains on a
+/// timer, and is woken early only past `wakeup_bytes`.
+#[inline(always)]
+fn wake_flag(adding: u64) -> u64 {
+    let waiting = EVENTS.query(BPF_RB_AVAIL_DATA) + adding;
+    let threshold = unsafe { core::ptr::read_volatile(&FLOWLOG_SETTINGS.wakeup_bytes) };
+    (if waiting >= threshold { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP }) as u64
+}
+
+/// Sends the staged events to the ring buffer as one record; false (all
+/// still staged) when it has no room.
+#[inline(always)]
+fn send_stage(head: &mut StageHead, stage: &Stage) -> bool {
+    let n = (head.count as usize).min(STAGE_EVENTS);
+    if n == 0 {
+        return true;
+    }
+    let events = &stage.events[..n];
+    if EVENTS.output::<[FlowEvent]>(events, wake_flag((n * FLOW_EVENT_SIZE) as u64)).is_err() {
+        return false;
+    }
+    head.count = 0;
+    true
+}
+
+/// The ring buffer is full and the stage too: its events wait in the
+/// parking queue (or, when that is full too, are counted as lost).
+#[inline(always)]
+fn park_stage(head: &mut StageHead, stage: &Stage) {
+    let n = (head.count as usize).min(STAGE_EVENTS);
+    for i in 0..STAGE_EVENTS {
+        if i >= n {
+            break;
+        }
+        let _ = park(&stage.events[i]);
+    }
+    head.count = 0;
+}
+
+/// Parks a final event; false (counted as lost) when the queue is full.
+#[inline(always)]
+fn park(e: &FlowEvent) -> bool {
+    if PARKED.push(e, 0).is_ok() {
+        count(stat::PARKED);
+        true
+    } else {
+        count(stat::RINGBUF_FULL);
+        false
+    }
+}
+
+/// User space's flush of this CPU's stage (before each drain): SENT, or
+/// BUSY when the stage is in use (this run interrupted a program writing
+/// it) or the ring buffer has no room; the events then stay staged.
+#[inline(always)]
+fn flush() -> u32 {
+    let (Some(head), Some(stage)) = (STAGE_HEAD.get_ptr_mut(0), STAGE.get_ptr_mut(0)) else {
+        return snapshot::BUSY;
+    };
+    let head = unsafe { &mut *head };
+    if !claim(head) {
+        return snapshot::BUSY;
+    }
+    let sent = send_stage(head, unsafe { &*stage });
+    release(head);
+    if sent { snapshot::SENT } else { snapshot::BUSY }
+}
+
+/// Fills an event from the socket (and its entry, if tracked); false when
+/// the socket cannot be read (`at_close` found nothing).
+#[inline(always)]
+fn fill<C: Fields>(e: &mut FlowEvent, sk: u64, old: u8, tracked: Option<*const SockState>, interim: bool, at_close: impl FnOnce() -> Option<C>) -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
     e.kind = FLOW_EVENT_KIND_V2;
     e.sk = sk;
     e.old_state = old;
@@ -614,12 +752,7 @@ fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim:
             e.state_path = ((old as u64) << 4) | tcp_state::CLOSE as u64;
         }
     }
-    let Some(f) = at_close() else {
-        if let Some(ev) = ring {
-            ev.discard(0);
-        }
-        return true;
-    };
+    let Some(f) = at_close() else { return false };
     let family: u16 = f.get(off!(skc_family));
     e.family = family;
     set_words(&mut e.local_addr, [0, 0]);
@@ -661,24 +794,6 @@ fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim:
     e.netns_ino = if net == 0 { 0 } else { f.deref_u32(net, off!(net_ns_inum)) };
     read_limits(&f, e);
 
-    let Some(ev) = ring else {
-        // User space pops the queue on its next drain (the ring is full, so
-        // one is due).
-        if PARKED.push(&*e, 0).is_ok() {
-            count(stat::PARKED);
-            count(stat::EVENTS);
-        } else {
-            count(stat::RINGBUF_FULL);
-        }
-        return true;
-    };
-    // Batch wake-ups: user space drains on a timer, and is woken early only
-    // when enough data is waiting.
-    let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
-    let threshold = unsafe { core::ptr::read_volatile(&FLOWLOG_SETTINGS.wakeup_bytes) };
-    let wake = if waiting >= threshold { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
-    ev.submit(wake as u64);
-    count(stat::EVENTS);
     true
 }
 

@@ -15,7 +15,7 @@ use aya::{
     programs::ProgramFd,
     Ebpf,
 };
-use flowlog_common::{stat, FlowEvent, EVENTS_MAP, FLOW_EVENT_SIZE, PARKED_MAP, STATS_MAP};
+use flowlog_common::{stat, user::DecodeError, FlowEvent, EVENTS_MAP, FLOW_EVENT_SIZE, PARKED_MAP, STAGE_EVENTS, STATS_MAP};
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{debug, error, warn};
@@ -30,6 +30,7 @@ use crate::{
     metrics as m,
     sink::{Sink, Tick},
     snapshot::{Pass, Passes},
+    stage::Stages,
     workload::{self, addresses::Listing, FastMap, Resolver},
 };
 
@@ -44,6 +45,24 @@ pub struct Timers {
     pub heartbeat: Duration,
     /// None: no interim records.
     pub interim: Option<Duration>,
+}
+
+/// A record as read from the kernel, before its counters become deltas:
+/// continues an earlier run's connection, and goes to the carry file if it
+/// holds a connection's running totals (or ends them). Apart from
+/// [`Capture`] for the borrow of its decoded events.
+fn carry_record(carry: &mut Option<Carry>, reported: &mut FastMap<i64, Counters>, flow: &mut Flow) {
+    let Some(carry) = carry else { return };
+    if let Some(gone) = carry.adopt(flow) {
+        reported.remove(&gone);
+    }
+    // Between passes nothing is written: no lookup per flow.
+    if !carry.in_round() {
+        return;
+    }
+    if flow.record_type == RecordType::Interim || reported.contains_key(&flow.connection_id) {
+        carry.note(flow);
+    }
 }
 
 /// Counters kept by the eBPF program (summed over CPUs).
@@ -108,6 +127,10 @@ pub struct Capture {
     pub workload_ips: Option<watch::Receiver<Listing>>,
     /// Where `reported` survives a restart (see [`crate::carry`]).
     carry: Option<Carry>,
+    /// The CPUs' staged final events, flushed before each drain.
+    pub stages: Option<Stages>,
+    /// One ring-buffer record's events (up to a stage's), decoded.
+    decoded: Vec<Result<FlowEvent, DecodeError>>,
 }
 
 impl Capture {
@@ -132,6 +155,8 @@ impl Capture {
             program: None,
             workload_ips: None,
             carry: None,
+            stages: None,
+            decoded: Vec::with_capacity(STAGE_EVENTS),
         })
     }
 
@@ -141,23 +166,6 @@ impl Capture {
             self.reported.insert(last.connection_id, Counters::of(last));
         }
         self.carry = Some(carry);
-    }
-
-    /// A record as read from the kernel, before its counters become deltas:
-    /// continues an earlier run's connection, and goes to the carry file if
-    /// it holds a connection's running totals (or ends them).
-    fn carry(&mut self, flow: &mut Flow) {
-        let Some(carry) = &mut self.carry else { return };
-        if let Some(gone) = carry.adopt(flow) {
-            self.reported.remove(&gone);
-        }
-        // Between passes nothing is written: no lookup per flow.
-        if !carry.in_round() {
-            return;
-        }
-        if flow.record_type == RecordType::Interim || self.reported.contains_key(&flow.connection_id) {
-            carry.note(flow);
-        }
     }
 
     /// Hands one record to the sink. Counters become deltas against what
@@ -189,17 +197,21 @@ impl Capture {
     /// bounded however many events wait, and the loop serves its timers
     /// between batches.
     fn drain_batch(&mut self) -> bool {
+        if let Some(stages) = &mut self.stages {
+            stages.flush();
+        }
         let mut n = 0u64;
         let mut pending = std::mem::take(&mut self.pending);
         let now = Instant::now();
         while n < DRAIN_BATCH {
-            let decoded = match self.ring.get_mut().next() {
-                Some(item) => FlowEvent::decode(&item),
+            self.decoded.clear();
+            match self.ring.get_mut().next() {
+                Some(item) => self.decoded.extend(FlowEvent::decode_record(&item)),
                 // Parked finals only once the ring is empty: an earlier event
                 // of the same connection (an interim) went into the ring
                 // before its final was parked, so it is read first.
                 None => match self.parked.pop(0) {
-                    Ok(bytes) => FlowEvent::decode(&bytes),
+                    Ok(bytes) => self.decoded.push(FlowEvent::decode(&bytes)),
                     Err(MapError::ElementNotFound) => break,
                     Err(e) => {
                         warn!("reading the parking queue failed: {e}");
@@ -207,18 +219,20 @@ impl Capture {
                     }
                 },
             };
-            n += 1;
-            match decoded {
-                Ok(ev) => {
-                    tracing::trace!(?ev, "raw event");
-                    pending.push(flow_from_event(&ev, &self.clock, self.salt));
-                    self.carry(pending.last_mut().expect("just pushed"));
-                    self.workloads.admit(now, &mut pending);
-                }
-                Err(e) => {
-                    self.user.decode_errors += 1;
-                    m::dropped("decode_error", 1);
-                    warn!("dropping malformed ring-buffer record: {e}");
+            for decoded in self.decoded.drain(..) {
+                n += 1;
+                match decoded {
+                    Ok(ev) => {
+                        tracing::trace!(?ev, "raw event");
+                        pending.push(flow_from_event(&ev, &self.clock, self.salt));
+                        carry_record(&mut self.carry, &mut self.reported, pending.last_mut().expect("just pushed"));
+                        self.workloads.admit(now, &mut pending);
+                    }
+                    Err(e) => {
+                        self.user.decode_errors += 1;
+                        m::dropped("decode_error", 1);
+                        warn!("dropping malformed ring-buffer record: {e}");
+                    }
                 }
             }
         }
@@ -230,7 +244,7 @@ impl Capture {
         self.emit_all(&mut pending);
         pending.clear();
         self.pending = pending;
-        n == DRAIN_BATCH
+        n >= DRAIN_BATCH
     }
 
     fn emit_all(&mut self, records: &mut [Flow]) {

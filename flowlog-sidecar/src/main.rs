@@ -14,6 +14,7 @@ mod output;
 mod program_stats;
 mod sink;
 mod snapshot;
+mod stage;
 mod transport;
 mod workload;
 
@@ -149,8 +150,10 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
         interim: (config.interim_interval_secs > 0).then(|| Duration::from_secs(config.interim_interval_secs)),
     };
     let socks = snapshot::prepare(&mut ebpf)?;
+    let stage_heads = stage::take_heads(&mut ebpf)?;
     // Shared with the snapshot passes' thread, which runs the snapshot program.
     let ebpf = std::sync::Arc::new(ebpf);
+    capture.stages = Some(stage::Stages::new(stage_heads, ebpf.clone()));
     let snap = snapshot::Snapshotter::new(socks, ebpf.clone(), config.interim_interval_secs * 1_000_000_000);
     capture.run(timers, snapshot::Passes::new(snap), shutdown).await;
 
