@@ -110,9 +110,9 @@ pub struct Stage {
     pub events: [FlowEvent; STAGE_EVENTS],
 }
 
-/// How many events a CPU's [`Stage`] holds, and whether a program is
-/// writing it. Apart from the stage so that user space reads only this (each
-/// drain, to flush the CPUs holding any).
+/// How many events a CPU's [`Stage`] holds, whether a program is writing
+/// it, and whether closes may use it. Apart from the stage so that user
+/// space reads only this (each drain, to flush the CPUs holding any).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StageHead {
@@ -121,6 +121,11 @@ pub struct StageHead {
     /// it on the same CPU (a softirq close, a flush by interrupt) leaves the
     /// stage alone.
     pub busy: u32,
+    /// Set by user space once it has flushed this CPU's stage (a kernel that
+    /// cannot run a program on a chosen CPU, before 5.10, never gets it):
+    /// until then each close goes to the ring buffer alone.
+    pub enabled: u32,
+    pub _pad: u32,
 }
 
 /// How many transitions [`FlowEvent::state_path`] keeps (4 bits each).

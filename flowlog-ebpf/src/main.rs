@@ -572,8 +572,8 @@ pub fn flowlog_snapshot(ctx: *mut core::ffi::c_void) -> u32 {
 /// Sends one event from the socket (and its entry, if tracked). `old` is
 /// the state left at close, or the current state for snapshots. A final
 /// event is staged on its CPU ([`STAGE`]) unless a flush it interrupted
-/// holds the stage; then, like an interim one, it goes to the ring buffer
-/// alone. A final event that finds the ring buffer full is parked instead
+/// holds the stage, or user space has not enabled it; then, like an
+/// interim one, it goes to the ring buffer alone. A final event that finds the ring buffer full is parked instead
 /// ([`PARKED`]); an interim one is not sent, and false tells its pass to
 /// wait for room and ask again.
 #[inline(always)]
@@ -581,7 +581,7 @@ fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim:
     if !interim {
         if let (Some(head), Some(stage)) = (STAGE_HEAD.get_ptr_mut(0), STAGE.get_ptr_mut(0)) {
             let head = unsafe { &mut *head };
-            if claim(head) {
+            if unsafe { core::ptr::read_volatile(&head.enabled) } != 0 && claim(head) {
                 let i = head.count as usize;
                 if i < STAGE_EVENTS {
                     let e = unsafe { &mut (*stage).events[i] };

@@ -81,6 +81,9 @@ pub struct KernelCounters {
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 pub struct UserCounters {
     pub events_read: u64,
+    /// Events that came in a ring-buffer record with others (a CPU's
+    /// staged finals, [`flowlog_common::Stage`]).
+    pub batched_events: u64,
     pub decode_errors: u64,
     pub output_errors: u64,
 }
@@ -206,7 +209,12 @@ impl Capture {
         while n < DRAIN_BATCH {
             self.decoded.clear();
             match self.ring.get_mut().next() {
-                Some(item) => self.decoded.extend(FlowEvent::decode_record(&item)),
+                Some(item) => {
+                    self.decoded.extend(FlowEvent::decode_record(&item));
+                    if self.decoded.len() > 1 {
+                        self.user.batched_events += self.decoded.len() as u64;
+                    }
+                }
                 // Parked finals only once the ring is empty: an earlier event
                 // of the same connection (an interim) went into the ring
                 // before its final was parked, so it is read first.

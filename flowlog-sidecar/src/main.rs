@@ -153,7 +153,9 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
     let stage_heads = stage::take_heads(&mut ebpf)?;
     // Shared with the snapshot passes' thread, which runs the snapshot program.
     let ebpf = std::sync::Arc::new(ebpf);
-    capture.stages = Some(stage::Stages::new(stage_heads, ebpf.clone()));
+    let mut stages = stage::Stages::new(stage_heads, ebpf.clone());
+    stages.enable();
+    capture.stages = Some(stages);
     let snap = snapshot::Snapshotter::new(socks, ebpf.clone(), config.interim_interval_secs * 1_000_000_000);
     capture.run(timers, snapshot::Passes::new(snap), shutdown).await;
 

@@ -5,16 +5,19 @@
 //! interval. A flush is the snapshot program run with
 //! [`snapshot::FLUSH`] on the CPU (BPF_PROG_TEST_RUN pinned to it), only
 //! for CPUs whose stage holds anything: one map read per drain at rest.
+//! Closes stage nothing until [`Stages::enable`] has flushed every CPU once:
+//! a kernel that cannot run a program on a chosen CPU (before 5.10) keeps
+//! sending each close to the ring buffer alone.
 
 use std::sync::Arc;
 
 use aya::{
-    maps::{MapData, PerCpuArray},
+    maps::{MapData, PerCpuArray, PerCpuValues},
     programs::{RawTracePoint, RawTracePointRunOptions, TestRun},
     Ebpf,
 };
 use flowlog_common::{snapshot, StageHead, PROG_SNAPSHOT, STAGE_HEAD_MAP};
-use tracing::warn;
+use tracing::{info, warn};
 
 pub struct Stages {
     heads: PerCpuArray<MapData, StageHead>,
@@ -35,27 +38,61 @@ impl Stages {
         Stages { heads, ebpf, warned: false }
     }
 
+    /// Lets closes stage their events, once a flush has run on every CPU
+    /// (there is nothing to flush yet: this checks that flushes work).
+    pub fn enable(&mut self) {
+        let cpus = match self.heads.get(&0, 0) {
+            Ok(heads) => heads.len(),
+            Err(e) => return warn!("final events not staged: reading the stage counts failed: {e}"),
+        };
+        // Online CPUs: one that comes online later flushes like the others.
+        let online = match aya::util::online_cpus() {
+            Ok(online) => online,
+            Err((what, e)) => return warn!("final events not staged: reading {what} failed: {e}"),
+        };
+        for cpu in online {
+            if let Err(e) = self.flush_cpu(cpu) {
+                // An offline CPU, or a kernel without BPF_F_TEST_RUN_ON_CPU.
+                return info!(cpu, "final events go to the ring buffer one by one: flushing a CPU's stage failed: {e}");
+            }
+        }
+        let on = StageHead { enabled: 1, ..StageHead::default() };
+        let values = PerCpuValues::try_from(vec![on; cpus]).expect("one value per CPU");
+        if let Err(e) = self.heads.set(0, values, 0) {
+            warn!("final events not staged: enabling the stages failed: {e}");
+        }
+    }
+
+    /// Runs the flush on `cpu`; its return value (SENT, or BUSY: try again
+    /// at the next drain) needs no action.
+    fn flush_cpu(&self, cpu: u32) -> anyhow::Result<()> {
+        let prog: &RawTracePoint = self
+            .ebpf
+            .program(PROG_SNAPSHOT)
+            .ok_or_else(|| anyhow::anyhow!("program {PROG_SNAPSHOT} missing"))?
+            .try_into()?;
+        let mut opts = RawTracePointRunOptions::new();
+        opts.args[0] = snapshot::FLUSH;
+        opts.cpu = Some(cpu);
+        prog.test_run(opts)?;
+        Ok(())
+    }
+
     /// Sends every CPU's staged events to the ring buffer. A CPU whose stage
     /// was in use, or that found the ring full, keeps its events for the
     /// next flush (or sends them itself once its stage fills).
     pub fn flush(&mut self) {
         let Ok(heads) = self.heads.get(&0, 0) else { return };
-        let Some(Ok(prog)) = self.ebpf.program(PROG_SNAPSHOT).map(TryInto::<&RawTracePoint>::try_into) else { return };
         for (cpu, head) in heads.iter().enumerate() {
             if head.count == 0 {
                 continue;
             }
-            let mut opts = RawTracePointRunOptions::new();
-            opts.args[0] = snapshot::FLUSH;
-            opts.cpu = Some(cpu as u32);
-            match prog.test_run(opts).map(|r| r.return_value) {
-                Ok(_) => {}
+            if let Err(e) = self.flush_cpu(cpu as u32) {
                 // An offline CPU keeps its events until it comes back.
-                Err(e) if !self.warned => {
+                if !self.warned {
                     self.warned = true;
                     warn!(cpu, staged = head.count, "flushing a CPU's staged flow events failed (logged once): {e}");
                 }
-                Err(_) => {}
             }
         }
     }
