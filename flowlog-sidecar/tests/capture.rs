@@ -757,6 +757,27 @@ fn long_lived_connections_at_scale_add_up_exactly() {
     eprintln!("{N} long-lived connections ({closed} closed), {short} short ones, {} records of the long-lived", records.len());
 }
 
+/// Stops the sidecar once it reported every one of `short_connections`'
+/// connections, and checks each was reported once per side with its exact
+/// bytes; returns the sidecar's final stats.
+fn check_short_connections(sc: Sidecar, server_port: u16, clients: &[u16], attach: &str) -> Value {
+    let n = clients.len();
+    let ns = netns_self();
+    let mine = move |r: &Value| r["netns_ino"] == ns && (r["local_port"] == server_port || r["remote_port"] == server_port);
+    sc.wait_for("every connection's two records", WAIT, |r| r.iter().filter(|x| mine(x)).count() >= 2 * n);
+    let (records, stats) = sc.stop();
+    let records: Vec<Value> = records.into_iter().filter(|x| mine(x)).collect();
+    assert_eq!(records.len(), 2 * n, "{attach}: duplicates");
+    for &cp in clients {
+        let c = by_ports(&records, cp, server_port);
+        let s = by_ports(&records, server_port, cp);
+        assert_eq!((c.len(), s.len()), (1, 1), "{attach}: port {cp}");
+        assert_eq!((c[0]["bytes_sent"].as_u64(), c[0]["bytes_received"].as_u64()), (Some(10), Some(20)), "{attach}");
+        assert_eq!((s[0]["bytes_sent"].as_u64(), s[0]["bytes_received"].as_u64()), (Some(20), Some(10)), "{attach}");
+    }
+    stats
+}
+
 /// A burst of closes while the reader cannot read (stopped with SIGSTOP)
 /// overflows a one-page ring buffer (room for ~25 events): the final events
 /// that find it full wait in the kernel's parking queue, and once the reader
@@ -775,19 +796,7 @@ fn finals_that_find_the_ring_full_are_parked_not_lost() {
         unsafe { libc::kill(sc.pid() as i32, libc::SIGSTOP) };
         let (server_port, clients) = short_connections(N);
         unsafe { libc::kill(sc.pid() as i32, libc::SIGCONT) };
-        let ns = netns_self();
-        let mine = move |r: &Value| r["netns_ino"] == ns && (r["local_port"] == server_port || r["remote_port"] == server_port);
-        sc.wait_for("every connection's two records", WAIT, |r| r.iter().filter(|x| mine(x)).count() >= 2 * N);
-        let (records, stats) = sc.stop();
-        let records: Vec<Value> = records.into_iter().filter(|x| mine(x)).collect();
-        assert_eq!(records.len(), 2 * N, "{attach}: duplicates");
-        for cp in clients {
-            let c = by_ports(&records, cp, server_port);
-            let s = by_ports(&records, server_port, cp);
-            assert_eq!((c.len(), s.len()), (1, 1), "{attach}: port {cp}");
-            assert_eq!((c[0]["bytes_sent"].as_u64(), c[0]["bytes_received"].as_u64()), (Some(10), Some(20)), "{attach}");
-            assert_eq!((s[0]["bytes_sent"].as_u64(), s[0]["bytes_received"].as_u64()), (Some(20), Some(10)), "{attach}");
-        }
+        let stats = check_short_connections(sc, server_port, &clients, attach);
         let parked = stats["kernel"]["parked"].as_u64().unwrap();
         // 2 N finals, of which the one-page ring held at most 4096 / 160,
         // and each CPU's stage fewer than a full one (then sent or parked).
@@ -813,19 +822,7 @@ fn staged_finals_are_batched_and_none_is_lost() {
     for attach in ["tp-btf", "tracepoint"] {
         let sc = Sidecar::start(&["--attach", attach]);
         let (server_port, clients) = short_connections(N);
-        let ns = netns_self();
-        let mine = move |r: &Value| r["netns_ino"] == ns && (r["local_port"] == server_port || r["remote_port"] == server_port);
-        sc.wait_for("every connection's two records", WAIT, |r| r.iter().filter(|x| mine(x)).count() >= 2 * N);
-        let (records, stats) = sc.stop();
-        let records: Vec<Value> = records.into_iter().filter(|x| mine(x)).collect();
-        assert_eq!(records.len(), 2 * N, "{attach}: duplicates");
-        for cp in clients {
-            let c = by_ports(&records, cp, server_port);
-            let s = by_ports(&records, server_port, cp);
-            assert_eq!((c.len(), s.len()), (1, 1), "{attach}: port {cp}");
-            assert_eq!((c[0]["bytes_sent"].as_u64(), c[0]["bytes_received"].as_u64()), (Some(10), Some(20)), "{attach}");
-            assert_eq!((s[0]["bytes_sent"].as_u64(), s[0]["bytes_received"].as_u64()), (Some(20), Some(10)), "{attach}");
-        }
+        let stats = check_short_connections(sc, server_port, &clients, attach);
         // One by one, no event would come with others. Staged, most of the
         // burst's do: only flushes of part-filled stages (one per CPU per
         // drain, every 50 ms) send one alone. Other tests' flows only add.
