@@ -109,13 +109,35 @@ impl Bpftrace {
     pub fn stop(mut self) -> anyhow::Result<u64> {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.pid as i32, libc::SIGINT) };
-        let status = self.child.wait()?;
+        // bpftrace notices the signal only when its wait for events returns,
+        // and once the load is over none comes (a round hung there): one
+        // loopback connection, an event for its program, wakes it; again
+        // until it has exited.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                bail!("bpftrace did not exit within 60 s of SIGINT");
+            }
+            wake_tracepoint()?;
+            std::thread::sleep(Duration::from_millis(100));
+        };
         let lines = self.lines.take().context("bpftrace's output")?.finish()?;
         if !status.success() {
             bail!("bpftrace exited with {status}");
         }
         Ok(lines)
     }
+}
+
+/// One loopback connection: a state change for every tracepoint program.
+fn wake_tracepoint() -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let _client = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let _server = listener.accept()?;
+    Ok(())
 }
 
 impl Drop for Bpftrace {

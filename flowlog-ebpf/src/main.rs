@@ -523,8 +523,9 @@ fn on_close<C: Fields>(sk: u64, old: u8, at_close: impl FnOnce() -> Option<C>) {
     }
 }
 
-/// Not attached: user space runs it (BPF_PROG_TEST_RUN, ctx = [sk]) for
-/// every live socket older than the interim interval, to send an INTERIM
+/// Not attached: user space runs it (BPF_PROG_TEST_RUN, ctx = [sk,
+/// born_by]) for every live socket started by `born_by` (monotonic ns:
+/// older than the interim interval), to send an INTERIM
 /// event with the counters so far. Nothing runs per packet for this either.
 /// Returns a [`flowlog_common::snapshot`] code, which user space reads as
 /// the test run's return value. Written out by hand rather than with
@@ -558,6 +559,12 @@ pub fn flowlog_snapshot(ctx: *mut core::ffi::c_void) -> u32 {
     let mut so_far = unsafe { *found.state };
     // Copied whole before its socket closed and a new one took the slot?
     if !found.holds(sk) {
+        return snapshot::GONE;
+    }
+    // Listed as old enough, but closed since, and its address taken by a
+    // socket younger than the pass's cut-off (ctx[1]): not due.
+    let born_by: u64 = unsafe { *(ctx.as_ptr() as *const u64).add(1) };
+    if so_far.start_ns > born_by {
         return snapshot::GONE;
     }
     let state: u8 = read(sk, off!(skc_state));

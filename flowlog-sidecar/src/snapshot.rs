@@ -224,16 +224,16 @@ impl Snapshotter {
         Snapshotter { socks, ebpf, drains: Arc::default(), interval_ns }
     }
 
-    /// Tracked sockets open at least `min_age_ns` (unknown start: always).
-    fn due(&self, min_age_ns: u64) -> Vec<u64> {
-        let now = monotonic_ns();
+    /// Tracked sockets started at or before `born_by` (monotonic ns;
+    /// unknown start: always).
+    fn due(&self, born_by: u64) -> Vec<u64> {
         let listed = list(&self.socks).unwrap_or_else(|e| {
             debug!("batched listing unavailable ({e}): listing one by one");
             self.list_one_by_one()
         });
         let mut due: Vec<u64> = listed
             .into_iter()
-            .filter(|&(_, start_ns)| start_ns == 0 || now.saturating_sub(start_ns) >= min_age_ns)
+            .filter(|&(_, start_ns)| start_ns <= born_by)
             .map(|(sk, _)| sk)
             .collect();
         due.sort_unstable();
@@ -272,7 +272,10 @@ impl Snapshotter {
                 return Pass::default();
             }
         };
-        let due = self.due(if all { 0 } else { self.interval_ns });
+        // The program checks the age again: a listed socket may close
+        // during the pass and a new one take its address.
+        let born_by = if all { u64::MAX } else { monotonic_ns().saturating_sub(self.interval_ns) };
+        let due = self.due(born_by);
         self.drains.due.store(due.len(), Ordering::Relaxed);
         let (mut sent, mut waits) = (0, 0u64);
         for sk in due {
@@ -282,6 +285,7 @@ impl Snapshotter {
                 let seen = self.drains.current();
                 let mut opts = RawTracePointRunOptions::new();
                 opts.args[0] = sk;
+                opts.args[1] = born_by;
                 match prog.test_run(opts).map(|r| r.return_value) {
                     Ok(snapshot::SENT) => sent += 1,
                     Ok(snapshot::BUSY) => {
