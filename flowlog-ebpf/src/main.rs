@@ -596,6 +596,10 @@ fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim:
                         head.count += 1;
                         count(stat::EVENTS);
                     }
+                } else {
+                    // Never: a stage that fills is sent or parked at once.
+                    // Counted rather than lost silently.
+                    count(stat::RINGBUF_FULL);
                 }
                 if head.count as usize >= STAGE_EVENTS && !send_stage(head, unsafe { &*stage }) {
                     park_stage(head, unsafe { &*stage });
@@ -625,7 +629,8 @@ fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim:
         ev.discard(0);
         return true;
     }
-    ev.submit(wake_flag(FLOW_EVENT_SIZE as u64));
+    // The reservation already counts as waiting data.
+    ev.submit(wake_flag(0));
     count(stat::EVENTS);
     true
 }
@@ -650,8 +655,9 @@ fn release(head: &mut StageHead) {
     unsafe { core::ptr::write_volatile(&mut head.busy, 0) };
 }
 
-/// Wake the reader only when enough data is waiting: user space drains on a
-/// timer, and is woken early only past `wakeup_bytes`.
+/// Wake the reader only when enough data is waiting (plus `adding` bytes
+/// about to be written): user space drains on a timer, and is woken early
+/// only past `wakeup_bytes`.
 #[inline(always)]
 fn wake_flag(adding: u64) -> u64 {
     let waiting = EVENTS.query(BPF_RB_AVAIL_DATA) + adding;
