@@ -57,8 +57,10 @@ impl Stages {
             }
         }
         let on = StageHead { enabled: 1, ..StageHead::default() };
-        let values = PerCpuValues::try_from(vec![on; cpus]).expect("one value per CPU");
-        if let Err(e) = self.heads.set(0, values, 0) {
+        let set = PerCpuValues::try_from(vec![on; cpus])
+            .map_err(anyhow::Error::from)
+            .and_then(|values| Ok(self.heads.set(0, values, 0)?));
+        if let Err(e) = set {
             warn!("final events not staged: enabling the stages failed: {e}");
         }
     }
