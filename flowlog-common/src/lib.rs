@@ -17,4 +17,6 @@ pub use offsets::*;
 pub use stats::*;
 
 #[cfg(feature = "user")]
+extern crate alloc;
+#[cfg(feature = "user")]
 pub mod user;

@@ -15,7 +15,7 @@ use aya::{
     programs::ProgramFd,
     Ebpf,
 };
-use flowlog_common::{stat, user::DecodeError, FlowEvent, EVENTS_MAP, FLOW_EVENT_SIZE, PARKED_MAP, STAGE_EVENTS, STATS_MAP};
+use flowlog_common::{stat, user::DecodeError, FlowEvent, EVENTS_MAP, FLOW_EVENT_SIZE, PARKED_MAP, STATS_MAP};
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{debug, error, warn};
@@ -132,8 +132,6 @@ pub struct Capture {
     carry: Option<Carry>,
     /// The CPUs' staged final events, flushed before each drain.
     pub stages: Option<Stages>,
-    /// One ring-buffer record's events (up to a stage's), decoded.
-    decoded: Vec<Result<FlowEvent, DecodeError>>,
 }
 
 impl Capture {
@@ -159,7 +157,6 @@ impl Capture {
             workload_ips: None,
             carry: None,
             stages: None,
-            decoded: Vec::with_capacity(STAGE_EVENTS),
         })
     }
 
@@ -204,22 +201,44 @@ impl Capture {
             stages.flush();
         }
         let mut n = 0u64;
+        let mut batched = 0u64;
         let mut pending = std::mem::take(&mut self.pending);
         let now = Instant::now();
+        // One event into `pending`. Borrows only the assembly's fields, so
+        // the events of a ring-buffer record are read where they lie.
+        let mut take = |decoded: Result<&FlowEvent, &DecodeError>| match decoded {
+            Ok(ev) => {
+                tracing::trace!(?ev, "raw event");
+                pending.push(flow_from_event(ev, &self.clock, self.salt));
+                carry_record(&mut self.carry, &mut self.reported, pending.last_mut().expect("just pushed"));
+                self.workloads.admit(now, &mut pending);
+            }
+            Err(e) => {
+                self.user.decode_errors += 1;
+                m::dropped("decode_error", 1);
+                warn!("dropping malformed ring-buffer record: {e}");
+            }
+        };
         while n < DRAIN_BATCH {
-            self.decoded.clear();
             match self.ring.get_mut().next() {
                 Some(item) => {
-                    self.decoded.extend(FlowEvent::decode_record(&item));
-                    if self.decoded.len() > 1 {
-                        self.user.batched_events += self.decoded.len() as u64;
+                    let before = n;
+                    for decoded in FlowEvent::decode_record(&item) {
+                        n += 1;
+                        take(decoded.as_deref());
+                    }
+                    if n - before > 1 {
+                        batched += n - before;
                     }
                 }
                 // Parked finals only once the ring is empty: an earlier event
                 // of the same connection (an interim) went into the ring
                 // before its final was parked, so it is read first.
                 None => match self.parked.pop(0) {
-                    Ok(bytes) => self.decoded.push(FlowEvent::decode(&bytes)),
+                    Ok(bytes) => {
+                        n += 1;
+                        take(FlowEvent::decode(&bytes).as_ref());
+                    }
                     Err(MapError::ElementNotFound) => break,
                     Err(e) => {
                         warn!("reading the parking queue failed: {e}");
@@ -227,23 +246,8 @@ impl Capture {
                     }
                 },
             };
-            for decoded in self.decoded.drain(..) {
-                n += 1;
-                match decoded {
-                    Ok(ev) => {
-                        tracing::trace!(?ev, "raw event");
-                        pending.push(flow_from_event(&ev, &self.clock, self.salt));
-                        carry_record(&mut self.carry, &mut self.reported, pending.last_mut().expect("just pushed"));
-                        self.workloads.admit(now, &mut pending);
-                    }
-                    Err(e) => {
-                        self.user.decode_errors += 1;
-                        m::dropped("decode_error", 1);
-                        warn!("dropping malformed ring-buffer record: {e}");
-                    }
-                }
-            }
         }
+        self.user.batched_events += batched;
         self.workloads.poll(now, &mut pending);
         self.user.events_read += n;
         if n > 0 {
