@@ -293,6 +293,24 @@ mod tests {
         }
     }
 
+    /// The hand-written varint against apache-avro's, at every length's
+    /// edges, appended one after another (the buffer grows meanwhile).
+    #[test]
+    fn longs_match_apache_avro() {
+        let mut values = vec![0i64, -1, 1, i64::MIN, i64::MAX];
+        for bits in 1..64 {
+            let edge = 1i64 << bits;
+            values.extend([0, -1, 1].iter().flat_map(|d| [edge.wrapping_add(*d), edge.wrapping_neg().wrapping_add(*d)]));
+        }
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        for v in values {
+            Writer(&mut ours).long(v);
+            theirs.extend(apache_avro::to_avro_datum(&apache_avro::Schema::Long, apache_avro::types::Value::Long(v)).unwrap());
+        }
+        assert_eq!(ours, theirs);
+    }
+
     #[test]
     fn hostile_lengths_and_counts_are_errors() {
         // A length near i64::MAX must not overflow the reader.
