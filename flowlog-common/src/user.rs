@@ -43,7 +43,7 @@ impl FlowEvent {
     /// each 200-byte event out was ~5% of the reader's CPU.
     pub fn decode_record(bytes: &[u8]) -> impl Iterator<Item = Result<Cow<'_, FlowEvent>, DecodeError>> + '_ {
         let n = bytes.len() / FLOW_EVENT_SIZE;
-        let bad = bytes.len() % FLOW_EVENT_SIZE != 0 || n == 0 || n > STAGE_EVENTS;
+        let bad = !bytes.len().is_multiple_of(FLOW_EVENT_SIZE) || n == 0 || n > STAGE_EVENTS;
         let err = bad.then_some(Err(DecodeError::Length { got: bytes.len() }));
         let events = if bad { &[][..] } else { bytes };
         err.into_iter().chain(events.chunks_exact(FLOW_EVENT_SIZE).map(FlowEvent::decode_in_place))

@@ -135,6 +135,12 @@ impl Flow {
     /// Appends the datum: `host_block` (an encoded [`HostIdentity`]) then
     /// this record's fields.
     pub fn write(&self, host_block: &[u8], w: &mut Writer) {
+        self.write_with(host_block, w, |w, workload| Workload::write_opt(w, workload.map(|a| &**a)));
+    }
+
+    /// [`Flow::write`] with the `workload` field written by `workload`
+    /// (the sidecar copies each workload's bytes, encoded once).
+    pub fn write_with(&self, host_block: &[u8], w: &mut Writer, workload: impl FnOnce(&mut Writer, Option<&Arc<Workload>>)) {
         w.0.extend_from_slice(host_block);
         w.long(self.sequence_epoch);
         w.long(self.sequence);
@@ -164,7 +170,7 @@ impl Flow {
         self.owner_source.write(w);
         w.long(self.cgroup_id);
         w.long(self.netns_ino);
-        Workload::write_opt(w, self.workload.as_deref());
+        workload(w, self.workload.as_ref());
         Limits::write_opt(w, self.limits.as_ref());
     }
 
@@ -172,6 +178,13 @@ impl Flow {
     pub fn to_message(&self, host_block: &[u8], out: &mut Vec<u8>) {
         out.extend_from_slice(&FLOW.header());
         self.write(host_block, &mut Writer(out));
+    }
+
+    /// [`Flow::to_message`] with the workload written by `workload` (see
+    /// [`Flow::write_with`]).
+    pub fn to_message_with(&self, host_block: &[u8], out: &mut Vec<u8>, workload: impl FnOnce(&mut Writer, Option<&Arc<Workload>>)) {
+        out.extend_from_slice(&FLOW.header());
+        self.write_with(host_block, &mut Writer(out), workload);
     }
 
     /// Reads the fields after the host block (current version).
