@@ -46,36 +46,27 @@ impl FlowEvent {
         let bad = !bytes.len().is_multiple_of(FLOW_EVENT_SIZE) || n == 0 || n > STAGE_EVENTS;
         let err = bad.then_some(Err(DecodeError::Length { got: bytes.len() }));
         let events = if bad { &[][..] } else { bytes };
-        err.into_iter().chain(events.chunks_exact(FLOW_EVENT_SIZE).map(FlowEvent::decode_in_place))
+        err.into_iter().chain(events.chunks_exact(FLOW_EVENT_SIZE).map(FlowEvent::decode))
     }
 
-    /// One event, borrowed where `bytes` is aligned for it, else copied.
-    pub fn decode_in_place(bytes: &[u8]) -> Result<Cow<'_, FlowEvent>, DecodeError> {
-        let ev = if bytes.len() == FLOW_EVENT_SIZE && bytes.as_ptr().cast::<FlowEvent>().is_aligned() {
-            // SAFETY: length and alignment checked; FlowEvent is Pod, so any
-            // bit pattern is a valid one.
-            Cow::Borrowed(unsafe { &*bytes.as_ptr().cast::<FlowEvent>() })
-        } else {
-            Cow::Owned(Self::read(bytes)?)
-        };
-        ev.check()?;
-        Ok(ev)
-    }
-
-    /// Decodes one ring-buffer record, checking its length, kind and family.
-    pub fn decode(bytes: &[u8]) -> Result<FlowEvent, DecodeError> {
-        let ev = Self::read(bytes)?;
-        ev.check()?;
-        Ok(ev)
-    }
-
-    fn read(bytes: &[u8]) -> Result<FlowEvent, DecodeError> {
+    /// One event, checking its length, kind and family: borrowed where
+    /// `bytes` is aligned for it, else copied (a parked event's bytes).
+    pub fn decode(bytes: &[u8]) -> Result<Cow<'_, FlowEvent>, DecodeError> {
         if bytes.len() != FLOW_EVENT_SIZE {
             return Err(DecodeError::Length { got: bytes.len() });
         }
-        // SAFETY: length checked; FlowEvent is Pod so any bit pattern is valid;
-        // read_unaligned because the bytes may be anywhere.
-        Ok(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) })
+        let ptr = bytes.as_ptr().cast::<FlowEvent>();
+        let ev = if ptr.is_aligned() {
+            // SAFETY: length and alignment checked; FlowEvent is Pod, so any
+            // bit pattern is a valid one.
+            Cow::Borrowed(unsafe { &*ptr })
+        } else {
+            // SAFETY: length checked; Pod as above; read_unaligned because
+            // the bytes may be anywhere.
+            Cow::Owned(unsafe { core::ptr::read_unaligned(ptr) })
+        };
+        ev.check()?;
+        Ok(ev)
     }
 
     fn check(&self) -> Result<(), DecodeError> {
@@ -136,22 +127,22 @@ mod tests {
     #[test]
     fn round_trip() {
         let ev = sample();
-        assert_eq!(FlowEvent::decode(ev.as_bytes()), Ok(ev));
+        assert_eq!(FlowEvent::decode(ev.as_bytes()).map(|e| *e), Ok(ev));
     }
 
     #[test]
     fn rejects_bad_records() {
         let ev = sample();
         assert_eq!(
-            FlowEvent::decode(&ev.as_bytes()[..100]),
+            FlowEvent::decode(&ev.as_bytes()[..100]).map(|e| *e),
             Err(DecodeError::Length { got: 100 })
         );
         let mut bad = ev;
         bad.kind = 9;
-        assert_eq!(FlowEvent::decode(bad.as_bytes()), Err(DecodeError::Kind(9)));
+        assert_eq!(FlowEvent::decode(bad.as_bytes()).map(|e| *e), Err(DecodeError::Kind(9)));
         let mut bad = ev;
         bad.family = 1;
-        assert_eq!(FlowEvent::decode(bad.as_bytes()), Err(DecodeError::Family(1)));
+        assert_eq!(FlowEvent::decode(bad.as_bytes()).map(|e| *e), Err(DecodeError::Family(1)));
     }
 
     fn bytemuck_bytes(words: &mut [u64]) -> &mut [u8] {
@@ -174,11 +165,11 @@ mod tests {
         let mut words = vec![0u64; bytes.len() / 8 + 1];
         let aligned: &mut [u8] = bytemuck_bytes(&mut words);
         aligned[..bytes.len()].copy_from_slice(&bytes);
-        assert!(matches!(FlowEvent::decode_in_place(&aligned[..FLOW_EVENT_SIZE]), Ok(Cow::Borrowed(_))));
+        assert!(matches!(FlowEvent::decode(&aligned[..FLOW_EVENT_SIZE]), Ok(Cow::Borrowed(_))));
         assert_eq!(decode(&aligned[..bytes.len()]), decode(&bytes));
         let shifted = &mut aligned[1..bytes.len() + 1];
         shifted.copy_from_slice(&bytes);
-        assert!(matches!(FlowEvent::decode_in_place(&shifted[..FLOW_EVENT_SIZE]), Ok(Cow::Owned(_))));
+        assert!(matches!(FlowEvent::decode(&shifted[..FLOW_EVENT_SIZE]), Ok(Cow::Owned(_))));
         assert_eq!(decode(shifted), decode(&bytes));
         // Torn, empty or longer than a stage: one error, nothing decoded.
         for len in [0, 100, FLOW_EVENT_SIZE + 1, FLOW_EVENT_SIZE * (STAGE_EVENTS + 1)] {

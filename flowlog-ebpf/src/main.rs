@@ -580,9 +580,9 @@ pub fn flowlog_snapshot(ctx: *mut core::ffi::c_void) -> u32 {
 /// the state left at close, or the current state for snapshots. A final
 /// event is staged on its CPU ([`STAGE`]) unless a flush it interrupted
 /// holds the stage, or user space has not enabled it; then, like an
-/// interim one, it goes to the ring buffer alone. A final event that finds the ring buffer full is parked instead
-/// ([`PARKED`]); an interim one is not sent, and false tells its pass to
-/// wait for room and ask again.
+/// interim one, it goes to the ring buffer alone. A final event that finds
+/// the ring buffer full is parked instead ([`PARKED`]); an interim one is
+/// not sent, and false tells its pass to wait for room and ask again.
 #[inline(always)]
 fn emit<C: Fields>(sk: u64, old: u8, tracked: Option<*const SockState>, interim: bool, at_close: impl FnOnce() -> Option<C>) -> bool {
     if !interim {

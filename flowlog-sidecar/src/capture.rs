@@ -237,7 +237,7 @@ impl Capture {
                 None => match self.parked.pop(0) {
                     Ok(bytes) => {
                         n += 1;
-                        take(FlowEvent::decode(&bytes).as_ref());
+                        take(FlowEvent::decode(&bytes).as_deref());
                     }
                     Err(MapError::ElementNotFound) => break,
                     Err(e) => {

@@ -99,32 +99,27 @@ const COL_END: usize = 126;
 /// The common row (IPv4, an ASCII name, every number fitting its column)
 /// written into a row of spaces at fixed places: [`any_row`] copies each
 /// cell and its padding through the Vec one at a time, ~15 small copies
-/// and 6 itoa calls (~225 ns a row; this, ~60). False, and nothing
-/// written, for any other row.
+/// and 6 itoa calls (in a loop, ~225 ns a row through the printer; this,
+/// ~135). False, and nothing written, for any other row.
 fn fixed_row(out: &mut Vec<u8>, r: &Flow) -> bool {
     use std::net::IpAddr::V4;
     let (V4(local), V4(remote)) = (r.local_addr, r.remote_addr) else { return false };
     let fits = |v: i64, digits: u32| (0..10i64.pow(digits)).contains(&v);
-    // Hundredths of a millisecond; a negative duration takes any_row.
-    let ms = r.start_time_ns.map(|s| r.end_time_ns.saturating_sub(s)).map(|d| if d < 0 { -1 } else { d.saturating_add(5_000) / 10_000 });
+    let ms = duration_hundredths(r);
     if !(r.comm.is_ascii()
         && r.comm.len() <= 15
         && fits(r.pid.into(), 7)
         && fits(r.bytes_sent, 10)
         && fits(r.bytes_received, 10)
         && fits(r.srtt_us.into(), 7)
-        && ms.is_none_or(|h| fits(h, 8)))
+        && ms.is_none_or(|(negative, h)| !negative && h < 10u64.pow(8)))
     {
         return false;
     }
     let mut row = [b' '; COL_END];
     put_left(&mut row, 0, r.pid as u64);
     row[COL_COMM..COL_COMM + r.comm.len()].copy_from_slice(r.comm.as_bytes());
-    row[COL_DIR] = match r.direction {
-        Direction::Client => b'C',
-        Direction::Server => b'S',
-        Direction::Unknown => b'?',
-    };
+    row[COL_DIR] = direction_letter(r.direction).as_bytes()[0];
     for (col, ip, port) in [(COL_LOCAL, local, r.local_port), (COL_REMOTE, remote, r.remote_port)] {
         let mut at = col;
         for (i, octet) in ip.octets().into_iter().enumerate() {
@@ -140,21 +135,15 @@ fn fixed_row(out: &mut Vec<u8>, r: &Flow) -> bool {
     put_right(&mut row, END_TX, r.bytes_sent as u64);
     put_right(&mut row, END_RX, r.bytes_received as u64);
     match ms {
-        // Milliseconds with two decimals, as in any_row.
-        Some(h) => {
-            put_right(&mut row, END_MS - 3, h as u64 / 100);
-            let frac = (h % 100) as u8;
-            row[END_MS - 3..END_MS].copy_from_slice(&[b'.', b'0' + frac / 10, b'0' + frac % 10]);
+        Some((_, h)) => {
+            put_right(&mut row, END_MS - 3, h / 100);
+            row[END_MS - 3..END_MS].copy_from_slice(&decimals(h));
         }
         None => row[END_MS - 1] = b'-',
     }
     put_right(&mut row, END_RTT, r.srtt_us as u64);
     out.extend_from_slice(&row);
-    match r.record_type {
-        RecordType::Interim => out.extend_from_slice(b"open"),
-        RecordType::Final => out.extend(r.end_reason.symbol().bytes().map(|b| b.to_ascii_lowercase())),
-    }
-    out.push(b'\n');
+    end_cell(out, r);
     true
 }
 
@@ -183,37 +172,54 @@ fn any_row(out: &mut Vec<u8>, r: &Flow) {
     let mut n = itoa::Buffer::new();
     left(out, 7, n.format(r.pid));
     left(out, 15, &r.comm);
-    let dir = match r.direction {
-        Direction::Client => "C",
-        Direction::Server => "S",
-        Direction::Unknown => "?",
-    };
-    left(out, 3, dir);
+    left(out, 3, direction_letter(r.direction));
     sockaddr(out, &r.local_addr, r.local_port);
     sockaddr(out, &r.remote_addr, r.remote_port);
     right(out, 10, n.format(r.bytes_sent).as_bytes());
     right(out, 10, n.format(r.bytes_received).as_bytes());
-    match r.start_time_ns {
-        // Milliseconds with two decimals, rounded half up (format!'s {:.2}
-        // of the f64 rounds half to even: they differ only on exact ties).
-        // A negative duration (an end before its start: clocks of another
-        // boot) as format! prints it, "-0.02".
-        Some(s) => {
-            let d = r.end_time_ns.saturating_sub(s);
-            let hundredths = d.unsigned_abs().saturating_add(5_000) / 10_000;
+    match duration_hundredths(r) {
+        Some((negative, hundredths)) => {
             let mut cell = [0u8; 24];
-            let sign = usize::from(d < 0);
+            let sign = usize::from(negative);
             cell[0] = b'-';
             let whole = n.format(hundredths / 100).as_bytes();
             let len = sign + whole.len();
             cell[sign..len].copy_from_slice(whole);
-            let frac = (hundredths % 100) as u8;
-            cell[len..len + 3].copy_from_slice(&[b'.', b'0' + frac / 10, b'0' + frac % 10]);
+            cell[len..len + 3].copy_from_slice(&decimals(hundredths));
             right(out, 9, &cell[..len + 3]);
         }
         None => right(out, 9, b"-"),
     }
     right(out, 7, n.format(r.srtt_us).as_bytes());
+    end_cell(out, r);
+}
+
+fn direction_letter(d: Direction) -> &'static str {
+    match d {
+        Direction::Client => "C",
+        Direction::Server => "S",
+        Direction::Unknown => "?",
+    }
+}
+
+/// The duration in hundredths of a millisecond, rounded half up (format!'s
+/// {:.2} of the f64 rounds half to even: they differ only on exact ties),
+/// and whether it is negative (an end before its start: clocks of another
+/// boot; format! prints "-0.02"). None without a start.
+fn duration_hundredths(r: &Flow) -> Option<(bool, u64)> {
+    let d = r.end_time_ns.saturating_sub(r.start_time_ns?);
+    Some((d < 0, d.unsigned_abs().saturating_add(5_000) / 10_000))
+}
+
+/// ".xx" of a duration in hundredths.
+fn decimals(hundredths: u64) -> [u8; 3] {
+    let frac = (hundredths % 100) as u8;
+    [b'.', b'0' + frac / 10, b'0' + frac % 10]
+}
+
+/// The last cell, how the flow ended ("open" for an interim record), and
+/// the line's end.
+fn end_cell(out: &mut Vec<u8>, r: &Flow) {
     match r.record_type {
         RecordType::Interim => out.extend_from_slice(b"open"),
         RecordType::Final => out.extend(r.end_reason.symbol().bytes().map(|b| b.to_ascii_lowercase())),

@@ -50,8 +50,12 @@ impl Stages {
             Ok(online) => online,
             Err((what, e)) => return warn!("final events not staged: reading {what} failed: {e}"),
         };
+        let prog = match program(&self.ebpf) {
+            Ok(prog) => prog,
+            Err(e) => return warn!("final events not staged: {e}"),
+        };
         for cpu in online {
-            if let Err(e) = self.flush_cpu(cpu) {
+            if let Err(e) = flush_cpu(prog, cpu) {
                 // An offline CPU, or a kernel without BPF_F_TEST_RUN_ON_CPU.
                 return info!(cpu, "final events go to the ring buffer one by one: flushing a CPU's stage failed: {e}");
             }
@@ -65,31 +69,17 @@ impl Stages {
         }
     }
 
-    /// Runs the flush on `cpu`; its return value (SENT, or BUSY: try again
-    /// at the next drain) needs no action.
-    fn flush_cpu(&self, cpu: u32) -> anyhow::Result<()> {
-        let prog: &RawTracePoint = self
-            .ebpf
-            .program(PROG_SNAPSHOT)
-            .ok_or_else(|| anyhow::anyhow!("program {PROG_SNAPSHOT} missing"))?
-            .try_into()?;
-        let mut opts = RawTracePointRunOptions::new();
-        opts.args[0] = snapshot::FLUSH;
-        opts.cpu = Some(cpu);
-        prog.test_run(opts)?;
-        Ok(())
-    }
-
     /// Sends every CPU's staged events to the ring buffer. A CPU whose stage
     /// was in use, or that found the ring full, keeps its events for the
     /// next flush (or sends them itself once its stage fills).
     pub fn flush(&mut self) {
         let Ok(heads) = self.heads.get(&0, 0) else { return };
+        let Ok(prog) = program(&self.ebpf) else { return };
         for (cpu, head) in heads.iter().enumerate() {
             if head.count == 0 {
                 continue;
             }
-            if let Err(e) = self.flush_cpu(cpu as u32) {
+            if let Err(e) = flush_cpu(prog, cpu as u32) {
                 // An offline CPU keeps its events until it comes back.
                 if !self.warned {
                     self.warned = true;
@@ -98,4 +88,20 @@ impl Stages {
             }
         }
     }
+}
+
+/// The program a flush runs (the snapshot program, loaded by
+/// [`crate::snapshot::prepare`]).
+fn program(ebpf: &Ebpf) -> anyhow::Result<&RawTracePoint> {
+    Ok(ebpf.program(PROG_SNAPSHOT).ok_or_else(|| anyhow::anyhow!("program {PROG_SNAPSHOT} missing"))?.try_into()?)
+}
+
+/// Runs the flush on `cpu`; its return value (SENT, or BUSY: try again at
+/// the next drain) needs no action.
+fn flush_cpu(prog: &RawTracePoint, cpu: u32) -> anyhow::Result<()> {
+    let mut opts = RawTracePointRunOptions::new();
+    opts.args[0] = snapshot::FLUSH;
+    opts.cpu = Some(cpu);
+    prog.test_run(opts)?;
+    Ok(())
 }
