@@ -7,7 +7,7 @@ export PATH := $(TOOLS)/bpf-linker-0.13.0-llvm22/bin:$(TOOLS)/tansu-0.6.0/bin:$(
 # Root-only tests must run, not skip, under `make test`.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo "sudo -E")
 
-.PHONY: setup build test test-scripts fuzz demo bench soak clean
+.PHONY: setup build test test-scripts fuzz demo bench bench-ab soak clean
 
 ## Install toolchains, bpf-linker, the local broker and the Python test tools.
 setup:
@@ -75,6 +75,12 @@ bench: setup build
 	-$(SUDO) ./target/release/bench-long-lived
 	-$(SUDO) env "PATH=$(PATH)" FLOWLOG_TOOLS=$(TOOLS) ./target/release/bench-long-lived --kafka
 	python3 bench/summary.py bench/results
+
+# Two sidecar builds' kernel time in one run (both attached at once):
+# make bench-ab A=/tmp/flowlog-sidecar-main B=target/release/flowlog-sidecar
+bench-ab: build
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make bench-ab A=BINARY B=BINARY"; exit 2; }
+	$(SUDO) ./target/release/bench-ab --a $(A) --b $(B)
 
 clean:
 	cargo clean

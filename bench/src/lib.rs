@@ -21,6 +21,38 @@ pub fn fdinfo_field(info: &str, key: &str) -> Option<u64> {
     info.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok())
 }
 
+/// kernel.bpf_stats_enabled, switched for a benchmark and put back as it
+/// was when dropped: the kernel then times every program run (two clock
+/// reads around each), which /proc/PID/fdinfo reports per program.
+pub struct BpfStats {
+    was: String,
+}
+
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    pub fn new() -> BpfStats {
+        BpfStats { was: std::fs::read_to_string(BPF_STATS_SYSCTL).unwrap_or_else(|_| "0".into()) }
+    }
+
+    pub fn set(&self, on: bool) -> anyhow::Result<()> {
+        use anyhow::Context;
+        std::fs::write(BPF_STATS_SYSCTL, if on { "1" } else { "0" }).context("setting kernel.bpf_stats_enabled")
+    }
+}
+
+impl Default for BpfStats {
+    fn default() -> BpfStats {
+        BpfStats::new()
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS_SYSCTL, self.was.trim());
+    }
+}
+
 /// Writes a benchmark's report as pretty JSON to `path` (its folder made if
 /// need be) and says where.
 pub fn write_report(path: &Path, report: &impl serde::Serialize) -> anyhow::Result<()> {

@@ -246,11 +246,8 @@ fn main() -> anyhow::Result<()> {
         bail!("{} not found: build it with `cargo build --release -p flowlog-sidecar`", a.sidecar.display());
     }
     let _pod = if a.pod_cgroup { PodCgroup::enter()? } else { None };
-    let stats_sysctl = "/proc/sys/kernel/bpf_stats_enabled";
-    let old_stats = std::fs::read_to_string(stats_sysctl).unwrap_or_else(|_| "0".into());
-    let bpf_stats = |on: bool| {
-        std::fs::write(stats_sysctl, if on { "1" } else { "0" }).context("setting kernel.bpf_stats_enabled")
-    };
+    let stats = flowlog_bench::BpfStats::new();
+    let bpf_stats = |on: bool| stats.set(on);
     let spec = LoadSpec {
         client_threads: a.clients,
         server_threads: a.servers,
@@ -315,7 +312,7 @@ fn main() -> anyhow::Result<()> {
         );
         rounds.push(r);
     }
-    let _ = std::fs::write(stats_sysctl, old_stats.trim());
+    drop(stats);
 
     let on: Vec<&Arm> = rounds.iter().map(|r| &r.with).collect();
     let off: Vec<&Arm> = rounds.iter().map(|r| &r.with_resolution_off).collect();
