@@ -112,7 +112,7 @@ pub struct Stage {
 
 /// How many events a CPU's [`Stage`] holds, whether a program is writing
 /// it, and whether closes may use it. Apart from the stage so that user
-/// space reads only this (each drain, to flush the CPUs holding any).
+/// space reads only this (each timed drain, to flush the CPUs holding any).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StageHead {

@@ -146,7 +146,7 @@ static PARKED: Queue<FlowEvent> = Queue::with_max_entries(65536, 0);
 static PARKING: PerCpuArray<FlowEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// Final events staged per CPU ([`Stage`]), sent to the ring buffer
-/// [`STAGE_EVENTS`] at a time, and by user space's flush before each drain
+/// [`STAGE_EVENTS`] at a time, and by user space's flush before each timed drain
 /// (the snapshot program run with [`snapshot::FLUSH`] on each CPU holding
 /// any). Their count and the in-use flag are in [`STAGE_HEAD`].
 #[map(name = "FLOWLOG_STAGE")]
@@ -707,7 +707,7 @@ fn park(e: &FlowEvent) -> bool {
     }
 }
 
-/// User space's flush of this CPU's stage (before each drain): SENT, or
+/// User space's flush of this CPU's stage (before each timed drain): SENT, or
 /// BUSY when the stage is in use (this run interrupted a program writing
 /// it) or the ring buffer has no room; the events then stay staged.
 #[inline(always)]

@@ -3,8 +3,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use flowlog_common::{direction, flags, tcp_state, FlowEvent, AF_INET6};
-use flowlog_schema::{Direction, EndReason, Family, Flow, Limits, OwnerSource, RecordType, StatePath};
+use flowlog_common::{direction, flags, tcp_state, FlowEvent, AF_INET6, COMM_LEN};
+use flowlog_schema::{Direction, EndReason, Family, Flow, Limits, OwnerSource, RecordType, SmolStr, StatePath};
 
 /// Converts CLOCK_MONOTONIC (the kernel's bpf_ktime_get_ns) to Unix time,
 /// and jiffies to microseconds.
@@ -85,10 +85,37 @@ pub fn end_reason(old_state: u8, sk_err: u32) -> EndReason {
     }
 }
 
+/// The owner's name of the last event, as read and as a string: the
+/// events of a drain mostly come from a few processes, and checking and
+/// copying each name anew was ~7% of the capture's CPU.
+#[derive(Default)]
+pub struct Comms {
+    raw: [u8; COMM_LEN],
+    name: SmolStr,
+}
+
+impl Comms {
+    /// `raw`'s text, up to its first NUL.
+    #[inline]
+    pub fn name(&mut self, raw: &[u8; COMM_LEN]) -> SmolStr {
+        if *raw != self.raw {
+            let len = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+            self.name = match std::str::from_utf8(&raw[..len]) {
+                Ok(name) => SmolStr::new(name),
+                // A task can name itself anything (prctl PR_SET_NAME).
+                Err(_) => SmolStr::new(String::from_utf8_lossy(&raw[..len])),
+            };
+            self.raw = *raw;
+        }
+        self.name.clone()
+    }
+}
+
 /// The record of one kernel event. `salt` is random per sidecar run so
 /// kernel addresses never leave the host. The sequence fields are the
 /// transport's to fill in.
-pub fn flow_from_event(ev: &FlowEvent, clock: &Clock, salt: u64) -> Flow {
+#[inline]
+pub fn flow_from_event(ev: &FlowEvent, clock: &Clock, salt: u64, comms: &mut Comms) -> Flow {
     let v6 = ev.family == AF_INET6;
     let addr = |b: &[u8; 16]| -> IpAddr {
         if v6 {
@@ -111,7 +138,6 @@ pub fn flow_from_event(ev: &FlowEvent, clock: &Clock, salt: u64) -> Flow {
     } else {
         OwnerSource::Close
     };
-    let comm_len = ev.comm.iter().position(|&c| c == 0).unwrap_or(ev.comm.len());
     Flow {
         sequence_epoch: 0,
         sequence: 0,
@@ -141,11 +167,7 @@ pub fn flow_from_event(ev: &FlowEvent, clock: &Clock, salt: u64) -> Flow {
         state_path: StatePath(ev.state_path),
         pid: ev.tgid as i32,
         tid: ev.tid as i32,
-        comm: match std::str::from_utf8(&ev.comm[..comm_len]) {
-            Ok(name) => flowlog_schema::SmolStr::new(name),
-            // A task can name itself anything (prctl PR_SET_NAME).
-            Err(_) => flowlog_schema::SmolStr::new(String::from_utf8_lossy(&ev.comm[..comm_len])),
-        },
+        comm: comms.name(&ev.comm),
         owner_source,
         cgroup_id: ev.cgroup_id as i64,
         netns_ino: ev.netns_ino as i64,
@@ -220,7 +242,7 @@ mod tests {
 
     #[test]
     fn active_close_subtracts_acked_fin_only() {
-        let r = flow_from_event(&event(), &Clock::fixed(1_000_000), 1);
+        let r = flow_from_event(&event(), &Clock::fixed(1_000_000), 1, &mut Comms::default());
         assert_eq!(r.bytes_sent, 12_345);
         // The full socket left FIN_WAIT2 before the peer's FIN (time-wait took over).
         assert_eq!(r.bytes_received, 1_000_003);
@@ -240,7 +262,7 @@ mod tests {
         ev.direction = direction::SERVER;
         ev.flags = flags::OPEN_SEEN | flags::SND_ALL_ACKED | flags::FIN_RECEIVED;
         ev.bytes_acked = 12_346;
-        let r = flow_from_event(&ev, &Clock::fixed(0), 1);
+        let r = flow_from_event(&ev, &Clock::fixed(0), 1, &mut Comms::default());
         assert_eq!((r.bytes_sent, r.bytes_received), (12_345, 1_000_002));
     }
 
@@ -250,7 +272,7 @@ mod tests {
         ev.old_state = tcp_state::FIN_WAIT1;
         ev.flags &= !flags::SND_ALL_ACKED;
         ev.sk_err = libc::ECONNRESET as u32;
-        let r = flow_from_event(&ev, &Clock::fixed(0), 1);
+        let r = flow_from_event(&ev, &Clock::fixed(0), 1, &mut Comms::default());
         assert_eq!(r.bytes_sent, 12_346);
         assert_eq!(r.end_reason, EndReason::ResetReceived);
         assert_eq!(r.error.as_deref(), Some("ECONNRESET"));
@@ -275,21 +297,21 @@ mod tests {
             total_rto_recoveries: 1,
             total_rto_time_ms: 600,
         };
-        let l = flow_from_event(&ev, &Clock::fixed(0), 1).limits.unwrap();
+        let l = flow_from_event(&ev, &Clock::fixed(0), 1, &mut Comms::default()).limits.unwrap();
         assert_eq!((l.busy_us, l.rwnd_limited_us, l.sndbuf_limited_us), (1_060_000, 1_000_000, 20_000));
         assert_eq!(l.delivery_rate_bytes_per_s, 7_240_000);
         assert_eq!((l.bytes_retrans, l.reordering, l.reord_seen), (2_896, 3, 1));
         assert_eq!((l.rto_count, l.rto_recoveries, l.rto_time_ms), (None, None, None));
         ev.flags |= flags::RTO_COUNTED;
-        let l = flow_from_event(&ev, &Clock::fixed(0), 1).limits.unwrap();
+        let l = flow_from_event(&ev, &Clock::fixed(0), 1, &mut Comms::default()).limits.unwrap();
         assert_eq!((l.rto_count, l.rto_recoveries, l.rto_time_ms), (Some(2), Some(1), Some(600)));
         ev.limits.rate_interval_us = 0;
-        assert_eq!(flow_from_event(&ev, &Clock::fixed(0), 1).limits.unwrap().delivery_rate_bytes_per_s, 0);
+        assert_eq!(flow_from_event(&ev, &Clock::fixed(0), 1, &mut Comms::default()).limits.unwrap().delivery_rate_bytes_per_s, 0);
         // Extreme kernel values saturate instead of overflowing.
         (ev.limits.rate_delivered, ev.limits.mss_cache, ev.limits.rate_interval_us) = (u32::MAX, u32::MAX, 1);
-        assert_eq!(flow_from_event(&ev, &Clock::fixed(0), 1).limits.unwrap().delivery_rate_bytes_per_s, i64::MAX);
+        assert_eq!(flow_from_event(&ev, &Clock::fixed(0), 1, &mut Comms::default()).limits.unwrap().delivery_rate_bytes_per_s, i64::MAX);
         let unknown_hz = Clock { hz: None, ..Clock::fixed(0) };
-        assert_eq!(flow_from_event(&ev, &unknown_hz, 1).limits, None);
+        assert_eq!(flow_from_event(&ev, &unknown_hz, 1, &mut Comms::default()).limits, None);
     }
 
     /// A process can name itself any bytes: invalid UTF-8 is replaced, not refused.
@@ -297,7 +319,32 @@ mod tests {
     fn comm_that_is_not_utf8() {
         let mut ev = event();
         ev.comm = *b"ok\xff\xfename\0\0\0\0\0\0\0\0";
-        assert_eq!(flow_from_event(&ev, &Clock::fixed(0), 1).comm, "ok\u{fffd}\u{fffd}name");
+        assert_eq!(flow_from_event(&ev, &Clock::fixed(0), 1, &mut Comms::default()).comm, "ok\u{fffd}\u{fffd}name");
+    }
+
+    /// One cache across events: each record names its own owner, however
+    /// the names before it went (empty, the same, another, invalid UTF-8).
+    #[test]
+    fn each_record_names_its_own_owner() {
+        let mut comms = Comms::default();
+        let mut ev = event();
+        for comm in [
+            *b"\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            *b"fl-client\0\0\0\0\0\0\0",
+            *b"fl-client\0\0\0\0\0\0\0",
+            *b"fl-server\0\0\0\0\0\0\0",
+            *b"ok\xff\xfename\0\0\0\0\0\0\0\0",
+            *b"fifteen-bytes-x\0",
+            *b"fl-client\0\0\0\0\0\0\0",
+            // A name the kernel did not end with a NUL: all 16 bytes.
+            *b"sixteen-bytes-xy",
+        ] {
+            ev.comm = comm;
+            let alone = flow_from_event(&ev, &Clock::fixed(0), 1, &mut Comms::default()).comm;
+            assert_eq!(flow_from_event(&ev, &Clock::fixed(0), 1, &mut comms).comm, alone);
+            let len = comm.iter().position(|&c| c == 0).unwrap_or(16);
+            assert_eq!(alone.as_str(), String::from_utf8_lossy(&comm[..len]));
+        }
     }
 
     #[test]
@@ -318,7 +365,7 @@ mod tests {
         ev.start_ns = 0;
         ev.tgid = 0;
         ev.direction = direction::UNKNOWN;
-        let r = flow_from_event(&ev, &Clock::fixed(0), 1);
+        let r = flow_from_event(&ev, &Clock::fixed(0), 1, &mut Comms::default());
         assert_eq!((r.start_time_ns, r.direction), (None, Direction::Unknown));
         assert_eq!(r.owner_source, OwnerSource::Unknown);
     }

@@ -1,10 +1,10 @@
 //! Final events the kernel staged per CPU (`FLOWLOG_STAGE`): a CPU sends
 //! its stage to the ring buffer itself once it holds
 //! [`flowlog_common::STAGE_EVENTS`] events, and the reader flushes the rest
-//! before each drain, so staging delays a record by at most one drain
+//! before each timed drain, so staging delays a record by at most one drain
 //! interval. A flush is the snapshot program run with
 //! [`snapshot::FLUSH`] on the CPU (BPF_PROG_TEST_RUN pinned to it), only
-//! for CPUs whose stage holds anything: one map read per drain at rest.
+//! for CPUs whose stage holds anything: one map read per timed drain at rest.
 //! Closes stage nothing until [`Stages::enable`] has flushed every CPU once:
 //! a kernel that cannot run a program on a chosen CPU (before 5.10) keeps
 //! sending each close to the ring buffer alone.

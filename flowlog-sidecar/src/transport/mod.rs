@@ -792,7 +792,7 @@ impl Replayer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::{flow_from_event, Clock};
+    use crate::flow::{flow_from_event, Clock, Comms};
     use flowlog_common::{direction, flags, tcp_state, FlowEvent, AF_INET6, FLOW_EVENT_KIND_V2};
 
     /// The sidecar's path (kernel event -> record -> numbered message) read
@@ -830,7 +830,7 @@ mod tests {
             sk: 0xffff_8880_0000_2000,
             limits: Default::default(),
         };
-        let mut record = flow_from_event(&ev, &Clock::fixed(1_700_000_000_000_000_000), 7);
+        let mut record = flow_from_event(&ev, &Clock::fixed(1_700_000_000_000_000_000), 7, &mut Comms::default());
         // As the workload resolver fills it in for a pod's container.
         record.workload = Some(std::sync::Arc::new(crate::workload::cgroup::classify(
             "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod7f3e1c2a_9b4d_4e5f_8a6b_0c1d2e3f4a5b.slice/\
