@@ -10,10 +10,14 @@ use anyhow::{bail, Context};
 use flowlog_runtime::testkit;
 use serde_json::Value;
 
+/// A started sidecar. Dropped without [`Running::stop`] (a benchmark that
+/// failed half-way), it is killed and reaped: a sidecar left running would
+/// keep its programs attached under every later measurement.
 pub struct Running {
     child: Child,
     pub pid: u32,
     stats_file: std::path::PathBuf,
+    stopped: bool,
 }
 
 /// Starts the sidecar with `args` (plus a stats file) and waits until it is attached.
@@ -53,7 +57,7 @@ fn spawn(bin: &Path, args: &[&str], stdout: Stdio) -> anyhow::Result<(Running, O
     }
     std::thread::spawn(move || for _ in lines {});
     let out = child.stdout.take();
-    Ok((Running { child, pid, stats_file }, out))
+    Ok((Running { child, pid, stats_file, stopped: false }, out))
 }
 
 fn rand() -> u32 {
@@ -66,12 +70,21 @@ impl Running {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
         let status = self.child.wait()?;
+        self.stopped = true;
         if !status.success() {
             bail!("sidecar exited with {status}");
         }
-        let stats: Value = serde_json::from_slice(&std::fs::read(&self.stats_file)?)?;
+        Ok(serde_json::from_slice(&std::fs::read(&self.stats_file)?)?)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
         let _ = std::fs::remove_file(&self.stats_file);
-        Ok(stats)
     }
 }
 
