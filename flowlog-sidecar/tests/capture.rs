@@ -857,6 +857,29 @@ fn staged_finals_are_batched_and_none_is_lost() {
     }
 }
 
+/// Records are sent as they are read, 16 at a time, and the output is
+/// flushed after every drain that read any, whatever their number: a drain
+/// of a multiple of 16 must not leave its last records in the buffer until
+/// more traffic comes. Bursts of 1 to 24 connections one after the other,
+/// each waited for before the next (each burst's finals are flushed from
+/// the CPUs' stages together, so most drains read one whole burst).
+#[test]
+fn every_drain_is_flushed_whatever_its_size() {
+    if !have_root() {
+        return;
+    }
+    let _burst = loopback_burst();
+    let sc = Sidecar::start(&[]);
+    for k in 1..=24 {
+        let (server_port, _) = short_connections(k);
+        let mine = move |r: &Value| r["local_port"] == server_port || r["remote_port"] == server_port;
+        sc.wait_for(&format!("the {} records of a burst of {k} connections", 2 * k), WAIT, |r| {
+            r.iter().filter(|x| mine(x)).count() >= 2 * k
+        });
+    }
+    sc.stop();
+}
+
 /// What held a connection back (the record's `limits`), told apart for
 /// two connections of the same size class:
 /// - receiver-limited: the server has a 4 KiB receive buffer and reads
