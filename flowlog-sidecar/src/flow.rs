@@ -12,21 +12,58 @@ use flowlog_schema::{Direction, EndReason, Family, Flow, Limits, OwnerSource, Re
 pub struct Clock {
     /// realtime - monotonic, ns.
     offset_ns: i128,
-    /// The kernel's CONFIG_HZ ([`crate::offsets::kernel_hz`]); None: unknown,
-    /// and records carry no limits.
-    pub hz: Option<u32>,
+    /// Microseconds per jiffy at the kernel's CONFIG_HZ; None: unknown, and
+    /// records carry no limits.
+    tick: Option<Tick>,
+}
+
+/// Microseconds per jiffy, `us / per` in lowest terms: for the usual rates
+/// (100, 250, 1000) `per` is 1 and a conversion is one multiplication
+/// (three divisions per record were ~4% of the capture's CPU).
+#[derive(Debug, Clone, Copy)]
+struct Tick {
+    us: u64,
+    per: u64,
+}
+
+impl Tick {
+    fn of(hz: u32) -> Option<Tick> {
+        let hz = u64::from(hz);
+        if hz == 0 {
+            return None;
+        }
+        let (mut a, mut b) = (1_000_000, hz);
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        Some(Tick { us: 1_000_000 / a, per: hz / a })
+    }
+
+    /// `jiffies` (at most 2^34: three u32s summed) in microseconds, as
+    /// `jiffies * 10^6 / hz` rounds.
+    #[inline]
+    fn us(&self, jiffies: u64) -> i64 {
+        let scaled = jiffies * self.us;
+        (if self.per == 1 { scaled } else { scaled / self.per }) as i64
+    }
 }
 
 impl Clock {
     pub fn now() -> Clock {
         let rt = clock_ns(libc::CLOCK_REALTIME);
         let mono = clock_ns(libc::CLOCK_MONOTONIC);
-        Clock { offset_ns: rt - mono, hz: None }
+        Clock { offset_ns: rt - mono, tick: None }
     }
 
     #[cfg(test)]
     pub fn fixed(offset_ns: i128) -> Clock {
-        Clock { offset_ns, hz: Some(250) }
+        Clock { offset_ns, tick: Tick::of(250) }
+    }
+
+    /// The kernel's CONFIG_HZ ([`crate::offsets::kernel_hz`]); None (or 0):
+    /// unknown, and records carry no limits.
+    pub fn set_hz(&mut self, hz: Option<u32>) {
+        self.tick = hz.and_then(Tick::of);
     }
 
     pub fn to_unix_ns(&self, mono_ns: u64) -> i64 {
@@ -173,23 +210,30 @@ pub fn flow_from_event(ev: &FlowEvent, clock: &Clock, salt: u64, comms: &mut Com
         netns_ino: ev.netns_ino as i64,
         // The capture loop's workload resolver fills it in.
         workload: None,
-        limits: limits(ev, clock.hz),
+        limits: clock.tick.map(|tick| limits(ev, tick)),
     }
 }
 
 /// The event's limits in the schema's units (as TCP_INFO reports them:
 /// busy time includes the limited times).
-fn limits(ev: &FlowEvent, hz: Option<u32>) -> Option<Limits> {
-    let hz = u64::from(hz.filter(|h| *h > 0)?);
+#[inline]
+fn limits(ev: &FlowEvent, tick: Tick) -> Limits {
     let l = &ev.limits;
-    let us = |jiffies: u64| (jiffies * 1_000_000 / hz) as i64;
+    let us = |jiffies: u64| tick.us(jiffies);
     let rto = ev.flags & flags::RTO_COUNTED != 0;
-    // u128: two u32s from the kernel times 10^6 can pass u64.
     let delivery_rate = match l.rate_interval_us {
         0 => 0,
-        interval => u128::from(l.rate_delivered) * u128::from(l.mss_cache) * 1_000_000 / u128::from(interval),
+        interval => {
+            // Two u32s from the kernel times 10^6 can pass u64: then in u128
+            // (a library call; the u64 division is an instruction).
+            let delivered = u64::from(l.rate_delivered) * u64::from(l.mss_cache);
+            match delivered.checked_mul(1_000_000) {
+                Some(scaled) => u128::from(scaled / u64::from(interval)),
+                None => u128::from(delivered) * 1_000_000 / u128::from(interval),
+            }
+        }
     };
-    Some(Limits {
+    Limits {
         busy_us: us(u64::from(l.busy_jiffies) + u64::from(l.rwnd_limited_jiffies) + u64::from(l.sndbuf_limited_jiffies)),
         rwnd_limited_us: us(l.rwnd_limited_jiffies.into()),
         sndbuf_limited_us: us(l.sndbuf_limited_jiffies.into()),
@@ -200,7 +244,7 @@ fn limits(ev: &FlowEvent, hz: Option<u32>) -> Option<Limits> {
         rto_count: rto.then_some(l.total_rto.into()),
         rto_recoveries: rto.then_some(l.total_rto_recoveries.into()),
         rto_time_ms: rto.then_some(l.total_rto_time_ms.into()),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -310,8 +354,48 @@ mod tests {
         // Extreme kernel values saturate instead of overflowing.
         (ev.limits.rate_delivered, ev.limits.mss_cache, ev.limits.rate_interval_us) = (u32::MAX, u32::MAX, 1);
         assert_eq!(flow_from_event(&ev, &Clock::fixed(0), 1, &mut Comms::default()).limits.unwrap().delivery_rate_bytes_per_s, i64::MAX);
-        let unknown_hz = Clock { hz: None, ..Clock::fixed(0) };
-        assert_eq!(flow_from_event(&ev, &unknown_hz, 1, &mut Comms::default()).limits, None);
+        let mut unknown_hz = Clock::fixed(0);
+        for hz in [None, Some(0)] {
+            unknown_hz.set_hz(hz);
+            assert_eq!(flow_from_event(&ev, &unknown_hz, 1, &mut Comms::default()).limits, None);
+        }
+    }
+
+    /// The conversions without a division agree with the plain formulas
+    /// (`jiffies * 10^6 / hz`, the delivery rate in u128) at every kernel
+    /// rate and at the extremes of the kernel's values.
+    #[test]
+    fn limits_agree_with_the_plain_formulas() {
+        let mut ev = event();
+        let jiffies = [0u32, 1, 2, 3, 7, 299, 1_000, 123_457, u32::MAX - 1, u32::MAX];
+        let small = [0u32, 1, 3, 1_448, 65_535, 1 << 20, u32::MAX];
+        for hz in [24u32, 100, 250, 300, 1000, 1024, 1200, 999_999, 1_000_000, 4_000_000] {
+            let mut clock = Clock::fixed(0);
+            clock.set_hz(Some(hz));
+            for (i, &busy) in jiffies.iter().enumerate() {
+                let (rwnd, sndbuf) = (jiffies[(i + 3) % jiffies.len()], jiffies[(i + 7) % jiffies.len()]);
+                ev.limits.busy_jiffies = busy;
+                ev.limits.rwnd_limited_jiffies = rwnd;
+                ev.limits.sndbuf_limited_jiffies = sndbuf;
+                for &delivered in &small {
+                    for &mss in &small {
+                        for interval in [1u32, 3, 1_000, u32::MAX] {
+                            (ev.limits.rate_delivered, ev.limits.mss_cache, ev.limits.rate_interval_us) = (delivered, mss, interval);
+                            let l = flow_from_event(&ev, &clock, 1, &mut Comms::default()).limits.unwrap();
+                            let us = |j: u64| (u128::from(j) * 1_000_000 / u128::from(hz)) as i64;
+                            let total = u64::from(busy) + u64::from(rwnd) + u64::from(sndbuf);
+                            assert_eq!(
+                                (l.busy_us, l.rwnd_limited_us, l.sndbuf_limited_us),
+                                (us(total), us(rwnd.into()), us(sndbuf.into())),
+                                "hz {hz}"
+                            );
+                            let rate = u128::from(delivered) * u128::from(mss) * 1_000_000 / u128::from(interval);
+                            assert_eq!(l.delivery_rate_bytes_per_s, rate.min(i64::MAX as u128) as i64);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// A process can name itself any bytes: invalid UTF-8 is replaced, not refused.

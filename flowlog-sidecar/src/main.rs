@@ -124,7 +124,7 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
         resolver.on_new_netns(a.poker());
     }
     let mut capture = Capture::new(&mut ebpf, sink, resolver)?;
-    capture.clock.hz = resolved.hz;
+    capture.clock.set_hz(resolved.hz);
     if resolved.hz.is_none() {
         warn!("the kernel's tick rate (CONFIG_HZ) is unknown: no /boot/config-<release>, and /proc/timer_list unreadable; records carry no limits");
     }
