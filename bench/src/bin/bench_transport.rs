@@ -68,7 +68,7 @@ struct Args {
 /// kafka.linger_ms, kafka.records_per_message); the first is the default.
 /// Linger measured little (10 / 50 / 200 ms within 4 %), so the sweep
 /// compares records per message and compression.
-const VARIANTS: [(&str, u32, u32); 5] = [("lz4", 50, 128), ("lz4", 50, 1), ("lz4", 50, 16), ("zstd", 50, 128), ("none", 50, 128)];
+const VARIANTS: [(&str, u32, u32); 5] = [("lz4", 50, 512), ("lz4", 50, 1), ("lz4", 50, 128), ("zstd", 50, 512), ("none", 50, 512)];
 
 fn now_ns() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64
