@@ -154,22 +154,24 @@ pub struct Capture {
     pub stages: Option<Stages>,
 }
 
-/// Hands one record to the sink. Counters become deltas against what was
+/// Hands records to the sink. Counters become deltas against what was
 /// already reported for the connection (interim records). Apart from
 /// [`Capture`] for the borrow of its decoded events, as [`carry_record`].
 #[inline]
-fn emit(sink: &mut dyn Sink, reported: &mut FastMap<i64, Counters>, user: &mut UserCounters, record: &mut Flow) {
-    let total = Counters::of(record);
-    let prev = match record.record_type {
-        // Most hosts have no interim records out: no lookup then.
-        RecordType::Final if reported.is_empty() => None,
-        RecordType::Final => reported.remove(&record.connection_id),
-        RecordType::Interim => reported.insert(record.connection_id, total),
-    };
-    total.minus(&prev.unwrap_or_default()).set(record);
-    if let Err(e) = sink.send(record) {
-        user.output_errors += 1;
-        error!("writing flow record failed: {e}");
+fn emit(sink: &mut dyn Sink, reported: &mut FastMap<i64, Counters>, user: &mut UserCounters, records: &mut [Flow]) {
+    for record in records {
+        let total = Counters::of(record);
+        let prev = match record.record_type {
+            // Most hosts have no interim records out: no lookup then.
+            RecordType::Final if reported.is_empty() => None,
+            RecordType::Final => reported.remove(&record.connection_id),
+            RecordType::Interim => reported.insert(record.connection_id, total),
+        };
+        total.minus(&prev.unwrap_or_default()).set(record);
+        if let Err(e) = sink.send(record) {
+            user.output_errors += 1;
+            error!("writing flow record failed: {e}");
+        }
     }
 }
 
@@ -247,9 +249,7 @@ impl Capture {
                 // Order is kept: the resolver holds back a cgroup's later
                 // records with its earlier ones.
                 if pending.len() >= EMIT_CHUNK {
-                    for record in pending.iter_mut() {
-                        emit(&mut *self.sink, &mut self.reported, &mut self.user, record);
-                    }
+                    emit(&mut *self.sink, &mut self.reported, &mut self.user, &mut pending);
                     pending.clear();
                     sent = true;
                 }
@@ -306,9 +306,7 @@ impl Capture {
         if records.is_empty() && !sent {
             return;
         }
-        for record in records {
-            emit(&mut *self.sink, &mut self.reported, &mut self.user, record);
-        }
+        emit(&mut *self.sink, &mut self.reported, &mut self.user, records);
         if let Err(e) = self.sink.flush() {
             self.user.output_errors += 1;
             error!("flushing output failed: {e}");

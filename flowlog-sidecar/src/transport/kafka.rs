@@ -27,7 +27,8 @@ flowlog_settings::settings! {
         /// the sidecar and the broker their per-message work; 1 sends each as a
         /// plain Flow message. A drain of the ring buffer sends what it read
         /// at once, so batching adds no delay. 512 (~110 KiB) took ~5% less
-        /// CPU per flow than 128 here; 1024 no less than 512.
+        /// CPU per flow than 128 in alternating pairs here (the bench's
+        /// sweep, variants in sequence, does not resolve it); 1024 no less.
         #[flag(long = "kafka-records-per-message", env = "FLOWLOG_KAFKA_RECORDS_PER_MESSAGE")]
         pub records_per_message: u32 = 512,
         /// linger.ms: how long the producer waits to fill a batch.
