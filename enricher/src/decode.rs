@@ -1,6 +1,7 @@
 //! Decodes the flow topic's messages with the record codecs of
-//! `flowlog-schema`. Every flow repeats its sidecar's host block (id, name,
-//! workload, labels, IPs); it is decoded once per distinct block and shared
+//! `flowlog-schema`. Every flow has its sidecar's host block (id, name,
+//! workload, labels, IPs: in each Flow message, once per FlowBatch); it is
+//! decoded once per distinct block and shared
 //! ([`Host`], from a bounded moka cache keyed by the block's bytes), so a
 //! flow costs no string allocations for it and its IPs are parsed once per
 //! host, not per flow.
@@ -70,6 +71,11 @@ impl Decoder {
     /// Decodes and checks one flow message.
     pub fn flow(&self, msg: &[u8]) -> Result<(Arc<Host>, Flow), DecodeError> {
         flowlog_schema::decode_flow(msg, |block| self.host(block))
+    }
+
+    /// Decodes and checks one record of a flow topic message.
+    pub fn item(&self, record: &flowlog_schema::FlowItem) -> Result<(Arc<Host>, Flow), DecodeError> {
+        record.decode(|block| self.host(block))
     }
 }
 

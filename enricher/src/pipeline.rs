@@ -191,7 +191,7 @@ impl Pipeline {
         };
         ::metrics::counter!(metrics::RECORDS_IN).increment(records.len() as u64);
         for record in records {
-            self.consume_record(&Message { payload: record, ..*m }, now)?;
+            self.consume_record(m, record, now)?;
         }
         // Full: complete now, not at the next tick, so that a batch holds
         // at most `max_records` (plus one message's) however fast messages come.
@@ -210,12 +210,13 @@ impl Pipeline {
             .map_err(|e| e.context("dead-letter topic unavailable; stopping so the message is retried"))
     }
 
-    /// One Flow record of message `m` (`m.payload` is the record).
-    fn consume_record(&mut self, m: &Message, now: Now) -> anyhow::Result<()> {
+    /// One Flow record of message `m`. One that does not decode goes to the
+    /// dead-letter topic as a whole Flow message of its own.
+    fn consume_record(&mut self, m: &Message, record: flowlog_schema::FlowItem, now: Now) -> anyhow::Result<()> {
         let (p, off) = (m.partition, m.offset);
-        let (host, flow) = match self.decoder.flow(m.payload) {
+        let (host, flow) = match self.decoder.item(&record) {
             Ok(decoded) => decoded,
-            Err(reject) => return self.dead_letter(m, &reject),
+            Err(reject) => return self.dead_letter(&Message { payload: &record.message(), ..*m }, &reject),
         };
         // A record accepted before (the sidecar sent it again) is dropped
         // here, before attribution; its offset is committed with the batch.

@@ -198,7 +198,7 @@ impl<'a> Reader<'a> {
         let b = self.fixed::<4>()?;
         Ok(f32::from_le_bytes(b))
     }
-    fn fixed<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+    pub fn fixed<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
         let end = self.at.checked_add(N).filter(|e| *e <= self.buf.len()).ok_or(DecodeError::Truncated)?;
         let b = self.buf[self.at..end].try_into().expect("N bytes");
         self.at = end;

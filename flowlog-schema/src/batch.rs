@@ -1,21 +1,28 @@
-//! Several Flow messages in one Kafka message of the flow topic
-//! (`schemas/flow_batch.avsc`): a `FlowBatch` record whose one field is an
-//! array of bytes, each item a whole single-object Flow message. Producing
-//! one Kafka message per record costs the sidecar and the broker more than
-//! encoding it (librdkafka's allocation, queueing and delivery report per
-//! message); a batch pays that once. The Flow schema stays defined once, and
-//! each record still decodes, or fails to, on its own.
+//! Several Flow records in one Kafka message of the flow topic
+//! (`schemas/flow_batch.avsc`): a `FlowBatch` record holding an array of
+//! bytes, each item one Flow datum without its host block, then the host
+//! block they share and the fingerprint of the Flow schema they are written
+//! with. Producing one Kafka message per record costs the sidecar and the
+//! broker more than encoding it (librdkafka's allocation, queueing and
+//! delivery report per message); a batch pays that once, and the host
+//! block once. The Flow schema stays defined once, and each record still
+//! decodes, or fails to, on its own ([`FlowItem`]).
+
+use std::borrow::Cow;
 
 use crate::{
     avro::{DecodeError, Encoder, Reader, Writer},
-    schemas::FLOW_BATCH,
+    flow::{decode_flow, decode_flow_body},
+    host::HostIdentity,
+    schemas::{FLOW, FLOW_BATCH, FLOW_BATCH_V1},
+    Flow,
 };
 
-/// Builds one FlowBatch message from Flow messages added one at a time,
-/// in one buffer and without copying them again: each is encoded in place
-/// ([`BatchWriter::push_with`]), and the header and item count go into room
-/// kept in front ([`BatchWriter::take`]). The sidecar builds every message
-/// this way, so its cost counts per record.
+/// Builds one FlowBatch message from Flow records added one at a time, in
+/// one buffer and without copying them again: each is encoded in place
+/// ([`BatchWriter::push_with`]), the header and item count go into room
+/// kept in front, and the host block after the items ([`BatchWriter::take`]).
+/// The sidecar builds every message this way, so its cost counts per record.
 #[derive(Debug)]
 pub struct BatchWriter {
     /// [`FRONT`] bytes kept for the header and count, then the items, each
@@ -25,6 +32,8 @@ pub struct BatchWriter {
     /// Where a length or the header is encoded before it goes into `buf`
     /// (kept: no allocation per record).
     scratch: Vec<u8>,
+    /// The encoded [`HostIdentity`] every item shares.
+    host_block: Vec<u8>,
 }
 
 /// Room for the single-object header (10 bytes) and the item count (a
@@ -33,22 +42,25 @@ const FRONT: usize = 13;
 /// Items are counted in at most 3 varint bytes.
 const MAX_ITEMS: usize = (1 << 20) - 1;
 
-impl Default for BatchWriter {
-    fn default() -> Self {
-        BatchWriter { buf: vec![0; FRONT], count: 0, scratch: Vec::with_capacity(FRONT) }
-    }
-}
-
 impl BatchWriter {
-    /// Adds one Flow message (single-object encoded).
-    pub fn push(&mut self, flow_message: &[u8]) {
-        self.push_with(|out| out.extend_from_slice(flow_message));
+    /// A writer of batches from the host `host_block` encodes
+    /// ([`HostIdentity::encode`]).
+    pub fn new(host_block: Vec<u8>) -> BatchWriter {
+        BatchWriter { buf: vec![0; FRONT], count: 0, scratch: Vec::with_capacity(FRONT), host_block }
     }
 
-    /// Adds the Flow message `encode` appends to the buffer it is given
-    /// (e.g. [`crate::Flow::to_message`]), encoded in place. Its length
-    /// goes in front of it: two bytes are kept for it (messages of 64 bytes
-    /// to 8 KiB, all of ours), anything else is moved once to fit.
+    /// The host of the next batches. The open batch, if any, was written
+    /// for the previous one: it must be taken first.
+    pub fn set_host(&mut self, host_block: Vec<u8>) {
+        assert!(self.is_empty(), "a batch's records share one host: take the open batch first");
+        self.host_block = host_block;
+    }
+
+    /// Adds the Flow record `encode` appends to the buffer it is given:
+    /// its fields after the host block, current schema
+    /// ([`Flow::write_body_with`]), encoded in place. Its length goes in
+    /// front of it: two bytes are kept for it (records of 64 bytes to 8 KiB,
+    /// all of ours), anything else is moved once to fit.
     pub fn push_with(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
         assert!(self.count < MAX_ITEMS, "a FlowBatch holds at most {MAX_ITEMS} items");
         let at = self.buf.len();
@@ -59,11 +71,21 @@ impl BatchWriter {
         Writer(&mut self.scratch).long(len as i64);
         let prefix = &self.scratch[..];
         if prefix.len() != 2 {
-            // Rare: make the room fit the prefix (moves this one message).
+            // Rare: make the room fit the prefix (moves this one record).
             self.buf.splice(at..at + 2, std::iter::repeat_n(0, prefix.len()));
         }
         self.buf[at..at + prefix.len()].copy_from_slice(prefix);
         self.count += 1;
+    }
+
+    /// Adds `flow` (its workload encoded in full).
+    pub fn push(&mut self, flow: &Flow) {
+        self.push_with(|out| flow.write_body_with(&mut Writer(out), |w, wl| crate::Workload::write_opt(w, wl.map(|a| &**a))));
+    }
+
+    /// Adds raw item bytes, well-formed or not (tests of the readers).
+    pub fn push_raw(&mut self, item: &[u8]) {
+        self.push_with(|out| out.extend_from_slice(item));
     }
 
     /// Records added since the last [`BatchWriter::take`].
@@ -75,13 +97,14 @@ impl BatchWriter {
         self.count == 0
     }
 
-    /// Bytes of the items so far (the message is ~15 more).
+    /// Bytes of the items so far (the message is the host block and ~25 more).
     pub fn bytes(&self) -> usize {
         self.buf.len() - FRONT
     }
 
     /// Hands the message to `send` (header, one array block of every
-    /// item, the array's end); the writer is empty again afterwards.
+    /// item, the array's end, the host block, the Flow schema's
+    /// fingerprint); the writer is empty again afterwards.
     pub fn take<R>(&mut self, send: impl FnOnce(&[u8]) -> R) -> R {
         let head = &mut self.scratch;
         head.clear();
@@ -92,6 +115,8 @@ impl BatchWriter {
         } else {
             Writer(head).long(0);
         }
+        self.buf.extend_from_slice(&self.host_block);
+        self.buf.extend_from_slice(&FLOW.fingerprint());
         let start = FRONT - head.len();
         self.buf[start..FRONT].copy_from_slice(head);
         let r = send(&self.buf[start..]);
@@ -109,21 +134,28 @@ impl BatchWriter {
     }
 }
 
-/// The Flow messages a message of the flow topic holds: a FlowBatch's
-/// items, or the message itself when it is not a FlowBatch (a Flow message,
-/// or anything else, which the Flow decoder then refuses). A FlowBatch whose
+/// The Flow records a message of the flow topic holds: a FlowBatch's items,
+/// or the message itself when it is not a FlowBatch (a Flow message, or
+/// anything else, which the Flow decoder then refuses). A FlowBatch whose
 /// framing is broken is refused whole: where its items begin is unknown.
 pub fn flow_messages(msg: &[u8]) -> Result<FlowMessages<'_>, DecodeError> {
-    if !is_batch(msg) {
-        return Ok(FlowMessages::One(Some(msg)));
-    }
+    let (datum, v1) = match batch_version(msg) {
+        None => return Ok(FlowMessages { items: Vec::new().into_iter(), shared: None, one: Some(msg) }),
+        Some(v1) => (&msg[10..], v1),
+    };
     // One pass: the items are handed out only once the whole framing
     // checked (the error drops them).
-    let mut r = Reader::new(FLOW_BATCH.datum(msg)?);
+    let mut r = Reader::new(datum);
     let mut items = Vec::new();
     r.blocks(|r| r.bytes().map(|item| items.push(item)))?;
+    let shared = if v1 {
+        None
+    } else {
+        let host = HostIdentity::skip(&mut r)?;
+        Some(Shared { host, flow_schema: r.fixed::<8>()? })
+    };
     r.finish()?;
-    Ok(FlowMessages::Many(items.into_iter()))
+    Ok(FlowMessages { items: items.into_iter(), shared, one: None })
 }
 
 /// How many records a message of the flow topic holds, for counting what
@@ -133,7 +165,7 @@ pub fn flow_messages(msg: &[u8]) -> Result<FlowMessages<'_>, DecodeError> {
 /// [`BatchWriter`] wrote (the sidecar counts its own messages with it, per
 /// delivery report).
 pub fn records_in(msg: &[u8]) -> u64 {
-    if !is_batch(msg) {
+    if batch_version(msg).is_none() {
         return 1;
     }
     let mut r = Reader::new(&msg[10..]);
@@ -143,29 +175,72 @@ pub fn records_in(msg: &[u8]) -> u64 {
     }
 }
 
-fn is_batch(msg: &[u8]) -> bool {
-    msg.len() >= 10 && msg[..10] == FLOW_BATCH.header()
+/// Some(true) for a FlowBatch of version 1 (whole Flow messages), Some(false)
+/// for the current one, None for anything else.
+fn batch_version(msg: &[u8]) -> Option<bool> {
+    let header = msg.get(..10)?;
+    if header == FLOW_BATCH.header() {
+        Some(false)
+    } else if header == FLOW_BATCH_V1.header() {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// What the items of a current FlowBatch share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shared<'a> {
+    host: &'a [u8],
+    flow_schema: [u8; 8],
+}
+
+/// One Flow record of a message of the flow topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowItem<'a> {
+    /// A whole Flow message, or (`shared`) a batch item.
+    bytes: &'a [u8],
+    shared: Option<Shared<'a>>,
+}
+
+impl<'a> FlowItem<'a> {
+    /// Decodes and checks the record; its host block goes to `host`, which
+    /// may decode it or find it in a cache (see [`decode_flow`]).
+    pub fn decode<H>(&self, host: impl FnOnce(&[u8]) -> Result<H, DecodeError>) -> Result<(H, Flow), DecodeError> {
+        match self.shared {
+            None => decode_flow(self.bytes, host),
+            Some(s) => decode_flow_body(s.flow_schema, s.host, self.bytes, host),
+        }
+    }
+
+    /// The record as a whole single-object Flow message (for the
+    /// dead-letter topic): a batch item gets its header and host block back.
+    pub fn message(&self) -> Cow<'a, [u8]> {
+        match self.shared {
+            None => Cow::Borrowed(self.bytes),
+            Some(s) => Cow::Owned([&[0xC3, 0x01][..], &s.flow_schema, s.host, self.bytes].concat()),
+        }
+    }
 }
 
 /// The items of [`flow_messages`].
-pub enum FlowMessages<'a> {
-    One(Option<&'a [u8]>),
-    Many(std::vec::IntoIter<&'a [u8]>),
+pub struct FlowMessages<'a> {
+    items: std::vec::IntoIter<&'a [u8]>,
+    shared: Option<Shared<'a>>,
+    /// A message that is not a FlowBatch: its own one item.
+    one: Option<&'a [u8]>,
 }
 
 impl<'a> Iterator for FlowMessages<'a> {
-    type Item = &'a [u8];
-    fn next(&mut self) -> Option<&'a [u8]> {
-        match self {
-            FlowMessages::One(m) => m.take(),
-            FlowMessages::Many(it) => it.next(),
+    type Item = FlowItem<'a>;
+    fn next(&mut self) -> Option<FlowItem<'a>> {
+        if let Some(m) = self.one.take() {
+            return Some(FlowItem { bytes: m, shared: None });
         }
+        self.items.next().map(|bytes| FlowItem { bytes, shared: self.shared })
     }
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let n = match self {
-            FlowMessages::One(m) => usize::from(m.is_some()),
-            FlowMessages::Many(it) => it.len(),
-        };
+        let n = self.items.len() + usize::from(self.one.is_some());
         (n, Some(n))
     }
 }
@@ -175,32 +250,65 @@ impl ExactSizeIterator for FlowMessages<'_> {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{decode_flow, fixtures, Flow, HostIdentity};
+    use crate::{fixtures, Encoder, Flow, HostIdentity};
+
+    fn flows(n: i64) -> Vec<Flow> {
+        (0..n).map(|i| Flow { sequence: i, ..fixtures::flow() }).collect()
+    }
 
     #[test]
-    fn a_batch_holds_its_flow_messages_in_order() {
+    fn a_batch_holds_its_flow_records_in_order() {
         let h = fixtures::host();
-        let msgs: Vec<Vec<u8>> = (0..3).map(|i| fixtures::flow_message(&h, &Flow { sequence: i, ..fixtures::flow() })).collect();
-        let mut w = BatchWriter::default();
-        for m in &msgs {
-            w.push(m);
-        }
+        let mut w = BatchWriter::new(h.encode());
+        flows(3).iter().for_each(|f| w.push(f));
         assert_eq!(w.len(), 3);
         let mut out = vec![9; 4];
         w.finish(&mut out);
         assert!(w.is_empty());
         assert_eq!(records_in(&out), 3);
-        let items: Vec<&[u8]> = flow_messages(&out).unwrap().collect();
-        assert_eq!(items, msgs.iter().map(|m| &m[..]).collect::<Vec<_>>());
-        let seqs: Vec<i64> = items.iter().map(|m| decode_flow(m, HostIdentity::decode).unwrap().1.sequence).collect();
-        assert_eq!(seqs, [0, 1, 2]);
+        let items: Vec<FlowItem> = flow_messages(&out).unwrap().collect();
+        for (item, f) in items.iter().zip(flows(3)) {
+            assert_eq!(item.decode(HostIdentity::decode).unwrap(), (h.clone(), f.clone()));
+            // Each is, whole again, the Flow message the record would be alone.
+            assert_eq!(item.message(), fixtures::flow_message(&h, &f));
+        }
+        assert_eq!(items.len(), 3);
+        // The host block is written once, after the items.
+        let block = h.encode();
+        assert_eq!(out.windows(block.len()).filter(|w| *w == &block[..]).count(), 1);
+        assert_eq!(&out[out.len() - 8..], &FLOW.fingerprint());
         // A plain Flow message is its own one item.
-        assert_eq!(flow_messages(&msgs[1]).unwrap().collect::<Vec<_>>(), [&msgs[1][..]]);
-        assert_eq!(records_in(&msgs[1]), 1);
-        // The writer starts over after finish.
-        w.push(&msgs[0]);
+        let one = fixtures::flow_message(&h, &fixtures::flow());
+        let items: Vec<FlowItem> = flow_messages(&one).unwrap().collect();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].message(), &one[..]);
+        assert_eq!(items[0].decode(HostIdentity::decode).unwrap(), (h.clone(), fixtures::flow()));
+        assert_eq!(records_in(&one), 1);
+        // The writer starts over after finish, under a new host if set.
+        let h2 = fixtures::host_with("h2", "api", &["fd00::1"]);
+        w.set_host(h2.encode());
+        w.push(&fixtures::flow());
         w.finish(&mut out);
-        assert_eq!(flow_messages(&out).unwrap().len(), 1);
+        let items: Vec<FlowItem> = flow_messages(&out).unwrap().collect();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].decode(HostIdentity::decode).unwrap().0, h2);
+    }
+
+    /// Batches written before the host block was shared (version 1: whole
+    /// Flow messages as items) still decode, each item its own message.
+    #[test]
+    fn version_1_batches_still_decode() {
+        let h = fixtures::host();
+        let msgs: Vec<Vec<u8>> = flows(3).iter().map(|f| fixtures::flow_message(&h, f)).collect();
+        let mut v1 = FLOW_BATCH_V1.header().to_vec();
+        let mut w = Writer(&mut v1);
+        w.block(msgs.iter(), |w, m| w.bytes(m));
+        assert_eq!(records_in(&v1), 3);
+        let items: Vec<FlowItem> = flow_messages(&v1).unwrap().collect();
+        assert_eq!(items.iter().map(|i| i.message().into_owned()).collect::<Vec<_>>(), msgs);
+        for (item, f) in items.iter().zip(flows(3)) {
+            assert_eq!(item.decode(HostIdentity::decode).unwrap(), (h.clone(), f));
+        }
     }
 
     /// Items of any length keep their bytes: the two bytes kept for a
@@ -208,23 +316,23 @@ mod tests {
     #[test]
     fn items_of_every_length_round_trip() {
         let items: Vec<Vec<u8>> = [0usize, 5, 63, 64, 300, 8191, 8192, 70_000].iter().map(|&n| vec![(n % 251) as u8; n]).collect();
-        let mut w = BatchWriter::default();
-        items.iter().for_each(|i| w.push(i));
+        let mut w = BatchWriter::new(fixtures::host().encode());
+        items.iter().for_each(|i| w.push_raw(i));
         assert_eq!(w.bytes(), items.iter().map(|i| i.len()).sum::<usize>() + 1 + 1 + 1 + 2 + 2 + 2 + 3 + 3);
         let mut out = Vec::new();
         w.finish(&mut out);
-        assert_eq!(flow_messages(&out).unwrap().collect::<Vec<_>>(), items.iter().map(|i| &i[..]).collect::<Vec<_>>());
+        assert_eq!(flow_messages(&out).unwrap().map(|i| i.bytes).collect::<Vec<_>>(), items.iter().map(|i| &i[..]).collect::<Vec<_>>());
         assert_eq!(records_in(&out), items.len() as u64);
     }
 
     /// Bytes from the network: a torn or padded batch is refused whole,
-    /// never read past its end, and counts as one record.
+    /// never read past its end, and counts as one record; a record that does
+    /// not decode fails alone.
     #[test]
     fn a_broken_batch_is_refused_whole() {
-        let m = fixtures::flow_message(&fixtures::host(), &fixtures::flow());
-        let mut w = BatchWriter::default();
-        w.push(&m);
-        w.push(&m);
+        let mut w = BatchWriter::new(fixtures::host().encode());
+        w.push(&fixtures::flow());
+        w.push(&fixtures::flow());
         let mut out = Vec::new();
         w.finish(&mut out);
         for cut in 10..out.len() {
@@ -238,5 +346,13 @@ mod tests {
         w.finish(&mut out);
         assert_eq!(flow_messages(&out).unwrap().len(), 0);
         assert_eq!(records_in(&out), 1);
+        // A torn record among good ones.
+        let mut body = Vec::new();
+        fixtures::flow().write_body_with(&mut Writer(&mut body), |w, _| w.null_or(false));
+        w.push_raw(&body);
+        w.push_raw(&body[..body.len() - 3]);
+        w.finish(&mut out);
+        let got: Vec<_> = flow_messages(&out).unwrap().map(|i| i.decode(|_| Ok(())).map(|(_, f)| f.sequence)).collect();
+        assert_eq!(got, [Ok(fixtures::flow().sequence), Err(DecodeError::Truncated)]);
     }
 }

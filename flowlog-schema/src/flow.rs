@@ -142,6 +142,12 @@ impl Flow {
     /// (the sidecar copies each workload's bytes, encoded once).
     pub fn write_with(&self, host_block: &[u8], w: &mut Writer, workload: impl FnOnce(&mut Writer, Option<&Arc<Workload>>)) {
         w.0.extend_from_slice(host_block);
+        self.write_body_with(w, workload);
+    }
+
+    /// The datum's fields after the host block: a FlowBatch's item
+    /// ([`crate::BatchWriter::push_with`]), whose host block the batch holds once.
+    pub fn write_body_with(&self, w: &mut Writer, workload: impl FnOnce(&mut Writer, Option<&Arc<Workload>>)) {
         w.long(self.sequence_epoch);
         w.long(self.sequence);
         w.long(self.connection_id);
@@ -274,29 +280,64 @@ pub fn decode_flow<H>(
     msg: &[u8],
     host: impl FnOnce(&[u8]) -> Result<H, DecodeError>,
 ) -> Result<(H, Flow), DecodeError> {
-    /// Each version's schema, the workload form it wrote and whether it
-    /// has `limits`, newest first.
-    const VERSIONS: [(&SchemaDef, Option<WorkloadVersion>, bool); 4] = [
-        (&FLOW, Some(WorkloadVersion::Current), true),
-        (&FLOW_V3, Some(WorkloadVersion::Current), false),
-        (&FLOW_V2, Some(WorkloadVersion::V2), false),
-        (&FLOW_V1, None, false),
-    ];
-    let mut found = Err(DecodeError::NotSingleObject);
-    for (schema, workload, limits) in VERSIONS {
-        found = schema.datum(msg).map(|d| (d, workload, limits));
-        if !matches!(found, Err(DecodeError::UnknownFingerprint(_))) {
-            break;
-        }
+    if msg.len() < 10 || msg[0] != 0xC3 || msg[1] != 0x01 {
+        return Err(DecodeError::NotSingleObject);
     }
-    let (datum, workload, limits) = found?;
-    let mut r = Reader::new(datum);
+    let fingerprint: [u8; 8] = msg[2..10].try_into().expect("8 bytes");
+    let version = FlowVersion::of(fingerprint)?;
+    let mut r = Reader::new(&msg[10..]);
     let block = HostIdentity::skip(&mut r)?;
     let h = host(block)?;
-    let f = Flow::read_version(&mut r, workload, limits)?;
-    r.finish()?;
-    f.validate()?;
-    Ok((h, f))
+    version.read_body(&mut r).map(|f| (h, f))
+}
+
+/// Decodes a Flow datum's fields after its host block (a FlowBatch item),
+/// written with the Flow schema of `fingerprint`; `host_block` is the
+/// block the batch holds for it, handed to `host` as [`decode_flow`] does.
+pub fn decode_flow_body<H>(
+    fingerprint: [u8; 8],
+    host_block: &[u8],
+    body: &[u8],
+    host: impl FnOnce(&[u8]) -> Result<H, DecodeError>,
+) -> Result<(H, Flow), DecodeError> {
+    let version = FlowVersion::of(fingerprint)?;
+    let h = host(host_block)?;
+    version.read_body(&mut Reader::new(body)).map(|f| (h, f))
+}
+
+/// What a Flow schema version wrote after the host block: the workload's
+/// form (if any) and whether `limits` follows.
+#[derive(Clone, Copy)]
+struct FlowVersion {
+    workload: Option<WorkloadVersion>,
+    limits: bool,
+}
+
+impl FlowVersion {
+    /// The version whose schema has this fingerprint.
+    fn of(fingerprint: [u8; 8]) -> Result<FlowVersion, DecodeError> {
+        /// Each version's schema, the workload form it wrote and whether it
+        /// has `limits`, newest first.
+        const VERSIONS: [(&SchemaDef, Option<WorkloadVersion>, bool); 4] = [
+            (&FLOW, Some(WorkloadVersion::Current), true),
+            (&FLOW_V3, Some(WorkloadVersion::Current), false),
+            (&FLOW_V2, Some(WorkloadVersion::V2), false),
+            (&FLOW_V1, None, false),
+        ];
+        VERSIONS
+            .iter()
+            .find(|(schema, ..)| schema.fingerprint() == fingerprint)
+            .map(|&(_, workload, limits)| FlowVersion { workload, limits })
+            .ok_or(DecodeError::UnknownFingerprint(fingerprint))
+    }
+
+    /// The fields after the host block, to the datum's end, checked.
+    fn read_body(self, r: &mut Reader) -> Result<Flow, DecodeError> {
+        let f = Flow::read_version(r, self.workload, self.limits)?;
+        r.finish()?;
+        f.validate()?;
+        Ok(f)
+    }
 }
 
 /// The TCP states a connection went through, oldest first: one nibble per

@@ -29,10 +29,10 @@ pub use enriched::{Attribution, Attrs, EnrichedFlow};
 pub use enums::{
     Direction, EndReason, Family, IdentityReason, OwnerSource, RecordType, Source, Unattributed, WorkloadKind, WorkloadReason,
 };
-pub use flow::{decode_flow, Flow, Limits, StatePath};
+pub use flow::{decode_flow, decode_flow_body, Flow, Limits, StatePath};
 pub use smol_str::SmolStr;
 pub use host::{Host, HostIdentity};
 pub use identity::{Identity, WorkloadIps};
-pub use batch::{flow_messages, records_in, BatchWriter};
+pub use batch::{flow_messages, records_in, BatchWriter, FlowItem, FlowMessages};
 pub use schemas::{SchemaDef, ENRICHED_FLOW, FLOW, FLOW_BATCH, IDENTITY};
 pub use workload::Workload;

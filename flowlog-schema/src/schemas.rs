@@ -31,6 +31,9 @@ pub static FLOW_V2: SchemaDef = SchemaDef::new("flow", include_str!("../../schem
 /// v3: the current form without `limits` (v4).
 pub static FLOW_V3: SchemaDef = SchemaDef::new("flow", include_str!("../../schemas/history/flow.v3.avsc"));
 
+/// FlowBatch v1: items are whole Flow messages (no shared host block).
+pub static FLOW_BATCH_V1: SchemaDef = SchemaDef::new("flow_batch", include_str!("../../schemas/history/flow_batch.v1.avsc"));
+
 /// Every schema, for tests and docs.
 pub static ALL: [&SchemaDef; 4] = [&FLOW, &FLOW_BATCH, &IDENTITY, &ENRICHED_FLOW];
 

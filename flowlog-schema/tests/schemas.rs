@@ -624,21 +624,37 @@ fn schemas_stay_backward_compatible() {
 }
 
 /// A FlowBatch as apache-avro reads it with schemas/flow_batch.avsc: its
-/// items are the Flow messages, byte for byte; and one apache-avro writes
-/// (several blocks) splits into the same items here.
+/// items are the Flow records without their host block, byte for byte, its
+/// host the one record of the block, its flow_schema the Flow schema's
+/// fingerprint; and one apache-avro writes (several blocks) splits into the
+/// same records here.
 #[test]
 fn flow_batches_match_the_schema() {
     let (h, f) = sample_flow();
-    let msgs: Vec<Vec<u8>> = (0..5).map(|i| fixtures::flow_message(&h, &Flow { sequence: i, ..f.clone() })).collect();
-    let mut w = BatchWriter::default();
-    msgs.iter().for_each(|m| w.push(m));
+    let flows: Vec<Flow> = (0..5).map(|i| Flow { sequence: i, ..f.clone() }).collect();
+    let mut w = BatchWriter::new(h.encode());
+    flows.iter().for_each(|f| w.push(f));
     let mut batch = Vec::new();
     w.finish(&mut batch);
     let read = GenericSingleObjectReader::new(FLOW_BATCH.parse()).unwrap().read_value(&mut &batch[..]).unwrap();
-    let want = Value::Array(msgs.iter().map(|m| Value::Bytes(m.clone())).collect());
+    let block = h.encode();
+    let bodies: Vec<Value> = flows.iter().map(|f| Value::Bytes(fixtures::flow_message(&h, f)[10 + block.len()..].to_vec())).collect();
+    let want = Value::Array(bodies);
     assert_eq!(field(&read, "flows"), &want);
-    let theirs = apache_avro::to_avro_datum(&FLOW_BATCH.parse(), Value::Record(vec![("flows".into(), want)])).unwrap();
+    let whole = GenericSingleObjectReader::new(FLOW.parse()).unwrap().read_value(&mut &fixtures::flow_message(&h, &f)[..]).unwrap();
+    assert_eq!(field(&read, "host"), field(&whole, "host"));
+    assert_eq!(field(&read, "flow_schema"), &Value::Fixed(8, FLOW.fingerprint().to_vec()));
+    let theirs = apache_avro::to_avro_datum(
+        &FLOW_BATCH.parse(),
+        Value::Record(vec![
+            ("flows".into(), want),
+            ("host".into(), field(&whole, "host").clone()),
+            ("flow_schema".into(), Value::Fixed(8, FLOW.fingerprint().to_vec())),
+        ]),
+    )
+    .unwrap();
     let mut msg = FLOW_BATCH.header().to_vec();
     msg.extend(theirs);
-    assert_eq!(flow_messages(&msg).unwrap().collect::<Vec<_>>(), msgs.iter().map(|m| &m[..]).collect::<Vec<_>>());
+    let back: Vec<(HostIdentity, Flow)> = flow_messages(&msg).unwrap().map(|i| i.decode(HostIdentity::decode).unwrap()).collect();
+    assert_eq!(back, flows.iter().map(|f| (h.clone(), f.clone())).collect::<Vec<_>>());
 }

@@ -1,14 +1,15 @@
 //! Any bytes as a message of the flow topic, split into its records as the
 //! enricher splits a FlowBatch (`flow_messages`, and `records_in` as the
-//! sidecar counts one), each decoded as the enricher's `Decoder::flow`
-//! decodes one it has not cached the host of: header, host
+//! sidecar counts one), each decoded as the enricher's `Decoder::item`
+//! decodes one it has not cached the host of, and as the whole Flow
+//! message it stands for (what the dead-letter topic gets), alike: header, host
 //! block (`HostIdentity::decode`, `Host::new`), the fields of any schema
 //! version, checks. A flow or an error, never a panic or an allocation the
 //! input does not pay for; a flow it accepts, written again, reads back the
 //! same.
 #![no_main]
 
-use flowlog_schema::{decode_flow, flow_messages, records_in, Host, HostIdentity};
+use flowlog_schema::{decode_flow, flow_messages, records_in, FlowItem, Host, HostIdentity};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|msg: &[u8]| {
@@ -19,8 +20,13 @@ fuzz_target!(|msg: &[u8]| {
     }
 });
 
-fn check(msg: &[u8]) {
-    let Ok((host, flow)) = decode_flow(msg, |block| HostIdentity::decode(block).map(Host::new)) else {
+fn check(record: FlowItem) {
+    let decoded = record.decode(|block| HostIdentity::decode(block).map(Host::new));
+    // A record of a batch is the whole Flow message it stands for: the two
+    // decode alike.
+    let whole = decode_flow(&record.message(), |block| HostIdentity::decode(block).map(Host::new));
+    assert_eq!(decoded.as_ref().map(|(h, f)| (&h.identity, f)), whole.as_ref().map(|(h, f)| (&h.identity, f)));
+    let Ok((host, flow)) = decoded else {
         return;
     };
     let mut again = Vec::new();

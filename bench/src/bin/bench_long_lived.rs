@@ -350,7 +350,7 @@ fn read_topic(brokers: &str, seen: Arc<Mutex<Seen>>, stop: Arc<std::sync::atomic
             let Ok(records) = flowlog_schema::flow_messages(m.payload().unwrap_or_default()) else { continue };
             let mut s = seen.lock().unwrap();
             for record in records {
-                let Ok(((), f)) = flowlog_schema::decode_flow(record, |_| Ok(())) else { continue };
+                let Ok(((), f)) = record.decode(|_| Ok(())) else { continue };
                 let (local, remote) = (std::net::SocketAddr::new(f.local_addr, f.local_port), std::net::SocketAddr::new(f.remote_addr, f.remote_port));
                 if LongLived::may_be_ours(local, remote) {
                     let is_final = f.record_type == flowlog_schema::RecordType::Final;

@@ -22,7 +22,7 @@ use std::{
 };
 
 use anyhow::bail;
-use flowlog_schema::{decode_flow, flow_messages};
+use flowlog_schema::flow_messages;
 use clap::Parser;
 use flowlog_bench::{
     loadgen::{self, LoadSpec},
@@ -172,7 +172,7 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path, config: Option<&str>) ->
                     for record in flow_messages(m.payload().unwrap_or_default())? {
                         let n = consumed.fetch_add(1, Ordering::Relaxed);
                         if n % 10 == 0 {
-                            if let Ok((_, f)) = decode_flow(record, |_| Ok(())) {
+                            if let Ok((_, f)) = record.decode(|_| Ok(())) {
                                 latencies.lock().unwrap().push((received - f.end_time_ns) as f64 / 1e6);
                             }
                         }

@@ -27,6 +27,22 @@ fn flow(host: &str, seq: i64, remote: [u8; 4], end_ns: i64) -> Vec<u8> {
     fixtures::flow_message(&h, &f)
 }
 
+/// A FlowBatch of Flow messages of `host` (as [`flow`] writes them),
+/// each item the message without its header and host block.
+fn batch_of(host: &str, msgs: &[&[u8]]) -> Vec<u8> {
+    let mut h = fixtures::host();
+    h.host_id = host.into();
+    let block = h.encode();
+    let mut w = flowlog_schema::BatchWriter::new(block.clone());
+    for m in msgs {
+        assert_eq!(&m[10..10 + block.len()], &block[..]);
+        w.push_raw(&m[10 + block.len()..]);
+    }
+    let mut batch = Vec::new();
+    w.finish(&mut batch);
+    batch
+}
+
 const LOOPBACK: [u8; 4] = [127, 0, 0, 1];
 const NOBODY: [u8; 4] = [10, 7, 7, 7];
 
@@ -34,6 +50,8 @@ const NOBODY: [u8; 4] = [10, 7, 7, 7];
 #[derive(Default)]
 struct Letters {
     got: Mutex<Vec<(i64, String)>>,
+    /// The messages sent, in order.
+    payloads: Mutex<Vec<Vec<u8>>>,
     down: bool,
 }
 
@@ -44,6 +62,7 @@ impl DeadLetters for Letters {
             .lock()
             .unwrap()
             .push((m.offset, reason.to_string()));
+        self.payloads.lock().unwrap().push(m.payload.to_vec());
         Ok(())
     }
 }
@@ -427,12 +446,7 @@ fn the_records_of_a_batch_message_are_handled_one_by_one() {
     let mut r = Rig::new(100, 1, 0);
     let good: Vec<Vec<u8>> = (0..3).map(|seq| flow("h", seq, LOOPBACK, T0)).collect();
     let bad = good[1][..good[1].len() - 3].to_vec();
-    let mut w = flowlog_schema::BatchWriter::default();
-    for m in [&good[0], &bad, &good[2]] {
-        w.push(m);
-    }
-    let mut batch = Vec::new();
-    w.finish(&mut batch);
+    let batch = batch_of("h", &[&good[0], &bad, &good[2]]);
     r.consume(0, 7, &batch, r.at(0));
     r.consume(0, 8, &batch, r.at(0));
     let mut torn = batch.clone();
@@ -442,6 +456,9 @@ fn the_records_of_a_batch_message_are_handled_one_by_one() {
         *r.letters.got.lock().unwrap(),
         vec![(7, "truncated".to_string()), (8, "truncated".to_string()), (9, "truncated".to_string())]
     );
+    // The bad record went alone, as the whole Flow message it was; the torn
+    // batch whole.
+    assert_eq!(*r.letters.payloads.lock().unwrap(), [bad.clone(), bad, torn]);
     let mut due = r.take_due(r.at(1));
     let (p, b) = due.pop().unwrap();
     assert_eq!((p, b.first, b.last), (0, 7, 9));
@@ -510,11 +527,8 @@ fn an_agreed_end_splits_or_extends_a_batch() {
 fn batches_are_cut_between_messages() {
     let mut r = Rig::new(2, 10, 0);
     let message = |seqs: std::ops::Range<i64>| {
-        let mut w = flowlog_schema::BatchWriter::default();
-        seqs.for_each(|seq| w.push(&flow("h", seq, LOOPBACK, T0)));
-        let mut m = Vec::new();
-        w.finish(&mut m);
-        m
+        let msgs: Vec<Vec<u8>> = seqs.map(|seq| flow("h", seq, LOOPBACK, T0)).collect();
+        batch_of("h", &msgs.iter().map(|m| &m[..]).collect::<Vec<_>>())
     };
     r.consume(0, 0, &message(0..3), r.at(0));
     r.consume(0, 1, &message(3..6), r.at(0));

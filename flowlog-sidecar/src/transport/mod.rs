@@ -334,10 +334,11 @@ impl FlowEncoder {
         &self.buf
     }
 
-    /// The record's message, encoded in place into `batch`.
+    /// The record, encoded in place into `batch` (whose host block is this
+    /// encoder's).
     pub fn encode_into(&mut self, r: &mut Flow, batch: &mut BatchWriter) {
         self.number(r);
-        batch.push_with(|out| r.to_message_with(&self.host_block, out, |w, wl| self.workload.write(w, wl)));
+        batch.push_with(|out| r.write_body_with(&mut Writer(out), |w, wl| self.workload.write(w, wl)));
     }
 
     fn number(&mut self, r: &mut Flow) {
@@ -472,6 +473,7 @@ impl KafkaSink {
             key: host.host_id.clone(),
         };
         let replayer = thread::Builder::new().name("flowlog-replay".into()).spawn(move || replayer.run())?;
+        let batch = BatchWriter::new(host.encode());
         let mut sink = KafkaSink {
             out: FlowOut {
                 producer,
@@ -485,7 +487,7 @@ impl KafkaSink {
             identity,
             workload_ips,
             cfg,
-            batch: BatchWriter::default(),
+            batch,
             replayer: Some(replayer),
         };
         sink.send_identity(IdentityReason::Start);
@@ -497,7 +499,10 @@ impl KafkaSink {
         let now = self.identity.current();
         if now != self.host {
             info!(ips = ?now.ips, "host identity changed");
+            // The open batch's records are the old host's.
+            self.send_batch();
             self.encoder.host_block = now.encode();
+            self.batch.set_host(self.encoder.host_block.clone());
             self.host = now;
             self.send_identity(IdentityReason::IpChange);
         }
@@ -866,7 +871,7 @@ mod tests {
         let again = Arc::new(fixtures::pod_workload());
         let host = fixtures::host();
         let mut enc = FlowEncoder::new(5, &host);
-        let mut batch = BatchWriter::default();
+        let mut batch = BatchWriter::new(host.encode());
         let mut plain = Vec::new();
         for (i, w) in [Some(&pod), Some(&pod), None, Some(&other), Some(&pod), Some(&again), None].into_iter().enumerate() {
             let mut record = Flow { workload: w.cloned(), pid: i as i32, ..fixtures::flow() };
@@ -881,7 +886,7 @@ mod tests {
             let (_, f) = flowlog_enricher::decode::Decoder::new().flow(&got).unwrap();
             assert_eq!(f.workload.as_deref(), w.map(|w| &**w));
         }
-        let batched = batch.take(|msg| flowlog_schema::flow_messages(msg).unwrap().map(<[u8]>::to_vec).collect::<Vec<_>>());
+        let batched = batch.take(|msg| flowlog_schema::flow_messages(msg).unwrap().map(|i| i.message().into_owned()).collect::<Vec<_>>());
         assert_eq!(batched, plain);
     }
 }

@@ -66,7 +66,17 @@ pub fn consume(brokers: &str, topic: &str, schema_json: &str, timeout: Duration,
                 let records = if payload.get(2..10) == Some(&flowlog_schema::FLOW_BATCH.fingerprint()[..]) {
                     let batch = batches.read_value(&mut &payload[..]).expect("a FlowBatch decodes with apache-avro");
                     let Value::Array(items) = field(&batch, "flows") else { panic!("flows is not an array") };
-                    items.iter().map(|i| if let Value::Bytes(b) = i { b.clone() } else { panic!("item {i:?}") }).collect()
+                    // Each record as the whole Flow message it stands for
+                    // (header, the batch's host block, the item), which
+                    // apache-avro then reads with the Flow schema.
+                    let whole: Vec<Vec<u8>> =
+                        flowlog_schema::flow_messages(payload).expect("splits").map(|r| r.message().into_owned()).collect();
+                    assert_eq!(items.len(), whole.len());
+                    for (item, w) in items.iter().zip(&whole) {
+                        let Value::Bytes(b) = item else { panic!("item {item:?}") };
+                        assert!(w.ends_with(b));
+                    }
+                    whole
                 } else {
                     vec![payload.to_vec()]
                 };

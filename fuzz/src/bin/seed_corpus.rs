@@ -56,11 +56,16 @@ fn main() {
         write("flow_decode", name, msg);
     }
     // The three in one FlowBatch, as the sidecar sends them.
-    let mut batch = flowlog_schema::BatchWriter::default();
-    flows.iter().for_each(|(_, m)| batch.push(m));
+    let mut batch = flowlog_schema::BatchWriter::new(host.encode());
+    [&pod, &v6, &bare].into_iter().for_each(|f| batch.push(f));
     let mut msg = Vec::new();
     batch.finish(&mut msg);
     write("flow_decode", "batch-of-3", &msg);
+    // A version-1 batch (whole Flow messages as items), as older sidecars'
+    // spools still hold them.
+    let mut v1 = flowlog_schema::schemas::FLOW_BATCH_V1.header().to_vec();
+    flowlog_schema::Writer(&mut v1).block(flows.iter(), |w, (_, m)| w.bytes(m));
+    write("flow_decode", "batch-v1-of-3", &v1);
     // v3 had no limits; v2 wrote a null workload the same way; v1 had no
     // such field.
     let bare_datum = without_last_nulls(&flows[2].1, 2);
