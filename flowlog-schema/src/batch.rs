@@ -80,7 +80,7 @@ impl BatchWriter {
 
     /// Adds `flow` (its workload encoded in full).
     pub fn push(&mut self, flow: &Flow) {
-        self.push_with(|out| flow.write_body_with(&mut Writer(out), |w, wl| crate::Workload::write_opt(w, wl.map(|a| &**a))));
+        self.push_with(|out| flow.write_body_with(&mut Writer(out), &mut crate::flow::Fresh));
     }
 
     /// Adds raw item bytes, well-formed or not (tests of the readers).
@@ -250,7 +250,7 @@ impl ExactSizeIterator for FlowMessages<'_> {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{fixtures, Encoder, Flow, HostIdentity};
+    use crate::{fixtures, Flow, HostIdentity};
 
     fn flows(n: i64) -> Vec<Flow> {
         (0..n).map(|i| Flow { sequence: i, ..fixtures::flow() }).collect()
@@ -348,7 +348,7 @@ mod tests {
         assert_eq!(records_in(&out), 1);
         // A torn record among good ones.
         let mut body = Vec::new();
-        fixtures::flow().write_body_with(&mut Writer(&mut body), |w, _| w.null_or(false));
+        fixtures::flow().write_body_with(&mut Writer(&mut body), &mut crate::flow::Fresh);
         w.push_raw(&body);
         w.push_raw(&body[..body.len() - 3]);
         w.finish(&mut out);

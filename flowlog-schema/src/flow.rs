@@ -111,6 +111,26 @@ impl Limits {
     }
 }
 
+/// The parts of a Flow datum that many records share, which a writer may
+/// encode once and copy (the sidecar keeps the last workload's bytes and
+/// those of the few state paths its flows go through). Each method must
+/// write exactly what its default does.
+pub trait Parts {
+    /// `["null", Workload]`.
+    fn workload(&mut self, w: &mut Writer, workload: Option<&Arc<Workload>>) {
+        Workload::write_opt(w, workload.map(|a| &**a));
+    }
+    /// The state names, oldest first.
+    fn state_path(&mut self, w: &mut Writer, path: StatePath) {
+        path.write(w);
+    }
+}
+
+/// Every part encoded afresh.
+pub struct Fresh;
+
+impl Parts for Fresh {}
+
 fn write_addr(w: &mut Writer, ip: &IpAddr) {
     match ip {
         IpAddr::V4(a) => w.bytes(&a.octets()),
@@ -135,19 +155,19 @@ impl Flow {
     /// Appends the datum: `host_block` (an encoded [`HostIdentity`]) then
     /// this record's fields.
     pub fn write(&self, host_block: &[u8], w: &mut Writer) {
-        self.write_with(host_block, w, |w, workload| Workload::write_opt(w, workload.map(|a| &**a)));
+        self.write_with(host_block, w, &mut Fresh);
     }
 
-    /// [`Flow::write`] with the `workload` field written by `workload`
-    /// (the sidecar copies each workload's bytes, encoded once).
-    pub fn write_with(&self, host_block: &[u8], w: &mut Writer, workload: impl FnOnce(&mut Writer, Option<&Arc<Workload>>)) {
+    /// [`Flow::write`] with the workload and state path written by `parts`
+    /// (the sidecar copies their bytes, encoded once).
+    pub fn write_with(&self, host_block: &[u8], w: &mut Writer, parts: &mut impl Parts) {
         w.0.extend_from_slice(host_block);
-        self.write_body_with(w, workload);
+        self.write_body_with(w, parts);
     }
 
     /// The datum's fields after the host block: a FlowBatch's item
     /// ([`crate::BatchWriter::push_with`]), whose host block the batch holds once.
-    pub fn write_body_with(&self, w: &mut Writer, workload: impl FnOnce(&mut Writer, Option<&Arc<Workload>>)) {
+    pub fn write_body_with(&self, w: &mut Writer, parts: &mut impl Parts) {
         w.long(self.sequence_epoch);
         w.long(self.sequence);
         w.long(self.connection_id);
@@ -169,14 +189,14 @@ impl Flow {
         w.int(self.rtt_min_us);
         self.end_reason.write(w);
         w.opt_string(self.error.as_deref());
-        w.block(self.state_path.iter(), |w, s| w.string(s));
+        parts.state_path(w, self.state_path);
         w.int(self.pid);
         w.int(self.tid);
         w.string(&self.comm);
         self.owner_source.write(w);
         w.long(self.cgroup_id);
         w.long(self.netns_ino);
-        workload(w, self.workload.as_ref());
+        parts.workload(w, self.workload.as_ref());
         Limits::write_opt(w, self.limits.as_ref());
     }
 
@@ -186,11 +206,11 @@ impl Flow {
         self.write(host_block, &mut Writer(out));
     }
 
-    /// [`Flow::to_message`] with the workload written by `workload` (see
-    /// [`Flow::write_with`]).
-    pub fn to_message_with(&self, host_block: &[u8], out: &mut Vec<u8>, workload: impl FnOnce(&mut Writer, Option<&Arc<Workload>>)) {
+    /// [`Flow::to_message`] with the workload and state path written by
+    /// `parts` (see [`Flow::write_with`]).
+    pub fn to_message_with(&self, host_block: &[u8], out: &mut Vec<u8>, parts: &mut impl Parts) {
         out.extend_from_slice(&FLOW.header());
-        self.write_with(host_block, &mut Writer(out), workload);
+        self.write_with(host_block, &mut Writer(out), parts);
     }
 
     /// Reads the fields after the host block (current version).
@@ -361,6 +381,10 @@ impl StatePath {
     pub fn iter(&self) -> impl ExactSizeIterator<Item = &'static str> {
         let p = self.0;
         (0..self.len()).rev().map(move |i| tcp_state::name(((p >> (4 * i)) & 0xf) as u8))
+    }
+    /// As schemas/flow.avsc's `state_path`: an array of the names.
+    pub fn write(&self, w: &mut Writer) {
+        w.block(self.iter(), |w, s| w.string(s));
     }
     /// Appends a state (the oldest falls off past 16).
     pub fn push(&mut self, state: u8) {

@@ -29,7 +29,7 @@ pub use enriched::{Attribution, Attrs, EnrichedFlow};
 pub use enums::{
     Direction, EndReason, Family, IdentityReason, OwnerSource, RecordType, Source, Unattributed, WorkloadKind, WorkloadReason,
 };
-pub use flow::{decode_flow, decode_flow_body, Flow, Limits, StatePath};
+pub use flow::{decode_flow, decode_flow_body, Flow, Fresh, Limits, Parts, StatePath};
 pub use smol_str::SmolStr;
 pub use host::{Host, HostIdentity};
 pub use identity::{Identity, WorkloadIps};

@@ -40,7 +40,7 @@ use rdkafka::{
 use tracing::{info, warn};
 
 use flowlog_runtime::producer::PolledProducer;
-use flowlog_schema::{records_in, Writer, BatchWriter, Flow, HostIdentity, Identity, IdentityReason, Workload};
+use flowlog_schema::{records_in, Writer, BatchWriter, Flow, HostIdentity, Identity, IdentityReason, StatePath, Workload};
 
 use crate::{
     identity::IdentityConfig,
@@ -311,7 +311,7 @@ pub struct FlowEncoder {
     pub epoch: i64,
     pub next_sequence: i64,
     pub host_block: Vec<u8>,
-    workload: WorkloadBlock,
+    parts: Reused,
     buf: Vec<u8>,
 }
 
@@ -321,7 +321,7 @@ impl FlowEncoder {
             epoch,
             next_sequence: 0,
             host_block: host.encode(),
-            workload: WorkloadBlock::default(),
+            parts: Reused::default(),
             buf: Vec::with_capacity(512),
         }
     }
@@ -330,7 +330,7 @@ impl FlowEncoder {
     pub fn encode(&mut self, r: &mut Flow) -> &[u8] {
         self.number(r);
         self.buf.clear();
-        r.to_message_with(&self.host_block, &mut self.buf, |w, wl| self.workload.write(w, wl));
+        r.to_message_with(&self.host_block, &mut self.buf, &mut self.parts);
         &self.buf
     }
 
@@ -338,7 +338,7 @@ impl FlowEncoder {
     /// encoder's).
     pub fn encode_into(&mut self, r: &mut Flow, batch: &mut BatchWriter) {
         self.number(r);
-        batch.push_with(|out| r.write_body_with(&mut Writer(out), |w, wl| self.workload.write(w, wl)));
+        batch.push_with(|out| r.write_body_with(&mut Writer(out), &mut self.parts));
     }
 
     fn number(&mut self, r: &mut Flow) {
@@ -348,26 +348,56 @@ impl FlowEncoder {
     }
 }
 
-/// The last workload written, as its encoded `["null", Workload]`:
-/// consecutive records mostly share theirs (the resolver hands out one Arc
-/// per cgroup), and encoding its names and labels for each record was ~2.5%
-/// of the sidecar's CPU with Kafka. Holding the Arc keeps its address from
-/// being reused by another workload.
+/// The parts of a record that many share, encoded once and copied.
 #[derive(Default)]
-struct WorkloadBlock {
-    last: Option<Arc<Workload>>,
-    bytes: Vec<u8>,
+struct Reused {
+    /// The last workload written, as its encoded `["null", Workload]`:
+    /// consecutive records mostly share theirs (the resolver hands out one
+    /// Arc per cgroup), and encoding its names and labels for each record
+    /// was ~2.5% of the sidecar's CPU with Kafka. Holding the Arc keeps its
+    /// address from being reused by another workload.
+    workload: Option<Arc<Workload>>,
+    workload_bytes: Vec<u8>,
+    /// The last [`PATHS`] distinct state paths written, encoded: a host's
+    /// flows go through a few (a client's and a server's orderly close, a
+    /// refused connect, a reset), and writing each state's name (six
+    /// lengths and copies a record) was ~3% of the sidecar's CPU with Kafka.
+    paths: [(u64, Vec<u8>); PATHS],
+    /// The slot the next new path replaces (round robin).
+    next_path: usize,
 }
 
-impl WorkloadBlock {
-    fn write(&mut self, w: &mut Writer, workload: Option<&Arc<Workload>>) {
+const PATHS: usize = 8;
+
+impl flowlog_schema::Parts for Reused {
+    fn workload(&mut self, w: &mut Writer, workload: Option<&Arc<Workload>>) {
         let Some(workload) = workload else { return Workload::write_opt(w, None) };
-        if !self.last.as_ref().is_some_and(|last| Arc::ptr_eq(last, workload)) {
-            self.bytes.clear();
-            Workload::write_opt(&mut Writer(&mut self.bytes), Some(workload));
-            self.last = Some(workload.clone());
+        if !self.workload.as_ref().is_some_and(|last| Arc::ptr_eq(last, workload)) {
+            self.workload_bytes.clear();
+            Workload::write_opt(&mut Writer(&mut self.workload_bytes), Some(workload));
+            self.workload = Some(workload.clone());
         }
-        w.0.extend_from_slice(&self.bytes);
+        w.0.extend_from_slice(&self.workload_bytes);
+    }
+
+    fn state_path(&mut self, w: &mut Writer, path: StatePath) {
+        // 0 (no state) marks an empty slot.
+        if path.0 == 0 {
+            return path.write(w);
+        }
+        let i = match self.paths.iter().position(|(p, _)| *p == path.0) {
+            Some(i) => i,
+            None => {
+                let i = self.next_path;
+                self.next_path = (i + 1) % PATHS;
+                let (key, bytes) = &mut self.paths[i];
+                bytes.clear();
+                path.write(&mut Writer(bytes));
+                *key = path.0;
+                i
+            }
+        };
+        w.0.extend_from_slice(&self.paths[i].1);
     }
 }
 
@@ -860,9 +890,10 @@ mod tests {
         assert_eq!((f.pid, f.tid, f.comm.as_str(), f.cgroup_id), (4242, 4243, "nginx", 99));
     }
 
-    /// Each workload's bytes are encoded once and reused: the messages are
-    /// those of the plain encoding, whichever workload (or none) a record
-    /// has, and an equal workload behind another Arc.
+    /// Each workload's and state path's bytes are encoded once and reused:
+    /// the messages are those of the plain encoding, whichever workload (or
+    /// none) a record has, an equal workload behind another Arc, and state
+    /// paths coming back after more than the cache holds.
     #[test]
     fn reused_workload_bytes_are_the_plain_encoding() {
         use flowlog_schema::fixtures;
@@ -873,8 +904,7 @@ mod tests {
         let mut enc = FlowEncoder::new(5, &host);
         let mut batch = BatchWriter::new(host.encode());
         let mut plain = Vec::new();
-        for (i, w) in [Some(&pod), Some(&pod), None, Some(&other), Some(&pod), Some(&again), None].into_iter().enumerate() {
-            let mut record = Flow { workload: w.cloned(), pid: i as i32, ..fixtures::flow() };
+        let mut check = |mut record: Flow, what: &str| {
             let mut first = record.clone();
             enc.encode_into(&mut first, &mut batch);
             plain.push(Vec::new());
@@ -882,9 +912,23 @@ mod tests {
             let got = enc.encode(&mut record).to_vec();
             let mut want = Vec::new();
             record.to_message(&host.encode(), &mut want);
-            assert_eq!(got, want, "record {i}");
+            assert_eq!(got, want, "{what}");
             let (_, f) = flowlog_enricher::decode::Decoder::new().flow(&got).unwrap();
-            assert_eq!(f.workload.as_deref(), w.map(|w| &**w));
+            assert_eq!((f.workload, f.state_path), (record.workload, record.state_path), "{what}");
+        };
+        for (i, w) in [Some(&pod), Some(&pod), None, Some(&other), Some(&pod), Some(&again), None].into_iter().enumerate() {
+            check(Flow { workload: w.cloned(), pid: i as i32, ..fixtures::flow() }, &format!("workload {i}"));
+        }
+        // 13 paths (one empty), twice, then backwards: more than the cache holds.
+        let paths: Vec<StatePath> = (0..13u8)
+            .map(|k| {
+                let mut p = StatePath::default();
+                (0..k).for_each(|j| p.push(1 + (j + k) % 12));
+                p
+            })
+            .collect();
+        for (i, p) in paths.iter().chain(&paths).chain(paths.iter().rev()).enumerate() {
+            check(Flow { state_path: *p, ..fixtures::flow() }, &format!("path {i}"));
         }
         let batched = batch.take(|msg| flowlog_schema::flow_messages(msg).unwrap().map(|i| i.message().into_owned()).collect::<Vec<_>>());
         assert_eq!(batched, plain);
