@@ -14,7 +14,7 @@ use crate::{
     avro::{DecodeError, Encoder, Reader, Writer},
     flow::{decode_flow, decode_flow_body},
     host::HostIdentity,
-    schemas::{FLOW, FLOW_BATCH, FLOW_BATCH_V1},
+    schemas::{header, FLOW, FLOW_BATCH, FLOW_BATCH_V1},
     Flow,
 };
 
@@ -218,7 +218,7 @@ impl<'a> FlowItem<'a> {
     pub fn message(&self) -> Cow<'a, [u8]> {
         match self.shared {
             None => Cow::Borrowed(self.bytes),
-            Some(s) => Cow::Owned([&[0xC3, 0x01][..], &s.flow_schema, s.host, self.bytes].concat()),
+            Some(s) => Cow::Owned([&header(s.flow_schema)[..], s.host, self.bytes].concat()),
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::{
     avro::{DecodeError, Encoder, Reader, Writer},
     enums::{Direction, EndReason, Family, OwnerSource, RecordType},
     host::HostIdentity,
-    schemas::{SchemaDef, FLOW, FLOW_V1, FLOW_V2, FLOW_V3},
+    schemas::{single_object, SchemaDef, FLOW, FLOW_V1, FLOW_V2, FLOW_V3},
     workload::{Workload, WorkloadVersion},
 };
 
@@ -300,12 +300,9 @@ pub fn decode_flow<H>(
     msg: &[u8],
     host: impl FnOnce(&[u8]) -> Result<H, DecodeError>,
 ) -> Result<(H, Flow), DecodeError> {
-    if msg.len() < 10 || msg[0] != 0xC3 || msg[1] != 0x01 {
-        return Err(DecodeError::NotSingleObject);
-    }
-    let fingerprint: [u8; 8] = msg[2..10].try_into().expect("8 bytes");
+    let (fingerprint, datum) = single_object(msg)?;
     let version = FlowVersion::of(fingerprint)?;
-    let mut r = Reader::new(&msg[10..]);
+    let mut r = Reader::new(datum);
     let block = HostIdentity::skip(&mut r)?;
     let h = host(block)?;
     version.read_body(&mut r).map(|f| (h, f))

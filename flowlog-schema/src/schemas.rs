@@ -59,22 +59,33 @@ impl SchemaDef {
 
     /// The 10-byte single-object header.
     pub fn header(&self) -> [u8; 10] {
-        let mut h = [0u8; 10];
-        h[0] = 0xC3;
-        h[1] = 0x01;
-        h[2..].copy_from_slice(&self.fingerprint());
-        h
+        header(self.fingerprint())
     }
 
     /// Checks a message's single-object header; returns the datum after it.
     pub fn datum<'a>(&self, msg: &'a [u8]) -> Result<&'a [u8], DecodeError> {
-        if msg.len() < 10 || msg[0] != 0xC3 || msg[1] != 0x01 {
-            return Err(DecodeError::NotSingleObject);
-        }
-        let fp: [u8; 8] = msg[2..10].try_into().expect("8 bytes");
+        let (fp, datum) = single_object(msg)?;
         if fp != self.fingerprint() {
             return Err(DecodeError::UnknownFingerprint(fp));
         }
-        Ok(&msg[10..])
+        Ok(datum)
     }
+}
+
+/// The single-object header of the schema with this fingerprint.
+pub fn header(fingerprint: [u8; 8]) -> [u8; 10] {
+    let mut h = [0u8; 10];
+    h[0] = 0xC3;
+    h[1] = 0x01;
+    h[2..].copy_from_slice(&fingerprint);
+    h
+}
+
+/// Splits a single-object message into its schema's fingerprint and the
+/// datum, whichever schema that is.
+pub fn single_object(msg: &[u8]) -> Result<([u8; 8], &[u8]), DecodeError> {
+    if msg.len() < 10 || msg[0] != 0xC3 || msg[1] != 0x01 {
+        return Err(DecodeError::NotSingleObject);
+    }
+    Ok((msg[2..10].try_into().expect("8 bytes"), &msg[10..]))
 }
