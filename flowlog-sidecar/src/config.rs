@@ -53,7 +53,7 @@ flowlog_settings::settings! {
         pub attach: Attach = Attach::Auto,
         /// Ring-buffer size in bytes (a power of two, multiple of the page size).
         #[flag(long = "ring-buffer-bytes", env = "FLOWLOG_RING_BUFFER_BYTES")]
-        // 4 MiB holds ~29 000 flow events: at 50 ms drains that is 580 000
+        // 4 MiB holds ~29 000 flow events: at 100 ms drains that is 290 000
         // closes/s before anything could be dropped.
         pub ring_buffer_bytes: u32 = 4 * 1024 * 1024,
         /// Live sockets tracked at once; opens beyond it are still reported at
@@ -76,12 +76,21 @@ flowlog_settings::settings! {
         /// Listening ports tracked at once (for naming the server process).
         #[flag(long = "max-listeners", env = "FLOWLOG_MAX_LISTENERS")]
         pub max_listeners: u32 = 16_384,
-        /// Bytes waiting in the ring buffer before the kernel wakes the reader.
+        /// Bytes waiting in the ring buffer before the kernel wakes the reader
+        /// ahead of its next timed drain; default: a quarter of
+        /// `ring_buffer_bytes`. A burst's safety valve, not the usual way in:
+        /// each wake-up costs the reader a drain's fixed work (a context
+        /// switch, cold caches, a smaller Kafka batch). At 256 KiB (the old
+        /// default) it woke the reader between 50 ms drains at ~14 000
+        /// connections/s here, for ~10% more CPU per flow with Kafka.
         #[flag(long = "wakeup-bytes", env = "FLOWLOG_WAKEUP_BYTES")]
-        pub wakeup_bytes: u64 = 256 * 1024,
-        /// How often the reader drains the ring buffer without a wake-up, ms.
+        pub wakeup_bytes: Option<u64> = None,
+        /// How often the reader drains the ring buffer without a wake-up, ms:
+        /// the longest a record waits in the kernel (staged or in the ring).
+        /// 100 against 50 here: ~14% less CPU per flow with Kafka, ~20% less
+        /// at rest, close -> readable p99 ~163 ms against ~114 ms.
         #[flag(long = "drain-interval-ms", env = "FLOWLOG_DRAIN_INTERVAL_MS")]
-        pub drain_interval_ms: u64 = 50,
+        pub drain_interval_ms: u64 = 100,
         /// How often kernel drop counters are checked and logged, seconds.
         #[flag(long = "stats-interval-secs", env = "FLOWLOG_STATS_INTERVAL_SECS")]
         pub stats_interval_secs: u64 = 10,
@@ -153,6 +162,11 @@ impl Config {
         Ok(c)
     }
 
+    /// The ring buffer's wake-up threshold (see `wakeup_bytes`).
+    pub fn wakeup_bytes(&self) -> u64 {
+        self.wakeup_bytes.unwrap_or(self.ring_buffer_bytes as u64 / 4)
+    }
+
     /// The carry file in use (see `carry_file`): none without interim records.
     pub fn carry_path(&self) -> Option<PathBuf> {
         if self.interim_interval_secs == 0 {
@@ -212,10 +226,10 @@ impl Config {
                 reason: "needs workload.resolve = true (a flow's cgroup path comes from it)".into(),
             });
         }
-        if self.wakeup_bytes >= self.ring_buffer_bytes as u64 {
+        if self.wakeup_bytes() >= self.ring_buffer_bytes as u64 {
             return Err(ConfigError::Invalid {
                 name: "wakeup_bytes",
-                reason: format!("{} must be below ring_buffer_bytes ({})", self.wakeup_bytes, self.ring_buffer_bytes),
+                reason: format!("{} must be below ring_buffer_bytes ({})", self.wakeup_bytes(), self.ring_buffer_bytes),
             });
         }
         Ok(())
@@ -273,6 +287,16 @@ mod tests {
         assert_eq!(file_error("max_sockets = 10\nmax_sockets = 20").0, "", "not TOML: a duplicate key");
         assert!(matches!(parse("ring_buffer_bytes = 5000"), Err(ConfigError::Invalid { name: "ring_buffer_bytes", .. })));
         assert!(matches!(parse("wakeup_bytes = 8388608"), Err(ConfigError::Invalid { name: "wakeup_bytes", .. })));
+    }
+
+    #[test]
+    fn wakeup_defaults_to_a_quarter_of_the_ring() {
+        let c = |toml: &str| parse(toml).expect("valid");
+        assert_eq!(c("").wakeup_bytes(), 1024 * 1024);
+        // A smaller ring keeps a valid default (a fixed one would be refused).
+        assert_eq!(c("ring_buffer_bytes = 8192").wakeup_bytes(), 2048);
+        assert_eq!(c("ring_buffer_bytes = 8192\nwakeup_bytes = 4096").wakeup_bytes(), 4096);
+        assert!(matches!(parse("ring_buffer_bytes = 8192\nwakeup_bytes = 8192"), Err(ConfigError::Invalid { name: "wakeup_bytes", .. })));
     }
 
     #[test]

@@ -81,7 +81,7 @@ pub fn load(config: &Config, resolved: Resolved) -> Result<(Ebpf, Attached), Loa
     let kernel_offsets = resolved.offsets;
     tracing::debug!(?kernel_offsets, "resolved from BTF");
     let buckets = socktable::buckets_for(config.max_sockets);
-    let settings = KernelSettings { wakeup_bytes: config.wakeup_bytes, sock_bucket_mask: buckets as u64 - 1 };
+    let settings = KernelSettings { wakeup_bytes: config.wakeup_bytes(), sock_bucket_mask: buckets as u64 - 1 };
     // No CO-RE relocations to apply, so the loader needs no kernel BTF (which
     // would cost ~20 MB of peak memory); only the tp_btf attach needs it.
     let mut ebpf = EbpfLoader::new()
