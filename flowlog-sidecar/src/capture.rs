@@ -31,6 +31,7 @@ use crate::{
     sink::{Sink, Tick},
     snapshot::{Pass, Passes},
     stage::Stages,
+    ticker::Ticker,
     workload::{self, addresses::Listing, FastMap, Resolver},
 };
 
@@ -363,8 +364,13 @@ impl Capture {
     /// interim interval a snapshot pass (interim events for connections open
     /// longer than it) runs beside the loop, which keeps draining meanwhile.
     pub async fn run(&mut self, t: Timers, mut passes: Passes, shutdown: impl std::future::Future<Output = ()>) {
-        let mut tick = tokio::time::interval(t.drain);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = match Ticker::new(t.drain) {
+            Ok(t) => t,
+            Err(e) => {
+                error!("cannot create the drain timer: {e}");
+                return;
+            }
+        };
         let mut stats_tick = tokio::time::interval(t.stats);
         let mut heartbeat = tokio::time::interval(t.heartbeat);
         heartbeat.tick().await;
@@ -474,7 +480,13 @@ impl Capture {
     /// Drains (on wake-ups, and every `every`) until the running snapshot
     /// pass ends; returns what it did (nothing when none runs).
     async fn drain_until(&mut self, passes: &mut Passes, every: Duration) -> Pass {
-        let mut tick = tokio::time::interval(every);
+        let mut tick = match Ticker::new(every) {
+            Ok(t) => t,
+            Err(e) => {
+                error!("cannot create the drain timer, connections still open get no last interim record: {e}");
+                return Pass::default();
+            }
+        };
         let mut more = true;
         while passes.is_running() {
             let flush = tokio::select! {

@@ -15,6 +15,7 @@ mod program_stats;
 mod sink;
 mod snapshot;
 mod stage;
+mod ticker;
 mod transport;
 mod workload;
 
