@@ -64,6 +64,11 @@ const REPLAYED: usize = 1 << (usize::BITS - 1);
 
 static START: OnceLock<Instant> = OnceLock::new();
 
+/// The replay thread's wait between rounds while it has work ([`Shared::nap`]).
+const BUSY_NAP: Duration = Duration::from_millis(100);
+/// Its longest wait with nothing spooled: a wake-up it missed costs no more.
+const IDLE_NAP: Duration = Duration::from_secs(1);
+
 fn sent_timed() -> Sent {
     2 + START.get_or_init(Instant::now).elapsed().as_micros() as usize
 }
@@ -121,6 +126,10 @@ struct Shared {
     acks: Mutex<Acks>,
     /// Signalled on each delivery report of a replayed record.
     acked: Condvar,
+    /// Set, and `poke` signalled, when the replay thread has work: a record
+    /// spooled, a failed delivery to write back, shutdown.
+    poked: Mutex<bool>,
+    poke: Condvar,
     /// When each trouble was last logged.
     logged: Mutex<HashMap<&'static str, Instant>>,
 }
@@ -192,6 +201,31 @@ impl Shared {
         if let Err(e) = self.with_spool(|sp| sp.append(payload)) {
             self.warn_once("spool_error", format_args!("spool write failed, records lost (counted): {e}"));
         }
+        self.wake_replay();
+    }
+
+    /// Tells the replay thread it has work.
+    fn wake_replay(&self) {
+        *self.poked.lock().unwrap() = true;
+        self.poke.notify_one();
+    }
+
+    /// The replay thread's wait between rounds: [`BUSY_NAP`] while records
+    /// are spooled or held (it replays, probes the broker, syncs the open
+    /// segment), else until woken ([`Shared::wake_replay`]) or [`IDLE_NAP`].
+    /// A wake-up costs this VM ~70 us of CPU: napping 100 ms with nothing
+    /// to do was a quarter of the sidecar's CPU at rest.
+    fn nap(&self) {
+        let busy = {
+            let sp = self.spool.lock().unwrap();
+            !sp.is_empty() || sp.is_open()
+        } || !self.retry.lock().unwrap().is_empty();
+        let poked = self.poked.lock().unwrap();
+        let (mut poked, _) = self
+            .poke
+            .wait_timeout_while(poked, if busy { BUSY_NAP } else { IDLE_NAP }, |p| !*p)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *poked = false;
     }
 
     /// The spool's fsync timer; the fsync itself runs without the lock.
@@ -294,6 +328,7 @@ impl ProducerContext for Ctx {
                     // A replayed record is still in its segment.
                     if let (None, Some(p)) = (replayed, msg.payload()) {
                         self.shared.retry.lock().unwrap().push_back(p.to_vec());
+                        self.shared.wake_replay();
                     }
                     Outcome::Failed
                 }
@@ -485,6 +520,8 @@ impl KafkaSink {
             stop: OnceLock::new(),
             acks: Mutex::new(Acks::default()),
             acked: Condvar::new(),
+            poked: Mutex::new(false),
+            poke: Condvar::new(),
             logged: Mutex::new(HashMap::new()),
         });
         shared.with_spool(|_| ());
@@ -603,6 +640,7 @@ impl KafkaSink {
     fn shutdown(mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let _ = self.out.shared.stop.set(deadline);
+        self.out.shared.wake_replay();
         if let Some(r) = self.replayer.take() {
             let _ = r.join();
         }
@@ -685,15 +723,15 @@ impl Replayer {
             self.shared.sync_spool();
             self.shared.spool_retries();
             if !self.ready(&mut last_probe) {
-                thread::sleep(Duration::from_millis(100));
+                self.shared.nap();
                 continue;
             }
             match self.shared.with_spool(|sp| sp.lease()) {
                 Ok(Some(lease)) => self.replay(lease),
-                Ok(None) => thread::sleep(Duration::from_millis(100)),
+                Ok(None) => self.shared.nap(),
                 Err(e) => {
                     self.shared.warn_once("spool_error", format_args!("spool write failed, records lost (counted): {e}"));
-                    thread::sleep(Duration::from_millis(100));
+                    self.shared.nap();
                 }
             }
         }

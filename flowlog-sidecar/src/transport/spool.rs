@@ -208,6 +208,11 @@ impl Spool {
         self.segments.iter().all(|s| s.records == 0)
     }
 
+    /// A segment is open for appends (written out and synced on a timer).
+    pub fn is_open(&self) -> bool {
+        self.writer.is_some()
+    }
+
     /// Nothing is spooled but the leased segment (whose records the replay
     /// may have handed to the producer already).
     pub fn only_leased(&self) -> bool {
