@@ -12,6 +12,10 @@ pub struct KernelOffsets {
     pub skc_daddr: u32,
     pub skc_rcv_saddr: u32,
     pub skc_dport: u32,
+    /// sock_common.skc_num: the local port, host order, read where only a
+    /// `struct sock` is at hand (a passive open's listener lookup). 0 once
+    /// the port is released (at CLOSE).
+    pub skc_num: u32,
     pub skc_v6_daddr: u32,
     pub skc_v6_rcv_saddr: u32,
     pub skc_net: u32,

@@ -239,6 +239,7 @@ pub fn resolve(layout: &Layout, tp_format: Option<&str>) -> Result<KernelOffsets
         skc_daddr: sock("__sk_common.skc_daddr")?,
         skc_rcv_saddr: sock("__sk_common.skc_rcv_saddr")?,
         skc_dport: sock("__sk_common.skc_dport")?,
+        skc_num: sock("__sk_common.skc_num")?,
         skc_v6_daddr: sock("__sk_common.skc_v6_daddr")?,
         skc_v6_rcv_saddr: sock("__sk_common.skc_v6_rcv_saddr")?,
         skc_net: sock("__sk_common.skc_net")?,
@@ -283,7 +284,7 @@ pub fn resolve(layout: &Layout, tp_format: Option<&str>) -> Result<KernelOffsets
         (o.total_rto, o.total_rto_recoveries, o.total_rto_time) = (n, r, t);
     }
     let socket_fields = [
-        o.skc_family + 2, o.skc_daddr + 4, o.skc_rcv_saddr + 4, o.skc_dport + 2, o.skc_v6_daddr + 16,
+        o.skc_family + 2, o.skc_daddr + 4, o.skc_rcv_saddr + 4, o.skc_dport + 2, o.skc_num + 2, o.skc_v6_daddr + 16,
         o.skc_v6_rcv_saddr + 16, o.skc_net + 8, o.skc_state + 1, o.sk_protocol + 2, o.sk_err + 4, o.sk_flags + 8,
         o.inet_sport + 2, o.bytes_acked + 8, o.bytes_received + 8, o.segs_in + 4, o.segs_out + 4,
         o.total_retrans + 4, o.srtt_us + 4, o.rtt_min + 4, o.snd_una + 4, o.write_seq + 4,
