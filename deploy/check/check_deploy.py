@@ -266,7 +266,9 @@ def validate_config_toml(where: str, text: str, ref: dict | None, binary: Path |
     if ref is not None:
         errs = check_toml_keys(data, ref)
         # Also checked without a built binary.
-        if name == "flowlog-sidecar" and effective(data, ref, "wakeup_bytes") >= effective(data, ref, "ring_buffer_bytes"):
+        # Unset, wakeup_bytes is a quarter of the ring, always below it.
+        wakeup = effective(data, ref, "wakeup_bytes") if name == "flowlog-sidecar" else None
+        if wakeup is not None and wakeup >= effective(data, ref, "ring_buffer_bytes"):
             errs.append("wakeup_bytes must be below ring_buffer_bytes")
         if errs:
             fail(f"{where}: " + "; ".join(errs))
