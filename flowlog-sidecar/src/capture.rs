@@ -429,14 +429,14 @@ impl Capture {
         // still running ends first, then one over every socket; the loop
         // drains meanwhile, and the drain below takes the last events.
         if t.interim.is_some() {
-            let pass = self.drain_until(&mut passes, t.drain).await;
+            let pass = self.drain_until(&mut passes, &mut tick).await;
             metrics::counter!(m::INTERIM_RECORDS).increment(pass.sent);
             self.drain();
             self.end_round(pass.complete);
             if passes.start(true) {
                 self.begin_round();
             }
-            let pass = self.drain_until(&mut passes, t.drain).await;
+            let pass = self.drain_until(&mut passes, &mut tick).await;
             metrics::counter!(m::INTERIM_RECORDS).increment(pass.sent);
             self.drain();
             self.end_round(pass.complete);
@@ -477,16 +477,10 @@ impl Capture {
         }
     }
 
-    /// Drains (on wake-ups, and every `every`) until the running snapshot
-    /// pass ends; returns what it did (nothing when none runs).
-    async fn drain_until(&mut self, passes: &mut Passes, every: Duration) -> Pass {
-        let mut tick = match Ticker::new(every) {
-            Ok(t) => t,
-            Err(e) => {
-                error!("cannot create the drain timer, connections still open get no last interim record: {e}");
-                return Pass::default();
-            }
-        };
+    /// Drains (on wake-ups, and at each of the loop's drain ticks) until the
+    /// running snapshot pass ends; returns what it did (nothing when none
+    /// runs).
+    async fn drain_until(&mut self, passes: &mut Passes, tick: &mut Ticker) -> Pass {
         let mut more = true;
         while passes.is_running() {
             let flush = tokio::select! {
