@@ -13,6 +13,9 @@ if c.exists():
     d = json.loads(c.read_text())
     t = d["targets"]
     spread = f", rounds {d['rate_ratio_min_max'][0]:.3f}-{d['rate_ratio_min_max'][1]:.3f}" if "rate_ratio_min_max" in d else ""
+    if "rate_ratio_separate_runs" in d:
+        m = d["rate_ratio_separate_runs_min_max"]
+        spread += f"; windows of one load; separate runs of it {d['rate_ratio_separate_runs']:.3f} ({m[0]:.3f}-{m[1]:.3f})"
     if "rate_ratio_with_bpf_stats" in d:
         spread += f"; program statistics off, as in production; with kernel.bpf_stats_enabled=1 {d['rate_ratio_with_bpf_stats']:.3f}"
     row("capture", "connection rate with / without sidecar (median of rounds)", f"{d['rate_ratio']:.3f} ({d['rate_with_per_s']:.0f} / {d['rate_without_per_s']:.0f} per s{spread})",

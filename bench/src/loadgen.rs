@@ -55,61 +55,104 @@ fn listener() -> std::io::Result<TcpListener> {
 
 /// Runs the load for `spec.duration` and returns what was achieved.
 pub fn run(spec: LoadSpec) -> std::io::Result<LoadResult> {
-    let l = listener()?;
-    let addr = l.local_addr()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let mut servers = Vec::new();
-    for _ in 0..spec.server_threads {
-        let l = l.try_clone()?;
-        let stop = stop.clone();
-        servers.push(thread::spawn(move || {
-            let mut req = vec![0u8; spec.request_bytes];
-            let resp = vec![b'r'; spec.response_bytes];
-            while !stop.load(Ordering::Relaxed) {
-                let Ok((mut s, _)) = l.accept() else { continue };
-                if s.read_exact(&mut req).is_ok() {
-                    let _ = s.write_all(&resp);
+    let load = Load::start(spec)?;
+    thread::sleep(spec.duration);
+    Ok(load.stop())
+}
+
+/// A load running until stopped (`spec.duration` is not used), whose count
+/// of connections can be read while it runs: the rate of a window of it.
+pub struct Load {
+    spec: LoadSpec,
+    addr: SocketAddr,
+    t0: Instant,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    clients: Vec<thread::JoinHandle<()>>,
+    servers: Vec<thread::JoinHandle<()>>,
+}
+
+/// Connections completed by an instant.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    at: Instant,
+    connections: u64,
+}
+
+impl Mark {
+    /// Connections per second from `self` to `later`.
+    pub fn rate_to(&self, later: &Mark) -> f64 {
+        (later.connections - self.connections) as f64 / later.at.duration_since(self.at).as_secs_f64()
+    }
+}
+
+impl Load {
+    pub fn start(spec: LoadSpec) -> std::io::Result<Load> {
+        let l = listener()?;
+        let addr = l.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let mut servers = Vec::new();
+        for _ in 0..spec.server_threads {
+            let l = l.try_clone()?;
+            let stop = stop.clone();
+            servers.push(thread::spawn(move || {
+                let mut req = vec![0u8; spec.request_bytes];
+                let resp = vec![b'r'; spec.response_bytes];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((mut s, _)) = l.accept() else { continue };
+                    if s.read_exact(&mut req).is_ok() {
+                        let _ = s.write_all(&resp);
+                    }
                 }
-            }
-        }));
+            }));
+        }
+        let t0 = Instant::now();
+        let mut clients = Vec::new();
+        for _ in 0..spec.client_threads {
+            let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
+            clients.push(thread::spawn(move || {
+                let req = vec![b'q'; spec.request_bytes];
+                let mut buf = vec![0u8; 64 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    match one(addr, &req, &mut buf, spec.response_bytes) {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }));
+        }
+        Ok(Load { spec, addr, t0, stop, done, errors, clients, servers })
     }
-    let t0 = Instant::now();
-    let mut clients = Vec::new();
-    for _ in 0..spec.client_threads {
-        let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
-        clients.push(thread::spawn(move || {
-            let req = vec![b'q'; spec.request_bytes];
-            let mut buf = vec![0u8; 64 * 1024];
-            while t0.elapsed() < spec.duration {
-                match one(addr, &req, &mut buf, spec.response_bytes) {
-                    Ok(()) => done.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-            let _ = stop;
-        }));
+
+    pub fn mark(&self) -> Mark {
+        Mark { at: Instant::now(), connections: self.done.load(Ordering::Relaxed) }
     }
-    for c in clients {
-        let _ = c.join();
+
+    /// Stops the clients, then the servers; what was achieved since start.
+    pub fn stop(self) -> LoadResult {
+        self.stop.store(true, Ordering::Relaxed);
+        for c in self.clients {
+            let _ = c.join();
+        }
+        let seconds = self.t0.elapsed().as_secs_f64();
+        // Unblock the servers' accept().
+        for _ in 0..self.spec.server_threads {
+            let _ = TcpStream::connect(self.addr).map(|mut s| s.write_all(&vec![0u8; self.spec.request_bytes]));
+        }
+        for s in self.servers {
+            let _ = s.join();
+        }
+        let connections = self.done.load(Ordering::Relaxed);
+        LoadResult {
+            connections,
+            errors: self.errors.load(Ordering::Relaxed),
+            seconds,
+            connections_per_sec: connections as f64 / seconds,
+        }
     }
-    let seconds = t0.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    // Unblock the servers' accept().
-    for _ in 0..spec.server_threads {
-        let _ = TcpStream::connect(addr).map(|mut s| s.write_all(&vec![0u8; spec.request_bytes]));
-    }
-    for s in servers {
-        let _ = s.join();
-    }
-    let connections = done.load(Ordering::Relaxed);
-    Ok(LoadResult {
-        connections,
-        errors: errors.load(Ordering::Relaxed),
-        seconds,
-        connections_per_sec: connections as f64 / seconds,
-    })
 }
 
 fn one(addr: SocketAddr, req: &[u8], buf: &mut [u8], want: usize) -> std::io::Result<()> {

@@ -12,9 +12,17 @@
 //! the sidecar printing JSON lines (`--output json`), each printing into a
 //! pipe the benchmark reads to its end, counting lines. It reports:
 //! - connection rate with / without the sidecar: the median of the rounds'
-//!   ratios (each round's runs alternate), with their min and max, so one
-//!   noisy run can neither pass nor fail it. The rate runs have the kernel's
-//!   program statistics off, as a host running the sidecar has them: with
+//!   ratios, with their min and max, so one noisy round can neither pass nor
+//!   fail it. Each round's ratio comes from one load that runs throughout
+//!   its own arm ("rate"), measured over windows without, with, with and
+//!   without the sidecar (`--rate-window-seconds` each; the sidecar starts
+//!   and stops between windows, outside them): this load's rate moves by
+//!   5-8% from one half second to the next here, and windows of one load,
+//!   in an order that cancels a steady drift, leave out what separate runs
+//!   add to that (each run's start, a drift between them). The ratio of
+//!   the separate "without" and "with" runs is reported beside it. The
+//!   rate windows have the kernel's program statistics off, as a host
+//!   running the sidecar has them: with
 //!   them on, the kernel reads its scheduler clock twice around every run
 //!   of the program (a paravirtual clock read in this VM, about a fifth of
 //!   the program's time), a cost of the measurement, not of the sidecar.
@@ -42,7 +50,7 @@ use anyhow::{bail, Context};
 use aya::{programs::BtfTracePoint, Btf, Ebpf};
 use clap::Parser;
 use flowlog_bench::{
-    loadgen::{self, LoadResult, LoadSpec},
+    loadgen::{self, Load, LoadResult, LoadSpec},
     peer::{self, Bpftrace, Lines},
     sidecar,
 };
@@ -73,6 +81,24 @@ struct Args {
     /// The peer's bpftrace script (run where bpftrace is installed).
     #[arg(long, default_value = "bench/peers/tcplife.bt")]
     peer_script: PathBuf,
+    /// Length of each window of the rate arm (four per round).
+    #[arg(long, default_value_t = 5.0)]
+    rate_window_seconds: f64,
+    /// Run only the rate arm's rounds, print their ratios and write nothing
+    /// (a quick check of the rate ratio).
+    #[arg(long)]
+    rate_only: bool,
+}
+
+/// The rate arm of a round: one load, its rate in windows without and with
+/// the sidecar (`--output null`, as the "with" run), in the order without,
+/// with, with, without.
+#[derive(Serialize, Default, Clone)]
+struct RateWindows {
+    without_per_s: Vec<f64>,
+    with_per_s: Vec<f64>,
+    /// The windows' mean rate with the sidecar over their mean without.
+    ratio: f64,
 }
 
 /// One run of the load with the sidecar attached.
@@ -148,6 +174,7 @@ struct Round {
     json: Printing,
     /// None where bpftrace is not installed.
     peer: Option<Printing>,
+    rate: RateWindows,
 }
 
 #[derive(Serialize)]
@@ -155,10 +182,15 @@ struct Report {
     benchmark: &'static str,
     load: String,
     rounds: Vec<Round>,
+    /// Medians of the rate arm's windows (all rounds).
     rate_without_per_s: f64,
     rate_with_per_s: f64,
+    /// The median of the rate arm's round ratios, their min and max.
     rate_ratio: f64,
     rate_ratio_min_max: [f64; 2],
+    /// The same from the separate "without" and "with" runs of each round.
+    rate_ratio_separate_runs: f64,
+    rate_ratio_separate_runs_min_max: [f64; 2],
     /// The same ratio for the kernel-time run (program statistics on).
     rate_ratio_with_bpf_stats: f64,
     kernel_ns_per_flow: f64,
@@ -263,10 +295,12 @@ fn main() -> anyhow::Result<()> {
     if peer_tool.is_none() {
         eprintln!("bpftrace not found: the side-by-side with a peer is skipped (Debian: apt-get install bpftrace)");
     }
-    let arms: &[&[&'static str]] = if peer_tool.is_some() {
-        &[&["without", "with"], &["with_resolution_off"], &["kernel"], &["floor"], &["printing"], &["peer"], &["json"]]
+    let arms: &[&[&'static str]] = if a.rate_only {
+        &[&["rate"]]
+    } else if peer_tool.is_some() {
+        &[&["without", "with"], &["rate"], &["with_resolution_off"], &["kernel"], &["floor"], &["printing"], &["peer"], &["json"]]
     } else {
-        &[&["without", "with"], &["with_resolution_off"], &["kernel"], &["floor"], &["printing"], &["json"]]
+        &[&["without", "with"], &["rate"], &["with_resolution_off"], &["kernel"], &["floor"], &["printing"], &["json"]]
     };
     let mut rounds = Vec::new();
     for i in 0..a.rounds {
@@ -288,9 +322,15 @@ fn main() -> anyhow::Result<()> {
                 "printing" => r.printing = measure_printing(&a, spec, "table")?,
                 "json" => r.json = measure_printing(&a, spec, "json")?,
                 "peer" => r.peer = Some(measure_peer(&a, spec)?),
+                "rate" => r.rate = measure_rate(&a, spec)?,
                 _ => measure_with(&a, spec, &mut r.with_resolution_off, false)?,
             }
             std::thread::sleep(Duration::from_secs(1));
+        }
+        if a.rate_only {
+            eprintln!("round {}: without {:.0?}/s, with {:.0?}/s: ratio {:.3}", i + 1, r.rate.without_per_s, r.rate.with_per_s, r.rate.ratio);
+            rounds.push(r);
+            continue;
         }
         eprintln!(
             "round {}: without {:.0}/s, with {:.0}/s; user ns/flow resolution on {:.0}, off {:.0}; \
@@ -313,6 +353,13 @@ fn main() -> anyhow::Result<()> {
         rounds.push(r);
     }
     drop(stats);
+    let min_max = |v: &[f64]| [v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max)];
+    let rate_ratios: Vec<f64> = rounds.iter().map(|r| r.rate.ratio).collect();
+    if a.rate_only {
+        let m = min_max(&rate_ratios);
+        println!("rate ratio {:.3}, median of {} rounds (min {:.3} max {:.3}; target >= 0.97)", median(rate_ratios), a.rounds, m[0], m[1]);
+        return Ok(());
+    }
 
     let on: Vec<&Arm> = rounds.iter().map(|r| &r.with).collect();
     let off: Vec<&Arm> = rounds.iter().map(|r| &r.with_resolution_off).collect();
@@ -329,8 +376,8 @@ fn main() -> anyhow::Result<()> {
     let conns: u64 = sum_u(&on, |x| x.load.unwrap().connections);
     let secs = sum_f(&on, |x| x.load.unwrap().seconds);
     let cpu_s = sum_f(&on, |x| x.sidecar_user_s + x.sidecar_sys_s);
-    let rate_without = median(rounds.iter().map(|r| r.without.unwrap().connections_per_sec).collect());
-    let rate_with = median(on.iter().map(|x| x.load.unwrap().connections_per_sec).collect());
+    let rate_without = median(rounds.iter().flat_map(|r| r.rate.without_per_s.clone()).collect());
+    let rate_with = median(rounds.iter().flat_map(|r| r.rate.with_per_s.clone()).collect());
     // Each round's rate of one arm over the rate without the sidecar.
     let ratios_of = |arm: fn(&Round) -> &Arm| -> Vec<f64> {
         rounds
@@ -347,7 +394,6 @@ fn main() -> anyhow::Result<()> {
         rounds.iter().map(|r| r.kernel.prog_run_time_ns as f64 / r.kernel.flows.max(1) as f64).collect();
     let printing_rounds: Vec<f64> =
         rounds.iter().map(|r| r.printing.user_s * 1e9 / r.printing.flows.max(1) as f64).collect();
-    let min_max = |v: &[f64]| [v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max)];
     let lines_per_connection =
         |p: &Printing| p.lines as f64 / p.load.map_or(1, |l| l.connections.max(1)) as f64;
     let peers: Vec<(&Printing, &Option<LoadResult>)> =
@@ -383,8 +429,10 @@ fn main() -> anyhow::Result<()> {
         ),
         rate_without_per_s: rate_without,
         rate_with_per_s: rate_with,
-        rate_ratio: median(ratios.clone()),
-        rate_ratio_min_max: [ratios.iter().copied().fold(f64::INFINITY, f64::min), ratios.iter().copied().fold(0.0, f64::max)],
+        rate_ratio: median(rate_ratios.clone()),
+        rate_ratio_min_max: min_max(&rate_ratios),
+        rate_ratio_separate_runs: median(ratios.clone()),
+        rate_ratio_separate_runs_min_max: min_max(&ratios),
         rate_ratio_with_bpf_stats: median(ratios_with_stats),
         kernel_ns_per_flow: sum_u(&kernel, |x| x.prog_run_time_ns) as f64 / sum_u(&kernel, |x| x.flows).max(1) as f64,
         kernel_ns_per_flow_median: median(kernel_rounds.clone()),
@@ -441,6 +489,10 @@ fn main() -> anyhow::Result<()> {
         "  connections/s with sidecar     {:>10.0}  (ratio {:.3}, median of {} rounds, min {:.3} max {:.3}; target >= 0.97)",
         report.rate_with_per_s, report.rate_ratio, a.rounds, report.rate_ratio_min_max[0], report.rate_ratio_min_max[1]
     );
+    println!(
+        "  ... separate runs of the load   {:>10.3}  (min {:.3} max {:.3})",
+        report.rate_ratio_separate_runs, report.rate_ratio_separate_runs_min_max[0], report.rate_ratio_separate_runs_min_max[1]
+    );
     println!("  ... with kernel.bpf_stats_enabled=1 (the kernel-time run) {:.3}", report.rate_ratio_with_bpf_stats);
     println!("  kernel ns per flow (one socket) {:>9.0}  (target <= 1200)", report.kernel_ns_per_flow);
     println!(
@@ -490,6 +542,31 @@ fn main() -> anyhow::Result<()> {
     }
     flowlog_bench::write_report(&a.out, &report)?;
     Ok(())
+}
+
+fn measure_rate(a: &Args, spec: LoadSpec) -> anyhow::Result<RateWindows> {
+    let window = Duration::from_secs_f64(a.rate_window_seconds);
+    // Time for the sidecar's start (attach, first drain) or its exit to
+    // settle before a window opens, and for the load to warm up.
+    let settle = Duration::from_millis(500);
+    let load = Load::start(spec)?;
+    let measure = || {
+        std::thread::sleep(settle);
+        let m0 = load.mark();
+        std::thread::sleep(window);
+        m0.rate_to(&load.mark())
+    };
+    let mut w = RateWindows::default();
+    w.without_per_s.push(measure());
+    for _ in 0..2 {
+        let sc = sidecar::start(&a.sidecar, &["--output", "null"])?;
+        w.with_per_s.push(measure());
+        sc.stop()?;
+    }
+    w.without_per_s.push(measure());
+    load.stop();
+    w.ratio = w.with_per_s.iter().sum::<f64>() / w.without_per_s.iter().sum::<f64>();
+    Ok(w)
 }
 
 fn measure_with(a: &Args, spec: LoadSpec, r: &mut Arm, resolve: bool) -> anyhow::Result<()> {
