@@ -88,6 +88,10 @@ struct Args {
     /// (a quick check of the rate ratio).
     #[arg(long)]
     rate_only: bool,
+    /// With `--rate-only`: the "with" windows have only the empty program
+    /// attached instead of the sidecar (what attaching any program costs).
+    #[arg(long, requires = "rate_only")]
+    rate_floor: bool,
 }
 
 /// The rate arm of a round: one load, its rate in windows without and with
@@ -559,9 +563,14 @@ fn measure_rate(a: &Args, spec: LoadSpec) -> anyhow::Result<RateWindows> {
     let mut w = RateWindows::default();
     w.without_per_s.push(measure());
     for _ in 0..2 {
-        let sc = sidecar::start(&a.sidecar, &["--output", "null"])?;
-        w.with_per_s.push(measure());
-        sc.stop()?;
+        if a.rate_floor {
+            let _attached = attach_floor()?;
+            w.with_per_s.push(measure());
+        } else {
+            let sc = sidecar::start(&a.sidecar, &["--output", "null"])?;
+            w.with_per_s.push(measure());
+            sc.stop()?;
+        }
     }
     w.without_per_s.push(measure());
     load.stop();
@@ -658,16 +667,26 @@ fn wait_for(mut done: impl FnMut() -> bool) {
 /// The empty program (flowlog-floor, built with the sidecar's eBPF crate).
 static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowlog-floor"));
 
-/// Runs the load with only the empty program attached (tp_btf, as the sidecar's default).
-fn measure_floor(spec: LoadSpec) -> anyhow::Result<Floor> {
+/// The empty program, attached (tp_btf, as the sidecar's default) until
+/// the returned object is dropped.
+fn attach_floor() -> anyhow::Result<Ebpf> {
     let mut ebpf = Ebpf::load(FLOOR_OBJECT).context("loading the empty program")?;
     let btf = Btf::from_sys_fs().context("kernel BTF")?;
-    let prog: &mut BtfTracePoint =
-        ebpf.program_mut("flowlog_floor").context("flowlog_floor missing from its object")?.try_into()?;
+    let prog: &mut BtfTracePoint = floor_program(&mut ebpf)?;
     prog.load("inet_sock_set_state", &btf)?;
     prog.attach()?;
+    Ok(ebpf)
+}
+
+fn floor_program(ebpf: &mut Ebpf) -> anyhow::Result<&mut BtfTracePoint> {
+    Ok(ebpf.program_mut("flowlog_floor").context("flowlog_floor missing from its object")?.try_into()?)
+}
+
+/// Runs the load with only the empty program attached.
+fn measure_floor(spec: LoadSpec) -> anyhow::Result<Floor> {
+    let mut ebpf = attach_floor()?;
     let load = loadgen::run(spec)?;
-    let info = prog.info()?;
+    let info = floor_program(&mut ebpf)?.info()?;
     Ok(Floor { load: Some(load), prog_run_time_ns: info.run_time().as_nanos() as u64, prog_run_count: info.run_count() })
 }
 
