@@ -97,7 +97,7 @@ struct Args {
 /// The rate arm of a round: one load, its rate in windows without and with
 /// the sidecar (`--output null`, as the "with" run), in the order without,
 /// with, with, without.
-#[derive(Serialize, Default, Clone)]
+#[derive(Serialize, Default)]
 struct RateWindows {
     without_per_s: Vec<f64>,
     with_per_s: Vec<f64>,
@@ -380,8 +380,8 @@ fn main() -> anyhow::Result<()> {
     let conns: u64 = sum_u(&on, |x| x.load.unwrap().connections);
     let secs = sum_f(&on, |x| x.load.unwrap().seconds);
     let cpu_s = sum_f(&on, |x| x.sidecar_user_s + x.sidecar_sys_s);
-    let rate_without = median(rounds.iter().flat_map(|r| r.rate.without_per_s.clone()).collect());
-    let rate_with = median(rounds.iter().flat_map(|r| r.rate.with_per_s.clone()).collect());
+    let rate_without = median(rounds.iter().flat_map(|r| r.rate.without_per_s.iter().copied()).collect());
+    let rate_with = median(rounds.iter().flat_map(|r| r.rate.with_per_s.iter().copied()).collect());
     // Each round's rate of one arm over the rate without the sidecar.
     let ratios_of = |arm: fn(&Round) -> &Arm| -> Vec<f64> {
         rounds

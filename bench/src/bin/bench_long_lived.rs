@@ -226,13 +226,7 @@ fn main() -> anyhow::Result<()> {
     if finals() + dropped() < want {
         // Misses stand in for finals: those that were not closes still
         // come. Wait while they do (the misses count reaches the report).
-        let (mut last, mut since) = (finals(), Instant::now());
-        while finals() + dropped() < want && since.elapsed() < Duration::from_secs(10) {
-            if finals() > last {
-                (last, since) = (finals(), Instant::now());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_while_growing(&|| finals() + dropped(), want, Duration::from_secs(10));
         eprintln!("{} of {want} finals read, {} dropped, {} recursion misses", finals(), dropped(), misses());
     }
     let churn = churn.join().map_err(|_| anyhow::anyhow!("the churn panicked"))??;
@@ -255,16 +249,8 @@ fn main() -> anyhow::Result<()> {
             let s = seen.lock().unwrap();
             s.totals.interim_records + s.totals.final_records + s.other
         };
-        let (mut last, mut since) = (read(), Instant::now());
-        while read() < emitted {
-            if read() > last {
-                (last, since) = (read(), Instant::now());
-            }
-            if since.elapsed() > Duration::from_secs(60) {
-                eprintln!("the flow topic stopped at {} of {emitted} records", read());
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !wait_while_growing(&read, emitted, Duration::from_secs(60)) {
+            eprintln!("the flow topic stopped at {} of {emitted} records", read());
         }
     }
     stop_reading.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -344,6 +330,22 @@ fn main() -> anyhow::Result<()> {
 /// entries (the socket table's two arrays: 4, SockBucket or SockSlot,
 /// their sizes from `max_sockets`; the parking queue: 0, FlowEvent,
 /// `max_parked`), from its fd's fdinfo; 0 if not found.
+/// Waits until `count` reaches `want`, or has not grown for `idle`; true if
+/// it reached it.
+fn wait_while_growing(count: &dyn Fn() -> u64, want: u64, idle: Duration) -> bool {
+    let (mut last, mut since) = (count(), Instant::now());
+    while count() < want {
+        if count() > last {
+            (last, since) = (count(), Instant::now());
+        }
+        if since.elapsed() > idle {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
 fn map_memlock(pid: u32, key_size: u32, value_size: u32, max_entries: u32) -> u64 {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return 0 };
     for fd in fds.filter_map(Result::ok) {
