@@ -9,11 +9,18 @@ pub mod sidecar;
 
 use std::path::Path;
 
-/// The median of `values` (the upper one of an even count); None if empty.
+/// The median of `values`; None if empty.
 pub fn median(values: &[f64]) -> Option<f64> {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
+    let n = v.len();
+    match n {
+        0 => None,
+        // An even count: the mean of the two middle values (the upper one
+        // alone would favour a figure whose target is a minimum).
+        _ if n % 2 == 0 => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+        _ => Some(v[n / 2]),
+    }
 }
 
 /// A numeric field of a /proc/PID/fdinfo/FD text (`key` with its colon).
@@ -78,4 +85,16 @@ pub fn flow_topic_consumer(brokers: &str, group: &str) -> anyhow::Result<rdkafka
     tpl.add_partition_offset("flowlog.flows", 0, rdkafka::Offset::Beginning)?;
     c.assign(&tpl)?;
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[0.9, 1.0, 0.95, 1.05]), Some(0.975));
+    }
 }
