@@ -18,8 +18,40 @@ pub fn median(values: &[f64]) -> Option<f64> {
         0 => None,
         // An even count: the mean of the two middle values (the upper one
         // alone would favour a figure whose target is a minimum).
-        _ if n % 2 == 0 => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+        _ if n.is_multiple_of(2) => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
         _ => Some(v[n / 2]),
+    }
+}
+
+/// The machine's CPU time so far, from /proc/stat's first line (USER_HZ
+/// ticks): what a window of a benchmark left idle, and what the hypervisor
+/// gave to other guests (steal), which a rate measured on a VM moves with.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTicks {
+    total: u64,
+    idle: u64,
+    steal: u64,
+}
+
+impl CpuTicks {
+    pub fn now() -> CpuTicks {
+        std::fs::read_to_string("/proc/stat").map(|s| CpuTicks::parse(&s)).unwrap_or_default()
+    }
+
+    /// `cpu  user nice system idle iowait irq softirq steal ...`; zeros if unreadable.
+    fn parse(stat: &str) -> CpuTicks {
+        let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return CpuTicks::default() };
+        let v: Vec<u64> = line.split_whitespace().skip(1).take(8).filter_map(|x| x.parse().ok()).collect();
+        if v.len() < 8 {
+            return CpuTicks::default();
+        }
+        CpuTicks { total: v.iter().sum(), idle: v[3] + v[4], steal: v[7] }
+    }
+
+    /// Shares of the CPU time since `earlier` that were idle and stolen.
+    pub fn shares_since(&self, earlier: &CpuTicks) -> (f64, f64) {
+        let total = self.total.saturating_sub(earlier.total).max(1) as f64;
+        (self.idle.saturating_sub(earlier.idle) as f64 / total, self.steal.saturating_sub(earlier.steal) as f64 / total)
     }
 }
 
@@ -89,7 +121,16 @@ pub fn flow_topic_consumer(brokers: &str, group: &str) -> anyhow::Result<rdkafka
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, CpuTicks};
+
+    #[test]
+    fn cpu_ticks_shares() {
+        let a = CpuTicks::parse("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n");
+        let b = CpuTicks::parse("cpu  250 0 100 850 50 0 0 50 0 0\n");
+        // 300 ticks later: 50 idle, 50 stolen.
+        assert_eq!(b.shares_since(&a), (50.0 / 300.0, 50.0 / 300.0));
+        assert_eq!(CpuTicks::parse("garbage").shares_since(&a), (0.0, 0.0));
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

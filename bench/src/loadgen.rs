@@ -132,19 +132,8 @@ impl Load {
     }
 
     /// Stops the clients, then the servers; what was achieved since start.
-    pub fn stop(self) -> LoadResult {
-        self.stop.store(true, Ordering::Relaxed);
-        for c in self.clients {
-            let _ = c.join();
-        }
-        let seconds = self.t0.elapsed().as_secs_f64();
-        // Unblock the servers' accept().
-        for _ in 0..self.spec.server_threads {
-            let _ = TcpStream::connect(self.addr).map(|mut s| s.write_all(&vec![0u8; self.spec.request_bytes]));
-        }
-        for s in self.servers {
-            let _ = s.join();
-        }
+    pub fn stop(mut self) -> LoadResult {
+        let seconds = self.halt();
         let connections = self.done.load(Ordering::Relaxed);
         LoadResult {
             connections,
@@ -152,6 +141,32 @@ impl Load {
             seconds,
             connections_per_sec: connections as f64 / seconds,
         }
+    }
+
+    /// Stops and joins the threads (once); the seconds the clients ran.
+    fn halt(&mut self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for c in self.clients.drain(..) {
+            let _ = c.join();
+        }
+        let seconds = self.t0.elapsed().as_secs_f64();
+        // Unblock the servers' accept().
+        for _ in 0..self.servers.len() {
+            let _ = TcpStream::connect(self.addr).map(|mut s| s.write_all(&vec![0u8; self.spec.request_bytes]));
+        }
+        for s in self.servers.drain(..) {
+            let _ = s.join();
+        }
+        seconds
+    }
+}
+
+/// A load dropped without [`Load::stop`] (a benchmark that failed half-way)
+/// stops too: its threads would otherwise load the machine under whatever
+/// the benchmark measures next.
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.halt();
     }
 }
 

@@ -52,7 +52,7 @@ use clap::Parser;
 use flowlog_bench::{
     loadgen::{self, Load, LoadResult, LoadSpec},
     peer::{self, Bpftrace, Lines},
-    sidecar,
+    sidecar, CpuTicks,
 };
 use flowlog_runtime::process::Usage;
 use serde::Serialize;
@@ -91,6 +91,11 @@ struct Args {
     /// Length of each window of the rate arm (four per round).
     #[arg(long, default_value_t = 5.0)]
     rate_window_seconds: f64,
+    /// Time the rate arm's load runs before its first window: a new load
+    /// climbs for its first seconds (its TIME_WAIT sockets fill up), which
+    /// would make the first "without" window read low.
+    #[arg(long, default_value_t = 3.0)]
+    rate_warmup_seconds: f64,
     /// Run only the rate arm's rounds, print their ratios and write nothing
     /// (a quick check of the rate ratio).
     #[arg(long)]
@@ -110,6 +115,12 @@ struct RateWindows {
     with_per_s: Vec<f64>,
     /// The windows' mean rate with the sidecar over their mean without.
     ratio: f64,
+    /// Per window, in the order they ran (without, with, with, without):
+    /// the machine's CPU time left idle and stolen by the hypervisor. The
+    /// load keeps both CPUs busy, so a rate that moves with neither moved
+    /// with the host's speed.
+    idle_share: Vec<f64>,
+    steal_share: Vec<f64>,
 }
 
 /// One run of the load with the sidecar attached.
@@ -367,7 +378,15 @@ fn main() -> anyhow::Result<()> {
     bpf_stats(false)?;
     while rate_rounds.len() < a.rate_rounds {
         let w = measure_rate(&a, spec)?;
-        eprintln!("rate round {}: without {:.0?}/s, with {:.0?}/s: ratio {:.3}", rate_rounds.len() + 1, w.without_per_s, w.with_per_s, w.ratio);
+        eprintln!(
+            "rate round {}: without {:.0?}/s, with {:.0?}/s: ratio {:.3} (idle {:.3?}, steal {:.3?})",
+            rate_rounds.len() + 1,
+            w.without_per_s,
+            w.with_per_s,
+            w.ratio,
+            w.idle_share,
+            w.steal_share
+        );
         rate_rounds.push(w);
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -570,25 +589,31 @@ fn measure_rate(a: &Args, spec: LoadSpec) -> anyhow::Result<RateWindows> {
     // settle before a window opens, and for the load to warm up.
     let settle = Duration::from_millis(500);
     let load = Load::start(spec)?;
-    let measure = || {
+    std::thread::sleep(Duration::from_secs_f64(a.rate_warmup_seconds));
+    let mut w = RateWindows::default();
+    let mut measure = || {
         std::thread::sleep(settle);
-        let m0 = load.mark();
+        let (m0, c0) = (load.mark(), CpuTicks::now());
         std::thread::sleep(window);
+        let (idle, steal) = CpuTicks::now().shares_since(&c0);
+        w.idle_share.push(idle);
+        w.steal_share.push(steal);
         m0.rate_to(&load.mark())
     };
-    let mut w = RateWindows::default();
-    w.without_per_s.push(measure());
+    let mut without = vec![measure()];
+    let mut with = Vec::new();
     for _ in 0..2 {
         if a.rate_floor {
             let _attached = attach_floor()?;
-            w.with_per_s.push(measure());
+            with.push(measure());
         } else {
             let sc = sidecar::start(&a.sidecar, &["--output", "null"])?;
-            w.with_per_s.push(measure());
+            with.push(measure());
             sc.stop()?;
         }
     }
-    w.without_per_s.push(measure());
+    without.push(measure());
+    (w.without_per_s, w.with_per_s) = (without, with);
     load.stop();
     w.ratio = w.with_per_s.iter().sum::<f64>() / w.without_per_s.iter().sum::<f64>();
     Ok(w)
