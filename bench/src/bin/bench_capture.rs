@@ -586,7 +586,8 @@ fn main() -> anyhow::Result<()> {
 fn measure_rate(a: &Args, spec: LoadSpec) -> anyhow::Result<RateWindows> {
     let window = Duration::from_secs_f64(a.rate_window_seconds);
     // Time for the sidecar's start (attach, first drain) or its exit to
-    // settle before a window opens, and for the load to warm up.
+    // settle before a window opens (the load's own warm-up is before the
+    // first window only).
     let settle = Duration::from_millis(500);
     let load = Load::start(spec)?;
     std::thread::sleep(Duration::from_secs_f64(a.rate_warmup_seconds));
