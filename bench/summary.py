@@ -14,6 +14,9 @@ if c.exists():
     t = d["targets"]
     n = f"{len(d['rate_rounds'])} " if "rate_rounds" in d else ""
     spread = f", {n}rounds {d['rate_ratio_min_max'][0]:.3f}-{d['rate_ratio_min_max'][1]:.3f}" if "rate_ratio_min_max" in d else ""
+    if "rate_ratio_interval" in d:
+        lo, hi = d["rate_ratio_interval"]
+        spread += f"; {d['rate_ratio_interval_coverage'] * 100:.1f}% interval of the median {lo:.3f}-{hi:.3f}"
     if "rate_ratio_separate_runs" in d:
         m = d["rate_ratio_separate_runs_min_max"]
         spread += f"; windows of one load; separate runs of it {d['rate_ratio_separate_runs']:.3f} ({m[0]:.3f}-{m[1]:.3f})"

@@ -52,7 +52,7 @@ use clap::Parser;
 use flowlog_bench::{
     loadgen::{self, Load, LoadResult, LoadSpec},
     peer::{self, Bpftrace, Lines},
-    sidecar, CpuTicks,
+    median_interval, sidecar, CpuTicks,
 };
 use flowlog_runtime::process::Usage;
 use serde::Serialize;
@@ -84,9 +84,9 @@ struct Args {
     /// Rounds of the rate arm: the first `--rounds` of them run in the
     /// full rounds, the rest on their own after them. More than the other
     /// arms' rounds: each round's ratio moves by ~5% here (the load alone
-    /// moves by 5-8% between seconds), and the median of 11 is half as far
-    /// from the truth as one of 3.
-    #[arg(long, default_value_t = 11)]
+    /// moves by 10-15% between seconds), and a median's 95% interval
+    /// spans ~0.12 over 11 rounds, ~0.05 over 25.
+    #[arg(long, default_value_t = 25)]
     rate_rounds: usize,
     /// Length of each window of the rate arm (four per round).
     #[arg(long, default_value_t = 5.0)]
@@ -211,6 +211,11 @@ struct Report {
     /// The median of the rate arm's round ratios, their min and max.
     rate_ratio: f64,
     rate_ratio_min_max: [f64; 2],
+    /// A confidence interval for that median (order statistics of the
+    /// round ratios; [`flowlog_bench::median_interval`]) and its coverage:
+    /// what one run can and cannot tell about the target.
+    rate_ratio_interval: [f64; 2],
+    rate_ratio_interval_coverage: f64,
     /// The same from the separate "without" and "with" runs of each round.
     rate_ratio_separate_runs: f64,
     rate_ratio_separate_runs_min_max: [f64; 2],
@@ -393,9 +398,17 @@ fn main() -> anyhow::Result<()> {
     drop(stats);
     let min_max = |v: &[f64]| [v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max)];
     let rate_ratios: Vec<f64> = rate_rounds.iter().map(|w| w.ratio).collect();
+    let (lo, hi, coverage) = median_interval(&rate_ratios, 0.95).unwrap_or_default();
     if a.rate_only {
         let m = min_max(&rate_ratios);
-        println!("rate ratio {:.3}, median of {} rounds (min {:.3} max {:.3}; target >= 0.97)", median(rate_ratios), a.rate_rounds, m[0], m[1]);
+        println!(
+            "rate ratio {:.3}, median of {} rounds (min {:.3} max {:.3}; {:.1}% interval {lo:.3}-{hi:.3}; target >= 0.97)",
+            median(rate_ratios),
+            a.rate_rounds,
+            m[0],
+            m[1],
+            coverage * 100.0
+        );
         return Ok(());
     }
 
@@ -469,6 +482,8 @@ fn main() -> anyhow::Result<()> {
         rate_with_per_s: rate_with,
         rate_ratio: median(rate_ratios.clone()),
         rate_ratio_min_max: min_max(&rate_ratios),
+        rate_ratio_interval: [lo, hi],
+        rate_ratio_interval_coverage: coverage,
         rate_ratio_separate_runs: median(ratios.clone()),
         rate_ratio_separate_runs_min_max: min_max(&ratios),
         rate_ratio_with_bpf_stats: median(ratios_with_stats),
@@ -527,6 +542,12 @@ fn main() -> anyhow::Result<()> {
     println!(
         "  connections/s with sidecar     {:>10.0}  (ratio {:.3}, median of {} rounds, min {:.3} max {:.3}; target >= 0.97)",
         report.rate_with_per_s, report.rate_ratio, a.rate_rounds, report.rate_ratio_min_max[0], report.rate_ratio_min_max[1]
+    );
+    println!(
+        "  ... {:.1}% interval of the median {:.3}-{:.3}",
+        report.rate_ratio_interval_coverage * 100.0,
+        report.rate_ratio_interval[0],
+        report.rate_ratio_interval[1]
     );
     println!(
         "  ... separate runs of the load   {:>10.3}  (min {:.3} max {:.3})",
