@@ -87,6 +87,15 @@ impl CpuTicks {
     }
 }
 
+/// From the sidecar's final stats: state changes the kernel skipped the
+/// program for (recursion misses) that may have lost a flow, i.e. less the
+/// closes the destroy program reported instead. An upper bound: a skipped
+/// change that was not a close loses nothing.
+pub fn misses_not_recovered(stats: &serde_json::Value) -> u64 {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    n(&stats["program_recursion_misses"]).saturating_sub(n(&stats["kernel"]["closed_at_destroy"]))
+}
+
 /// A numeric field of a /proc/PID/fdinfo/FD text (`key` with its colon).
 pub fn fdinfo_field(info: &str, key: &str) -> Option<u64> {
     info.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok())

@@ -98,4 +98,6 @@ pub const PARKED_MAP: &str = "FLOWLOG_PARKED";
 pub const STAGE_HEAD_MAP: &str = "FLOWLOG_STAGE_HEAD";
 pub const PROG_TP_BTF: &str = "flowlog_tp_btf";
 pub const PROG_TRACEPOINT: &str = "flowlog_tracepoint";
+/// Reports the closes [`PROG_TP_BTF`] missed, at `tcp:tcp_destroy_sock`.
+pub const PROG_DESTROY: &str = "flowlog_destroy";
 pub const PROG_SNAPSHOT: &str = "flowlog_snapshot";

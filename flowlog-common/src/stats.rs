@@ -16,15 +16,21 @@ pub mod stat {
     /// Final flow events that found the ring buffer full and waited in the
     /// parking queue for user space instead (not lost).
     pub const PARKED: u32 = 5;
+    /// Closes the state-change program missed (it was running on that CPU
+    /// when a softirq closed the socket), reported as the socket was
+    /// destroyed instead (not lost; the state path ends at the last state
+    /// recorded).
+    pub const CLOSED_AT_DESTROY: u32 = 6;
     pub const COUNT: u32 = 8;
 
     /// Names for user space, index = counter.
-    pub const NAMES: [&str; 6] = [
+    pub const NAMES: [&str; 7] = [
         "events",
         "ringbuf_full",
         "sock_map_full",
         "listen_map_full",
         "read_errors",
         "parked",
+        "closed_at_destroy",
     ];
 }

@@ -82,6 +82,9 @@ pub struct KernelCounters {
     pub read_errors: u64,
     /// Final events that waited in the parking queue (not lost).
     pub parked: u64,
+    /// Closes the state-change program missed, reported at the socket's
+    /// destroy instead (not lost).
+    pub closed_at_destroy: u64,
 }
 
 /// Counters kept by the reader.
@@ -145,8 +148,9 @@ pub struct Capture {
     /// workload resolver releases), kept between drains: growing it afresh
     /// each time copied every record once more (a Flow is ~300 bytes).
     pending: Vec<Flow>,
-    /// The attached program, for the kernel's counters of it.
-    pub program: Option<ProgramFd>,
+    /// The attached programs (the state-change one, and the one for the
+    /// closes it missed if attached), for the kernel's counters of them.
+    pub programs: Vec<ProgramFd>,
     /// The workloads' IPs: each change is announced at once (Kafka only).
     pub workload_ips: Option<watch::Receiver<Listing>>,
     /// Where `reported` survives a restart (see [`crate::carry`]).
@@ -196,7 +200,7 @@ impl Capture {
             last_reported: KernelCounters::default(),
             reported: FastMap::default(),
             pending: Vec::new(),
-            program: None,
+            programs: Vec::new(),
             workload_ips: None,
             carry: None,
             stages: None,
@@ -325,6 +329,7 @@ impl Capture {
             listen_map_full: get(stat::LISTEN_MAP_FULL),
             read_errors: get(stat::READ_ERRORS),
             parked: get(stat::PARKED),
+            closed_at_destroy: get(stat::CLOSED_AT_DESTROY),
         }
     }
 
@@ -348,6 +353,7 @@ impl Capture {
         metrics::counter!(m::LISTEN_MAP_FULL).absolute(now.listen_map_full);
         metrics::counter!(m::KERNEL_READ_ERRORS).absolute(now.read_errors);
         metrics::counter!(m::FLOWS_PARKED).absolute(now.parked);
+        metrics::counter!(m::CLOSES_AT_DESTROY).absolute(now.closed_at_destroy);
         m::record_process();
         m::record_workloads(&self.workloads);
         // Run time/count non-zero only with kernel.bpf_stats_enabled=1.
@@ -505,10 +511,13 @@ impl Capture {
         self.sink
     }
 
-    /// The kernel's counters of the attached program, if they can be read
-    /// (if not, the metrics keep their last values).
+    /// The kernel's counters of the attached programs, summed, if they can
+    /// be read (if not, the metrics keep their last values).
     fn program_stats(&self) -> Option<ProgramStats> {
-        self.program.as_ref().and_then(|fd| ProgramStats::read(fd).ok())
+        if self.programs.is_empty() {
+            return None;
+        }
+        self.programs.iter().try_fold(ProgramStats::default(), |sum, fd| Some(sum + ProgramStats::read(fd).ok()?))
     }
 
     pub fn final_stats(&self, attached: Attached) -> FinalStats {

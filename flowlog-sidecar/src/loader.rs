@@ -7,7 +7,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use flowlog_common::{
-    socktable, KernelSettings, EVENTS_MAP, LISTENERS_MAP, OFFSETS_GLOBAL, PARKED_MAP, PROG_TP_BTF, PROG_TRACEPOINT,
+    socktable, KernelSettings, EVENTS_MAP, LISTENERS_MAP, OFFSETS_GLOBAL, PARKED_MAP, PROG_DESTROY, PROG_TP_BTF, PROG_TRACEPOINT,
     SETTINGS_GLOBAL, SOCK_BUCKETS_MAP, SOCK_SLOTS_MAP,
 };
 use tracing::{info, warn};
@@ -125,7 +125,18 @@ fn attach_tp_btf(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     let prog: &mut BtfTracePoint = program(ebpf, PROG_TP_BTF)?;
     prog.load("inet_sock_set_state", &btf).map_err(fail)?;
     prog.attach().map_err(fail)?;
+    // Without it a close that interrupted a run is lost (and counted).
+    match attach_destroy(ebpf, &btf) {
+        Ok(()) => info!("attached {PROG_DESTROY} (tp_btf/tcp_destroy_sock)"),
+        Err(e) => warn!("closes missed while the program runs will be lost (counted): {PROG_DESTROY}: {e}"),
+    }
     Ok(())
+}
+
+fn attach_destroy(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), LoadError> {
+    let prog: &mut BtfTracePoint = program(ebpf, PROG_DESTROY)?;
+    prog.load("tcp_destroy_sock", btf).map_err(fail)?;
+    prog.attach().map(drop).map_err(fail)
 }
 
 /// A program of the object as its concrete type.

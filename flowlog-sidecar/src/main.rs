@@ -129,7 +129,8 @@ async fn run(config: Config, resolved: offsets::Resolved) -> anyhow::Result<()> 
     if resolved.hz.is_none() {
         warn!("the kernel's tick rate (CONFIG_HZ) is unknown: no /boot/config-<release>, and /proc/timer_list unreadable; records carry no limits");
     }
-    capture.program = ebpf.program(attached.program_name()).and_then(|p| p.fd().ok()).and_then(|fd| fd.try_clone().ok());
+    let fd = |name: &str| ebpf.program(name).and_then(|p| p.fd().ok()).and_then(|fd| fd.try_clone().ok());
+    capture.programs = [attached.program_name(), flowlog_common::PROG_DESTROY].into_iter().filter_map(fd).collect();
     capture.workload_ips = ips_changes;
     if let Some(path) = config.carry_path() {
         capture.carry_over(carry::Carry::open(path, &config.identity.current()));

@@ -23,6 +23,18 @@ pub struct ProgramStats {
     pub recursion_misses: u64,
 }
 
+/// Two programs' counters together.
+impl std::ops::Add for ProgramStats {
+    type Output = ProgramStats;
+    fn add(self, o: ProgramStats) -> ProgramStats {
+        ProgramStats {
+            run_time_ns: self.run_time_ns + o.run_time_ns,
+            run_count: self.run_count + o.run_count,
+            recursion_misses: self.recursion_misses + o.recursion_misses,
+        }
+    }
+}
+
 impl ProgramStats {
     /// The counters of `fd`'s program now.
     pub fn read(fd: &ProgramFd) -> io::Result<ProgramStats> {

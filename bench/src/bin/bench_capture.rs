@@ -138,7 +138,8 @@ struct Arm {
     ringbuf_full: u64,
     sock_map_full: u64,
     decode_errors: u64,
-    /// State changes the kernel skipped the program for (lost).
+    /// State changes the kernel skipped the program for, less the closes
+    /// reported at destroy instead ([`flowlog_bench::misses_not_recovered`]).
     recursion_misses: u64,
     /// Flows by workload kind (resolution on).
     workload_flows: Value,
@@ -661,7 +662,7 @@ fn measure_with(a: &Args, spec: LoadSpec, r: &mut Arm, resolve: bool) -> anyhow:
     r.ringbuf_full = n(&stats["kernel"]["ringbuf_full"]);
     r.sock_map_full = n(&stats["kernel"]["sock_map_full"]);
     r.decode_errors = n(&stats["user"]["decode_errors"]);
-    r.recursion_misses = n(&stats["program_recursion_misses"]);
+    r.recursion_misses = flowlog_bench::misses_not_recovered(&stats);
     r.workload_flows = stats["workload"]["flows"].clone();
     Ok(())
 }

@@ -237,7 +237,7 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path, config: Option<&str>) ->
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let kernel_drops = stats["kernel"]["ringbuf_full"].as_u64().unwrap_or(0)
         + stats["kernel"]["sock_map_full"].as_u64().unwrap_or(0)
-        + stats["program_recursion_misses"].as_u64().unwrap_or(0);
+        + flowlog_bench::misses_not_recovered(&stats);
     let report = serde_json::json!({
         "benchmark": "transport",
         "load": format!(

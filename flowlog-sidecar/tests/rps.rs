@@ -1,0 +1,99 @@
+//! The sidecar with receive packet steering on `lo`: in a test binary of
+//! its own, because the setting is the whole host's loopback, and cargo
+//! runs test binaries one after another (the capture tests assert exact
+//! counts that steering can break, see README "Known limitations").
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Receive packet steering on `lo` (every CPU) while held; restores the
+/// mask it found when dropped, also when the test fails.
+struct LoopbackRps(String);
+
+const LO_RPS: &str = "/sys/class/net/lo/queues/rx-0/rps_cpus";
+
+impl LoopbackRps {
+    fn on(cpus: usize) -> LoopbackRps {
+        let old = std::fs::read_to_string(LO_RPS).expect("lo's rps_cpus");
+        let mask = (1u64 << cpus.min(63)) - 1;
+        std::fs::write(LO_RPS, format!("{mask:x}")).expect("setting lo's rps_cpus");
+        LoopbackRps(old.trim().to_string())
+    }
+}
+
+impl Drop for LoopbackRps {
+    fn drop(&mut self) {
+        let _ = std::fs::write(LO_RPS, &self.0);
+    }
+}
+
+/// With packets steered between CPUs (RPS, here on `lo`), a softirq often
+/// interrupts the program's run in process context on the other CPU, and
+/// the kernel does not run the program for the state changes it makes
+/// (recursion misses; ~1 in 200 connections here). The closes among them
+/// are reported when their sockets are destroyed, with their exact bytes,
+/// and none is reported twice.
+///
+/// Not asserted: that every connection is reported. Under RPS a few flows
+/// (0-11 of these 8 000, ~1 in 3 000) are still lost with no recursion miss
+/// counted and neither program run for their close (README, "Known
+/// limitations"); the count is printed.
+#[test]
+fn closes_the_program_missed_are_reported_at_destroy() {
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } as usize;
+    if !have_root() || cpus < 2 {
+        return;
+    }
+    let rps = LoopbackRps::on(cpus);
+    let sc = Sidecar::start(&["--attach", "tp-btf"]);
+    let runs: Vec<(u16, Vec<u16>)> = (0..8).map(|_| short_connections(500)).collect();
+    drop(rps);
+    let servers: Vec<u16> = runs.iter().map(|(s, _)| *s).collect();
+    let want = 2 * runs.iter().map(|(_, c)| c.len()).sum::<usize>();
+    let ns = inode("/proc/self/ns/net");
+    let mine = move |r: &Value| r["netns_ino"] == ns && servers.iter().any(|s| r["local_port"] == *s || r["remote_port"] == *s);
+    // Every record due, or, for those a miss not reported at destroy lost,
+    // until no more come for 2 s (steered packets can arrive late).
+    let (t0, mut last, mut since) = (std::time::Instant::now(), 0, std::time::Instant::now());
+    loop {
+        let now = sc.records(|r| r.iter().filter(|x| mine(x)).count());
+        if now >= want || since.elapsed() > Duration::from_secs(2) || t0.elapsed() > WAIT {
+            break;
+        }
+        if now > last {
+            (last, since) = (now, std::time::Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (records, stats) = sc.stop();
+    let records: Vec<Value> = records.into_iter().filter(|x| mine(x)).collect();
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let (misses, at_destroy) = (n(&stats["program_recursion_misses"]), n(&stats["kernel"]["closed_at_destroy"]));
+    assert!(at_destroy >= 1, "no close was reported at destroy ({misses} recursion misses): {stats:#}");
+    assert!(misses >= at_destroy, "{stats:#}");
+    assert!(records.len() <= want, "duplicates: {} records for {want}", records.len());
+    for (server_port, clients) in &runs {
+        let mut uses = std::collections::BTreeMap::<u16, usize>::new();
+        for &cp in clients {
+            *uses.entry(cp).or_default() += 1;
+        }
+        for (&cp, &k) in &uses {
+            let (c, s) = (by_ports(&records, cp, *server_port), by_ports(&records, *server_port, cp));
+            assert!(c.len() <= k && s.len() <= k, "port {cp}: {} client and {} server records for {k} connection(s)", c.len(), s.len());
+            for r in &c {
+                assert_eq!((r["bytes_sent"].as_u64(), r["bytes_received"].as_u64()), (Some(10), Some(20)), "{r}");
+            }
+            for r in &s {
+                assert_eq!((r["bytes_sent"].as_u64(), r["bytes_received"].as_u64()), (Some(20), Some(10)), "{r}");
+            }
+        }
+    }
+    eprintln!("{} of {want} records; {misses} recursion misses, {at_destroy} closes reported at destroy", records.len());
+    assert_eq!(stats["kernel"]["ringbuf_full"], 0);
+}
