@@ -7,8 +7,10 @@
 //! a pass over every socket, exchanges again, waits for another, closes
 //! half the connections and, once the churn is over, stops the sidecar
 //! (the other half gets its last interim record then). It checks that no
-//! event was lost (ring buffer, socket map) and that every socket's interim
-//! and final records sum to exactly the bytes it sent and received.
+//! event was lost (ring buffer, socket map), that every closed socket's
+//! final record came (waiting while they still come: a lost one is
+//! reported, not waited for), and that every socket's interim and final
+//! records sum to exactly the bytes it sent and received.
 //!
 //! Prints the figures (drops, mismatches, churn rate, the sidecar's CPU and
 //! peak RSS, the socket map's kernel memory) and writes them to
@@ -75,6 +77,9 @@ struct Args {
     out: Option<PathBuf>,
 }
 
+/// How long the wait for the closed sockets' finals goes on with none coming.
+const FINALS_IDLE: Duration = Duration::from_secs(20);
+
 #[derive(Default)]
 struct Seen {
     totals: Totals,
@@ -110,6 +115,9 @@ struct Report {
     /// Ring, map and decode drops, and the recursion misses not reported
     /// at destroy ([`flowlog_bench::misses_not_recovered`]).
     drops: u64,
+    /// Closed long-lived sockets whose final record never came, counted or
+    /// not (`closed_before_stop` x 2 less the finals read).
+    finals_missing: u64,
     /// Sockets whose records do not sum to what they sent and received.
     mismatched_sockets: usize,
     mismatches: Vec<String>,
@@ -218,26 +226,15 @@ fn main() -> anyhow::Result<()> {
     wait("a second pass", &|| interim_records() >= 4 * n)?;
     let closed = conns.close_every(2, usize::MAX)?;
     let dropped = || sidecar::scrape(&metrics, "flowlog_sidecar_flows_dropped_total{reason=\"ringbuf_full\"}") as u64;
-    // State changes the kernel skipped the program for (a softirq's change
-    // interrupting a run on the same CPU): each may have been a close, whose
-    // final never comes unless the destroy program reported it. Counted as
-    // drops in the report.
-    let misses = || {
-        let recovered = sidecar::scrape(&metrics, "flowlog_sidecar_closes_at_destroy_total") as u64;
-        (sidecar::scrape(&metrics, "flowlog_sidecar_bpf_recursion_misses_total") as u64).saturating_sub(recovered)
-    };
     let finals = || seen.lock().unwrap().totals.final_records;
     let want = 2 * closed as u64;
-    if let Err(e) = wait("the closed connections' final records (or their drops)", &|| finals() + dropped() + misses() >= want) {
-        // Say how far it got, and what the sidecar counted, before giving up.
-        let stats = sc.stop().unwrap_or_default();
-        bail!("{e}: {} of {want} finals read, {} dropped, {} recursion misses; sidecar stats {stats}", finals(), dropped(), misses());
-    }
-    if finals() + dropped() < want {
-        // Misses stand in for finals: those that were not closes still
-        // come. Wait while they do (the misses count reaches the report).
-        wait_while_growing(&|| finals() + dropped(), want, Duration::from_secs(10));
-        eprintln!("{} of {want} finals read, {} dropped, {} recursion misses", finals(), dropped(), misses());
+    // Until every final is read (or counted as dropped), or none has come
+    // for FINALS_IDLE: a final the kernel never gave the programs (a
+    // recursion miss not reported at destroy, or the uncounted losses of
+    // README "Known limitations") never comes, and is reported as missing
+    // rather than waited for.
+    if !wait_while_growing(&|| finals() + dropped(), want, FINALS_IDLE) {
+        eprintln!("{} of {want} finals read, {} dropped; no more for {} s", finals(), dropped(), FINALS_IDLE.as_secs());
     }
     let churn = churn.join().map_err(|_| anyhow::anyhow!("the churn panicked"))??;
     eprintln!("churn: {:.0} connections/s ({} errors)", churn.connections_per_sec, churn.errors);
@@ -306,6 +303,7 @@ fn main() -> anyhow::Result<()> {
         recursion_misses,
         closed_at_destroy,
         drops: ringbuf_full + sock_map_full + decode_errors + flowlog_bench::misses_not_recovered(&stats),
+        finals_missing: want.saturating_sub(seen.totals.final_records),
         mismatched_sockets,
         mismatches,
         sidecar_user_s: user,
@@ -316,7 +314,7 @@ fn main() -> anyhow::Result<()> {
         socket_map_kernel_bytes: map_bytes,
         max_parked: a.max_parked,
         parking_queue_kernel_bytes: queue_bytes,
-        targets: serde_json::json!({ "drops": 0, "mismatched_sockets": 0, "churn_connections_per_sec": 20000 }),
+        targets: serde_json::json!({ "drops": 0, "finals_missing": 0, "mismatched_sockets": 0, "churn_connections_per_sec": 20000 }),
     };
     println!("long-lived benchmark ({})", report.load);
     println!("  churn connections/s             {:>10.0}  (aim 20000)", report.churn.connections_per_sec);
@@ -327,6 +325,7 @@ fn main() -> anyhow::Result<()> {
         "  ... recursion misses {}, closes among them reported at destroy {}",
         report.recursion_misses, report.closed_at_destroy
     );
+    println!("  finals never read (of {want})    {:>10}  (target 0; counted or not)", report.finals_missing);
     println!("  finals parked (ring was full)   {:>10}", report.parked);
     println!("  sockets not adding up exactly   {:>10}  (target 0)", report.mismatched_sockets);
     println!("  sidecar CPU                     {:>10.1} %  (user {:.1} s, sys {:.1} s over {wall:.0} s)", report.sidecar_cpu_percent, user, sys);
@@ -337,7 +336,7 @@ fn main() -> anyhow::Result<()> {
         PathBuf::from(if a.kafka { "bench/results/long_lived_kafka.json" } else { "bench/results/long_lived.json" })
     });
     flowlog_bench::write_report(&out, &report)?;
-    if report.drops > 0 || report.mismatched_sockets > 0 {
+    if report.drops > 0 || report.finals_missing > 0 || report.mismatched_sockets > 0 {
         bail!("records were lost or do not add up: {:#?}", report.mismatches);
     }
     Ok(())
