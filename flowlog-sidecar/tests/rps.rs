@@ -40,10 +40,11 @@ impl Drop for LoopbackRps {
 /// are reported when their sockets are destroyed, with their exact bytes,
 /// and none is reported twice.
 ///
-/// Not asserted: that every connection is reported. Under RPS a few flows
-/// (0-11 of these 8 000, ~1 in 3 000) are still lost with no recursion miss
-/// counted and neither program run for their close (README, "Known
-/// limitations"); the count is printed.
+/// Not asserted: that every connection is reported. On the development
+/// VMs a few flows (0-11 of these 8 000) are lost with no recursion miss
+/// counted: the kernel runs no program while the VM agent's threads are
+/// the current task, and steered packets often close sockets in softirqs
+/// on top of them (README, "Known limitations"); the count is printed.
 #[test]
 fn closes_the_program_missed_are_reported_at_destroy() {
     let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } as usize;
