@@ -80,20 +80,7 @@ fn closes_the_program_missed_are_reported_at_destroy() {
     assert!(misses >= at_destroy, "{stats:#}");
     assert!(records.len() <= want, "duplicates: {} records for {want}", records.len());
     for (server_port, clients) in &runs {
-        let mut uses = std::collections::BTreeMap::<u16, usize>::new();
-        for &cp in clients {
-            *uses.entry(cp).or_default() += 1;
-        }
-        for (&cp, &k) in &uses {
-            let (c, s) = (by_ports(&records, cp, *server_port), by_ports(&records, *server_port, cp));
-            assert!(c.len() <= k && s.len() <= k, "port {cp}: {} client and {} server records for {k} connection(s)", c.len(), s.len());
-            for r in &c {
-                assert_eq!((r["bytes_sent"].as_u64(), r["bytes_received"].as_u64()), (Some(10), Some(20)), "{r}");
-            }
-            for r in &s {
-                assert_eq!((r["bytes_sent"].as_u64(), r["bytes_received"].as_u64()), (Some(20), Some(10)), "{r}");
-            }
-        }
+        check_short_records(&records, *server_port, clients, PerSide::AtMost, "with RPS");
     }
     eprintln!("{} of {want} records; {misses} recursion misses, {at_destroy} closes reported at destroy", records.len());
     assert_eq!(stats["kernel"]["ringbuf_full"], 0);

@@ -166,6 +166,42 @@ pub fn by_ports(records: &[Value], local: u16, remote: u16) -> Vec<Value> {
         .collect()
 }
 
+/// How many records of each side [`short_connections`] may have.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum PerSide {
+    /// One per connection: none lost, none twice.
+    Exactly,
+    /// At most one per connection (some may be lost, none twice).
+    AtMost,
+}
+
+/// Checks the records of [`short_connections`] to `server_port` from
+/// `clients`: per client port, one record per side per connection that used
+/// it (`per_side`), each with its exact bytes (the client sent 10 and
+/// received 20). A client port can come round again within a burst (the
+/// server closes first, so the client's side leaves no TIME_WAIT to keep
+/// it). Returns how many connections reused a port.
+pub fn check_short_records(records: &[Value], server_port: u16, clients: &[u16], per_side: PerSide, what: &str) -> usize {
+    let mut uses = std::collections::BTreeMap::<u16, usize>::new();
+    for &cp in clients {
+        *uses.entry(cp).or_default() += 1;
+    }
+    for (&cp, &k) in &uses {
+        let (c, s) = (by_ports(records, cp, server_port), by_ports(records, server_port, cp));
+        match per_side {
+            PerSide::Exactly => assert_eq!((c.len(), s.len()), (k, k), "{what}: port {cp}, used by {k} connection(s)"),
+            PerSide::AtMost => assert!(c.len() <= k && s.len() <= k, "{what}: port {cp}: {} client and {} server records for {k} connection(s)", c.len(), s.len()),
+        }
+        for r in &c {
+            assert_eq!((r["bytes_sent"].as_u64(), r["bytes_received"].as_u64()), (Some(10), Some(20)), "{what}: {r}");
+        }
+        for r in &s {
+            assert_eq!((r["bytes_sent"].as_u64(), r["bytes_received"].as_u64()), (Some(20), Some(10)), "{what}: {r}");
+        }
+    }
+    clients.len() - uses.len()
+}
+
 pub fn gettid() -> u32 {
     // SAFETY: plain syscall.
     unsafe { libc::syscall(libc::SYS_gettid) as u32 }
