@@ -410,7 +410,7 @@ def main():
                     seen[got] += 1
                     check(got == want, f"{r['host_id']} #{r['sequence']}: {side} {ip} at {r['start_time_ns']} "
                                        f"attributed to {got}, not {want}")
-            print(f"\nIP reuse: {ip} attributed to " + ", ".join(f"{k} {v}" for k, v in sorted(seen.items())) + " record sides")
+            print(f"\nIP reuse: {ip} attributed to " + ", ".join(f"{k} {v}" for k, v in sorted(seen.items(), key=lambda kv: str(kv[0]))) + " record sides")
             check(seen[old] > 0 and seen[new] > 0, f"IP reuse: both pods should have flows: {dict(seen)}")
         if failures:
             print(f"\nCHECK FAILED ({len(failures)}):", file=sys.stderr)

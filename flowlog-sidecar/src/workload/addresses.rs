@@ -230,6 +230,7 @@ impl Announcer {
             known: FastMap::default(),
             logged: Vec::new(),
             pods,
+            last_meta: HashMap::new(),
         };
         std::thread::Builder::new().name("workload-ips".into()).spawn(move || loop {
             let t0 = Instant::now();
@@ -293,6 +294,11 @@ struct Discovery {
     /// The Kubernetes API's pods (with `workload.kubernetes`): their IPs,
     /// and the names of the pods announced.
     pods: Option<Arc<PodIndex>>,
+    /// The last metadata the API gave each pod whose cgroup is still here:
+    /// a pod deleted from the API while its namespace lingers keeps its
+    /// name, as its flows do ([`super::resolver`]); announced unnamed, its
+    /// IP's last flows were attributed to its UID alone.
+    last_meta: HashMap<String, Arc<PodMeta>>,
 }
 
 impl Discovery {
@@ -380,22 +386,42 @@ impl Discovery {
             }
         }
         self.known = known;
+        self.remember_pods();
         let fds: Vec<_> = spaces.values().map(|(ns, _)| &ns.fd).collect();
         let listed = netns::addresses_in(&fds);
         let mut found = Vec::with_capacity(spaces.len());
         for ((ino, (_, owner)), addresses) in spaces.into_iter().zip(listed) {
             match addresses {
                 Ok(addresses) => {
-                    let owner = match &self.pods {
-                        Some(index) => owner.map(|o| pods::name_now(index, &o)),
-                        None => owner,
-                    };
+                    let owner = owner.map(|o| self.named(&o));
                     found.push(Found { owner, held: Held::Interfaces(addresses) });
                 }
                 Err(e) => self.netns_error(e, &format!("network namespace {ino}")),
             }
         }
         Some(found)
+    }
+
+    /// Notes the API's metadata of every pod it lists, and forgets that of
+    /// pods neither listed nor with a cgroup left ([`Discovery::last_meta`]).
+    fn remember_pods(&mut self) {
+        let Some(index) = &self.pods else { return };
+        let listed = index.all();
+        let here: std::collections::HashSet<&str> = self.known.values().flatten().filter_map(|w| w.pod_uid.as_deref()).collect();
+        self.last_meta.retain(|uid, _| here.contains(uid.as_str()));
+        self.last_meta.extend(listed);
+    }
+
+    /// A namespace owner as the API names it now, or as it last did for a
+    /// pod deleted from it since; a pod it never listed unnamed.
+    fn named(&self, owner: &Arc<Workload>) -> Arc<Workload> {
+        let Some(index) = &self.pods else { return owner.clone() };
+        let is_pod = owner.kind == WorkloadKind::Pod && owner.reason.is_none();
+        let uid = owner.pod_uid.as_deref().unwrap_or_default();
+        match self.last_meta.get(uid) {
+            Some(meta) if is_pod && index.get(uid).is_none() => Arc::new(meta.name(owner)),
+            _ => pods::name_now(index, owner),
+        }
     }
 
     fn netns_error(&mut self, e: NetnsError, what: &str) {
@@ -584,6 +610,7 @@ mod tests {
                 known: FastMap::default(),
                 logged: Vec::new(),
                 pods,
+                last_meta: HashMap::new(),
             }
         }
     }
@@ -626,6 +653,27 @@ mod tests {
         // Deleted from the API: gone from the next listing.
         index.remove(UID_B);
         assert_eq!(d.round().unwrap(), [want(UID_A, "web-0", Some("BestEffort"), &["10.9.0.1"])]);
+    }
+
+    /// A pod deleted from the API while its cgroup (and namespace) lingers
+    /// keeps the name the API gave it, as its flows do: announced unnamed,
+    /// its IP's last flows were attributed to its UID alone. Forgotten once
+    /// its cgroup is gone.
+    #[test]
+    fn a_pod_deleted_from_the_api_keeps_its_name_while_its_cgroup_lingers() {
+        let tree = FakeTree::new("deleted", &[UID_A]);
+        let index = index_of(&[api_pod(UID_A, "web-0", serde_json::json!({"phase": "Running", "podIP": "10.9.0.1"}), false)]);
+        let mut d = tree.discovery(Some(index.clone()));
+        d.round().unwrap();
+        let owner = d.known.values().flatten().next().expect("the pod's cgroup walked").clone();
+        let name = |d: &Discovery| (d.named(&owner).name.clone(), d.named(&owner).reason);
+        assert_eq!(name(&d), (Some("web-0".into()), None));
+        index.remove(UID_A);
+        d.round().unwrap();
+        assert_eq!(name(&d), (Some("web-0".into()), None), "deleted from the API, its cgroup still here");
+        std::fs::remove_dir_all(tree.0.join("kubepods")).unwrap();
+        d.round().unwrap();
+        assert_eq!(name(&d), (None, Some(flowlog_schema::WorkloadReason::NoPodMetadata)), "its cgroup gone too");
     }
 
     /// What the API says a pod holds: hostNetwork pods and ended ones
