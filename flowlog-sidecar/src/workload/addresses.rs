@@ -166,14 +166,13 @@ pub fn claim(found: Vec<Found>, filter: &ClaimFilter) -> (Vec<WorkloadIps>, BTre
 /// (named) and IPs (empty: it holds none of its own, see
 /// [`PodMeta::held_ips`]). Pods it lists without IPs yet are left out:
 /// their namespaces may be looked in.
-fn api_pods(index: &PodIndex) -> BTreeMap<String, (Arc<Workload>, Vec<IpAddr>)> {
-    index
-        .all()
-        .into_iter()
-        .filter_map(|(uid, meta): (String, Arc<PodMeta>)| {
+fn api_pods(listed: &[(String, Arc<PodMeta>)]) -> BTreeMap<String, (Arc<Workload>, Vec<IpAddr>)> {
+    listed
+        .iter()
+        .filter_map(|(uid, meta)| {
             let ips = meta.held_ips()?.to_vec();
-            let workload = Arc::new(meta.workload(&uid));
-            Some((uid, (workload, ips)))
+            let workload = Arc::new(meta.workload(uid));
+            Some((uid.clone(), (workload, ips)))
         })
         .collect()
 }
@@ -306,9 +305,11 @@ impl Discovery {
     /// listing stands).
     fn round(&mut self) -> Option<Vec<WorkloadIps>> {
         counter!(m::WORKLOAD_IP_ROUNDS).increment(1);
-        let api = self.pods.as_deref().map(api_pods).unwrap_or_default();
+        // The API's pods, read once a round: their IPs, and their names.
+        let listed = self.pods.as_deref().map(PodIndex::all).unwrap_or_default();
+        let api = api_pods(&listed);
         let mut found = match self.mount.clone() {
-            Some(mount) => self.namespaces(&mount, &api)?,
+            Some(mount) => self.namespaces(&mount, &api, listed)?,
             None => Vec::new(),
         };
         let namespaces = found.len();
@@ -334,9 +335,15 @@ impl Discovery {
     /// out: the API's IPs win over what their namespaces hold, as they are
     /// what the cluster routes to the pod (a secondary network's addresses
     /// in the namespace are not the pod's to announce to the cluster), and
-    /// leaving them out needs no privilege. None when the cgroup tree could
-    /// not be read.
-    fn namespaces(&mut self, mount: &Mount, api: &BTreeMap<String, (Arc<Workload>, Vec<IpAddr>)>) -> Option<Vec<Found>> {
+    /// leaving them out needs no privilege. The owners are named from
+    /// `listed`, the API's pods ([`Discovery::named`]). None when the cgroup
+    /// tree could not be read.
+    fn namespaces(
+        &mut self,
+        mount: &Mount,
+        api: &BTreeMap<String, (Arc<Workload>, Vec<IpAddr>)>,
+        listed: Vec<(String, Arc<PodMeta>)>,
+    ) -> Option<Vec<Found>> {
         let cgroups = match tree::walk(mount, |_| true) {
             Ok(c) => c,
             Err(e) => {
@@ -386,7 +393,7 @@ impl Discovery {
             }
         }
         self.known = known;
-        self.remember_pods();
+        self.remember_pods(listed);
         let fds: Vec<_> = spaces.values().map(|(ns, _)| &ns.fd).collect();
         let listed = netns::addresses_in(&fds);
         let mut found = Vec::with_capacity(spaces.len());
@@ -402,11 +409,10 @@ impl Discovery {
         Some(found)
     }
 
-    /// Notes the API's metadata of every pod it lists, and forgets that of
-    /// pods neither listed nor with a cgroup left ([`Discovery::last_meta`]).
-    fn remember_pods(&mut self) {
-        let Some(index) = &self.pods else { return };
-        let listed = index.all();
+    /// Notes the API's metadata of every pod it lists (`listed`), and
+    /// forgets that of pods neither listed nor with a cgroup left
+    /// ([`Discovery::last_meta`]).
+    fn remember_pods(&mut self, listed: Vec<(String, Arc<PodMeta>)>) {
         let here: std::collections::HashSet<&str> = self.known.values().flatten().filter_map(|w| w.pod_uid.as_deref()).collect();
         self.last_meta.retain(|uid, _| here.contains(uid.as_str()));
         self.last_meta.extend(listed);
@@ -692,7 +698,7 @@ mod tests {
         terminating.metadata.deletion_timestamp = serde_json::from_value(serde_json::json!("2026-01-01T00:00:00Z")).unwrap();
         let (uid, meta) = PodMeta::of(&terminating, &[]).unwrap();
         index.insert(uid, meta);
-        let got: Vec<(String, Vec<IpAddr>)> = api_pods(&index).into_iter().map(|(uid, (_, ips))| (uid, ips)).collect();
+        let got: Vec<(String, Vec<IpAddr>)> = api_pods(&index.all()).into_iter().map(|(uid, (_, ips))| (uid, ips)).collect();
         let ip = |s: &str| vec![s.parse::<IpAddr>().unwrap()];
         assert_eq!(
             got,
