@@ -71,6 +71,8 @@ for name, output in [("long_lived.json", "JSON"), ("long_lived_kafka.json", "Kaf
         row(b, "program recursion misses not reported at destroy (an upper bound of flows lost; the next row counts them)", f"{d['misses_not_recovered']} (of {d['recursion_misses']} misses)", "-", True)
     if "finals_missing" in d:
         row(b, f"closed sockets whose final record never came (of {2 * d['closed_before_stop']}; counted or not)", f"{d['finals_missing']}", "0", d["finals_missing"] == 0)
+    if "stale_sockets" in d:
+        row(b, "sockets whose close the kernel ran no program for, found at address reuse (a lower bound of the flows lost unseen)", f"{d['stale_sockets']}", "-", True)
     row(b, "sockets whose interim + final records do not sum to the bytes sent/received", f"{d['mismatched_sockets']}", "0", d["mismatched_sockets"] == 0)
     row(b, "churn of short connections beside them", f"{d['churn']['connections_per_sec']:.0f} per s", "20000 (aim)", d["churn"]["connections_per_sec"] >= 20000)
     if output == "Kafka":

@@ -196,14 +196,25 @@ pub fn find<M: Memory>(m: &M, sk: u64) -> Option<Found> {
     Some(Found { state: unsafe { &raw mut (*m.slot(second, i)?).state }, key, spilled: Some(spilled) })
 }
 
+/// What [`insert`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// Took a free slot.
+    Added,
+    /// Replaced the state an earlier socket at this address left: a socket
+    /// whose close the program never saw.
+    Replaced,
+    /// Both of the socket's buckets are full: not tracked.
+    Full,
+}
+
 /// Puts `sk` in the table with state `st`, replacing a state left from an
-/// earlier life of the socket (a close the program never saw); false when
-/// both its buckets are full.
+/// earlier life of the socket's address (a close the program never saw).
 #[inline(always)]
-pub fn insert<M: Memory>(m: &M, sk: u64, st: &SockState) -> bool {
+pub fn insert<M: Memory>(m: &M, sk: u64, st: &SockState) -> Inserted {
     if let Some(found) = find(m, sk) {
         unsafe { *found.state = *st };
-        return true;
+        return Inserted::Replaced;
     }
     let (first, second) = buckets_of(sk, m.mask());
     // The first bucket while it is not crowded, so that most lookups read
@@ -221,10 +232,10 @@ pub fn insert<M: Memory>(m: &M, sk: u64, st: &SockState) -> bool {
                     unsafe { atomic::add(&raw mut (*b).spilled, 1) };
                 }
             }
-            return true;
+            return Inserted::Added;
         }
     }
-    false
+    Inserted::Full
 }
 
 /// Slots of a bucket in use past which an insert compares its two buckets.
@@ -354,8 +365,10 @@ mod tests {
             let sk = 0xffff_8880_0000_0000 + (rng(&mut seed) % 600) * 2304;
             match rng(&mut seed) % 3 {
                 0 | 1 => {
-                    if insert(&t, sk, &state(n)) {
-                        model.insert(sk, n);
+                    let inserted = insert(&t, sk, &state(n));
+                    if inserted != Inserted::Full {
+                        // Replaced exactly when an entry was left there.
+                        assert_eq!(inserted == Inserted::Replaced, model.insert(sk, n).is_some());
                     } else {
                         // Refused only when both buckets are full.
                         let (a, b) = buckets_of(sk, t.mask());
@@ -402,7 +415,7 @@ mod tests {
             while live.len() < max as usize {
                 let sk = addr(&mut seed);
                 if find(&t, sk).is_none() {
-                    assert!(insert(&t, sk, &state(1)), "socket {} of {max} refused", live.len() + 1);
+                    assert!(insert(&t, sk, &state(1)) != Inserted::Full, "socket {} of {max} refused", live.len() + 1);
                     live.push(sk);
                 }
             }
@@ -415,7 +428,7 @@ mod tests {
                         break sk;
                     }
                 };
-                assert!(insert(&t, sk, &state(2)), "a socket refused with {max} of {max} live");
+                assert!(insert(&t, sk, &state(2)) != Inserted::Full, "a socket refused with {max} of {max} live");
                 live[i] = sk;
             }
             assert_eq!(t.live(), max as usize);
@@ -432,7 +445,7 @@ mod tests {
             let hs: Vec<_> = (0..2u64)
                 .map(|th| {
                     let t = &t;
-                    s.spawn(move || (0..64u64).map(|i| 0x1000 + (th * 64 + i) * 8).filter(|sk| insert(t, *sk, &state(*sk))).collect())
+                    s.spawn(move || (0..64u64).map(|i| 0x1000 + (th * 64 + i) * 8).filter(|sk| insert(t, *sk, &state(*sk)) != Inserted::Full).collect())
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()

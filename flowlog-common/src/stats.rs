@@ -21,10 +21,16 @@ pub mod stat {
     /// destroyed instead (not lost; the state path ends at the last state
     /// recorded).
     pub const CLOSED_AT_DESTROY: u32 = 6;
+    /// Socket-table entries a new socket at the same address found left
+    /// behind: an earlier socket whose close and destroy the kernel ran
+    /// neither program for (a flow lost unseen, see README "Known
+    /// limitations"), or, rarely, a socket that lost a state change of its
+    /// own. Replaced, so the new socket does not inherit them.
+    pub const STALE_SOCKETS: u32 = 7;
     pub const COUNT: u32 = 8;
 
     /// Names for user space, index = counter.
-    pub const NAMES: [&str; 7] = [
+    pub const NAMES: [&str; 8] = [
         "events",
         "ringbuf_full",
         "sock_map_full",
@@ -32,5 +38,6 @@ pub mod stat {
         "read_errors",
         "parked",
         "closed_at_destroy",
+        "stale_sockets",
     ];
 }

@@ -28,7 +28,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use flowlog_common::{
-    socktable::{self, SockBucket, SockSlot, BUCKET_SLOTS},
+    socktable::{self, Inserted, SockBucket, SockSlot, BUCKET_SLOTS},
     direction, flags, skipped_from, snapshot, stat, tcp_state, FlowEvent, KernelOffsets, KernelSettings,
     ListenKey, Owner, Scratch, SockState, Stage, StageHead, AF_INET, AF_INET6, COMM_LEN, FLOW_EVENT_KIND_V2,
     FLOW_EVENT_SIZE, SCRATCH_BYTES, STAGE_EVENTS, STATE_PATH_MAX,
@@ -413,20 +413,23 @@ fn on_transition<S: Fields, F: Fields, C: Fields>(
     if !opens && new != tcp_state::LISTEN && new != tcp_state::CLOSE {
         if let Some(found) = socktable::find(&Socks, sk) {
             let st = unsafe { &mut *found.state };
-            st.catch_up(old);
-            st.push_state(new);
-            // close()/shutdown() run in the owner's process context: if the open
-            // was not attributable, the closer is the best owner we can name.
-            if st.tgid == 0
-                && ((old == tcp_state::ESTABLISHED && new == tcp_state::FIN_WAIT1)
-                    || (old == tcp_state::CLOSE_WAIT && new == tcp_state::LAST_ACK))
-            {
-                if let Some(f) = sock() {
-                    set_current_owner(st, &f);
-                    st.flags |= flags::OWNER_AT_CLOSE;
+            // An entry whose recorded path cannot lead to `old` is not this
+            // socket's: an earlier socket at this address left it (its close
+            // and destroy never ran the programs) and this one's open went
+            // unseen. Continuing it would give this socket the other's
+            // direction, start and owner; it is replaced below instead.
+            if st.catch_up(old) {
+                st.push_state(new);
+                // close()/shutdown() run in the owner's process context: if the open
+                // was not attributable, the closer is the best owner we can name.
+                if st.tgid == 0 && closes_in_process(old, new) {
+                    if let Some(f) = sock() {
+                        set_current_owner(st, &f);
+                        st.flags |= flags::OWNER_AT_CLOSE;
+                    }
                 }
+                return;
             }
-            return;
         }
     }
     if new == tcp_state::LISTEN || new == tcp_state::CLOSE {
@@ -488,9 +491,18 @@ fn on_transition<S: Fields, F: Fields, C: Fields>(
     st.push_state(new);
     // A state left under this address (a socket freed unseen) is replaced,
     // not continued.
-    if !socktable::insert(&Socks, sk, &st) {
-        count(stat::SOCK_MAP_FULL);
+    match socktable::insert(&Socks, sk, &st) {
+        Inserted::Added => {}
+        Inserted::Replaced => count(stat::STALE_SOCKETS),
+        Inserted::Full => count(stat::SOCK_MAP_FULL),
     }
+}
+
+/// The transitions close() and shutdown() make, in the owner's process
+/// context.
+#[inline(always)]
+fn closes_in_process(old: u8, new: u8) -> bool {
+    (old == tcp_state::ESTABLISHED && new == tcp_state::FIN_WAIT1) || (old == tcp_state::CLOSE_WAIT && new == tcp_state::LAST_ACK)
 }
 
 #[inline(always)]
@@ -614,9 +626,16 @@ pub fn flowlog_snapshot(ctx: *mut core::ffi::c_void) -> u32 {
     if so_far.start_ns > born_by {
         return snapshot::GONE;
     }
+    // A path that cannot lead to the socket's state is not this socket's
+    // (see on_transition): an entry an earlier socket at this address left
+    // when the kernel ran no program for its close or destroy, the socket
+    // since freed or unseen. No interim from it. (A change racing the pass
+    // can also fail this; the socket is then sent on the next pass.)
     let state: u8 = read(sk, off!(skc_state));
-    let current = if so_far.catch_up(state) { state } else { so_far.last_state() };
-    if emit(sk, current, Some(&so_far as *const SockState), true, || copy_socket(sk, SLOT_SNAPSHOT)) {
+    if !so_far.catch_up(state) {
+        return snapshot::GONE;
+    }
+    if emit(sk, state, Some(&so_far as *const SockState), true, || copy_socket(sk, SLOT_SNAPSHOT)) {
         snapshot::SENT
     } else {
         snapshot::BUSY

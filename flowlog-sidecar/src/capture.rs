@@ -85,6 +85,9 @@ pub struct KernelCounters {
     /// Closes the state-change program missed, reported at the socket's
     /// destroy instead (not lost).
     pub closed_at_destroy: u64,
+    /// Entries of sockets whose close and destroy the kernel ran no program
+    /// for (flows lost unseen), found when a new socket took the address.
+    pub stale_sockets: u64,
 }
 
 /// Counters kept by the reader.
@@ -330,6 +333,7 @@ impl Capture {
             read_errors: get(stat::READ_ERRORS),
             parked: get(stat::PARKED),
             closed_at_destroy: get(stat::CLOSED_AT_DESTROY),
+            stale_sockets: get(stat::STALE_SOCKETS),
         }
     }
 
@@ -342,6 +346,7 @@ impl Capture {
             ("socket map full (flows reported without start/owner)", now.sock_map_full, prev.sock_map_full),
             ("listener map full", now.listen_map_full, prev.listen_map_full),
             ("kernel read errors", now.read_errors, prev.read_errors),
+            ("sockets whose close the kernel ran no program for (flows lost unseen)", now.stale_sockets, prev.stale_sockets),
         ] {
             if cur > old {
                 warn!(count = cur - old, total = cur, "{name}");
@@ -354,6 +359,7 @@ impl Capture {
         metrics::counter!(m::KERNEL_READ_ERRORS).absolute(now.read_errors);
         metrics::counter!(m::FLOWS_PARKED).absolute(now.parked);
         metrics::counter!(m::CLOSES_AT_DESTROY).absolute(now.closed_at_destroy);
+        metrics::counter!(m::STALE_SOCKETS).absolute(now.stale_sockets);
         m::record_process();
         m::record_workloads(&self.workloads);
         // Run time/count non-zero only with kernel.bpf_stats_enabled=1.

@@ -30,6 +30,7 @@ pub const LISTEN_MAP_FULL: &str = "flowlog_sidecar_listen_map_full_total";
 pub const KERNEL_READ_ERRORS: &str = "flowlog_sidecar_kernel_read_errors_total";
 pub const FLOWS_PARKED: &str = "flowlog_sidecar_flows_parked_total";
 pub const CLOSES_AT_DESTROY: &str = "flowlog_sidecar_closes_at_destroy_total";
+pub const STALE_SOCKETS: &str = "flowlog_sidecar_stale_sockets_total";
 pub const BPF_RUN_TIME: &str = "flowlog_sidecar_bpf_run_time_seconds_total";
 pub const BPF_RUN_COUNT: &str = "flowlog_sidecar_bpf_runs_total";
 pub const BPF_RECURSION_MISSES: &str = "flowlog_sidecar_bpf_recursion_misses_total";
@@ -91,6 +92,7 @@ pub fn describe() {
     describe_counter!(KERNEL_READ_ERRORS, "Kernel memory reads that failed in the eBPF program.");
     describe_counter!(FLOWS_PARKED, "Final flow events that found the ring buffer full and waited in the kernel's parking queue (max_parked) until the reader popped them: not lost.");
     describe_counter!(CLOSES_AT_DESTROY, "Closes the eBPF program missed because a softirq closed the socket while the program ran on that CPU (also counted in flowlog_sidecar_bpf_recursion_misses_total), reported when the socket was destroyed instead: not lost.");
+    describe_counter!(STALE_SOCKETS, "Sockets whose close the kernel ran neither eBPF program for (not the state change, not the destroy), found when a new socket took their address: their flows were lost, and no recursion miss counted them (README, Known limitations). The new socket does not inherit their state. A lower bound: an address not reused is not found.");
     describe_gauge!(BPF_RUN_TIME, Unit::Seconds, "Time spent in the eBPF program (kernel.bpf_stats_enabled=1 only).");
     describe_counter!(BPF_RUN_COUNT, "eBPF program runs (kernel.bpf_stats_enabled=1 only).");
     describe_counter!(BPF_RECURSION_MISSES, "State changes the kernel did not run the eBPF program for, because it was already running on that CPU (a softirq's change interrupting a run; frequent with RPS/RFS). Most lose nothing: transitions the program skips anyway, and closes reported when the socket is destroyed (flowlog_sidecar_closes_at_destroy_total); a missed open loses the flow's start and owner, a close not reported at destroy loses its flow. Always counted.");

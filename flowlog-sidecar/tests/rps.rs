@@ -44,7 +44,10 @@ impl Drop for LoopbackRps {
 /// VMs a few flows (0-11 of these 8 000) are lost with no recursion miss
 /// counted: the kernel runs no program while the VM agent's threads are
 /// the current task, and steered packets often close sockets in softirqs
-/// on top of them (README, "Known limitations"); the count is printed.
+/// on top of them (README, "Known limitations"); the count is printed. The
+/// sockets those losses leave in the table, and whose addresses new
+/// sockets take, are counted as stale and not inherited (the per-record
+/// checks below would catch a record that inherited one).
 #[test]
 fn closes_the_program_missed_are_reported_at_destroy() {
     let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } as usize;
@@ -82,6 +85,7 @@ fn closes_the_program_missed_are_reported_at_destroy() {
     for (server_port, clients) in &runs {
         check_short_records(&records, *server_port, clients, PerSide::AtMost, "with RPS");
     }
-    eprintln!("{} of {want} records; {misses} recursion misses, {at_destroy} closes reported at destroy", records.len());
+    let stale = n(&stats["kernel"]["stale_sockets"]);
+    eprintln!("{} of {want} records; {misses} recursion misses, {at_destroy} closes reported at destroy; {stale} stale sockets found", records.len());
     assert_eq!(stats["kernel"]["ringbuf_full"], 0);
 }
