@@ -185,6 +185,15 @@ impl Drop for Broker {
             .arg("stop")
             .arg(&self.dir)
             .status();
+        // A failing test shows what the broker said (its directory goes).
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("broker on {} ({}), last lines of broker.log:", self.addr, self.dir.display());
+            for line in tail.iter().rev() {
+                eprintln!("  {line}");
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
