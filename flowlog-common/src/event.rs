@@ -243,7 +243,13 @@ pub struct SockState {
     pub direction: u8,
     pub transitions: u8,
     pub flags: u16,
-    pub _pad: u32,
+    /// The socket's network namespace (its inode number), read as the
+    /// entry is made; 0 when that read failed, and the close reads it then.
+    /// At the open the line holding it is in this CPU's cache: the
+    /// namespace's reference count beside it was just taken for the new
+    /// socket. At the close it is not, as every socket created or freed on
+    /// the other CPU writes that count.
+    pub netns_ino: u32,
 }
 const _: () = assert!(core::mem::size_of::<SockState>() == 56);
 
@@ -361,7 +367,7 @@ mod tests {
             direction: 0,
             transitions: 0,
             flags: 0,
-            _pad: 0,
+            netns_ino: 0,
         }
     }
 

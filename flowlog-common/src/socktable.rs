@@ -317,7 +317,7 @@ mod tests {
             direction: direction::CLIENT,
             transitions: 0,
             flags: 0,
-            _pad: 0,
+            netns_ino: 0,
         }
     }
 

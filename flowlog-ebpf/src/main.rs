@@ -456,7 +456,7 @@ fn on_transition<S: Fields, F: Fields, C: Fields>(
         direction: direction::UNKNOWN,
         transitions: 0,
         flags: 0,
-        _pad: 0,
+        netns_ino: netns_ino(&fields),
     };
     if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT {
         // connect(): process context, the caller owns the socket.
@@ -869,11 +869,20 @@ fn fill<C: Fields>(e: &mut FlowEvent, sk: u64, old: u8, tracked: Option<*const S
     let srtt8: u32 = f.get(off!(srtt_us));
     e.srtt_us = srtt8 >> 3; // stored as 8 x microseconds
     e.rtt_min_us = f.get(off!(rtt_min));
-    let net: u64 = f.get(off!(skc_net));
-    e.netns_ino = if net == 0 { 0 } else { f.deref_u32(net, off!(net_ns_inum)) };
+    e.netns_ino = match tracked {
+        Some(st) if unsafe { (*st).netns_ino } != 0 => unsafe { (*st).netns_ino },
+        _ => netns_ino(&f),
+    };
     read_limits(&f, e);
 
     true
+}
+
+/// The socket's network namespace: its inode number (0 if unreadable).
+#[inline(always)]
+fn netns_ino(f: &impl Fields) -> u32 {
+    let net: u64 = f.get(off!(skc_net));
+    if net == 0 { 0 } else { f.deref_u32(net, off!(net_ns_inum)) }
 }
 
 /// What held the connection back ([`flowlog_common::Limits`]): the socket's

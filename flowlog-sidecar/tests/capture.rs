@@ -396,7 +396,7 @@ fn an_entry_left_at_a_reused_address_is_not_inherited() {
             })
             .collect();
         assert_eq!(mine.len(), 1, "{attach}: the server socket in the table");
-        let mut left = SockState { start_ns: 1, cgroup_id: 1, state_path: 0, tgid: 4242, tid: 4242, comm: [0; COMM_LEN], direction: direction::CLIENT, transitions: 0, flags: flags::OPEN_SEEN | flags::OWNER_AT_OPEN | flags::SYN_ACKED, _pad: 0 };
+        let mut left = SockState { start_ns: 1, cgroup_id: 1, state_path: 0, tgid: 4242, tid: 4242, comm: [0; COMM_LEN], direction: direction::CLIENT, transitions: 0, flags: flags::OPEN_SEEN | flags::OWNER_AT_OPEN | flags::SYN_ACKED, netns_ino: 0 };
         left.comm[..5].copy_from_slice(b"stale");
         for st in [tcp_state::CLOSE, tcp_state::SYN_SENT, tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT, tcp_state::LAST_ACK] {
             left.push_state(st);

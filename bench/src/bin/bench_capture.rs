@@ -104,6 +104,10 @@ struct Args {
     /// attached instead of the sidecar (what attaching any program costs).
     #[arg(long, requires = "rate_only")]
     rate_floor: bool,
+    /// With `--rate-only`: nothing is attached in the "with" windows either
+    /// (what the method reads when there is nothing to measure).
+    #[arg(long, requires = "rate_only", conflicts_with = "rate_floor")]
+    rate_null: bool,
 }
 
 /// The rate arm of a round: one load, its rate in windows without and with
@@ -630,6 +634,8 @@ fn measure_rate(a: &Args, spec: LoadSpec) -> anyhow::Result<RateWindows> {
     for _ in 0..2 {
         if a.rate_floor {
             let _attached = attach_floor()?;
+            with.push(measure());
+        } else if a.rate_null {
             with.push(measure());
         } else {
             let sc = sidecar::start(&a.sidecar, &["--output", "null"])?;
