@@ -446,6 +446,7 @@ fn on_transition<S: Fields, F: Fields, C: Fields>(
     }
     let Some(fields) = sock() else { return };
     let now = unsafe { bpf_ktime_get_ns() };
+    let net: u64 = fields.get(off!(skc_net));
     let mut st = SockState {
         start_ns: 0,
         cgroup_id: 0,
@@ -456,7 +457,7 @@ fn on_transition<S: Fields, F: Fields, C: Fields>(
         direction: direction::UNKNOWN,
         transitions: 0,
         flags: 0,
-        netns_ino: netns_ino(&fields),
+        netns_ino: netns_ino(&fields, net),
     };
     if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT {
         // connect(): process context, the caller owns the socket.
@@ -472,7 +473,7 @@ fn on_transition<S: Fields, F: Fields, C: Fields>(
         st.flags = flags::OPEN_SEEN;
         // The child's local port, copied from its listener (inet_sport is
         // in inet_sock, beyond what a `struct sock *` may read).
-        let key = ListenKey { net: fields.get(off!(skc_net)), port: fields.get::<u16>(off!(skc_num)) as u64 };
+        let key = ListenKey { net, port: fields.get::<u16>(off!(skc_num)) as u64 };
         if let Some(owner) = unsafe { LISTENERS.get(&key) } {
             st.tgid = owner.tgid;
             st.tid = owner.tid;
@@ -871,17 +872,17 @@ fn fill<C: Fields>(e: &mut FlowEvent, sk: u64, old: u8, tracked: Option<*const S
     e.rtt_min_us = f.get(off!(rtt_min));
     e.netns_ino = match tracked {
         Some(st) if unsafe { (*st).netns_ino } != 0 => unsafe { (*st).netns_ino },
-        _ => netns_ino(&f),
+        _ => netns_ino(&f, f.get(off!(skc_net))),
     };
     read_limits(&f, e);
 
     true
 }
 
-/// The socket's network namespace: its inode number (0 if unreadable).
+/// The inode number of the network namespace at `net` (the socket's
+/// skc_net; 0 if unreadable).
 #[inline(always)]
-fn netns_ino(f: &impl Fields) -> u32 {
-    let net: u64 = f.get(off!(skc_net));
+fn netns_ino(f: &impl Fields, net: u64) -> u32 {
     if net == 0 { 0 } else { f.deref_u32(net, off!(net_ns_inum)) }
 }
 
