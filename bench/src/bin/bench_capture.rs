@@ -101,13 +101,22 @@ struct Args {
     #[arg(long)]
     rate_only: bool,
     /// With `--rate-only`: the "with" windows have only the empty program
-    /// attached instead of the sidecar (what attaching any program costs).
+    /// attached instead of the sidecar, on both tracepoints the sidecar's
+    /// programs use (what attaching any program there costs).
     #[arg(long, requires = "rate_only")]
     rate_floor: bool,
     /// With `--rate-only`: nothing is attached in the "with" windows either
     /// (what the method reads when there is nothing to measure).
     #[arg(long, requires = "rate_only", conflicts_with = "rate_floor")]
     rate_null: bool,
+    /// With `--rate-only`: the "with" windows run this many sidecars (or
+    /// with `--rate-floor` this many copies of the empty programs) at once.
+    /// One sidecar's cost (a few percent) is within one run's noise (see
+    /// `--rate-null`); N of them cost about N times as much, which the same
+    /// noise resolves, and the cost per copy printed is 1 - ratio^(1/N).
+    #[arg(long, requires = "rate_only", conflicts_with = "rate_null", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=8))]
+    rate_copies: u32,
 }
 
 /// The rate arm of a round: one load, its rate in windows without and with
@@ -406,14 +415,25 @@ fn main() -> anyhow::Result<()> {
     let (lo, hi, coverage) = median_interval(&rate_ratios, 0.95).unwrap_or_default();
     if a.rate_only {
         let m = min_max(&rate_ratios);
+        let ratio = median(rate_ratios);
         println!(
-            "rate ratio {:.3}, median of {} rounds (min {:.3} max {:.3}; {:.1}% interval {lo:.3}-{hi:.3}; target >= 0.97)",
-            median(rate_ratios),
+            "rate ratio {ratio:.3}, median of {} rounds (min {:.3} max {:.3}; {:.1}% interval {lo:.3}-{hi:.3}; target >= 0.97)",
             a.rate_rounds,
             m[0],
             m[1],
             coverage * 100.0
         );
+        if a.rate_copies > 1 {
+            let per = |r: f64| 1.0 - r.powf(1.0 / a.rate_copies as f64);
+            println!(
+                "{} copies at once: cost per copy {:.2}% ({:.1}% interval {:.2}%-{:.2}%)",
+                a.rate_copies,
+                100.0 * per(ratio),
+                coverage * 100.0,
+                100.0 * per(hi),
+                100.0 * per(lo)
+            );
+        }
         return Ok(());
     }
 
@@ -633,14 +653,23 @@ fn measure_rate(a: &Args, spec: LoadSpec) -> anyhow::Result<RateWindows> {
     let mut with = Vec::new();
     for _ in 0..2 {
         if a.rate_floor {
-            let _attached = attach_floor()?;
+            let mut attached = Vec::new();
+            for _ in 0..a.rate_copies {
+                attached.push(attach_floor_on(STATE_TRACEPOINT)?);
+                attached.push(attach_floor_on(DESTROY_TRACEPOINT)?);
+            }
             with.push(measure());
         } else if a.rate_null {
             with.push(measure());
         } else {
-            let sc = sidecar::start(&a.sidecar, &["--output", "null"])?;
+            let mut running = Vec::new();
+            for _ in 0..a.rate_copies {
+                running.push(sidecar::start(&a.sidecar, &["--output", "null"])?);
+            }
             with.push(measure());
-            sc.stop()?;
+            for sc in running {
+                sc.stop()?;
+            }
         }
     }
     without.push(measure());
@@ -741,11 +770,21 @@ static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 
 /// The empty program, attached (tp_btf, as the sidecar's default) until
 /// the returned object is dropped.
+/// The tracepoints of the sidecar's two programs (state changes; the
+/// destroy that reports closes the first missed).
+const STATE_TRACEPOINT: &str = "inet_sock_set_state";
+const DESTROY_TRACEPOINT: &str = "tcp_destroy_sock";
+
 fn attach_floor() -> anyhow::Result<Ebpf> {
+    attach_floor_on(STATE_TRACEPOINT)
+}
+
+/// The empty program attached to BTF tracepoint `tracepoint`.
+fn attach_floor_on(tracepoint: &str) -> anyhow::Result<Ebpf> {
     let mut ebpf = Ebpf::load(FLOOR_OBJECT).context("loading the empty program")?;
     let btf = Btf::from_sys_fs().context("kernel BTF")?;
     let prog: &mut BtfTracePoint = floor_program(&mut ebpf)?;
-    prog.load("inet_sock_set_state", &btf)?;
+    prog.load(tracepoint, &btf).with_context(|| format!("loading the empty program for {tracepoint}"))?;
     prog.attach()?;
     Ok(ebpf)
 }
