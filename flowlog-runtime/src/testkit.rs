@@ -57,13 +57,26 @@ pub fn have_tools(relative: &[&str]) -> bool {
     false
 }
 
-/// A port on 127.0.0.1 that was free a moment ago. Whoever binds it later
-/// may find it taken: [`Broker::start`] retries on another port then.
+/// A port on 127.0.0.1 that was free a moment ago, and that this process
+/// has not handed out before. Whoever binds it later may still find it
+/// taken by another process: [`Broker::start`] retries on another port
+/// then. Without the second rule, tests of one binary running in parallel
+/// collided: the kernel gives a port just released to the next bind(0), so
+/// one test's broker took the port another test had named for its
+/// sidecar's metrics endpoint, and that sidecar could not start.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding a port on 127.0.0.1")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("binding a port on 127.0.0.1");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn script() -> PathBuf {
@@ -244,6 +257,21 @@ mod tests {
         assert_eq!(sample(body, "x_total"), 7.0);
         assert_eq!(sample(body, "x_total{side=\"a\"}"), 3.0);
         assert_eq!(sample(body, "x"), 0.0);
+    }
+
+    /// 3 000 ports from bind(0) repeat one another dozens of times (the
+    /// kernel hands a released port out again); free_port's never do, also
+    /// when threads ask at once.
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        let ports: Vec<u16> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3).map(|_| s.spawn(|| (0..1_000).map(|_| free_port()).collect::<Vec<u16>>())).collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let mut unique = ports.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len());
     }
 
     #[test]
