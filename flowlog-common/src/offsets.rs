@@ -96,6 +96,11 @@ pub const LISTENERS_MAP: &str = "FLOWLOG_LISTENERS";
 pub const STATS_MAP: &str = "FLOWLOG_STATS";
 pub const PARKED_MAP: &str = "FLOWLOG_PARKED";
 pub const STAGE_HEAD_MAP: &str = "FLOWLOG_STAGE_HEAD";
+/// The tracepoint of [`PROG_TP_BTF`] and [`PROG_TRACEPOINT`] (category
+/// `sock`), and that of [`PROG_DESTROY`]. The eBPF crate's attribute macros
+/// name them again: they take only literals.
+pub const STATE_TRACEPOINT: &str = "inet_sock_set_state";
+pub const DESTROY_TRACEPOINT: &str = "tcp_destroy_sock";
 pub const PROG_TP_BTF: &str = "flowlog_tp_btf";
 pub const PROG_TRACEPOINT: &str = "flowlog_tracepoint";
 /// Reports the closes [`PROG_TP_BTF`] missed, at `tcp:tcp_destroy_sock`.

@@ -7,8 +7,8 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use flowlog_common::{
-    socktable, KernelSettings, EVENTS_MAP, LISTENERS_MAP, OFFSETS_GLOBAL, PARKED_MAP, PROG_DESTROY, PROG_TP_BTF, PROG_TRACEPOINT,
-    SETTINGS_GLOBAL, SOCK_BUCKETS_MAP, SOCK_SLOTS_MAP,
+    socktable, KernelSettings, DESTROY_TRACEPOINT, EVENTS_MAP, LISTENERS_MAP, OFFSETS_GLOBAL, PARKED_MAP, PROG_DESTROY, PROG_TP_BTF,
+    PROG_TRACEPOINT, SETTINGS_GLOBAL, SOCK_BUCKETS_MAP, SOCK_SLOTS_MAP, STATE_TRACEPOINT,
 };
 use tracing::{info, warn};
 
@@ -115,19 +115,19 @@ pub fn load(config: &Config, resolved: Resolved) -> Result<(Ebpf, Attached), Loa
     }
     let prog: &mut TracePoint = program(&mut ebpf, PROG_TRACEPOINT)?;
     prog.load().map_err(fail)?;
-    prog.attach("sock", "inet_sock_set_state").map_err(fail)?;
-    info!("attached {PROG_TRACEPOINT} (tracepoint/sock/inet_sock_set_state)");
+    prog.attach("sock", STATE_TRACEPOINT).map_err(fail)?;
+    info!("attached {PROG_TRACEPOINT} (tracepoint/sock/{STATE_TRACEPOINT})");
     Ok((ebpf, Attached::Tracepoint))
 }
 
 fn attach_tp_btf(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     let btf = Btf::from_sys_fs().map_err(|e| LoadError::Attach(format!("kernel BTF: {e}")))?;
     let prog: &mut BtfTracePoint = program(ebpf, PROG_TP_BTF)?;
-    prog.load("inet_sock_set_state", &btf).map_err(fail)?;
+    prog.load(STATE_TRACEPOINT, &btf).map_err(fail)?;
     prog.attach().map_err(fail)?;
     // Without it a close that interrupted a run is lost (and counted).
     match attach_destroy(ebpf, &btf) {
-        Ok(()) => info!("attached {PROG_DESTROY} (tp_btf/tcp_destroy_sock)"),
+        Ok(()) => info!("attached {PROG_DESTROY} (tp_btf/{DESTROY_TRACEPOINT})"),
         Err(e) => warn!("closes missed while the program runs will be lost (counted): {PROG_DESTROY}: {e}"),
     }
     Ok(())
@@ -135,7 +135,7 @@ fn attach_tp_btf(ebpf: &mut Ebpf) -> Result<(), LoadError> {
 
 fn attach_destroy(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), LoadError> {
     let prog: &mut BtfTracePoint = program(ebpf, PROG_DESTROY)?;
-    prog.load("tcp_destroy_sock", btf).map_err(fail)?;
+    prog.load(DESTROY_TRACEPOINT, btf).map_err(fail)?;
     prog.attach().map(drop).map_err(fail)
 }
 

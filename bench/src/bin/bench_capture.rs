@@ -54,6 +54,7 @@ use flowlog_bench::{
     peer::{self, Bpftrace, Lines},
     median_interval, sidecar, CpuTicks,
 };
+use flowlog_common::{DESTROY_TRACEPOINT, STATE_TRACEPOINT};
 use flowlog_runtime::process::Usage;
 use serde::Serialize;
 use serde_json::Value;
@@ -768,18 +769,8 @@ fn wait_for(mut done: impl FnMut() -> bool) {
 /// The empty program (flowlog-floor, built with the sidecar's eBPF crate).
 static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowlog-floor"));
 
-/// The empty program, attached (tp_btf, as the sidecar's default) until
-/// the returned object is dropped.
-/// The tracepoints of the sidecar's two programs (state changes; the
-/// destroy that reports closes the first missed).
-const STATE_TRACEPOINT: &str = "inet_sock_set_state";
-const DESTROY_TRACEPOINT: &str = "tcp_destroy_sock";
-
-fn attach_floor() -> anyhow::Result<Ebpf> {
-    attach_floor_on(STATE_TRACEPOINT)
-}
-
-/// The empty program attached to BTF tracepoint `tracepoint`.
+/// The empty program, attached to BTF tracepoint `tracepoint` (tp_btf, as
+/// the sidecar's default) until the returned object is dropped.
 fn attach_floor_on(tracepoint: &str) -> anyhow::Result<Ebpf> {
     let mut ebpf = Ebpf::load(FLOOR_OBJECT).context("loading the empty program")?;
     let btf = Btf::from_sys_fs().context("kernel BTF")?;
@@ -795,7 +786,7 @@ fn floor_program(ebpf: &mut Ebpf) -> anyhow::Result<&mut BtfTracePoint> {
 
 /// Runs the load with only the empty program attached.
 fn measure_floor(spec: LoadSpec) -> anyhow::Result<Floor> {
-    let mut ebpf = attach_floor()?;
+    let mut ebpf = attach_floor_on(STATE_TRACEPOINT)?;
     let load = loadgen::run(spec)?;
     let info = floor_program(&mut ebpf)?.info()?;
     Ok(Floor { load: Some(load), prog_run_time_ns: info.run_time().as_nanos() as u64, prog_run_count: info.run_count() })
