@@ -51,12 +51,17 @@ row("Sidecar (one per host)")
 panel("Flows captured / s", [(f"sum(rate(flowlog_sidecar_events_read_total{{{SC}}}[{RI}]))", "all hosts"),
                              (f"topk(5, sum by (instance) (rate(flowlog_sidecar_events_read_total{{{SC}}}[{RI}])))", "{{instance}}")],
       "ops", "Flow events read from the kernel ring buffer.")
-panel("Flows lost / s (by reason)", [(f"sum by (reason) (rate(flowlog_sidecar_flows_dropped_total{{{SC}}}[{RI}]))", "{{reason}}")],
-      "ops", "ringbuf_full: reader too slow; spool_full: broker down longer than the spool holds; spool_error/spool_corrupt: disk; decode_error.", stack=True)
+panel("Flows lost / s (by reason)", [(f"sum by (reason) (rate(flowlog_sidecar_flows_dropped_total{{{SC}}}[{RI}]))", "{{reason}}"),
+                                     (f"sum(rate(flowlog_sidecar_stale_sockets_total{{{SC}}}[{RI}]))", "unseen by the kernel (stale sockets)")],
+      "ops", "ringbuf_full: reader too slow; spool_full: broker down longer than the spool holds; spool_error/spool_corrupt: disk; decode_error; "
+      "unseen: sockets whose close the kernel ran no program for, found when their address was reused (a lower bound).", stack=True)
 panel("Degraded flows / s", [(f"sum by (reason) (rate(flowlog_sidecar_flows_degraded_total{{{SC}}}[{RI}]))", "{{reason}}"),
                              (f"sum(rate(flowlog_sidecar_listen_map_full_total{{{SC}}}[{RI}]))", "listen() not recorded"),
-                             (f"sum(rate(flowlog_sidecar_kernel_read_errors_total{{{SC}}}[{RI}]))", "kernel read errors")],
-      "ops", "Reported, with fields missing (map full) or zeroed (kernel read errors).")
+                             (f"sum(rate(flowlog_sidecar_kernel_read_errors_total{{{SC}}}[{RI}]))", "kernel read errors"),
+                             (f"sum(rate(flowlog_sidecar_bpf_recursion_misses_total{{{SC}}}[{RI}])) - sum(rate(flowlog_sidecar_closes_at_destroy_total{{{SC}}}[{RI}]))",
+                              "state changes skipped (not closes reported at destroy)")],
+      "ops", "Reported, with fields missing (map full) or zeroed (kernel read errors). Skipped state changes (recursion misses less the closes reported at destroy) "
+      "are mostly transitions that carry nothing; a skipped open loses the flow's start and owner.")
 endrow()
 panel("Produced / delivered / failed / s", [(f"sum(rate(flowlog_sidecar_flows_produced_total{{{SC}}}[{RI}]))", "produced"),
                                            (f"sum(rate(flowlog_sidecar_flows_delivered_total{{{SC}}}[{RI}]))", "delivered"),
