@@ -117,6 +117,9 @@ pub fn s3(url: &str, args: &[&str]) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// How long a SIGTERM'd enricher may take to write its open batches and exit.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Waits for a child to exit (at most `timeout`).
 pub fn wait_exit(c: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     let t0 = Instant::now();
@@ -125,7 +128,12 @@ pub fn wait_exit(c: &mut Child, timeout: Duration) -> std::process::ExitStatus {
             return st;
         }
         if t0.elapsed() > timeout {
+            // Where it is stuck, for the log (best effort: needs gdb).
+            if let Ok(o) = Command::new("gdb").args(["-p", &c.id().to_string(), "-batch", "-ex", "thread apply all bt"]).output() {
+                eprintln!("process {} stuck; its threads:\n{}", c.id(), String::from_utf8_lossy(&o.stdout));
+            }
             let _ = c.kill();
+            let _ = c.wait();
             panic!("process {} still running after {timeout:?}", c.id());
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -214,7 +222,9 @@ pub fn wait_metric(port: u16, sample: &str, want: f64) -> f64 {
 pub fn stop(mut c: Child) {
     // SAFETY: our child.
     unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    let st = c.wait().unwrap();
+    // Bounded: an enricher that does not stop fails its test, with its
+    // threads' stacks, instead of holding up the whole run.
+    let st = wait_exit(&mut c, STOP_TIMEOUT);
     assert!(st.success(), "enricher exited with {st}");
 }
 
