@@ -40,7 +40,14 @@ fn killed_at_every_step_of_a_roll_loses_and_duplicates_nothing() {
     let out = out_dir("steps");
     let dir = out.to_str().unwrap();
     produce(&b.addr, "flowlog.flows", &flows(0, 900));
-    let formats = ["--output-formats", "avro,parquet"];
+    // A static assignment: each enricher starts at the committed offset at
+    // once. In a group, each would first wait for the one killed before it
+    // to time out of the group, and under load the local broker once left
+    // one unassigned for over 90 s; what rejoining a group after a kill
+    // does is tested in enrich.rs.
+    let cfg = out.with_extension("toml");
+    std::fs::write(&cfg, "static_partitions = [0]\n").unwrap();
+    let formats = ["--config", cfg.to_str().unwrap(), "--output-formats", "avro,parquet"];
     for (i, step) in ["claim", "object", "commit", "committed", "object"].iter().enumerate() {
         let size = (40 + 17 * i).to_string();
         run_until_killed(&b.addr, dir, step, &[&formats[..], &["--batch-max-records", &size]].concat(), &[]);
@@ -55,6 +62,7 @@ fn killed_at_every_step_of_a_roll_loses_and_duplicates_nothing() {
     parquet.sort();
     assert_eq!(parquet, (0..900).map(|i| (i, i)).collect::<Vec<_>>(), "Parquet objects: each record once");
     let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_file(&cfg);
 }
 
 /// Two enrichers read the same partition at once (a static assignment
@@ -141,18 +149,23 @@ fn s3_output_killed_and_restarted_writes_each_record_once() {
     let Some(b) = start_broker("s3", 1) else { return };
     let lake = S3Lake::start("s3-kill", false);
     produce(&b.addr, "flowlog.flows", &flows(0, 600));
+    // A static assignment, as in the test above.
+    let cfg = lake.local.with_extension("toml");
+    std::fs::write(&cfg, "static_partitions = [0]\n").unwrap();
+    let cfg = cfg.to_str().unwrap();
     for (step, size) in [("object", "50"), ("committed", "80")] {
-        let mut c = lake.enricher(&b.addr, &["--batch-max-records", size]);
+        let mut c = lake.enricher(&b.addr, &["--config", cfg, "--batch-max-records", size]);
         c.env("FLOWLOG_ENRICHER_FAILPOINT", format!("{step}:2"));
         let st = wait_exit(&mut c.spawn().unwrap(), Duration::from_secs(90));
         assert_eq!(st.signal(), Some(libc::SIGKILL), "not killed at {step}: {st}");
     }
-    let e = lake.enricher(&b.addr, &[]).spawn().unwrap();
+    let e = lake.enricher(&b.addr, &["--config", cfg]).spawn().unwrap();
     wait_until("600 records in the bucket", Duration::from_secs(60), || lake.records().len() >= 600);
     stop(e);
     let recs = lake.records();
     assert_exactly_once(&recs, 600);
     assert!(recs.iter().all(|r| r["_file"].as_str().unwrap().starts_with("dt=")));
+    let _ = std::fs::remove_file(cfg);
 }
 
 /// The S3 endpoint throttles (503 SlowDown), fails a write after doing it
