@@ -136,10 +136,17 @@ def connections(recs):
 def pair_stats(conns):
     """(by_flow, pairs): the connection ends joined on flow_id, and per
     (client, server) workload pair its connections counted once."""
-    # Join the two ends of a connection on flow_id.
+    # Join the two ends of a connection on flow_id. Two connections can
+    # share one (the same 5-tuple within its 10 s bucket: a refused connect
+    # frees its port, and the next connect to that server may take it again):
+    # a host's n-th end of a direction, by start time, joins the other
+    # host's (or the other direction's) n-th.
     by_flow = collections.defaultdict(list)
-    for c in conns:
-        by_flow[c["flow_id"]].append(c)
+    nth = collections.Counter()
+    for c in sorted(conns, key=lambda c: (c["start_time_ns"] or 0, c["host_id"], c["connection_id"])):
+        k = (c["flow_id"], c["direction"], c["host_id"])
+        by_flow[(c["flow_id"], nth[k])].append(c)
+        nth[k] += 1
     pairs = collections.defaultdict(lambda: dict(conns=0, failed=0, c2s=0, s2c=0, retx=0, rtt=[], both=0, ports=set()))
     for flow_id, ends in by_flow.items():
         order = {"CLIENT": 0, "SERVER": 1, "UNKNOWN": 2}

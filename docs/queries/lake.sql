@@ -80,14 +80,22 @@ WITH ends AS (
         count(*) AS records
     FROM flows
     GROUP BY host_id, connection_id
+), numbered AS (
+    -- Two connections can share a flow_id (the same 5-tuple within its 10 s
+    -- bucket: a refused connect frees its port, and the next connect to that
+    -- server may take it again): a host's n-th end of a direction, by start
+    -- time, joins the other host's (or the other direction's) n-th.
+    SELECT *, row_number() OVER (PARTITION BY flow_id, direction, host_id
+        ORDER BY coalesce(start_time_ns, 0), connection_id) AS nth
+    FROM ends
 ), ordered AS (
     SELECT *,
         row_number() OVER w AS rank,
-        count(*) OVER (PARTITION BY flow_id) AS ends,
-        sum(retransmits) OVER (PARTITION BY flow_id) AS retx_both,
+        count(*) OVER (PARTITION BY flow_id, nth) AS ends,
+        sum(retransmits) OVER (PARTITION BY flow_id, nth) AS retx_both,
         first_value(nullif(srtt_us, 0) IGNORE NULLS) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS rtt
-    FROM ends
-    WINDOW w AS (PARTITION BY flow_id ORDER BY
+    FROM numbered
+    WINDOW w AS (PARTITION BY flow_id, nth ORDER BY
         CASE direction WHEN 'CLIENT' THEN 0 WHEN 'SERVER' THEN 1 WHEN 'UNKNOWN' THEN 2 ELSE 3 END, host_id, first_k)
 )
 SELECT flow_id, direction, ends,

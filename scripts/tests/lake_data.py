@@ -148,10 +148,13 @@ def make_records():
                  srtt=20_000 + 1000 * i, flow_id=f"co-net-{i}",
                  local_workload=workload_info(kind="SERVICE", name="payments-sync", unit="payments-sync.service"))
         # Failed connects: frontend -> checkout:9090 refused; checkout -> the stray address timed out.
+        # The second takes the first's port again (a refused connect frees it
+        # at once), so the two share a flow_id: still two connections.
         if i % 2 == 0:
+            again = i == 2
             emit("host-a", conn=conn + 4000, direction="CLIENT", local="frontend", remote="checkout",
-                 lport=port + 500, rport=9090, start=t, end=t + 10**6, sent=0, recv=0, srtt=0,
-                 end_reason="FAILED_CONNECT", error="ECONNREFUSED", flow_id=f"fe-co-fail-{i}")
+                 lport=40500 if again else port + 500, rport=9090, start=t, end=t + 10**6, sent=0, recv=0, srtt=0,
+                 end_reason="FAILED_CONNECT", error="ECONNREFUSED", flow_id="fe-co-fail-0" if again else f"fe-co-fail-{i}")
         if i % 6 == 0:
             emit("host-b", conn=conn + 5000, direction="CLIENT", local="checkout", remote="stray",
                  lport=port + 600, rport=6379, start=t, end=t + 3 * 10**9, sent=0, recv=0, srtt=0,
