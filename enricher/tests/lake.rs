@@ -45,8 +45,7 @@ fn killed_at_every_step_of_a_roll_loses_and_duplicates_nothing() {
     // to time out of the group, and under load the local broker once left
     // one unassigned for over 90 s; what rejoining a group after a kill
     // does is tested in enrich.rs.
-    let cfg = out.with_extension("toml");
-    std::fs::write(&cfg, "static_partitions = [0]\n").unwrap();
+    let cfg = static_partition_config(&out);
     let formats = ["--config", cfg.to_str().unwrap(), "--output-formats", "avro,parquet"];
     for (i, step) in ["claim", "object", "commit", "committed", "object"].iter().enumerate() {
         let size = (40 + 17 * i).to_string();
@@ -74,8 +73,7 @@ fn killed_at_every_step_of_a_roll_loses_and_duplicates_nothing() {
 fn two_enrichers_writing_one_partition_write_each_record_once() {
     let Some(b) = start_broker("zombie", 1) else { return };
     let out = out_dir("zombie");
-    let cfg = out.with_extension("toml");
-    std::fs::write(&cfg, "static_partitions = [0]\n").unwrap();
+    let cfg = static_partition_config(&out);
     let (pa, pb) = (flowlog_runtime::testkit::free_port(), flowlog_runtime::testkit::free_port());
     let (la, lb) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
     let c = cfg.to_str().unwrap();
@@ -150,8 +148,7 @@ fn s3_output_killed_and_restarted_writes_each_record_once() {
     let lake = S3Lake::start("s3-kill", false);
     produce(&b.addr, "flowlog.flows", &flows(0, 600));
     // A static assignment, as in the test above.
-    let cfg = lake.local.with_extension("toml");
-    std::fs::write(&cfg, "static_partitions = [0]\n").unwrap();
+    let cfg = static_partition_config(&lake.local);
     let cfg = cfg.to_str().unwrap();
     for (step, size) in [("object", "50"), ("committed", "80")] {
         let mut c = lake.enricher(&b.addr, &["--config", cfg, "--batch-max-records", size]);

@@ -34,6 +34,14 @@ pub fn start_broker(name: &str, partitions: u32) -> Option<Broker> {
     Broker::start(&BrokerSpec { name, topics: &topics, partitions, memory: false }).expect("start the broker").into()
 }
 
+/// A config file beside `out` giving partition 0 as a static assignment:
+/// no group membership, the enricher starts at the committed offset at once.
+pub fn static_partition_config(out: &std::path::Path) -> std::path::PathBuf {
+    let cfg = out.with_extension("toml");
+    std::fs::write(&cfg, "static_partitions = [0]\n").unwrap();
+    cfg
+}
+
 /// An empty output directory for one test (what an earlier run left is removed).
 pub fn out_dir(name: &str) -> std::path::PathBuf {
     let out = std::env::temp_dir().join(format!("flowlog-enr-{name}-{}", std::process::id()));
@@ -236,8 +244,7 @@ pub fn now_ns() -> i64 {
 
 /// The value of one Prometheus sample now (0 when absent or unreachable).
 pub fn metric(port: u16, sample: &str) -> f64 {
-    let body = testkit::scrape(&format!("127.0.0.1:{port}")).unwrap_or_default();
-    testkit::sample(&body, sample)
+    testkit::sample_at(&format!("127.0.0.1:{port}"), sample)
 }
 
 /// Polls `ok` until it holds; panics after `timeout`, naming `what`.
