@@ -7,7 +7,6 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use flowlog_runtime::testkit;
 use serde_json::Value;
 
 /// A started sidecar. Dropped without [`Running::stop`] (a benchmark that
@@ -86,11 +85,6 @@ impl Drop for Running {
         }
         let _ = std::fs::remove_file(&self.stats_file);
     }
-}
-
-/// Reads one sample from the sidecar's Prometheus endpoint (0 when absent or unreachable).
-pub fn scrape(addr: &str, series: &str) -> f64 {
-    testkit::scrape(addr).map_or(0.0, |body| testkit::sample(&body, series))
 }
 
 /// Nanoseconds all of `pid`'s threads have run on a CPU, user and system

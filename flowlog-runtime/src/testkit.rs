@@ -216,6 +216,13 @@ pub fn scrape(addr: &str) -> io::Result<String> {
     http(addr, "GET", "/metrics", "").map(|(_, body)| body)
 }
 
+/// One sample of the endpoint at `addr` now, by its exact series ([`sample`]);
+/// 0 when absent or when the endpoint does not answer (a busy process's may
+/// time out: to a poller, no progress yet).
+pub fn sample_at(addr: &str, series: &str) -> f64 {
+    scrape(addr).map_or(0.0, |body| sample(&body, series))
+}
+
 /// One HTTP/1.0 request to `addr` (`host:port`); the status code and body.
 pub fn http(addr: &str, method: &str, path: &str, body: &str) -> io::Result<(u16, String)> {
     http_with(addr, method, path, &[("Content-Type", "application/json")], body)

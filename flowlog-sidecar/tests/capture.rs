@@ -818,10 +818,7 @@ fn long_lived_connections_at_scale_add_up_exactly() {
         let stop = stop.clone();
         thread::spawn(move || {
             // A busy sidecar's endpoint may time out: that is no progress yet.
-            let read = || {
-                flowlog_runtime::testkit::scrape(&metrics)
-                    .map_or(0.0, |body| flowlog_runtime::testkit::sample(&body, "flowlog_sidecar_events_read_total"))
-            };
+            let read = || flowlog_runtime::testkit::sample_at(&metrics, "flowlog_sidecar_events_read_total");
             let mut n = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let before = read();

@@ -61,10 +61,7 @@ fn closes_the_program_missed_are_reported_at_destroy() {
     // in 28 000), so batches go on until the sidecar has reported a close at
     // destroy (its counter, published every second): at least 8 batches, and
     // for at most two minutes (one run here took a minute for 28 batches).
-    let at_destroy_so_far = || {
-        flowlog_runtime::testkit::scrape(&metrics)
-            .map_or(0.0, |body| flowlog_runtime::testkit::sample(&body, "flowlog_sidecar_closes_at_destroy_total"))
-    };
+    let at_destroy_so_far = || flowlog_runtime::testkit::sample_at(&metrics, "flowlog_sidecar_closes_at_destroy_total");
     let mut runs: Vec<(u16, Vec<u16>)> = Vec::new();
     let t0 = std::time::Instant::now();
     while runs.len() < 8 || (at_destroy_so_far() < 1.0 && t0.elapsed() < Duration::from_secs(120)) {

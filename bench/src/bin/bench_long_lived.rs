@@ -35,7 +35,7 @@ use flowlog_runtime::{
     process::Usage,
     testkit::{
         long_lived::{LongLived, Totals},
-        Broker, BrokerSpec,
+        sample_at, Broker, BrokerSpec,
     },
 };
 use serde::Serialize;
@@ -233,7 +233,7 @@ fn main() -> anyhow::Result<()> {
     conns.exchange()?;
     wait("a second pass", &|| interim_records() >= 4 * n)?;
     let closed = conns.close_every(2, usize::MAX)?;
-    let dropped = || sidecar::scrape(&metrics, "flowlog_sidecar_flows_dropped_total{reason=\"ringbuf_full\"}") as u64;
+    let dropped = || sample_at(&metrics, "flowlog_sidecar_flows_dropped_total{reason=\"ringbuf_full\"}") as u64;
     let finals = || seen.lock().unwrap().totals.final_records;
     let want = 2 * closed as u64;
     // Until every final is read (or counted as dropped), or none has come

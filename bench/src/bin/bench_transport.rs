@@ -30,7 +30,7 @@ use flowlog_bench::{
 };
 use flowlog_runtime::{
     process::Usage,
-    testkit::{free_port, Broker, BrokerSpec},
+    testkit::{free_port, sample_at, Broker, BrokerSpec},
 };
 use rdkafka::Message;
 
@@ -213,8 +213,8 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path, config: Option<&str>) ->
     // Wait for the sidecar to settle: everything read has been delivered.
     let t0 = Instant::now();
     loop {
-        let read = sidecar::scrape(&metrics, "flowlog_sidecar_events_read_total");
-        let delivered = sidecar::scrape(&metrics, "flowlog_sidecar_flows_delivered_total");
+        let read = sample_at(&metrics, "flowlog_sidecar_events_read_total");
+        let delivered = sample_at(&metrics, "flowlog_sidecar_flows_delivered_total");
         if (read > 0.0 && delivered >= read) || t0.elapsed() > Duration::from_secs(120) {
             break;
         }
@@ -223,7 +223,7 @@ fn run(a: &Args, brokers: &str, work: &std::path::Path, config: Option<&str>) ->
     let u1 = Usage::of(pid)?;
     let (user, sys) = (u1.user_seconds - u0.user_seconds, u1.system_seconds - u0.system_seconds);
     let rss = u1.peak_rss_bytes;
-    let spooled = sidecar::scrape(&metrics, "flowlog_sidecar_spool_records");
+    let spooled = sample_at(&metrics, "flowlog_sidecar_spool_records");
     let stats = sc.stop()?;
     let flows = stats["user"]["events_read"].as_u64().unwrap_or(0);
     let t0 = Instant::now();
